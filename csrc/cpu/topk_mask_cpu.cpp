@@ -1,0 +1,273 @@
+// CPU kernels for ntkfast::topk_mask and ntkfast::topk_mask_layerwise.
+//
+// A radix select over order-preserving integer keys of the float scores, 16 bits per pass, with
+// per-thread histograms: float32 needs at most two passes over the data, float64 four, and a pass
+// stops early once the bucket at the threshold is taken whole. The tensors are never
+// concatenated: the work is cut into fixed-size segments that may span any tensor, so small and
+// large layers parallelise alike.
+#include <torch/extension.h>
+#include <torch/library.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "topk_key.h"
+
+namespace ntkfast {
+namespace {
+
+constexpr int kDigitBits = 16;
+constexpr int64_t kBuckets = int64_t{1} << kDigitBits;
+constexpr int64_t kSegment = int64_t{1} << 16;
+
+struct Segment {
+  int64_t tensor;
+  int64_t begin;
+  int64_t end;
+};
+
+template <typename scalar_t>
+struct Problem {
+  std::vector<const scalar_t*> x;
+  std::vector<const bool*> keep;  // nullptr: every entry may be kept
+  std::vector<bool*> out;
+  std::vector<int64_t> numel;
+};
+
+std::vector<Segment> make_segments(const std::vector<int64_t>& numel, const std::vector<int64_t>& tensors) {
+  std::vector<Segment> segs;
+  for (int64_t t : tensors) {
+    for (int64_t b = 0; b < numel[t]; b += kSegment) {
+      segs.push_back({t, b, std::min(numel[t], b + kSegment)});
+    }
+  }
+  return segs;
+}
+
+// Keeps the k highest alive entries of the tensors listed in `tensors`; writes every out entry.
+template <typename scalar_t>
+void select_topk(const Problem<scalar_t>& p, const std::vector<int64_t>& tensors, int64_t k) {
+  using Key = FloatKey<scalar_t>;
+  using key_t = typename Key::key_t;
+  const std::vector<Segment> segs = make_segments(p.numel, tensors);
+  const int64_t nseg = static_cast<int64_t>(segs.size());
+  const int nthreads = std::max(1, at::get_num_threads());
+
+  std::vector<int64_t> hist(static_cast<size_t>(nthreads) * kBuckets);
+  std::vector<int64_t> merged(kBuckets);
+  std::vector<char> seg_has_nan(nseg, 0);
+
+  key_t prefix = 0, prefix_mask = 0;
+  int64_t remaining = k;   // how many of the entries matching prefix are still to be kept
+  int64_t bucket_count = 0;  // entries matching prefix
+  bool whole_bucket = false;
+
+  for (int shift = Key::kBits - kDigitBits; shift >= 0; shift -= kDigitBits) {
+    const bool first = shift == Key::kBits - kDigitBits;
+    std::fill(hist.begin(), hist.end(), 0);
+    at::parallel_for(0, nseg, 1, [&](int64_t sb, int64_t se) {
+      int64_t* h = hist.data() + static_cast<size_t>(at::get_thread_num()) * kBuckets;
+      for (int64_t s = sb; s < se; ++s) {
+        const Segment& seg = segs[s];
+        const scalar_t* x = p.x[seg.tensor];
+        const bool* kp = p.keep[seg.tensor];
+        bool nan = false;
+        for (int64_t i = seg.begin; i < seg.end; ++i) {
+          if (kp && !kp[i]) continue;
+          const scalar_t v = x[i];
+          if (first) nan |= (v != v);
+          const key_t key = Key::of(v);
+          if ((key & prefix_mask) == prefix) ++h[(key >> shift) & (kBuckets - 1)];
+        }
+        if (first && nan) seg_has_nan[s] = 1;
+      }
+    });
+    std::fill(merged.begin(), merged.end(), 0);
+    for (int t = 0; t < nthreads; ++t) {
+      const int64_t* h = hist.data() + static_cast<size_t>(t) * kBuckets;
+      for (int64_t b = 0; b < kBuckets; ++b) merged[b] += h[b];
+    }
+    if (first) {
+      for (int64_t s = 0; s < nseg; ++s) {
+        TORCH_CHECK_VALUE(!seg_has_nan[s], "topk_mask: scores[", segs[s].tensor, "] contains NaN");
+      }
+      int64_t alive = 0;
+      for (int64_t b = 0; b < kBuckets; ++b) alive += merged[b];
+      TORCH_CHECK_VALUE(k <= alive, "topk_mask: k=", k, " exceeds the ", alive,
+                        " entries that may be kept (keep is True)");
+      if (k == 0 || k == alive) {
+        const bool all = k == alive;
+        at::parallel_for(0, nseg, 1, [&](int64_t sb, int64_t se) {
+          for (int64_t s = sb; s < se; ++s) {
+            const Segment& seg = segs[s];
+            const bool* kp = p.keep[seg.tensor];
+            bool* o = p.out[seg.tensor];
+            for (int64_t i = seg.begin; i < seg.end; ++i) o[i] = all && (!kp || kp[i]);
+          }
+        });
+        return;
+      }
+    }
+    int64_t above = 0;
+    int64_t chosen = 0;
+    for (int64_t b = kBuckets - 1; b >= 0; --b) {
+      if (above + merged[b] >= remaining) {
+        chosen = b;
+        break;
+      }
+      above += merged[b];
+    }
+    remaining -= above;
+    bucket_count = merged[chosen];
+    prefix |= static_cast<key_t>(chosen) << shift;
+    prefix_mask |= static_cast<key_t>(kBuckets - 1) << shift;
+    if (bucket_count == remaining) {
+      whole_bucket = true;
+      break;
+    }
+  }
+
+  if (whole_bucket) {
+    // Every entry whose leading bits reach the threshold bucket is kept: no tie to break.
+    at::parallel_for(0, nseg, 1, [&](int64_t sb, int64_t se) {
+      for (int64_t s = sb; s < se; ++s) {
+        const Segment& seg = segs[s];
+        const scalar_t* x = p.x[seg.tensor];
+        const bool* kp = p.keep[seg.tensor];
+        bool* o = p.out[seg.tensor];
+        for (int64_t i = seg.begin; i < seg.end; ++i) {
+          o[i] = (!kp || kp[i]) && (Key::of(x[i]) & prefix_mask) >= prefix;
+        }
+      }
+    });
+    return;
+  }
+
+  // The threshold key is exact (prefix) and more entries equal it than are to be kept: keep the
+  // first `remaining` of them in flat order. Count ties per segment, then scan.
+  const key_t thr = prefix;
+  std::vector<int64_t> ties(nseg + 1, 0);
+  at::parallel_for(0, nseg, 1, [&](int64_t sb, int64_t se) {
+    for (int64_t s = sb; s < se; ++s) {
+      const Segment& seg = segs[s];
+      const scalar_t* x = p.x[seg.tensor];
+      const bool* kp = p.keep[seg.tensor];
+      int64_t c = 0;
+      for (int64_t i = seg.begin; i < seg.end; ++i) c += (!kp || kp[i]) && Key::of(x[i]) == thr;
+      ties[s + 1] = c;
+    }
+  });
+  for (int64_t s = 0; s < nseg; ++s) ties[s + 1] += ties[s];
+  at::parallel_for(0, nseg, 1, [&](int64_t sb, int64_t se) {
+    for (int64_t s = sb; s < se; ++s) {
+      const Segment& seg = segs[s];
+      const scalar_t* x = p.x[seg.tensor];
+      const bool* kp = p.keep[seg.tensor];
+      bool* o = p.out[seg.tensor];
+      int64_t rank = ties[s];
+      for (int64_t i = seg.begin; i < seg.end; ++i) {
+        bool keepit = false;
+        if (!kp || kp[i]) {
+          const key_t key = Key::of(x[i]);
+          if (key > thr) {
+            keepit = true;
+          } else if (key == thr) {
+            keepit = rank < remaining;
+            ++rank;
+          }
+        }
+        o[i] = keepit;
+      }
+    }
+  });
+}
+
+at::ScalarType common_dtype(at::TensorList scores) {
+  bool any_double = false;
+  for (size_t i = 0; i < scores.size(); ++i) {
+    const auto dt = scores[i].scalar_type();
+    TORCH_CHECK_VALUE(at::isFloatingType(dt), "topk_mask: scores[", i, "] must be a floating tensor, got ", dt);
+    any_double |= dt == at::kDouble;
+  }
+  return any_double ? at::kDouble : at::kFloat;
+}
+
+struct Prepared {
+  std::vector<at::Tensor> x, keep, out;
+};
+
+Prepared prepare(at::TensorList scores, const std::optional<at::TensorList>& keep) {
+  Prepared pr;
+  const auto dt = common_dtype(scores);
+  if (keep.has_value()) {
+    TORCH_CHECK_VALUE(keep->size() == scores.size(), "topk_mask: keep has ", keep->size(),
+                      " tensors but scores has ", scores.size());
+  }
+  for (size_t i = 0; i < scores.size(); ++i) {
+    const at::Tensor& s = scores[i];
+    TORCH_CHECK_VALUE(s.device().is_cpu(), "topk_mask: scores[", i, "] is on ", s.device(), ", expected cpu");
+    pr.x.push_back(s.to(dt).contiguous());
+    if (keep.has_value()) {
+      const at::Tensor& kp = (*keep)[i];
+      TORCH_CHECK_VALUE(kp.scalar_type() == at::kBool, "topk_mask: keep[", i, "] must be bool, got ", kp.scalar_type());
+      TORCH_CHECK_VALUE(kp.sizes() == s.sizes(), "topk_mask: keep[", i, "] has shape ", kp.sizes(),
+                        " but scores[", i, "] has shape ", s.sizes());
+      TORCH_CHECK_VALUE(kp.device() == s.device(), "topk_mask: keep[", i, "] is on ", kp.device(),
+                        " but scores[", i, "] is on ", s.device());
+      pr.keep.push_back(kp.contiguous());
+    }
+    pr.out.push_back(at::empty(s.sizes(), s.options().dtype(at::kBool)));
+  }
+  return pr;
+}
+
+template <typename scalar_t>
+Problem<scalar_t> view(Prepared& pr) {
+  Problem<scalar_t> p;
+  for (size_t i = 0; i < pr.x.size(); ++i) {
+    p.x.push_back(pr.x[i].data_ptr<scalar_t>());
+    p.keep.push_back(pr.keep.empty() ? nullptr : pr.keep[i].data_ptr<bool>());
+    p.out.push_back(pr.out[i].data_ptr<bool>());
+    p.numel.push_back(pr.x[i].numel());
+  }
+  return p;
+}
+
+std::vector<at::Tensor> topk_mask_cpu(at::TensorList scores, int64_t k, std::optional<at::TensorList> keep) {
+  TORCH_CHECK_VALUE(k >= 0, "topk_mask: k must be >= 0, got ", k);
+  Prepared pr = prepare(scores, keep);
+  std::vector<int64_t> all(scores.size());
+  for (size_t i = 0; i < all.size(); ++i) all[i] = static_cast<int64_t>(i);
+  AT_DISPATCH_FLOATING_TYPES(pr.x.empty() ? at::kFloat : pr.x[0].scalar_type(), "topk_mask_cpu", [&] {
+    auto p = view<scalar_t>(pr);
+    select_topk<scalar_t>(p, all, k);
+  });
+  return pr.out;
+}
+
+std::vector<at::Tensor> topk_mask_layerwise_cpu(at::TensorList scores, at::IntArrayRef ks,
+                                                std::optional<at::TensorList> keep) {
+  TORCH_CHECK_VALUE(ks.size() == scores.size(), "topk_mask_layerwise: ks has ", ks.size(),
+                    " entries but scores has ", scores.size());
+  for (size_t i = 0; i < ks.size(); ++i) {
+    TORCH_CHECK_VALUE(ks[i] >= 0, "topk_mask_layerwise: ks[", i, "] must be >= 0, got ", ks[i]);
+  }
+  Prepared pr = prepare(scores, keep);
+  AT_DISPATCH_FLOATING_TYPES(pr.x.empty() ? at::kFloat : pr.x[0].scalar_type(), "topk_mask_layerwise_cpu", [&] {
+    auto p = view<scalar_t>(pr);
+    for (size_t i = 0; i < scores.size(); ++i) {
+      select_topk<scalar_t>(p, {static_cast<int64_t>(i)}, ks[i]);
+    }
+  });
+  return pr.out;
+}
+
+}  // namespace
+}  // namespace ntkfast
+
+TORCH_LIBRARY_IMPL(ntkfast, CPU, m) {
+  m.impl("topk_mask", &ntkfast::topk_mask_cpu);
+  m.impl("topk_mask_layerwise", &ntkfast::topk_mask_layerwise_cpu);
+}

@@ -1,0 +1,55 @@
+// Schemas of every ntkfast op, in one place, and the pybind11 module ntkfast._C that reports how
+// the extension was built. Kernels live in csrc/cpu (CPU) and csrc/cuda (CUDA).
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#ifndef NTKFAST_VERSION
+#define NTKFAST_VERSION "unknown"
+#endif
+#ifndef NTKFAST_TORCH_VERSION
+#define NTKFAST_TORCH_VERSION "unknown"
+#endif
+
+TORCH_LIBRARY(ntkfast, m) {
+  // Keep exactly k of the highest scores over all tensors (ties: lowest flat index first, in list
+  // order then row-major order); entries whose keep is False are never kept.
+  m.def("topk_mask(Tensor[] scores, int k, Tensor[]? keep) -> Tensor[]");
+  // The same, with one k per tensor.
+  m.def("topk_mask_layerwise(Tensor[] scores, int[] ks, Tensor[]? keep) -> Tensor[]");
+}
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["version"] = NTKFAST_VERSION;
+  info["built_with_torch"] = NTKFAST_TORCH_VERSION;
+#ifdef NTKFAST_WITH_CUDA
+  info["cuda"] = true;
+#ifdef NTKFAST_CUDA_ARCHS
+  info["cuda_archs"] = NTKFAST_CUDA_ARCHS;
+#endif
+#else
+  info["cuda"] = false;
+#endif
+#ifdef _OPENMP
+  info["openmp"] = true;
+#else
+  info["openmp"] = false;
+#endif
+#if defined(__clang__)
+  info["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  info["compiler"] = std::string("gcc ") + __VERSION__;
+#else
+  info["compiler"] = "unknown";
+#endif
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "ntkfast compiled ops (registered as torch.ops.ntkfast.*)";
+  m.def("build_info", &build_info, "How the extension was built");
+}

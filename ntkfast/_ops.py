@@ -1,0 +1,230 @@
+"""One thin wrapper per compiled op (torch.ops.ntkfast.*), its fake function and its pure-PyTorch
+reference. The reference is what runs when the extension is absent, and what tests hold the
+kernels to. This module imports nothing else of the package.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Optional, Sequence
+
+import torch
+
+_EXT = None
+_EXT_ERROR: Optional[str] = None
+try:  # the compiled extension registers torch.ops.ntkfast.* as a side effect of loading
+    from . import _C as _EXT  # type: ignore[attr-defined, no-redef]
+except Exception as exc:  # ImportError, or an undefined symbol from a torch mismatch
+    _EXT_ERROR = f"{type(exc).__name__}: {exc}"
+
+_WARNED = False
+
+
+def _fallback_warning() -> None:
+    global _WARNED
+    if not _WARNED:
+        _WARNED = True
+        warnings.warn(
+            "ntkfast: the compiled extension ntkfast._C could not be loaded "
+            f"({_EXT_ERROR}); every op falls back to its pure-PyTorch reference, which is slower. "
+            "Rebuild with `pip install --no-build-isolation -e .` against the installed torch.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def extension_loaded() -> bool:
+    return _EXT is not None
+
+
+def build_info() -> dict:
+    """Which backend is active and how the extension was built."""
+    info = {"torch": torch.__version__, "torch_cuda": torch.version.cuda}
+    if _EXT is None:
+        info.update(backend="reference", extension=False, cuda=False, error=_EXT_ERROR)
+        return info
+    info.update(dict(_EXT.build_info()))
+    info["extension"] = True
+    info["backend"] = "compiled-cuda" if info.get("cuda") else "compiled-cpu"
+    info["threads"] = torch.get_num_threads()
+    return info
+
+
+def _cuda_kernels() -> bool:
+    return _EXT is not None and bool(_EXT.build_info().get("cuda"))
+
+
+def _use_kernel(device: torch.device) -> bool:
+    if _EXT is None:
+        _fallback_warning()
+        return False
+    if device.type == "cpu":
+        return True
+    if device.type == "cuda":
+        return _cuda_kernels()
+    return False
+
+
+# ----------------------------------------------------------------------------------------------
+# top-k masking
+# ----------------------------------------------------------------------------------------------
+
+if _EXT is not None:
+
+    @torch.library.register_fake("ntkfast::topk_mask")
+    def _topk_mask_fake(scores, k, keep):
+        return [torch.empty_like(s, dtype=torch.bool) for s in scores]
+
+    @torch.library.register_fake("ntkfast::topk_mask_layerwise")
+    def _topk_mask_layerwise_fake(scores, ks, keep):
+        return [torch.empty_like(s, dtype=torch.bool) for s in scores]
+
+
+def _label(i: int, names: Optional[Sequence[str]]) -> str:
+    return f"scores[{i}]" + (f" ({names[i]!r})" if names is not None else "")
+
+
+def _check_topk_args(scores, keep, names) -> None:
+    if not isinstance(scores, (list, tuple)) or not all(isinstance(s, torch.Tensor) for s in scores):
+        raise TypeError("scores must be a list of tensors")
+    if names is not None and len(names) != len(scores):
+        raise ValueError(f"names has {len(names)} entries but scores has {len(scores)}")
+    devices = {s.device for s in scores}
+    if len(devices) > 1:
+        raise ValueError(f"scores must all be on one device, got {sorted(map(str, devices))}")
+    for i, s in enumerate(scores):
+        if not s.is_floating_point():
+            raise ValueError(f"{_label(i, names)} must be a floating tensor, got {s.dtype}")
+    if keep is not None:
+        if len(keep) != len(scores):
+            raise ValueError(f"keep has {len(keep)} tensors but scores has {len(scores)}")
+        for i, (s, kp) in enumerate(zip(scores, keep)):
+            if kp.dtype != torch.bool:
+                raise ValueError(f"keep[{i}] must be a bool tensor, got {kp.dtype}")
+            if kp.shape != s.shape:
+                raise ValueError(f"keep[{i}] has shape {tuple(kp.shape)} but {_label(i, names)} has {tuple(s.shape)}")
+            if kp.device != s.device:
+                raise ValueError(f"keep[{i}] is on {kp.device} but {_label(i, names)} is on {s.device}")
+
+
+def _rename(exc: ValueError, names: Optional[Sequence[str]]) -> ValueError:
+    msg = str(exc).split("\nException raised from")[0]
+    if names is not None:
+        msg = re.sub(r"scores\[(\d+)\]", lambda m: _label(int(m.group(1)), names), msg)
+    return ValueError(msg)
+
+
+def _check_k(k, name: str) -> int:
+    if isinstance(k, bool) or not isinstance(k, int):
+        try:
+            import numpy as np
+
+            if isinstance(k, np.integer):
+                return int(k)
+        except ImportError:  # pragma: no cover
+            pass
+        raise TypeError(f"{name} must be an int, got {type(k).__name__}")
+    if k < 0:
+        raise ValueError(f"{name} must be >= 0, got {k}")
+    return k
+
+
+def topk_mask(
+    scores: Sequence[torch.Tensor],
+    k: int,
+    keep: Optional[Sequence[torch.Tensor]] = None,
+    *,
+    names: Optional[Sequence[str]] = None,
+) -> list:
+    """Keep exactly the ``k`` highest scores across all tensors, without concatenating them.
+
+    Returns one bool tensor per score tensor. Entries whose ``keep`` is False are never kept.
+    Ties at the threshold are broken deterministically: among equal scores the entry with the
+    lowest flat position wins, where positions run through the tensors in list order and through
+    each tensor in row-major order. ``-0.0`` and ``+0.0`` tie. ``-inf``/``+inf`` are ordinary
+    values. A NaN in an entry that may be kept raises ValueError naming the tensor (``names``, if
+    given, label the tensors in messages); NaNs where keep is False are ignored. ``k`` larger than
+    the number of entries that may be kept raises ValueError.
+    """
+    _check_topk_args(scores, keep, names)
+    k = _check_k(k, "k")
+    if len(scores) == 0:
+        if k:
+            raise ValueError(f"k={k} exceeds the 0 entries that may be kept")
+        return []
+    keep_list = list(keep) if keep is not None else None
+    if _use_kernel(scores[0].device):
+        try:
+            return list(torch.ops.ntkfast.topk_mask(list(scores), k, keep_list))
+        except ValueError as exc:
+            raise _rename(exc, names) from None
+    return topk_mask_reference(scores, k, keep_list, names=names)
+
+
+def topk_mask_layerwise(
+    scores: Sequence[torch.Tensor],
+    ks: Sequence[int],
+    keep: Optional[Sequence[torch.Tensor]] = None,
+    *,
+    names: Optional[Sequence[str]] = None,
+) -> list:
+    """Per-tensor variant of :func:`topk_mask`: keep exactly ``ks[i]`` entries of ``scores[i]``."""
+    _check_topk_args(scores, keep, names)
+    if len(ks) != len(scores):
+        raise ValueError(f"ks has {len(ks)} entries but scores has {len(scores)}")
+    ks = [_check_k(k, f"ks[{i}]") for i, k in enumerate(ks)]
+    if len(scores) == 0:
+        return []
+    keep_list = list(keep) if keep is not None else None
+    if _use_kernel(scores[0].device):
+        try:
+            return list(torch.ops.ntkfast.topk_mask_layerwise(list(scores), ks, keep_list))
+        except ValueError as exc:
+            raise _rename(exc, names) from None
+    return topk_mask_layerwise_reference(scores, ks, keep_list, names=names)
+
+
+def topk_mask_reference(scores, k, keep=None, *, names=None) -> list:
+    """torch.cat + stable sort: the semantics of :func:`topk_mask`, written plainly."""
+    _check_topk_args(scores, keep, names)
+    k = _check_k(k, "k")
+    if len(scores) == 0:
+        if k:
+            raise ValueError(f"k={k} exceeds the 0 entries that may be kept")
+        return []
+    dtype = torch.float64 if any(s.dtype == torch.float64 for s in scores) else torch.float32
+    flat = torch.cat([s.detach().reshape(-1).to(dtype) for s in scores])
+    alive = (
+        torch.cat([kp.reshape(-1) for kp in keep]) if keep is not None else torch.ones_like(flat, dtype=torch.bool)
+    )
+    offsets = [0]
+    for s in scores:
+        offsets.append(offsets[-1] + s.numel())
+    nan = torch.isnan(flat) & alive
+    if bool(nan.any()):
+        first = int(torch.nonzero(nan)[0])
+        i = next(j for j in range(len(scores)) if offsets[j] <= first < offsets[j + 1])
+        raise ValueError(f"topk_mask: {_label(i, names)} contains NaN")
+    n_alive = int(alive.sum())
+    if k > n_alive:
+        raise ValueError(f"topk_mask: k={k} exceeds the {n_alive} entries that may be kept (keep is True)")
+    idx = torch.nonzero(alive).reshape(-1)
+    vals = flat[idx] + 0.0  # -0.0 -> +0.0 so signed zeros tie
+    order = torch.sort(vals, descending=True, stable=True).indices[:k]
+    out = torch.zeros_like(flat, dtype=torch.bool)
+    out[idx[order]] = True
+    return [out[offsets[i] : offsets[i + 1]].view(s.shape) for i, s in enumerate(scores)]
+
+
+def topk_mask_layerwise_reference(scores, ks, keep=None, *, names=None) -> list:
+    _check_topk_args(scores, keep, names)
+    if len(ks) != len(scores):
+        raise ValueError(f"ks has {len(ks)} entries but scores has {len(scores)}")
+    out = []
+    for i, s in enumerate(scores):
+        sub_names = [names[i]] if names is not None else [f"scores[{i}]"]
+        try:
+            out += topk_mask_reference([s], ks[i], [keep[i]] if keep is not None else None, names=sub_names)
+        except ValueError as exc:
+            raise ValueError(str(exc).replace("scores[0] ", f"scores[{i}] ")) from None
+    return out

@@ -1,0 +1,272 @@
+"""Which weights are prunable, the Masks object, and thresholding scores into masks."""
+from __future__ import annotations
+
+import math
+import warnings
+from collections import OrderedDict
+from typing import Dict, Iterable, Iterator, Mapping, Optional
+
+import torch
+from torch import nn
+
+from . import _ops
+
+_CONV_LINEAR = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_NORM = (
+    nn.modules.batchnorm._NormBase,
+    nn.GroupNorm,
+    nn.LayerNorm,
+)
+
+
+def _module_param(module: nn.Module, attr: str):
+    """The tensor a mask for ``module.<attr>`` applies to: the parameter itself, or ``<attr>_orig``
+    when torch.nn.utils.prune has re-parametrised it."""
+    p = module._parameters.get(attr)
+    if p is None:
+        p = module._parameters.get(attr + "_orig")
+    return p
+
+
+def prunable_parameters(
+    model: nn.Module, *, include_bias: bool = False, include_norm: bool = False
+) -> "OrderedDict[str, nn.Parameter]":
+    """Prunable tensors of ``model``, keyed by their names as in ``model.named_parameters()``.
+
+    By default: the ``weight`` of every Linear and Conv1d/2d/3d module (subclasses included).
+    ``include_bias`` adds those modules' biases; ``include_norm`` adds the affine weights of
+    normalisation layers (and their biases with ``include_bias``). Where torch.nn.utils.prune has
+    re-parametrised a weight, the key stays ``<module>.weight`` and the tensor is ``weight_orig``.
+    """
+    out: "OrderedDict[str, nn.Parameter]" = OrderedDict()
+    seen = set()
+    for mname, module in model.named_modules():
+        attrs = []
+        if isinstance(module, _CONV_LINEAR):
+            attrs = ["weight"] + (["bias"] if include_bias else [])
+        elif include_norm and isinstance(module, _NORM):
+            attrs = ["weight"] + (["bias"] if include_bias else [])
+        for attr in attrs:
+            p = _module_param(module, attr)
+            if p is None or id(p) in seen:
+                continue
+            seen.add(id(p))
+            out[f"{mname}.{attr}" if mname else attr] = p
+    return out
+
+
+def parameter_name(model: nn.Module, mask_name: str) -> str:
+    """The name in ``model.named_parameters()`` of the tensor that mask ``mask_name`` applies to."""
+    names = dict(model.named_parameters())
+    if mask_name in names:
+        return mask_name
+    if mask_name + "_orig" in names:
+        return mask_name + "_orig"
+    raise KeyError(f"model has no parameter for mask {mask_name!r}")
+
+
+class Masks(Mapping[str, torch.Tensor]):
+    """An ordered mapping name -> bool tensor (True = kept), with metadata.
+
+    Names are those of ``model.named_parameters()``; the order is the prunable order of the model.
+    """
+
+    def __init__(self, masks: Mapping[str, torch.Tensor], metadata: Optional[dict] = None):
+        self._m: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+        for name, m in masks.items():
+            if not isinstance(m, torch.Tensor):
+                raise TypeError(f"masks[{name!r}] must be a tensor, got {type(m).__name__}")
+            self._m[name] = m.detach().to(torch.bool)
+        self.metadata: dict = dict(metadata or {})
+
+    # -- mapping protocol ------------------------------------------------------------------------
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._m[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._m)
+
+    def __len__(self) -> int:
+        return len(self._m)
+
+    def __repr__(self) -> str:
+        return f"Masks({len(self)} tensors, density={self.density:.6g}, metadata={self.metadata})"
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, Mapping) or list(self.keys()) != list(other.keys()):
+            return False
+        return all(torch.equal(self[n], other[n].to(self[n].device)) for n in self)
+
+    __hash__ = None  # mutable-content container
+
+    # -- construction ----------------------------------------------------------------------------
+    @classmethod
+    def ones(cls, model: nn.Module, *, include_bias: bool = False, include_norm: bool = False) -> "Masks":
+        params = prunable_parameters(model, include_bias=include_bias, include_norm=include_norm)
+        if not params:
+            raise ValueError(
+                "model: no prunable weights found (expected Linear or Conv1d/2d/3d modules, "
+                f"or include_norm=True); model is {type(model).__name__}"
+            )
+        return cls({n: torch.ones_like(p, dtype=torch.bool) for n, p in params.items()})
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> "Masks":
+        """Read the ``<attr>_mask`` buffers that torch.nn.utils.prune (or to_prune_hooks) registered."""
+        out = OrderedDict()
+        for mname, module in model.named_modules():
+            for bname, buf in module._buffers.items():
+                if buf is None or not bname.endswith("_mask"):
+                    continue
+                attr = bname[: -len("_mask")]
+                if _module_param(module, attr) is None:
+                    continue
+                out[f"{mname}.{attr}" if mname else attr] = buf.detach().to(torch.bool).clone()
+        if not out:
+            raise ValueError("model: no *_mask buffers found (prune it with torch.nn.utils.prune or to_prune_hooks)")
+        return cls(out)
+
+    def clone(self) -> "Masks":
+        return Masks({n: m.clone() for n, m in self._m.items()}, dict(self.metadata))
+
+    def to(self, device) -> "Masks":
+        return Masks({n: m.to(device) for n, m in self._m.items()}, dict(self.metadata))
+
+    # -- statistics ------------------------------------------------------------------------------
+    @property
+    def numel(self) -> int:
+        return sum(m.numel() for m in self._m.values())
+
+    @property
+    def kept(self) -> int:
+        return sum(int(m.sum()) for m in self._m.values())
+
+    @property
+    def density(self) -> float:
+        """Fraction of prunable weights kept, over all tensors."""
+        n = self.numel
+        return self.kept / n if n else 1.0
+
+    def layer_density(self) -> "OrderedDict[str, float]":
+        return OrderedDict((n, (float(m.sum()) / m.numel()) if m.numel() else 1.0) for n, m in self._m.items())
+
+    def empty_layers(self) -> list:
+        """Names of tensors that lost every entry."""
+        return [n for n, m in self._m.items() if m.numel() and not bool(m.any())]
+
+    def report(self) -> str:
+        """A per-layer table: name, shape, kept / total, density."""
+        rows = [("layer", "shape", "kept", "total", "density")]
+        for n, m in self._m.items():
+            k = int(m.sum())
+            rows.append((n, "x".join(map(str, m.shape)), str(k), str(m.numel()), f"{k / max(m.numel(), 1):.4%}"))
+        rows.append(("total", "", str(self.kept), str(self.numel), f"{self.density:.4%}"))
+        widths = [max(len(r[c]) for r in rows) for c in range(5)]
+        lines = []
+        for i, r in enumerate(rows):
+            cells = [r[0].ljust(widths[0]), r[1].ljust(widths[1])] + [r[c].rjust(widths[c]) for c in (2, 3, 4)]
+            lines.append("  ".join(cells))
+            if i == 0 or i == len(rows) - 2:
+                lines.append("  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+    # -- applying to a model ---------------------------------------------------------------------
+    def _check_model(self, model: nn.Module) -> Dict[str, torch.Tensor]:
+        params = {}
+        for name, m in self._m.items():
+            module_name, _, attr = name.rpartition(".")
+            try:
+                module = model.get_submodule(module_name) if module_name else model
+            except AttributeError:
+                raise ValueError(f"model: has no module {module_name!r} for mask {name!r}") from None
+            p = _module_param(module, attr)
+            if p is None:
+                raise ValueError(f"model: has no parameter {name!r} for this mask")
+            if p.shape != m.shape:
+                raise ValueError(f"masks[{name!r}] has shape {tuple(m.shape)} but the parameter has {tuple(p.shape)}")
+            params[name] = p
+        return params
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Zero the pruned weights of ``model`` in place; returns the model."""
+        params = self._check_model(model)
+        for name, p in params.items():
+            p.mul_(self._m[name].to(device=p.device, dtype=p.dtype))
+        return model
+
+    def to_prune_hooks(self, model: nn.Module) -> nn.Module:
+        """Re-parametrise ``model`` the way torch.nn.utils.prune does (``weight_orig`` parameter,
+        ``weight_mask`` buffer, a forward pre-hook); a weight already re-parametrised gets its mask
+        combined, as prune does. Returns the model."""
+        import torch.nn.utils.prune as tprune
+
+        self._check_model(model)
+        for name, m in self._m.items():
+            module_name, _, attr = name.rpartition(".")
+            module = model.get_submodule(module_name) if module_name else model
+            p = _module_param(module, attr)
+            tprune.custom_from_mask(module, attr, m.to(device=p.device, dtype=p.dtype))
+        return model
+
+    # -- persistence ------------------------------------------------------------------------------
+    def save(self, path) -> None:
+        """torch.save the masks with their metadata (method, density, seed, package version, ...)."""
+        from . import __version__
+
+        meta = dict(self.metadata)
+        meta.setdefault("version", __version__)
+        meta["final_density"] = self.density
+        torch.save({"format": "ntkfast.masks/1", "masks": OrderedDict((n, m.cpu()) for n, m in self._m.items()),
+                    "metadata": meta}, path)
+
+    @classmethod
+    def load(cls, path, map_location="cpu") -> "Masks":
+        try:
+            obj = torch.load(path, map_location=map_location, weights_only=True)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"path: no masks file at {path!r}") from None
+        if isinstance(obj, Mapping) and obj.get("format", "").startswith("ntkfast.masks/"):
+            return cls(obj["masks"], obj.get("metadata", {}))
+        if isinstance(obj, Mapping) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return cls(obj)  # a plain name -> mask dict
+        raise ValueError(f"path: {path!r} does not hold ntkfast masks")
+
+
+def density_schedule(density: float, rounds: int, schedule: str = "exponential") -> list:
+    """Target densities d_1..d_T: exponential d_t = d^(t/T), linear d_t = 1 - (1 - d) t / T."""
+    if schedule == "exponential":
+        return [density ** (t / rounds) for t in range(1, rounds + 1)]
+    if schedule == "linear":
+        return [1.0 - (1.0 - density) * t / rounds for t in range(1, rounds + 1)]
+    raise ValueError(f"schedule must be 'exponential' or 'linear', got {schedule!r}")
+
+
+def n_keep(density: float, numel: int) -> int:
+    """k = round(d * numel), halves rounded up, clipped to [0, numel]."""
+    return max(0, min(numel, int(math.floor(density * numel + 0.5))))
+
+
+def threshold(
+    scores: Mapping[str, torch.Tensor],
+    density: float,
+    *,
+    keep: Optional[Mapping[str, torch.Tensor]] = None,
+    scope: str = "global",
+) -> "OrderedDict[str, torch.Tensor]":
+    """Masks keeping the highest scores: k = round(density * numel) over all tensors (global) or per
+    tensor (layerwise). Entries whose keep is False never come back; if fewer than k remain, all of
+    them are kept. Ties: see :func:`ntkfast.ops.topk_mask`."""
+    names = list(scores.keys())
+    s = [scores[n].detach() for n in names]
+    kp = [keep[n].to(s[i].device) for i, n in enumerate(names)] if keep is not None else None
+    alive = [int(k.sum()) for k in kp] if kp is not None else [x.numel() for x in s]
+    if scope == "global":
+        k = min(n_keep(density, sum(x.numel() for x in s)), sum(alive))
+        out = _ops.topk_mask(s, k, kp, names=names)
+    elif scope == "layerwise":
+        ks = [min(n_keep(density, x.numel()), a) for x, a in zip(s, alive)]
+        out = _ops.topk_mask_layerwise(s, ks, kp, names=names)
+    else:
+        raise ValueError(f"scope must be 'global' or 'layerwise', got {scope!r}")
+    return OrderedDict(zip(names, out))

@@ -1,0 +1,3 @@
+"""placeholder"""
+def prune(*a, **k):
+    raise NotImplementedError

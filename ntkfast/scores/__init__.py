@@ -1,0 +1,43 @@
+"""Scorers: plain functions ``scorer(model, masks, **options) -> OrderedDict[name, Tensor]`` giving
+one score per prunable weight (higher = more worth keeping). Each is registered by name for
+:func:`ntkfast.prune` and the CLI. A scorer never leaves the model changed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict
+
+
+@dataclass(frozen=True)
+class ScorerInfo:
+    name: str
+    fn: Callable
+    description: str
+    needs_data: bool  # needs a labelled batch (inputs, targets)
+
+
+_REGISTRY: Dict[str, ScorerInfo] = {}
+
+
+def register(name: str, description: str, *, needs_data: bool = False):
+    """Decorator registering a scorer under ``name`` for prune() and the CLI."""
+
+    def deco(fn):
+        if name in _REGISTRY:
+            raise ValueError(f"a scorer named {name!r} is already registered")
+        _REGISTRY[name] = ScorerInfo(name, fn, description, needs_data)
+        return fn
+
+    return deco
+
+
+def get(name: str) -> ScorerInfo:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"method: unknown method {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def available() -> Dict[str, str]:
+    """name -> one-line description of every registered scorer."""
+    return {n: i.description for n, i in sorted(_REGISTRY.items())}

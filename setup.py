@@ -1,0 +1,84 @@
+"""Build ntkfast and its compiled extension ntkfast._C.
+
+CppExtension always; CUDAExtension when PyTorch has CUDA and a toolkit is found, or FORCE_CUDA=1.
+FORCE_CPU=1 skips CUDA. Build with `pip install --no-build-isolation -e .` so the installed torch
+is the one compiled against.
+"""
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+import torch
+from torch.utils.cpp_extension import (
+    CUDA_HOME,
+    BuildExtension,
+    CppExtension,
+    CUDAExtension,
+)
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+VERSION = "0.1.0"
+
+
+def _flag(name):
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _want_cuda():
+    if _flag("FORCE_CPU"):
+        return False
+    if _flag("FORCE_CUDA"):
+        return True
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def _openmp_flags():
+    if sys.platform == "darwin":
+        return [], []
+    return ["-fopenmp"], ["-fopenmp"]
+
+
+def make_extension():
+    with_cuda = _want_cuda()
+    cpu_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")) + glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    omp_c, omp_l = _openmp_flags()
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+    define_macros = [
+        ("NTKFAST_VERSION", f'"{VERSION}"'),
+        ("NTKFAST_TORCH_VERSION", f'"{torch.__version__}"'),
+    ]
+    cxx = ["-O3", "-std=c++17"] + omp_c
+    if with_cuda:
+        define_macros += [("NTKFAST_WITH_CUDA", "1"), ("NTKFAST_CUDA_ARCHS", f'"{archs or "default"}"')]
+        return CUDAExtension(
+            "ntkfast._C",
+            cpu_sources + cuda_sources,
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]},
+            extra_link_args=omp_l,
+        )
+    return CppExtension(
+        "ntkfast._C",
+        cpu_sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        define_macros=define_macros,
+        extra_compile_args={"cxx": cxx},
+        extra_link_args=omp_l,
+    )
+
+
+setup(
+    name="ntkfast",
+    version=VERSION,
+    description="Fast NTK-based pruning at initialisation for PyTorch (NTK-SAP, Neural Tangent Transfer, Path Kernel)",
+    packages=find_packages(include=["ntkfast", "ntkfast.*"]),
+    python_requires=">=3.9",
+    install_requires=["torch>=2.4", "numpy"],
+    ext_modules=[make_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    entry_points={"console_scripts": ["ntkfast=ntkfast.cli:main"]},
+)
