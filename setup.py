@@ -19,7 +19,7 @@ from torch.utils.cpp_extension import (
 )
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-VERSION = "0.1.0"
+VERSION = open(os.path.join(ROOT, "ntkfast", "_version.py")).read().split('"')[1]
 
 
 def _flag(name):

@@ -1,9 +1,21 @@
 """ntkfast: fast NTK-based pruning at initialisation for PyTorch."""
+from ._version import __version__
 from ._ops import build_info
 from .masks import Masks, prunable_parameters
 from .prune import prune
 from . import ops, scores
 
-__version__ = "0.1.0"
+__all__ = ["Masks", "prunable_parameters", "prune", "build_info", "ops", "scores", "models", "data", "train",
+           "__version__"]
 
-__all__ = ["Masks", "prunable_parameters", "prune", "build_info", "ops", "scores", "__version__"]
+
+def __getattr__(name):
+    # The model zoo, the data readers and the trainer serve the CLI, tests and benchmarks; the
+    # library core does not need them, so they load on first use.
+    import importlib
+
+    if name in ("models", "data"):
+        return importlib.import_module(f".{name}", __name__)
+    if name == "train":
+        return importlib.import_module(".train", __name__).train
+    raise AttributeError(f"module 'ntkfast' has no attribute {name!r}")

@@ -217,14 +217,16 @@ def topk_mask_reference(scores, k, keep=None, *, names=None) -> list:
 
 
 def topk_mask_layerwise_reference(scores, ks, keep=None, *, names=None) -> list:
+    """Per-tensor :func:`topk_mask_reference`."""
     _check_topk_args(scores, keep, names)
     if len(ks) != len(scores):
         raise ValueError(f"ks has {len(ks)} entries but scores has {len(scores)}")
+    ks = [_check_k(k, f"ks[{i}]") for i, k in enumerate(ks)]
     out = []
     for i, s in enumerate(scores):
-        sub_names = [names[i]] if names is not None else [f"scores[{i}]"]
         try:
-            out += topk_mask_reference([s], ks[i], [keep[i]] if keep is not None else None, names=sub_names)
+            out += topk_mask_reference([s], ks[i], [keep[i]] if keep is not None else None)
         except ValueError as exc:
-            raise ValueError(str(exc).replace("scores[0] ", f"scores[{i}] ")) from None
+            # the single-tensor call says scores[0]; name the tensor in the caller's list
+            raise ValueError(str(exc).replace("scores[0]", _label(i, names), 1)) from None
     return out

@@ -212,7 +212,7 @@ class Masks(Mapping[str, torch.Tensor]):
     # -- persistence ------------------------------------------------------------------------------
     def save(self, path) -> None:
         """torch.save the masks with their metadata (method, density, seed, package version, ...)."""
-        from . import __version__
+        from ._version import __version__
 
         meta = dict(self.metadata)
         meta.setdefault("version", __version__)

@@ -1,3 +1,184 @@
-"""placeholder"""
-def prune(*a, **k):
-    raise NotImplementedError
+"""The pruning loop: score, threshold, repeat over a density schedule."""
+from __future__ import annotations
+
+import inspect
+import math
+import time
+import warnings
+from typing import Mapping, Optional
+
+import torch
+from torch import nn
+
+from . import scores as _scores
+from ._version import __version__
+from .masks import Masks, density_schedule, threshold
+
+_SCHEDULES = ("exponential", "linear")
+_SCOPES = ("global", "layerwise")
+_ON_EMPTY = ("warn", "error", "ignore")
+
+
+class LayerCollapseError(RuntimeError):
+    """A layer lost all its weights while on_empty_layer='error'."""
+
+
+def _check_density(density) -> float:
+    if isinstance(density, bool) or not isinstance(density, (int, float)):
+        raise ValueError(f"density must be a number in (0, 1], got {density!r}")
+    density = float(density)
+    if not (math.isfinite(density) and 0.0 < density <= 1.0):
+        raise ValueError(f"density must be in (0, 1], got {density!r}")
+    return density
+
+
+def _check_rounds(rounds) -> int:
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}")
+    return rounds
+
+
+def _check_choice(name: str, value, choices) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def _check_options(info, options: dict) -> None:
+    sig = inspect.signature(info.fn)
+    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        return
+    for key in options:
+        if key not in sig.parameters:
+            known = [n for n, p in sig.parameters.items() if p.kind is p.KEYWORD_ONLY and n not in ("data", "seed")]
+            raise ValueError(f"{key}: not an option of method {info.name!r} (its options: {', '.join(known) or 'none'})")
+
+
+def _check_start_masks(masks: Mapping, start: Masks) -> Masks:
+    if not isinstance(masks, Mapping):
+        raise ValueError(f"masks must be a mapping name -> bool tensor, got {type(masks).__name__}")
+    if set(masks.keys()) != set(start.keys()):
+        missing = sorted(set(start) - set(masks))
+        extra = sorted(set(masks) - set(start))
+        raise ValueError(f"masks: names do not match the model's prunable weights (missing {missing}, unexpected {extra})")
+    out = {}
+    for name in start:
+        m = masks[name]
+        if not isinstance(m, torch.Tensor) or m.shape != start[name].shape:
+            raise ValueError(f"masks[{name!r}] must be a tensor of shape {tuple(start[name].shape)}")
+        out[name] = m.detach().to(device=start[name].device, dtype=torch.bool).clone()
+    return Masks(out)
+
+
+def _check_data_fits(model: nn.Module, data) -> None:
+    """One no-grad eval-mode forward of a single example, so a wrong input shape fails here, named."""
+    from .scores._common import as_batches
+
+    batches = as_batches(data, name="data")
+    x, y = batches[0]
+    flags = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            out = model(x[:1].to(next(model.parameters()).device))
+    except Exception as exc:
+        raise ValueError(f"data: inputs of shape {tuple(x.shape)} do not fit the model: {exc}") from None
+    finally:
+        for m, t in flags.items():
+            m.training = t
+    if out.dim() != 2:
+        raise ValueError(f"data: the model's output for these inputs has shape {tuple(out.shape)}, expected [N, classes]")
+    for xb, yb in batches:
+        if yb.numel() and (int(yb.min()) < 0 or int(yb.max()) >= out.shape[1]):
+            raise ValueError(f"data: targets must lie in [0, {out.shape[1]}), got range [{int(yb.min())}, {int(yb.max())}]")
+
+
+def _round_seeds(seed: int, rounds: int) -> list:
+    g = torch.Generator().manual_seed(int(seed))
+    return [int(s) for s in torch.randint(0, 2**62, (rounds,), generator=g)]
+
+
+def prune(
+    model: nn.Module,
+    method: str,
+    density: float,
+    *,
+    rounds: int = 1,
+    schedule: str = "exponential",
+    scope: str = "global",
+    data=None,
+    seed: int = 0,
+    progress: bool = True,
+    masks: Optional[Mapping[str, torch.Tensor]] = None,
+    include_bias: bool = False,
+    include_norm: bool = False,
+    on_empty_layer: str = "warn",
+    **method_options,
+) -> Masks:
+    """Prune ``model`` to ``density`` (fraction of prunable weights kept) with a registered scorer.
+
+    Each of ``rounds`` rounds rescores the masked network and keeps the highest scores at the
+    round's density: exponential d_t = density^(t/rounds) (default) or linear
+    d_t = 1 - (1 - density) t / rounds; ``scope`` "global" thresholds all weights at once,
+    "layerwise" each tensor. Pruned weights never come back. ``data`` is a labelled batch
+    ``(inputs, targets)`` or an iterable of them, for the methods that need one. ``masks`` starts
+    from existing masks. Extra keyword arguments go to the scorer (``ntkfast methods`` lists them).
+
+    The model is never changed: apply the result with ``masks.apply(model)``. A layer that loses
+    every weight is reported by name (``on_empty_layer``: "warn", "error" or "ignore").
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    info = _scores.get(method)
+    density = _check_density(density)
+    rounds = _check_rounds(rounds)
+    _check_choice("schedule", schedule, _SCHEDULES)
+    _check_choice("scope", scope, _SCOPES)
+    _check_choice("on_empty_layer", on_empty_layer, _ON_EMPTY)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    _check_options(info, method_options)
+    current = Masks.ones(model, include_bias=include_bias, include_norm=include_norm)
+    if masks is not None:
+        current = _check_start_masks(masks, current)
+    if info.needs_data and data is None:
+        raise ValueError(f"data: method {method!r} needs a labelled batch (inputs, targets) or an iterable of them")
+    if data is not None:
+        _check_data_fits(model, data)
+
+    from ._progress import Progress
+
+    densities = density_schedule(density, rounds, schedule)
+    seeds = _round_seeds(seed, rounds)
+    bar = Progress(rounds, desc=f"prune {method}", enabled=progress)
+    score_s = 0.0
+    try:
+        for t, (d, s) in enumerate(zip(densities, seeds), start=1):
+            t0 = time.perf_counter()
+            sc = info.fn(model, current, data=data, seed=s, **method_options)
+            score_s += time.perf_counter() - t0
+            if set(sc) != set(current):
+                raise RuntimeError(f"scorer {method!r} returned scores for {sorted(sc)}, expected {sorted(current)}")
+            current = Masks(threshold(sc, d, keep=current, scope=scope))
+            bar.update(density=f"{current.density:.4g}", score_s=f"{score_s:.2f}")
+    finally:
+        bar.close()
+
+    current.metadata = {
+        "method": method,
+        "version": __version__,
+        "density": density,
+        "rounds": rounds,
+        "schedule": schedule,
+        "scope": scope,
+        "seed": seed,
+        "score_seconds": score_s,
+        "options": {k: v for k, v in method_options.items() if isinstance(v, (int, float, str, bool, type(None)))},
+    }
+    empty = current.empty_layers()
+    if empty and on_empty_layer != "ignore":
+        msg = f"prune: {len(empty)} layer(s) lost all their weights: {', '.join(empty)}"
+        if on_empty_layer == "error":
+            raise LayerCollapseError(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+    return current

@@ -1,0 +1,181 @@
+"""The `ntkfast` command: prune, train, methods, models, info."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+_ITERATIVE_DEFAULT_ROUNDS = {"synflow": 100, "iterative_snip": 100}
+
+
+def _shape(text: str) -> tuple:
+    try:
+        shape = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a shape like 3,32,32, got {text!r}") from None
+    if not shape or any(v <= 0 for v in shape):
+        raise argparse.ArgumentTypeError(f"expected positive sizes, got {text!r}")
+    return shape
+
+
+def _build_model(args):
+    from . import models
+
+    kwargs = {}
+    if args.input_shape is not None:
+        kwargs["input_shape"] = args.input_shape
+    if args.num_classes is not None:
+        kwargs["num_classes"] = args.num_classes
+    torch = __import__("torch")
+    torch.manual_seed(args.seed)
+    return models.get(args.model, **kwargs)
+
+
+def _labelled_batch(args, model):
+    """A labelled batch for the data-based scorers: the dataset if given, else Gaussian noise."""
+    from . import data as D
+
+    if args.dataset:
+        if not args.data_dir:
+            raise SystemExit("ntkfast: --dataset needs --data-dir")
+        ds = D.load_dataset(args.dataset, args.data_dir, train=True)
+        x, y = next(iter(ds.batches(args.batch_size, shuffle=True, seed=args.seed)))
+        return x, y
+    print(f"ntkfast: no --dataset given; scoring on a Gaussian-noise batch of {args.batch_size} with random labels",
+          file=sys.stderr)
+    noise = D.GaussianNoise(model.input_shape, args.batch_size, num_classes=model.num_classes, seed=args.seed)
+    return next(iter(noise.batches(args.batch_size)))
+
+
+def cmd_prune(args) -> int:
+    import torch
+
+    from . import prune, scores
+
+    info = scores.get(args.method)
+    model = _build_model(args)
+    if args.device:
+        model = model.to(args.device)
+    rounds = args.rounds if args.rounds is not None else _ITERATIVE_DEFAULT_ROUNDS.get(args.method, 1)
+    options = {}
+    if args.float64:
+        options["dtype"] = torch.float64
+    data = None
+    if info.needs_data or args.dataset:
+        x, y = _labelled_batch(args, model)
+        data = (x.to(args.device or "cpu"), y.to(args.device or "cpu"))
+    t0 = time.perf_counter()
+    masks = prune(model, args.method, args.density, rounds=rounds, schedule=args.schedule, scope=args.scope,
+                  data=data, seed=args.seed, progress=not args.quiet, **options)
+    wall = time.perf_counter() - t0
+    masks.metadata["model"] = args.model
+    print(masks.report())
+    print(f"\nmethod {args.method}, {rounds} round(s), {args.scope} scope: density {masks.density:.6g} "
+          f"(target {args.density}); scoring time {masks.metadata['score_seconds']:.3f} s, total {wall:.3f} s")
+    if args.out:
+        masks.save(args.out)
+        print(f"masks saved to {args.out}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from . import Masks
+    from . import data as D
+    from .train import train
+
+    model = _build_model(args)
+    train_set = D.load_dataset(args.dataset, args.data_dir, train=True)
+    test_set = D.load_dataset(args.dataset, args.data_dir, train=False)
+    if tuple(train_set.input_shape) != tuple(model.input_shape):
+        raise SystemExit(f"ntkfast: --model {args.model} expects inputs {model.input_shape}, the dataset has "
+                         f"{train_set.input_shape}; pass --input-shape")
+    masks = Masks.load(args.masks) if args.masks else None
+    if masks is not None:
+        print(f"masks {args.masks}: density {masks.density:.6g} ({masks.metadata.get('method', '?')})")
+    result = train(model, masks, train_set, test_set, args.epochs, optimizer=args.optimizer, lr=args.lr,
+                   batch_size=args.batch_size, device=args.device, seed=args.seed, progress=not args.quiet,
+                   max_batches=args.max_batches)
+    for e in range(len(result.test_accuracy)):
+        print(f"epoch {e + 1}: train loss {result.train_loss[e]:.4f}  test loss {result.test_loss[e]:.4f}  "
+              f"test accuracy {result.test_accuracy[e]:.2%}")
+    print(f"test accuracy: {result.final_test_accuracy:.2%}")
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from . import scores
+
+    for name, desc in scores.available().items():
+        data = " (needs data)" if scores.get(name).needs_data else ""
+        print(f"{name:16s} {desc}{data}")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from . import models
+
+    for name in models.available():
+        print(name)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from . import build_info
+
+    print(json.dumps(build_info(), indent=2, default=str))
+    return 0
+
+
+def _add_model_args(p, default_model):
+    p.add_argument("--model", default=default_model, help=f"model zoo name (default {default_model}; see `ntkfast models`)")
+    p.add_argument("--input-shape", type=_shape, default=None, help="input shape without batch, e.g. 3,32,32")
+    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu (default) or cuda")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ntkfast", description="Fast NTK-based pruning at initialisation.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prune", help="prune a zoo model and print the per-layer density table")
+    _add_model_args(p, "resnet20")
+    p.add_argument("--method", default="synflow", help="scorer (see `ntkfast methods`; default synflow)")
+    p.add_argument("--density", type=float, default=0.1, help="fraction of weights kept (default 0.1)")
+    p.add_argument("--rounds", type=int, default=None, help="pruning rounds (default 100 for synflow/iterative_snip, else 1)")
+    p.add_argument("--schedule", default="exponential", choices=["exponential", "linear"])
+    p.add_argument("--scope", default="global", choices=["global", "layerwise"])
+    p.add_argument("--dataset", default=None, help="mnist, fashion-mnist or cifar10 (for data-based methods)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--batch-size", type=int, default=100, help="scoring batch for data-based methods")
+    p.add_argument("--float64", action="store_true", help="score in float64")
+    p.add_argument("--out", default=None, help="save the masks here (torch.save)")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("train", help="train a (pruned) zoo model and report test accuracy")
+    _add_model_args(p, "lenet300_100")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--masks", default=None, help="masks file from `ntkfast prune --out`")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--max-batches", type=int, default=None, help="stop each epoch after this many batches")
+    p.set_defaults(func=cmd_train)
+
+    sub.add_parser("methods", help="list the pruning methods").set_defaults(func=cmd_methods)
+    sub.add_parser("models", help="list the model zoo").set_defaults(func=cmd_models)
+    sub.add_parser("info", help="how the extension was built").set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"ntkfast: error: {exc}", file=sys.stderr)
+        return 2

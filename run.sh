@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine: installs what is missing (PyTorch 2.13.0 only when no torch
+# is present, the build tools), builds the extension when it is absent or older than its sources,
+# then runs.
+#   ./run.sh test [pytest args]    the test suite
+#   ./run.sh prune [args]          `ntkfast prune` (defaults: resnet20, synflow, density 0.1, 100 rounds)
+#   ./run.sh <ntkfast command>     any other CLI command (train, methods, models, info)
+#   ./run.sh setup                 set up only
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+
+missing=()
+"$PY" -c "import torch" 2>/dev/null || missing+=("torch==2.13.0")
+for mod in numpy pytest pybind11; do
+  "$PY" -c "import $mod" 2>/dev/null || missing+=("$mod")
+done
+command -v ninja >/dev/null 2>&1 || "$PY" -c "import ninja" 2>/dev/null || missing+=("ninja")
+"$PY" -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 64)" 2>/dev/null \
+  || missing+=("setuptools>=64")
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "run.sh: installing ${missing[*]}" >&2
+  "$PY" -m pip install -q "${missing[@]}"
+fi
+
+so=$(ls ntkfast/_C*.so 2>/dev/null | head -n 1 || true)
+stale=""
+if [ -z "$so" ]; then
+  stale="not built"
+elif [ -n "$(find csrc setup.py -type f -newer "$so" | head -n 1)" ]; then
+  stale="sources changed"
+elif ! "$PY" -c "import ntkfast._C" 2>/dev/null; then
+  stale="does not load against the installed torch"
+elif ! "$PY" -m pip show -q ntkfast >/dev/null 2>&1; then
+  stale="package not installed"
+fi
+if [ -n "$stale" ]; then
+  echo "run.sh: building the extension ($stale)" >&2
+  "$PY" -m pip install -q --no-build-isolation --no-deps -e . >&2
+fi
+
+cmd=${1:-test}
+[ $# -gt 0 ] && shift
+case "$cmd" in
+  setup) exit 0 ;;
+  test) exec "$PY" -m pytest -q tests "$@" ;;
+  *) exec "$PY" -m ntkfast "$cmd" "$@" ;;
+esac

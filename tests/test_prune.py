@@ -1,0 +1,172 @@
+"""The pruning loop: schedules, exact densities, nesting, reproducibility, bad input, no side effects."""
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import ntkfast
+from ntkfast import Masks, prune, scores
+from ntkfast.masks import density_schedule, n_keep
+from ntkfast.prune import LayerCollapseError
+
+CALLS = []
+
+
+@scores.register("_test_recording", "test-only: |w| + tiny noise, records what it is called with")
+def _recording(model, masks, *, data=None, seed=0, bonus=0.0):
+    CALLS.append({"masks": {n: m.clone() for n, m in masks.items()}, "seed": seed, "data": data})
+    g = torch.Generator().manual_seed(seed % 2**31)
+    named = dict(model.named_parameters())
+    return {n: named[n].detach().abs() + 1e-3 * torch.rand(m.shape, generator=g) + bonus for n, m in masks.items()}
+
+
+@scores.register("_test_kill_layer", "test-only: the last layer scores lowest")
+def _kill_layer(model, masks, *, data=None, seed=0):
+    names = list(masks)
+    return {n: torch.full(m.shape, -1.0 if n == names[-1] else 1.0) + torch.arange(m.numel()).reshape(m.shape) * 1e-6
+            for n, m in masks.items()}
+
+
+def net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(8 * 6 * 6, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
+def snapshot(model):
+    return ({k: v.detach().clone() for k, v in model.state_dict().items()},
+            {n: (p.requires_grad, None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()},
+            {n: m.training for n, m in model.named_modules()})
+
+
+def same(model, snap):
+    state, grads, flags = snap
+    now = snapshot(model)
+    return (all(torch.equal(state[k], now[0][k]) for k in state) and
+            all(grads[n][0] == now[1][n][0] and (grads[n][1] is None) == (now[1][n][1] is None) for n in grads) and
+            flags == now[2])
+
+
+@pytest.mark.parametrize("schedule", ["exponential", "linear"])
+@pytest.mark.parametrize("scope", ["global", "layerwise"])
+def test_rounds_hit_exact_densities_and_nest(schedule, scope):
+    model = net()
+    snap = snapshot(model)
+    CALLS.clear()
+    masks = prune(model, "_test_recording", 0.05, rounds=5, schedule=schedule, scope=scope, progress=False)
+    assert len(CALLS) == 5
+    seen = [c["masks"] for c in CALLS[1:]] + [dict(masks)]
+    total = sum(m.numel() for m in masks.values())
+    for t, (m, d) in enumerate(zip(seen, density_schedule(0.05, 5, schedule))):
+        if scope == "global":
+            assert sum(int(x.sum()) for x in m.values()) == n_keep(d, total)
+        else:
+            for x in m.values():
+                assert int(x.sum()) == n_keep(d, x.numel())
+    masks_in_order = [c["masks"] for c in CALLS] + [dict(masks)]
+    for a, b in zip(masks_in_order, masks_in_order[1:]):  # nested: nothing comes back
+        assert all(not bool((b[n] & ~a[n]).any()) for n in a)
+    assert same(model, snap)
+    assert isinstance(masks, Masks) and masks.metadata["method"] == "_test_recording"
+    assert masks.metadata["rounds"] == 5 and masks.metadata["scope"] == scope and masks.metadata["version"]
+
+
+def test_seed_reproduces_bit_for_bit_and_differs():
+    model = net()
+    a = prune(model, "random", 0.1, rounds=3, seed=3, progress=False) if "random" in scores.available() else None
+    if a is None:
+        pytest.skip("random scorer not registered")
+    b = prune(model, "random", 0.1, rounds=3, seed=3, progress=False)
+    c = prune(model, "random", 0.1, rounds=3, seed=4, progress=False)
+    assert a == b and a != c
+
+
+def test_round_seeds_are_distinct_and_reproducible():
+    CALLS.clear()
+    prune(net(), "_test_recording", 0.5, rounds=3, seed=9, progress=False)
+    first = [c["seed"] for c in CALLS]
+    CALLS.clear()
+    prune(net(), "_test_recording", 0.5, rounds=3, seed=9, progress=False)
+    assert [c["seed"] for c in CALLS] == first and len(set(first)) == 3
+
+
+def test_start_masks_are_respected():
+    model = net()
+    start = Masks({n: torch.rand(m.shape, generator=torch.Generator().manual_seed(1)) < 0.5
+                   for n, m in Masks.ones(model).items()})
+    out = prune(model, "_test_recording", 0.2, masks=start, progress=False)
+    assert all(not bool((out[n] & ~start[n]).any()) for n in out)
+    assert out.kept == n_keep(0.2, out.numel)
+
+
+def test_method_options_forwarded_and_checked():
+    CALLS.clear()
+    prune(net(), "_test_recording", 0.5, bonus=1.0, progress=False)
+    with pytest.raises(ValueError, match="bogus: not an option of method '_test_recording'"):
+        prune(net(), "_test_recording", 0.5, bogus=1, progress=False)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(density=0.0), "density must be in \\(0, 1\\]"),
+    (dict(density=1.5), "density must be in"),
+    (dict(density=float("nan")), "density must be in"),
+    (dict(density=True), "density must be a number"),
+    (dict(density="0.1"), "density must be a number"),
+    (dict(rounds=0), "rounds must be an integer >= 1"),
+    (dict(rounds=2.0), "rounds must be an integer"),
+    (dict(method="nope"), "method: unknown method 'nope'"),
+    (dict(schedule="cosine"), "schedule must be one of"),
+    (dict(scope="channel"), "scope must be one of"),
+    (dict(on_empty_layer="explode"), "on_empty_layer must be one of"),
+    (dict(seed=1.5), "seed must be an int"),
+    (dict(masks={"x": torch.ones(2, dtype=torch.bool)}), "masks: names do not match"),
+    (dict(data=(torch.randn(4, 1, 28, 28), torch.zeros(4, dtype=torch.long))), "data: inputs of shape"),
+    (dict(data=(torch.randn(4, 3, 6, 6), torch.full((4,), 10))), "data: targets must lie in"),
+])
+def test_bad_input_is_named_and_changes_nothing(kwargs, match):
+    model = net()
+    snap = snapshot(model)
+    args = dict(method="_test_recording", density=0.5)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        prune(model, args.pop("method"), args.pop("density"), progress=False, **args)
+    assert same(model, snap)
+
+
+def test_model_without_prunable_weights():
+    with pytest.raises(ValueError, match="model: no prunable weights"):
+        prune(nn.Sequential(nn.ReLU()), "_test_recording", 0.5, progress=False)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        prune("resnet", "_test_recording", 0.5, progress=False)
+
+
+def test_data_methods_need_data():
+    if "snip" not in scores.available():
+        pytest.skip("snip not registered")
+    with pytest.raises(ValueError, match="data: method 'snip' needs a labelled batch"):
+        prune(net(), "snip", 0.5, progress=False)
+
+
+def test_empty_layer_warns_or_errors_by_name():
+    model = net()
+    with pytest.warns(RuntimeWarning, match="lost all their weights: 6.weight"):
+        m = prune(model, "_test_kill_layer", 0.05, progress=False)
+    assert not m["6.weight"].any()
+    with pytest.raises(LayerCollapseError, match="6.weight"):
+        prune(model, "_test_kill_layer", 0.05, progress=False, on_empty_layer="error")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prune(model, "_test_kill_layer", 0.05, progress=False, on_empty_layer="ignore")
+
+
+def test_progress_prints_rounds(capsys):
+    prune(net(), "_test_recording", 0.1, rounds=3, progress=True)
+    err = capsys.readouterr().err
+    assert "3/3" in err and "density" in err
+
+
+def test_density_one_keeps_everything():
+    m = prune(net(), "_test_recording", 1.0, rounds=2, progress=False)
+    assert m.density == 1.0 and math.isclose(m.metadata["density"], 1.0)

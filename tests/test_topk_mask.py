@@ -1,0 +1,211 @@
+"""ntkfast.ops.topk_mask: compiled kernel vs the reference, exact-k, keep, ties, errors, fallback."""
+import warnings
+import zlib
+
+import pytest
+import torch
+
+import ntkfast._ops as _ops
+from ntkfast.ops import topk_mask, topk_mask_layerwise, topk_mask_layerwise_reference, topk_mask_reference
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+needs_ext = pytest.mark.skipif(not _ops.extension_loaded(), reason="compiled extension not loaded")
+
+
+def _random_list(gen, sizes, dtype, kind, device):
+    out = []
+    for n in sizes:
+        if kind == "normal":
+            s = torch.randn(n, generator=gen, dtype=torch.float64)
+        elif kind == "ties":  # a handful of distinct values: many ties at any threshold
+            s = torch.randint(-3, 4, (n,), generator=gen).to(torch.float64)
+        elif kind == "specials":
+            s = torch.randn(n, generator=gen, dtype=torch.float64)
+            pick = torch.randint(0, 6, (n,), generator=gen)
+            s[pick == 0] = 0.0
+            s[pick == 1] = -0.0
+            s[pick == 2] = float("inf")
+            s[pick == 3] = float("-inf")
+        else:  # wide dynamic range, as SynFlow scores have
+            s = torch.randn(n, generator=gen, dtype=torch.float64).abs() * 10.0 ** torch.randint(-30, 30, (n,), generator=gen)
+        out.append(s.to(dtype).to(device))
+    return out
+
+
+def _shapes_of(sizes, gen):
+    # reshape some into 2-d / 4-d tensors: the row-major order must be honoured
+    shapes = []
+    for n in sizes:
+        if n % 6 == 0 and n:
+            shapes.append((n // 6, 2, 3))
+        else:
+            shapes.append((n,))
+    return shapes
+
+
+SIZE_SETS = [[1], [7], [0, 5, 0], [1000], [3, 1, 4, 1, 5, 9, 2, 6], [70_000, 12, 130_001], [300_000, 1, 65_536, 65_537]]
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("kind", ["normal", "ties", "specials", "wide"])
+@pytest.mark.parametrize("sizes", SIZE_SETS, ids=lambda s: f"n{sum(s)}x{len(s)}")
+def test_kernel_matches_reference(device, dtype, kind, sizes):
+    if dtype == torch.float16 and kind == "wide":
+        pytest.skip("wide range overflows float16")
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{kind}{sizes}{dtype}".encode()))
+    scores = [s.reshape(sh) for s, sh in zip(_random_list(gen, sizes, dtype, kind, device), _shapes_of(sizes, gen))]
+    total = sum(sizes)
+    use_keep = total > 3
+    keep = [torch.rand(s.shape, generator=gen).to(device) < 0.7 for s in scores] if use_keep else None
+    alive = sum(int(k.sum()) for k in keep) if keep is not None else total
+    for k in sorted({0, 1, alive // 3, alive // 2, max(alive - 1, 0), alive}):
+        if k > alive:
+            continue
+        got = topk_mask(scores, k, keep)
+        ref = topk_mask_reference(scores, k, keep)
+        assert sum(int(g.sum()) for g in got) == k
+        for g, r, s in zip(got, ref, scores):
+            assert g.dtype == torch.bool and g.shape == s.shape and g.device == s.device
+            assert torch.equal(g.cpu(), r.cpu())
+        if keep is not None:
+            assert all(not bool((g & ~kp).any()) for g, kp in zip(got, keep))
+
+
+def test_reference_semantics_by_hand():
+    s = [torch.tensor([1.0, 3.0, 2.0]), torch.tensor([[3.0, 0.5], [3.0, 5.0]])]
+    # 5.0 first, then the three 3.0s by flat position: s[0][1], s[1][0,0], s[1][1,0]; k=3 keeps two of them
+    out = topk_mask_reference(s, 3)
+    assert out[0].tolist() == [False, True, False]
+    assert out[1].tolist() == [[True, False], [False, True]]
+    assert [o.tolist() for o in topk_mask(s, 3)] == [o.tolist() for o in out]
+
+
+def test_signed_zeros_tie_and_infinities_order():
+    s = [torch.tensor([-0.0, 0.0, float("-inf"), float("inf"), -1.0])]
+    out = topk_mask(s, 2)[0].tolist()  # +inf, then the first zero (-0.0 ties +0.0)
+    assert out == [True, False, False, True, False]
+    assert topk_mask(s, 4)[0].tolist() == [True, True, False, True, True]
+
+
+def test_never_reactivates():
+    torch.manual_seed(0)
+    s = [torch.randn(100), torch.randn(50)]
+    keep = [torch.zeros(100, dtype=torch.bool), torch.ones(50, dtype=torch.bool)]
+    s[0] += 100.0  # the highest scores are all in the pruned tensor
+    out = topk_mask(s, 10, keep)
+    assert not out[0].any() and int(out[1].sum()) == 10
+    with pytest.raises(ValueError, match="k=51 exceeds the 50"):
+        topk_mask(s, 51, keep)
+
+
+@pytest.mark.parametrize("fn", [topk_mask, topk_mask_reference])
+def test_nan_raises_naming_tensor(fn):
+    s = [torch.randn(10), torch.randn(5)]
+    s[1][3] = float("nan")
+    with pytest.raises(ValueError, match=r"scores\[1\].*contains NaN"):
+        fn(s, 3)
+    with pytest.raises(ValueError, match=r"'layer2.weight'.*contains NaN"):
+        fn(s, 3, names=["layer1.weight", "layer2.weight"])
+    keep = [torch.ones(10, dtype=torch.bool), torch.ones(5, dtype=torch.bool)]
+    keep[1][3] = False  # a NaN where nothing can be kept is ignored
+    assert sum(int(o.sum()) for o in fn(s, 3, keep)) == 3
+
+
+def test_layerwise_nan_names_tensor():
+    s = [torch.randn(4), torch.randn(4)]
+    s[1][0] = float("nan")
+    for fn in (topk_mask_layerwise, topk_mask_layerwise_reference):
+        with pytest.raises(ValueError, match=r"scores\[1\] \('b'\) contains NaN"):
+            fn(s, [1, 1], names=["a", "b"])
+
+
+@pytest.mark.parametrize("fn", [topk_mask, topk_mask_reference])
+def test_bad_arguments(fn):
+    s = [torch.randn(4, 3)]
+    with pytest.raises(ValueError, match="k must be >= 0"):
+        fn(s, -1)
+    with pytest.raises(TypeError, match="k must be an int"):
+        fn(s, 2.5)
+    with pytest.raises(ValueError, match="k=13 exceeds"):
+        fn(s, 13)
+    with pytest.raises(ValueError, match=r"keep\[0\] must be a bool"):
+        fn(s, 2, [torch.ones(4, 3)])
+    with pytest.raises(ValueError, match=r"keep\[0\] has shape"):
+        fn(s, 2, [torch.ones(3, 4, dtype=torch.bool)])
+    with pytest.raises(ValueError, match="keep has 2 tensors"):
+        fn(s, 2, [torch.ones(4, 3, dtype=torch.bool)] * 2)
+    with pytest.raises(ValueError, match="must be a floating tensor"):
+        fn([torch.arange(5)], 2)
+    assert fn([], 0) == []
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_layerwise_matches_reference(device):
+    gen = torch.Generator().manual_seed(3)
+    for kind in ("normal", "ties"):
+        scores = _random_list(gen, [1, 17, 70_000, 0, 300], torch.float32, kind, device)
+        keep = [torch.rand(s.shape, generator=gen).to(device) < 0.5 for s in scores]
+        alive = [int(k.sum()) for k in keep]
+        for frac in (0.0, 0.3, 1.0):
+            ks = [int(frac * a) for a in alive]
+            got = topk_mask_layerwise(scores, ks, keep)
+            ref = topk_mask_layerwise_reference(scores, ks, keep)
+            for g, r, k in zip(got, ref, ks):
+                assert int(g.sum()) == k and torch.equal(g.cpu(), r.cpu())
+
+
+def test_layerwise_bad_ks():
+    s = [torch.randn(5), torch.randn(5)]
+    with pytest.raises(ValueError, match="ks has 1 entries"):
+        topk_mask_layerwise(s, [1])
+    with pytest.raises(ValueError, match=r"ks\[1\] must be >= 0"):
+        topk_mask_layerwise(s, [1, -1])
+
+
+def test_mixed_dtypes_compare_in_float64():
+    a = torch.tensor([1.0 + 2**-40], dtype=torch.float64)  # not representable in float32
+    b = torch.tensor([1.0], dtype=torch.float32)
+    assert topk_mask([b, a], 1)[1].item() is True
+
+
+def test_deterministic_bit_for_bit():
+    gen = torch.Generator().manual_seed(11)
+    scores = _random_list(gen, [200_000, 33_333], torch.float32, "ties", "cpu")
+    first = topk_mask(scores, 77_777)
+    for _ in range(3):
+        again = topk_mask(scores, 77_777)
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+@needs_ext
+def test_opcheck():
+    gen = torch.Generator().manual_seed(5)
+    s = [torch.randn(6, 4, generator=gen), torch.randn(9, generator=gen)]
+    keep = [torch.rand(6, 4, generator=gen) < 0.8, torch.rand(9, generator=gen) < 0.8]
+    torch.library.opcheck(torch.ops.ntkfast.topk_mask.default, (s, 5, keep))
+    torch.library.opcheck(torch.ops.ntkfast.topk_mask.default, (s, 5, None))
+    torch.library.opcheck(torch.ops.ntkfast.topk_mask_layerwise.default, (s, [3, 2], keep))
+
+
+def test_fallback_without_extension_warns_once(monkeypatch):
+    monkeypatch.setattr(_ops, "_EXT", None)
+    monkeypatch.setattr(_ops, "_EXT_ERROR", "ImportError: simulated")
+    monkeypatch.setattr(_ops, "_WARNED", False)
+    s = [torch.randn(50), torch.randn(7, 3)]
+    with pytest.warns(RuntimeWarning, match="falls back to its pure-PyTorch reference"):
+        out = topk_mask(s, 20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = topk_mask(s, 20)
+    ref = topk_mask_reference(s, 20)
+    assert all(torch.equal(a, b) and torch.equal(a, r) for a, b, r in zip(out, again, ref))
+    assert _ops.build_info()["backend"] == "reference"
+
+
+def test_build_info_reports_backend():
+    info = _ops.build_info()
+    assert info["backend"] in ("compiled-cpu", "compiled-cuda", "reference")
+    assert info["extension"] == _ops.extension_loaded()
