@@ -41,3 +41,12 @@ def get(name: str) -> ScorerInfo:
 def available() -> Dict[str, str]:
     """name -> one-line description of every registered scorer."""
     return {n: i.description for n, i in sorted(_REGISTRY.items())}
+
+
+# Built-in scorers: importing them registers them. Modules are underscore-prefixed so that the
+# names below are the functions.
+from ._random import random  # noqa: E402
+from ._magnitude import magnitude  # noqa: E402
+from ._snip import snip, iterative_snip  # noqa: E402
+from ._grasp import grasp  # noqa: E402
+from ._synflow import synflow  # noqa: E402

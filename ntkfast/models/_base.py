@@ -1,0 +1,132 @@
+"""Shared pieces of the model zoo: the base class, shape arithmetic and initialisers."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+# Standard deviation of a standard normal truncated to (-2, 2): JAX/Keras divide by it so that
+# their "truncated normal" variance-scaling initialisers reach the intended variance.
+_TRUNC2_STD = 0.87962566103423978
+
+
+class ZooModel(nn.Module):
+    """Base class of every model in :mod:`ntkfast.models`.
+
+    Attributes:
+        input_shape: the shape of one input, without the batch dimension, e.g. ``(3, 32, 32)``.
+        num_classes: the number of outputs (logits).
+    """
+
+    input_shape: Tuple[int, ...]
+    num_classes: int
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int):
+        super().__init__()
+        self.input_shape = check_input_shape(input_shape)
+        self.num_classes = check_num_classes(num_classes)
+
+    @torch.no_grad()
+    def reinitialize(self) -> "ZooModel":
+        """Re-draw every parameter in place with this model's initialisation (global torch RNG).
+
+        BatchNorm running statistics are reset too. Shapes, devices and dtypes are kept; where
+        torch.nn.utils.prune has re-parametrised a weight, ``weight_orig`` is re-drawn (its mask is
+        left alone). Returns the model.
+        """
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"input_shape={self.input_shape}, num_classes={self.num_classes}"
+
+
+def check_input_shape(input_shape) -> Tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in input_shape)
+    except TypeError:
+        raise ValueError(f"input_shape must be a sequence of positive ints (C, H, W), got {input_shape!r}") from None
+    if not shape or any(s < 1 for s in shape) or any(int(s) != s for s in input_shape):
+        raise ValueError(f"input_shape must be a sequence of positive ints (C, H, W), got {input_shape!r}")
+    return shape
+
+
+def check_image_shape(input_shape, model: str) -> Tuple[int, int, int]:
+    shape = check_input_shape(input_shape)
+    if len(shape) != 3:
+        raise ValueError(f"input_shape must be (C, H, W) for {model}, got {tuple(input_shape)!r}")
+    return shape  # type: ignore[return-value]
+
+
+def check_num_classes(num_classes) -> int:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    return num_classes
+
+
+def conv_out(size: int, kernel: int, stride: int = 1, padding: int = 0) -> int:
+    """Spatial output size of a convolution or pooling (floor mode, no dilation)."""
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def too_small(model: str, input_shape, where: str) -> ValueError:
+    return ValueError(f"input_shape {tuple(input_shape)} is too small for {model}: "
+                      f"the feature map vanishes {where}")
+
+
+# -- initialisers ------------------------------------------------------------------------------
+
+def param(module: nn.Module, attr: str) -> Optional[torch.Tensor]:
+    """``module.<attr>`` as a parameter, or ``<attr>_orig`` under torch.nn.utils.prune hooks."""
+    p = module._parameters.get(attr)
+    if p is None:
+        p = module._parameters.get(attr + "_orig")
+    return p
+
+
+def fans(w: torch.Tensor) -> Tuple[int, int]:
+    """(fan_in, fan_out) of a Linear [out, in] or Conv [out, in, *kernel] weight."""
+    receptive = math.prod(w.shape[2:]) if w.dim() > 2 else 1
+    return w.shape[1] * receptive, w.shape[0] * receptive
+
+
+def glorot_normal_truncated_(w: torch.Tensor) -> torch.Tensor:
+    """JAX's ``glorot_normal``: a normal truncated to +-2 sigma, scaled so that the final standard
+    deviation is sqrt(2 / (fan_in + fan_out)) (variance_scaling(1, "fan_avg", "truncated_normal"))."""
+    fan_in, fan_out = fans(w)
+    sigma = math.sqrt(2.0 / (fan_in + fan_out)) / _TRUNC2_STD
+    return nn.init.trunc_normal_(w, mean=0.0, std=sigma, a=-2.0 * sigma, b=2.0 * sigma)
+
+
+def torch_default_(module: nn.Module) -> None:
+    """What ``reset_parameters`` of nn.Linear / nn.ConvNd draws (kaiming_uniform(a=sqrt 5) weight,
+    uniform(+-1/sqrt(fan_in)) bias), applied to the (possibly pruning-re-parametrised) tensors."""
+    w = param(module, "weight")
+    b = param(module, "bias")
+    nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+    if b is not None:
+        fan_in, _ = fans(w)
+        bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+        nn.init.uniform_(b, -bound, bound)
+
+
+def reset_batchnorm_(module: nn.Module) -> None:
+    """BatchNorm: weight 1, bias 0, running statistics reset."""
+    w = param(module, "weight")
+    b = param(module, "bias")
+    if w is not None:
+        nn.init.ones_(w)
+    if b is not None:
+        nn.init.zeros_(b)
+    if getattr(module, "track_running_stats", False):
+        module.reset_running_stats()
+
+
+_INITS = ("synflow", "ntksap")
+
+
+def check_init(init: str) -> str:
+    if init not in _INITS:
+        raise ValueError(f"init must be one of {', '.join(map(repr, _INITS))}, got {init!r}")
+    return init

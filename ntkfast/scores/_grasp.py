@@ -1,0 +1,77 @@
+"""GraSP (Synaptic-Flow's ``GraSP``, after Wang et al.'s code): S = theta * Hg."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Mapping, Optional
+
+import torch
+from torch import nn
+
+from . import register
+from ._common import (
+    all_finite,
+    as_batches,
+    cast_input,
+    cross_entropy,
+    divide_by_total,
+    finish,
+    functional_forward,
+    grad_dict,
+    leaves,
+    masked,
+    model_device,
+    resolve_targets,
+    state_copy,
+    substitute,
+    with_float64_fallback,
+)
+
+
+@register("grasp", "GraSP: theta * Hg with temperature 200, normalised by |sum| (no abs; lowest pruned)", needs_data=True)
+def grasp(
+    model: nn.Module,
+    masks: Optional[Mapping[str, torch.Tensor]] = None,
+    *,
+    data=None,
+    seed: int = 0,
+    dtype=None,
+    input_shape=None,
+    train_mode: bool = False,
+    temperature: float = 200.0,
+    eps: float = 1e-10,
+) -> "OrderedDict[str, torch.Tensor]":
+    """GraSP: with L_b = mean cross-entropy of f(x_b)/temperature on batch b of ``data`` and the
+    network computing with theta * m, g = sum_b dL_b/dtheta (a constant), Hg = sum_b d(g . dL_b/dtheta)/dtheta,
+    S = theta * Hg (signed: the lowest scores are pruned), divided by |sum S| + eps. Gradients are
+    w.r.t. the raw stored weights, so pruned entries score 0. Eval mode unless ``train_mode``."""
+    targets = resolve_targets(model, masks)
+    batches = as_batches(data, "data", device=model_device(model))
+    temperature = float(temperature)
+
+    def compute(dt):
+        state = state_copy(model, dt)
+        theta = leaves(state, targets)
+        finite = True
+
+        def loss(x, y):
+            nonlocal finite
+            out = functional_forward(model, substitute(state, targets, masked(theta, targets)),
+                                     cast_input(x, dt), train_mode=train_mode)
+            finite = finite and all_finite(out)
+            return cross_entropy(out / temperature, y)
+
+        g = OrderedDict((n, torch.zeros_like(t)) for n, t in theta.items())
+        for x, y in batches:  # first gradient, no graph
+            for n, gn in grad_dict(loss(x, y), theta).items():
+                g[n] += gn
+        hg = OrderedDict((n, torch.zeros_like(t)) for n, t in theta.items())
+        for x, y in batches:  # Hessian-gradient product
+            gr = grad_dict(loss(x, y), theta, create_graph=True)
+            z = sum((g[n] * gr[n]).sum() for n in theta)
+            for n, h in grad_dict(z, theta).items():
+                hg[n] += h
+        scores = OrderedDict((n, theta[n].detach() * hg[n]) for n in theta)
+        return scores, finite and all_finite(scores)
+
+    scores = with_float64_fallback(compute, targets, dtype, scorer="grasp")
+    return finish(divide_by_total(scores, abs_total=True, eps=eps), targets)

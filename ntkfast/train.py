@@ -1,0 +1,288 @@
+"""Train a (pruned) network with its masks held fixed: the standard check of a pruning method.
+
+    from ntkfast import models, data
+    from ntkfast.train import train
+
+    model = models.lenet300_100()
+    result = train(model, masks, data.load_mnist(root), data.load_mnist(root, train=False), epochs=10)
+    print(result.final_test_accuracy)
+
+Pruned weights are zeroed before training and stay exactly zero: their gradients are masked by
+tensor hooks and, after every optimiser step, they are zeroed again, so neither weight decay nor
+momentum (nor Adam's running moments) can bring them back. Unpruned tensors (biases, BatchNorm)
+train normally.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ._progress import Progress
+from .masks import parameter_name
+
+__all__ = ["train", "evaluate", "TrainResult"]
+
+_OPTIMIZERS = ("sgd", "adam")
+_DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3}
+
+
+@dataclass
+class TrainResult:
+    """Per-epoch history of :func:`train` (losses are mean cross-entropies, accuracies in [0, 1]).
+
+    The train metrics are running averages over the epoch's batches (in train mode). Without a
+    test set the test lists stay empty and ``final_test_accuracy`` is None.
+    """
+
+    train_loss: List[float] = field(default_factory=list)
+    train_accuracy: List[float] = field(default_factory=list)
+    test_loss: List[float] = field(default_factory=list)
+    test_accuracy: List[float] = field(default_factory=list)
+    final_test_accuracy: Optional[float] = None
+    epochs: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "train_loss": list(self.train_loss), "train_accuracy": list(self.train_accuracy),
+            "test_loss": list(self.test_loss), "test_accuracy": list(self.test_accuracy),
+            "final_test_accuracy": self.final_test_accuracy, "epochs": self.epochs, "seconds": self.seconds,
+        }
+
+
+# -- argument checks -----------------------------------------------------------------------------
+
+def _check_masks(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    """{parameter name in model.named_parameters(): bool mask}, or ValueError naming ``masks``."""
+    if masks is None:
+        return {}
+    if not isinstance(masks, Mapping):
+        raise ValueError(f"masks must be a mapping name -> bool tensor (or None), got {type(masks).__name__}")
+    params = dict(model.named_parameters())
+    out: Dict[str, torch.Tensor] = {}
+    for name, m in masks.items():
+        try:
+            pname = parameter_name(model, name)
+        except KeyError:
+            raise ValueError(f"masks: the model has no parameter {name!r} (nor {name + '_orig'!r})") from None
+        if not isinstance(m, torch.Tensor):
+            raise ValueError(f"masks[{name!r}] must be a tensor, got {type(m).__name__}")
+        if tuple(m.shape) != tuple(params[pname].shape):
+            raise ValueError(f"masks[{name!r}] has shape {tuple(m.shape)} but the parameter "
+                             f"{pname!r} has {tuple(params[pname].shape)}")
+        if pname in out:
+            raise ValueError(f"masks: two masks apply to the parameter {pname!r}")
+        out[pname] = m.detach().to(torch.bool)
+    return out
+
+
+def _check_positive_int(name: str, value, allow_none: bool = False) -> Optional[int]:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
+    return value
+
+
+def _check_float(name: str, value, minimum: float = 0.0, strict: bool = False) -> float:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if ok:
+        ok = value > minimum if strict else value >= minimum
+    if not ok:
+        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {minimum}, got {value!r}")
+    return float(value)
+
+
+# -- batches -------------------------------------------------------------------------------------
+
+def _iterate(dataset, batch_size: int, shuffle: bool, seed: int, device, max_batches: Optional[int]):
+    if hasattr(dataset, "batches") and callable(dataset.batches):
+        it = dataset.batches(batch_size, shuffle=shuffle, seed=seed, device=device)
+    else:
+        g = torch.Generator()
+        g.manual_seed(seed)
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=g if shuffle else None)
+        it = ((x.to(device), y.to(device)) for x, y in loader)
+    for i, (x, y) in enumerate(it):
+        if max_batches is not None and i >= max_batches:
+            break
+        yield x, y
+
+
+def _num_batches(dataset, batch_size: int, max_batches: Optional[int]) -> Optional[int]:
+    try:
+        n = math.ceil(len(dataset) / batch_size)
+    except TypeError:
+        return max_batches
+    return n if max_batches is None else min(n, max_batches)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset, batch_size: int = 512, device=None,
+             max_batches: Optional[int] = None) -> "tuple[float, float]":
+    """(mean cross-entropy, accuracy) of ``model`` in eval mode on ``dataset``. The model's
+    train/eval mode is restored afterwards."""
+    batch_size = _check_positive_int("batch_size", batch_size)
+    if device is None:
+        device = _model_device(model)
+    was_training = model.training
+    model.eval()
+    total_loss, correct, n = 0.0, 0, 0
+    try:
+        for x, y in _iterate(dataset, batch_size, False, 0, device, max_batches):
+            out = model(x)
+            total_loss += float(F.cross_entropy(out, y, reduction="sum"))
+            correct += int((out.argmax(1) == y).sum())
+            n += y.shape[0]
+    finally:
+        model.train(was_training)
+    if n == 0:
+        raise ValueError("dataset gave no batches to evaluate")
+    return total_loss / n, correct / n
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+# -- training ------------------------------------------------------------------------------------
+
+def train(
+    model: nn.Module,
+    masks: Optional[Mapping[str, torch.Tensor]],
+    train_set: Dataset,
+    test_set: Optional[Dataset],
+    epochs: int,
+    optimizer: str = "sgd",
+    lr: Optional[float] = None,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    batch_size: int = 128,
+    lr_milestones: Optional[Sequence[int]] = None,
+    lr_gamma: float = 0.1,
+    device=None,
+    seed: int = 0,
+    progress: bool = True,
+    max_batches: Optional[int] = None,
+) -> TrainResult:
+    """Train ``model`` in place with cross-entropy, keeping its pruned weights at zero.
+
+    Args:
+        model: the network; trained in place (moved to ``device`` if one is given).
+        masks: name -> bool tensor (True = kept), names as in ``model.named_parameters()``
+            (a ``<module>.weight`` mask also fits a ``weight_orig`` left by torch.nn.utils.prune);
+            an :class:`ntkfast.Masks` works. None trains the dense network.
+        train_set, test_set: :class:`ntkfast.data.ImageDataset` / ``GaussianNoise`` (read through
+            their fast ``batches``) or any torch Dataset of ``(x, y)`` (read through a DataLoader).
+            ``test_set`` may be None (no evaluation).
+        epochs: number of passes over ``train_set``.
+        optimizer: "sgd" (with ``momentum``, Nesterov off) or "adam".
+        lr: learning rate; default 0.1 for sgd, 1e-3 for adam.
+        weight_decay: L2 penalty of the optimiser (applied to every parameter).
+        lr_milestones, lr_gamma: multiply the learning rate by ``lr_gamma`` after each epoch
+            listed in ``lr_milestones`` (torch's MultiStepLR, stepped per epoch).
+        device: where to train; default the device of the model's parameters.
+        seed: seeds the shuffling and the global torch RNG during training (dropout, ...), which
+            is restored afterwards. Same seed, same inputs -> the same result, bit for bit, on CPU.
+        progress: print one progress line per epoch to stderr.
+        max_batches: at most this many batches per epoch, for training and for evaluation
+            (quick runs and tests).
+
+    Returns:
+        a :class:`TrainResult`.
+    """
+    # Every check happens before the model is touched.
+    if optimizer not in _OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(map(repr, _OPTIMIZERS))}, got {optimizer!r}")
+    epochs = _check_positive_int("epochs", epochs)
+    batch_size = _check_positive_int("batch_size", batch_size)
+    max_batches = _check_positive_int("max_batches", max_batches, allow_none=True)
+    lr = _DEFAULT_LR[optimizer] if lr is None else _check_float("lr", lr, 0.0, strict=True)
+    momentum = _check_float("momentum", momentum)
+    weight_decay = _check_float("weight_decay", weight_decay)
+    lr_gamma = _check_float("lr_gamma", lr_gamma, 0.0, strict=True)
+    try:
+        milestones = sorted(int(m) for m in (lr_milestones or []))
+    except (TypeError, ValueError):
+        raise ValueError(f"lr_milestones must be a sequence of epoch numbers, got {lr_milestones!r}") from None
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    param_masks = _check_masks(model, masks)
+    if hasattr(train_set, "__len__") and len(train_set) == 0:
+        raise ValueError("train_set is empty")
+
+    if device is not None:
+        model.to(device)
+    device = _model_device(model)
+    params = dict(model.named_parameters())
+    mask_f = {n: m.to(device=params[n].device, dtype=params[n].dtype) for n, m in param_masks.items()}
+
+    with torch.no_grad():
+        for n, m in mask_f.items():
+            params[n].mul_(m)
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(trainable, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.Adam(trainable, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=lr_gamma) if milestones else None
+
+    hooks = [params[n].register_hook(lambda g, m=m: g * m) for n, m in mask_f.items() if params[n].requires_grad]
+    result = TrainResult()
+    bar = Progress(total=epochs, desc="train", enabled=progress)
+    fork_devices = [device] if device.type == "cuda" else []
+    start = time.perf_counter()
+    try:
+        with torch.random.fork_rng(devices=fork_devices):
+            torch.manual_seed(seed)
+            for epoch in range(epochs):
+                model.train()
+                n = 0
+                loss_acc = torch.zeros((), device=device, dtype=torch.float64)
+                correct_acc = torch.zeros((), device=device, dtype=torch.int64)
+                for x, y in _iterate(train_set, batch_size, True, seed * 1_000_003 + epoch, device, max_batches):
+                    out = model(x)
+                    loss = F.cross_entropy(out, y)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    with torch.no_grad():
+                        for name, m in mask_f.items():
+                            params[name].mul_(m)
+                        loss_acc += loss.detach().to(torch.float64) * y.shape[0]
+                        correct_acc += (out.detach().argmax(1) == y).sum()
+                    n += y.shape[0]
+                if n == 0:
+                    raise ValueError("train_set gave no batches")
+                result.train_loss.append(float(loss_acc) / n)
+                result.train_accuracy.append(int(correct_acc) / n)
+                if sched is not None:
+                    sched.step()
+                fields = {"epoch": epoch + 1, "loss": result.train_loss[-1], "acc": result.train_accuracy[-1]}
+                if test_set is not None:
+                    tl, ta = evaluate(model, test_set, batch_size=batch_size, device=device,
+                                      max_batches=max_batches)
+                    result.test_loss.append(tl)
+                    result.test_accuracy.append(ta)
+                    fields.update(test_loss=tl, test_acc=ta)
+                result.epochs = epoch + 1
+                bar.update(**fields)
+    finally:
+        for h in hooks:
+            h.remove()
+        bar.close()
+    result.seconds = time.perf_counter() - start
+    result.final_test_accuracy = result.test_accuracy[-1] if result.test_accuracy else None
+    return result

@@ -1,0 +1,23 @@
+"""Shared fixtures: ``data_dir`` (the real datasets, or a skip) and the ``devices`` list."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from testing import data_root, devices  # noqa: E402
+
+__all__ = ["devices"]
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """Directory with mnist/, fashion-mnist/, cifar-10-batches-py/ (read-only: never write there)."""
+    root = data_root()
+    if not root.is_dir():
+        pytest.skip(f"dataset directory {root} not found (set NTKFAST_DATA to the directory holding "
+                    "mnist/, fashion-mnist/ and cifar-10-batches-py/)")
+    return root

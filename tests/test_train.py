@@ -1,0 +1,222 @@
+"""The trainer: masks hold, accuracy, errors, determinism; and the progress printer."""
+import io
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from ntkfast import Masks, data, models, prunable_parameters
+from ntkfast._progress import Progress
+from ntkfast.train import TrainResult, evaluate, train
+
+from testing import devices
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # These tests run tiny models, where a second intra-op thread buys nothing and, on a busy
+    # machine, OpenMP spin-waiting can make them many times slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def mnist_small(data_dir):
+    train_set = data.load_mnist(data_dir).subset(2000)
+    test_set = data.load_mnist(data_dir, train=False).subset(1000)
+    return train_set, test_set
+
+
+def random_masks(model, density=0.2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return Masks({n: torch.rand(p.shape, generator=g) < density for n, p in prunable_parameters(model).items()})
+
+
+def noise(shape=(3, 16, 16), n=96, k=10, seed=0):
+    return data.GaussianNoise(shape, n, num_classes=k, seed=seed)
+
+
+# -- masks stay applied --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("optimizer,kw", [
+    ("sgd", dict(momentum=0.9, weight_decay=5e-3, lr=0.05)),
+    ("adam", dict(weight_decay=1e-3, lr=1e-2)),
+])
+def test_pruned_weights_stay_zero(optimizer, kw, device):
+    torch.manual_seed(0)
+    model = models.resnet20(input_shape=(3, 16, 16), num_classes=10)
+    masks = random_masks(model, 0.3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train(model, masks, noise(), noise(seed=1), epochs=2, optimizer=optimizer, batch_size=32,
+          device=device, progress=False, **kw)
+    params = dict(model.named_parameters())
+    for name, m in masks.items():
+        p = params[name].detach().cpu()
+        assert (p[~m] == 0).all(), name          # exactly zero, despite momentum / weight decay
+        assert not torch.equal(p[m], before[name][m]), name  # the kept weights did train
+    assert not torch.equal(params["bn.weight"].detach().cpu(), before["bn.weight"])  # unmasked tensors train
+
+
+def test_masks_with_prune_hooks_fit_weight_orig():
+    torch.manual_seed(0)
+    model = models.lenet5()
+    masks = random_masks(model, 0.1)
+    masks.to_prune_hooks(model)  # weight -> weight_orig + weight_mask
+    train(model, masks, noise((1, 28, 28), 64), None, epochs=1, batch_size=32, weight_decay=1e-2,
+          progress=False)
+    for name, m in masks.items():
+        module = model.get_submodule(name.rsplit(".", 1)[0])
+        assert (module.weight_orig.detach()[~m] == 0).all()
+
+
+def test_masks_zeroed_at_start():
+    torch.manual_seed(0)
+    model = models.lenet300_100()
+    masks = random_masks(model, 0.5)
+    train(model, masks, noise((1, 28, 28), 8), None, epochs=1, lr=1e-12, momentum=0.0, progress=False)
+    w = model.classifier[0].weight.detach()
+    assert (w[~masks["classifier.0.weight"]] == 0).all() and (w[masks["classifier.0.weight"]] != 0).all()
+
+
+# -- learning ------------------------------------------------------------------------------------
+
+def test_mnist_one_epoch_beats_chance(mnist_small):
+    train_set, test_set = mnist_small
+    torch.manual_seed(0)
+    model = models.lenet300_100()
+    result = train(model, random_masks(model, 0.3), train_set, test_set, epochs=1, batch_size=32,
+                   progress=False)
+    assert isinstance(result, TrainResult)
+    assert len(result.train_loss) == len(result.test_accuracy) == 1
+    assert result.final_test_accuracy == result.test_accuracy[-1] > 0.6  # chance: 0.1
+    assert evaluate(model, test_set)[1] == pytest.approx(result.final_test_accuracy)
+
+
+def test_dense_training_history():
+    torch.manual_seed(0)
+    model = models.lenet300_100(input_shape=(1, 8, 8), num_classes=4)
+    train_set = noise((1, 8, 8), 64, k=4)
+    result = train(model, None, train_set, train_set, epochs=6, optimizer="adam", lr=3e-3, batch_size=16,
+                   progress=False)
+    assert len(result.train_loss) == len(result.train_accuracy) == len(result.test_loss) == 6
+    assert result.epochs == 6
+    assert result.test_loss[-1] < result.test_loss[0]  # memorises its random labels
+    assert 0.0 <= result.final_test_accuracy <= 1.0
+
+
+def test_generic_dataset_and_no_test_set():
+    torch.manual_seed(0)
+    x = torch.randn(40, 1, 8, 8)
+    y = torch.randint(0, 3, (40,))
+    model = models.lenet300_100((1, 8, 8), 3)
+    result = train(model, None, TensorDataset(x, y), None, epochs=2, batch_size=16, progress=False)
+    assert result.test_accuracy == [] and result.final_test_accuracy is None
+    assert len(result.train_loss) == 2
+
+
+def test_max_batches_and_lr_milestones():
+    torch.manual_seed(0)
+    base = models.lenet300_100((1, 8, 8), 3)
+    a, b = models.lenet300_100((1, 8, 8), 3), models.lenet300_100((1, 8, 8), 3)
+    a.load_state_dict(base.state_dict())
+    b.load_state_dict(base.state_dict())
+    ds = noise((1, 8, 8), 64, k=3)
+    train(a, None, ds, None, epochs=1, batch_size=8, max_batches=2, progress=False)
+    # epoch 2 runs with lr * 1e-30: b ends (almost) where a did
+    train(b, None, ds, None, epochs=2, batch_size=8, max_batches=2, lr_milestones=[1], lr_gamma=1e-30,
+          progress=False)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p, q, atol=1e-7)
+
+
+# -- determinism ---------------------------------------------------------------------------------
+
+def test_same_seed_same_bits():
+    torch.manual_seed(0)
+    init = models.resnet20(input_shape=(3, 8, 8)).state_dict()
+    finals = []
+    for seed in (3, 3, 4):
+        model = models.resnet20(input_shape=(3, 8, 8))
+        model.load_state_dict(init)
+        masks = random_masks(model, 0.5)
+        train(model, masks, noise((3, 8, 8), 64), None, epochs=2, batch_size=16, weight_decay=1e-4,
+              seed=seed, progress=False)
+        finals.append(model.state_dict())
+    assert all(torch.equal(finals[0][k], finals[1][k]) for k in init)
+    assert not all(torch.equal(finals[0][k], finals[2][k]) for k in init)
+
+
+def test_global_rng_restored():
+    torch.manual_seed(123)
+    model = models.lenet300_100((1, 4, 4), 2)
+    state = torch.random.get_rng_state()
+    train(model, None, noise((1, 4, 4), 16, k=2), None, epochs=1, progress=False, seed=9)
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+# -- errors --------------------------------------------------------------------------------------
+
+def test_errors_checked_before_touching_the_model():
+    torch.manual_seed(0)
+    model = models.lenet300_100((1, 4, 4), 2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ds = noise((1, 4, 4), 8, k=2)
+    with pytest.raises(ValueError, match="optimizer"):
+        train(model, None, ds, None, epochs=1, optimizer="rmsprop")
+    with pytest.raises(ValueError, match="epochs"):
+        train(model, None, ds, None, epochs=0)
+    zeros = {n: torch.zeros(p.shape, dtype=torch.bool) for n, p in prunable_parameters(model).items()}
+    bad_name = dict(zeros, **{"nope.weight": torch.ones(3, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="masks"):
+        train(model, bad_name, ds, None, epochs=1)
+    bad_shape = dict(zeros)
+    bad_shape["classifier.4.weight"] = torch.ones(3, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="masks"):
+        train(model, bad_shape, ds, None, epochs=1)
+    with pytest.raises(ValueError, match="masks"):
+        train(model, [1, 2], ds, None, epochs=1)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# -- progress ------------------------------------------------------------------------------------
+
+def test_train_prints_progress(capsys):
+    model = models.lenet300_100((1, 4, 4), 2)
+    train(model, None, noise((1, 4, 4), 16, k=2), noise((1, 4, 4), 8, k=2), epochs=2)
+    err = capsys.readouterr().err
+    assert "epoch=1" in err and "epoch=2" in err and "test_acc=" in err
+    train(model, None, noise((1, 4, 4), 16, k=2), None, epochs=1, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+class FakeTTY(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_lines_and_tty():
+    out = io.StringIO()
+    bar = Progress(total=3, desc="prune", stream=out)
+    for i in range(3):
+        bar.update(density=0.5 ** i, round=i)
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3 and lines[0].startswith("prune [1/3] density=1 round=0")
+    assert "[3/3]" in lines[2] and "density=0.25" in lines[2]
+
+    tty = FakeTTY()
+    with Progress(total=2, desc="x", stream=tty, min_interval=0) as bar:
+        bar.update(loss=1.0)
+        bar.write("note")
+        bar.update(loss=0.5)
+    text = tty.getvalue()
+    assert text.count("\r") >= 2 and "note\n" in text and text.endswith("\n")
+
+    quiet = io.StringIO()
+    bar = Progress(total=2, stream=quiet, enabled=False)
+    bar.update(a=1)
+    bar.close()
+    assert quiet.getvalue() == ""
