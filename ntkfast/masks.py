@@ -260,7 +260,7 @@ def threshold(
     names = list(scores.keys())
     s = [scores[n].detach() for n in names]
     kp = [keep[n].to(s[i].device) for i, n in enumerate(names)] if keep is not None else None
-    alive = [int(k.sum()) for k in kp] if kp is not None else [x.numel() for x in s]
+    alive = torch.stack([k.sum() for k in kp]).tolist() if kp else [x.numel() for x in s]  # one sync
     if scope == "global":
         k = min(n_keep(density, sum(x.numel() for x in s)), sum(alive))
         out = _ops.topk_mask(s, k, kp, names=names)

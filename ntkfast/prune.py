@@ -160,7 +160,8 @@ def prune(
             if set(sc) != set(current):
                 raise RuntimeError(f"scorer {method!r} returned scores for {sorted(sc)}, expected {sorted(current)}")
             current = Masks(threshold(sc, d, keep=current, scope=scope))
-            bar.update(density=f"{current.density:.4g}", score_s=f"{score_s:.2f}")
+            if progress:
+                bar.update(density=f"{current.density:.4g}", score_s=f"{score_s:.2f}")
     finally:
         bar.close()
 

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..masks import parameter_name, prunable_parameters
+from ..masks import prunable_parameters
 
 __all__ = [
     "Target",
@@ -117,10 +117,12 @@ def resolve_targets(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]
     named_buffers = dict(model.named_buffers())
     out: "OrderedDict[str, Target]" = OrderedDict()
     for name, m in masks.items():
-        try:
-            pname = parameter_name(model, name)
-        except KeyError:
-            raise ValueError(f"masks: the model has no parameter for mask {name!r}") from None
+        if name in named_params:
+            pname = name
+        elif name + "_orig" in named_params:
+            pname = name + "_orig"
+        else:
+            raise ValueError(f"masks: the model has no parameter for mask {name!r}")
         p = named_params[pname]
         if not isinstance(m, torch.Tensor):
             raise ValueError(f"masks[{name!r}]: expected a tensor, got {type(m).__name__}")
@@ -165,14 +167,17 @@ def state_copy(
     dtype: Optional[torch.dtype] = None,
     *,
     transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    skip=(),
 ) -> Dict[str, torch.Tensor]:
     """Detached copies (never views) of every parameter and buffer of ``model``, keyed as in
     ``named_parameters()`` / ``named_buffers()``. Floating tensors are cast to ``dtype`` (if given)
     and then passed through ``transform`` (e.g. ``torch.abs``); other tensors are copied as they are.
+    Names in ``skip`` are left out (a scorer that supplies those tensors itself need not pay for
+    copying the largest ones).
     """
     out: Dict[str, torch.Tensor] = {}
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if t is None:
+        if t is None or name in skip:
             continue
         if t.is_floating_point():
             c = t.detach().to(dtype=dtype or t.dtype, copy=True)
@@ -368,19 +373,27 @@ def grad_dict(
     )
 
 
-def all_finite(*objs) -> bool:
-    """True when every tensor given (directly, or as values of a mapping, or in a list) is finite."""
+def _floating_tensors(objs, out: list) -> list:
     for obj in objs:
         if isinstance(obj, Mapping):
-            if not all_finite(*obj.values()):
-                return False
+            _floating_tensors(obj.values(), out)
         elif isinstance(obj, (list, tuple)):
-            if not all_finite(*obj):
-                return False
-        elif isinstance(obj, torch.Tensor):
-            if obj.is_floating_point() and not bool(torch.isfinite(obj.detach()).all()):
-                return False
-    return True
+            _floating_tensors(obj, out)
+        elif isinstance(obj, torch.Tensor) and obj.is_floating_point():
+            out.append(obj.detach())
+    return out
+
+
+def all_finite(*objs) -> bool:
+    """True when every tensor given (directly, or as values of a mapping, or in a list) is finite.
+    One host sync in all (on a GPU, a sync per tensor would dominate small scorers)."""
+    tensors = _floating_tensors(objs, [])
+    if not tensors:
+        return True
+    by_device: Dict[torch.device, list] = {}
+    for t in tensors:
+        by_device.setdefault(t.device, []).append(torch.isfinite(t).all())
+    return all(bool(torch.stack(flags).all()) for flags in by_device.values())
 
 
 def with_float64_fallback(

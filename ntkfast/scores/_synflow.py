@@ -13,8 +13,6 @@ from ._common import (
     finish,
     functional_forward,
     grad_dict,
-    leaves,
-    masked,
     model_device,
     resolve_input_shape,
     resolve_targets,
@@ -50,12 +48,18 @@ def synflow(
     device = model_device(model)
 
     def compute(dt):
-        state = state_copy(model, dt, transform=torch.abs)
-        theta = leaves(state, targets)
+        # The scored weights are not copied with the rest of the state: their effective weight
+        # W = |theta| * m is the leaf itself. The authors differentiate w.r.t. the raw weight,
+        # dR/dtheta = m * dR/dW, and |theta * m * dR/dW| = |W * dR/dW| exactly (m is 0 or 1).
+        state = state_copy(model, dt, transform=torch.abs, skip={t.param_name for t in targets.values()})
+        w = OrderedDict(
+            (n, torch.where(t.mask, t.param.detach().to(dt).abs(), 0.0).requires_grad_(True))
+            for n, t in targets.items()
+        )
         x = torch.ones((1,) + tuple(shape), dtype=dt, device=device)
-        out = functional_forward(model, substitute(state, targets, masked(theta, targets)), x, train_mode=train_mode)
-        grads = grad_dict(out.sum(), theta)
-        scores = OrderedDict((n, (theta[n].detach() * g).abs()) for n, g in grads.items())
+        out = functional_forward(model, substitute(state, targets, w), x, train_mode=train_mode)
+        grads = grad_dict(out.sum(), w)
+        scores = OrderedDict((n, (w[n].detach() * g).abs_()) for n, g in grads.items())
         return scores, all_finite(out, scores)
 
     return finish(with_float64_fallback(compute, targets, dtype, scorer="synflow"), targets)
