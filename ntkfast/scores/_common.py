@@ -128,7 +128,9 @@ def resolve_targets(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]
             raise ValueError(f"masks[{name!r}]: expected a tensor, got {type(m).__name__}")
         if tuple(m.shape) != tuple(p.shape):
             raise ValueError(f"masks[{name!r}]: shape {tuple(m.shape)} but the parameter has shape {tuple(p.shape)}")
-        mask = m.detach().to(device=p.device) != 0
+        mask = m.detach().to(device=p.device)
+        if mask.dtype != torch.bool:
+            mask = mask != 0
         bname = name + "_mask"
         buf = named_buffers.get(bname)
         if buf is not None and tuple(buf.shape) == tuple(p.shape):
@@ -386,14 +388,18 @@ def _floating_tensors(objs, out: list) -> list:
 
 def all_finite(*objs) -> bool:
     """True when every tensor given (directly, or as values of a mapping, or in a list) is finite.
-    One host sync in all (on a GPU, a sync per tensor would dominate small scorers)."""
+
+    Tested through each tensor's sum: an inf or NaN anywhere makes the sum non-finite, and one
+    reduction per tensor with a single host sync costs far less than an elementwise isfinite over
+    every score each round. A sum can also overflow while every entry is finite; then this says
+    False and the caller recomputes in float64, which is merely cautious."""
     tensors = _floating_tensors(objs, [])
     if not tensors:
         return True
     by_device: Dict[torch.device, list] = {}
     for t in tensors:
-        by_device.setdefault(t.device, []).append(torch.isfinite(t).all())
-    return all(bool(torch.stack(flags).all()) for flags in by_device.values())
+        by_device.setdefault(t.device, []).append(t.sum().double())
+    return all(bool(torch.isfinite(torch.stack(sums)).all()) for sums in by_device.values())
 
 
 def with_float64_fallback(
