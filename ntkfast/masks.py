@@ -247,26 +247,67 @@ def n_keep(density: float, numel: int) -> int:
     return max(0, min(numel, int(math.floor(density * numel + 0.5))))
 
 
+_KEEP_RULES = ("exact", "authors")
+
+
+def n_keep_authors(density: float, numel: int) -> int:
+    """The count the Synaptic-Flow / NTK-SAP code keeps before ties: numel - int((1 - d) * numel)."""
+    return numel - int((1.0 - density) * numel)
+
+
+def _strictly_above_next(s, k, select):
+    """The authors' rule on top of an exact selection: keep the entries scoring strictly above the
+    (k+1)-th highest (pruned entries ranking lowest), i.e. the top k minus every entry tied with
+    the first one left out. With k >= the number alive, every alive entry stays."""
+    sel = select(k + 1)
+    t = torch.stack([torch.where(m, x, torch.full_like(x, float("inf"))).min() if x.numel() else
+                     torch.tensor(float("inf"), dtype=x.dtype, device=x.device)
+                     for x, m in zip(s, sel)]).min()
+    return [m & (x > t.to(x.dtype)) for x, m in zip(s, sel)]
+
+
 def threshold(
     scores: Mapping[str, torch.Tensor],
     density: float,
     *,
     keep: Optional[Mapping[str, torch.Tensor]] = None,
     scope: str = "global",
+    keep_rule: str = "exact",
 ) -> "OrderedDict[str, torch.Tensor]":
-    """Masks keeping the highest scores: k = round(density * numel) over all tensors (global) or per
-    tensor (layerwise). Entries whose keep is False never come back; if fewer than k remain, all of
-    them are kept. Ties: see :func:`ntkfast.ops.topk_mask`."""
+    """Masks keeping the highest scores, over all tensors (``scope="global"``) or per tensor
+    ("layerwise"). Entries whose keep is False never come back.
+
+    ``keep_rule="exact"`` (default) keeps exactly k = round(density * numel), or every alive entry
+    if fewer remain; ties at the threshold are broken by position (see
+    :func:`ntkfast.ops.topk_mask`). ``keep_rule="authors"`` reproduces the Synaptic-Flow / NTK-SAP
+    masking step: k = numel - int((1 - density) * numel), and every entry tied with the
+    highest-scoring entry left out is dropped too (their ``score <= kthvalue`` rule), so fewer
+    than k may be kept. The one difference from their code: pruned entries rank below every alive
+    one instead of by their own score, so when k reaches the number alive all of them stay.
+    """
+    if keep_rule not in _KEEP_RULES:
+        raise ValueError(f"keep_rule must be one of {', '.join(map(repr, _KEEP_RULES))}, got {keep_rule!r}")
+    if scope not in ("global", "layerwise"):
+        raise ValueError(f"scope must be 'global' or 'layerwise', got {scope!r}")
     names = list(scores.keys())
     s = [scores[n].detach() for n in names]
     kp = [keep[n].to(s[i].device) for i, n in enumerate(names)] if keep is not None else None
     alive = torch.stack([k.sum() for k in kp]).tolist() if kp else [x.numel() for x in s]  # one sync
+    count = n_keep if keep_rule == "exact" else n_keep_authors
     if scope == "global":
-        k = min(n_keep(density, sum(x.numel() for x in s)), sum(alive))
-        out = _ops.topk_mask(s, k, kp, names=names)
-    elif scope == "layerwise":
-        ks = [min(n_keep(density, x.numel()), a) for x, a in zip(s, alive)]
-        out = _ops.topk_mask_layerwise(s, ks, kp, names=names)
+        k = count(density, sum(x.numel() for x in s))
+        if keep_rule == "exact" or k >= sum(alive):
+            out = _ops.topk_mask(s, min(k, sum(alive)), kp, names=names)
+        else:
+            out = _strictly_above_next(s, k, lambda kk: _ops.topk_mask(s, kk, kp, names=names))
     else:
-        raise ValueError(f"scope must be 'global' or 'layerwise', got {scope!r}")
+        ks = [count(density, x.numel()) for x in s]
+        if keep_rule == "exact":
+            out = _ops.topk_mask_layerwise(s, [min(k, a) for k, a in zip(ks, alive)], kp, names=names)
+        else:
+            out = []
+            for i, (x, k, a) in enumerate(zip(s, ks, alive)):
+                ki = [kp[i]] if kp else None
+                one = lambda kk: _ops.topk_mask([x], kk, ki, names=[names[i]])  # noqa: E731
+                out += one(min(k, a)) if k >= a else _strictly_above_next([x], k, one)
     return OrderedDict(zip(names, out))

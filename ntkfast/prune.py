@@ -113,6 +113,7 @@ def prune(
     include_bias: bool = False,
     include_norm: bool = False,
     on_empty_layer: str = "warn",
+    keep_rule: str = "exact",
     **method_options,
 ) -> Masks:
     """Prune ``model`` to ``density`` (fraction of prunable weights kept) with a registered scorer.
@@ -123,6 +124,11 @@ def prune(
     "layerwise" each tensor. Pruned weights never come back. ``data`` is a labelled batch
     ``(inputs, targets)`` or an iterable of them, for the methods that need one. ``masks`` starts
     from existing masks. Extra keyword arguments go to the scorer (``ntkfast methods`` lists them).
+
+    ``keep_rule="exact"`` keeps exactly round(d_t * numel) weights each round (ties broken by
+    position); ``"authors"`` reproduces the Synaptic-Flow / NTK-SAP masking step bit for bit
+    (their count, and every weight tied at the threshold pruned), see
+    :func:`ntkfast.masks.threshold`.
 
     The model is never changed: apply the result with ``masks.apply(model)``. A layer that loses
     every weight is reported by name (``on_empty_layer``: "warn", "error" or "ignore").
@@ -135,6 +141,7 @@ def prune(
     _check_choice("schedule", schedule, _SCHEDULES)
     _check_choice("scope", scope, _SCOPES)
     _check_choice("on_empty_layer", on_empty_layer, _ON_EMPTY)
+    _check_choice("keep_rule", keep_rule, ("exact", "authors"))
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an int, got {seed!r}")
     _check_options(info, method_options)
@@ -159,7 +166,7 @@ def prune(
             score_s += time.perf_counter() - t0
             if set(sc) != set(current):
                 raise RuntimeError(f"scorer {method!r} returned scores for {sorted(sc)}, expected {sorted(current)}")
-            current = Masks(threshold(sc, d, keep=current, scope=scope))
+            current = Masks(threshold(sc, d, keep=current, scope=scope, keep_rule=keep_rule))
             if progress:
                 bar.update(density=f"{current.density:.4g}", score_s=f"{score_s:.2f}")
     finally:
@@ -172,6 +179,7 @@ def prune(
         "rounds": rounds,
         "schedule": schedule,
         "scope": scope,
+        "keep_rule": keep_rule,
         "seed": seed,
         "score_seconds": score_s,
         "options": {k: v for k, v in method_options.items() if isinstance(v, (int, float, str, bool, type(None)))},

@@ -168,3 +168,50 @@ def test_threshold_global_layerwise_and_keep():
     assert not g3["a"].any() and bool(g3["b"].all())
     with pytest.raises(ValueError, match="scope must be"):
         threshold(scores, 0.5, scope="per-channel")
+
+
+def _authors_masking(scores, density, keep, scope):
+    """The Synaptic-Flow masking step written literally: cat + kthvalue, prune score <= threshold
+    (pruned entries carry the lowest possible score)."""
+    s = [torch.where(keep[n], scores[n].double(), torch.tensor(float("-inf"), dtype=torch.float64))
+         for n in scores]
+    groups = [s] if scope == "global" else [[x] for x in s]
+    out = []
+    for g in groups:
+        flat = torch.cat([x.flatten() for x in g])
+        n_prune = int((1.0 - density) * flat.numel())
+        if n_prune < 1:
+            out += [x > float("-inf") for x in g]
+            continue
+        thr, _ = torch.kthvalue(flat, n_prune)
+        out += [x > thr for x in g]
+    return out
+
+
+@pytest.mark.parametrize("scope", ["global", "layerwise"])
+@pytest.mark.parametrize("kind", ["continuous", "ties"])
+def test_keep_rule_authors_matches_kthvalue_masking(scope, kind):
+    gen = torch.Generator().manual_seed(7)
+    shapes = {"a": (40, 30), "b": (7,), "c": (5, 4, 3, 3), "d": (1,)}
+    for trial in range(6):
+        if kind == "ties":
+            scores = {n: torch.randint(0, 5, sh, generator=gen).float() for n, sh in shapes.items()}
+        else:
+            scores = {n: torch.randn(sh, generator=gen) for n, sh in shapes.items()}
+        keep = {n: torch.rand(sh, generator=gen) < (0.4 + 0.1 * trial) for n, sh in shapes.items()}
+        for density in (0.01, 0.1, 0.33, 0.5, 0.9, 1.0):
+            got = threshold(scores, density, keep=keep, scope=scope, keep_rule="authors")
+            ref = _authors_masking(scores, density, keep, scope)
+            for (n, g), r in zip(got.items(), ref):
+                assert torch.equal(g, r), (n, density, trial)
+                assert not bool((g & ~keep[n]).any())
+
+
+def test_keep_rule_exact_vs_authors_on_ties():
+    scores = {"a": torch.tensor([3.0, 2.0, 2.0, 2.0, 1.0])}
+    exact = threshold(scores, 0.4, keep_rule="exact")["a"].tolist()  # k=2: 3.0 and the first 2.0
+    authors = threshold(scores, 0.4, keep_rule="authors")["a"].tolist()  # 2.0s tie at the cut: all go
+    assert exact == [True, True, False, False, False]
+    assert authors == [True, False, False, False, False]
+    with pytest.raises(ValueError, match="keep_rule must be one of"):
+        threshold(scores, 0.4, keep_rule="paper")

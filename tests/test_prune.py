@@ -121,6 +121,7 @@ def test_method_options_forwarded_and_checked():
     (dict(scope="channel"), "scope must be one of"),
     (dict(on_empty_layer="explode"), "on_empty_layer must be one of"),
     (dict(seed=1.5), "seed must be an int"),
+    (dict(keep_rule="paper"), "keep_rule must be one of"),
     (dict(masks={"x": torch.ones(2, dtype=torch.bool)}), "masks: names do not match"),
     (dict(data=(torch.randn(4, 1, 28, 28), torch.zeros(4, dtype=torch.long))), "data: inputs of shape"),
     (dict(data=(torch.randn(4, 3, 6, 6), torch.full((4,), 10))), "data: targets must lie in"),
@@ -170,3 +171,50 @@ def test_progress_prints_rounds(capsys):
 def test_density_one_keeps_everything():
     m = prune(net(), "_test_recording", 1.0, rounds=2, progress=False)
     assert m.density == 1.0 and math.isclose(m.metadata["density"], 1.0)
+
+
+def _authors_style_synflow(model, density, rounds):
+    """Iterative SynFlow the way the Synaptic-Flow code runs it: |state_dict| in place, eval mode,
+    ones in, sum out, backward, |grad * weight|, cat + kthvalue, prune score <= threshold."""
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    masks = [torch.ones_like(m.weight, dtype=torch.bool) for m in layers]
+    model.eval()
+    x = torch.ones(1, 3, 8, 8, dtype=torch.float64)
+    for t in range(1, rounds + 1):
+        with torch.no_grad():
+            signs = {n: torch.sign(v) for n, v in model.state_dict().items()}
+            for v in model.state_dict().values():
+                v.abs_()
+        model.zero_grad()
+        model(x).sum().backward()
+        scores = [(m.weight.grad * m.weight).detach().abs() for m in layers]
+        with torch.no_grad():
+            for n, v in model.state_dict().items():
+                v.mul_(signs[n])
+            flat = torch.cat([s.flatten() for s in scores])
+            d = density ** (t / rounds)
+            n_prune = int((1.0 - d) * flat.numel())
+            if n_prune >= 1:
+                thr, _ = torch.kthvalue(flat, n_prune)
+                masks = [s > thr for s in scores]
+            for m, mk in zip(layers, masks):
+                m.weight.mul_(mk)
+    return masks
+
+
+def test_iterative_synflow_reproduces_authors_loop_bit_for_bit():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(6, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 4 * 4, 16), nn.ReLU(), nn.Linear(16, 10)).double()
+    with torch.no_grad():  # BN statistics away from their defaults, so their |.| matters
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+    import copy
+
+    ref = _authors_style_synflow(copy.deepcopy(model), 0.02, 10)
+    got = prune(model, "synflow", 0.02, rounds=10, keep_rule="authors", progress=False, on_empty_layer="ignore",
+                input_shape=(3, 8, 8))
+    assert [torch.equal(g, r) for g, r in zip(got.values(), ref)] == [True] * len(ref)
