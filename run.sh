@@ -31,8 +31,10 @@ elif [ -n "$(find csrc setup.py -type f -newer "$so" | head -n 1)" ]; then
   stale="sources changed"
 elif ! "$PY" -c "import ntkfast._C" 2>/dev/null; then
   stale="does not load against the installed torch"
-elif ! "$PY" -m pip show -q ntkfast >/dev/null 2>&1; then
-  stale="package not installed"
+else
+  # the installed package (what `ntkfast` and imports outside this folder get) must be this checkout
+  installed=$(cd / && "$PY" -c "import os, ntkfast; print(os.path.dirname(os.path.dirname(os.path.realpath(ntkfast.__file__))))" 2>/dev/null || true)
+  [ "$installed" = "$(pwd -P)" ] || stale="installed package is ${installed:-missing}, not this checkout"
 fi
 if [ -n "$stale" ]; then
   echo "run.sh: building the extension ($stale)" >&2
