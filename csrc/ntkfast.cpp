@@ -13,9 +13,12 @@
 TORCH_LIBRARY(ntkfast, m) {
   // Keep exactly k of the highest scores over all tensors (ties: lowest flat index first, in list
   // order then row-major order); entries whose keep is False are never kept.
-  m.def("topk_mask(Tensor[] scores, int k, Tensor[]? keep) -> Tensor[]");
+  // drop_ties: keep only the entries scoring strictly above the (k+1)-th highest, i.e. also drop
+  //   every entry tied with the first one left out (the authors' `score <= kthvalue` rule).
+  // clamp: a k above the number of keepable entries keeps all of them instead of raising.
+  m.def("topk_mask(Tensor[] scores, int k, Tensor[]? keep, bool drop_ties=False, bool clamp=False) -> Tensor[]");
   // The same, with one k per tensor.
-  m.def("topk_mask_layerwise(Tensor[] scores, int[] ks, Tensor[]? keep) -> Tensor[]");
+  m.def("topk_mask_layerwise(Tensor[] scores, int[] ks, Tensor[]? keep, bool drop_ties=False, bool clamp=False) -> Tensor[]");
 }
 
 namespace {

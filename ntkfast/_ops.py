@@ -72,11 +72,11 @@ def _use_kernel(device: torch.device) -> bool:
 if _EXT is not None:
 
     @torch.library.register_fake("ntkfast::topk_mask")
-    def _topk_mask_fake(scores, k, keep):
+    def _topk_mask_fake(scores, k, keep, drop_ties=False, clamp=False):
         return [torch.empty_like(s, dtype=torch.bool) for s in scores]
 
     @torch.library.register_fake("ntkfast::topk_mask_layerwise")
-    def _topk_mask_layerwise_fake(scores, ks, keep):
+    def _topk_mask_layerwise_fake(scores, ks, keep, drop_ties=False, clamp=False):
         return [torch.empty_like(s, dtype=torch.bool) for s in scores]
 
 
@@ -134,6 +134,8 @@ def topk_mask(
     k: int,
     keep: Optional[Sequence[torch.Tensor]] = None,
     *,
+    drop_ties: bool = False,
+    clamp: bool = False,
     names: Optional[Sequence[str]] = None,
 ) -> list:
     """Keep exactly the ``k`` highest scores across all tensors, without concatenating them.
@@ -144,7 +146,12 @@ def topk_mask(
     each tensor in row-major order. ``-0.0`` and ``+0.0`` tie. ``-inf``/``+inf`` are ordinary
     values. A NaN in an entry that may be kept raises ValueError naming the tensor (``names``, if
     given, label the tensors in messages); NaNs where keep is False are ignored. ``k`` larger than
-    the number of entries that may be kept raises ValueError.
+    the number of entries that may be kept raises ValueError, or with ``clamp=True`` keeps all of
+    them.
+
+    ``drop_ties=True`` keeps only the entries scoring strictly above the (k+1)-th highest: the top
+    k minus every entry tied with the first one left out, so possibly fewer than k. This is the
+    masking rule of the Synaptic-Flow / NTK-SAP code (``score <= kthvalue`` is pruned).
     """
     _check_topk_args(scores, keep, names)
     k = _check_k(k, "k")
@@ -155,10 +162,10 @@ def topk_mask(
     keep_list = list(keep) if keep is not None else None
     if _use_kernel(scores[0].device):
         try:
-            return list(torch.ops.ntkfast.topk_mask(list(scores), k, keep_list))
+            return list(torch.ops.ntkfast.topk_mask(list(scores), k, keep_list, drop_ties, clamp))
         except ValueError as exc:
             raise _rename(exc, names) from None
-    return topk_mask_reference(scores, k, keep_list, names=names)
+    return topk_mask_reference(scores, k, keep_list, drop_ties=drop_ties, clamp=clamp, names=names)
 
 
 def topk_mask_layerwise(
@@ -166,9 +173,12 @@ def topk_mask_layerwise(
     ks: Sequence[int],
     keep: Optional[Sequence[torch.Tensor]] = None,
     *,
+    drop_ties: bool = False,
+    clamp: bool = False,
     names: Optional[Sequence[str]] = None,
 ) -> list:
-    """Per-tensor variant of :func:`topk_mask`: keep exactly ``ks[i]`` entries of ``scores[i]``."""
+    """Per-tensor variant of :func:`topk_mask`: keep exactly ``ks[i]`` entries of ``scores[i]``
+    (``drop_ties`` and ``clamp`` apply per tensor)."""
     _check_topk_args(scores, keep, names)
     if len(ks) != len(scores):
         raise ValueError(f"ks has {len(ks)} entries but scores has {len(scores)}")
@@ -178,13 +188,13 @@ def topk_mask_layerwise(
     keep_list = list(keep) if keep is not None else None
     if _use_kernel(scores[0].device):
         try:
-            return list(torch.ops.ntkfast.topk_mask_layerwise(list(scores), ks, keep_list))
+            return list(torch.ops.ntkfast.topk_mask_layerwise(list(scores), ks, keep_list, drop_ties, clamp))
         except ValueError as exc:
             raise _rename(exc, names) from None
-    return topk_mask_layerwise_reference(scores, ks, keep_list, names=names)
+    return topk_mask_layerwise_reference(scores, ks, keep_list, drop_ties=drop_ties, clamp=clamp, names=names)
 
 
-def topk_mask_reference(scores, k, keep=None, *, names=None) -> list:
+def topk_mask_reference(scores, k, keep=None, *, drop_ties=False, clamp=False, names=None) -> list:
     """torch.cat + stable sort: the semantics of :func:`topk_mask`, written plainly."""
     _check_topk_args(scores, keep, names)
     k = _check_k(k, "k")
@@ -206,17 +216,21 @@ def topk_mask_reference(scores, k, keep=None, *, names=None) -> list:
         i = next(j for j in range(len(scores)) if offsets[j] <= first < offsets[j + 1])
         raise ValueError(f"topk_mask: {_label(i, names)} contains NaN")
     n_alive = int(alive.sum())
+    if clamp:
+        k = min(k, n_alive)
     if k > n_alive:
         raise ValueError(f"topk_mask: k={k} exceeds the {n_alive} entries that may be kept (keep is True)")
     idx = torch.nonzero(alive).reshape(-1)
     vals = flat[idx] + 0.0  # -0.0 -> +0.0 so signed zeros tie
-    order = torch.sort(vals, descending=True, stable=True).indices[:k]
+    order = torch.sort(vals, descending=True, stable=True).indices
     out = torch.zeros_like(flat, dtype=torch.bool)
-    out[idx[order]] = True
+    out[idx[order[:k]]] = True
+    if drop_ties and 0 < k < n_alive:
+        out &= alive & (flat + 0.0 > vals[order[k]])
     return [out[offsets[i] : offsets[i + 1]].view(s.shape) for i, s in enumerate(scores)]
 
 
-def topk_mask_layerwise_reference(scores, ks, keep=None, *, names=None) -> list:
+def topk_mask_layerwise_reference(scores, ks, keep=None, *, drop_ties=False, clamp=False, names=None) -> list:
     """Per-tensor :func:`topk_mask_reference`."""
     _check_topk_args(scores, keep, names)
     if len(ks) != len(scores):
@@ -225,7 +239,8 @@ def topk_mask_layerwise_reference(scores, ks, keep=None, *, names=None) -> list:
     out = []
     for i, s in enumerate(scores):
         try:
-            out += topk_mask_reference([s], ks[i], [keep[i]] if keep is not None else None)
+            out += topk_mask_reference([s], ks[i], [keep[i]] if keep is not None else None,
+                                       drop_ties=drop_ties, clamp=clamp)
         except ValueError as exc:
             # the single-tensor call says scores[0]; name the tensor in the caller's list
             raise ValueError(str(exc).replace("scores[0]", _label(i, names), 1)) from None

@@ -255,17 +255,6 @@ def n_keep_authors(density: float, numel: int) -> int:
     return numel - int((1.0 - density) * numel)
 
 
-def _strictly_above_next(s, k, select):
-    """The authors' rule on top of an exact selection: keep the entries scoring strictly above the
-    (k+1)-th highest (pruned entries ranking lowest), i.e. the top k minus every entry tied with
-    the first one left out. With k >= the number alive, every alive entry stays."""
-    sel = select(k + 1)
-    t = torch.stack([torch.where(m, x, torch.full_like(x, float("inf"))).min() if x.numel() else
-                     torch.tensor(float("inf"), dtype=x.dtype, device=x.device)
-                     for x, m in zip(s, sel)]).min()
-    return [m & (x > t.to(x.dtype)) for x, m in zip(s, sel)]
-
-
 def threshold(
     scores: Mapping[str, torch.Tensor],
     density: float,
@@ -292,22 +281,13 @@ def threshold(
     names = list(scores.keys())
     s = [scores[n].detach() for n in names]
     kp = [keep[n].to(s[i].device) for i, n in enumerate(names)] if keep is not None else None
-    alive = torch.stack([k.sum() for k in kp]).tolist() if kp else [x.numel() for x in s]  # one sync
     count = n_keep if keep_rule == "exact" else n_keep_authors
+    drop = keep_rule == "authors"
+    # clamp: when fewer than k entries are alive, all of them stay (nothing comes back)
     if scope == "global":
-        k = count(density, sum(x.numel() for x in s))
-        if keep_rule == "exact" or k >= sum(alive):
-            out = _ops.topk_mask(s, min(k, sum(alive)), kp, names=names)
-        else:
-            out = _strictly_above_next(s, k, lambda kk: _ops.topk_mask(s, kk, kp, names=names))
+        out = _ops.topk_mask(s, count(density, sum(x.numel() for x in s)), kp, drop_ties=drop, clamp=True,
+                             names=names)
     else:
-        ks = [count(density, x.numel()) for x in s]
-        if keep_rule == "exact":
-            out = _ops.topk_mask_layerwise(s, [min(k, a) for k, a in zip(ks, alive)], kp, names=names)
-        else:
-            out = []
-            for i, (x, k, a) in enumerate(zip(s, ks, alive)):
-                ki = [kp[i]] if kp else None
-                one = lambda kk: _ops.topk_mask([x], kk, ki, names=[names[i]])  # noqa: E731
-                out += one(min(k, a)) if k >= a else _strictly_above_next([x], k, one)
+        out = _ops.topk_mask_layerwise(s, [count(density, x.numel()) for x in s], kp, drop_ties=drop, clamp=True,
+                                       names=names)
     return OrderedDict(zip(names, out))

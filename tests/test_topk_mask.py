@@ -71,6 +71,16 @@ def test_kernel_matches_reference(device, dtype, kind, sizes):
             assert torch.equal(g.cpu(), r.cpu())
         if keep is not None:
             assert all(not bool((g & ~kp).any()) for g, kp in zip(got, keep))
+        got = topk_mask(scores, k, keep, drop_ties=True)
+        ref = topk_mask_reference(scores, k, keep, drop_ties=True)
+        assert all(torch.equal(g.cpu(), r.cpu()) for g, r in zip(got, ref))
+        assert sum(int(g.sum()) for g in got) <= k
+    for extra in (1, 1000):  # clamp: beyond the alive count keeps every alive entry
+        for drop in (False, True):
+            got = topk_mask(scores, alive + extra, keep, drop_ties=drop, clamp=True)
+            ref = topk_mask_reference(scores, alive + extra, keep, drop_ties=drop, clamp=True)
+            assert all(torch.equal(g.cpu(), r.cpu()) for g, r in zip(got, ref))
+            assert sum(int(g.sum()) for g in got) == alive
 
 
 def test_reference_semantics_by_hand():
@@ -87,6 +97,19 @@ def test_signed_zeros_tie_and_infinities_order():
     out = topk_mask(s, 2)[0].tolist()  # +inf, then the first zero (-0.0 ties +0.0)
     assert out == [True, False, False, True, False]
     assert topk_mask(s, 4)[0].tolist() == [True, True, False, True, True]
+
+
+@pytest.mark.parametrize("fn", [topk_mask, topk_mask_reference])
+def test_drop_ties_by_hand(fn):
+    s = [torch.tensor([5.0, 2.0, 2.0]), torch.tensor([2.0, 1.0])]
+    # k=2: 5.0 and one 2.0; the next (3rd) highest is also 2.0, so every 2.0 goes
+    assert [o.tolist() for o in fn(s, 2, drop_ties=True)] == [[True, False, False], [False, False]]
+    # k=4: the 5th highest is 1.0, nothing ties with it
+    assert [o.tolist() for o in fn(s, 4, drop_ties=True)] == [[True, True, True], [True, False]]
+    assert [o.tolist() for o in fn(s, 5, drop_ties=True)] == [[True] * 3, [True] * 2]
+    assert [o.tolist() for o in fn(s, 0, drop_ties=True)] == [[False] * 3, [False] * 2]
+    with pytest.raises(ValueError, match="k=6 exceeds"):
+        fn(s, 6, drop_ties=True)
 
 
 def test_never_reactivates():
@@ -155,6 +178,14 @@ def test_layerwise_matches_reference(device):
             ref = topk_mask_layerwise_reference(scores, ks, keep)
             for g, r, k in zip(got, ref, ks):
                 assert int(g.sum()) == k and torch.equal(g.cpu(), r.cpu())
+            for drop in (False, True):
+                big = [k + 3 for k in ks]
+                got = topk_mask_layerwise(scores, ks, keep, drop_ties=drop)
+                ref = topk_mask_layerwise_reference(scores, ks, keep, drop_ties=drop)
+                assert all(torch.equal(g.cpu(), r.cpu()) for g, r in zip(got, ref))
+                got = topk_mask_layerwise(scores, big, keep, drop_ties=drop, clamp=True)
+                ref = topk_mask_layerwise_reference(scores, big, keep, drop_ties=drop, clamp=True)
+                assert all(torch.equal(g.cpu(), r.cpu()) for g, r in zip(got, ref))
 
 
 def test_layerwise_bad_ks():
@@ -188,6 +219,8 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.ntkfast.topk_mask.default, (s, 5, keep))
     torch.library.opcheck(torch.ops.ntkfast.topk_mask.default, (s, 5, None))
     torch.library.opcheck(torch.ops.ntkfast.topk_mask_layerwise.default, (s, [3, 2], keep))
+    torch.library.opcheck(torch.ops.ntkfast.topk_mask.default, (s, 5, keep, True, True))
+    torch.library.opcheck(torch.ops.ntkfast.topk_mask_layerwise.default, (s, [30, 2], keep, True, True))
 
 
 def test_fallback_without_extension_warns_once(monkeypatch):

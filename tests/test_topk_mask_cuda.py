@@ -435,3 +435,37 @@ def test_huge_matches_gpu_reference(dtype, sizes, kind):
         del got, ref
     layer = topk_mask_layerwise(scores, [int(k.sum()) // 2 for k in keep], keep)
     assert [int(g.sum()) for g in layer] == [int(k.sum()) // 2 for k in keep]
+
+
+# ---------------------------------------------------------------------------------------------
+# drop_ties (the authors' masking rule) and clamp
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties"])
+@pytest.mark.parametrize("sizes", [[7], [0, 5, 0], [1000], [70_000, 12, 130_001]], ids=lambda s: f"n{sum(s)}x{len(s)}")
+def test_drop_ties_and_clamp_match_cpu(sizes, kind):
+    gen = torch.Generator().manual_seed(sum(sizes) + len(kind))
+    if kind == "ties":
+        scores_cpu = [torch.randint(-3, 4, (n,), generator=gen).float() for n in sizes]
+    else:
+        scores_cpu = [torch.randn(n, generator=gen) for n in sizes]
+    keep_cpu = [torch.rand(n, generator=gen) < 0.7 for n in sizes]
+    alive = sum(int(k.sum()) for k in keep_cpu)
+    scores, keep = _to(scores_cpu, "cuda"), _to(keep_cpu, "cuda")
+    for k in _ks(alive) + [alive + 1, alive + 50]:
+        for drop in (False, True):
+            clamp = k > alive
+            got = [g.cpu() for g in topk_mask(scores, k, keep, drop_ties=drop, clamp=clamp)]
+            cpu = topk_mask(scores_cpu, k, keep_cpu, drop_ties=drop, clamp=clamp)
+            ref = topk_mask_reference(scores_cpu, k, keep_cpu, drop_ties=drop, clamp=clamp)
+            for g, c, r in zip(got, cpu, ref):
+                assert torch.equal(g, c) and torch.equal(g, r), (k, drop)
+    ks = [max(0, int(k.sum()) // 2) for k in keep_cpu]
+    for drop in (False, True):
+        got = [g.cpu() for g in topk_mask_layerwise(scores, [k + 2 for k in ks], keep, drop_ties=drop, clamp=True)]
+        cpu = topk_mask_layerwise(scores_cpu, [k + 2 for k in ks], keep_cpu, drop_ties=drop, clamp=True)
+        assert all(torch.equal(g, c) for g, c in zip(got, cpu))
+        got = [g.cpu() for g in topk_mask_layerwise(scores, ks, keep, drop_ties=drop)]
+        cpu = topk_mask_layerwise(scores_cpu, ks, keep_cpu, drop_ties=drop)
+        assert all(torch.equal(g, c) for g, c in zip(got, cpu))

@@ -18,8 +18,11 @@
 namespace ntkfast {
 namespace {
 
-constexpr int kDigitBits = 16;
-constexpr int64_t kBuckets = int64_t{1} << kDigitBits;
+// Digit width of the radix passes: 16 bits (two passes for float32) pays off on large inputs; on
+// small ones zeroing and merging 2^16-bucket histograms per thread would dominate, so 11 bits.
+constexpr int kWideDigitBits = 16;
+constexpr int kNarrowDigitBits = 11;
+constexpr int64_t kWideFrom = int64_t{1} << 21;
 constexpr int64_t kSegment = int64_t{1} << 16;
 
 struct Segment {
@@ -47,16 +50,23 @@ std::vector<Segment> make_segments(const std::vector<int64_t>& numel, const std:
 }
 
 // Keeps the k highest alive entries of the tensors listed in `tensors`; writes every out entry.
+// drop_ties: keep the entries strictly above the (k+1)-th highest instead. clamp: k above the
+// number alive keeps them all instead of raising.
 template <typename scalar_t>
-void select_topk(const Problem<scalar_t>& p, const std::vector<int64_t>& tensors, int64_t k) {
+void select_topk(const Problem<scalar_t>& p, const std::vector<int64_t>& tensors, int64_t k, bool drop_ties,
+                 bool clamp) {
   using Key = FloatKey<scalar_t>;
   using key_t = typename Key::key_t;
   const std::vector<Segment> segs = make_segments(p.numel, tensors);
   const int64_t nseg = static_cast<int64_t>(segs.size());
   const int nthreads = std::max(1, at::get_num_threads());
 
-  std::vector<int64_t> hist(static_cast<size_t>(nthreads) * kBuckets);
-  std::vector<int64_t> merged(kBuckets);
+  int64_t n_total = 0;
+  for (int64_t t : tensors) n_total += p.numel[t];
+  const int digit_bits = n_total >= kWideFrom ? kWideDigitBits : kNarrowDigitBits;
+  const int64_t buckets = int64_t{1} << digit_bits;
+  std::vector<int64_t> hist(static_cast<size_t>(nthreads) * buckets);
+  std::vector<int64_t> merged(buckets);
   std::vector<char> seg_has_nan(nseg, 0);
 
   key_t prefix = 0, prefix_mask = 0;
@@ -64,37 +74,52 @@ void select_topk(const Problem<scalar_t>& p, const std::vector<int64_t>& tensors
   int64_t bucket_count = 0;  // entries matching prefix
   bool whole_bucket = false;
 
-  for (int shift = Key::kBits - kDigitBits; shift >= 0; shift -= kDigitBits) {
-    const bool first = shift == Key::kBits - kDigitBits;
+  for (int hi = Key::kBits; hi > 0;) {
+    const int width = std::min(digit_bits, hi);
+    const int shift = hi - width;
+    const key_t digit_mask = (key_t{1} << width) - 1;
+    const bool first = hi == Key::kBits;
+    hi = shift;
     std::fill(hist.begin(), hist.end(), 0);
     at::parallel_for(0, nseg, 1, [&](int64_t sb, int64_t se) {
-      int64_t* h = hist.data() + static_cast<size_t>(at::get_thread_num()) * kBuckets;
+      int64_t* h = hist.data() + static_cast<size_t>(at::get_thread_num()) * buckets;
       for (int64_t s = sb; s < se; ++s) {
         const Segment& seg = segs[s];
         const scalar_t* x = p.x[seg.tensor];
         const bool* kp = p.keep[seg.tensor];
         bool nan = false;
-        for (int64_t i = seg.begin; i < seg.end; ++i) {
-          if (kp && !kp[i]) continue;
-          const scalar_t v = x[i];
-          if (first) nan |= (v != v);
-          const key_t key = Key::of(v);
-          if ((key & prefix_mask) == prefix) ++h[(key >> shift) & (kBuckets - 1)];
+        if (first) {
+          // Every entry lands in some bucket: add `alive` (0 or 1) instead of branching on it,
+          // since a keep mask of mixed entries would mispredict about every other element.
+          for (int64_t i = seg.begin; i < seg.end; ++i) {
+            const scalar_t v = x[i];
+            const bool alive = !kp || kp[i];
+            nan |= alive & (v != v);
+            h[(Key::of(v) >> shift) & digit_mask] += alive;
+          }
+        } else {
+          // Few entries share the prefix: one well-predicted branch on both conditions.
+          for (int64_t i = seg.begin; i < seg.end; ++i) {
+            const key_t key = Key::of(x[i]);
+            const bool alive = !kp || kp[i];
+            if (((key & prefix_mask) == prefix) & alive) ++h[(key >> shift) & digit_mask];
+          }
         }
-        if (first && nan) seg_has_nan[s] = 1;
+        if (nan) seg_has_nan[s] = 1;
       }
     });
     std::fill(merged.begin(), merged.end(), 0);
     for (int t = 0; t < nthreads; ++t) {
-      const int64_t* h = hist.data() + static_cast<size_t>(t) * kBuckets;
-      for (int64_t b = 0; b < kBuckets; ++b) merged[b] += h[b];
+      const int64_t* h = hist.data() + static_cast<size_t>(t) * buckets;
+      for (int64_t b = 0; b < buckets; ++b) merged[b] += h[b];
     }
     if (first) {
       for (int64_t s = 0; s < nseg; ++s) {
         TORCH_CHECK_VALUE(!seg_has_nan[s], "topk_mask: scores[", segs[s].tensor, "] contains NaN");
       }
       int64_t alive = 0;
-      for (int64_t b = 0; b < kBuckets; ++b) alive += merged[b];
+      for (int64_t b = 0; b < buckets; ++b) alive += merged[b];
+      if (clamp) k = std::min(k, alive);
       TORCH_CHECK_VALUE(k <= alive, "topk_mask: k=", k, " exceeds the ", alive,
                         " entries that may be kept (keep is True)");
       if (k == 0 || k == alive) {
@@ -109,10 +134,12 @@ void select_topk(const Problem<scalar_t>& p, const std::vector<int64_t>& tensors
         });
         return;
       }
+      // drop_ties selects the (k+1)-th highest exactly, then keeps what lies strictly above it.
+      remaining = drop_ties ? k + 1 : k;
     }
     int64_t above = 0;
     int64_t chosen = 0;
-    for (int64_t b = kBuckets - 1; b >= 0; --b) {
+    for (int64_t b = static_cast<int64_t>(digit_mask); b >= 0; --b) {
       if (above + merged[b] >= remaining) {
         chosen = b;
         break;
@@ -122,11 +149,26 @@ void select_topk(const Problem<scalar_t>& p, const std::vector<int64_t>& tensors
     remaining -= above;
     bucket_count = merged[chosen];
     prefix |= static_cast<key_t>(chosen) << shift;
-    prefix_mask |= static_cast<key_t>(kBuckets - 1) << shift;
-    if (bucket_count == remaining) {
+    prefix_mask |= digit_mask << shift;
+    if (bucket_count == remaining && !drop_ties) {
       whole_bucket = true;
       break;
     }
+  }
+
+  if (drop_ties) {
+    // prefix is now the exact key of the (k+1)-th highest alive entry.
+    const key_t thr = prefix;
+    at::parallel_for(0, nseg, 1, [&](int64_t sb, int64_t se) {
+      for (int64_t s = sb; s < se; ++s) {
+        const Segment& seg = segs[s];
+        const scalar_t* x = p.x[seg.tensor];
+        const bool* kp = p.keep[seg.tensor];
+        bool* o = p.out[seg.tensor];
+        for (int64_t i = seg.begin; i < seg.end; ++i) o[i] = (!kp || kp[i]) & (Key::of(x[i]) > thr);
+      }
+    });
+    return;
   }
 
   if (whole_bucket) {
@@ -138,7 +180,7 @@ void select_topk(const Problem<scalar_t>& p, const std::vector<int64_t>& tensors
         const bool* kp = p.keep[seg.tensor];
         bool* o = p.out[seg.tensor];
         for (int64_t i = seg.begin; i < seg.end; ++i) {
-          o[i] = (!kp || kp[i]) && (Key::of(x[i]) & prefix_mask) >= prefix;
+          o[i] = (!kp || kp[i]) & ((Key::of(x[i]) & prefix_mask) >= prefix);
         }
       }
     });
@@ -155,7 +197,7 @@ void select_topk(const Problem<scalar_t>& p, const std::vector<int64_t>& tensors
       const scalar_t* x = p.x[seg.tensor];
       const bool* kp = p.keep[seg.tensor];
       int64_t c = 0;
-      for (int64_t i = seg.begin; i < seg.end; ++i) c += (!kp || kp[i]) && Key::of(x[i]) == thr;
+      for (int64_t i = seg.begin; i < seg.end; ++i) c += (!kp || kp[i]) & (Key::of(x[i]) == thr);
       ties[s + 1] = c;
     }
   });
@@ -235,20 +277,21 @@ Problem<scalar_t> view(Prepared& pr) {
   return p;
 }
 
-std::vector<at::Tensor> topk_mask_cpu(at::TensorList scores, int64_t k, std::optional<at::TensorList> keep) {
+std::vector<at::Tensor> topk_mask_cpu(at::TensorList scores, int64_t k, std::optional<at::TensorList> keep,
+                                      bool drop_ties, bool clamp) {
   TORCH_CHECK_VALUE(k >= 0, "topk_mask: k must be >= 0, got ", k);
   Prepared pr = prepare(scores, keep);
   std::vector<int64_t> all(scores.size());
   for (size_t i = 0; i < all.size(); ++i) all[i] = static_cast<int64_t>(i);
   AT_DISPATCH_FLOATING_TYPES(pr.x.empty() ? at::kFloat : pr.x[0].scalar_type(), "topk_mask_cpu", [&] {
     auto p = view<scalar_t>(pr);
-    select_topk<scalar_t>(p, all, k);
+    select_topk<scalar_t>(p, all, k, drop_ties, clamp);
   });
   return pr.out;
 }
 
 std::vector<at::Tensor> topk_mask_layerwise_cpu(at::TensorList scores, at::IntArrayRef ks,
-                                                std::optional<at::TensorList> keep) {
+                                                std::optional<at::TensorList> keep, bool drop_ties, bool clamp) {
   TORCH_CHECK_VALUE(ks.size() == scores.size(), "topk_mask_layerwise: ks has ", ks.size(),
                     " entries but scores has ", scores.size());
   for (size_t i = 0; i < ks.size(); ++i) {
@@ -258,7 +301,7 @@ std::vector<at::Tensor> topk_mask_layerwise_cpu(at::TensorList scores, at::IntAr
   AT_DISPATCH_FLOATING_TYPES(pr.x.empty() ? at::kFloat : pr.x[0].scalar_type(), "topk_mask_layerwise_cpu", [&] {
     auto p = view<scalar_t>(pr);
     for (size_t i = 0; i < scores.size(); ++i) {
-      select_topk<scalar_t>(p, {static_cast<int64_t>(i)}, ks[i]);
+      select_topk<scalar_t>(p, {static_cast<int64_t>(i)}, ks[i], drop_ties, clamp);
     }
   });
   return pr.out;

@@ -9,7 +9,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <vector>
 
@@ -62,8 +64,10 @@ Prepared prepare(at::TensorList scores, const std::optional<at::TensorList>& kee
 }
 
 // Runs the selection on the current stream of the scores' device. ks: one k (all tensors
-// together) or one per tensor (layerwise), already checked to be >= 0.
-void run_select(Prepared& pr, const std::vector<int64_t>& ks, bool layerwise) {
+// together) or one per tensor (layerwise), already checked to be >= 0. clamp: a k above the
+// number alive becomes that number (the first pass is then run again with the clamped ks, which
+// the device reads from the packed meta).
+void run_select(Prepared& pr, std::vector<int64_t> ks, bool layerwise, bool clamp) {
   const size_t L = pr.x.size();
   const at::Device device = pr.x[0].device();
   const c10::cuda::CUDAGuard guard(device);
@@ -96,6 +100,23 @@ void run_select(Prepared& pr, const std::vector<int64_t>& ks, bool layerwise) {
   bool needs_select = false;
   C10_CUDA_CHECK(gpu::topk_mask_first_pass(plan, meta.data_ptr(), workspace.data_ptr(), stream, ks.data(),
                                            alive.data(), nan.data(), &needs_select));
+  bool clamped = false;
+  for (size_t p = 0; clamp && p < ks.size(); ++p) {
+    if (ks[p] > alive[p]) {
+      ks[p] = alive[p];
+      clamped = true;
+    }
+  }
+  at::Tensor meta_clamped;
+  if (clamped) {
+    at::Tensor host = at::empty({static_cast<int64_t>(plan.meta_bytes)},
+                                at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+    gpu::topk_mask_pack_meta(plan, host.data_ptr(), tensors.data(), ks.data());
+    meta_clamped = host.to(device, /*non_blocking=*/true);
+    C10_CUDA_CHECK(gpu::topk_mask_first_pass(plan, meta_clamped.data_ptr(), workspace.data_ptr(), stream,
+                                             ks.data(), alive.data(), nan.data(), &needs_select));
+  }
+  const at::Tensor& meta_used = clamped ? meta_clamped : meta;
   // The CPU kernel's checks, in its order: over all tensors, NaN first, then k; layerwise, tensor
   // by tensor (NaN, then its k), since it selects one tensor after the other.
   if (layerwise) {
@@ -109,27 +130,80 @@ void run_select(Prepared& pr, const std::vector<int64_t>& ks, bool layerwise) {
     TORCH_CHECK_VALUE(ks[0] <= alive[0], "topk_mask: k=", ks[0], " exceeds the ", alive[0],
                       " entries that may be kept (keep is True)");
   }
-  C10_CUDA_CHECK(gpu::topk_mask_finish(plan, meta.data_ptr(), workspace.data_ptr(), stream, needs_select));
+  C10_CUDA_CHECK(gpu::topk_mask_finish(plan, meta_used.data_ptr(), workspace.data_ptr(), stream, needs_select));
   // meta and workspace go back to the caching allocator here, which reuses them only for work
   // queued on this same stream after the kernels above.
 }
 
-std::vector<at::Tensor> topk_mask_cuda(at::TensorList scores, int64_t k, std::optional<at::TensorList> keep) {
+int64_t alive_in(const Prepared& pr, size_t i) {
+  return pr.keep.empty() ? pr.x[i].numel() : pr.keep[i].sum().item<int64_t>();
+}
+
+// The selection, with drop_ties done on top of the exact kernel rather than inside it: check and
+// select with the caller's ks (errors read exactly as without drop_ties), select k+1 for every
+// problem with 0 < k < alive, and keep the selected entries strictly above the problem's smallest
+// selected score, its (k+1)-th highest. A problem with k == 0 or k == alive is final after the
+// first selection. Plain ATen ops and a second selection: this is the authors' masking rule, kept
+// correct and simple here; the CPU kernel fuses it into its passes.
+std::vector<at::Tensor> select(at::TensorList scores, std::optional<at::TensorList> keep, std::vector<int64_t> ks,
+                               bool layerwise, bool drop_ties, bool clamp) {
+  Prepared pr = prepare(scores, keep);
+  run_select(pr, ks, layerwise, clamp);
+  if (!drop_ties) return pr.out;
+
+  const size_t L = pr.x.size();
+  std::vector<std::vector<size_t>> members;  // tensors of each problem
+  std::vector<int64_t> alive;
+  if (layerwise) {
+    for (size_t i = 0; i < L; ++i) {
+      members.push_back({i});
+      alive.push_back(alive_in(pr, i));
+    }
+  } else {
+    members.emplace_back();
+    alive.push_back(0);
+    for (size_t i = 0; i < L; ++i) {
+      members[0].push_back(i);
+      alive[0] += alive_in(pr, i);
+    }
+  }
+  std::vector<int64_t> k1(ks.size());
+  std::vector<bool> open(ks.size());
+  for (size_t p = 0; p < ks.size(); ++p) {
+    ks[p] = std::min(ks[p], alive[p]);  // what run_select used (it raised if above and not clamp)
+    open[p] = ks[p] > 0 && ks[p] < alive[p];
+    k1[p] = open[p] ? ks[p] + 1 : ks[p];
+  }
+  run_select(pr, k1, layerwise, /*clamp=*/false);
+  for (size_t p = 0; p < ks.size(); ++p) {
+    if (!open[p]) continue;
+    std::vector<at::Tensor> mins;
+    for (size_t i : members[p]) {
+      if (pr.x[i].numel() == 0) continue;
+      const auto inf = at::full({}, std::numeric_limits<double>::infinity(), pr.x[i].options());
+      mins.push_back(at::where(pr.out[i], pr.x[i], inf).min());
+    }
+    const at::Tensor thr = at::stack(mins).min();
+    for (size_t i : members[p]) pr.out[i] = pr.out[i].logical_and(pr.x[i] > thr);
+  }
+  return pr.out;
+}
+
+std::vector<at::Tensor> topk_mask_cuda(at::TensorList scores, int64_t k, std::optional<at::TensorList> keep,
+                                       bool drop_ties, bool clamp) {
   TORCH_CHECK_VALUE(k >= 0, "topk_mask: k must be >= 0, got ", k);
   if (scores.empty()) {  // what the CPU kernel does with no tensors (the dispatcher rarely sends these here)
     if (keep.has_value()) {
       TORCH_CHECK_VALUE(keep->empty(), "topk_mask: keep has ", keep->size(), " tensors but scores has 0");
     }
-    TORCH_CHECK_VALUE(k == 0, "topk_mask: k=", k, " exceeds the 0 entries that may be kept (keep is True)");
+    TORCH_CHECK_VALUE(k == 0 || clamp, "topk_mask: k=", k, " exceeds the 0 entries that may be kept (keep is True)");
     return {};
   }
-  Prepared pr = prepare(scores, keep);
-  run_select(pr, {k}, /*layerwise=*/false);
-  return pr.out;
+  return select(scores, keep, {k}, /*layerwise=*/false, drop_ties, clamp);
 }
 
 std::vector<at::Tensor> topk_mask_layerwise_cuda(at::TensorList scores, at::IntArrayRef ks,
-                                                 std::optional<at::TensorList> keep) {
+                                                 std::optional<at::TensorList> keep, bool drop_ties, bool clamp) {
   TORCH_CHECK_VALUE(ks.size() == scores.size(), "topk_mask_layerwise: ks has ", ks.size(),
                     " entries but scores has ", scores.size());
   for (size_t i = 0; i < ks.size(); ++i) {
@@ -141,9 +215,7 @@ std::vector<at::Tensor> topk_mask_layerwise_cuda(at::TensorList scores, at::IntA
     }
     return {};
   }
-  Prepared pr = prepare(scores, keep);
-  run_select(pr, std::vector<int64_t>(ks.begin(), ks.end()), /*layerwise=*/true);
-  return pr.out;
+  return select(scores, keep, std::vector<int64_t>(ks.begin(), ks.end()), /*layerwise=*/true, drop_ties, clamp);
 }
 
 }  // namespace

@@ -1,0 +1,84 @@
+"""The `ntkfast` command: prune (defaults and data-based), train, listings, errors."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ntkfast import Masks, scores
+from ntkfast.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_prune_prints_table_and_saves(tmp_path, capsys):
+    out = tmp_path / "m.pt"
+    rc = main(["prune", "--model", "lenet300_100", "--method", "synflow", "--density", "0.1", "--rounds", "3",
+               "--out", str(out), "--quiet"])
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert "layers.0.weight" in text or "fc" in text or ".weight" in text
+    assert "total" in text and "scoring time" in text and "masks saved" in text
+    m = Masks.load(out)
+    assert m.metadata["method"] == "synflow" and m.metadata["rounds"] == 3 and m.metadata["model"] == "lenet300_100"
+    assert abs(m.density - 0.1) < 1e-4
+
+
+def test_prune_defaults_need_no_dataset(capsys):
+    # the README's main job (resnet20, synflow, density 0.1) with fewer rounds to stay quick
+    rc = main(["prune", "--rounds", "2", "--quiet"])
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert "blocks." in text and "method synflow, 2 round(s), global scope" in text and "density 0.1" in text
+
+
+def test_data_method_without_dataset_uses_noise(capsys):
+    rc = main(["prune", "--model", "lenet300_100", "--method", "snip", "--density", "0.2", "--quiet",
+               "--batch-size", "16"])
+    cap = capsys.readouterr()
+    assert rc == 0 and "Gaussian-noise batch" in cap.err and "total" in cap.out
+
+
+def test_prune_and_train_on_mnist(data_dir, tmp_path, capsys):
+    out = tmp_path / "snip.pt"
+    assert main(["prune", "--model", "lenet300_100", "--method", "snip", "--density", "0.05", "--dataset", "mnist",
+                 "--data-dir", str(data_dir), "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--model", "lenet300_100", "--dataset", "mnist", "--data-dir", str(data_dir),
+                 "--masks", str(out), "--epochs", "1", "--max-batches", "30", "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "density 0.05" in text and "test accuracy:" in text
+    acc = float(text.rsplit("test accuracy:", 1)[1].strip().rstrip("%"))
+    assert acc > 30.0  # 30 SGD steps on 5%-dense LeNet-300-100: far above chance
+
+
+def test_listings(capsys):
+    assert main(["methods"]) == 0
+    text = capsys.readouterr().out
+    for name in ("random", "magnitude", "snip", "iterative_snip", "grasp", "synflow"):
+        assert name in text
+    assert "(needs data)" in text
+    assert main(["models"]) == 0
+    assert "resnet50" in capsys.readouterr().out
+    assert main(["info"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["backend"] in ("compiled-cpu", "compiled-cuda", "reference")
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["prune", "--method", "nope", "--quiet"], "method: unknown method 'nope'"),
+    (["prune", "--density", "0", "--quiet"], "density must be in"),
+    (["prune", "--model", "alexnet", "--quiet"], "model"),
+    (["train", "--dataset", "mnist", "--data-dir", "/nonexistent/dir", "--epochs", "1"], "/nonexistent/dir"),
+])
+def test_errors_exit_2_with_named_message(argv, match, capsys):
+    assert main(argv) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_python_dash_m_entry_point():
+    r = subprocess.run([sys.executable, "-m", "ntkfast", "methods"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "synflow" in r.stdout
