@@ -155,6 +155,11 @@ def prune(
 
     from ._progress import Progress
 
+    # scorers that can reuse work across rounds on this unchanged model take a per-run cache
+    run_options = dict(method_options)
+    if "cache" in inspect.signature(info.fn).parameters and "cache" not in run_options:
+        run_options["cache"] = {}
+
     densities = density_schedule(density, rounds, schedule)
     seeds = _round_seeds(seed, rounds)
     bar = Progress(rounds, desc=f"prune {method}", enabled=progress)
@@ -162,7 +167,7 @@ def prune(
     try:
         for t, (d, s) in enumerate(zip(densities, seeds), start=1):
             t0 = time.perf_counter()
-            sc = info.fn(model, current, data=data, seed=s, **method_options)
+            sc = info.fn(model, current, data=data, seed=s, **run_options)
             score_s += time.perf_counter() - t0
             if set(sc) != set(current):
                 raise RuntimeError(f"scorer {method!r} returned scores for {sorted(sc)}, expected {sorted(current)}")

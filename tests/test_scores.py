@@ -531,3 +531,31 @@ def test_bad_masks_and_options():
     # a subset of the prunable tensors (or a bias, by name) can be scored
     s = scores.magnitude(model, {"2.weight": torch.ones(2, 5, dtype=torch.bool), "0.bias": torch.ones(5)})
     assert list(s) == ["2.weight", "0.bias"] and torch.equal(s["0.bias"], model[0].bias.detach().abs())
+
+
+# -- the per-run cache of the pruning loop ---------------------------------------------------------------
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_synflow_cache_gives_the_direct_scores(case, gen):
+    builder, in_shape, model, masks = build_case(case, gen)
+    snap = snapshot(model)
+    cache = {}
+    for _ in range(2):  # the first call builds the cached copy, the second reuses it
+        for m in (masks, random_masks(model, 0.3, gen)):
+            assert_scores_close(scores.synflow(model, m, input_shape=in_shape, cache=cache),
+                                scores.synflow(model, m, input_shape=in_shape), rtol=0, atol=0)
+    assert len(cache) == 1
+    hooked = masks.to_prune_hooks(copy.deepcopy(model))
+    am = authors_copy(model, masks, lambda: builder(MLinear))
+    expect = scores.synflow(model, masks, input_shape=in_shape)
+    for other in (hooked, am):
+        assert_scores_close(scores.synflow(other, None, input_shape=in_shape, cache={}), expect, rtol=0, atol=0)
+    assert_unchanged(model, snap)
+
+
+def test_synflow_cache_keeps_the_float64_fallback():
+    model = deep_mlp()
+    cache = {}
+    with pytest.warns(RuntimeWarning, match="float64"):
+        s = scores.synflow(model, input_shape=(64,), cache=cache)
+    ref = scores.synflow(model, input_shape=(64,), dtype=torch.float64)
+    assert_scores_close(s, ref, rtol=0, atol=0)

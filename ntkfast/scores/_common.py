@@ -57,6 +57,7 @@ __all__ = [
     "substitute",
     "scoring_mode",
     "functional_forward",
+    "private_copy",
     "as_batches",
     "resolve_input_shape",
     "cast_input",
@@ -251,6 +252,39 @@ def functional_forward(
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"model: expected the forward to return a tensor, got {type(out).__name__}")
     return out
+
+
+def private_copy(model: nn.Module, targets: Mapping[str, Target], dtype: torch.dtype, *,
+                 transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, train_mode: bool = False):
+    """A deep copy of ``model`` for scorers that evaluate the same transformed network many times
+    (iterative pruning with a ``cache``): floating parameters and buffers cast to ``dtype`` and
+    passed through ``transform``, every parameter frozen except the targets' slots, each target's
+    own ``<attr>_mask`` buffer set to ones, and the copy in train or eval mode for good.
+
+    Returns ``(copy, slots)`` with ``slots[name]`` the copy's parameter for target ``name``, or None
+    when the model cannot be deep-copied (the caller then evaluates functionally)."""
+    import copy as _copy
+
+    try:
+        dup = _copy.deepcopy(model)
+    except Exception:  # a module holding something deepcopy refuses; not worth failing over
+        return None
+    dup.train(bool(train_mode))
+    with torch.no_grad():
+        for _, t in list(dup.named_parameters()) + list(dup.named_buffers()):
+            if t is not None and t.is_floating_point():
+                v = t.data.to(dtype)
+                t.data = transform(v) if transform is not None else v
+        for p in dup.parameters():
+            p.requires_grad_(False)
+        params = dict(dup.named_parameters())
+        buffers = dict(dup.named_buffers())
+        slots = OrderedDict()
+        for n, tg in targets.items():
+            slots[n] = params[tg.param_name].requires_grad_(True)
+            if tg.mask_buffer is not None:
+                buffers[tg.mask_buffer].fill_(1)
+    return dup, slots
 
 
 # -- data ----------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from ._common import (
     functional_forward,
     grad_dict,
     model_device,
+    private_copy,
     resolve_input_shape,
     resolve_targets,
     state_copy,
@@ -32,6 +33,7 @@ def synflow(
     dtype=None,
     input_shape=None,
     train_mode: bool = False,
+    cache: Optional[dict] = None,
 ) -> "OrderedDict[str, torch.Tensor]":
     """SynFlow: every parameter and buffer is replaced by its absolute value (BatchNorm running
     statistics included, as the authors' |state_dict|), the masked network (|theta| * m) in eval mode
@@ -41,25 +43,54 @@ def synflow(
 
     ``input_shape`` (one example, no batch dimension): the argument, else ``model.input_shape``,
     else the shape of ``data``'s inputs. ``dtype=torch.float64`` computes in double; a float32
-    computation that overflows (deep networks) is redone in float64 with a warning. ``seed`` is
-    ignored."""
+    computation that overflows (deep networks) is redone in float64 with a warning. ``cache``: a
+    dict kept across calls on the same, unchanged model (the pruning loop passes one), in which the
+    |state| network is built once instead of every call. ``seed`` is ignored."""
     targets = resolve_targets(model, masks)
     shape = resolve_input_shape(model, input_shape, data)
     device = model_device(model)
 
     def compute(dt):
-        # The scored weights are not copied with the rest of the state: their effective weight
-        # W = |theta| * m is the leaf itself. The authors differentiate w.r.t. the raw weight,
-        # dR/dtheta = m * dR/dW, and |theta * m * dR/dW| = |W * dR/dW| exactly (m is 0 or 1).
-        state = state_copy(model, dt, transform=torch.abs, skip={t.param_name for t in targets.values()})
-        # (|theta| * m, not torch.where(m, |theta|, 0): where with a bool mask is several times slower)
-        w = OrderedDict(
-            (n, t.param.detach().to(dt).abs().mul_(t.mask).requires_grad_(True)) for n, t in targets.items()
-        )
+        # The scored weights' effective value W = |theta| * m is the leaf itself. The authors
+        # differentiate w.r.t. the raw weight, dR/dtheta = m * dR/dW, and |theta * m * dR/dW| =
+        # |W * dR/dW| exactly (m is 0 or 1).
         x = torch.ones((1,) + tuple(shape), dtype=dt, device=device)
-        out = functional_forward(model, substitute(state, targets, w), x, train_mode=train_mode)
+        prepared = _prepared(model, targets, dt, train_mode, cache)
+        if prepared is not None:
+            dup, slots, absw = prepared
+            with torch.no_grad():
+                for n, t in targets.items():
+                    torch.mul(absw[n], t.mask, out=slots[n].data)
+            out = dup(x)
+            if isinstance(out, (tuple, list)):
+                out = out[0]
+            w = slots
+        else:
+            state = state_copy(model, dt, transform=torch.abs, skip={t.param_name for t in targets.values()})
+            # (|theta| * m, not torch.where(m, |theta|, 0): where with a bool mask is several times slower)
+            w = OrderedDict(
+                (n, t.param.detach().to(dt).abs().mul_(t.mask).requires_grad_(True)) for n, t in targets.items()
+            )
+            out = functional_forward(model, substitute(state, targets, w), x, train_mode=train_mode)
         grads = grad_dict(out.sum(), w)
         scores = OrderedDict((n, (w[n].detach() * g).abs_()) for n, g in grads.items())
         return scores, all_finite(out, scores)
 
     return finish(with_float64_fallback(compute, targets, dtype, scorer="synflow"), targets)
+
+
+def _prepared(model, targets, dt, train_mode, cache):
+    """The cached |state| copy of ``model`` in ``dt`` with the targets' |theta|, or None when there
+    is no cache, in train mode (BatchNorm would carry statistics from one call to the next), or
+    when the model cannot be copied."""
+    if cache is None or train_mode:
+        return None
+    key = ("synflow", dt)
+    if key not in cache:
+        made = private_copy(model, targets, dt, transform=torch.abs)
+        if made is None:
+            cache[key] = None
+        else:
+            dup, slots = made
+            cache[key] = (dup, slots, OrderedDict((n, p.detach().clone()) for n, p in slots.items()))
+    return cache[key]
