@@ -30,6 +30,11 @@ def _want_cuda():
     if _flag("FORCE_CPU"):
         return False
     if _flag("FORCE_CUDA"):
+        if CUDA_HOME is None:
+            raise RuntimeError("FORCE_CUDA=1 but no CUDA toolkit was found: set CUDA_HOME to it")
+        if torch.version.cuda is None:
+            raise RuntimeError(f"FORCE_CUDA=1 needs a CUDA build of PyTorch; torch {torch.__version__} has no CUDA "
+                               "(the CUDA sources still compile without one: bash .ci/cuda_compile_check.sh)")
         return True
     return torch.version.cuda is not None and CUDA_HOME is not None
 
