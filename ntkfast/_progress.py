@@ -84,6 +84,11 @@ class Progress:
         finished = self.total is not None and self.count >= self.total
         if self._tty and not finished and now - self._last_draw < self.min_interval:
             return
+        if not self._tty and not finished and self.total:
+            # a log gets about 20 lines however long the loop (100 pruning rounds, say)
+            step = max(1, self.total // 20)
+            if self.count % step and self.count > n:
+                return
         self._last_draw = now
         self._draw(self.line())
 
