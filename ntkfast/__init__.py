@@ -16,6 +16,8 @@ def __getattr__(name):
 
     if name in ("models", "data"):
         return importlib.import_module(f".{name}", __name__)
-    if name == "train":
-        return importlib.import_module(".train", __name__).train
+    if name == "train":  # the function; its module is ntkfast.training
+        fn = importlib.import_module(".training", __name__).train
+        globals()["train"] = fn
+        return fn
     raise AttributeError(f"module 'ntkfast' has no attribute {name!r}")

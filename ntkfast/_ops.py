@@ -4,6 +4,7 @@ kernels to. This module imports nothing else of the package.
 """
 from __future__ import annotations
 
+import numbers
 import re
 import warnings
 from typing import Optional, Sequence
@@ -50,8 +51,14 @@ def build_info() -> dict:
     return info
 
 
+_CUDA_KERNELS: Optional[bool] = None
+
+
 def _cuda_kernels() -> bool:
-    return _EXT is not None and bool(_EXT.build_info().get("cuda"))
+    global _CUDA_KERNELS
+    if _CUDA_KERNELS is None:
+        _CUDA_KERNELS = _EXT is not None and bool(_EXT.build_info().get("cuda"))
+    return _CUDA_KERNELS
 
 
 def _use_kernel(device: torch.device) -> bool:
@@ -61,8 +68,22 @@ def _use_kernel(device: torch.device) -> bool:
     if device.type == "cpu":
         return True
     if device.type == "cuda":
-        return _cuda_kernels()
+        if _cuda_kernels():
+            return True
+        _device_warning("cuda", "the extension was built without CUDA kernels (build with FORCE_CUDA=1)")
+        return False
+    _device_warning(device.type, "ntkfast has no kernels for this device")
     return False
+
+
+_DEVICE_WARNED: set = set()
+
+
+def _device_warning(device_type: str, why: str) -> None:
+    if device_type not in _DEVICE_WARNED:
+        _DEVICE_WARNED.add(device_type)
+        warnings.warn(f"ntkfast: {device_type} tensors use the pure-PyTorch reference ops: {why}",
+                      RuntimeWarning, stacklevel=4)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,17 +136,13 @@ def _rename(exc: ValueError, names: Optional[Sequence[str]]) -> ValueError:
 
 
 def _check_k(k, name: str) -> int:
-    if isinstance(k, bool) or not isinstance(k, int):
-        try:
-            import numpy as np
-
-            if isinstance(k, np.integer):
-                return int(k)
-        except ImportError:  # pragma: no cover
-            pass
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(k).__name__}")
+    k = int(k)  # numpy integers too
     if k < 0:
         raise ValueError(f"{name} must be >= 0, got {k}")
+    if k >= 2**62:
+        raise ValueError(f"{name}={k} is beyond any tensor list's size")
     return k
 
 

@@ -82,7 +82,7 @@ def cmd_prune(args) -> int:
 def cmd_train(args) -> int:
     from . import Masks
     from . import data as D
-    from .train import train
+    from .training import train
 
     model = _build_model(args)
     train_set = D.load_dataset(args.dataset, args.data_dir, train=True)

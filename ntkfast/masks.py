@@ -228,8 +228,13 @@ class Masks(Mapping[str, torch.Tensor]):
             raise FileNotFoundError(f"path: no masks file at {path!r}") from None
         if isinstance(obj, Mapping) and obj.get("format", "").startswith("ntkfast.masks/"):
             return cls(obj["masks"], obj.get("metadata", {}))
-        if isinstance(obj, Mapping) and all(isinstance(v, torch.Tensor) for v in obj.values()):
-            return cls(obj)  # a plain name -> mask dict
+        if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            # a plain name -> mask dict; refuse anything else (a state_dict's weights would all
+            # silently read as True)
+            bad = [n for n, v in obj.items() if v.dtype != torch.bool and not bool(((v == 0) | (v == 1)).all())]
+            if not bad:
+                return cls(obj)
+            raise ValueError(f"path: {path!r} holds tensors that are not masks (not bool or 0/1): {bad[:3]}")
         raise ValueError(f"path: {path!r} does not hold ntkfast masks")
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 import time
 import warnings
 from typing import Mapping, Optional
@@ -24,7 +25,7 @@ class LayerCollapseError(RuntimeError):
 
 
 def _check_density(density) -> float:
-    if isinstance(density, bool) or not isinstance(density, (int, float)):
+    if isinstance(density, bool) or not isinstance(density, numbers.Real):
         raise ValueError(f"density must be a number in (0, 1], got {density!r}")
     density = float(density)
     if not (math.isfinite(density) and 0.0 < density <= 1.0):
@@ -70,24 +71,35 @@ def _check_start_masks(masks: Mapping, start: Masks) -> Masks:
     return Masks(out)
 
 
-def _check_data_fits(model: nn.Module, data) -> None:
-    """One no-grad eval-mode forward of a single example, so a wrong input shape fails here, named."""
-    from .scores._common import as_batches
+def _existing_masks(model: nn.Module, masks: Masks) -> Masks:
+    """``masks`` AND the ``<attr>_mask`` buffers the model already carries (torch.nn.utils.prune
+    hooks, or masked layers in the authors' style), so weights pruned there never come back."""
+    buffers = dict(model.named_buffers())
+    out = {}
+    for name, m in masks.items():
+        buf = buffers.get(name + "_mask")
+        out[name] = m & (buf.detach().to(m.device) != 0) if buf is not None and buf.shape == m.shape else m
+    return Masks(out)
 
-    batches = as_batches(data, name="data")
+
+def _check_data_fits(model: nn.Module, batches) -> None:
+    """One no-grad eval-mode forward of a single example, so a wrong input shape fails here, named."""
     x, y = batches[0]
     flags = {m: m.training for m in model.modules()}
     try:
         model.eval()
         with torch.no_grad():
-            out = model(x[:1].to(next(model.parameters()).device))
+            out = model(x[:1])
     except Exception as exc:
         raise ValueError(f"data: inputs of shape {tuple(x.shape)} do not fit the model: {exc}") from None
     finally:
         for m, t in flags.items():
             m.training = t
-    if out.dim() != 2:
-        raise ValueError(f"data: the model's output for these inputs has shape {tuple(out.shape)}, expected [N, classes]")
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        out = out[0]
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"data: the model's output for these inputs is {shape}, expected a tensor [N, classes]")
     for xb, yb in batches:
         if yb.numel() and (int(yb.min()) < 0 or int(yb.max()) >= out.shape[1]):
             raise ValueError(f"data: targets must lie in [0, {out.shape[1]}), got range [{int(yb.min())}, {int(yb.max())}]")
@@ -145,12 +157,17 @@ def prune(
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an int, got {seed!r}")
     _check_options(info, method_options)
-    current = Masks.ones(model, include_bias=include_bias, include_norm=include_norm)
+    current = _existing_masks(model, Masks.ones(model, include_bias=include_bias, include_norm=include_norm))
     if masks is not None:
         current = _check_start_masks(masks, current)
+        current = _existing_masks(model, current)
     if info.needs_data and data is None:
         raise ValueError(f"data: method {method!r} needs a labelled batch (inputs, targets) or an iterable of them")
     if data is not None:
+        from .scores._common import as_batches, model_device
+
+        # once: a generator can be read only once, and every round must score the same batches
+        data = as_batches(data, name="data", device=model_device(model))
         _check_data_fits(model, data)
 
     from ._progress import Progress

@@ -7,7 +7,7 @@ from torch.utils.data import TensorDataset
 
 from ntkfast import Masks, data, models, prunable_parameters
 from ntkfast._progress import Progress
-from ntkfast.train import TrainResult, evaluate, train
+from ntkfast.training import TrainResult, evaluate, train
 
 from testing import devices
 

@@ -442,22 +442,28 @@ def with_float64_fallback(
     dtype=None,
     *,
     scorer: str,
+    cache: Optional[dict] = None,
 ):
     """Run ``compute(dt)`` in the computation dtype (see :func:`resolve_dtype`); ``compute`` returns
     ``(scores, finite)`` where ``finite`` says the forward outputs and the raw scores had no inf/nan.
     If they had and ``dt`` is not float64, warn once (RuntimeWarning) and recompute in float64.
     Returns the scores of the last computation."""
     dt = resolve_dtype(targets, dtype)
+    remembered = ("float64 fallback", scorer)
+    if cache is not None and cache.get(remembered):
+        dt = torch.float64  # an earlier call on this model already needed it: skip the retry
     with torch.enable_grad():
         scores, finite = compute(dt)
         if finite or dt == torch.float64:
             return scores
         warnings.warn(
-            f"{scorer}: the {str(dt).replace('torch.', '')} computation overflowed (inf/nan in the network "
-            "output or the scores); recomputing in float64",
+            f"{scorer}: the {str(dt).replace('torch.', '')} computation overflowed or underflowed (inf/nan, or "
+            "a zero network output); recomputing in float64",
             RuntimeWarning,
             stacklevel=3,
         )
+        if cache is not None:
+            cache[remembered] = True
         scores, finite = compute(torch.float64)
     if not finite:
         warnings.warn(f"{scorer}: the scores are not finite even in float64", RuntimeWarning, stacklevel=3)

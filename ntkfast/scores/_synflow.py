@@ -61,9 +61,6 @@ def synflow(
             with torch.no_grad():
                 for n, t in targets.items():
                     torch.mul(absw[n], t.mask, out=slots[n].data)
-            out = dup(x)
-            if isinstance(out, (tuple, list)):
-                out = out[0]
             w = slots
         else:
             state = state_copy(model, dt, transform=torch.abs, skip={t.param_name for t in targets.values()})
@@ -71,12 +68,24 @@ def synflow(
             w = OrderedDict(
                 (n, t.param.detach().to(dt).abs().mul_(t.mask).requires_grad_(True)) for n, t in targets.items()
             )
-            out = functional_forward(model, substitute(state, targets, w), x, train_mode=train_mode)
-        grads = grad_dict(out.sum(), w)
+        try:
+            if prepared is not None:
+                out = dup(x)
+                if isinstance(out, (tuple, list)):
+                    out = out[0]
+            else:
+                out = functional_forward(model, substitute(state, targets, w), x, train_mode=train_mode)
+        except RuntimeError as exc:  # shape mismatches surface as RuntimeError from the first layer that sees them
+            raise ValueError(f"input_shape: an input of shape {tuple(shape)} does not fit the model: {exc}") from None
+        r = out.sum()
+        grads = grad_dict(r, w)
         scores = OrderedDict((n, (w[n].detach() * g).abs_()) for n, g in grads.items())
-        return scores, all_finite(out, scores)
+        # R = 0 while weights are alive is float32 underflow (R > 0 on any connected |theta|-network);
+        # in float64 it is accepted (the network may be cut through)
+        underflow = dt != torch.float64 and float(r.detach()) == 0.0 and any(bool(t.mask.any()) for t in targets.values())
+        return scores, all_finite(out, scores) and not underflow
 
-    return finish(with_float64_fallback(compute, targets, dtype, scorer="synflow"), targets)
+    return finish(with_float64_fallback(compute, targets, dtype, scorer="synflow", cache=cache), targets)
 
 
 def _prepared(model, targets, dt, train_mode, cache):

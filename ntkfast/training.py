@@ -1,7 +1,7 @@
 """Train a (pruned) network with its masks held fixed: the standard check of a pruning method.
 
     from ntkfast import models, data
-    from ntkfast.train import train
+    from ntkfast.training import train
 
     model = models.lenet300_100()
     result = train(model, masks, data.load_mnist(root), data.load_mnist(root, train=False), epochs=10)
