@@ -1,10 +1,11 @@
 // CPU kernels for ntkfast::topk_mask and ntkfast::topk_mask_layerwise.
 //
-// A radix select over order-preserving integer keys of the float scores, 16 bits per pass, with
-// per-thread histograms: float32 needs at most two passes over the data, float64 four, and a pass
-// stops early once the bucket at the threshold is taken whole. The tensors are never
-// concatenated: the work is cut into fixed-size segments that may span any tensor, so small and
-// large layers parallelise alike.
+// A radix select over order-preserving integer keys of the float scores, with per-thread
+// histograms: 16-bit digits from 2^21 entries on (float32 in at most two passes, float64 in four),
+// 11-bit digits below that (histograms that stay in cache). The selection stops early once the
+// bucket at the threshold is taken whole (not with drop_ties, which needs the exact threshold).
+// The tensors are never concatenated: the work is cut into fixed-size segments that may span any
+// tensor, so small and large layers parallelise alike.
 #include <torch/extension.h>
 #include <torch/library.h>
 #include <ATen/Parallel.h>
@@ -80,9 +81,15 @@ void select_topk(const Problem<scalar_t>& p, const std::vector<int64_t>& tensors
     const key_t digit_mask = (key_t{1} << width) - 1;
     const bool first = hi == Key::kBits;
     hi = shift;
-    std::fill(hist.begin(), hist.end(), 0);
+    // zeroing and merging the per-thread histograms run in parallel too: serially they would
+    // cost nthreads * buckets per pass, more than the data itself on a many-core machine
+    at::parallel_for(0, nthreads, 1, [&](int64_t tb, int64_t te) {
+      std::fill(hist.begin() + tb * buckets, hist.begin() + te * buckets, 0);
+    });
     at::parallel_for(0, nseg, 1, [&](int64_t sb, int64_t se) {
-      int64_t* h = hist.data() + static_cast<size_t>(at::get_thread_num()) * buckets;
+      const int tid = at::get_thread_num();
+      TORCH_INTERNAL_ASSERT(tid < nthreads, "topk_mask: thread id ", tid, " beyond ", nthreads, " histograms");
+      int64_t* h = hist.data() + static_cast<size_t>(tid) * buckets;
       for (int64_t s = sb; s < se; ++s) {
         const Segment& seg = segs[s];
         const scalar_t* x = p.x[seg.tensor];
@@ -108,11 +115,13 @@ void select_topk(const Problem<scalar_t>& p, const std::vector<int64_t>& tensors
         if (nan) seg_has_nan[s] = 1;
       }
     });
-    std::fill(merged.begin(), merged.end(), 0);
-    for (int t = 0; t < nthreads; ++t) {
-      const int64_t* h = hist.data() + static_cast<size_t>(t) * buckets;
-      for (int64_t b = 0; b < buckets; ++b) merged[b] += h[b];
-    }
+    at::parallel_for(0, buckets, 2048, [&](int64_t bb, int64_t be) {
+      for (int64_t b = bb; b < be; ++b) {
+        int64_t sum = 0;
+        for (int t = 0; t < nthreads; ++t) sum += hist[static_cast<size_t>(t) * buckets + b];
+        merged[b] = sum;
+      }
+    });
     if (first) {
       for (int64_t s = 0; s < nseg; ++s) {
         TORCH_CHECK_VALUE(!seg_has_nan[s], "topk_mask: scores[", segs[s].tensor, "] contains NaN");

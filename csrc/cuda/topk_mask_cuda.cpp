@@ -67,7 +67,10 @@ Prepared prepare(at::TensorList scores, const std::optional<at::TensorList>& kee
 // together) or one per tensor (layerwise), already checked to be >= 0. clamp: a k above the
 // number alive becomes that number (the first pass is then run again with the clamped ks, which
 // the device reads from the packed meta).
-void run_select(Prepared& pr, std::vector<int64_t> ks, bool layerwise, bool clamp) {
+// Returns how many entries of each problem may be kept. write=false stops after the first pass
+// and the argument checks (for callers that only need those counts).
+std::vector<int64_t> run_select(Prepared& pr, std::vector<int64_t> ks, bool layerwise, bool clamp,
+                                bool write = true) {
   const size_t L = pr.x.size();
   const at::Device device = pr.x[0].device();
   const c10::cuda::CUDAGuard guard(device);
@@ -100,6 +103,24 @@ void run_select(Prepared& pr, std::vector<int64_t> ks, bool layerwise, bool clam
   bool needs_select = false;
   C10_CUDA_CHECK(gpu::topk_mask_first_pass(plan, meta.data_ptr(), workspace.data_ptr(), stream, ks.data(),
                                            alive.data(), nan.data(), &needs_select));
+  // The CPU kernel's checks, in its order: over all tensors, NaN first, then k; layerwise, tensor
+  // by tensor (NaN, then its k), since it selects one tensor after the other. With clamp no k is
+  // too large.
+  auto check_k = [&](size_t p) {
+    TORCH_CHECK_VALUE(clamp || ks[p] <= alive[p], "topk_mask: k=", ks[p], " exceeds the ", alive[p],
+                      " entries that may be kept (keep is True)");
+  };
+  if (layerwise) {
+    for (size_t i = 0; i < L; ++i) {
+      TORCH_CHECK_VALUE(!nan[i], "topk_mask: scores[", i, "] contains NaN");
+      check_k(i);
+    }
+  } else {
+    for (size_t i = 0; i < L; ++i) TORCH_CHECK_VALUE(!nan[i], "topk_mask: scores[", i, "] contains NaN");
+    check_k(0);
+  }
+  if (!write) return alive;
+
   bool clamped = false;
   for (size_t p = 0; clamp && p < ks.size(); ++p) {
     if (ks[p] > alive[p]) {
@@ -108,7 +129,7 @@ void run_select(Prepared& pr, std::vector<int64_t> ks, bool layerwise, bool clam
     }
   }
   at::Tensor meta_clamped;
-  if (clamped) {
+  if (clamped) {  // the device reads ks from the packed table: pack the clamped ones, redo the pass
     at::Tensor host = at::empty({static_cast<int64_t>(plan.meta_bytes)},
                                 at::TensorOptions().dtype(at::kByte).pinned_memory(true));
     gpu::topk_mask_pack_meta(plan, host.data_ptr(), tensors.data(), ks.data());
@@ -117,60 +138,34 @@ void run_select(Prepared& pr, std::vector<int64_t> ks, bool layerwise, bool clam
                                              ks.data(), alive.data(), nan.data(), &needs_select));
   }
   const at::Tensor& meta_used = clamped ? meta_clamped : meta;
-  // The CPU kernel's checks, in its order: over all tensors, NaN first, then k; layerwise, tensor
-  // by tensor (NaN, then its k), since it selects one tensor after the other.
-  if (layerwise) {
-    for (size_t i = 0; i < L; ++i) {
-      TORCH_CHECK_VALUE(!nan[i], "topk_mask: scores[", i, "] contains NaN");
-      TORCH_CHECK_VALUE(ks[i] <= alive[i], "topk_mask: k=", ks[i], " exceeds the ", alive[i],
-                        " entries that may be kept (keep is True)");
-    }
-  } else {
-    for (size_t i = 0; i < L; ++i) TORCH_CHECK_VALUE(!nan[i], "topk_mask: scores[", i, "] contains NaN");
-    TORCH_CHECK_VALUE(ks[0] <= alive[0], "topk_mask: k=", ks[0], " exceeds the ", alive[0],
-                      " entries that may be kept (keep is True)");
-  }
   C10_CUDA_CHECK(gpu::topk_mask_finish(plan, meta_used.data_ptr(), workspace.data_ptr(), stream, needs_select));
+  return alive;
   // meta and workspace go back to the caching allocator here, which reuses them only for work
   // queued on this same stream after the kernels above.
 }
 
-int64_t alive_in(const Prepared& pr, size_t i) {
-  return pr.keep.empty() ? pr.x[i].numel() : pr.keep[i].sum().item<int64_t>();
-}
-
-// The selection, with drop_ties done on top of the exact kernel rather than inside it: check and
-// select with the caller's ks (errors read exactly as without drop_ties), select k+1 for every
-// problem with 0 < k < alive, and keep the selected entries strictly above the problem's smallest
-// selected score, its (k+1)-th highest. A problem with k == 0 or k == alive is final after the
-// first selection. Plain ATen ops and a second selection: this is the authors' masking rule, kept
-// correct and simple here; the CPU kernel fuses it into its passes.
+// The selection, with drop_ties done on top of the exact kernel rather than inside it: a first
+// pass checks the arguments (errors read exactly as without drop_ties) and counts the entries
+// that may be kept; every problem with 0 < k < alive then selects k+1 and keeps the selected
+// entries strictly above its smallest selected score, its (k+1)-th highest. A problem with k == 0
+// or k == alive is final as selected. Two host syncs and a few ATen ops: this is the authors'
+// masking rule kept simple here; the CPU kernel fuses it into its passes.
 std::vector<at::Tensor> select(at::TensorList scores, std::optional<at::TensorList> keep, std::vector<int64_t> ks,
                                bool layerwise, bool drop_ties, bool clamp) {
   Prepared pr = prepare(scores, keep);
-  run_select(pr, ks, layerwise, clamp);
-  if (!drop_ties) return pr.out;
-
-  const size_t L = pr.x.size();
-  std::vector<std::vector<size_t>> members;  // tensors of each problem
-  std::vector<int64_t> alive;
-  if (layerwise) {
-    for (size_t i = 0; i < L; ++i) {
-      members.push_back({i});
-      alive.push_back(alive_in(pr, i));
-    }
-  } else {
-    members.emplace_back();
-    alive.push_back(0);
-    for (size_t i = 0; i < L; ++i) {
-      members[0].push_back(i);
-      alive[0] += alive_in(pr, i);
-    }
+  if (!drop_ties) {
+    run_select(pr, ks, layerwise, clamp);
+    return pr.out;
   }
+  // checks and counts first (errors read exactly as without drop_ties), then one selection of k+1
+  const std::vector<int64_t> alive = run_select(pr, ks, layerwise, clamp, /*write=*/false);
+  const size_t L = pr.x.size();
+  std::vector<std::vector<size_t>> members(ks.size());  // tensors of each problem
+  for (size_t i = 0; i < L; ++i) members[layerwise ? i : 0].push_back(i);
   std::vector<int64_t> k1(ks.size());
   std::vector<bool> open(ks.size());
   for (size_t p = 0; p < ks.size(); ++p) {
-    ks[p] = std::min(ks[p], alive[p]);  // what run_select used (it raised if above and not clamp)
+    ks[p] = std::min(ks[p], alive[p]);
     open[p] = ks[p] > 0 && ks[p] < alive[p];
     k1[p] = open[p] ? ks[p] + 1 : ks[p];
   }
