@@ -10,7 +10,11 @@ import sys
 
 from setuptools import find_packages, setup
 
-import torch
+try:
+    import torch
+except ImportError:  # with --no-build-isolation the build uses the installed torch, so it must be there
+    sys.exit("ntkfast: building needs PyTorch installed first (pip install torch), then "
+             "`pip install --no-build-isolation -e .`")
 from torch.utils.cpp_extension import (
     CUDA_HOME,
     BuildExtension,

@@ -23,6 +23,10 @@ if [ -z "$nvcc" ]; then
   done
 fi
 if [ -z "$nvcc" ] || [ ! -x "$nvcc" ]; then
+  if [ "${NTKFAST_REQUIRE_NVCC:-0}" = 1 ]; then
+    echo "cuda_compile_check: FAILED -- nvcc not found and NTKFAST_REQUIRE_NVCC=1" >&2
+    exit 1
+  fi
   echo "cuda_compile_check: SKIPPED -- nvcc not found (not on PATH, no CUDACXX, CUDA_HOME or /usr/local/cuda);" \
        "the CUDA kernels were not compiled" >&2
   exit 0
@@ -58,6 +62,28 @@ else
     "$nvcc" -std=c++17 -O3 --expt-relaxed-constexpr -lineinfo --Werror=all-warnings -Xcompiler -fPIC \
       -I csrc "${gencode[@]}" -c "$src" -o "$obj"
   done
+fi
+
+# The torch-facing glue (csrc/cuda/*.cpp) needs a CUDA build of PyTorch to compile for real; against
+# the headers of whatever torch is installed it can at least be syntax-checked. CPU-only wheels lack
+# one generated header (c10/cuda/impl/cuda_cmake_macros.h), stood in for by a one-line stub.
+glue=$(find csrc/cuda -name '*.cpp' | sort)
+if [ -n "$glue" ] && incs=$(${PYTHON:-python3} -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-isystem ' + p for p in include_paths()))" 2>/dev/null); then
+  stub=$build/stub/c10/cuda/impl
+  mkdir -p "$stub"
+  printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' >"$stub/cuda_cmake_macros.h"
+  cuda_inc=/usr/local/cuda/include
+  for d in "$(dirname "$(dirname "$(readlink -f "$nvcc")")")/include" "${CUDA_HOME:-/nonexistent}/include" \
+           "${CUDA_PATH:-/nonexistent}/include" /usr/local/cuda/include; do
+    if [ -f "$d/cuda_runtime.h" ]; then cuda_inc=$d; break; fi
+  done
+  for src in $glue; do
+    # shellcheck disable=SC2086
+    ${CXX:-g++} -std=c++17 -fsyntax-only -DNTKFAST_WITH_CUDA=1 -I csrc -I "$build/stub" -I "$cuda_inc" $incs "$src"
+  done
+  echo "cuda_compile_check: glue syntax-checked against torch's headers: $glue"
+else
+  echo "cuda_compile_check: glue not checked (no torch importable)" >&2
 fi
 
 echo "cuda_compile_check: OK in $(($(date +%s) - start)) s"
