@@ -10,32 +10,61 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 
-missing=()
+# One Python process answers every question (each extra one that imports torch costs a second):
+# line 1, the packages to install; line 2, why the extension must be (re)built, or nothing.
+state=$("$PY" - <<'PYEOF'
+import glob, importlib.util, os, sys
+missing = []
 # torch only when absent: an installed torch that fails to import is the user's to mend, not ours to replace
-"$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is None)" || missing+=("torch==2.13.0")
-for mod in numpy pytest pybind11 wheel; do
-  "$PY" -c "import $mod" 2>/dev/null || missing+=("$mod")
-done
-command -v ninja >/dev/null 2>&1 || "$PY" -c "import ninja" 2>/dev/null || missing+=("ninja")
-"$PY" -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 64)" 2>/dev/null \
-  || missing+=("setuptools>=64")
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "run.sh: installing ${missing[*]}" >&2
-  "$PY" -m pip install -q "${missing[@]}"
-fi
-
-so=$(ls ntkfast/_C*.so 2>/dev/null | head -n 1 || true)
-stale=""
-if [ -z "$so" ]; then
-  stale="not built"
-elif [ -n "$(find csrc setup.py -type f -newer "$so" | head -n 1)" ]; then
-  stale="sources changed"
-elif ! "$PY" -c "import ntkfast._C" 2>/dev/null; then
-  stale="does not load against the installed torch"
-else
-  # the installed package (what `ntkfast` and imports outside this folder get) must be this checkout
-  installed=$(cd / && "$PY" -c "import os, ntkfast; print(os.path.dirname(os.path.dirname(os.path.realpath(ntkfast.__file__))))" 2>/dev/null || true)
-  [ "$installed" = "$(pwd -P)" ] || stale="installed package is ${installed:-missing}, not this checkout"
+if importlib.util.find_spec("torch") is None:
+    missing.append("torch==2.13.0")
+for mod in ("numpy", "pytest", "pybind11", "wheel"):
+    if importlib.util.find_spec(mod) is None:
+        missing.append(mod)
+try:
+    import setuptools
+    if int(setuptools.__version__.split(".")[0]) < 64:
+        missing.append("setuptools>=64")
+except ImportError:
+    missing.append("setuptools>=64")
+import shutil
+if shutil.which("ninja") is None and importlib.util.find_spec("ninja") is None:
+    missing.append("ninja")
+print(" ".join(missing))
+here = os.path.realpath(os.getcwd())
+so = sorted(glob.glob("ntkfast/_C*.so"))
+stale = ""
+if missing:
+    stale = "set-up changed"
+elif not so:
+    stale = "not built"
+else:
+    built = os.path.getmtime(so[0])
+    sources = [f for f in glob.glob("csrc/**/*", recursive=True) if os.path.isfile(f)] + ["setup.py"]
+    if any(os.path.getmtime(f) > built for f in sources):
+        stale = "sources changed"
+    else:
+        # the installed package (what `ntkfast` and imports elsewhere get) must be this checkout
+        sys.path = [p for p in sys.path if p not in ("", here) and os.path.realpath(p or ".") != here]
+        spec = importlib.util.find_spec("ntkfast")
+        where = os.path.dirname(os.path.dirname(os.path.realpath(spec.origin))) if spec and spec.origin else None
+        if where != here:
+            stale = f"installed package is {where or 'missing'}, not this checkout"
+        else:
+            try:
+                import torch  # noqa: F401
+                import ntkfast._C  # noqa: F401
+            except Exception:
+                stale = "does not load against the installed torch"
+print(stale)
+PYEOF
+)
+missing=$(printf '%s\n' "$state" | sed -n 1p)
+stale=$(printf '%s\n' "$state" | sed -n 2p)
+if [ -n "$missing" ]; then
+  echo "run.sh: installing $missing" >&2
+  # shellcheck disable=SC2086
+  "$PY" -m pip install -q $missing
 fi
 if [ -n "$stale" ]; then
   echo "run.sh: building the extension ($stale)" >&2
