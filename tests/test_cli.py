@@ -19,7 +19,9 @@ def test_prune_prints_table_and_saves(tmp_path, capsys):
                "--out", str(out), "--quiet"])
     text = capsys.readouterr().out
     assert rc == 0
-    assert "layers.0.weight" in text or "fc" in text or ".weight" in text
+    for name in ("classifier.0.weight", "classifier.2.weight", "classifier.4.weight"):
+        assert name in text  # one table row per prunable layer
+    assert "300x784" in text and "235200" in text
     assert "total" in text and "scoring time" in text and "masks saved" in text
     m = Masks.load(out)
     assert m.metadata["method"] == "synflow" and m.metadata["rounds"] == 3 and m.metadata["model"] == "lenet300_100"
