@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import math
-import warnings
 from collections import OrderedDict
-from typing import Dict, Iterable, Iterator, Mapping, Optional
+from typing import Dict, Iterator, Mapping, Optional
 
 import torch
 from torch import nn

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ._progress import Progress
+from .scores._common import model_device
 from .masks import parameter_name
 
 __all__ = ["train", "evaluate", "TrainResult"]
@@ -131,7 +132,7 @@ def evaluate(model: nn.Module, dataset, batch_size: int = 512, device=None,
     train/eval mode is restored afterwards."""
     batch_size = _check_positive_int("batch_size", batch_size)
     if device is None:
-        device = _model_device(model)
+        device = model_device(model)
     was_training = model.training
     model.eval()
     total_loss, correct, n = 0.0, 0, 0
@@ -146,14 +147,6 @@ def evaluate(model: nn.Module, dataset, batch_size: int = 512, device=None,
     if n == 0:
         raise ValueError("dataset gave no batches to evaluate")
     return total_loss / n, correct / n
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return torch.device("cpu")
 
 
 # -- training ------------------------------------------------------------------------------------
@@ -224,7 +217,7 @@ def train(
 
     if device is not None:
         model.to(device)
-    device = _model_device(model)
+    device = model_device(model)
     params = dict(model.named_parameters())
     mask_f = {n: m.to(device=params[n].device, dtype=params[n].dtype) for n, m in param_masks.items()}
 

@@ -130,3 +130,23 @@ def check_init(init: str) -> str:
     if init not in _INITS:
         raise ValueError(f"init must be one of {', '.join(map(repr, _INITS))}, got {init!r}")
     return init
+
+
+@torch.no_grad()
+def kaiming_reinit_(model: nn.Module, init: str) -> None:
+    """The Synaptic-Flow / NTK-SAP CIFAR initialisation: Kaiming-normal (fan-in) weights of every
+    Conv2d and Linear, BatchNorm weight 1 and bias 0; conv/linear biases zero with
+    ``init="synflow"``, PyTorch's default uniform with ``init="ntksap"`` (NTK-SAP leaves them)."""
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            w = param(m, "weight")
+            b = param(m, "bias")
+            nn.init.kaiming_normal_(w)
+            if b is not None:
+                if init == "synflow":
+                    nn.init.zeros_(b)
+                else:
+                    bound = 1.0 / math.sqrt(fans(w)[0])
+                    nn.init.uniform_(b, -bound, bound)
+        elif isinstance(m, nn.BatchNorm2d):
+            reset_batchnorm_(m)

@@ -23,13 +23,12 @@ the authors' state dicts.
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from ._base import ZooModel, check_image_shape, check_init, check_num_classes, fans, param, reset_batchnorm_
+from ._base import ZooModel, check_image_shape, check_init, check_num_classes, kaiming_reinit_
 
 __all__ = ["CifarResNet", "BasicBlock", "resnet20", "resnet32", "resnet56"]
 
@@ -94,21 +93,8 @@ class CifarResNet(ZooModel):
         out = self.pool(self.blocks(out))
         return self.fc(torch.flatten(out, 1))
 
-    @torch.no_grad()
     def reinitialize(self) -> "CifarResNet":
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)):
-                w = param(m, "weight")
-                b = param(m, "bias")
-                nn.init.kaiming_normal_(w)
-                if b is not None:
-                    if self.init == "synflow":
-                        nn.init.zeros_(b)
-                    else:
-                        bound = 1.0 / math.sqrt(fans(w)[0])
-                        nn.init.uniform_(b, -bound, bound)
-            elif isinstance(m, nn.BatchNorm2d):
-                reset_batchnorm_(m)
+        kaiming_reinit_(self, self.init)
         return self
 
 

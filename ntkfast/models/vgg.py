@@ -19,13 +19,12 @@ Module names (``layers.<i>.conv``, ``layers.<i>.bn``, ``fc``) match the authors'
 """
 from __future__ import annotations
 
-import math
 from typing import List, Sequence, Union
 
 import torch
 from torch import nn
 
-from ._base import (ZooModel, check_image_shape, check_init, check_num_classes, fans, param, reset_batchnorm_,
+from ._base import (ZooModel, check_image_shape, check_init, check_num_classes, kaiming_reinit_,
                     too_small)
 
 __all__ = ["VGG", "vgg11", "vgg16", "vgg19", "PLANS"]
@@ -86,21 +85,8 @@ class VGG(ZooModel):
         x = self.pool(self.layers(x))
         return self.fc(torch.flatten(x, 1))
 
-    @torch.no_grad()
     def reinitialize(self) -> "VGG":
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)):
-                w = param(m, "weight")
-                b = param(m, "bias")
-                nn.init.kaiming_normal_(w)
-                if b is not None:
-                    if self.init == "synflow":
-                        nn.init.zeros_(b)
-                    else:
-                        bound = 1.0 / math.sqrt(fans(w)[0])
-                        nn.init.uniform_(b, -bound, bound)
-            elif isinstance(m, nn.BatchNorm2d):
-                reset_batchnorm_(m)
+        kaiming_reinit_(self, self.init)
         return self
 
 

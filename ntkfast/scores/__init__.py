@@ -45,8 +45,8 @@ def available() -> Dict[str, str]:
 
 # Built-in scorers: importing them registers them. Modules are underscore-prefixed so that the
 # names below are the functions.
-from ._random import random  # noqa: E402
-from ._magnitude import magnitude  # noqa: E402
-from ._snip import snip, iterative_snip  # noqa: E402
-from ._grasp import grasp  # noqa: E402
-from ._synflow import synflow  # noqa: E402
+from ._random import random  # noqa: E402, F401
+from ._magnitude import magnitude  # noqa: E402, F401
+from ._snip import snip, iterative_snip  # noqa: E402, F401
+from ._grasp import grasp  # noqa: E402, F401
+from ._synflow import synflow  # noqa: E402, F401
