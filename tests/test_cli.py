@@ -5,9 +5,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from ntkfast import Masks, scores
+from ntkfast import Masks
 from ntkfast.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]

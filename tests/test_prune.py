@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-import ntkfast
+
 from ntkfast import Masks, prune, scores
 from ntkfast.masks import density_schedule, n_keep
 from ntkfast.prune import LayerCollapseError

@@ -16,51 +16,15 @@
 #include <vector>
 
 #include "topk_mask.cuh"
+#include "../topk_prepare.h"
 
 namespace ntkfast {
 namespace {
 
-// float64 if any score is float64, else float32 (float16 and bfloat16 are compared in float32).
-at::ScalarType common_dtype(at::TensorList scores) {
-  bool any_double = false;
-  for (size_t i = 0; i < scores.size(); ++i) {
-    const auto dt = scores[i].scalar_type();
-    TORCH_CHECK_VALUE(at::isFloatingType(dt), "topk_mask: scores[", i, "] must be a floating tensor, got ", dt);
-    any_double |= dt == at::kDouble;
-  }
-  return any_double ? at::kDouble : at::kFloat;
-}
-
-struct Prepared {
-  std::vector<at::Tensor> x, keep, out;
-};
+using Prepared = TopkPrepared;
 
 Prepared prepare(at::TensorList scores, const std::optional<at::TensorList>& keep) {
-  Prepared pr;
-  const auto dt = common_dtype(scores);
-  if (keep.has_value()) {
-    TORCH_CHECK_VALUE(keep->size() == scores.size(), "topk_mask: keep has ", keep->size(),
-                      " tensors but scores has ", scores.size());
-  }
-  const at::Device device = scores[0].device();
-  for (size_t i = 0; i < scores.size(); ++i) {
-    const at::Tensor& s = scores[i];
-    TORCH_CHECK_VALUE(s.device().is_cuda(), "topk_mask: scores[", i, "] is on ", s.device(), ", expected cuda");
-    TORCH_CHECK_VALUE(s.device() == device, "topk_mask: scores[", i, "] is on ", s.device(), " but scores[0] is on ",
-                      device);
-    pr.x.push_back(s.to(dt).contiguous());
-    if (keep.has_value()) {
-      const at::Tensor& kp = (*keep)[i];
-      TORCH_CHECK_VALUE(kp.scalar_type() == at::kBool, "topk_mask: keep[", i, "] must be bool, got ", kp.scalar_type());
-      TORCH_CHECK_VALUE(kp.sizes() == s.sizes(), "topk_mask: keep[", i, "] has shape ", kp.sizes(),
-                        " but scores[", i, "] has shape ", s.sizes());
-      TORCH_CHECK_VALUE(kp.device() == s.device(), "topk_mask: keep[", i, "] is on ", kp.device(),
-                        " but scores[", i, "] is on ", s.device());
-      pr.keep.push_back(kp.contiguous());
-    }
-    pr.out.push_back(at::empty(s.sizes(), s.options().dtype(at::kBool)));
-  }
-  return pr;
+  return topk_prepare(scores, keep, at::kCUDA);
 }
 
 // Runs the selection on the current stream of the scores' device. ks: one k (all tensors
