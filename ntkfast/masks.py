@@ -54,6 +54,19 @@ def prunable_parameters(
     return out
 
 
+def unpruned_weights(model: nn.Module, prunable: Mapping[str, torch.Tensor]) -> "OrderedDict[str, str]":
+    """Parameters of two or more dimensions that are not among ``prunable`` (transposed
+    convolutions, embeddings, bilinear layers, attention projections...): name -> module type, so
+    that a caller can say by name what is left dense."""
+    chosen = {id(p) for p in prunable.values()}
+    out: "OrderedDict[str, str]" = OrderedDict()
+    for mname, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if p is not None and p.dim() >= 2 and id(p) not in chosen:
+                out[f"{mname}.{pname}" if mname else pname] = type(module).__name__
+    return out
+
+
 def parameter_name(model: nn.Module, mask_name: str) -> str:
     """The name in ``model.named_parameters()`` of the tensor that mask ``mask_name`` applies to."""
     names = dict(model.named_parameters())

@@ -13,7 +13,7 @@ from torch import nn
 
 from . import scores as _scores
 from ._version import __version__
-from .masks import Masks, density_schedule, threshold
+from .masks import Masks, density_schedule, prunable_parameters, threshold, unpruned_weights
 
 _SCHEDULES = ("exponential", "linear")
 _SCOPES = ("global", "layerwise")
@@ -158,6 +158,12 @@ def prune(
         raise ValueError(f"seed must be an int, got {seed!r}")
     _check_options(info, method_options)
     current = _existing_masks(model, Masks.ones(model, include_bias=include_bias, include_norm=include_norm))
+    left = unpruned_weights(model, prunable_parameters(model, include_bias=include_bias, include_norm=include_norm))
+    if left:
+        listed = ", ".join(f"{n} ({t})" for n, t in list(left.items())[:8]) + (" ..." if len(left) > 8 else "")
+        warnings.warn(f"prune: {len(left)} weight tensor(s) of layers ntkfast does not prune stay dense: {listed}. "
+                      "Prunable are the weights of Linear and Conv1d/2d/3d modules (and their subclasses).",
+                      RuntimeWarning, stacklevel=2)
     if masks is not None:
         current = _check_start_masks(masks, current)
         current = _existing_masks(model, current)

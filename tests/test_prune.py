@@ -218,3 +218,11 @@ def test_iterative_synflow_reproduces_authors_loop_bit_for_bit():
     got = prune(model, "synflow", 0.02, rounds=10, keep_rule="authors", progress=False, on_empty_layer="ignore",
                 input_shape=(3, 8, 8))
     assert [torch.equal(g, r) for g, r in zip(got.values(), ref)] == [True] * len(ref)
+
+
+def test_unsupported_layers_are_reported_by_name_and_left_dense():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.ConvTranspose2d(3, 4, 2), nn.Flatten(), nn.Linear(4 * 9 * 9, 10))
+    with pytest.warns(RuntimeWarning, match=r"stay dense: 0\.weight \(ConvTranspose2d\)"):
+        m = prune(net, "magnitude", 0.5, progress=False)
+    assert list(m) == ["2.weight"]
