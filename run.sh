@@ -12,8 +12,8 @@ PY=${PYTHON:-python3}
 
 # One Python process answers every question (each extra one that imports torch costs a second):
 # line 1, the packages to install; line 2, why the extension must be (re)built, or nothing.
-state=$("$PY" - <<'PYEOF'
-import glob, importlib.util, os, sys
+if ! state=$("$PY" - <<'PYEOF'
+import glob, importlib.util, os, sys, sysconfig
 missing = []
 # torch only when absent: an installed torch that fails to import is the user's to mend, not ours to replace
 if importlib.util.find_spec("torch") is None:
@@ -32,14 +32,14 @@ if shutil.which("ninja") is None and importlib.util.find_spec("ninja") is None:
     missing.append("ninja")
 print(" ".join(missing))
 here = os.path.realpath(os.getcwd())
-so = sorted(glob.glob("ntkfast/_C*.so"))
+so = "ntkfast/_C" + (sysconfig.get_config_var("EXT_SUFFIX") or ".so")  # this Python's, not a leftover
 stale = ""
 if missing:
     stale = "set-up changed"
-elif not so:
+elif not os.path.exists(so):
     stale = "not built"
 else:
-    built = os.path.getmtime(so[0])
+    built = os.path.getmtime(so)
     sources = [f for f in glob.glob("csrc/**/*", recursive=True) if os.path.isfile(f)] + ["setup.py"]
     if any(os.path.getmtime(f) > built for f in sources):
         stale = "sources changed"
@@ -58,7 +58,10 @@ else:
                 stale = "does not load against the installed torch"
 print(stale)
 PYEOF
-)
+); then
+  # the check crashed (a stale _C that aborts on import, say): keep what it found missing, rebuild
+  state=$(printf '%s\n%s' "$(printf '%s\n' "$state" | sed -n 1p)" "the set-up check itself failed")
+fi
 missing=$(printf '%s\n' "$state" | sed -n 1p)
 stale=$(printf '%s\n' "$state" | sed -n 2p)
 if [ -n "$missing" ]; then
@@ -69,8 +72,8 @@ fi
 if [ -n "$stale" ]; then
   echo "run.sh: building the extension ($stale)" >&2
   if ! "$PY" -m pip install -q --no-build-isolation --no-deps -e . >&2; then
-    if [ -z "${FORCE_CPU:-}" ] && [ -z "${FORCE_CUDA:-}" ]; then
-      # a failed CUDA build must not cost the CPU kernels
+    if [ "${FORCE_CPU:-0}" != 1 ] && [ "${FORCE_CUDA:-0}" != 1 ] && [ "${NTKFAST_NO_CPU_RETRY:-0}" != 1 ]; then
+      # a failed CUDA build must not cost the CPU kernels (NTKFAST_NO_CPU_RETRY=1: fail instead)
       echo "run.sh: the build failed; retrying without CUDA (FORCE_CPU=1)" >&2
       FORCE_CPU=1 "$PY" -m pip install -q --no-build-isolation --no-deps -e . >&2
     else

@@ -135,13 +135,15 @@ def _rename(exc: ValueError, names: Optional[Sequence[str]]) -> ValueError:
     return ValueError(msg)
 
 
-def _check_k(k, name: str) -> int:
+def _check_k(k, name: str, clamp: bool = False) -> int:
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(k).__name__}")
     k = int(k)  # numpy integers too
     if k < 0:
         raise ValueError(f"{name} must be >= 0, got {k}")
     if k >= 2**62:
+        if clamp:  # any k above the alive count means "all of them"
+            return 2**62
         raise ValueError(f"{name}={k} is beyond any tensor list's size")
     return k
 
@@ -171,7 +173,7 @@ def topk_mask(
     masking rule of the Synaptic-Flow / NTK-SAP code (``score <= kthvalue`` is pruned).
     """
     _check_topk_args(scores, keep, names)
-    k = _check_k(k, "k")
+    k = _check_k(k, "k", clamp)
     if len(scores) == 0:
         if k:
             raise ValueError(f"k={k} exceeds the 0 entries that may be kept")
@@ -199,7 +201,7 @@ def topk_mask_layerwise(
     _check_topk_args(scores, keep, names)
     if len(ks) != len(scores):
         raise ValueError(f"ks has {len(ks)} entries but scores has {len(scores)}")
-    ks = [_check_k(k, f"ks[{i}]") for i, k in enumerate(ks)]
+    ks = [_check_k(k, f"ks[{i}]", clamp) for i, k in enumerate(ks)]
     if len(scores) == 0:
         return []
     keep_list = list(keep) if keep is not None else None
@@ -214,7 +216,7 @@ def topk_mask_layerwise(
 def topk_mask_reference(scores, k, keep=None, *, drop_ties=False, clamp=False, names=None) -> list:
     """torch.cat + stable sort: the semantics of :func:`topk_mask`, written plainly."""
     _check_topk_args(scores, keep, names)
-    k = _check_k(k, "k")
+    k = _check_k(k, "k", clamp)
     if len(scores) == 0:
         if k:
             raise ValueError(f"k={k} exceeds the 0 entries that may be kept")
@@ -252,7 +254,7 @@ def topk_mask_layerwise_reference(scores, ks, keep=None, *, drop_ties=False, cla
     _check_topk_args(scores, keep, names)
     if len(ks) != len(scores):
         raise ValueError(f"ks has {len(ks)} entries but scores has {len(scores)}")
-    ks = [_check_k(k, f"ks[{i}]") for i, k in enumerate(ks)]
+    ks = [_check_k(k, f"ks[{i}]", clamp) for i, k in enumerate(ks)]
     out = []
     for i, s in enumerate(scores):
         try:

@@ -34,9 +34,9 @@ def _check_density(density) -> float:
 
 
 def _check_rounds(rounds) -> int:
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+    if isinstance(rounds, bool) or not isinstance(rounds, numbers.Integral) or rounds < 1:
         raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}")
-    return rounds
+    return int(rounds)
 
 
 def _check_choice(name: str, value, choices) -> str:
@@ -154,8 +154,9 @@ def prune(
     _check_choice("scope", scope, _SCOPES)
     _check_choice("on_empty_layer", on_empty_layer, _ON_EMPTY)
     _check_choice("keep_rule", keep_rule, ("exact", "authors"))
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise ValueError(f"seed must be an int, got {seed!r}")
+    seed = int(seed)
     _check_options(info, method_options)
     current = _existing_masks(model, Masks.ones(model, include_bias=include_bias, include_norm=include_norm))
     left = unpruned_weights(model, prunable_parameters(model, include_bias=include_bias, include_norm=include_norm))
@@ -172,8 +173,9 @@ def prune(
     if data is not None:
         from .scores._common import as_batches, model_device
 
-        # once: a generator can be read only once, and every round must score the same batches
-        data = as_batches(data, name="data", device=model_device(model))
+        # once: a generator can be read only once, and every round must score the same batches;
+        # moved to the model's device only for methods that compute on it (SynFlow reads a shape)
+        data = as_batches(data, name="data", device=model_device(model) if info.needs_data else None)
         _check_data_fits(model, data)
 
     from ._progress import Progress

@@ -74,7 +74,7 @@ def test_models_returning_tuples():
 def test_wrong_input_shape_is_named():
     net = mlp()
     state = {k: v.clone() for k, v in net.state_dict().items()}
-    with pytest.raises(ValueError, match=r"input_shape: an input of shape \(13,\) does not fit"):
+    with pytest.raises(ValueError, match=r"input_shape: the forward failed for an input of shape \(13,\)"):
         ntkfast.prune(net, "synflow", 0.5, input_shape=(13,), progress=False)
     assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
 
@@ -167,3 +167,68 @@ def test_cpu_kernel_independent_of_thread_count():
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(one, many))
+
+
+def _tiny_mlp(bias):
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(12):
+        lin = nn.Linear(8, 8, bias=bias)
+        nn.init.uniform_(lin.weight, 1e-5, 2e-5)
+        if bias:
+            nn.init.uniform_(lin.bias, 0.1, 0.2)
+        layers += [lin, nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+def test_synflow_underflow_with_biases_is_caught():
+    # the late biases keep R > 0 while the early layers' scores underflow to 0 in float32
+    net = _tiny_mlp(bias=True)
+    with pytest.warns(RuntimeWarning, match="underflowed"):
+        s = scores.synflow(net, input_shape=(8,))
+    ref = scores.synflow(net, input_shape=(8,), dtype=torch.float64)
+    assert all(torch.equal(s[n], ref[n]) for n in s) and bool((s["0.weight"] > 0).all())
+
+
+def test_a_cut_network_is_not_mistaken_for_underflow():
+    net = _tiny_mlp(bias=False)
+    with torch.no_grad():
+        for m in net:
+            if isinstance(m, nn.Linear):
+                m.weight.fill_(0.5)
+    masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in net.named_parameters()}
+    masks["10.weight"][:] = False  # layer 6 of 12 fully pruned: no path survives
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s = scores.synflow(net, masks, input_shape=(8,))
+    assert all(float(v.abs().sum()) == 0.0 for v in s.values())
+
+
+def test_float64_fallback_drops_the_float32_copy_from_the_cache():
+    net = _tiny_mlp(bias=True)
+    cache = {}
+    with pytest.warns(RuntimeWarning, match="underflowed"):
+        scores.synflow(net, input_shape=(8,), cache=cache)
+    assert ("synflow", torch.float32) not in cache and cache[("float64 fallback", "synflow")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scores.synflow(net, input_shape=(8,), cache=cache)  # straight to float64, no second warning
+
+
+def test_prune_with_start_masks_still_respects_hook_masks():
+    net = mlp()
+    tprune.l1_unstructured(net[0], "weight", amount=0.5)
+    pruned = net[0].weight_mask == 0
+    m = ntkfast.prune(net, "magnitude", 0.9, masks=Masks.ones(net), progress=False)
+    assert not bool((m["0.weight"] & pruned).any())
+
+
+def test_tensors_on_devices_without_kernels_warn_once(monkeypatch):
+    import ntkfast._ops as ops
+
+    monkeypatch.setattr(ops, "_DEVICE_WARNED", set())
+    with pytest.warns(RuntimeWarning, match="meta tensors use the pure-PyTorch reference"):
+        assert ops._use_kernel(torch.device("meta")) is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ops._use_kernel(torch.device("meta"))

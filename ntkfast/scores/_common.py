@@ -65,6 +65,7 @@ __all__ = [
     "grad_dict",
     "all_finite",
     "with_float64_fallback",
+    "remember_float64",
     "divide_by_total",
     "finish",
 ]
@@ -436,6 +437,16 @@ def all_finite(*objs) -> bool:
     return all(bool(torch.isfinite(torch.stack(sums)).all()) for sums in by_device.values())
 
 
+def remember_float64(cache: Optional[dict], scorer: str, failed: torch.dtype) -> None:
+    """Note in a per-run ``cache`` that ``scorer`` needs float64 on this model, and drop what it
+    cached for the ``failed`` dtype (cache keys are ``(scorer, dtype)`` by convention)."""
+    if cache is None:
+        return
+    cache[("float64 fallback", scorer)] = True
+    for key in [k for k in cache if isinstance(k, tuple) and len(k) == 2 and k == (scorer, failed)]:
+        del cache[key]
+
+
 def with_float64_fallback(
     compute: Callable[[torch.dtype], Tuple[Mapping[str, torch.Tensor], bool]],
     targets: Mapping[str, Target],
@@ -457,13 +468,12 @@ def with_float64_fallback(
         if finite or dt == torch.float64:
             return scores
         warnings.warn(
-            f"{scorer}: the {str(dt).replace('torch.', '')} computation overflowed or underflowed (inf/nan, or "
-            "a zero network output); recomputing in float64",
+            f"{scorer}: the {str(dt).replace('torch.', '')} computation overflowed (inf/nan in the network "
+            "output or the scores); recomputing in float64",
             RuntimeWarning,
             stacklevel=3,
         )
-        if cache is not None:
-            cache[remembered] = True
+        remember_float64(cache, scorer, dt)
         scores, finite = compute(torch.float64)
     if not finite:
         warnings.warn(f"{scorer}: the scores are not finite even in float64", RuntimeWarning, stacklevel=3)

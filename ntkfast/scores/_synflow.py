@@ -1,6 +1,9 @@
 """SynFlow (Tanaka et al. 2020; Synaptic-Flow's ``SynFlow``): data-free synaptic saliency."""
 from __future__ import annotations
 
+import math
+import warnings
+
 from collections import OrderedDict
 from typing import Mapping, Optional
 
@@ -15,6 +18,7 @@ from ._common import (
     grad_dict,
     model_device,
     private_copy,
+    remember_float64,
     resolve_input_shape,
     resolve_targets,
     state_copy,
@@ -75,17 +79,34 @@ def synflow(
                     out = out[0]
             else:
                 out = functional_forward(model, substitute(state, targets, w), x, train_mode=train_mode)
+        except torch.OutOfMemoryError:
+            raise
         except RuntimeError as exc:  # shape mismatches surface as RuntimeError from the first layer that sees them
-            raise ValueError(f"input_shape: an input of shape {tuple(shape)} does not fit the model: {exc}") from None
+            raise ValueError(f"input_shape: the forward failed for an input of shape {tuple(shape)} "
+                             f"(a wrong input_shape?): {exc}") from exc
         r = out.sum()
         grads = grad_dict(r, w)
         scores = OrderedDict((n, (w[n].detach() * g).abs_()) for n, g in grads.items())
-        # R = 0 while weights are alive is float32 underflow (R > 0 on any connected |theta|-network);
-        # in float64 it is accepted (the network may be cut through)
-        underflow = dt != torch.float64 and float(r.detach()) == 0.0 and any(bool(t.mask.any()) for t in targets.values())
-        return scores, all_finite(out, scores) and not underflow
+        # one reduction per tensor and one host sync: finiteness, and which tensors scored all zero
+        sums = torch.stack([v.sum().double() for v in scores.values()] + [r.detach().double()]).tolist()
+        zero[:] = [n for n, v in zip(scores, sums) if v == 0.0]
+        return scores, all(math.isfinite(v) for v in sums)
 
-    return finish(with_float64_fallback(compute, targets, dtype, scorer="synflow", cache=cache), targets)
+    zero: list = []
+    result = with_float64_fallback(compute, targets, dtype, scorer="synflow", cache=cache)
+    first = next(iter(result.values())).dtype
+    # Underflow: in float32 a tensor with alive weights can score exactly 0 everywhere although it
+    # carries flow. A tensor can also score 0 because the network is cut through behind it: only a
+    # float64 recomputation tells the two apart.
+    suspects = [n for n in zero if bool(targets[n].mask.any())] if first != torch.float64 else []
+    if suspects:
+        result64 = compute(torch.float64)[0]
+        if any(bool(result64[n].any()) for n in suspects):
+            warnings.warn(f"synflow: the {str(first).replace('torch.', '')} computation underflowed (e.g. "
+                          f"{suspects[0]} scored 0 throughout); using float64", RuntimeWarning, stacklevel=2)
+            remember_float64(cache, "synflow", first)
+            result = result64
+    return finish(result, targets)
 
 
 def _prepared(model, targets, dt, train_mode, cache):
