@@ -232,3 +232,27 @@ def test_tensors_on_devices_without_kernels_warn_once(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ops._use_kernel(torch.device("meta"))
+
+
+def test_tied_weights_score_both_uses():
+    torch.manual_seed(0)
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(10, 10, bias=False)
+            self.b = nn.Linear(10, 10, bias=False)
+            self.b.weight = self.a.weight
+            self.c = nn.Linear(10, 4, bias=False)
+
+        def forward(self, x):
+            return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+    net = Tied().double()
+    assert list(ntkfast.prunable_parameters(net)) == ["a.weight", "c.weight"]
+    w = net.a.weight.detach().abs().clone().requires_grad_(True)
+    c = net.c.weight.detach().abs()
+    r = (torch.relu(torch.relu(torch.ones(1, 10, dtype=torch.float64) @ w.T) @ w.T) @ c.T).sum()
+    (g,) = torch.autograd.grad(r, w)
+    for cache in (None, {}):
+        torch.testing.assert_close(scores.synflow(net, input_shape=(10,), cache=cache)["a.weight"], (w * g).abs())
