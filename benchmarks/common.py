@@ -396,7 +396,7 @@ def run_case(suite: Suite, case: Case, args: argparse.Namespace, device: torch.d
             fn(*case.prepare(state))
             synchronize(device)
 
-    tp, to = time_pair(case.peer, case.ours, lambda: case.prepare(state), device, args.runs)
+    tp, to = time_pair(case.peer, case.ours, lambda st=state: case.prepare(st), device, args.runs)
     del state
     peer_s, ours_s = median(tp), median(to)
     ratio = peer_s / ours_s if peer_s and ours_s else None
