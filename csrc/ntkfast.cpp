@@ -19,6 +19,20 @@ TORCH_LIBRARY(ntkfast, m) {
   m.def("topk_mask(Tensor[] scores, int k, Tensor[]? keep, bool drop_ties=False, bool clamp=False) -> Tensor[]");
   // The same, with one k per tensor.
   m.def("topk_mask_layerwise(Tensor[] scores, int[] ks, Tensor[]? keep, bool drop_ties=False, bool clamp=False) -> Tensor[]");
+
+  // Counter-based normal numbers (csrc/philox.h). philox: int64 [2] = (seed bits, offset) on the
+  // device where the work happens, read there (no host sync: capturable in a CUDA graph, and
+  // changeable between replays). Numbers offset .. offset + numel - 1 of the stream, row-major.
+  m.def("philox_normal(Tensor philox, int[] size, ScalarType dtype) -> Tensor");
+  // NTK-SAP's two weight sets in one pass: out[0] = weight * mask, out[1] = (weight + epsilon * xi)
+  // * mask, xi[i] = normal number offset + i (flat row-major index i of weight). weight is
+  // [*lead, *mask.shape]: mask is broadcast over the leading draws. out: [2, *weight.shape].
+  m.def("perturbed_masked(Tensor weight, Tensor mask, float epsilon, Tensor philox) -> Tensor");
+  // Its backward, xi regenerated: grad_weight = (grad[0] + grad[1]) * mask; grad_mask = the sum
+  // over the leading draws of grad[0] * weight + grad[1] * (weight + epsilon * xi). An output not
+  // asked for in output_mask comes back as an empty tensor of shape [0].
+  m.def("perturbed_masked_backward(Tensor grad, Tensor weight, Tensor mask, float epsilon, Tensor philox, "
+        "bool[2] output_mask) -> (Tensor, Tensor)");
 }
 
 namespace {

@@ -6,7 +6,21 @@ import json
 import sys
 import time
 
-_ITERATIVE_DEFAULT_ROUNDS = {"synflow": 100, "iterative_snip": 100}
+# the authors' defaults: SynFlow 100 rounds; NTK-SAP 20 rounds on CIFAR-sized problems
+_ITERATIVE_DEFAULT_ROUNDS = {"synflow": 100, "iterative_snip": 100, "ntksap": 20}
+
+
+def _option(text: str) -> tuple:
+    """KEY=VALUE with VALUE a Python literal (a number, True/False/None, a string, a tuple)."""
+    import ast
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. repeats=5), got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
 
 
 def _shape(text: str) -> tuple:
@@ -58,7 +72,7 @@ def cmd_prune(args) -> int:
     if args.device:
         model = model.to(args.device)
     rounds = args.rounds if args.rounds is not None else _ITERATIVE_DEFAULT_ROUNDS.get(args.method, 1)
-    options = {}
+    options = dict(args.option or [])
     if args.float64:
         options["dtype"] = torch.float64
     data = None
@@ -106,9 +120,16 @@ def cmd_train(args) -> int:
 def cmd_methods(args) -> int:
     from . import scores
 
+    import inspect
+
     for name, desc in scores.available().items():
-        data = " (needs data)" if scores.get(name).needs_data else ""
+        info = scores.get(name)
+        data = " (needs data)" if info.needs_data else ""
         print(f"{name:16s} {desc}{data}")
+        opts = [f"{n}={p.default!r}" for n, p in inspect.signature(info.fn).parameters.items()
+                if p.kind is p.KEYWORD_ONLY and n not in ("data", "seed", "cache")]
+        if opts:
+            print(f"{'':16s}   options (-o KEY=VALUE): {', '.join(opts)}")
     return 0
 
 
@@ -144,13 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p, "resnet20")
     p.add_argument("--method", default="synflow", help="scorer (see `ntkfast methods`; default synflow)")
     p.add_argument("--density", type=float, default=0.1, help="fraction of weights kept (default 0.1)")
-    p.add_argument("--rounds", type=int, default=None, help="pruning rounds (default 100 for synflow/iterative_snip, else 1)")
+    p.add_argument("--rounds", type=int, default=None, help="pruning rounds (default 100 for synflow/iterative_snip, 20 for ntksap, else 1)")
     p.add_argument("--schedule", default="exponential", choices=["exponential", "linear"])
     p.add_argument("--scope", default="global", choices=["global", "layerwise"])
     p.add_argument("--dataset", default=None, help="mnist, fashion-mnist or cifar10 (for data-based methods)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--batch-size", type=int, default=100, help="scoring batch for data-based methods")
     p.add_argument("--float64", action="store_true", help="score in float64")
+    p.add_argument("-o", "--option", type=_option, action="append", metavar="KEY=VALUE",
+                   help="an option of the method, repeatable (e.g. -o repeats=5 -o epsilon=0.01; see `ntkfast methods`)")
     p.add_argument("--out", default=None, help="save the masks here (torch.save)")
     p.set_defaults(func=cmd_prune)
 

@@ -6,6 +6,11 @@ from ._ops import (  # noqa: F401
     topk_mask_layerwise,
     topk_mask_reference,
     topk_mask_layerwise_reference,
+    philox_normal,
+    philox_normal_reference,
+    philox_words_reference,
+    perturbed_masked,
+    perturbed_masked_reference,
 )
 
 __all__ = [
@@ -15,4 +20,9 @@ __all__ = [
     "topk_mask_layerwise",
     "topk_mask_reference",
     "topk_mask_layerwise_reference",
+    "philox_normal",
+    "philox_normal_reference",
+    "philox_words_reference",
+    "perturbed_masked",
+    "perturbed_masked_reference",
 ]

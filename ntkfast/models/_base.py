@@ -96,7 +96,20 @@ def glorot_normal_truncated_(w: torch.Tensor) -> torch.Tensor:
     deviation is sqrt(2 / (fan_in + fan_out)) (variance_scaling(1, "fan_avg", "truncated_normal"))."""
     fan_in, fan_out = fans(w)
     sigma = math.sqrt(2.0 / (fan_in + fan_out)) / _TRUNC2_STD
-    return nn.init.trunc_normal_(w, mean=0.0, std=sigma, a=-2.0 * sigma, b=2.0 * sigma)
+    return truncated_normal_(w, sigma)
+
+
+@torch.no_grad()
+def truncated_normal_(w: torch.Tensor, sigma: float) -> torch.Tensor:
+    """N(0, sigma^2) truncated to (-2 sigma, 2 sigma), in place, by the inverse CDF: one uniform draw
+    per entry. (torch.nn.init.trunc_normal_ redraws the whole tensor until no entry is out of
+    range, several full draws per call: NTK-SAP re-initialises the model for every batch.)"""
+    edge = math.erf(2.0 / math.sqrt(2.0))  # 2 Phi(2) - 1
+    if w.dtype in (torch.float16, torch.bfloat16):
+        t = torch.empty_like(w, dtype=torch.float32).uniform_(-edge, edge)
+        return w.copy_(t.erfinv_().mul_(sigma * math.sqrt(2.0)).clamp_(-2.0 * sigma, 2.0 * sigma))
+    w.uniform_(-edge, edge).erfinv_().mul_(sigma * math.sqrt(2.0))
+    return w.clamp_(-2.0 * sigma, 2.0 * sigma)
 
 
 def torch_default_(module: nn.Module) -> None:

@@ -50,3 +50,4 @@ from ._magnitude import magnitude  # noqa: E402, F401
 from ._snip import snip, iterative_snip  # noqa: E402, F401
 from ._grasp import grasp  # noqa: E402, F401
 from ._synflow import synflow  # noqa: E402, F401
+from ._ntksap import ntksap, ntksap_trace_estimate  # noqa: E402, F401

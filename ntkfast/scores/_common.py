@@ -57,6 +57,7 @@ __all__ = [
     "substitute",
     "scoring_mode",
     "functional_forward",
+    "copy_model",
     "private_copy",
     "as_batches",
     "resolve_input_shape",
@@ -255,6 +256,26 @@ def functional_forward(
     return out
 
 
+def copy_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)``, also for modules holding computed (non-leaf) tensors as plain
+    attributes, such as the ``weight`` that torch.nn.utils.prune's hook recomputes: deepcopy
+    refuses those, so they are detached for the copy (the hook recomputes them at the next call)."""
+    import copy as _copy
+
+    swapped = []
+    for m in model.modules():
+        d = vars(m)
+        for k, v in list(d.items()):
+            if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter) and not v.is_leaf:
+                swapped.append((d, k, v))
+                d[k] = v.detach()
+    try:
+        return _copy.deepcopy(model)
+    finally:
+        for d, k, v in swapped:
+            d[k] = v
+
+
 def private_copy(model: nn.Module, targets: Mapping[str, Target], dtype: torch.dtype, *,
                  transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, train_mode: bool = False):
     """A deep copy of ``model`` for scorers that evaluate the same transformed network many times
@@ -264,10 +285,8 @@ def private_copy(model: nn.Module, targets: Mapping[str, Target], dtype: torch.d
 
     Returns ``(copy, slots)`` with ``slots[name]`` the copy's parameter for target ``name``, or None
     when the model cannot be deep-copied (the caller then evaluates functionally)."""
-    import copy as _copy
-
     try:
-        dup = _copy.deepcopy(model)
+        dup = copy_model(model)
     except Exception:  # a module holding something deepcopy refuses; not worth failing over
         return None
     dup.train(bool(train_mode))

@@ -1,0 +1,405 @@
+"""Evaluate one network at G weight sets in a single pass.
+
+NTK-SAP needs the same architecture evaluated at 2R different weight sets (R fresh draws, each
+unperturbed and perturbed). Instead of R * 2 model copies and calls, :class:`GroupedNetwork` keeps
+one private copy of the model whose parameterised leaf modules take a *group-stacked* batch: the
+input is ``[G * B, ...]`` (group g owns rows ``g*B .. g*B+B-1``) and every parameter a leaf uses is
+given as ``[G, *shape]``. Modules without parameters (activations, pooling, flatten, dropout in
+eval mode) and the model's own forward code (residual sums, reshapes) run unchanged, because they
+treat the rows of a batch independently.
+
+Per leaf type:
+- Linear: one batched matmul over the groups.
+- Conv1d/2d/3d: one grouped convolution (groups x G) on CUDA, a loop over the groups' contiguous
+  row blocks on CPU (measured faster there: the grouped layout needs two transposing copies).
+- BatchNorm: statistics by :class:`BatchNormPlan` (see there); the affine part per group.
+- LayerNorm / GroupNorm: normalised without affine, then the per-group affine.
+- any other leaf with parameters: evaluated group by group with :func:`torch.func.functional_call`
+  (correct for any module that treats rows independently, only slower); :meth:`GroupedNetwork.explain`
+  lists which leaves take that path.
+A parameter owned by a module that has children (used directly in a custom forward) cannot differ
+between groups: :meth:`GroupedNetwork.check_shared` tells whether the given values agree.
+"""
+from __future__ import annotations
+
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+
+from ._common import copy_model
+
+__all__ = ["GroupedNetwork", "BatchNormPlan", "NotGroupable"]
+
+
+class NotGroupable(ValueError):
+    """The model cannot be evaluated group-stacked (the caller falls back to per-copy evaluation)."""
+
+
+@dataclass
+class BatchNormPlan:
+    """How BatchNorm layers get their statistics in one grouped call.
+
+    ``mode``:
+    - "single_pass": groups ``0..P-1`` (the unperturbed branches) are normalised with the mean and
+      unbiased variance of their own input, computed in the pass without gradient; group g uses the
+      statistics of group ``g % P``. This is eval mode with running statistics taken from the same
+      inputs, in the same pass.
+    - "record": train-mode normalisation (biased variance, the statistics of each group's own input,
+      no gradient through them); the mean and unbiased variance are recorded in ``stats``. This is
+      the authors' separate statistics pass.
+    - "stored": every group g uses ``stats[layer]`` of group ``g % P`` (recorded before).
+    BatchNorm layers without running statistics (``track_running_stats=False``) always normalise
+    each group by its own biased batch statistics, with gradient, as PyTorch does in eval mode.
+    """
+
+    mode: str = "single_pass"
+    pieces: int = 1
+    stats: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+class _Context:
+    """What the wrapped leaves read during one grouped call."""
+
+    def __init__(self):
+        self.values: Mapping[str, torch.Tensor] = {}
+        self.groups = 1
+        self.bn = BatchNormPlan()
+        self.grouped_conv = False
+
+
+def _per_group(t: torch.Tensor, ctx: _Context) -> torch.Tensor:
+    """``[G*B, ...] -> [G, B, ...]`` (a view when possible)."""
+    return t.reshape(ctx.groups, t.shape[0] // ctx.groups, *t.shape[1:])
+
+
+class _Leaf(nn.Module):
+    """Base of the wrappers: holds the original module (for its configuration) and the context."""
+
+    def __init__(self, name: str, module: nn.Module, ctx: _Context):
+        super().__init__()
+        self.name = name
+        self.inner = [module]  # a list, so the module is not registered (its parameters are unused)
+        self.ctx = ctx
+        self.keys: Dict[str, str] = {}  # attr -> key of its value (a tied parameter: its first name)
+
+    @property
+    def module(self) -> nn.Module:
+        return self.inner[0]
+
+    def v(self, attr: str) -> Optional[torch.Tensor]:
+        key = self.keys.get(attr)
+        return None if key is None else self.ctx.values[key]
+
+
+class _Linear(_Leaf):
+    path = "batched matmul"
+
+    def forward(self, x):
+        ctx, G = self.ctx, self.ctx.groups
+        w, b = self.v("weight"), self.v("bias")
+        if G == 1:
+            return F.linear(x, w[0], None if b is None else b[0])
+        lead = x.shape[:-1]
+        x3 = x.reshape(G, -1, x.shape[-1])
+        wt = w.transpose(1, 2)
+        y = torch.baddbmm(b.unsqueeze(1), x3, wt) if b is not None else torch.bmm(x3, wt)
+        return y.reshape(*lead, y.shape[-1])
+
+
+class _Conv(_Leaf):
+    @property
+    def path(self):
+        return "grouped convolution" if self.ctx.grouped_conv else "convolution per group"
+
+    def forward(self, x):
+        m: _ConvNd = self.module
+        ctx, G = self.ctx, self.ctx.groups
+        w, b = self.v("weight"), self.v("bias")
+        nd = w.dim() - 3
+        conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
+        padding = m.padding
+        if m.padding_mode != "zeros":
+            x = F.pad(x, m._reversed_padding_repeated_twice, mode=m.padding_mode)
+            padding = (0,) * nd
+        if G == 1:
+            return conv(x, w[0], None if b is None else b[0], m.stride, padding, m.dilation, m.groups)
+        if not ctx.grouped_conv:
+            # split/unbind, not indexing: their backward is one cat, where each index's backward
+            # would allocate and fill a zero gradient of the whole stack
+            xs = x.split(x.shape[0] // G)
+            ws = w.unbind(0)
+            bs = b.unbind(0) if b is not None else [None] * G
+            outs = [conv(xg, wg, bg, m.stride, padding, m.dilation, m.groups) for xg, wg, bg in zip(xs, ws, bs)]
+            return torch.cat(outs, 0)
+        xg = _per_group(x, ctx)  # [G, B, C, *S]
+        B = xg.shape[1]
+        xi = xg.transpose(0, 1).reshape(B, G * xg.shape[2], *xg.shape[3:])
+        y = conv(xi, w.reshape(G * w.shape[1], *w.shape[2:]), None if b is None else b.reshape(-1),
+                 m.stride, padding, m.dilation, m.groups * G)
+        y = y.reshape(B, G, w.shape[1], *y.shape[2:]).transpose(0, 1)
+        return y.reshape(G * B, *y.shape[2:])
+
+
+def _channel_view(t: torch.Tensor, G: int, dims: int) -> torch.Tensor:
+    """``[G, C] -> [G, 1, C, 1, ...]`` broadcasting against ``[G, B, C, *S]`` with ``dims`` spatial dims."""
+    return t.reshape(G, 1, t.shape[1], *([1] * dims))
+
+
+class _BN(_Leaf):
+    path = "batchnorm (statistics per plan)"
+
+    def forward(self, x):
+        m: _BatchNorm = self.module
+        ctx, G = self.ctx, self.ctx.groups
+        plan = ctx.bn
+        if G == 1 and m.track_running_stats:
+            return self._single(x, m, plan)
+        xg = _per_group(x, ctx)  # [G, B, C, *S]
+        S = xg.dim() - 3
+        red = [1] + list(range(3, xg.dim()))
+        C = xg.shape[2]
+        w, b = self.v("weight"), self.v("bias")
+        if w is None:
+            w = x.new_ones(G, C)
+        if b is None:
+            b = x.new_zeros(G, C)
+        if not m.track_running_stats:
+            var, mean = torch.var_mean(xg, dim=red, unbiased=False, keepdim=True)
+            y = (xg - mean) * torch.rsqrt(var + m.eps)
+            return (y * _channel_view(w, G, S) + _channel_view(b, G, S)).reshape(x.shape)
+        if plan.mode == "record":
+            with torch.no_grad():
+                var_b, mean = torch.var_mean(xg, dim=red, unbiased=False)
+                n = xg.numel() // (G * C)
+                plan.stats[self.name] = (mean, var_b * (n / max(n - 1, 1)))
+            var = var_b
+        else:
+            if plan.mode == "single_pass":
+                with torch.no_grad():
+                    P = plan.pieces
+                    var_u, mean_u = torch.var_mean(xg[:P], dim=red, unbiased=True)
+                    plan.stats[self.name] = (mean_u, var_u)
+            mean, var = plan.stats[self.name]
+            reps = G // mean.shape[0]
+            if reps != 1:
+                mean, var = mean.repeat(reps, 1), var.repeat(reps, 1)
+        scale = w * torch.rsqrt(var + m.eps)
+        shift = b - mean * scale
+        return torch.addcmul(_channel_view(shift, G, S), xg, _channel_view(scale, G, S)).reshape(x.shape)
+
+
+    def _single(self, x, m, plan):
+        """One group: PyTorch's own batch_norm, the very arithmetic of the authors' code."""
+        w, b = self.v("weight"), self.v("bias")
+        w = None if w is None else w[0]
+        b = None if b is None else b[0]
+        if plan.mode == "record":
+            C = x.shape[1]
+            mean, var = x.new_zeros(C), x.new_ones(C)
+            with torch.no_grad():
+                y = F.batch_norm(x, mean, var, w, b, True, 1.0, m.eps)
+            plan.stats[self.name] = (mean.unsqueeze(0), var.unsqueeze(0))
+            return y
+        if plan.mode == "single_pass":
+            C = x.shape[1]
+            mean, var = x.new_zeros(C), x.new_ones(C)
+            with torch.no_grad():  # (several times faster than torch.var_mean over N, H, W)
+                torch.batch_norm_update_stats(x, mean, var, 1.0)
+            plan.stats[self.name] = (mean.unsqueeze(0), var.unsqueeze(0))
+        mean, var = plan.stats[self.name]
+        return F.batch_norm(x, mean[0], var[0], w, b, False, 0.0, m.eps)
+
+
+class _LayerNorm(_Leaf):
+    path = "layer norm + affine per group"
+
+    def forward(self, x):
+        m: nn.LayerNorm = self.module
+        G = self.ctx.groups
+        y = F.layer_norm(x, m.normalized_shape, None, None, m.eps)
+        w, b = self.v("weight"), self.v("bias")
+        if w is None and b is None:
+            return y
+        yg = _per_group(y, self.ctx)
+        ns = tuple(m.normalized_shape)
+        shape = (G,) + (1,) * (yg.dim() - 1 - len(ns)) + ns
+        if w is not None:
+            yg = yg * w.reshape(shape)
+        if b is not None:
+            yg = yg + b.reshape(shape)
+        return yg.reshape(x.shape)
+
+
+class _GroupNorm(_Leaf):
+    path = "group norm + affine per group"
+
+    def forward(self, x):
+        m: nn.GroupNorm = self.module
+        G = self.ctx.groups
+        y = F.group_norm(x, m.num_groups, None, None, m.eps)
+        w, b = self.v("weight"), self.v("bias")
+        if w is None:
+            return y
+        yg = _per_group(y, self.ctx)
+        S = yg.dim() - 3
+        return (yg * _channel_view(w, G, S) + _channel_view(b, G, S)).reshape(x.shape)
+
+
+class _Generic(_Leaf):
+    path = "functional_call per group (no batched rule)"
+
+    def __init__(self, name, module, ctx, attrs):
+        super().__init__(name, module, ctx)
+        self.attrs = attrs
+
+    def forward(self, *args, **kwargs):
+        G = self.ctx.groups
+        xs = args[0].split(args[0].shape[0] // G)
+        per = {a: self.v(a).unbind(0) for a in self.attrs if self.v(a) is not None}
+        outs = [torch.func.functional_call(self.module, {a: v[g] for a, v in per.items()}, (xs[g],) + args[1:], kwargs)
+                for g in range(G)]
+        return torch.cat(outs, 0)
+
+
+def _base_forward(module: nn.Module, base) -> bool:
+    """The module computes what ``base`` computes (its class does not override forward)."""
+    return type(module).forward is base.forward
+
+
+def _attr_of(name: str) -> str:
+    return name[:-5] if name.endswith("_orig") else name
+
+
+def _attr_key(param_name: str) -> str:
+    """``a.b.weight_orig -> a.b.weight``: values are keyed by the attribute a module computes with."""
+    return _attr_of(param_name)
+
+
+class GroupedNetwork:
+    """A private copy of ``model`` (cast to ``dtype``, moved to ``device``, eval mode, parameters
+    frozen) whose parameterised leaves evaluate G weight sets at once.
+
+    Call with the group-stacked input ``x`` ``[G*B, ...]`` and ``values``: for every parameter
+    attribute of every leaf, keyed ``"<module>.<attr>"`` (``weight`` also for a parameter that
+    torch.nn.utils.prune stores as ``weight_orig``), the effective value per group ``[G, *shape]``.
+    ``ones_buffers``: names of ``<attr>_mask`` buffers set to ones in the copy (the caller's values
+    already carry those masks).
+    """
+
+    def __init__(self, model: nn.Module, *, dtype: torch.dtype, device, ones_buffers=()):
+        try:
+            net = copy_model(model)
+        except Exception as exc:
+            raise NotGroupable(f"model: {type(model).__name__} cannot be deep-copied ({exc})") from exc
+        net.to(device=device)
+        with torch.no_grad():
+            for t in list(net.parameters()) + list(net.buffers()):
+                if t.is_floating_point():
+                    t.data = t.data.to(dtype)
+            buffers = dict(net.named_buffers())
+            for n in ones_buffers:
+                if n in buffers:
+                    buffers[n].fill_(1)
+        for p in net.parameters():
+            p.requires_grad_(False)
+        net.eval()
+        self.net = net
+        self.ctx = _Context()
+        self.ctx.grouped_conv = torch.device(device).type == "cuda"
+        self.leaves: "OrderedDict[str, _Leaf]" = OrderedDict()
+        # parameters used outside a wrapped leaf: (name, module attr path) -> must agree across groups
+        self.shared: List[str] = []
+        self._wrap()
+
+    # -- building -------------------------------------------------------------------------------
+    def _wrap(self):
+        ctx = self.ctx
+        # the first name of every parameter (tied parameters share one value)
+        first: Dict[int, str] = {}
+        for n, p in self.net.named_parameters(remove_duplicate=False):
+            first.setdefault(id(p), n)
+        wrappers: Dict[int, _Leaf] = {}
+        places = []
+        for name, mod in self.net.named_modules(remove_duplicate=False):
+            own = list(mod.named_parameters(recurse=False))
+            if id(mod) in wrappers:
+                places.append((name, wrappers[id(mod)]))
+                continue
+            is_leaf = len(list(mod.children())) == 0
+            if isinstance(mod, _BatchNorm):
+                w = _BN(name, mod, ctx)
+            elif not own:
+                continue
+            elif not is_leaf:
+                self.shared += [first[id(p)] for _, p in own if first[id(p)] not in self.shared]
+                continue
+            elif isinstance(mod, nn.Linear) and _base_forward(mod, nn.Linear):
+                w = _Linear(name, mod, ctx)
+            elif isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and any(
+                    _base_forward(mod, c) for c in (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                w = _Conv(name, mod, ctx)
+            elif type(mod) is nn.LayerNorm:
+                w = _LayerNorm(name, mod, ctx)
+            elif type(mod) is nn.GroupNorm:
+                w = _GroupNorm(name, mod, ctx)
+            else:
+                w = _Generic(name, mod, ctx, [_attr_of(n) for n, _ in own])
+            w.keys = {_attr_of(n): _attr_key(first[id(p)]) for n, p in own}
+            wrappers[id(mod)] = w
+            places.append((name, w))
+            self.leaves[name] = w
+        for name, wrapper in places:
+            if name == "":
+                raise NotGroupable(f"model: {type(self.net).__name__} is itself a single layer; nothing to wrap")
+            parent_name, _, child = name.rpartition(".")
+            parent = self.net.get_submodule(parent_name) if parent_name else self.net
+            setattr(parent, child, wrapper)
+
+    def explain(self) -> "OrderedDict[str, str]":
+        """leaf name -> how it is evaluated (and parameters that must be shared across groups)."""
+        out = OrderedDict((n, f"{type(w.module).__name__}: {w.path}") for n, w in self.leaves.items())
+        for n in self.shared:
+            out[n] = "parameter used outside a leaf module: must be equal in every group"
+        return out
+
+    def value_names(self) -> List[str]:
+        """Every key the wrapped leaves read, plus the shared parameters' names."""
+        names = []
+        for w in self.leaves.values():
+            names += [k for k in w.keys.values() if k not in names]
+        return names + [n for n in self.shared if n not in names]
+
+    def set_shared(self, values: Mapping[str, torch.Tensor]) -> None:
+        """Put the (group-independent) value of every shared parameter into the copy; NotGroupable
+        if ``values[name]`` (``[G, *shape]``) differs between groups."""
+        params = dict(self.net.named_parameters())
+        with torch.no_grad():
+            for n in self.shared:
+                v = values[n]
+                if v.shape[0] > 1 and not bool((v == v[:1]).all()):
+                    raise NotGroupable(f"parameter {n!r} is used outside a leaf module and differs between weight draws")
+                params[n].copy_(v[0])
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def __call__(self, x: torch.Tensor, values: Mapping[str, torch.Tensor], groups: int,
+                 bn: Optional[BatchNormPlan] = None) -> torch.Tensor:
+        if x.shape[0] % groups:
+            raise ValueError(f"x: {x.shape[0]} rows is not a multiple of {groups} groups")
+        ctx = self.ctx
+        ctx.values, ctx.groups, ctx.bn = values, groups, bn if bn is not None else BatchNormPlan()
+        try:
+            out = self.net(x)
+        finally:
+            ctx.values = {}
+        if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+            out = out[0]
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"model: expected the forward to return a tensor, got {type(out).__name__}")
+        return out

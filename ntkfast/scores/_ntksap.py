@@ -1,0 +1,367 @@
+"""NTK-SAP (Wang, Li, Sun, ICLR 2023): data-free saliency from a finite-difference NTK-trace estimate.
+
+S(m) = | d/dm sum over pieces || f(Z; theta_i * m) - f(Z; (theta_i + eps xi_i) * m) ||^2 | * [m != 0]
+
+The fast engine evaluates both branches of every piece of a pass in one call of a
+:class:`~ntkfast.scores._grouped.GroupedNetwork` (2P weight sets, group-stacked), builds the 2P
+effective weights of each layer with the fused ``ops.perturbed_masked`` kernel (xi regenerated from
+Philox in the backward, never stored), and takes the BatchNorm statistics inside that pass.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import warnings
+from collections import OrderedDict
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .. import ops
+from . import register
+from ._common import Target, finish, model_device, resolve_dtype, resolve_input_shape, resolve_targets
+from ._grouped import BatchNormPlan, GroupedNetwork, NotGroupable
+from ._ntksap_draws import Draws, check_explicit, piece_list
+from ._ntksap_reference import reference_scores
+
+_ENGINES = ("auto", "grouped", "sequential", "reference")
+_BN_STATS = ("single_pass", "authors")
+# On CPU, larger passes run slower per sample once the activations leave the caches: a pass is
+# kept under this many bytes of saved activations unless memory_budget says otherwise.
+_CPU_PASS_BYTES = 192 << 20
+
+
+def _positive_int(name: str, v, minimum: int = 1) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {v!r}")
+    return int(v)
+
+
+@register("ntksap", "NTK-SAP: |d/dm sum ||f(Z; theta m) - f(Z; (theta + eps xi) m)||^2| over fresh "
+                    "initialisations and Gaussian inputs (data-free; Wang et al. 2023)")
+def ntksap(
+    model: nn.Module,
+    masks: Optional[Mapping[str, torch.Tensor]] = None,
+    *,
+    epsilon: float = 0.01,
+    repeats: Optional[int] = None,
+    batches: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    input_shape=None,
+    seed: int = 0,
+    device=None,
+    dtype=None,
+    init_fn: Optional[Callable[[nn.Module], object]] = None,
+    inputs: Optional[Sequence[torch.Tensor]] = None,
+    weight_samples: Optional[Sequence[Mapping[str, torch.Tensor]]] = None,
+    perturbations: Optional[Sequence[Mapping[str, torch.Tensor]]] = None,
+    bn_stats: str = "authors",
+    engine: str = "auto",
+    memory_budget: Optional[int] = None,
+    data=None,
+    cache: Optional[dict] = None,
+) -> "OrderedDict[str, torch.Tensor]":
+    """NTK-SAP saliency of every prunable weight under ``masks``.
+
+    For each of ``repeats`` (default 5) x ``batches`` (default 1) pieces: theta is a fresh draw of
+    the model's own initialisation (``model.reinitialize()``, or ``init_fn(copy)`` re-drawing a copy
+    in place), Z ~ N(0, I) a batch of ``batch_size`` inputs (default: the batch size of ``data``,
+    else 10 x ``model.num_classes``, else 100) of shape ``input_shape`` (default: the model's, else
+    ``data``'s), xi ~ N(0, I) one per prunable weight. The score is
+    |d/dm sum ||f(Z; theta m) - f(Z; (theta + epsilon xi) m)||^2| on unpruned weights, 0 on pruned
+    ones, the gradient summed signed over pieces and |.| taken once, as the authors' code does.
+    Parameters other than the scored weights are theta's in both branches.
+
+    BatchNorm: both branches are evaluated in eval mode with statistics of Z through the
+    unperturbed branch (mean and unbiased variance, no gradient through them). ``bn_stats``:
+    "single_pass" (default) takes them inside the scoring pass, where deeper layers see their
+    inputs normalised with the unbiased variance; "authors" takes them in a separate train-mode
+    pass as the authors do (biased-variance normalisation upstream). The two differ at the
+    1e-5-relative level in the statistics.
+
+    Explicit draws (then nothing of that kind is drawn): ``inputs`` a list of Z tensors,
+    ``weight_samples`` a list of {parameter name: tensor} (parameters left out keep the model's
+    values), ``perturbations`` a list of {mask name: xi} (unit variance; ``epsilon`` scales them).
+    Their common length replaces repeats x batches.
+
+    ``seed``: every draw of piece i depends on (seed, i) only. ``device``/``dtype``: where and in
+    what to compute (default: the model's). ``engine``: "grouped" (one pass per set of pieces),
+    "reference" (the authors' two copies and three passes), "auto" (grouped unless the model
+    cannot be evaluated that way). ``memory_budget``: bytes the saved activations of one pass may
+    take; pieces are split over several passes to respect it. The model is never changed.
+    """
+    targets = resolve_targets(model, masks)
+    eps = _check_epsilon(epsilon)
+    if engine not in _ENGINES:
+        raise ValueError(f"engine: expected one of {', '.join(map(repr, _ENGINES))}, got {engine!r}")
+    if bn_stats not in _BN_STATS:
+        raise ValueError(f"bn_stats: expected one of {', '.join(map(repr, _BN_STATS))}, got {bn_stats!r}")
+    if memory_budget is not None:
+        memory_budget = _positive_int("memory_budget", memory_budget)
+    if init_fn is not None and not callable(init_fn):
+        raise ValueError(f"init_fn: expected a callable init_fn(model), got {type(init_fn).__name__}")
+    dt = resolve_dtype(targets, dtype)
+    dev = torch.device(device) if device is not None else model_device(model)
+
+    shape = None if inputs is not None and input_shape is None else resolve_input_shape(model, input_shape, data)
+    n_explicit = check_explicit(model, targets, inputs, weight_samples, perturbations, shape)
+    if n_explicit is not None:
+        for name, v in (("repeats", repeats), ("batches", batches)):
+            if v is not None:
+                _positive_int(name, v)
+        if repeats is not None and batches is not None and repeats * batches != n_explicit:
+            raise ValueError(f"repeats x batches = {repeats * batches} but the explicit draws have {n_explicit} entries")
+        pieces = n_explicit
+    else:
+        pieces = _positive_int("repeats", 5 if repeats is None else repeats) * \
+            _positive_int("batches", 1 if batches is None else batches)
+    if inputs is not None:
+        batch_shape = tuple(inputs[0].shape)
+    else:
+        batch_shape = (_batch_size(model, batch_size, data),) + tuple(shape)
+    if weight_samples is None and init_fn is None and not callable(getattr(model, "reinitialize", None)):
+        raise ValueError(
+            f"model: {type(model).__name__} has no reinitialize() method; NTK-SAP re-draws the "
+            "initialisation for every batch: pass init_fn=<function re-initialising a model in place> "
+            "(e.g. one calling torch.nn.init.kaiming_normal_ on each layer) or weight_samples=[...]")
+
+    key = ("ntksap", dt, str(dev))
+    store = cache.setdefault(key, {}) if cache is not None else {}
+    draws = Draws(model, targets, seed=seed, pieces=pieces, batch_shape=batch_shape, dtype=dt, device=dev,
+                  init_fn=init_fn, inputs=inputs, weight_samples=weight_samples, perturbations=perturbations,
+                  init_copy=store.get("init_copy"))
+    grads = None
+    if engine != "reference":
+        strategy = engine if engine != "auto" else ("sequential" if dev.type == "cpu" else "grouped")
+        try:
+            grads = _grouped_scores(model, targets, draws, eps, dt, dev, bn_stats, memory_budget, store,
+                                    strategy=strategy)
+        except NotGroupable as exc:
+            if engine != "auto":
+                raise ValueError(f"engine={engine!r}: {exc}") from None
+            warnings.warn(f"ntksap: {exc}; using the reference engine (two copies, three passes)",
+                          RuntimeWarning, stacklevel=2)
+            store["not_groupable"] = True
+    if grads is None:
+        grads = reference_scores(model, targets, draws, eps, dt, dev)
+    if draws._init_copy is not None:
+        store["init_copy"] = draws._init_copy
+    sums = torch.stack([g.double().sum() for g in grads.values()])
+    if not bool(torch.isfinite(sums).all()):
+        raise ValueError("ntksap: the scores are not finite (a BatchNorm layer seeing a single value per "
+                         "channel, or an overflowing network?); try a larger batch_size or dtype=torch.float64")
+    scores = OrderedDict((n, g.abs_().mul_(targets[n].mask.to(device=g.device, dtype=g.dtype))) for n, g in grads.items())
+    return finish(scores, targets)
+
+
+def ntksap_trace_estimate(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = None, *,
+                          inputs: torch.Tensor, weight_sample: Optional[Mapping[str, torch.Tensor]] = None,
+                          samples: int = 100, epsilon: float = 1e-3, seed: int = 0, dtype=None,
+                          bn_stats: str = "authors", memory_budget: Optional[int] = None) -> float:
+    """The finite-difference NTK-trace estimate NTK-SAP differentiates, at one weight draw and one
+    input batch: mean over ``samples`` draws of xi of ||f(Z; theta m) - f(Z; (theta + epsilon xi) m)||^2
+    / epsilon^2, which approaches tr Theta(Z) of the masked network (the squared Frobenius norm of the
+    Jacobian w.r.t. the unmasked weights) as epsilon -> 0. ``weight_sample`` defaults to the model's
+    own parameters."""
+    targets = resolve_targets(model, masks)
+    eps = _check_epsilon(epsilon)
+    samples = _positive_int("samples", samples)
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2:
+        raise ValueError("inputs: expected one batch tensor [B, ...]")
+    dt = resolve_dtype(targets, dtype)
+    dev = model_device(model)
+    theta = dict(weight_sample) if weight_sample is not None else {}
+    check_explicit(model, targets, [inputs], [theta], None, None)
+    draws = Draws(model, targets, seed=seed, pieces=samples, batch_shape=tuple(inputs.shape), dtype=dt, device=dev,
+                  inputs=[inputs] * samples, weight_samples=[theta] * samples)
+    total = _grouped_scores(model, targets, draws, eps, dt, dev, bn_stats, memory_budget, {}, objective_only=True)
+    return total / (samples * eps * eps)
+
+
+def _check_epsilon(epsilon) -> float:
+    if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real) or not math.isfinite(epsilon) or epsilon <= 0:
+        raise ValueError(f"epsilon: expected a positive finite number (the perturbation's standard deviation), got {epsilon!r}")
+    return float(epsilon)
+
+
+def _batch_size(model: nn.Module, batch_size, data) -> int:
+    if batch_size is not None:
+        return _positive_int("batch_size", batch_size)
+    if data is not None:
+        from ._common import as_batches
+
+        x = data if isinstance(data, torch.Tensor) else as_batches(data, "data")[0][0]
+        return int(x.shape[0])
+    k = getattr(model, "num_classes", None)
+    if isinstance(k, int) and not isinstance(k, bool) and k > 0:
+        return 10 * k  # the authors' prune batch: 10 per class
+    return 100
+
+
+# -- the grouped engine -----------------------------------------------------------------------------
+def _grouped_scores(model, targets, draws: Draws, eps, dt, dev, bn_stats, memory_budget, store,
+                    objective_only: bool = False, strategy: str = "grouped"):
+    if store.get("not_groupable"):
+        raise NotGroupable("the model was found not groupable before")
+    net: GroupedNetwork = store.get("net")
+    if net is None:
+        ones = [t.mask_buffer for t in targets.values() if t.mask_buffer is not None]
+        net = GroupedNetwork(model, dtype=dt, device=dev, ones_buffers=ones)
+        store["net"] = net
+    has_bn = any(isinstance(m, _BatchNorm) for m in net.net.modules()) or any(
+        isinstance(w.module, _BatchNorm) for w in net.leaves.values())
+    names = net.value_names()
+    keys = _value_sources(model, targets, names)
+    masks = OrderedDict((n, t.mask.to(device=dev, dtype=dt).requires_grad_(True)) for n, t in targets.items())
+    total = OrderedDict((n, torch.zeros_like(m)) for n, m in masks.items())
+
+    objective = 0.0
+    sequential = strategy == "sequential"
+    per_pass = 1 if sequential else _pieces_per_pass(net, draws, keys, masks, eps, has_bn, memory_budget, store)
+    for chunk in piece_list(draws.pieces, per_pass):
+        with torch.set_grad_enabled(not objective_only):
+            objective += _one_pass(net, targets, keys, draws, chunk, masks, total, eps, has_bn, bn_stats,
+                                   objective_only, sequential)
+    return (objective if objective_only else total)
+
+
+def _one_pass(net, targets, keys, draws, chunk, masks, total, eps, has_bn, bn_stats, objective_only,
+              sequential: bool) -> float:
+    """Both branches of the pieces in ``chunk`` in one grouped call; adds the mask gradients to
+    ``total`` and returns the summed squared distance."""
+    P = len(chunk)
+    thetas = [draws.theta(i) for i in chunk]
+    z = torch.stack([draws.z(i) for i in chunk])  # [P, B, ...]
+    values = _values(net, targets, keys, thetas, masks, draws, chunk, eps)
+    x = z.unsqueeze(0).expand(2, *z.shape).reshape(2 * P * z.shape[1], *z.shape[2:])
+    plan = BatchNormPlan(mode="single_pass", pieces=P)
+    if has_bn and bn_stats == "authors":
+        plan = BatchNormPlan(mode="record", pieces=P)
+        with torch.no_grad():
+            net(x[:P * z.shape[1]], {k: v[:P] for k, v in values.items()}, P, plan)
+        plan.mode = "stored"
+    if sequential:
+        # The branches one after the other, each a plain single-network call: on a CPU two
+        # cache-sized passes run faster than one pass over a stacked batch (and its copies).
+        rows = P * z.shape[1]
+        halves = {k: v.unbind(0) if P == 1 else v.split(P) for k, v in values.items()}
+        first = {k: h[0].unsqueeze(0) if P == 1 else h[0] for k, h in halves.items()}
+        second = {k: h[1].unsqueeze(0) if P == 1 else h[1] for k, h in halves.items()}
+        out_a = net(x[:rows], first, P, plan)
+        if plan.mode == "single_pass":
+            plan.mode = "stored"
+        out_b = net(x[rows:], second, P, plan)
+        loss = (out_a - out_b).pow(2).sum()
+    else:
+        out = net(x, values, 2 * P, plan)
+        o = out.reshape(2, P, -1)
+        loss = (o[0] - o[1]).pow(2).sum()
+    if not objective_only:
+        grads = torch.autograd.grad(loss, list(masks.values()), allow_unused=True)
+        for n, g in zip(masks, grads):
+            if g is not None:
+                total[n] += g
+    return float(loss.detach())
+
+
+def _value_sources(model, targets, names):
+    """For every value key the grouped network reads: ("target", mask name) or ("param", parameter
+    name, own-mask buffer name or None)."""
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    by_attr = {t.param_name[:-5] if t.param_name.endswith("_orig") else t.param_name: n for n, t in targets.items()}
+    out = OrderedDict()
+    for key in names:
+        if key in by_attr:
+            out[key] = ("target", by_attr[key])
+        elif key in params:
+            out[key] = ("param", key, None)
+        elif key + "_orig" in params:
+            buf = key + "_mask"
+            out[key] = ("param", key + "_orig", buf if buf in buffers else None)
+        else:
+            raise NotGroupable(f"no parameter behind {key!r}")
+    return out
+
+
+def _values(net: GroupedNetwork, targets, keys, thetas: List[Dict[str, torch.Tensor]], masks, draws: Draws,
+            chunk: List[int], eps: float) -> Dict[str, torch.Tensor]:
+    """The [2P, ...] effective value of every key: the first P groups unperturbed, the last P perturbed."""
+    values: Dict[str, torch.Tensor] = {}
+    buffers = None
+    for key, src in keys.items():
+        if src[0] == "target":
+            n = src[1]
+            t = targets[n]
+            w = torch.stack([th[t.param_name] for th in thetas])
+            ph = draws.philox(n, chunk[0])
+            if ph is not None:
+                eff = ops.perturbed_masked(w, masks[n], eps, ph[0], ph[1])
+            else:
+                xi = torch.stack([draws.xi(n, i) for i in chunk])
+                eff = torch.stack([w * masks[n], (w + eps * xi) * masks[n]])
+            values[key] = eff.reshape(2 * len(chunk), *w.shape[1:])
+        else:
+            _, pname, buf = src
+            v = torch.stack([th[pname] for th in thetas])
+            if buf is not None:
+                if buffers is None:
+                    buffers = dict(draws.model.named_buffers())
+                v = v * buffers[buf].to(v.device, v.dtype)
+            values[key] = torch.cat([v, v], 0)
+    if net.shared:
+        net.set_shared(values)
+    return values
+
+
+def _pieces_per_pass(net, draws, keys, masks, eps, has_bn, memory_budget, store) -> int:
+    """How many pieces one pass evaluates: all, unless their saved activations would exceed the
+    budget (memory_budget; on CPU also a cache-friendly size; on CUDA most of the free memory)."""
+    B = draws.batch_shape[0]
+    per_row = store.get("bytes_per_row")
+    if per_row is None:
+        per_row = _saved_bytes_per_row(net, draws, keys, masks, eps, has_bn)
+        store["bytes_per_row"] = per_row
+    per_piece = 2 * B * per_row
+    if memory_budget is not None:
+        budget = memory_budget
+    elif draws.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(draws.device)
+        budget = int(free * 0.6)
+    else:
+        budget = _CPU_PASS_BYTES
+    n = max(1, budget // max(per_piece, 1))
+    if memory_budget is not None and per_piece > memory_budget and not store.get("warned_budget"):
+        store["warned_budget"] = True
+        warnings.warn(f"memory_budget: one piece (both branches of a batch of {B}) needs about "
+                      f"{per_piece / 2**20:.0f} MiB of saved activations, more than the {memory_budget / 2**20:.0f} MiB "
+                      "given; evaluating one piece per pass", RuntimeWarning, stacklevel=4)
+    return int(min(n, draws.pieces))
+
+
+def _saved_bytes_per_row(net, draws: Draws, keys, masks, eps, has_bn) -> int:
+    """Bytes autograd saves per input row, measured on a two-row probe of one piece."""
+    seen: Dict[int, int] = {}
+
+    def pack(t):
+        try:
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+        except Exception:
+            pass
+        return t
+
+    theta = draws.theta(0)
+    z = draws.z(0)[:2]
+    values = _values(net, draws.targets, keys, [theta], masks, draws, [0], eps)
+    x = torch.cat([z, z], 0)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = net(x, values, 2, BatchNormPlan(mode="single_pass", pieces=1))
+        loss = out.reshape(2, -1)
+        loss = (loss[0] - loss[1]).pow(2).sum()
+    del loss, out
+    weights = sum(v.numel() * v.element_size() for v in values.values())
+    return max(1, (sum(seen.values()) - weights) // 4)

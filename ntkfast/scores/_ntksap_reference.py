@@ -1,0 +1,88 @@
+"""NTK-SAP the authors' way: two model copies, three passes and one backward per piece.
+
+For every piece: load theta into copy A; reset its BatchNorm statistics and run it once in train
+mode without gradient with momentum 1 (running_var becomes the unbiased batch variance); then A
+(theta * m) and copy B ((theta + eps xi) * m, A's statistics) in eval mode on the same Z; the
+squared distance of the outputs is backpropagated to the mask and accumulated, signed. This is the
+reference the fast engine is tested against, the peer its benchmark runs beside, and the fallback
+for models the grouped engine cannot evaluate.
+"""
+from __future__ import annotations
+
+
+from collections import OrderedDict
+from typing import Dict, Mapping
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ._common import Target, copy_model
+from ._ntksap_draws import Draws
+
+
+def _copy(model: nn.Module, dtype, device, targets: Mapping[str, Target]) -> nn.Module:
+    net = copy_model(model)
+    net.to(device=device)
+    with torch.no_grad():
+        for t in list(net.parameters()) + list(net.buffers()):
+            if t.is_floating_point():
+                t.data = t.data.to(dtype)
+        buffers = dict(net.named_buffers())
+        for t in targets.values():
+            if t.mask_buffer is not None:
+                buffers[t.mask_buffer].fill_(1)  # the mask acts through the substituted weight
+    for p in net.parameters():
+        p.requires_grad_(False)
+    for m in net.modules():
+        if isinstance(m, _BatchNorm):
+            m.momentum = 1.0
+    return net
+
+
+def _load(net: nn.Module, theta: Mapping[str, torch.Tensor]) -> None:
+    params = dict(net.named_parameters())
+    with torch.no_grad():
+        for n, v in theta.items():
+            params[n].copy_(v)
+
+
+def _call(net: nn.Module, weights: Dict[str, torch.Tensor], z: torch.Tensor) -> torch.Tensor:
+    out = torch.func.functional_call(net, weights, (z,))
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    return out
+
+
+def reference_scores(model: nn.Module, targets: Mapping[str, Target], draws: Draws, epsilon: float,
+                     dtype: torch.dtype, device) -> "OrderedDict[str, torch.Tensor]":
+    """Signed mask gradients summed over every piece of ``draws`` (the caller takes |.| and masks)."""
+    a = _copy(model, dtype, device, targets)
+    b = _copy(model, dtype, device, targets)
+    bn_a = [m for m in a.modules() if isinstance(m, _BatchNorm)]
+    bn_b = [m for m in b.modules() if isinstance(m, _BatchNorm)]
+    masks = OrderedDict((n, t.mask.to(device=device, dtype=dtype).requires_grad_(True)) for n, t in targets.items())
+    total = OrderedDict((n, torch.zeros_like(m)) for n, m in masks.items())
+    for i in range(draws.pieces):
+        theta = draws.theta(i)
+        z = draws.z(i)
+        _load(a, theta)
+        _load(b, theta)
+        for m in bn_a:
+            m.reset_running_stats()
+        a.train()
+        with torch.no_grad():
+            _call(a, {t.param_name: theta[t.param_name] * masks[n].detach() for n, t in targets.items()}, z)
+        a.eval()
+        b.eval()
+        for ma, mb in zip(bn_a, bn_b):  # B evaluates with A's statistics, as the authors share them
+            mb.running_mean, mb.running_var = ma.running_mean, ma.running_var
+        out_a = _call(a, {t.param_name: theta[t.param_name] * masks[n] for n, t in targets.items()}, z)
+        out_b = _call(b, {t.param_name: (theta[t.param_name] + epsilon * draws.xi(n, i)) * masks[n]
+                          for n, t in targets.items()}, z)
+        loss = (torch.norm(out_a - out_b, dim=-1) ** 2).sum()
+        grads = torch.autograd.grad(loss, list(masks.values()), allow_unused=True)
+        for n, g in zip(masks, grads):
+            if g is not None:
+                total[n] += g
+    return total
