@@ -7,7 +7,7 @@
 #    the GPU's compute capability), offline (--no-build-isolation --no-deps --no-index);
 # 2. prints ntkfast.build_info() and stops if the CUDA kernels are not active;
 # 3. runs the whole test suite (tests use cuda whenever it is available);
-# 4. runs compute-sanitizer memcheck on tests/test_topk_mask_cuda.py, if both exist;
+# 4. runs compute-sanitizer memcheck on the CUDA kernel tests (topk_mask, perturbed_masked), if they exist;
 # 5. runs every benchmark with --device cuda, then with --device cpu (files
 #    benchmarks/results/<suite>-cuda-<GPU>.json and <suite>-cpu-<GPU>-host.json), and rebuilds
 #    benchmarks/results/README.md;
@@ -157,7 +157,7 @@ else
   # no caching allocator, so that an out-of-bounds access inside a cached block is seen too
   F0=$FAILED
   run_step sanitizer 150 - -- env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-    "$SAN" --tool memcheck --error-exitcode 1 $PY -m pytest -q tests/test_topk_mask_cuda.py
+    "$SAN" --tool memcheck --error-exitcode 1 $PY -m pytest -q tests/test_topk_mask_cuda.py tests/test_perturbed_masked.py -k cuda
   if grep -q "Device not supported" "$LOGDIR/sanitizer.log" 2>/dev/null; then
     FAILED=$F0  # not a finding about our kernels
     unset 'RESULTS[-1]'
