@@ -205,7 +205,7 @@ def test_estimator_approaches_the_masked_ntk_trace():
 def test_model_is_left_unchanged_bn_train_mode():
     model = models.get("resnet20")
     model.train()
-    model.layer1[0].eval() if hasattr(model, "layer1") else None
+    model.blocks[0].eval()  # mixed flags must come back as they were
     flags = {n: m.training for n, m in model.named_modules()}
     state = copy.deepcopy(model.state_dict())
     ntksap(model, repeats=1, batch_size=4)
@@ -322,6 +322,10 @@ def test_torch_prune_reparametrised_model():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(epsilon=0.0), "epsilon"),
+    (dict(seed=1.5), "seed"),
+    (dict(device="gpu"), "device"),
+    (dict(inputs=[torch.randn(2, 1, 28, 28)], batch_size=3), "batch_size"),
+    (dict(inputs=[torch.randn(2, 1, 28, 28)], repeats=2), "repeats x batches"),
     (dict(epsilon=float("nan")), "epsilon"),
     (dict(repeats=0), "repeats"),
     (dict(batch_size=-1), "batch_size"),
@@ -377,22 +381,114 @@ def test_data_gives_the_noise_shape():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # a CUDA graph turned off must fail this test
 @pytest.mark.parametrize("name", ["lenet5", "resnet20"])
-def test_cuda_grouped_and_graphed_match_the_cpu_reference(name):
-    model = models.get(name).double()
+def test_cuda_grouped_and_graphed_match_the_cuda_reference(name):
+    """theta and Z are drawn by the GPU's own generator, so the GPU engines are compared with the
+    GPU reference; xi (Philox) is the same on both devices."""
+    cuda = models.get(name).double().cuda()
     kw = dict(repeats=3, batch_size=6, seed=2)
-    want = ntksap(model, engine="reference", **kw)
-    cuda = copy.deepcopy(model).cuda()
-    for engine, graph in (("grouped", False), ("grouped", True), ("sequential", False), ("reference", False)):
-        got = ntksap(cuda, engine=engine, cuda_graph=graph, **kw)
+    ref = ntksap(cuda, engine="reference", **kw)
+    cache = {}
+    for engine, graph in (("grouped", False), ("grouped", True), ("grouped", True), ("sequential", False)):
+        got = ntksap(cuda, engine=engine, cuda_graph=graph, cache=cache if graph else None, **kw)
         assert all(v.is_cuda for v in got.values())
-        # the initialisations and inputs are drawn on the GPU (its own generator): compare the
-        # GPU engines with the GPU reference, and the philox perturbations across devices
-        ref = ntksap(cuda, engine="reference", **kw)
         assert _max_rel(ref, got) < 1e-9, (engine, graph)
-    # a prune replays the captured pass over rounds with new masks
-    cache_masks = ntkfast.prune(cuda, "ntksap", 0.2, rounds=3, repeats=2, batch_size=6, progress=False)
-    ref_masks = ntkfast.prune(cuda, "ntksap", 0.2, rounds=3, repeats=2, batch_size=6, progress=False,
-                              engine="reference")
-    assert all(torch.equal(cache_masks[n], ref_masks[n]) for n in ref_masks)
-    assert want.keys() == got.keys()
+    # over pruning rounds the captured pass is replayed with new masks, draws and Philox offsets
+    a = ntkfast.prune(cuda, "ntksap", 0.2, rounds=3, repeats=2, batch_size=6, progress=False)
+    b = ntkfast.prune(cuda, "ntksap", 0.2, rounds=3, repeats=2, batch_size=6, progress=False, engine="reference")
+    assert all(torch.equal(a[n], b[n]) for n in b)
+    xi_cpu = ntkfast.ops.philox_normal((1000,), 5, 3, dtype=torch.float64)
+    xi_gpu = ntkfast.ops.philox_normal((1000,), 5, 3, dtype=torch.float64, device="cuda")
+    torch.testing.assert_close(xi_cpu, xi_gpu.cpu(), rtol=1e-12, atol=1e-12)
+
+
+def test_graph_body_and_grouped_convolution_on_cpu():
+    """What the GPU runs, run here: the captured pass body (static buffers, philox tensors) and the
+    grouped-convolution layout, against the eager pass."""
+    from ntkfast.scores import _ntksap as N
+    from ntkfast.scores import _ntksap_graph as G
+    from ntkfast.scores._grouped import GroupedNetwork
+    from ntkfast.scores._ntksap_draws import Draws
+
+    model = models.get("resnet20", width=4).double()
+    masks = _random_masks(model, 0.7)
+    targets = resolve_targets(model, masks)
+    draws = Draws(model, targets, seed=3, pieces=2, batch_shape=(5, 3, 32, 32), dtype=torch.float64,
+                  device=torch.device("cpu"))
+    net = GroupedNetwork(model, dtype=torch.float64, device="cpu")
+    keys = N._value_sources(model, targets, net.value_names())
+    leaf = {n: t.mask.double().requires_grad_(True) for n, t in targets.items()}
+    results = []
+    for grouped_conv in (False, True):
+        net.ctx.grouped_conv = grouped_conv
+        total = {n: torch.zeros_like(m) for n, m in leaf.items()}
+        N._one_pass(net, targets, keys, draws, [0, 1], leaf, total, 0.01, True, "authors", False, False)
+        results.append(total)
+    assert _max_rel(results[0], results[1]) < 1e-12
+    gp = G.GraphedPass(net, targets, keys, 2, draws.batch_shape, torch.float64, torch.device("cpu"), 0.01, True,
+                       {n: p.shape for n, p in model.named_parameters()})
+    gp.load(*N._piece_draws(draws, [0, 1]), {n: draws.philox(n, 0) for n in targets},
+            {n: m.detach() for n, m in leaf.items()}, dict(model.named_buffers()))
+    gp._body()
+    assert _max_rel(results[0], dict(gp.grads)) < 1e-12
+
+
+class _Conv13(nn.Module):
+    """Conv1d + BatchNorm1d on [N, C, L], Conv3d, BatchNorm1d on [N, C], a tuple output."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(2, 3, 3, padding=1)
+        self.b1 = nn.BatchNorm1d(3)
+        self.c3 = nn.Conv3d(1, 2, 2)
+        self.fc = nn.Linear(3 * 8 + 2 * 1 * 3 * 1, 7)
+        self.b2 = nn.BatchNorm1d(7)
+        self.drop = nn.Dropout(0.5)
+        self.head = nn.Linear(7, 4)
+
+    def forward(self, x):  # x: [N, 2, 8]
+        h1 = torch.relu(self.b1(self.c1(x))).flatten(1)
+        h3 = torch.relu(self.c3(x.reshape(x.shape[0], 1, 2, 4, 2))).flatten(1)
+        h = torch.relu(self.b2(self.fc(torch.cat([h1, h3], 1))))
+        return self.head(self.drop(h)), h
+
+
+def _init13(net):
+    for m in net.modules():
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv3d)):
+            nn.init.kaiming_normal_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def test_conv1d_conv3d_batchnorm1d_tuple_output_and_no_grad():
+    torch.manual_seed(0)
+    net = _Conv13().double()
+    kw = dict(input_shape=(2, 8), init_fn=_init13, repeats=2, batch_size=6, seed=1)
+    b = ntksap(net, engine="reference", **kw)
+    for engine in ("grouped", "sequential"):
+        with torch.no_grad():  # scoring needs gradients whatever the caller's mode
+            a = ntksap(net, engine=engine, **kw)
+        assert _max_rel(a, b) < 1e-10
+
+
+class _ReadsChildWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 5)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.out(torch.relu(x @ self.fc.weight.t()))
+
+
+def test_auto_falls_back_when_the_wrapped_copy_cannot_run():
+    net = _ReadsChildWeight().double()
+    init = lambda n: [nn.init.kaiming_normal_(m.weight) for m in (n.fc, n.out)]  # noqa: E731
+    kw = dict(input_shape=(5,), init_fn=init, repeats=2, batch_size=4, seed=0)
+    with pytest.warns(RuntimeWarning, match="reference engine"):
+        a = ntksap(net, **kw)
+    b = ntksap(net, engine="reference", **kw)
+    assert _max_rel(a, b) < 1e-12
+    with pytest.raises(AttributeError):
+        ntksap(net, engine="sequential", **kw)

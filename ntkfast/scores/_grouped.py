@@ -255,17 +255,19 @@ class _GroupNorm(_Leaf):
 class _Generic(_Leaf):
     path = "functional_call per group (no batched rule)"
 
-    def __init__(self, name, module, ctx, attrs):
+    def __init__(self, name, module, ctx, params):
         super().__init__(name, module, ctx)
-        self.attrs = attrs
+        self.params = params  # the module's own parameter names (``weight_orig`` under prune hooks)
 
     def forward(self, *args, **kwargs):
         G = self.ctx.groups
         xs = args[0].split(args[0].shape[0] // G)
-        per = {a: self.v(a).unbind(0) for a in self.attrs if self.v(a) is not None}
-        outs = [torch.func.functional_call(self.module, {a: v[g] for a, v in per.items()}, (xs[g],) + args[1:], kwargs)
+        # passed under the parameters' own names, so that a hook recomputing ``weight`` from
+        # ``weight_orig`` (torch.nn.utils.prune) sees the group's value
+        per = {n: self.v(_attr_of(n)).unbind(0) for n in self.params}
+        outs = [torch.func.functional_call(self.module, {n: v[g] for n, v in per.items()}, (xs[g],) + args[1:], kwargs)
                 for g in range(G)]
-        return torch.cat(outs, 0)
+        return torch.cat(outs, 0) if G > 1 else outs[0]
 
 
 def _base_forward(module: nn.Module, base) -> bool:
@@ -340,6 +342,9 @@ class GroupedNetwork:
             elif not is_leaf:
                 self.shared += [first[id(p)] for _, p in own if first[id(p)] not in self.shared]
                 continue
+            elif not {_attr_of(n) for n, _ in own} <= {"weight", "bias"}:
+                # extra parameters (e.g. hook-based weight_norm's weight_g / weight_v)
+                w = _Generic(name, mod, ctx, [n for n, _ in own])
             elif isinstance(mod, nn.Linear) and _base_forward(mod, nn.Linear):
                 w = _Linear(name, mod, ctx)
             elif isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and any(
@@ -350,7 +355,7 @@ class GroupedNetwork:
             elif type(mod) is nn.GroupNorm:
                 w = _GroupNorm(name, mod, ctx)
             else:
-                w = _Generic(name, mod, ctx, [_attr_of(n) for n, _ in own])
+                w = _Generic(name, mod, ctx, [n for n, _ in own])
             w.keys = {_attr_of(n): _attr_key(first[id(p)]) for n, p in own}
             wrappers[id(mod)] = w
             places.append((name, w))

@@ -45,6 +45,7 @@ def _positive_int(name: str, v, minimum: int = 1) -> int:
 
 @register("ntksap", "NTK-SAP: |d/dm sum ||f(Z; theta m) - f(Z; (theta + eps xi) m)||^2| over fresh "
                     "initialisations and Gaussian inputs (data-free; Wang et al. 2023)")
+@torch.enable_grad()
 def ntksap(
     model: nn.Module,
     masks: Optional[Mapping[str, torch.Tensor]] = None,
@@ -107,6 +108,8 @@ def ntksap(
     """
     targets = resolve_targets(model, masks)
     eps = _check_epsilon(epsilon)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ValueError(f"seed: expected an int, got {seed!r}")
     if engine not in _ENGINES:
         raise ValueError(f"engine: expected one of {', '.join(map(repr, _ENGINES))}, got {engine!r}")
     if bn_stats not in _BN_STATS:
@@ -116,7 +119,7 @@ def ntksap(
     if init_fn is not None and not callable(init_fn):
         raise ValueError(f"init_fn: expected a callable init_fn(model), got {type(init_fn).__name__}")
     dt = resolve_dtype(targets, dtype)
-    dev = torch.device(device) if device is not None else model_device(model)
+    dev = _check_device(device) if device is not None else model_device(model)
 
     shape = None if inputs is not None and input_shape is None else resolve_input_shape(model, input_shape, data)
     n_explicit = check_explicit(model, targets, inputs, weight_samples, perturbations, shape)
@@ -124,13 +127,20 @@ def ntksap(
         for name, v in (("repeats", repeats), ("batches", batches)):
             if v is not None:
                 _positive_int(name, v)
-        if repeats is not None and batches is not None and repeats * batches != n_explicit:
-            raise ValueError(f"repeats x batches = {repeats * batches} but the explicit draws have {n_explicit} entries")
+        if (repeats is not None or batches is not None) and (repeats or 1) * (batches or 1) != n_explicit:
+            raise ValueError(f"repeats x batches = {(repeats or 1) * (batches or 1)} but the explicit draws have "
+                             f"{n_explicit} entries")
         pieces = n_explicit
     else:
+        if batches is None and data is not None and not isinstance(data, torch.Tensor):
+            from ._common import as_batches
+
+            batches = len(as_batches(data, "data"))  # the authors loop over every batch of the loader
         pieces = _positive_int("repeats", 5 if repeats is None else repeats) * \
             _positive_int("batches", 1 if batches is None else batches)
     if inputs is not None:
+        if batch_size is not None and _positive_int("batch_size", batch_size) != inputs[0].shape[0]:
+            raise ValueError(f"batch_size: {batch_size} but inputs[0] has {inputs[0].shape[0]} rows")
         batch_shape = tuple(inputs[0].shape)
     else:
         batch_shape = (_batch_size(model, batch_size, data),) + tuple(shape)
@@ -146,17 +156,22 @@ def ntksap(
                   init_fn=init_fn, inputs=inputs, weight_samples=weight_samples, perturbations=perturbations,
                   init_copy=store.get("init_copy"))
     grads = None
-    if engine != "reference":
+    if engine != "reference" and not (engine == "auto" and store.get("not_groupable")):
         strategy = engine if engine != "auto" else ("sequential" if dev.type == "cpu" else "grouped")
         try:
             grads = _grouped_scores(model, targets, draws, eps, dt, dev, bn_stats, memory_budget, store,
                                     strategy=strategy, cuda_graph=bool(cuda_graph))
+            store["grouped_ran"] = True
         except NotGroupable as exc:
             if engine != "auto":
                 raise ValueError(f"engine={engine!r}: {exc}") from None
-            warnings.warn(f"ntksap: {exc}; using the reference engine (two copies, three passes)",
-                          RuntimeWarning, stacklevel=2)
-            store["not_groupable"] = True
+            _fall_back(store, str(exc))
+        except Exception as exc:
+            # a forward the wrapped copy cannot run (e.g. it reads a wrapped layer's .weight):
+            # the reference engine runs the model as it is
+            if engine != "auto" or store.get("grouped_ran") or isinstance(exc, torch.OutOfMemoryError):
+                raise
+            _fall_back(store, f"the {strategy} engine failed ({type(exc).__name__}: {exc})")
     if grads is None:
         grads = reference_scores(model, targets, draws, eps, dt, dev)
     if draws._init_copy is not None:
@@ -169,6 +184,7 @@ def ntksap(
     return finish(scores, targets)
 
 
+@torch.enable_grad()
 def ntksap_trace_estimate(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = None, *,
                           inputs: torch.Tensor, weight_sample: Optional[Mapping[str, torch.Tensor]] = None,
                           samples: int = 100, epsilon: float = 1e-3, seed: int = 0, dtype=None,
@@ -181,6 +197,8 @@ def ntksap_trace_estimate(model: nn.Module, masks: Optional[Mapping[str, torch.T
     targets = resolve_targets(model, masks)
     eps = _check_epsilon(epsilon)
     samples = _positive_int("samples", samples)
+    if bn_stats not in _BN_STATS:
+        raise ValueError(f"bn_stats: expected one of {', '.join(map(repr, _BN_STATS))}, got {bn_stats!r}")
     if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2:
         raise ValueError("inputs: expected one batch tensor [B, ...]")
     dt = resolve_dtype(targets, dtype)
@@ -191,6 +209,23 @@ def ntksap_trace_estimate(model: nn.Module, masks: Optional[Mapping[str, torch.T
                   inputs=[inputs] * samples, weight_samples=[theta] * samples)
     total = _grouped_scores(model, targets, draws, eps, dt, dev, bn_stats, memory_budget, {}, objective_only=True)
     return total / (samples * eps * eps)
+
+
+def _fall_back(store: dict, why: str) -> None:
+    warnings.warn(f"ntksap: {why}; using the reference engine (two copies, three passes)", RuntimeWarning,
+                  stacklevel=4)
+    store["not_groupable"] = True
+    store.pop("net", None)
+
+
+def _check_device(device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} requested but CUDA is not available")
+    return dev
 
 
 def _check_epsilon(epsilon) -> float:
@@ -256,14 +291,14 @@ def _graphed(model, net, targets, keys, draws, chunk, masks, total, eps, record,
                             {n: p.shape for n, p in model.named_parameters()})
         if gp is None:
             return False
-        gp.load([draws.theta(i) for i in chunk], torch.stack([draws.z(i) for i in chunk]),
+        gp.load(*_piece_draws(draws, chunk),
                 {n: draws.philox(n, chunk[0]) for n in targets}, {n: m.detach() for n, m in masks.items()},
                 dict(model.named_buffers()))
         grads = gp.replay()
     except Exception as exc:  # capture refused by some op of the model: run eagerly
         G.disable(store, f"{type(exc).__name__}: {exc}")
         return False
-    if not store.get("graph_checked"):
+    if not gp.checked:
         eager = OrderedDict((n, torch.zeros_like(m)) for n, m in masks.items())
         with torch.enable_grad():
             _one_pass(net, targets, keys, draws, chunk, masks, eager, eps, True, "authors" if record else "single_pass",
@@ -275,7 +310,7 @@ def _graphed(model, net, targets, keys, draws, chunk, masks, total, eps, record,
             for n in total:
                 total[n] += eager[n]
             return True
-        store["graph_checked"] = True
+        gp.checked = True
     for n in total:
         total[n] += grads[n]
     return True
@@ -286,8 +321,7 @@ def _one_pass(net, targets, keys, draws, chunk, masks, total, eps, has_bn, bn_st
     """Both branches of the pieces in ``chunk`` in one grouped call; adds the mask gradients to
     ``total`` and returns the summed squared distance."""
     P = len(chunk)
-    thetas = [draws.theta(i) for i in chunk]
-    z = torch.stack([draws.z(i) for i in chunk])  # [P, B, ...]
+    thetas, z = _piece_draws(draws, chunk)
     values = _values(net, targets, keys, thetas, masks, draws, chunk, eps)
     x = z.unsqueeze(0).expand(2, *z.shape).reshape(2 * P * z.shape[1], *z.shape[2:])
     plan = BatchNormPlan(mode="single_pass", pieces=P)
@@ -318,6 +352,15 @@ def _one_pass(net, targets, keys, draws, chunk, masks, total, eps, has_bn, bn_st
             if g is not None:
                 total[n] += g
     return float(loss.detach())
+
+
+def _piece_draws(draws: Draws, chunk):
+    """theta of every piece of ``chunk`` and their inputs stacked [P, B, ...] (each piece drawn once)."""
+    thetas, zs = [], []
+    for i in chunk:
+        thetas.append(draws.theta(i))
+        zs.append(draws.z(i))
+    return thetas, torch.stack(zs)
 
 
 def _value_sources(model, targets, names):
@@ -387,6 +430,10 @@ def _pieces_per_pass(net, draws, keys, masks, eps, has_bn, memory_budget, store)
     else:
         budget = _CPU_PASS_BYTES
     n = max(1, budget // max(per_piece, 1))
+    if draws.device.type == "cuda" and memory_budget is None:
+        # once per run: free memory shrinks after a CUDA graph's pool is made, and a new pass
+        # size would capture another graph
+        n = store.setdefault("per_pass_cuda", n)
     if memory_budget is not None and per_piece > memory_budget and not store.get("warned_budget"):
         store["warned_budget"] = True
         warnings.warn(f"memory_budget: one piece (both branches of a batch of {B}) needs about "
@@ -396,25 +443,30 @@ def _pieces_per_pass(net, draws, keys, masks, eps, has_bn, memory_budget, store)
 
 
 def _saved_bytes_per_row(net, draws: Draws, keys, masks, eps, has_bn) -> int:
-    """Bytes autograd saves per input row, measured on a two-row probe of one piece."""
-    seen: Dict[int, int] = {}
-
-    def pack(t):
-        try:
-            st = t.untyped_storage()
-            seen[st.data_ptr()] = st.nbytes()
-        except Exception:
-            pass
-        return t
-
+    """Bytes autograd saves per input row: probes of one piece with 2 and with 4 rows per branch,
+    whose difference leaves out what does not grow with the batch (the weights)."""
     theta = draws.theta(0)
-    z = draws.z(0)[:2]
-    values = _values(net, draws.targets, keys, [theta], masks, draws, [0], eps)
-    x = torch.cat([z, z], 0)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = net(x, values, 2, BatchNormPlan(mode="single_pass", pieces=1))
-        loss = out.reshape(2, -1)
-        loss = (loss[0] - loss[1]).pow(2).sum()
-    del loss, out
-    weights = sum(v.numel() * v.element_size() for v in values.values())
-    return max(1, (sum(seen.values()) - weights) // 4)
+    z0 = draws.z(0)
+    if z0.shape[0] < 4:
+        z0 = z0.repeat((4 + z0.shape[0] - 1) // z0.shape[0], *([1] * (z0.dim() - 1)))
+
+    def saved(rows: int) -> int:
+        seen: Dict[int, int] = {}
+
+        def pack(t):
+            try:
+                st = t.untyped_storage()
+                seen[st.data_ptr()] = st.nbytes()
+            except Exception:
+                pass
+            return t
+
+        values = _values(net, draws.targets, keys, [theta], masks, draws, [0], eps)
+        z = z0[:rows]
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = net(torch.cat([z, z], 0), values, 2, BatchNormPlan(mode="single_pass", pieces=1))
+            o = out.reshape(2, -1)
+            (o[0] - o[1]).pow(2).sum()
+        return sum(seen.values())
+
+    return max(1, (saved(4) - saved(2)) // 4)

@@ -85,7 +85,12 @@ class Draws:
         if need_theta or need_z:
             devices = [self.device] if self.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(_torch_seed(mix(self.seed, i)))
+                # only the generators fork_rng restores: torch.manual_seed would reseed every GPU
+                s = _torch_seed(mix(self.seed, i))
+                torch.random.default_generator.manual_seed(s)
+                if devices:
+                    with torch.cuda.device(self.device):
+                        torch.cuda.manual_seed(s)
                 if need_theta:
                     net = self.init_copy()
                     self.init_fn(net) if self.init_fn is not None else net.reinitialize()

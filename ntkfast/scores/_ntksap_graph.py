@@ -45,6 +45,7 @@ class GraphedPass:
                                  for n, t in targets.items())
         self.grads = OrderedDict((n, torch.zeros_like(m)) for n, m in self.masks.items())
         self.graph = None
+        self.checked = False  # the first replay is compared with the eager pass
 
     def _body(self):
         P = self.P
@@ -96,7 +97,7 @@ class GraphedPass:
     def capture(self) -> None:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side), torch.enable_grad():
             for _ in range(2):  # warm-up outside the graph (allocator, cuDNN algorithm choice)
                 self._body()
         torch.cuda.current_stream().wait_stream(side)
@@ -115,7 +116,7 @@ def graphed_pass(store: dict, net, targets, keys, pieces, batch_shape, dtype, de
     """The cached GraphedPass for these shapes, or None when graphs are off or capture failed."""
     if store.get("graphs_off"):
         return None
-    key = ("graph", pieces, tuple(batch_shape))
+    key = ("graph", pieces, tuple(batch_shape), float(eps), bool(record_stats))
     if key in store:
         return store[key]
     try:
