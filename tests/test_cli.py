@@ -35,6 +35,25 @@ def test_prune_defaults_need_no_dataset(capsys):
     assert "blocks." in text and "method synflow, 2 round(s), global scope" in text and "density 0.1" in text
 
 
+def test_prune_ntksap_with_options(tmp_path, capsys):
+    out = tmp_path / "ntksap.pt"
+    rc = main(["prune", "--model", "lenet300_100", "--method", "ntksap", "--density", "0.2", "--quiet",
+               "--rounds", "2", "-o", "repeats=2", "-o", "batch_size=8", "-o", "epsilon=0.02", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0 and "method ntksap, 2 round(s)" in text
+    m = Masks.load(out)
+    assert m.metadata["options"] == {"repeats": 2, "batch_size": 8, "epsilon": 0.02}
+    assert abs(m.density - 0.2) < 1e-3
+
+
+def test_prune_ntksap_defaults_to_the_authors_rounds():
+    from ntkfast import cli
+
+    assert cli._ITERATIVE_DEFAULT_ROUNDS["ntksap"] == 20
+    with pytest.raises(SystemExit):
+        main(["prune", "--method", "ntksap", "-o", "repeats"])  # not KEY=VALUE
+
+
 def test_data_method_without_dataset_uses_noise(capsys):
     rc = main(["prune", "--model", "lenet300_100", "--method", "snip", "--density", "0.2", "--quiet",
                "--batch-size", "16"])
