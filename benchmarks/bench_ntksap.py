@@ -17,7 +17,6 @@ Cases (the authors' CIFAR settings: R = 5 repeats, one batch of 10 x classes Gau
 """
 from __future__ import annotations
 
-import copy
 import sys
 from typing import List
 

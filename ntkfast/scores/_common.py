@@ -58,6 +58,7 @@ __all__ = [
     "scoring_mode",
     "functional_forward",
     "copy_model",
+    "cast_copy",
     "private_copy",
     "as_batches",
     "resolve_input_shape",
@@ -276,6 +277,31 @@ def copy_model(model: nn.Module) -> nn.Module:
             d[k] = v
 
 
+def cast_copy(model: nn.Module, dtype: torch.dtype, *, device=None,
+              transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+              ones_buffers=(), frozen: bool = True) -> nn.Module:
+    """A deep copy of ``model`` (:func:`copy_model`) moved to ``device`` (if given), its floating
+    parameters and buffers cast to ``dtype`` and passed through ``transform``, the buffers named in
+    ``ones_buffers`` (a scorer's own ``<attr>_mask`` buffers) set to ones, and with ``frozen`` every
+    parameter's requires_grad off. Raises what deepcopy raises."""
+    dup = copy_model(model)
+    if device is not None:
+        dup.to(device=device)
+    with torch.no_grad():
+        for t in list(dup.parameters()) + list(dup.buffers()):
+            if t.is_floating_point():
+                v = t.data.to(dtype)
+                t.data = transform(v) if transform is not None else v
+        buffers = dict(dup.named_buffers())
+        for n in ones_buffers:
+            if n in buffers:
+                buffers[n].fill_(1)
+    if frozen:
+        for p in dup.parameters():
+            p.requires_grad_(False)
+    return dup
+
+
 def private_copy(model: nn.Module, targets: Mapping[str, Target], dtype: torch.dtype, *,
                  transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, train_mode: bool = False):
     """A deep copy of ``model`` for scorers that evaluate the same transformed network many times
@@ -286,24 +312,13 @@ def private_copy(model: nn.Module, targets: Mapping[str, Target], dtype: torch.d
     Returns ``(copy, slots)`` with ``slots[name]`` the copy's parameter for target ``name``, or None
     when the model cannot be deep-copied (the caller then evaluates functionally)."""
     try:
-        dup = copy_model(model)
+        dup = cast_copy(model, dtype, transform=transform,
+                        ones_buffers=[t.mask_buffer for t in targets.values() if t.mask_buffer is not None])
     except Exception:  # a module holding something deepcopy refuses; not worth failing over
         return None
     dup.train(bool(train_mode))
-    with torch.no_grad():
-        for _, t in list(dup.named_parameters()) + list(dup.named_buffers()):
-            if t is not None and t.is_floating_point():
-                v = t.data.to(dtype)
-                t.data = transform(v) if transform is not None else v
-        for p in dup.parameters():
-            p.requires_grad_(False)
-        params = dict(dup.named_parameters())
-        buffers = dict(dup.named_buffers())
-        slots = OrderedDict()
-        for n, tg in targets.items():
-            slots[n] = params[tg.param_name].requires_grad_(True)
-            if tg.mask_buffer is not None:
-                buffers[tg.mask_buffer].fill_(1)
+    params = dict(dup.named_parameters())
+    slots = OrderedDict((n, params[tg.param_name].requires_grad_(True)) for n, tg in targets.items())
     return dup, slots
 
 

@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from ._common import copy_model
+from ._common import cast_copy
 
 __all__ = ["GroupedNetwork", "BatchNormPlan", "NotGroupable"]
 
@@ -102,7 +102,7 @@ class _Linear(_Leaf):
     path = "batched matmul"
 
     def forward(self, x):
-        ctx, G = self.ctx, self.ctx.groups
+        G = self.ctx.groups
         w, b = self.v("weight"), self.v("bias")
         if G == 1:
             return F.linear(x, w[0], None if b is None else b[0])
@@ -297,20 +297,9 @@ class GroupedNetwork:
 
     def __init__(self, model: nn.Module, *, dtype: torch.dtype, device, ones_buffers=()):
         try:
-            net = copy_model(model)
+            net = cast_copy(model, dtype, device=device, ones_buffers=ones_buffers)
         except Exception as exc:
             raise NotGroupable(f"model: {type(model).__name__} cannot be deep-copied ({exc})") from exc
-        net.to(device=device)
-        with torch.no_grad():
-            for t in list(net.parameters()) + list(net.buffers()):
-                if t.is_floating_point():
-                    t.data = t.data.to(dtype)
-            buffers = dict(net.named_buffers())
-            for n in ones_buffers:
-                if n in buffers:
-                    buffers[n].fill_(1)
-        for p in net.parameters():
-            p.requires_grad_(False)
         net.eval()
         self.net = net
         self.ctx = _Context()
@@ -366,6 +355,10 @@ class GroupedNetwork:
             parent_name, _, child = name.rpartition(".")
             parent = self.net.get_submodule(parent_name) if parent_name else self.net
             setattr(parent, child, wrapper)
+
+    @property
+    def has_batchnorm(self) -> bool:
+        return any(isinstance(w, _BN) for w in self.leaves.values())
 
     def explain(self) -> "OrderedDict[str, str]":
         """leaf name -> how it is evaluated (and parameters that must be shared across groups)."""

@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 import warnings
 from collections import OrderedDict
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import ops
 from . import register
-from ._common import Target, finish, model_device, resolve_dtype, resolve_input_shape, resolve_targets
+from ._common import finish, model_device, resolve_dtype, resolve_input_shape, resolve_targets
 from ._grouped import BatchNormPlan, GroupedNetwork, NotGroupable
 from ._ntksap_draws import Draws, check_explicit, piece_list
 from ._ntksap_reference import reference_scores
@@ -258,8 +256,7 @@ def _grouped_scores(model, targets, draws: Draws, eps, dt, dev, bn_stats, memory
         ones = [t.mask_buffer for t in targets.values() if t.mask_buffer is not None]
         net = GroupedNetwork(model, dtype=dt, device=dev, ones_buffers=ones)
         store["net"] = net
-    has_bn = any(isinstance(m, _BatchNorm) for m in net.net.modules()) or any(
-        isinstance(w.module, _BatchNorm) for w in net.leaves.values())
+    has_bn = net.has_batchnorm
     names = net.value_names()
     keys = _value_sources(model, targets, names)
     masks = OrderedDict((n, t.mask.to(device=dev, dtype=dt).requires_grad_(True)) for n, t in targets.items())

@@ -13,14 +13,13 @@ of storing it. Explicit ``inputs`` / ``weight_samples`` / ``perturbations`` repl
 from __future__ import annotations
 
 
-from collections import OrderedDict
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from .. import ops
-from ._common import Target, copy_model
+from ._common import Target, cast_copy
 
 _MASK64 = (1 << 64) - 1
 
@@ -69,12 +68,16 @@ class Draws:
         self.init_fn = init_fn
         self._init_copy = init_copy
         self._index = {n: k for k, n in enumerate(targets)}
+        self._own_cache: Optional[Dict[str, torch.Tensor]] = None
         self._cached: Tuple[int, Optional[Dict[str, torch.Tensor]], Optional[torch.Tensor]] = (-1, None, None)
 
     # -- theta and Z ------------------------------------------------------------------------------
     def _own(self) -> Dict[str, torch.Tensor]:
-        return {n: p.detach().to(self.device, self.dtype if p.is_floating_point() else p.dtype)
-                for n, p in self.model.named_parameters()}
+        """The model's own parameters on the device and in the dtype (cast once per call)."""
+        if self._own_cache is None:
+            self._own_cache = {n: p.detach().to(self.device, self.dtype if p.is_floating_point() else p.dtype)
+                               for n, p in self.model.named_parameters()}
+        return self._own_cache
 
     def _drawn(self, i: int):
         if self._cached[0] == i:
@@ -103,18 +106,12 @@ class Draws:
     def init_copy(self) -> nn.Module:
         """The private copy that ``init_fn`` / ``reinitialize()`` re-draws (made once)."""
         if self._init_copy is None:
-            net = copy_model(self.model)
-            net.to(device=self.device)
-            with torch.no_grad():
-                for t in list(net.parameters()) + list(net.buffers()):
-                    if t.is_floating_point():
-                        t.data = t.data.to(self.dtype)
-            self._init_copy = net
+            self._init_copy = cast_copy(self.model, self.dtype, device=self.device, frozen=False)
         return self._init_copy
 
     def theta(self, i: int) -> Dict[str, torch.Tensor]:
         if self.weight_samples is not None:
-            out = self._own()
+            out = dict(self._own())
             out.update({n: v.detach().to(self.device, self.dtype) for n, v in self.weight_samples[i].items()})
             return out
         return self._drawn(i)[0]

@@ -17,23 +17,14 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ._common import Target, copy_model
+from ._common import Target, cast_copy
 from ._ntksap_draws import Draws
 
 
 def _copy(model: nn.Module, dtype, device, targets: Mapping[str, Target]) -> nn.Module:
-    net = copy_model(model)
-    net.to(device=device)
-    with torch.no_grad():
-        for t in list(net.parameters()) + list(net.buffers()):
-            if t.is_floating_point():
-                t.data = t.data.to(dtype)
-        buffers = dict(net.named_buffers())
-        for t in targets.values():
-            if t.mask_buffer is not None:
-                buffers[t.mask_buffer].fill_(1)  # the mask acts through the substituted weight
-    for p in net.parameters():
-        p.requires_grad_(False)
+    # the mask acts through the substituted weight: the module's own mask buffer is set to ones
+    net = cast_copy(model, dtype, device=device,
+                    ones_buffers=[t.mask_buffer for t in targets.values() if t.mask_buffer is not None])
     for m in net.modules():
         if isinstance(m, _BatchNorm):
             m.momentum = 1.0
