@@ -96,7 +96,7 @@ def ntksap(
     - "sequential": per piece, the unperturbed and the perturbed network one after the other;
     - "grouped": all pieces of a pass, both branches, in one group-stacked call (2R weight sets);
     - "reference": the authors' loop (two model copies, three passes per piece);
-    - "auto" (default): sequential on CPU (cache-sized passes are faster there), grouped on GPU,
+    - "auto" (default): sequential on CPU (one piece's activations at a time; stacking was not faster there), grouped on GPU,
       and the reference engine for a model the other two cannot evaluate (a warning says why).
     ``memory_budget``: bytes the saved activations of one grouped pass may take; pieces are split
     over several passes to respect it (default: 60% of the free GPU memory, 192 MiB on CPU).
@@ -328,8 +328,8 @@ def _one_pass(net, targets, keys, draws, chunk, masks, total, eps, has_bn, bn_st
             net(x[:P * z.shape[1]], {k: v[:P] for k, v in values.items()}, P, plan)
         plan.mode = "stored"
     if sequential:
-        # The branches one after the other, each a plain single-network call: on a CPU two
-        # cache-sized passes run faster than one pass over a stacked batch (and its copies).
+        # The branches one after the other, each a plain single-network call: one piece's
+        # activations at a time and no stacking copies (stacking was not faster on CPU).
         rows = P * z.shape[1]
         halves = {k: v.unbind(0) if P == 1 else v.split(P) for k, v in values.items()}
         first = {k: h[0].unsqueeze(0) if P == 1 else h[0] for k, h in halves.items()}
