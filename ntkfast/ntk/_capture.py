@@ -1,0 +1,99 @@
+"""One forward pass with taps on every planned module, then one backward pass per output: the
+inputs ``a`` and output cotangents ``b`` (for each output k, d f_k / d output) of each call of
+each module, from which the per-layer NTK contractions are built."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Sequence
+
+import torch
+from torch.func import functional_call
+
+from ._plan import Plan
+
+
+@dataclass
+class Call:
+    """One call of a module: its input (args[0]) and, per captured output k, the cotangent of
+    its output: ``b`` is [kk, n, *output.shape[1:]]."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+
+
+@dataclass
+class Capture:
+    x: torch.Tensor
+    ks: List[int]
+    outputs: int  # K, outputs per sample
+    calls: Dict[str, List[Call]]  # module name -> its calls
+
+    @property
+    def n(self) -> int:
+        return self.x.shape[0]
+
+
+def model_outputs(model, plan: Plan, x: torch.Tensor) -> torch.Tensor:
+    out = functional_call(model, plan.forward_values, (x,))
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(f"model: the NTK needs a tensor output, got {type(out).__name__}")
+    if out.dim() == 0 or out.shape[0] != x.shape[0]:
+        raise ValueError(f"model: output shape {tuple(out.shape)} has no batch dimension of {x.shape[0]} samples")
+    return out.reshape(out.shape[0], -1)
+
+
+def capture(model, plan: Plan, x: torch.Tensor, ks: Sequence[int], *, create_graph: bool) -> Capture:
+    names = [r.module_name for r in plan.rules]
+    pending: Dict[str, list] = {name: [] for name in names}
+    handles = []
+
+    def tap(name):
+        def hook(module, args, output):
+            if not isinstance(output, torch.Tensor) or not args or not isinstance(args[0], torch.Tensor):
+                raise _Untappable(name)
+            # The clone keeps the tapped tensor out of reach of later in-place ops (ReLU(inplace),
+            # out += shortcut), which would otherwise change what d f / d output refers to.
+            pending[name].append((args[0], args[0]._version, output))
+            return output.clone()
+        return hook
+
+    modules = dict(model.named_modules(remove_duplicate=False))
+    try:
+        for name in names:
+            handles.append(modules[name].register_forward_hook(tap(name)))
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            f = model_outputs(model, plan, xg)
+    finally:
+        for h in handles:
+            h.remove()
+    K = f.shape[1]
+    taps = [(name, i, y) for name in names for i, (_, _, y) in enumerate(pending[name])]
+    grads: List[List[torch.Tensor]] = [[] for _ in taps]
+    tensors = [y for _, _, y in taps]
+    if tensors:
+        with torch.enable_grad():
+            for k in ks:
+                g = torch.autograd.grad(f[:, k].sum(), tensors, retain_graph=True, create_graph=create_graph,
+                                        allow_unused=True)
+                for slot, gi, y in zip(grads, g, tensors):
+                    slot.append(torch.zeros_like(y) if gi is None else gi)
+    calls: Dict[str, List[Call]] = {name: [] for name in names}
+    for (name, i, _), slot in zip(taps, grads):
+        a, version, _ = pending[name][i]
+        if a._version != version:
+            raise RuntimeError(
+                f"model: the input of module {name!r} was modified in place after the module read it; "
+                "the NTK needs it unchanged (avoid in-place operations on that tensor)"
+            )
+        b = torch.stack(slot)
+        if not create_graph:
+            a, b = a.detach(), b.detach()
+        calls[name].append(Call(a, b))
+    return Capture(x, list(ks), K, calls)
+
+
+class _Untappable(ValueError):
+    def __init__(self, name):
+        super().__init__(name)
+        self.module_name = name

@@ -1,0 +1,90 @@
+"""Eigenvalues of the (N·K)×(N·K) empirical NTK: formed and diagonalised when it fits, else the
+top of the spectrum by Lanczos on kernel-vector products Θ v = J (J^T v)."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ._empirical import _default_budget, empirical_ntk_impl
+from ._plan import build_plan
+from ._products import Linearised
+
+
+class NTKSpectrum(NamedTuple):
+    """``eigenvalues``: descending (the top ``k`` when k was given); ``condition_number``:
+    λ_max / λ_min of the kernel (from Lanczos: λ_max over the smallest Ritz value, a lower
+    bound); ``method``: "dense" or "lanczos"."""
+
+    eigenvalues: torch.Tensor
+    condition_number: float
+    method: str
+
+
+def _condition(top: float, bottom: float) -> float:
+    return float("inf") if bottom <= 0 else top / bottom
+
+
+def lanczos(matvec, n: int, steps: int, *, dtype, device, generator) -> torch.Tensor:
+    """Ritz values (ascending) of a symmetric operator after ``steps`` Lanczos steps with full
+    reorthogonalisation (the kernel is small next to the network, so the O(n·steps) basis is cheap
+    and keeps the Ritz values free of ghosts)."""
+    q = torch.randn(n, generator=generator, dtype=dtype, device=device)
+    q = q / q.norm()
+    basis = [q]
+    alphas, betas = [], []
+    for j in range(steps):
+        w = matvec(basis[-1])
+        alpha = torch.dot(w, basis[-1])
+        alphas.append(alpha)
+        Q = torch.stack(basis, 1)
+        w = w - Q @ (Q.T @ w)
+        w = w - Q @ (Q.T @ w)
+        beta = w.norm()
+        if j == steps - 1 or beta <= 1e-10 * max(abs(float(alpha)), 1e-30):
+            break
+        betas.append(beta)
+        basis.append(w / beta)
+    T = torch.diag(torch.stack(alphas))
+    if betas:
+        b = torch.stack(betas[: len(alphas) - 1])
+        T = T + torch.diag(b, 1) + torch.diag(b, -1)
+    return torch.linalg.eigvalsh(T)
+
+
+def ntk_spectrum_impl(model, x, *, masks, k, params, method, memory_budget, steps, seed) -> NTKSpectrum:
+    if method not in ("auto", "dense", "lanczos"):
+        raise ValueError(f"method: expected 'auto', 'dense' or 'lanczos', got {method!r}")
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise ValueError(f"k: expected a positive integer or None, got {k!r}")
+    if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] == 0:
+        raise ValueError(f"x: expected a batch of at least one sample, got {getattr(x, 'shape', x)!r}")
+    plan = build_plan(model, params, masks)
+    lin = Linearised(model, plan, x)
+    n = lin.outputs().numel()
+    if k is not None and k > n:
+        raise ValueError(f"k: {k} eigenvalues asked of a {n}x{n} kernel")
+    budget = memory_budget if memory_budget is not None else _default_budget(x.device)
+    if method == "auto":
+        method = "dense" if (k is None or 3 * n * n * x.element_size() <= budget) else "lanczos"
+    if method == "dense":
+        theta = empirical_ntk_impl(model, x, None, masks=masks, mode="full", params=params,
+                                   memory_budget=memory_budget, create_graph=False, explain=False)
+        mat = theta.permute(0, 2, 1, 3).reshape(n, n)
+        ev = torch.linalg.eigvalsh(mat).flip(0)
+        cond = _condition(float(ev[0]), float(ev[-1]))
+        return NTKSpectrum(ev if k is None else ev[:k], cond, "dense")
+    if k is None:
+        raise ValueError("k: the Lanczos method returns the top k eigenvalues; pass k")
+    steps = min(n, steps if steps is not None else max(2 * k + 20, 40))
+    gen = torch.Generator(device=x.device)
+    gen.manual_seed(0 if seed is None else int(seed))
+    shape = (x.shape[0], n // x.shape[0])
+
+    def matvec(v):
+        u = lin.vjp(v.view(shape))
+        return lin.jvp(u).reshape(-1).detach()
+
+    ritz = lanczos(matvec, n, steps, dtype=x.dtype, device=x.device, generator=gen).flip(0)
+    return NTKSpectrum(ritz[:k], _condition(float(ritz[0]), float(ritz[-1])), "lanczos")
+

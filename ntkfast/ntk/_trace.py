@@ -1,0 +1,47 @@
+"""tr Θ(x, x): exactly by structure, or estimated without forming any per-layer Gram."""
+from __future__ import annotations
+
+import torch
+
+from ._empirical import empirical_ntk_impl
+from ._plan import build_plan
+from ._products import Linearised
+
+METHODS = ("exact", "hutchinson", "finite_difference")
+
+
+def _check_probes(n_probes) -> int:
+    if isinstance(n_probes, bool) or not isinstance(n_probes, int) or n_probes < 1:
+        raise ValueError(f"n_probes: expected a positive integer, got {n_probes!r}")
+    return n_probes
+
+
+def ntk_trace_impl(model, x, *, masks, method, params, n_probes, epsilon, seed, memory_budget):
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
+    if method == "exact":
+        return empirical_ntk_impl(model, x, None, masks=masks, mode="diagonal_trace", params=params,
+                                  memory_budget=memory_budget, create_graph=False, explain=False).sum()
+    n_probes = _check_probes(n_probes)
+    if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] == 0:
+        raise ValueError(f"x: expected a batch of at least one sample, got {getattr(x, 'shape', x)!r}")
+    gen = torch.Generator(device=x.device)
+    gen.manual_seed(0 if seed is None else int(seed))
+    lin = Linearised(model, build_plan(model, params, masks), x)
+    shape = lin.outputs().shape
+    total = torch.zeros((), dtype=x.dtype, device=x.device)
+    if method == "hutchinson":
+        # E ||J^T v||^2 = tr(J J^T) for Rademacher v.
+        for _ in range(n_probes):
+            v = torch.randint(0, 2, shape, generator=gen, device=x.device).to(x.dtype) * 2 - 1
+            g = lin.vjp(v)
+            total = total + sum((t * t).sum() for t in g.values())
+        return total / n_probes
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon > 0:
+        raise ValueError(f"epsilon: expected a positive number, got {epsilon!r}")
+    # E ||J xi||^2 = tr(J J^T) for xi ~ N(0, I); J xi by a central difference (error O(eps^2)).
+    for _ in range(n_probes):
+        xi = {n: torch.randn(t.shape, generator=gen, device=x.device, dtype=t.dtype) for n, t in lin.values.items()}
+        d = (lin.perturbed(xi, epsilon) - lin.perturbed(xi, -epsilon)) / (2 * epsilon)
+        total = total + (d * d).sum()
+    return total / n_probes
