@@ -48,8 +48,9 @@ def capture(model, plan: Plan, x: torch.Tensor, ks: Sequence[int], *, create_gra
     handles = []
 
     def tap(name):
-        def hook(module, args, output):
-            if not isinstance(output, torch.Tensor) or not args or not isinstance(args[0], torch.Tensor):
+        def hook(module, args, kwargs, output):
+            if (not isinstance(output, torch.Tensor) or len(args) != 1 or kwargs
+                    or not isinstance(args[0], torch.Tensor)):
                 raise _Untappable(name)
             # The clone keeps the tapped tensor out of reach of later in-place ops (ReLU(inplace),
             # out += shortcut), which would otherwise change what d f / d output refers to.
@@ -60,7 +61,7 @@ def capture(model, plan: Plan, x: torch.Tensor, ks: Sequence[int], *, create_gra
     modules = dict(model.named_modules(remove_duplicate=False))
     try:
         for name in names:
-            handles.append(modules[name].register_forward_hook(tap(name)))
+            handles.append(modules[name].register_forward_hook(tap(name), with_kwargs=True))
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
             f = model_outputs(model, plan, xg)

@@ -155,8 +155,9 @@ def generic_terms(rule: ModuleRule, calls: List[Call]) -> Dict[str, object]:
     masks = {attr: e.mask for attr, e in rule.params.items()}
 
     def run(v, a_i):
-        eff = {k: (t if masks[k] is None else t * masks[k]) for k, t in v.items()}
-        return functional_call(module, eff, (a_i.unsqueeze(0),), strict=False).squeeze(0)
+        eff = dict(rule.inner_values)
+        eff.update({k: (t if masks[k] is None else t * masks[k]) for k, t in v.items()})
+        return functional_call(module, eff, (a_i.unsqueeze(0),)).squeeze(0)
 
     def per_sample(a_i, b_i):
         _, fn = vjp(lambda v: run(v, a_i), values)

@@ -45,6 +45,9 @@ class ModuleRule:
     kind: str  # "linear" | "conv" | "batchnorm" | "generic"
     params: "OrderedDict[str, ParamEntry]"  # attr (without _orig) -> entry
     reason: str
+    # masked values of the module's descendants, by names relative to it (generic rule: the
+    # module is re-run on its own and must see the same sparse weights as the whole forward)
+    inner_values: Dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -227,7 +230,10 @@ def build_plan(model: nn.Module, params=None, masks=None) -> Plan:
             if kind != "generic" and key not in ("weight", "bias"):
                 kind, reason = "generic", f"torch.func per-sample vjp of this module (extra parameter {attr!r})"
             keyed[key] = entry
+        inner = {}
         if kind == "generic":
             keyed = OrderedDict((e.attr, e) for e in attrs.values())
-        rules.append(ModuleRule(mname, module, kind, keyed, reason))
+            prefix = mname + "." if mname else ""
+            inner = {k[len(prefix):]: v for k, v in forward_values.items() if k.startswith(prefix)}
+        rules.append(ModuleRule(mname, module, kind, keyed, reason, inner))
     return Plan(rules, whole, whole_reason, forward_values, entries)

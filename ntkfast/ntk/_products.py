@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Dict
 
 import torch
-from torch.func import functional_call, jvp, vjp
+from torch.func import functional_call, jvp, vjp, vmap
 
 from ._capture import model_outputs
 from ._plan import Plan
@@ -33,6 +33,16 @@ class Linearised:
     def vjp(self, cot: torch.Tensor) -> Dict[str, torch.Tensor]:
         _, fn = vjp(self.f, self.values)
         return fn(cot)[0]
+
+    def vjp_many(self, cots: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """J^T v for a stack of cotangents [c, N, K]: one forward pass, vmapped backward."""
+        _, fn = vjp(self.f, self.values)
+        return vmap(fn)(cots)[0]
+
+    def perturbed_many(self, directions: Dict[str, torch.Tensor], scale: float) -> torch.Tensor:
+        """f(θ + scale·u) for a stack of directions {name: [c, *shape]} -> [c, N, K]."""
+        with torch.no_grad():
+            return vmap(lambda u: self.f({n: t + scale * u[n] for n, t in self.values.items()}))(directions)
 
     def jvp(self, u: Dict[str, torch.Tensor]) -> torch.Tensor:
         return jvp(self.f, (self.values,), (u,))[1]

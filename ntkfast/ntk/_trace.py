@@ -30,18 +30,25 @@ def ntk_trace_impl(model, x, *, masks, method, params, n_probes, epsilon, seed, 
     lin = Linearised(model, build_plan(model, params, masks), x)
     shape = lin.outputs().shape
     total = torch.zeros((), dtype=x.dtype, device=x.device)
+    chunk = 16
+    done = 0
     if method == "hutchinson":
-        # E ||J^T v||^2 = tr(J J^T) for Rademacher v.
-        for _ in range(n_probes):
-            v = torch.randint(0, 2, shape, generator=gen, device=x.device).to(x.dtype) * 2 - 1
-            g = lin.vjp(v)
+        # E ||J^T v||^2 = tr(J J^T) for Rademacher v; probes vmapped over one forward pass.
+        while done < n_probes:
+            c = min(chunk, n_probes - done)
+            v = torch.randint(0, 2, (c,) + tuple(shape), generator=gen, device=x.device).to(x.dtype) * 2 - 1
+            g = lin.vjp_many(v)
             total = total + sum((t * t).sum() for t in g.values())
+            done += c
         return total / n_probes
     if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon > 0:
         raise ValueError(f"epsilon: expected a positive number, got {epsilon!r}")
     # E ||J xi||^2 = tr(J J^T) for xi ~ N(0, I); J xi by a central difference (error O(eps^2)).
-    for _ in range(n_probes):
-        xi = {n: torch.randn(t.shape, generator=gen, device=x.device, dtype=t.dtype) for n, t in lin.values.items()}
-        d = (lin.perturbed(xi, epsilon) - lin.perturbed(xi, -epsilon)) / (2 * epsilon)
+    while done < n_probes:
+        c = min(chunk, n_probes - done)
+        xi = {n: torch.randn((c,) + tuple(t.shape), generator=gen, device=x.device, dtype=t.dtype)
+              for n, t in lin.values.items()}
+        d = (lin.perturbed_many(xi, epsilon) - lin.perturbed_many(xi, -epsilon)) / (2 * epsilon)
         total = total + (d * d).sum()
+        done += c
     return total / n_probes

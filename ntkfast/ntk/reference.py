@@ -11,7 +11,7 @@ and only unmasked entries are differentiated. Both functions form everything the
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
