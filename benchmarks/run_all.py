@@ -25,6 +25,7 @@ SUITES = {
     "synflow": "benchmarks.bench_synflow",
     "perturbed_masked": "benchmarks.bench_perturbed_masked",
     "ntksap": "benchmarks.bench_ntksap",
+    "ntk": "benchmarks.bench_ntk",
 }
 
 

@@ -74,11 +74,16 @@ def capture(model, plan: Plan, x: torch.Tensor, ks: Sequence[int], *, create_gra
     tensors = [y for _, _, y in taps]
     if tensors:
         with torch.enable_grad():
-            for k in ks:
-                g = torch.autograd.grad(f[:, k].sum(), tensors, retain_graph=True, create_graph=create_graph,
-                                        allow_unused=True)
-                for slot, gi, y in zip(grads, g, tensors):
-                    slot.append(torch.zeros_like(y) if gi is None else gi)
+            batched = _batched_backward(f, tensors, list(ks), create_graph) if len(ks) > 1 else None
+            if batched is not None:
+                for slot, gi, y in zip(grads, batched, tensors):
+                    slot.extend(gi.unbind(0) if gi is not None else [torch.zeros_like(y)] * len(ks))
+            else:
+                for k in ks:
+                    g = torch.autograd.grad(f[:, k].sum(), tensors, retain_graph=True, create_graph=create_graph,
+                                            allow_unused=True)
+                    for slot, gi, y in zip(grads, g, tensors):
+                        slot.append(torch.zeros_like(y) if gi is None else gi)
     calls: Dict[str, List[Call]] = {name: [] for name in names}
     for (name, i, _), slot in zip(taps, grads):
         a, version, _ = pending[name][i]
@@ -92,6 +97,18 @@ def capture(model, plan: Plan, x: torch.Tensor, ks: Sequence[int], *, create_gra
             a, b = a.detach(), b.detach()
         calls[name].append(Call(a, b))
     return Capture(x, list(ks), K, calls)
+
+
+def _batched_backward(f, tensors, ks, create_graph):
+    """All outputs' cotangents in one vmapped backward pass (one-hot cotangents); None when an
+    op of the model has no batching rule, and the caller loops over outputs instead."""
+    cots = torch.zeros(len(ks), *f.shape, dtype=f.dtype, device=f.device)
+    cots[torch.arange(len(ks)), :, torch.tensor(ks)] = 1
+    try:
+        return torch.autograd.grad(f, tensors, grad_outputs=cots, is_grads_batched=True, retain_graph=True,
+                                   create_graph=create_graph, allow_unused=True)
+    except RuntimeError:
+        return None
 
 
 class _Untappable(ValueError):
