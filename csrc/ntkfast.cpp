@@ -33,6 +33,17 @@ TORCH_LIBRARY(ntkfast, m) {
   // asked for in output_mask comes back as an empty tensor of shape [0].
   m.def("perturbed_masked_backward(Tensor grad, Tensor weight, Tensor mask, float epsilon, Tensor philox, "
         "bool[2] output_mask) -> (Tensor, Tensor)");
+
+  // The NTK block of a dense layer y = W a with weights W [O, C] scaled entrywise by mask [O, C] (any
+  // real values, typically 0/1), for per-sample inputs a [N, C] and output cotangents b [N, K, O]:
+  //   full[i, j, k, l] = sum_{o, c} mask[o, c] b1[i, k, o] b2[j, l, o] a1[i, c] a2[j, c]
+  // mode "full": [N1, N2, K, K]; "trace": [N1, N2] = sum_k full[:, :, k, k]; "diagonal" (N1 == N2):
+  // [N1, K, K] = full[i, i]; "diagonal_trace" (N1 == N2): [N1] = sum_k full[i, i, k, k].
+  // a1 [N1, C], b1 [N1, K, O], a2 [N2, C], b2 [N2, K, O], mask [O, C]: one dtype (float32 or
+  // float64), one device. Passing the same tensors as a2 and b2 as a1 and b1 lets the kernels compute
+  // one half of the symmetric result. Not differentiable here; ntkfast/_ops.py registers the
+  // gradients of a1, b1, a2 and b2 (none for mask).
+  m.def("masked_gram(Tensor a1, Tensor b1, Tensor a2, Tensor b2, Tensor mask, str mode) -> Tensor");
 }
 
 namespace {

@@ -11,6 +11,8 @@ from ._ops import (  # noqa: F401
     philox_words_reference,
     perturbed_masked,
     perturbed_masked_reference,
+    masked_gram,
+    masked_gram_reference,
 )
 
 __all__ = [
@@ -25,4 +27,6 @@ __all__ = [
     "philox_words_reference",
     "perturbed_masked",
     "perturbed_masked_reference",
+    "masked_gram",
+    "masked_gram_reference",
 ]
