@@ -33,6 +33,16 @@ TORCH_LIBRARY(ntkfast, m) {
   // asked for in output_mask comes back as an empty tensor of shape [0].
   m.def("perturbed_masked_backward(Tensor grad, Tensor weight, Tensor mask, float epsilon, Tensor philox, "
         "bool[2] output_mask) -> (Tensor, Tensor)");
+
+  // Per-sample convolution weight gradients, K cotangents per sample (for empirical NTKs of conv
+  // layers): input [N, C, H, W], grad_output [N, K, O, Ho, Wo] -> out [N, K, O, C / groups, kh, kw],
+  //   out[n, k, o, c, r, s] = sum_{y, x} grad_output[n, k, o, y, x]
+  //                             * input[n, g * C / groups + c, y * sh + r * dh - ph, x * sw + s * dw - pw]
+  // with g = o / (O / groups) and the input zero outside the image: the gradient of
+  // <grad_output[n, k], conv2d(input[n], weight)> with respect to weight. (Ho, Wo) must be the
+  // convolution's output size. float32 and float64.
+  m.def("conv_weight_grad_per_sample(Tensor input, Tensor grad_output, int[2] kernel_size, int[2] stride, "
+        "int[2] padding, int[2] dilation, int groups) -> Tensor");
 }
 
 namespace {

@@ -11,6 +11,8 @@ from ._ops import (  # noqa: F401
     philox_words_reference,
     perturbed_masked,
     perturbed_masked_reference,
+    conv_weight_grad_per_sample,
+    conv_weight_grad_per_sample_reference,
 )
 
 __all__ = [
@@ -25,4 +27,6 @@ __all__ = [
     "philox_words_reference",
     "perturbed_masked",
     "perturbed_masked_reference",
+    "conv_weight_grad_per_sample",
+    "conv_weight_grad_per_sample_reference",
 ]
