@@ -687,7 +687,8 @@ def _conv_tuple(value, d: int, name: str, lowest: int) -> tuple:
 
 
 def _conv_out_size(size, kernel, stride, padding, dilation) -> tuple:
-    return tuple((i + 2 * p - d * (k - 1) - 1) // s + 1 for i, k, s, p, d in zip(size, kernel, stride, padding, dilation))
+    return tuple((i + 2 * p - d * (k - 1) - 1) // s + 1
+                 for i, k, s, p, d in zip(size, kernel, stride, padding, dilation))
 
 
 def _check_conv_wgrad_args(input, grad_output, kernel_size, stride, padding, dilation, groups):

@@ -87,6 +87,11 @@ def _check(got, x, go, k, s, p, dl, groups, want=None):
     return want
 
 
+def _transposed_storage(t):
+    """The same values with the last two dimensions' storage transposed: not contiguous."""
+    return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
 def _isa_params(device):
     return ISAS if device == "cpu" else [None]
 
@@ -156,10 +161,9 @@ def test_oracle_matches_per_sample_autograd():
     for N, C, O, K, size, k, s, p, dl, groups in GRID[::7] + [GRID[-1]]:
         x, go = _inputs(gen, N, C, O, K, size, k, s, p, dl, torch.float64, "cpu")
         w = torch.randn((O, C // groups) + k, dtype=torch.float64, requires_grad=True)
-        want = torch.stack([
-            torch.stack([torch.autograd.grad(F.conv2d(x[n : n + 1], w, None, s, p, dl, groups), w, go[n, kk : kk + 1])[0]
-                         for kk in range(K)])
-            for n in range(N)])
+        conv = lambda n: F.conv2d(x[n : n + 1], w, None, s, p, dl, groups)  # noqa: E731
+        want = torch.stack([torch.stack([torch.autograd.grad(conv(n), w, go[n, kk : kk + 1])[0] for kk in range(K)])
+                            for n in range(N)])
         assert _rel_err(oracle(x, go, k, s, p, dl, groups), want) < 1e-14
 
 
@@ -207,7 +211,7 @@ def test_noncontiguous_inputs(device):
             want = oracle(x, go, k, s, p, dl, groups)
             variants = [
                 (x.contiguous(memory_format=torch.channels_last), go),
-                (x.transpose(-1, -2).contiguous().transpose(-1, -2), go.transpose(-1, -2).contiguous().transpose(-1, -2)),
+                (_transposed_storage(x), _transposed_storage(go)),
                 # every other sample / cotangent of a larger tensor
                 (torch.stack([x, x + 1], 1).flatten(0, 1)[::2], torch.stack([go, go - 1], 2).flatten(1, 2)[:, ::2]),
             ]
@@ -388,7 +392,8 @@ def test_opcheck(device):
     dev = _kernel_device(device)
     gen = _gen("opcheck")
     op = torch.ops.ntkfast.conv_weight_grad_per_sample.default
-    for (N, C, O, K, size, k, s, p, dl, groups), dtype in zip(GRAD_CASES, (torch.float32, torch.float64, torch.float32)):
+    dtypes = (torch.float32, torch.float64, torch.float32)
+    for (N, C, O, K, size, k, s, p, dl, groups), dtype in zip(GRAD_CASES, dtypes):
         x, go = _inputs(gen, N, C, O, K, size, k, s, p, dl, dtype, dev)
         args = (x, go, list(k), list(s), list(p), list(dl), groups)
         torch.library.opcheck(op, args)

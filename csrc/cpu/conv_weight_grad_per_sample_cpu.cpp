@@ -2,22 +2,29 @@
 //
 // For one sample n and one group, the output is a small matrix product over the Ho * Wo positions:
 //   out[(k, o), (c, r, s)] = sum_l go[(k, o), l] * patch[l, (c, r, s)],
-// where patch is the im2col matrix of the sample, which is never built whole. Each task (a sample,
-// a group, a block of rows and a block of columns) walks the positions in tiles of kc and packs
-//   a: its grad_output rows for those positions, in panels of [kc][MR] (a transpose), and
-//   b: the patch columns for those positions, gathered from the input with the padding as zeros,
-//      in panels of [kc][NR] (implicit im2col: one tile at a time, kc * NR entries per panel),
-// then a register-blocked kernel (conv_weight_grad_per_sample_gemm.inc) accumulates the
-// MR x NR output tiles, each of its iterations one vector load per NR / lanes columns and MR
-// broadcasts. kc is chosen so that a panel of b stays in L1 while every panel of a streams past it;
-// the tile accumulates in a per-thread buffer and is copied out once, so its rows need not be
-// contiguous in the output (they are not with groups > 1). Tasks run in parallel with
-// at::parallel_for; each output entry is summed in one fixed order whatever the thread count.
+// where patch is the im2col matrix of the sample, which is never built whole. A task (a sample, a
+// group, a block of rows and a block of columns) walks the positions in tiles of kc:
+//   b: for each tile, the task's patch columns are gathered from the input (zero-padded first, a
+//      copy of only the channels it needs, so that the gather has no bounds checks) into panels of
+//      [kc][NR], NR columns per position; kc is chosen so that such a panel stays in L1 (the
+//      implicit im2col: kc * J entries at a time, never L * J);
+//   a: grad_output's rows are read in place (the K * O rows of a sample are evenly spaced, unless
+//      several cotangents meet several groups: then they are copied into panels first);
+//   a register-blocked kernel (conv_weight_grad_per_sample_gemm.inc) accumulates MR x NR output
+//      tiles: per position, NR / lanes vector loads of b and MR broadcasts of a, MR * NR / lanes
+//      FMAs. The MR x NR tile shape is chosen per call from a few, by padded work and measured
+//      speed; whole tiles write the output in place, the last rows and columns (fewer than MR or
+//      NR) go through a zero-padded buffer.
+// grad_output is read from memory once, many rows a short piece at a time (more streams than the
+// hardware prefetcher follows): the kernel asks for each row's lines a few positions ahead. Blocks
+// are as large as keeps their output tile in L2, split by columns before rows (a column block
+// gathers only its own columns). Tasks run in parallel with at::parallel_for; every output entry
+// is summed in one fixed order whatever the thread count.
 //
 // The inner kernel exists for AVX-512 and AVX2 + FMA (compiled for those targets in `#pragma GCC
-// target` regions, chosen at run time from what the CPU supports) and in plain C++ for anything
-// else. NTKFAST_CPU_ISA=generic|avx2|avx512 caps the choice (for tests and comparisons); it is read
-// on every call.
+// target` regions, chosen at run time from what the CPU supports); elsewhere ("generic") the tiles
+// are multiplied by at::mm. NTKFAST_CPU_ISA=generic|avx2|avx512 caps the choice (for tests and
+// comparisons); it is read on every call.
 #include <torch/extension.h>
 #include <torch/library.h>
 #include <ATen/Dispatch.h>
@@ -45,21 +52,6 @@ namespace {
 // ---------------------------------------------------------------------------------------------
 // inner kernels, one namespace per instruction set
 // ---------------------------------------------------------------------------------------------
-
-namespace generic {
-template <typename E>
-struct Ops {
-  using T = E;
-  using V = E;
-  static constexpr int kLanes = 1;
-  static V zero() { return E(0); }
-  static V load(const E* p) { return *p; }
-  static void store(E* p, V v) { *p = v; }
-  static V set1(E x) { return x; }
-  static V fma(V a, V b, V c) { return a * b + c; }
-};
-#include "conv_weight_grad_per_sample_gemm.inc"
-}  // namespace generic
 
 #if NTKFAST_X86_KERNELS
 
@@ -173,12 +165,15 @@ template <typename T>
 struct Micro {
   int64_t mr, nr;
   GemmFn<T> fn;
-  double speed;  // relative throughput of a full tile: wider tiles load less per FMA
+  // throughput per padded output entry relative to the widest tile, measured on a Xeon with
+  // AVX-512 (narrower tiles load more per FMA)
+  double speed;
 };
 
 // The register tiles per instruction set: MR rows x NV vectors of accumulators, using at most the
 // 32 (AVX-512) or 16 (AVX2) vector registers with the NV vectors of b and a broadcast, and at
 // most 8 rows (their pointers stay in registers).
+// None for Isa::kGeneric: that path multiplies the tiles with at::mm instead.
 template <typename T>
 int candidates(Isa isa, Micro<T>* out) {
   int n = 0;
@@ -186,21 +181,21 @@ int candidates(Isa isa, Micro<T>* out) {
   if (isa == Isa::kAvx512) {
     using O = std::conditional_t<std::is_same_v<T, float>, avx512::OpsF, avx512::OpsD>;
     out[n++] = {8, 3 * O::kLanes, &avx512::gemm_panels<O, 8, 3>, 1.0};
-    out[n++] = {6, 4 * O::kLanes, &avx512::gemm_panels<O, 6, 4>, 1.0};
-    out[n++] = {8, 2 * O::kLanes, &avx512::gemm_panels<O, 8, 2>, 0.9};
-    out[n++] = {8, O::kLanes, &avx512::gemm_panels<O, 8, 1>, 0.6};
+    out[n++] = {6, 4 * O::kLanes, &avx512::gemm_panels<O, 6, 4>, 0.8};
+    out[n++] = {8, 2 * O::kLanes, &avx512::gemm_panels<O, 8, 2>, 0.8};
+    out[n++] = {8, O::kLanes, &avx512::gemm_panels<O, 8, 1>, 0.55};
     return n;
   }
   if (isa == Isa::kAvx2) {
     using O = std::conditional_t<std::is_same_v<T, float>, avx2::OpsF, avx2::OpsD>;
     out[n++] = {4, 3 * O::kLanes, &avx2::gemm_panels<O, 4, 3>, 1.0};
     out[n++] = {6, 2 * O::kLanes, &avx2::gemm_panels<O, 6, 2>, 1.0};
-    out[n++] = {8, O::kLanes, &avx2::gemm_panels<O, 8, 1>, 0.6};
+    out[n++] = {8, O::kLanes, &avx2::gemm_panels<O, 8, 1>, 0.55};
     return n;
   }
 #endif
   (void)isa;
-  out[n++] = {4, 8, &generic::gemm_panels<generic::Ops<T>, 4, 8>, 1.0};
+  (void)out;
   return n;
 }
 
@@ -212,6 +207,7 @@ template <typename T>
 Micro<T> choose_micro(Isa isa, int64_t M, int64_t J) {
   Micro<T> c[4];
   const int n = candidates<T>(isa, c);
+  TORCH_INTERNAL_ASSERT(n > 0, "conv_weight_grad_per_sample: no register tile for this instruction set");
   int best = 0;
   double best_cost = 0;
   for (int i = 0; i < n; ++i) {
@@ -423,7 +419,8 @@ void conv_wgrad_cpu_kernel(const ConvWgradGeometry& g, const T* x, const T* go, 
           }
         }
         for (int64_t ii = 0; ii < full_m * mk.mr && tail_j > 0; ++ii) {
-          std::memcpy(out_rows + ii * g.J + full_j * mk.nr, edge_j + ii * mk.nr, static_cast<size_t>(tail_j) * sizeof(T));
+          std::memcpy(out_rows + ii * g.J + full_j * mk.nr, edge_j + ii * mk.nr,
+                      static_cast<size_t>(tail_j) * sizeof(T));
         }
         for (int64_t ii = 0; ii < tail_m; ++ii) {
           std::memcpy(out_rows + (full_m * mk.mr + ii) * g.J, edge_m + ii * ldc, static_cast<size_t>(jc) * sizeof(T));
@@ -448,6 +445,61 @@ void conv_wgrad_cpu_kernel(const ConvWgradGeometry& g, const T* x, const T* go, 
   });
 }
 
+// Without a vector kernel for this CPU: the same tiles and implicit im2col, each tile's product
+// by at::mm into the output (whichever BLAS torch was built with, usually far faster than a
+// portable loop). b is then one panel of all the block's columns, and a tile holds as many
+// positions as keep it in L2.
+template <typename T>
+void conv_wgrad_cpu_blas(const ConvWgradGeometry& g, const T* x, const T* go, T* out) {
+  const Blocking bl = plan(g, 8, 8, sizeof(T));
+  const int64_t kc = std::min(g.L, std::max<int64_t>(64, kChunkBytes / (bl.jb * static_cast<int64_t>(sizeof(T)))));
+  const bool in_place = g.groups == 1 || g.K == 1;
+  const int64_t tasks = g.N * g.groups * bl.m_blocks * bl.j_blocks;
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    AlignedBuffer<T> a(in_place ? 0 : bl.mb * kc), b(bl.jb * kc), c(in_place ? 0 : bl.mb * bl.jb);
+    const bool padded = g.ph > 0 || g.pw > 0;
+    const int64_t max_channels = std::min(g.Cg, ceil_div(bl.jb, g.kh * g.kw) + 1);
+    AlignedBuffer<T> pad(padded ? max_channels * (g.H + 2 * g.ph) * (g.W + 2 * g.pw) : 0);
+    for (int64_t t = begin; t < end; ++t) {
+      int64_t rest = t;
+      const int64_t jblk = rest % bl.j_blocks;
+      rest /= bl.j_blocks;
+      const int64_t mblk = rest % bl.m_blocks;
+      rest /= bl.m_blocks;
+      const int64_t grp = rest % g.groups;
+      const int64_t n = rest / g.groups;
+      const int64_t m0 = mblk * bl.mb, mc = std::min(bl.mb, g.M - m0);
+      const int64_t j0 = jblk * bl.jb, jc = std::min(bl.jb, g.J - j0);
+      const int64_t c0 = j0 / (g.kh * g.kw), cn = (j0 + jc - 1) / (g.kh * g.kw) + 1 - c0;
+      const T* planes = padded_planes(g, x, n, grp, c0, cn, pad.get());
+      at::Tensor dst = in_place ? at::from_blob(out + row_index(g, n, grp, m0) * g.J + j0, {mc, jc}, {g.J, 1}, opts)
+                                : at::from_blob(c.get(), {mc, jc}, opts);
+      for (int64_t l0 = 0; l0 < g.L; l0 += kc) {
+        const int64_t kt = std::min(kc, g.L - l0);
+        pack_b(g, planes, c0, j0, jc, l0, kt, jc, b.get());
+        at::Tensor rows;
+        if (in_place) {
+          rows = at::from_blob(const_cast<T*>(go_row(g, go, n, grp, m0) + l0), {mc, kt}, {g.L, 1}, opts);
+        } else {
+          pack_a(g, go, n, grp, m0, mc, mc, l0, kt, kt, a.get());
+          rows = at::from_blob(a.get(), {mc, kt}, opts);
+        }
+        const at::Tensor patches = at::from_blob(b.get(), {kt, jc}, opts);
+        if (l0 == 0) {
+          at::mm_out(dst, rows, patches);
+        } else {
+          dst.addmm_(rows, patches);
+        }
+      }
+      for (int64_t ii = 0; !in_place && ii < mc; ++ii) {
+        std::memcpy(out + row_index(g, n, grp, m0 + ii) * g.J + j0, c.get() + ii * jc,
+                    static_cast<size_t>(jc) * sizeof(T));
+      }
+    }
+  });
+}
+
 at::Tensor conv_weight_grad_per_sample_cpu(const at::Tensor& input, const at::Tensor& grad_output,
                                            at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
@@ -459,8 +511,12 @@ at::Tensor conv_weight_grad_per_sample_cpu(const at::Tensor& input, const at::Te
   const at::Tensor go = grad_output.contiguous();
   const Isa isa = best_isa();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv_weight_grad_per_sample_cpu", [&] {
-    conv_wgrad_cpu_kernel<scalar_t>(g, x.data_ptr<scalar_t>(), go.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                                    isa);
+    if (isa == Isa::kGeneric) {
+      conv_wgrad_cpu_blas<scalar_t>(g, x.data_ptr<scalar_t>(), go.data_ptr<scalar_t>(), out.data_ptr<scalar_t>());
+    } else {
+      conv_wgrad_cpu_kernel<scalar_t>(g, x.data_ptr<scalar_t>(), go.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                                      isa);
+    }
   });
   return out;
 }

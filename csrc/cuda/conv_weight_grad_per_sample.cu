@@ -61,7 +61,8 @@ Plan make_plan(const ConvWgradShape& s, size_t elem, int sm_count) {
   int64_t splits = 1;
   if (tiles > 0 && tiles < target) {
     splits = std::min(ceil_div(target, tiles), std::max<int64_t>(1, p.L / (4 * kBK)));
-    const int64_t cap = static_cast<int64_t>(kMaxWorkspace / (elem * static_cast<size_t>(std::max<int64_t>(p.out_numel, 1))));
+    const size_t copy_bytes = elem * static_cast<size_t>(std::max<int64_t>(p.out_numel, 1));
+    const int64_t cap = static_cast<int64_t>(kMaxWorkspace / copy_bytes);
     splits = std::max<int64_t>(1, std::min(splits, cap));
   }
   p.chunk = ceil_div(ceil_div(p.L, splits), kBK) * kBK;
@@ -253,8 +254,8 @@ cudaError_t conv_wgrad_launch(const void* input, const void* grad_output, void* 
     return launch_typed(static_cast<const double*>(input), static_cast<const double*>(grad_output),
                         static_cast<double*>(out), static_cast<double*>(workspace), s, p, stream);
   }
-  return launch_typed(static_cast<const float*>(input), static_cast<const float*>(grad_output), static_cast<float*>(out),
-                      static_cast<float*>(workspace), s, p, stream);
+  return launch_typed(static_cast<const float*>(input), static_cast<const float*>(grad_output),
+                      static_cast<float*>(out), static_cast<float*>(workspace), s, p, stream);
 }
 
 }  // namespace gpu
