@@ -283,8 +283,8 @@ const T* go_row(const ConvWgradGeometry& g, const T* go, int64_t n, int64_t grp,
   return go + row_index(g, n, grp, m) * g.L;
 }
 
-// Rows [m0, m0 + rows) of (n, grp), positions [l0, l0 + len), copied to a[ii * lda_tile + p] per
-// tile of kc positions, tile after tile (each tile a block of padded_rows * kc), so that every row
+// Rows [m0, m0 + rows) of (n, grp), positions [l0, l0 + len), copied to a[ii * kt + p] per
+// tile of kt = kc positions (the last one possibly shorter), tile after tile (each tile a block of padded_rows * kc), so that every row
 // is read front to back once; rows from `rows` up to padded_rows are zero.
 template <typename T>
 void pack_a(const ConvWgradGeometry& g, const T* go, int64_t n, int64_t grp, int64_t m0, int64_t rows,
@@ -306,9 +306,6 @@ void pack_a(const ConvWgradGeometry& g, const T* go, int64_t n, int64_t grp, int
 // The channels [c0, c0 + cn) of (sample n, group grp) that a column block reads, zero-padded to
 // (H + 2 ph) x (W + 2 pw), so that gathering patches needs no bounds checks: every patch entry
 // then lies inside the padded planes. Skipped (the input read in place) without padding.
-struct Planes {
-  int64_t c0, hp, wp;
-};
 
 template <typename T>
 const T* padded_planes(const ConvWgradGeometry& g, const T* x, int64_t n, int64_t grp, int64_t c0, int64_t cn,
