@@ -44,6 +44,15 @@ TORCH_LIBRARY(ntkfast, m) {
   // one half of the symmetric result. Not differentiable here; ntkfast/_ops.py registers the
   // gradients of a1, b1, a2 and b2 (none for mask).
   m.def("masked_gram(Tensor a1, Tensor b1, Tensor a2, Tensor b2, Tensor mask, str mode) -> Tensor");
+  // Per-sample convolution weight gradients, K cotangents per sample (for empirical NTKs of conv
+  // layers): input [N, C, H, W], grad_output [N, K, O, Ho, Wo] -> out [N, K, O, C / groups, kh, kw],
+  //   out[n, k, o, c, r, s] = sum_{y, x} grad_output[n, k, o, y, x]
+  //                             * input[n, g * C / groups + c, y * sh + r * dh - ph, x * sw + s * dw - pw]
+  // with g = o / (O / groups) and the input zero outside the image: the gradient of
+  // <grad_output[n, k], conv2d(input[n], weight)> with respect to weight. (Ho, Wo) must be the
+  // convolution's output size. float32 and float64.
+  m.def("conv_weight_grad_per_sample(Tensor input, Tensor grad_output, int[2] kernel_size, int[2] stride, "
+        "int[2] padding, int[2] dilation, int groups) -> Tensor");
 }
 
 namespace {

@@ -13,6 +13,8 @@ from ._ops import (  # noqa: F401
     perturbed_masked_reference,
     masked_gram,
     masked_gram_reference,
+    conv_weight_grad_per_sample,
+    conv_weight_grad_per_sample_reference,
 )
 
 __all__ = [
@@ -29,4 +31,6 @@ __all__ = [
     "perturbed_masked_reference",
     "masked_gram",
     "masked_gram_reference",
+    "conv_weight_grad_per_sample",
+    "conv_weight_grad_per_sample_reference",
 ]
