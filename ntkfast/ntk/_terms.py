@@ -155,7 +155,14 @@ def _dense_pair(g1: torch.Tensor, g2: torch.Tensor, mode: str) -> torch.Tensor:
 
 def _linear_pair(t1: LinearTerm, t2: LinearTerm, mode: str) -> torch.Tensor:
     if t1.mask is not None:
-        return _kernels.masked_gram(t1.a, t1.b, t2.a, t2.b, t1.mask, mode=mode)
+        b1, b2 = t1.b, t2.b
+        kk1, kk2 = b1.shape[1], b2.shape[1]
+        if kk1 != kk2:  # output chunks of unequal size: the kernel wants one K, so pad with zeros
+            kk = max(kk1, kk2)
+            b1 = torch.nn.functional.pad(b1, (0, 0, 0, kk - kk1))
+            b2 = torch.nn.functional.pad(b2, (0, 0, 0, kk - kk2))
+            return _kernels.masked_gram(t1.a, b1, t2.a, b2, t1.mask, mode=mode)[..., :kk1, :kk2]
+        return _kernels.masked_gram(t1.a, b1, t2.a, b2, t1.mask, mode=mode)
     a1, b1, a2, b2 = t1.a, t1.b, t2.a, t2.b
     n1, kk1, O = b1.shape
     n2, kk2, _ = b2.shape
