@@ -49,11 +49,12 @@ inline GramSizes check_masked_gram(const char* op, const at::Tensor& a1, const a
   TORCH_CHECK_VALUE(b1.size(0) == n1, op, ": b1 has ", b1.size(0), " samples (shape ", b1.sizes(), ") but a1 has ", n1);
   TORCH_CHECK_VALUE(a2.size(1) == c, op, ": a2 has ", a2.size(1), " features (shape ", a2.sizes(), ") but a1 has ", c);
   TORCH_CHECK_VALUE(b2.size(0) == n2, op, ": b2 has ", b2.size(0), " samples (shape ", b2.sizes(), ") but a2 has ", n2);
-  TORCH_CHECK_VALUE(b2.size(1) == k && b2.size(2) == o, op, ": b2 has shape ", b2.sizes(), " but must be [N2, K, O] = [",
-                    n2, ", ", k, ", ", o, "] to match b1 ", b1.sizes());
+  TORCH_CHECK_VALUE(b2.size(1) == k && b2.size(2) == o, op, ": b2 has shape ", b2.sizes(),
+                    " but must be [N2, K, O] = [", n2, ", ", k, ", ", o, "] to match b1 ", b1.sizes());
   TORCH_CHECK_VALUE(mask.size(0) == o && mask.size(1) == c, op, ": mask has shape ", mask.sizes(),
                     " but must be [O, C] = [", o, ", ", c, "]");
-  TORCH_CHECK_VALUE(!gram_is_diagonal(mode) || n1 == n2, op, ": mode '", std::string(mode_name.data(), mode_name.size()),
+  TORCH_CHECK_VALUE(!gram_is_diagonal(mode) || n1 == n2, op, ": mode '",
+                    std::string(mode_name.data(), mode_name.size()),
                     "' pairs each sample with itself and needs as many samples in a2 as in a1, got N1 = ", n1,
                     " and N2 = ", n2);
   return {n1, n2, c, k, o, mode};

@@ -800,8 +800,10 @@ def masked_gram(a1: torch.Tensor, b1: torch.Tensor, a2: Optional[torch.Tensor] =
     ``"diagonal"`` [N1, K, K], full[i, i] (needs N1 == N2); ``"diagonal_trace"`` [N1].
 
     float32 or float64, all on one device; runs the compiled kernel (CPU; CUDA where built), else
-    :func:`masked_gram_reference`. Differentiable (first order) with respect to a1, b1, a2 and b2;
-    ``mask`` is treated as a constant: no gradient flows to it, even if it requires grad.
+    :func:`masked_gram_reference`. On the CPU a mask with few nonzeros goes through a sparse path
+    (cost proportional to its nonzeros instead of O * C). Differentiable with respect to a1, b1, a2
+    and b2 (the backward is GEMM-based PyTorch, so a second order works too); ``mask`` is treated
+    as a constant: no gradient flows to it, even if it requires grad.
     """
     a2 = a1 if a2 is None else a2
     b2 = b1 if b2 is None else b2

@@ -58,7 +58,8 @@ def _inputs(gen, n1, n2, c, k, o, dtype, device, density=1.0, binary=False):
 
     keep = torch.rand((o, c), generator=gen) < density
     keep.view(-1)[torch.randint(o * c, (1,), generator=gen)] = True
-    values = torch.ones(o, c, dtype=torch.float64) if binary else torch.randn((o, c), generator=gen, dtype=torch.float64)
+    values = (torch.ones(o, c, dtype=torch.float64) if binary
+              else torch.randn((o, c), generator=gen, dtype=torch.float64))
     mask = (values * keep).to(device=device, dtype=dtype)
     return randn(n1, c), randn(n1, k, o), randn(n2, c), randn(n2, k, o), mask
 
@@ -250,6 +251,17 @@ def test_gradcheck(device, mode):
 
 
 @pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("mode", MODES)
+def test_gradgradcheck(device, mode):
+    """Only first-order gradients are promised, but the backward is plain PyTorch ops, so a second
+    order comes for free: held here so that it is not lost unnoticed."""
+    dev = _kernel_device(device)
+    a1, b1, a2, b2, m = _inputs(_gen("gradgrad", mode), 3, 3, 4, 2, 3, torch.float64, dev, 0.6)
+    leaves = [t.requires_grad_() for t in (a1, b1, a2, b2)]
+    assert torch.autograd.gradgradcheck(lambda w, x, y, z: masked_gram(w, x, y, z, m, mode=mode), leaves)
+
+
+@pytest.mark.parametrize("device", devices)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_grads_match_autograd_through_reference(device, dtype, monkeypatch):
     dev = _kernel_device(device)
@@ -397,7 +409,8 @@ def test_extension_without_the_op_falls_back(monkeypatch):
 # CUDA only: the CUDA kernels against the CPU kernel, several chunks of rows
 # ---------------------------------------------------------------------------------------------
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the CUDA kernels cannot run here")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="no CUDA device: the CUDA kernels cannot run here")
 
 
 @pytest.mark.cuda

@@ -12,9 +12,9 @@
 // P's slice is computed one of two ways:
 // - dense mask: per row i, one BLAS product mask [O, C] x (a1[i, c] a2[j, c]) [C, jw] (at::mm_out
 //   on views of the thread's buffers: MKL or OpenBLAS, single-threaded inside the parallel region);
-// - sparse mask (density below sparse_threshold, measured): the mask
-//   in CSR form by rows o, and a register-blocked micro-kernel (masked_gram_simd.h) that costs nnz
-//   instead of O * C per (i, j). Chosen by density and size (sparse_threshold).
+// - sparse mask (density below sparse_threshold, which depends on the size; measured): the mask in
+//   CSR form by rows o, and a register-blocked micro-kernel (masked_gram_simd.h) that costs nnz
+//   instead of O * C per (i, j).
 // The contraction with b, and the sparse micro-kernel, vectorise over the j of a panel, with b2
 // and a2 repacked once into panels ([panel][..][JT]) so that every load is contiguous. They are
 // compiled for AVX-512, AVX2+FMA and baseline SSE2 (GCC on x86-64; one baseline build elsewhere),
@@ -108,10 +108,18 @@ double sparse_threshold(int64_t mask_numel, bool diagonal) {
   if (mask_numel <= (int64_t{1} << 16)) return 1.01;  // always
   return mask_numel <= (int64_t{1} << 19) ? 0.5 : 0.35;
 }
+// Work (multiply-adds or values moved) below which a loop runs on one thread: waking the others
+// costs more, and much more on a busy machine, where a woken thread may wait for a time slice.
+constexpr int64_t kSerialWork = int64_t{1} << 15;
+// The same for the whole pair computation (tasks are coarse).
+constexpr int64_t kSerialWorkPairs = int64_t{1} << 21;
 // Values of P held per thread (bounds the j-extent of a task).
 constexpr int64_t kPBudget = int64_t{1} << 19;
 // Bytes of b2 (one panel, an o-chunk, every l) that the full contraction keeps in L1 across k.
 constexpr int64_t kL1Budget = 32 * 1024;
+
+// parallel_for's grain for items of `work` each: at least kSerialWork per chunk
+int64_t grain_for(int64_t work) { return std::max<int64_t>(1, kSerialWork / std::max<int64_t>(work, 1)); }
 
 enum class Isa : int { kBase = 0, kAvx2 = 1, kAvx512 = 2 };
 
@@ -242,7 +250,7 @@ template <typename T>
 std::unique_ptr<T[]> panels_of_rows(const T* x, int64_t n, int64_t c, int64_t jt) {
   const int64_t npan = (n + jt - 1) / jt;
   std::unique_ptr<T[]> xp = buffer<T>(npan * c * jt);
-  at::parallel_for(0, npan, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, npan, grain_for(c * jt), [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       // writes in order; the reads walk JT rows side by side, a cache line of each at a time
       const int64_t rows = std::min(jt, n - p * jt);
@@ -311,8 +319,10 @@ void gram_pairs(const Problem<T>& pr, const Kernels<T>& kn, bool sparse, int64_t
   const int64_t o_chunk = std::max<int64_t>(4, kL1Budget / std::max<int64_t>(kc * jt * sizeof(T), 1));
   const at::Tensor mask_t = pr.mask_t;
 
+  const int64_t work = n1 * n2 * ((sparse ? nnz : oc * c) + oc * kc * (full ? kc : 1));
+  const int64_t workers = work < kSerialWorkPairs ? 1 : std::clamp<int64_t>(at::get_num_threads(), 1, ntasks);
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::max<int64_t>(at::get_num_threads(), 1), 1, [&](int64_t, int64_t) {
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     const std::unique_ptr<T[]> pbuf = buffer<T>(ib * oc * ldp);
     const std::unique_ptr<T[]> xt = buffer<T>(sparse ? 0 : c * jw_max);
     const std::unique_ptr<T[]> s = buffer<T>(sparse ? nnz * ib : 0);
@@ -378,7 +388,7 @@ void gram_pairs(const Problem<T>& pr, const Kernels<T>& kn, bool sparse, int64_t
   if (sym) {  // out[i, j] for j < i from out[j, i], computed above (row j covers every column >= j);
               // the diagonal blocks' lower triangles from their upper ones: exactly symmetric
     const int64_t kk = full ? kc * kc : 1;
-    at::parallel_for(0, n1, 16, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, n1, grain_for(n2 * kk), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         if (full) {
           T* d = out + (i * n2 + i) * kk;
@@ -408,7 +418,7 @@ void gram_diagonal(const Problem<T>& pr, const Kernels<T>& kn, bool sparse, int6
   const int64_t n = pr.n1, c = pr.c, kc = pr.k, oc = pr.o;
   const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
   const std::unique_ptr<T[]> x = buffer<T>(n * c);
-  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n, grain_for(c), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) kn.scale_rows(pr.a1 + i * c, pr.a2 + i * c, 1, c, x.get() + i * c);
   });
   const std::unique_ptr<T[]> pd = buffer<T>(n * oc);  // Pd[i, o] = P[i, i, o]
@@ -420,7 +430,8 @@ void gram_diagonal(const Problem<T>& pr, const Kernels<T>& kn, bool sparse, int6
     const int64_t npan = (n + jt - 1) / jt;
     const std::unique_ptr<T[]> xp = panels_of_rows(x.get(), n, c, jt);
     const Csr<T> csr = to_csr(pr.mask, oc, c, nnz_mask);
-    at::parallel_for(0, npan, 1, [&](int64_t begin, int64_t end) {
+    const int64_t grain = grain_for(static_cast<int64_t>(csr.col.size()) * jt);
+    at::parallel_for(0, npan, grain, [&](int64_t begin, int64_t end) {
       const std::unique_ptr<T[]> tile = buffer<T>(oc * jt);
       for (int64_t p = begin; p < end; ++p) {
         kn.sparse_p1(csr.rowptr.data(), csr.col.data(), csr.val.data(), xp.get() + p * c * jt, c, oc, 1, tile.get(),
@@ -434,7 +445,7 @@ void gram_diagonal(const Problem<T>& pr, const Kernels<T>& kn, bool sparse, int6
   }
   if (full) {  // out[i] = (b1[i] * Pd[i]) b2[i]^T: a batch of small products, which BLAS does best
     const std::unique_ptr<T[]> r = buffer<T>(n * kc * oc);
-    at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, n, grain_for(kc * oc), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         kn.scale_rows(pr.b1 + i * kc * oc, pd.get() + i * oc, kc, oc, r.get() + i * kc * oc);
       }
@@ -443,7 +454,7 @@ void gram_diagonal(const Problem<T>& pr, const Kernels<T>& kn, bool sparse, int6
     at::bmm_out(out_t, at::from_blob(r.get(), {n, kc, oc}, opts), pr.b2_t.transpose(1, 2));
     return;
   }
-  at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n, grain_for(kc * oc), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       out[i] = kn.diag_trace_row(pr.b1 + i * kc * oc, pr.b2 + i * kc * oc, pd.get() + i * oc, kc, oc);
     }

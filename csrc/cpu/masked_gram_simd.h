@@ -2,9 +2,10 @@
 // once with GCC vector extensions and included once per instruction set: the including file
 // defines NTKFAST_GRAM_ISA (the namespace), NTKFAST_GRAM_VBYTES (vector width in bytes),
 // NTKFAST_GRAM_IB (rows of a1 per sparse micro-tile), NTKFAST_GRAM_KB and NTKFAST_GRAM_LB (the
-// k x l register block of the full contraction; LB the most), and wraps the inclusion in `#pragma GCC target(...)` so that
-// these loops use that instruction set while the rest of the extension stays baseline x86-64.
-// Deliberately no include guard. Everything here takes raw pointers and sizes.
+// k x l register block of the full contraction; LB the most), and wraps the inclusion in
+// `#pragma GCC target(...)` so that these loops use that instruction set while the rest of the
+// extension stays baseline x86-64. Deliberately no include guard. Everything here takes raw
+// pointers and sizes.
 //
 // Layouts (JT = 2 vectors of lanes, the j-width of a panel):
 //   XP   [panels][C][JT]        a2 transposed, in panels of JT samples j (zero padded past N2)
