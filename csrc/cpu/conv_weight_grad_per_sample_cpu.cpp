@@ -39,6 +39,10 @@
 
 #include "../conv_weight_grad_per_sample_prepare.h"
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
 #define NTKFAST_X86_KERNELS 1
 #include <immintrin.h>
@@ -497,6 +501,25 @@ void conv_wgrad_cpu_blas(const ConvWgradGeometry& g, const T* x, const T* go, T*
   });
 }
 
+// A large output is typically fresh memory from mmap, and its first touch costs a page fault per
+// 4 KiB page, as much time as the arithmetic at some layer sizes (the output has L times fewer
+// entries than the products that sum into it): ask the kernel for 2 MiB pages there (Linux
+// transparent huge pages in "madvise" mode, what PyTorch's own THP_MEM_ALLOC_ENABLE=1 does for
+// every allocation). Only a hint; failures are ignored.
+void ask_for_huge_pages(const at::Tensor& out) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
+  const size_t bytes = out.nbytes();
+  if (bytes < 4 * kHuge) return;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(out.data_ptr());
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t last = (begin + bytes) & ~(kHuge - 1);
+  if (last > first) (void)madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#else
+  (void)out;
+#endif
+}
+
 at::Tensor conv_weight_grad_per_sample_cpu(const at::Tensor& input, const at::Tensor& grad_output,
                                            at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
@@ -504,6 +527,7 @@ at::Tensor conv_weight_grad_per_sample_cpu(const at::Tensor& input, const at::Te
                                                padding, dilation, groups);
   at::Tensor out = at::empty(conv_wgrad_out_shape(g), input.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
+  ask_for_huge_pages(out);
   const at::Tensor x = input.contiguous();
   const at::Tensor go = grad_output.contiguous();
   const Isa isa = best_isa();
