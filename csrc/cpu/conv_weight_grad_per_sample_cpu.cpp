@@ -16,7 +16,8 @@
 //      speed; whole tiles write the output in place, the last rows and columns (fewer than MR or
 //      NR) go through a zero-padded buffer.
 // grad_output is read from memory once, many rows a short piece at a time (more streams than the
-// hardware prefetcher follows): the kernel asks for each row's lines a few positions ahead. Blocks
+// hardware prefetcher follows): the kernel asks for the next panel's rows while it works on one,
+// and the output gets transparent huge pages where it is large (ask_for_huge_pages). Blocks
 // are as large as keeps their output tile in L2, split by columns before rows (a column block
 // gathers only its own columns). Tasks run in parallel with at::parallel_for; every output entry
 // is summed in one fixed order whatever the thread count.
