@@ -72,12 +72,15 @@ def capture(model, plan: Plan, x: torch.Tensor, ks: Sequence[int], *, create_gra
     taps = [(name, i, y) for name in names for i, (_, _, y) in enumerate(pending[name])]
     grads: List[List[torch.Tensor]] = [[] for _ in taps]
     tensors = [y for _, _, y in taps]
+    batched = None
     if tensors:
         with torch.enable_grad():
             batched = _batched_backward(f, tensors, list(ks), create_graph) if len(ks) > 1 else None
             if batched is not None:
+                # kept whole ([kk, *y.shape]): unbinding and re-stacking would copy every cotangent
                 for slot, gi, y in zip(grads, batched, tensors):
-                    slot.extend(gi.unbind(0) if gi is not None else [torch.zeros_like(y)] * len(ks))
+                    slot.append(gi if gi is not None else torch.zeros((len(ks),) + tuple(y.shape), dtype=y.dtype,
+                                                                     device=y.device))
             else:
                 for k in ks:
                     g = torch.autograd.grad(f[:, k].sum(), tensors, retain_graph=True, create_graph=create_graph,
@@ -92,7 +95,7 @@ def capture(model, plan: Plan, x: torch.Tensor, ks: Sequence[int], *, create_gra
                 f"model: the input of module {name!r} was modified in place after the module read it; "
                 "the NTK needs it unchanged (avoid in-place operations on that tensor)"
             )
-        b = torch.stack(slot)
+        b = slot[0] if batched is not None else torch.stack(slot)
         if not create_graph:
             a, b = a.detach(), b.detach()
         calls[name].append(Call(a, b))
