@@ -26,6 +26,8 @@ SUITES = {
     "perturbed_masked": "benchmarks.bench_perturbed_masked",
     "ntksap": "benchmarks.bench_ntksap",
     "ntk": "benchmarks.bench_ntk",
+    "masked_gram": "benchmarks.bench_masked_gram",
+    "conv_weight_grad_per_sample": "benchmarks.bench_conv_weight_grad_per_sample",
 }
 
 

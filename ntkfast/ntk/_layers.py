@@ -200,12 +200,3 @@ def whole_model_terms(model, plan: Plan, cap: Capture) -> Dict[str, object]:
 
 RULES = {"linear": linear_terms, "conv": conv_terms, "batchnorm": batchnorm_terms, "generic": generic_terms}
 
-
-def build_terms(model, plan: Plan, cap: Capture) -> "OrderedDict[str, object]":
-    out = OrderedDict()
-    for rule in plan.rules:
-        calls = cap.calls.get(rule.module_name, [])
-        if calls:
-            out.update(RULES[rule.kind](rule, calls))
-    out.update(whole_model_terms(model, plan, cap))
-    return out
