@@ -3,10 +3,12 @@ from ._version import __version__
 from ._ops import build_info
 from .masks import Masks, prunable_parameters
 from .prune import prune
+from .transfer import transfer, TransferResult
 from . import ops, scores
+from . import _ntt_method  # noqa: F401  registers prune(model, "ntt", ...)
 
 __all__ = ["Masks", "prunable_parameters", "prune", "build_info", "ops", "scores", "models", "data", "train",
-           "__version__"]
+           "transfer", "TransferResult", "__version__"]
 
 
 def __getattr__(name):

@@ -87,8 +87,8 @@ class Progress:
         if not self._tty and not finished and self.total:
             # a log gets about 20 lines however long the loop (100 pruning rounds, say)
             step = max(1, self.total // 20)
-            if self.count % step and self.count > n:
-                return
+            if self.count // step == (self.count - n) // step and self.count > n:
+                return  # no multiple of step crossed (updates may advance by more than one)
         self._last_draw = now
         self._draw(self.line())
 

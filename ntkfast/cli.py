@@ -1,4 +1,4 @@
-"""The `ntkfast` command: prune, train, methods, models, info."""
+"""The `ntkfast` command: prune, transfer, train, methods, models, info."""
 from __future__ import annotations
 
 import argparse
@@ -93,18 +93,96 @@ def cmd_prune(args) -> int:
     return 0
 
 
+_TRANSFER_FORMAT = "ntkfast.transfer/1"
+
+
+def cmd_transfer(args) -> int:
+    import torch
+
+    from . import data as D
+    from .transfer import transfer
+
+    if args.steps is not None and args.epochs is not None:
+        raise SystemExit("ntkfast: give --steps or --epochs, not both")
+    model = _build_model(args)
+    if args.device:
+        model = model.to(args.device)
+    train_set = D.load_dataset(args.dataset, args.data_dir, train=True)
+    if tuple(train_set.input_shape) != tuple(model.input_shape):
+        raise SystemExit(f"ntkfast: --model {args.model} expects inputs {model.input_shape}, the dataset has "
+                         f"{train_set.input_shape}; pass --input-shape")
+    if args.max_samples:
+        train_set = train_set.subset(args.max_samples)
+    conv = any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    lambda_l2 = args.lambda_l2 if args.lambda_l2 is not None else (1e-5 if conv else 1e-4)
+    res = transfer(model, args.density, train_set, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
+                   lambda_ker=args.lambda_ker, lambda_l2=lambda_l2, lr=args.lr,
+                   mask_update_every=None if args.mask_update_every == 0 else args.mask_update_every,
+                   init_mask=args.init_mask, scope=args.scope, seed=args.seed, progress=not args.quiet,
+                   kernel=args.kernel)
+    h = res.history
+    if h["step"]:
+        print(f"validation: kernel distance {h['kernel_distance'][0]:.6g} -> {h['kernel_distance'][-1]:.6g}, "
+              f"target distance {h['target_distance'][0]:.6g} -> {h['target_distance'][-1]:.6g} "
+              f"over {res.masks.metadata['steps']} steps ({h['seconds'][-1]:.1f} s)")
+    print(res.masks.report())
+    res.masks.metadata["model"] = args.model
+    torch.save({"format": _TRANSFER_FORMAT, "model": args.model, "input_shape": list(model.input_shape),
+                "num_classes": model.num_classes, "masks": dict(res.masks), "metadata": res.masks.metadata,
+                "state_dict": {k: v.cpu() for k, v in res.state_dict.items()}, "history": h}, args.out)
+    print(f"masks and learned sparse weights saved to {args.out} (train them: ntkfast train --init {args.out} ...)")
+    if args.plot:
+        from .plots import plot_transfer_history
+
+        plot_transfer_history(h, args.plot, title=f"NTT {args.model}, density {args.density}")
+        print(f"validation losses plotted to {args.plot}")
+    return 0
+
+
+def _load_init(path):
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--init: no file at {path!r}") from None
+    if not isinstance(obj, dict) or obj.get("format") != _TRANSFER_FORMAT:
+        raise ValueError(f"--init: {path!r} is not an `ntkfast transfer --out` file")
+    return obj
+
+
 def cmd_train(args) -> int:
     from . import Masks
     from . import data as D
     from .training import train
 
+    init = None
+    if args.init:
+        if args.masks:
+            raise SystemExit("ntkfast: --init carries its masks; give --init or --masks, not both")
+        init = _load_init(args.init)
+        if args.model is None:
+            args.model = init["model"]
+        elif args.model != init["model"]:
+            raise SystemExit(f"ntkfast: --init {args.init} holds a {init['model']}, not a {args.model}")
+        if args.input_shape is None:
+            args.input_shape = tuple(init["input_shape"])
+    if args.model is None:
+        args.model = "lenet300_100"
     model = _build_model(args)
+    if init is not None:
+        missing, unexpected = model.load_state_dict(init["state_dict"], strict=False)
+        if missing or unexpected:
+            raise SystemExit(f"ntkfast: --init {args.init} does not fit {args.model}: missing {missing}, "
+                             f"unexpected {unexpected}")
     train_set = D.load_dataset(args.dataset, args.data_dir, train=True)
     test_set = D.load_dataset(args.dataset, args.data_dir, train=False)
     if tuple(train_set.input_shape) != tuple(model.input_shape):
         raise SystemExit(f"ntkfast: --model {args.model} expects inputs {model.input_shape}, the dataset has "
                          f"{train_set.input_shape}; pass --input-shape")
     masks = Masks.load(args.masks) if args.masks else None
+    if init is not None:
+        masks = Masks(init["masks"], init.get("metadata", {}))
     if masks is not None:
         print(f"masks {args.masks}: density {masks.density:.6g} ({masks.metadata.get('method', '?')})")
     result = train(model, masks, train_set, test_set, args.epochs, optimizer=args.optimizer, lr=args.lr,
@@ -149,7 +227,8 @@ def cmd_info(args) -> int:
 
 
 def _add_model_args(p, default_model):
-    p.add_argument("--model", default=default_model, help=f"model zoo name (default {default_model}; see `ntkfast models`)")
+    p.add_argument("--model", default=default_model,
+                   help=f"model zoo name (default {default_model or 'lenet300_100, or the --init file'}; see `ntkfast models`)")
     p.add_argument("--input-shape", type=_shape, default=None, help="input shape without batch, e.g. 3,32,32")
     p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -177,11 +256,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="save the masks here (torch.save)")
     p.set_defaults(func=cmd_prune)
 
-    p = sub.add_parser("train", help="train a (pruned) zoo model and report test accuracy")
+    p = sub.add_parser("transfer", help="Neural Tangent Transfer: learn a sparse initialisation, label-free")
     _add_model_args(p, "lenet300_100")
+    p.add_argument("--dataset", required=True, help="mnist, fashion-mnist or cifar10 (labels are not used)")
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--density", type=float, default=0.03, help="fraction of weights kept (default 0.03)")
+    p.add_argument("--epochs", type=float, default=None, help="NTT epochs (default 20, as the authors)")
+    p.add_argument("--steps", type=int, default=None, help="NTT steps instead of --epochs")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lambda-ker", type=float, default=1e-3)
+    p.add_argument("--lambda-l2", type=float, default=None, help="default 1e-4 (MLP) or 1e-5 (CNN), as the authors")
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--mask-update-every", type=int, default=100, help="0: never re-select the mask")
+    p.add_argument("--init-mask", default="magnitude", choices=["magnitude", "logit_snip"])
+    p.add_argument("--scope", default="layerwise", choices=["layerwise", "global"])
+    p.add_argument("--kernel", default="sparse", choices=["sparse", "authors_code"])
+    p.add_argument("--max-samples", type=int, default=None, help="use only the first N training images")
+    p.add_argument("--out", required=True, help="where to save masks, learned weights and history (torch.save)")
+    p.add_argument("--plot", default=None, help="also plot the validation losses to this PNG (needs matplotlib)")
+    p.set_defaults(func=cmd_transfer)
+
+    p = sub.add_parser("train", help="train a (pruned) zoo model and report test accuracy")
+    _add_model_args(p, None)
     p.add_argument("--dataset", required=True)
     p.add_argument("--data-dir", required=True)
     p.add_argument("--masks", default=None, help="masks file from `ntkfast prune --out`")
+    p.add_argument("--init", default=None, help="start from `ntkfast transfer --out` (its weights and masks)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
     p.add_argument("--lr", type=float, default=None)

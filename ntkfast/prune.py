@@ -182,7 +182,10 @@ def prune(
 
     # scorers that can reuse work across rounds on this unchanged model take a per-run cache
     run_options = dict(method_options)
-    if "cache" in inspect.signature(info.fn).parameters and "cache" not in run_options:
+    params_of_fn = inspect.signature(info.fn).parameters
+    if "scope" in params_of_fn:
+        run_options["scope"] = scope
+    if "cache" in params_of_fn and "cache" not in run_options:
         run_options["cache"] = {}
 
     densities = density_schedule(density, rounds, schedule)
@@ -192,6 +195,10 @@ def prune(
     try:
         for t, (d, s) in enumerate(zip(densities, seeds), start=1):
             t0 = time.perf_counter()
+            # scorers whose result depends on the round's target (Neural Tangent Transfer learns
+            # a mask of that density) ask for it by these parameter names
+            if "target_density" in params_of_fn:
+                run_options["target_density"] = d
             sc = info.fn(model, current, data=data, seed=s, **run_options)
             score_s += time.perf_counter() - t0
             if set(sc) != set(current):

@@ -1,0 +1,94 @@
+"""Neural Tangent Transfer: one step (the loss and its gradient with respect to every student
+parameter) at batch 64, ntkfast against the same step written with torch.func (vmap(jacrev)
+Jacobians contracted by einsum, differentiated by torch.func.grad), same process, same inputs.
+
+The student is a fresh zoo model masked to density 0.03 (layerwise magnitude) that has moved
+away from its teacher (Gaussian noise on every weight), as it would have mid-transfer; the
+teacher's outputs and NTK are computed once, outside the timing (both sides need the same ones).
+
+    python -m benchmarks.bench_ntt [--quick] [--device cuda]
+"""
+from __future__ import annotations
+
+import copy
+import sys
+from typing import List
+
+import torch
+
+from .common import Case, Suite, main as suite_main
+
+WORKLOADS = [("lenet300_100", 64), ("lenet5", 64)]
+OPTIONS = dict(density=0.03, lambda_ker=1e-3, lambda_l2=1e-4)
+
+
+def _state(model_name: str, batch: int, device):
+    from ntkfast import models
+    from ntkfast.masks import prunable_parameters
+    from ntkfast.transfer import select_masks, teacher_targets
+
+    torch.manual_seed(0)
+    teacher = models.get(model_name).to(device).eval()
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.1 * p.std() * torch.randn_like(p))
+    masks = select_masks(prunable_parameters(student), OPTIONS["density"], "layerwise")
+    masks = type(masks)({n: m.to(device) for n, m in masks.items()})
+    x = torch.randn(batch, *teacher.input_shape, device=device)
+    t_out, t_ntk = teacher_targets(teacher, x)
+    return {"student": student, "masks": masks, "x": x, "t_out": t_out, "t_ntk": t_ntk}
+
+
+def _ours(st):
+    from ntkfast.transfer import transfer_loss
+
+    student = st["student"]
+    params = [p for p in student.parameters()]
+    loss, _ = transfer_loss(student, st["masks"], st["x"], st["t_out"], st["t_ntk"], **OPTIONS)
+    grads = torch.autograd.grad(loss, params)
+    return loss.detach(), [g.detach() for g in grads]
+
+
+def _peer(st):
+    from ntkfast import _transfer_reference as ref
+
+    loss, grads = ref.loss_and_grad(st["student"], st["masks"], st["x"], st["t_out"], st["t_ntk"], **OPTIONS)
+    return loss.detach(), [grads[n].detach() for n, _ in st["student"].named_parameters()]
+
+
+def _compare(st, peer_out, ours_out):
+    (pl, pg), (ol, og) = peer_out, ours_out
+    num = sum(float((a.double() - b.double()).square().sum()) for a, b in zip(pg, og)) ** 0.5
+    den = sum(float(b.double().square().sum()) for b in pg) ** 0.5
+    return {"rel_err": num / den, "loss_rel_err": abs(float(ol) - float(pl)) / abs(float(pl))}
+
+
+def _make_case(model_name: str, batch: int, quick: bool) -> Case:
+    batch = 8 if quick else batch
+    params = {"model": model_name, "batch": batch, "dtype": "float32", "outputs": 10, **OPTIONS}
+    return Case(name=f"{model_name}-step-B{batch}", params=params, setup=lambda d: _state(model_name, batch, d),
+                peer=_peer, ours=_ours, compare=_compare)
+
+
+def make_cases(args) -> List[Case]:
+    return [_make_case(m, b, args.quick) for m, b in WORKLOADS]
+
+
+SUITE = Suite(
+    name="ntt",
+    module="benchmarks.bench_ntt",
+    peer="the same NTT step in torch.func (vmap(jacrev) Jacobians, einsum, torch.func.grad)",
+    ours="ntkfast.transfer.transfer_loss + backward",
+    make_cases=make_cases,
+    default_runs=5,
+    quick_runs=2,
+)
+
+
+def main(argv=None) -> int:
+    return suite_main(SUITE, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

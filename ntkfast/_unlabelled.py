@@ -1,0 +1,118 @@
+"""Unlabelled inputs for label-free methods (Neural Tangent Transfer): one view over the many
+shapes a user's data comes in, with a held-out validation slice and seeded epochs of batches.
+
+Accepted: an input tensor ``[N, ...]``; a pair ``(inputs, targets)`` (targets ignored); an
+ntkfast dataset (``ntkfast.data``; read through its fast ``batches``); a map-style torch Dataset
+(items ``x`` or ``(x, ...)``); or any other iterable of batches, a list or a DataLoader (tensors
+or tuples whose first element is the input), which is read once into memory.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator, Optional
+
+import torch
+
+
+def _first(item):
+    if isinstance(item, (tuple, list)):
+        if not item:
+            raise ValueError("data: an empty item")
+        item = item[0]
+    if not isinstance(item, torch.Tensor):
+        raise ValueError(f"data: expected input tensors (or tuples whose first element is one), got {type(item).__name__}")
+    return item
+
+
+class Unlabelled:
+    """Indexable unlabelled inputs: ``take(idx)`` returns the inputs at those indices as one batch."""
+
+    def __init__(self, data, name: str = "data"):
+        self._tensor: Optional[torch.Tensor] = None
+        self._dataset = None
+        self._fast = False
+        if isinstance(data, torch.Tensor):
+            self._tensor = data
+        elif (isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor)
+              and isinstance(data[1], torch.Tensor) and data[0].dim() >= 2 and data[1].dim() <= 1
+              and data[0].shape[0] == data[1].shape[0]):
+            self._tensor = data[0]  # a labelled batch: the labels are not used
+        elif hasattr(data, "batches") and hasattr(data, "subset") and hasattr(data, "__len__"):
+            self._dataset, self._fast = data, True
+        elif (hasattr(data, "__getitem__") and hasattr(data, "__len__")
+              and not isinstance(data, (str, bytes, dict, list, tuple))):  # lists: of batches
+            self._dataset = data
+        else:
+            try:
+                items = [_first(b) for b in data]
+            except TypeError:
+                raise ValueError(f"{name}: expected input tensors, a dataset or an iterable of batches, "
+                                 f"got {type(data).__name__}") from None
+            if not items:
+                raise ValueError(f"{name}: no batches (the iterable is empty)")
+            shapes = {tuple(t.shape[1:]) for t in items}
+            if len(shapes) != 1:
+                raise ValueError(f"{name}: batches have different sample shapes {sorted(shapes)}")
+            self._tensor = torch.cat(items)
+        if self._tensor is not None:
+            if self._tensor.dim() < 2 or not self._tensor.is_floating_point():
+                raise ValueError(f"{name}: expected a floating-point input tensor [N, ...], got "
+                                 f"{self._tensor.dtype} {tuple(self._tensor.shape)}")
+        if len(self) == 0:
+            raise ValueError(f"{name}: no samples")
+
+    def __len__(self) -> int:
+        return self._tensor.shape[0] if self._tensor is not None else len(self._dataset)
+
+    def take(self, idx: torch.Tensor) -> torch.Tensor:
+        if self._tensor is not None:
+            return self._tensor[idx.to(self._tensor.device)]
+        if self._fast:
+            return next(iter(self._dataset.subset(idx).batches(len(idx))))[0]
+        return torch.stack([_first(self._dataset[int(i)]) for i in idx])
+
+    def epoch(self, indices: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+        """Batches over ``indices`` in an order drawn from ``seed``; a last batch with fewer
+        than two samples is dropped (it cannot be split into two halves)."""
+        g = torch.Generator().manual_seed(int(seed))
+        order = indices[torch.randperm(len(indices), generator=g)]
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            if len(idx) >= 2:
+                yield self.take(idx)
+
+    @staticmethod
+    def batches_per_epoch(n: int, batch_size: int) -> int:
+        full, rest = divmod(n, batch_size)
+        return full + (1 if rest >= 2 else 0) if n >= 2 else 0
+
+    @staticmethod
+    def check_batch_size(batch_size) -> int:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 2:
+            raise ValueError(f"batch_size: expected an int >= 2 (each batch is split in two halves), got {batch_size!r}")
+        return batch_size
+
+
+def split_validation(source: Unlabelled, validation, name: str = "validation"):
+    """(training indices, validation inputs). An int holds out that many samples from the end
+    of the data; a tensor is used as it is and nothing is held out; 0 or None: no validation."""
+    n = len(source)
+    all_idx = torch.arange(n)
+    if validation is None or (isinstance(validation, int) and not isinstance(validation, bool) and validation == 0):
+        return all_idx, None
+    if isinstance(validation, torch.Tensor):
+        if validation.dim() < 2 or validation.shape[0] < 2:
+            raise ValueError(f"{name}: expected at least two validation inputs [N, ...], got shape {tuple(validation.shape)}")
+        return all_idx, validation
+    if isinstance(validation, bool) or not isinstance(validation, int) or validation < 2:
+        raise ValueError(f"{name}: expected a number of held-out samples >= 2, a tensor of inputs, or None; got {validation!r}")
+    if n - validation < 2:
+        raise ValueError(f"{name}: holding out {validation} of {n} samples leaves fewer than 2 to train on")
+    return all_idx[: n - validation], source.take(all_idx[n - validation:])
+
+
+def total_steps(n_train: int, batch_size: int, steps, epochs) -> int:
+    per_epoch = Unlabelled.batches_per_epoch(n_train, batch_size)
+    if steps is not None:
+        return steps
+    return int(math.ceil(epochs * per_epoch))

@@ -1,0 +1,340 @@
+"""Neural Tangent Transfer (Liu & Zenke, ICML 2020): train a sparse student, without labels, so
+that its outputs and its empirical NTK match those of the dense teacher.
+
+Per step, on a batch X of B inputs split into X1 = X[:B//2] and X2 = X[B//2:]:
+
+    L = λ_ker ‖Θ_s(X1, X2) − Θ_t(X1, X2)‖² / (n1 n2 K²) + ‖f_s(X) − f_t(X)‖² / (B K) + (λ_L2 / d) Σ ‖m ⊙ W‖²
+
+with Θ the full cross-NTK [n1, n2, K, K] (the student's differentiated through, by
+``ntkfast.ntk.empirical_ntk(create_graph=True)``), f_s the student with weights W ⊙ m, d the
+density and the L2 sum over the masked weights (biases excluded). Adam. Every
+``mask_update_every`` steps the mask is re-selected by the magnitude of the student's dense
+weights (pruned entries keep their stale values and may come back), except in the last
+``mask_update_every`` steps.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+import time
+from collections import OrderedDict
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .masks import Masks, prunable_parameters, threshold
+from .ntk import empirical_ntk
+from ._unlabelled import Unlabelled, split_validation, total_steps
+
+__all__ = ["transfer", "transfer_loss", "TransferResult", "KERNELS", "INIT_MASKS"]
+
+KERNELS = ("sparse", "authors_code")
+INIT_MASKS = ("magnitude", "logit_snip")
+_SCOPES = ("layerwise", "global")
+_LOGIT_SNIP_SAMPLES = 128  # the authors score the first 128 training inputs
+
+
+class TransferResult(tuple):
+    """``(masks, state_dict)``, so that ``masks, state = transfer(...)`` works, plus ``history``:
+    {"step", "loss", "kernel_distance", "target_distance", "l2", "seconds"} lists of the
+    validation losses (at step 0, every ``log_every`` steps and at the end; "l2" is the unweighted
+    Σ ‖m ⊙ W‖²), and "train_loss" per logged step (the mean over the steps since the last log)."""
+
+    def __new__(cls, masks: Masks, state_dict, history: Dict[str, list]):
+        obj = super().__new__(cls, (masks, state_dict))
+        obj.history = history
+        return obj
+
+    @property
+    def masks(self) -> Masks:
+        return self[0]
+
+    @property
+    def state_dict(self) -> "OrderedDict[str, torch.Tensor]":
+        return self[1]
+
+
+def _flat_outputs(out: torch.Tensor, n: int) -> torch.Tensor:
+    if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != n:
+        raise ValueError(f"model: expected an output tensor with a batch dimension of {n}, got "
+                         f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
+    return out.reshape(n, -1)
+
+
+def _halves(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    h = x.shape[0] // 2
+    return x[:h], x[h:]
+
+
+def teacher_targets(teacher: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's outputs on x [B, K] and its full cross-NTK between the halves of x."""
+    x1, x2 = _halves(x)
+    with torch.no_grad():
+        out = _flat_outputs(teacher(x), x.shape[0])
+    names = [n for n, _ in teacher.named_parameters()]  # all of them, frozen or not
+    return out, empirical_ntk(teacher, x1, x2, mode="full", params=names)
+
+
+def transfer_loss(student: nn.Module, masks: Mapping[str, torch.Tensor], x: torch.Tensor,
+                  teacher_out: torch.Tensor, teacher_ntk: torch.Tensor, *, density: float,
+                  lambda_ker: float = 1e-3, lambda_l2: float = 1e-4, kernel: str = "sparse",
+                  create_graph: bool = True) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """The NTT loss of ``student`` (weights W ⊙ masks) on the batch ``x`` against the teacher's
+    outputs and cross-NTK (see :func:`teacher_targets`). Returns (loss, {"kernel_distance",
+    "target_distance", "l2"}), differentiable with respect to the student's parameters.
+
+    kernel: "sparse" (default, the NTK of the sparse network: only unmasked weight entries are
+    differentiated) or "authors_code" (as the authors' JAX code: the Jacobian over every weight
+    entry, evaluated at the masked weights W ⊙ m, so pruned entries' derivatives count too).
+    """
+    x1, x2 = _halves(x)
+    named = OrderedDict((n, p) for n, p in student.named_parameters() if p.requires_grad)
+    masked = OrderedDict((n, named[n] * masks[n].to(named[n].dtype)) for n in masks)
+    out = _flat_outputs(functional_call(student, masked, (x,)), x.shape[0])
+    if kernel == "sparse":
+        theta = empirical_ntk(student, x1, x2, masks=masks, mode="full", create_graph=create_graph)
+    elif kernel == "authors_code":
+        values = OrderedDict((n, masked.get(n, p)) for n, p in named.items())
+        theta = empirical_ntk(student, x1, x2, params=values, mode="full", create_graph=create_graph)
+    else:
+        raise ValueError(f"kernel: expected one of {', '.join(map(repr, KERNELS))}, got {kernel!r}")
+    ker = (theta - teacher_ntk).square().sum() / teacher_ntk.numel()
+    target = (out - teacher_out).square().sum() / out.numel()
+    l2 = sum(w.square().sum() for w in masked.values())
+    loss = lambda_ker * ker + target + (lambda_l2 / density) * l2
+    return loss, {"kernel_distance": ker, "target_distance": target, "l2": l2}
+
+
+def select_masks(weights: Mapping[str, torch.Tensor], density: float, scope: str) -> Masks:
+    """Keep the round(density · n) largest |W| (per tensor, or over all of them)."""
+    return Masks(threshold({n: w.detach().abs() for n, w in weights.items()}, density, scope=scope))
+
+
+def logit_snip_masks(model: nn.Module, names, x: torch.Tensor, density: float, scope: str) -> Masks:
+    """|θ ⊙ ∂Σ f(x)²/∂θ| on the inputs x, thresholded like the magnitude masks."""
+    params = dict(model.named_parameters())
+    weights = [params[n] for n in names]
+    with torch.enable_grad():
+        out = model(x)
+        grads = torch.autograd.grad(out.square().sum(), weights)
+    return Masks(threshold({n: (w.detach() * g).abs() for n, w, g in zip(names, weights, grads)}, density,
+                           scope=scope))
+
+
+def _check_number(name: str, value, *, lo=None, lo_open=False, integer=False, allow_none=False):
+    if value is None and allow_none:
+        return None
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite {'int' if integer else 'number'}, got {value!r}")
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        raise ValueError(f"{name}: expected a value {'>' if lo_open else '>='} {lo}, got {value!r}")
+    return int(value) if integer else float(value)
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def _model_info(model: nn.Module):
+    for p in model.parameters():
+        return p.device, p.dtype
+    raise ValueError("model: has no parameters to transfer")
+
+
+def transfer(
+    model: nn.Module,
+    density: float,
+    data,
+    *,
+    steps: Optional[int] = None,
+    epochs: Optional[float] = None,
+    batch_size: int = 64,
+    lambda_ker: float = 1e-3,
+    lambda_l2: float = 1e-4,
+    lr: float = 5e-4,
+    mask_update_every: Optional[int] = 100,
+    init_mask: str = "magnitude",
+    scope: str = "layerwise",
+    seed: int = 0,
+    progress: bool = True,
+    callback: Optional[Callable[[dict], Optional[bool]]] = None,
+    validation=None,
+    log_every: int = 100,
+    kernel: str = "sparse",
+) -> TransferResult:
+    """Neural Tangent Transfer: a sparse student of ``model`` whose outputs and empirical NTK
+    mimic the dense ``model``'s, learned without labels.
+
+    Args:
+        model: the teacher (dense, frozen; used as given). The student starts from its weights.
+            Both are run in eval mode (BatchNorm on its running statistics, dropout off); the
+            user's model is not changed.
+        density: fraction of the prunable weights (Linear and Conv weights) kept, in (0, 1].
+            Biases are never masked; they and any other parameter are trained.
+        data: unlabelled inputs: a tensor [N, ...], a pair (inputs, targets) whose targets are
+            ignored, an ntkfast dataset, a torch Dataset or an iterable of batches.
+        steps / epochs: how long (give at most one; default 20 epochs, as the authors). An epoch
+            is one pass over the training part of ``data`` in batches of ``batch_size``; a last
+            batch of one sample is dropped.
+        batch_size: B; each batch is split into its first B//2 and last B - B//2 inputs for the
+            cross-NTK.
+        lambda_ker, lambda_l2, lr: the loss weights and Adam's learning rate (the authors use
+            lambda_l2 = 1e-4 for MLPs and 1e-5 for CNNs).
+        mask_update_every: re-select the mask by layerwise (or global) magnitude of the dense
+            student weights every this many steps, except in the last this many steps; None
+            never updates it.
+        init_mask: "magnitude" (|W| of the teacher) or "logit_snip" (|W ⊙ ∂Σf(x)²/∂W| on the
+            first 128 training inputs).
+        scope: "layerwise" (each tensor keeps the density) or "global".
+        seed: the order of the batches.
+        progress: print progress (every ``log_every`` steps) to stderr.
+        callback: called after every step with a dict (step, loss, kernel_distance,
+            target_distance, l2, masks_updated, and "validation" when one was logged); returning
+            False stops the transfer early.
+        validation: an int holds out that many inputs from the end of ``data`` (default
+            ``batch_size``, as the authors' validation batch), a tensor gives the validation
+            inputs, 0 turns validation off.
+        log_every: steps between validation evaluations (the authors: 100).
+        kernel: "sparse" or "authors_code", see :func:`transfer_loss`.
+
+    Returns:
+        a :class:`TransferResult`: ``(masks, state_dict)`` (the learned weights, zero where
+        masked, keyed as ``model.state_dict()``) with ``.history``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    density = _check_number("density", density, lo=0.0, lo_open=True)
+    if density > 1.0:
+        raise ValueError(f"density: expected a fraction in (0, 1], got {density!r}")
+    if steps is not None and epochs is not None:
+        raise ValueError("steps, epochs: give one of them, not both")
+    steps = _check_number("steps", steps, lo=1, integer=True, allow_none=True)
+    epochs = _check_number("epochs", epochs, lo=0.0, lo_open=True, allow_none=True)
+    if steps is None and epochs is None:
+        epochs = 20.0
+    batch_size = Unlabelled.check_batch_size(batch_size)
+    lambda_ker = _check_number("lambda_ker", lambda_ker, lo=0.0)
+    lambda_l2 = _check_number("lambda_l2", lambda_l2, lo=0.0)
+    lr = _check_number("lr", lr, lo=0.0, lo_open=True)
+    mask_update_every = _check_number("mask_update_every", mask_update_every, lo=1, integer=True, allow_none=True)
+    log_every = _check_number("log_every", log_every, lo=1, integer=True)
+    seed = _check_number("seed", seed, integer=True)
+    _check_choice("init_mask", init_mask, INIT_MASKS)
+    _check_choice("scope", scope, _SCOPES)
+    _check_choice("kernel", kernel, KERNELS)
+    if callback is not None and not callable(callback):
+        raise ValueError(f"callback: expected a callable or None, got {type(callback).__name__}")
+    device, dtype = _model_info(model)
+    names = list(prunable_parameters(model))
+    if not names:
+        raise ValueError("model: no prunable weights (Linear or Conv modules) to mask")
+
+    source = Unlabelled(data)
+    train_idx, val_x = split_validation(source, batch_size if validation is None else validation)
+    n_train = len(train_idx)
+    if Unlabelled.batches_per_epoch(n_train, batch_size) == 0:
+        raise ValueError(f"data: {n_train} training inputs, too few for one batch of two")
+    total = total_steps(n_train, batch_size, steps, epochs)
+
+    # Everything that can fail is checked; from here on only copies are touched.
+    teacher = copy.deepcopy(model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    student = copy.deepcopy(model).eval()
+    for p in student.parameters():
+        p.requires_grad_(True)
+    sparams = dict(student.named_parameters())
+
+    def prepare(x):
+        return x.to(device=device, dtype=dtype if x.is_floating_point() else None)
+
+    if init_mask == "magnitude":
+        masks = select_masks({n: sparams[n] for n in names}, density, scope)
+    else:
+        snip_x = prepare(source.take(train_idx[:_LOGIT_SNIP_SAMPLES]))
+        masks = logit_snip_masks(student, names, snip_x, density, scope)  # = the teacher, differentiable
+    masks = Masks(OrderedDict((n, m.to(device)) for n, m in masks.items()))
+
+    if val_x is not None:
+        val_x = prepare(val_x)
+        val_t_out, val_t_ntk = teacher_targets(teacher, val_x)
+
+    opts = dict(density=density, lambda_ker=lambda_ker, lambda_l2=lambda_l2, kernel=kernel)
+    history: Dict[str, List] = {k: [] for k in ("step", "loss", "kernel_distance", "target_distance", "l2",
+                                               "train_loss", "seconds")}
+    t_start = time.perf_counter()
+    pending: List[float] = []
+
+    def validate(step):
+        if val_x is None:
+            return None
+        loss, parts = transfer_loss(student, masks, val_x, val_t_out, val_t_ntk, create_graph=False, **opts)
+        rec = {"step": step, "loss": float(loss.detach()), **{k: float(v.detach()) for k, v in parts.items()},
+               "train_loss": (sum(pending) / len(pending)) if pending else float("nan"),
+               "seconds": time.perf_counter() - t_start}
+        for k, v in rec.items():
+            history[k].append(v)
+        pending.clear()
+        return rec
+
+    from ._progress import Progress
+
+    bar = Progress(total, desc="transfer", enabled=progress)
+    optimizer = torch.optim.Adam(student.parameters(), lr=lr)
+    first = validate(0)
+    if first is not None:
+        bar.update(0, val_loss=first["loss"], ker=first["kernel_distance"], target=first["target_distance"])
+    step, epoch, stopped, shown = 0, 0, False, 0
+    last_update_limit = total - (mask_update_every or 0)
+    try:
+        while step < total and not stopped:
+            for xb in source.epoch(train_idx, batch_size, (seed * 100_003 + epoch) % 2**63):
+                xb = prepare(xb)
+                t_out, t_ntk = teacher_targets(teacher, xb)
+                optimizer.zero_grad(set_to_none=True)
+                with torch.enable_grad():
+                    loss, parts = transfer_loss(student, masks, xb, t_out, t_ntk, **opts)
+                    loss.backward()
+                optimizer.step()
+                step += 1
+                pending.append(float(loss.detach()))
+                updated = False
+                if mask_update_every and step % mask_update_every == 0 and step < last_update_limit:
+                    masks = select_masks({n: sparams[n] for n in names}, density, scope)
+                    updated = True
+                info = {"step": step, "loss": float(loss.detach()), **{k: float(v.detach()) for k, v in parts.items()},
+                        "masks_updated": updated}
+                if step % log_every == 0 or step == total:
+                    rec = validate(step)
+                    fields = {"train_loss": float(loss.detach())}
+                    if rec is not None:
+                        info["validation"] = rec
+                        fields.update(val_loss=rec["loss"], ker=rec["kernel_distance"], target=rec["target_distance"])
+                    bar.update(step - shown, **fields)  # one line per log, not per step
+                    shown = step
+                if callback is not None and callback(info) is False:
+                    stopped = True
+                if stopped or step >= total:
+                    break
+            epoch += 1
+    finally:
+        bar.close()
+    if stopped and (not history["step"] or history["step"][-1] != step):
+        validate(step)
+
+    with torch.no_grad():
+        state = OrderedDict((k, v.detach().clone()) for k, v in student.state_dict().items())
+        for n in names:
+            state[n].mul_(masks[n].to(state[n].dtype))
+    out_masks = Masks(OrderedDict((n, m.cpu()) for n, m in masks.items()), metadata={
+        "method": "ntt", "density": density, "scope": scope, "init_mask": init_mask, "steps": step,
+        "batch_size": batch_size, "lambda_ker": lambda_ker, "lambda_l2": lambda_l2, "lr": lr,
+        "mask_update_every": mask_update_every, "seed": seed, "kernel": kernel,
+    })
+    return TransferResult(out_masks, state, history)

@@ -1,0 +1,281 @@
+"""Neural Tangent Transfer: the loss and its gradient against a torch.func implementation of the
+same formula, the mask schedule, the returned weights, and that a transfer on MNIST reduces the
+kernel distance."""
+from __future__ import annotations
+
+import copy
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import ntkfast
+from ntkfast import _transfer_reference as ref
+from ntkfast.masks import Masks, prunable_parameters
+from ntkfast.transfer import teacher_targets, transfer, transfer_loss
+
+DATA = Path(os.environ.get("NTKFAST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def _mlp():
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 9), nn.ReLU(), nn.Linear(9, 7), nn.Tanh(), nn.Linear(7, 3))
+
+
+def _cnn():
+    return nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 5, 2, padding=1), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(5 * 3 * 3, 3))
+
+
+NETS = {"mlp": (_mlp, (12,)), "cnn": (_cnn, (2, 7, 7))}
+
+
+def _random_masks(model, density, seed):
+    g = torch.Generator().manual_seed(seed)
+    return Masks(OrderedDict((n, torch.rand(p.shape, generator=g) < density)
+                             for n, p in prunable_parameters(model).items()))
+
+
+def _setup(net, seed=0, batch=6):
+    make, shape = NETS[net]
+    torch.manual_seed(seed)
+    teacher = make().double()
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():  # the student has moved away from the teacher, as mid-transfer
+        for p in student.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(batch, *shape, dtype=torch.float64)
+    return teacher, student, x
+
+
+@pytest.mark.parametrize("net", sorted(NETS))
+@pytest.mark.parametrize("kernel", ["sparse", "authors_code"])
+@pytest.mark.parametrize("batch", [6, 7])
+def test_loss_and_gradient_match_torch_func(net, kernel, batch):
+    teacher, student, x = _setup(net, seed=batch, batch=batch)
+    masks = _random_masks(student, 0.4, seed=batch)
+    t_out, t_ntk = teacher_targets(teacher, x)
+    kw = dict(density=0.4, lambda_ker=0.7, lambda_l2=0.05, kernel=kernel)
+    loss, parts = transfer_loss(student, masks, x, t_out, t_ntk, **kw)
+    params = [p for p in student.parameters()]
+    grads = torch.autograd.grad(loss, params)
+    ref_loss, ref_grads = ref.loss_and_grad(student, masks, x, t_out, t_ntk, **kw)
+    _, ref_parts = ref.loss(student, OrderedDict(student.named_parameters()), masks, x, t_out, t_ntk, **kw)
+    assert parts["kernel_distance"].item() > 0 and parts["target_distance"].item() > 0
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-8, atol=0)
+    for k in parts:
+        torch.testing.assert_close(parts[k], ref_parts[k], rtol=1e-8, atol=0)
+    for (name, _), g in zip(student.named_parameters(), grads):
+        assert g.abs().sum() > 0, name
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-8, atol=1e-12, msg=name)
+        if name in masks:  # the forward uses W * m: pruned entries get no gradient
+            assert torch.all(g[~masks[name]] == 0), name
+
+
+def test_the_two_kernels_differ_where_the_authors_code_counts_pruned_entries():
+    teacher, student, x = _setup("mlp")
+    masks = _random_masks(student, 0.3, seed=1)
+    t_out, t_ntk = teacher_targets(teacher, x)
+    a, pa = transfer_loss(student, masks, x, t_out, t_ntk, density=0.3, kernel="sparse")
+    b, pb = transfer_loss(student, masks, x, t_out, t_ntk, density=0.3, kernel="authors_code")
+    assert pa["target_distance"] == pb["target_distance"] and pa["l2"] == pb["l2"]
+    assert not torch.isclose(pa["kernel_distance"], pb["kernel_distance"])
+    ones = Masks({n: torch.ones_like(m) for n, m in masks.items()})
+    c, _ = transfer_loss(student, ones, x, t_out, t_ntk, density=1.0, kernel="sparse")
+    d, _ = transfer_loss(student, ones, x, t_out, t_ntk, density=1.0, kernel="authors_code")
+    torch.testing.assert_close(c, d, rtol=1e-12, atol=0)
+
+
+def test_loss_is_zero_kernel_and_target_for_the_dense_teacher_itself():
+    teacher, _, x = _setup("cnn")
+    ones = Masks({n: torch.ones_like(p, dtype=torch.bool) for n, p in prunable_parameters(teacher).items()})
+    t_out, t_ntk = teacher_targets(teacher, x)
+    student = copy.deepcopy(teacher)
+    _, parts = transfer_loss(student, ones, x, t_out, t_ntk, density=1.0)
+    assert float(parts["kernel_distance"]) < 1e-24 and float(parts["target_distance"]) < 1e-24
+
+
+# -- the transfer loop ----------------------------------------------------------------------------
+
+def _data(n=80, shape=(12,), seed=0):
+    return torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_transfer_returns_masks_and_zeroed_weights_and_leaves_the_model_alone():
+    torch.manual_seed(0)
+    model = _mlp()
+    before = copy.deepcopy(model.state_dict())
+    model.train()
+    res = transfer(model, 0.25, _data(), steps=12, batch_size=8, mask_update_every=5, progress=False,
+                   validation=8, log_every=4)
+    masks, state = res
+    assert res.masks is masks and res.state_dict is state
+    assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert list(state) == list(model.state_dict())
+    for name, m in masks.items():
+        assert m.dtype == torch.bool and m.shape == state[name].shape
+        assert int(m.sum()) == round(0.25 * m.numel())  # layerwise, exact count
+        assert torch.all(state[name][~m] == 0)
+        assert not torch.equal(state[name][m], before[name][m])  # learned
+    assert masks.metadata["method"] == "ntt" and masks.metadata["steps"] == 12
+    h = res.history
+    assert h["step"] == [0, 4, 8, 12]
+    assert all(len(v) == 4 for v in h.values())
+    fresh = _mlp()
+    fresh.load_state_dict(state)  # the weights load into the user's architecture
+
+
+def test_mask_updates_follow_the_schedule_and_freeze_at_the_end():
+    torch.manual_seed(1)
+    model = _mlp()
+    seen = []
+    transfer(model, 0.3, _data(), steps=23, batch_size=8, mask_update_every=5, progress=False, validation=0,
+             lr=5e-2, callback=lambda info: seen.append((info["step"], info["masks_updated"])))
+    updated = [s for s, u in seen if u]
+    # every 5 steps, but none in the last 5 (steps < 23 - 5)
+    assert updated == [5, 10, 15]
+    assert [s for s, _ in seen] == list(range(1, 24))
+
+
+def test_mask_reselection_lets_pruned_weights_return():
+    torch.manual_seed(2)
+    model = _mlp()
+    res_frozen = transfer(model, 0.3, _data(), steps=30, batch_size=8, mask_update_every=None, progress=False,
+                          validation=0, lr=5e-2)
+    res_moving = transfer(model, 0.3, _data(), steps=30, batch_size=8, mask_update_every=5, progress=False,
+                          validation=0, lr=5e-2)
+    init = Masks(ntkfast.masks.threshold({n: p.detach().abs() for n, p in prunable_parameters(model).items()}, 0.3,
+                                         scope="layerwise"))
+    assert res_frozen.masks == init  # never re-selected: the teacher's magnitude mask
+    assert res_moving.masks != init  # re-selected by the student's magnitudes
+    changed = sum(int((res_moving.masks[n] & ~init[n]).sum()) for n in init)
+    assert changed > 0
+
+
+def test_global_scope_and_logit_snip_initial_mask():
+    torch.manual_seed(3)
+    model = _mlp()
+    res = transfer(model, 0.2, _data(), steps=1, batch_size=8, scope="global", init_mask="logit_snip",
+                   mask_update_every=None, progress=False, validation=0, lr=1e-12)
+    x = _data()  # logit SNIP scores the first 128 training inputs (here: all 80, none held out)
+    out = model(x)
+    names = list(prunable_parameters(model))
+    params = dict(model.named_parameters())
+    g = torch.autograd.grad(out.square().sum(), [params[n] for n in names])
+    scores = {n: (params[n].detach() * gi).abs() for n, gi in zip(names, g)}
+    expect = Masks(ntkfast.masks.threshold(scores, 0.2, scope="global"))
+    assert res.masks == expect
+    assert res.masks.kept == round(0.2 * res.masks.numel)
+
+
+def test_epochs_count_batches_like_the_authors():
+    # 80 inputs, 8 held out: 72 to train on in batches of 16 -> 4 full + 1 of 8 = 5 steps per epoch
+    res = transfer(_mlp(), 0.5, _data(), epochs=2, batch_size=16, progress=False, validation=8, log_every=1000)
+    assert res.masks.metadata["steps"] == 10 and res.history["step"] == [0, 10]
+
+
+def test_unlabelled_inputs_in_many_shapes_give_the_same_result():
+    torch.manual_seed(4)
+    model = _mlp()
+    x = _data(40)
+    y = torch.randint(0, 3, (40,))
+    kw = dict(steps=4, batch_size=8, progress=False, validation=8, seed=3)
+    base = transfer(model, 0.5, x, **kw)
+    for data in [(x, y), torch.utils.data.TensorDataset(x, y), torch.utils.data.TensorDataset(x),
+                 [(x[i:i + 10], y[i:i + 10]) for i in range(0, 40, 10)], [x[:25], x[25:]]]:
+        res = transfer(model, 0.5, data, **kw)
+        assert res.masks == base.masks
+        for k in base.state_dict:
+            torch.testing.assert_close(res.state_dict[k], base.state_dict[k], rtol=0, atol=0)
+        assert res.history == base.history or res.history["loss"] == base.history["loss"]
+
+
+def test_callback_can_stop_early():
+    res = transfer(_mlp(), 0.5, _data(), steps=50, batch_size=8, progress=False, validation=8,
+                   callback=lambda info: info["step"] < 3)
+    assert res.masks.metadata["steps"] == 3 and res.history["step"][-1] == 3
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(density=0.0), "density"), (dict(density=1.5), "density"), (dict(density="a"), "density"),
+    (dict(steps=0), "steps"), (dict(steps=3, epochs=1), "steps, epochs"), (dict(batch_size=1), "batch_size"),
+    (dict(lr=0), "lr"), (dict(lambda_ker=-1), "lambda_ker"), (dict(init_mask="snip"), "init_mask"),
+    (dict(scope="net"), "scope"), (dict(kernel="x"), "kernel"), (dict(validation=79), "validation"),
+    (dict(validation=1), "validation"), (dict(data="abc"), "data"), (dict(data=torch.zeros(5, 12, dtype=torch.long)),
+                                                                    "data"),
+    (dict(mask_update_every=0), "mask_update_every"), (dict(callback=3), "callback"),
+])
+def test_bad_arguments_name_the_argument_and_leave_the_model_alone(kwargs, match):
+    model = _mlp()
+    before = copy.deepcopy(model.state_dict())
+    args = dict(density=0.5, data=_data(), steps=2, batch_size=8, progress=False)
+    args.update(kwargs)
+    with pytest.raises((ValueError, TypeError), match=match):
+        transfer(model, **args)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_prune_registers_ntt():
+    torch.manual_seed(5)
+    model = _mlp()
+    x = _data()
+    y = torch.randint(0, 3, (80,))
+    masks = ntkfast.prune(model, "ntt", 0.3, data=(x, y), scope="layerwise", progress=False, steps=6,
+                          batch_size=8)
+    from ntkfast.prune import _round_seeds
+
+    direct = transfer(model, 0.3, (x, y), steps=6, batch_size=8, progress=False, seed=_round_seeds(0, 1)[0])
+    assert masks == direct.masks
+
+
+@pytest.mark.skipif(not (DATA / "mnist").exists(), reason="../shared/data/mnist not present")
+def test_a_few_hundred_steps_reduce_the_kernel_distance_on_mnist():
+    from ntkfast import data as D
+    from ntkfast import models
+
+    ds = D.load_mnist(DATA / "mnist", train=True).subset(8000)
+    torch.manual_seed(0)
+    model = models.get("lenet300_100")
+    res = transfer(model, 0.05, ds, steps=300, progress=False, log_every=100)
+    ker = res.history["kernel_distance"]
+    target = res.history["target_distance"]
+    assert res.history["step"] == [0, 100, 200, 300]
+    assert ker[-1] < 0.7 * ker[0], ker
+    assert target[-1] < target[0], target
+
+
+# -- plots and the command line --------------------------------------------------------------------
+
+def test_history_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    from ntkfast.plots import plot_transfer_history
+
+    res = transfer(_mlp(), 0.5, _data(), steps=6, batch_size=8, progress=False, validation=8, log_every=2)
+    path = tmp_path / "h.png"
+    fig = plot_transfer_history(res.history, str(path), title="t")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and len(fig.axes) == 3
+    with pytest.raises(ValueError, match="history"):
+        plot_transfer_history({"step": []})
+
+
+@pytest.mark.skipif(not (DATA / "mnist").exists(), reason="../shared/data/mnist not present")
+def test_cli_transfer_then_train_from_its_result(tmp_path, capsys):
+    from ntkfast.cli import main
+
+    out = tmp_path / "ntt.pt"
+    assert main(["transfer", "--model", "lenet300_100", "--dataset", "mnist", "--data-dir", str(DATA),
+                 "--density", "0.05", "--steps", "3", "--max-samples", "300", "--out", str(out), "--quiet"]) == 0
+    saved = torch.load(out, weights_only=True)
+    assert saved["model"] == "lenet300_100" and saved["metadata"]["steps"] == 3
+    for name, m in saved["masks"].items():
+        assert torch.all(saved["state_dict"][name][~m] == 0)
+    assert main(["train", "--init", str(out), "--dataset", "mnist", "--data-dir", str(DATA), "--epochs", "1",
+                 "--max-batches", "3", "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "test accuracy" in text and "density 0.05" in text
+    with pytest.raises(SystemExit, match="lenet300_100, not a lenet5"):
+        main(["train", "--init", str(out), "--model", "lenet5", "--dataset", "mnist", "--data-dir", str(DATA)])
+    with pytest.raises(SystemExit):
+        main(["train", "--init", str(out), "--masks", str(out), "--dataset", "mnist", "--data-dir", str(DATA)])
