@@ -15,7 +15,7 @@ from .transfer import transfer
 
 
 @register("ntt", "Neural Tangent Transfer: the mask of a sparse student trained, label-free, to match the dense "
-                 "model's outputs and NTK (learned weights: ntkfast.transfer)", needs_data=True)
+                 "model's outputs and NTK (learned weights: ntkfast.transfer)", needs_data=True, raw_data=True)
 def ntt(
     model: nn.Module,
     masks: Optional[Mapping[str, torch.Tensor]] = None,
@@ -37,13 +37,14 @@ def ntt(
 ) -> "OrderedDict[str, torch.Tensor]":
     """Runs :func:`ntkfast.transfer` at the round's density and scope (prune() passes them) and
     scores kept weights in [1, 2) by their learned magnitude, pruned ones 0, so that prune's
-    masking step reproduces the transfer's mask. ``data`` is used without its labels. Start
-    masks are not given to the transfer (NTT selects its own), but prune() never lets a pruned
-    weight back."""
+    masking step reproduces the transfer's mask. ``data`` reaches it as the user gave it (a
+    dataset works) and is used without its labels. It starts from the dense model only: start
+    masks, a second round or prune hooks are refused."""
     if target_density is None:
         raise ValueError("target_density: the NTT scorer needs the density it learns a mask for (prune() passes it)")
-    if isinstance(data, list) and data and all(isinstance(b, tuple) for b in data):
-        data = [b[0] for b in data]  # prune()'s labelled batches; NTT reads the inputs only
+    if masks is not None and not all(bool(m.all()) for m in masks.values()):
+        raise ValueError("masks: NTT learns its mask from the dense model; it cannot continue from a pruned one "
+                         "(use rounds=1 and no start masks or prune hooks)")
     res = transfer(model, target_density, data, steps=steps, epochs=epochs, batch_size=batch_size,
                    lambda_ker=lambda_ker, lambda_l2=lambda_l2, lr=lr, mask_update_every=mask_update_every,
                    init_mask=init_mask, scope=scope, seed=seed, progress=False, validation=validation, kernel=kernel)

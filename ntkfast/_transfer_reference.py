@@ -45,6 +45,15 @@ def loss(model, theta: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Ten
     return total, {"kernel_distance": ker, "target_distance": target, "l2": l2}
 
 
+def teacher_targets(model, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The dense teacher's outputs and cross-NTK between the halves of x, in torch.func."""
+    h = x.shape[0] // 2
+    theta = OrderedDict((n, p.detach()) for n, p in model.named_parameters() if p.requires_grad)
+    with torch.no_grad():
+        out = functional_call(model, {**theta, **dict(model.named_buffers())}, (x,)).reshape(x.shape[0], -1)
+    return out, _ntk(model, theta, {}, x[:h], x[h:], "sparse")
+
+
 def loss_and_grad(model, masks, x, teacher_out, teacher_ntk, **kw):
     """(loss, {name: gradient}) with respect to the model's trainable parameters, all torch.func."""
     theta = OrderedDict((n, p.detach()) for n, p in model.named_parameters() if p.requires_grad)

@@ -24,6 +24,17 @@ def _first(item):
     return item
 
 
+def _is_labelled_pair(data) -> bool:
+    """(inputs [N, ...], labels [N] or one-hot [N, K]): the labels are integers, 1-d, or shaped
+    unlike the inputs (two input batches of the same shape are not a pair)."""
+    if not (isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)):
+        return False
+    x, y = data
+    if x.dim() < 2 or y.dim() == 0 or x.shape[0] != y.shape[0]:
+        return False
+    return y.dim() == 1 or not y.is_floating_point() or (y.dim() == 2 and y.shape[1:] != x.shape[1:])
+
+
 class Unlabelled:
     """Indexable unlabelled inputs: ``take(idx)`` returns the inputs at those indices as one batch."""
 
@@ -33,9 +44,7 @@ class Unlabelled:
         self._fast = False
         if isinstance(data, torch.Tensor):
             self._tensor = data
-        elif (isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor)
-              and isinstance(data[1], torch.Tensor) and data[0].dim() >= 2 and data[1].dim() <= 1
-              and data[0].shape[0] == data[1].shape[0]):
+        elif _is_labelled_pair(data):
             self._tensor = data[0]  # a labelled batch: the labels are not used
         elif hasattr(data, "batches") and hasattr(data, "subset") and hasattr(data, "__len__"):
             self._dataset, self._fast = data, True
@@ -101,8 +110,9 @@ def split_validation(source: Unlabelled, validation, name: str = "validation"):
     if validation is None or (isinstance(validation, int) and not isinstance(validation, bool) and validation == 0):
         return all_idx, None
     if isinstance(validation, torch.Tensor):
-        if validation.dim() < 2 or validation.shape[0] < 2:
-            raise ValueError(f"{name}: expected at least two validation inputs [N, ...], got shape {tuple(validation.shape)}")
+        if validation.dim() < 2 or validation.shape[0] < 2 or not validation.is_floating_point():
+            raise ValueError(f"{name}: expected at least two floating-point validation inputs [N, ...], got "
+                             f"{validation.dtype} {tuple(validation.shape)}")
         return all_idx, validation
     if isinstance(validation, bool) or not isinstance(validation, int) or validation < 2:
         raise ValueError(f"{name}: expected a number of held-out samples >= 2, a tensor of inputs, or None; got {validation!r}")

@@ -73,6 +73,9 @@ def cmd_prune(args) -> int:
         model = model.to(args.device)
     rounds = args.rounds if args.rounds is not None else _ITERATIVE_DEFAULT_ROUNDS.get(args.method, 1)
     options = dict(args.option or [])
+    for key in ("scope", "target_density"):
+        if key in options:
+            raise SystemExit(f"ntkfast: -o {key}=...: set by prune itself (use --scope / --density)")
     if args.float64:
         options["dtype"] = torch.float64
     data = None
@@ -167,11 +170,16 @@ def cmd_train(args) -> int:
             raise SystemExit(f"ntkfast: --init {args.init} holds a {init['model']}, not a {args.model}")
         if args.input_shape is None:
             args.input_shape = tuple(init["input_shape"])
+        if args.num_classes is None:
+            args.num_classes = int(init["num_classes"])
     if args.model is None:
         args.model = "lenet300_100"
     model = _build_model(args)
     if init is not None:
-        missing, unexpected = model.load_state_dict(init["state_dict"], strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(init["state_dict"], strict=False)
+        except RuntimeError as exc:  # shapes that do not fit (another --input-shape, say)
+            raise SystemExit(f"ntkfast: --init {args.init} does not fit {args.model}: {exc}") from None
         if missing or unexpected:
             raise SystemExit(f"ntkfast: --init {args.init} does not fit {args.model}: missing {missing}, "
                              f"unexpected {unexpected}")
@@ -184,7 +192,7 @@ def cmd_train(args) -> int:
     if init is not None:
         masks = Masks(init["masks"], init.get("metadata", {}))
     if masks is not None:
-        print(f"masks {args.masks}: density {masks.density:.6g} ({masks.metadata.get('method', '?')})")
+        print(f"masks {args.masks or args.init}: density {masks.density:.6g} ({masks.metadata.get('method', '?')})")
     result = train(model, masks, train_set, test_set, args.epochs, optimizer=args.optimizer, lr=args.lr,
                    batch_size=args.batch_size, device=args.device, seed=args.seed, progress=not args.quiet,
                    max_batches=args.max_batches)
@@ -205,7 +213,7 @@ def cmd_methods(args) -> int:
         data = " (needs data)" if info.needs_data else ""
         print(f"{name:16s} {desc}{data}")
         opts = [f"{n}={p.default!r}" for n, p in inspect.signature(info.fn).parameters.items()
-                if p.kind is p.KEYWORD_ONLY and n not in ("data", "seed", "cache")]
+                if p.kind is p.KEYWORD_ONLY and n not in ("data", "seed", "cache", "target_density", "scope")]
         if opts:
             print(f"{'':16s}   options (-o KEY=VALUE): {', '.join(opts)}")
     return 0

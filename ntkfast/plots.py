@@ -44,4 +44,5 @@ def plot_transfer_history(history: Mapping[str, Sequence[float]], path: Optional
         fig.suptitle(title, fontsize=10)
     if path is not None:
         fig.savefig(path, dpi=120)
+        plt.close(fig)  # saved: pyplot need not keep it alive (the Figure object stays usable)
     return fig

@@ -24,6 +24,10 @@ class LayerCollapseError(RuntimeError):
     """A layer lost all its weights while on_empty_layer='error'."""
 
 
+# passed by prune() to the scorers that take them (see the loop below), never by the user
+_SUPPLIED = ("target_density", "scope")
+
+
 def _check_density(density) -> float:
     if isinstance(density, bool) or not isinstance(density, numbers.Real):
         raise ValueError(f"density must be a number in (0, 1], got {density!r}")
@@ -168,9 +172,12 @@ def prune(
     if masks is not None:
         current = _check_start_masks(masks, current)
         current = _existing_masks(model, current)
+    supplied = [k for k in _SUPPLIED if k in method_options]
+    if supplied:
+        raise ValueError(f"{supplied[0]}: set by prune() itself (its density schedule and scope), not a method option")
     if info.needs_data and data is None:
         raise ValueError(f"data: method {method!r} needs a labelled batch (inputs, targets) or an iterable of them")
-    if data is not None:
+    if data is not None and not info.raw_data:
         from .scores._common import as_batches, model_device
 
         # once: a generator can be read only once, and every round must score the same batches;

@@ -48,6 +48,9 @@ class TransferResult(tuple):
         obj.history = history
         return obj
 
+    def __reduce__(self):  # pickle / deepcopy: rebuild with the history
+        return (TransferResult, (self[0], self[1], self.history))
+
     @property
     def masks(self) -> Masks:
         return self[0]
@@ -69,13 +72,13 @@ def _halves(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return x[:h], x[h:]
 
 
-def teacher_targets(teacher: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The teacher's outputs on x [B, K] and its full cross-NTK between the halves of x."""
+def teacher_targets(teacher: nn.Module, x: torch.Tensor, params=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's outputs on x [B, K] and its full cross-NTK between the halves of x, with
+    respect to ``params`` (names; default: those requiring grad)."""
     x1, x2 = _halves(x)
     with torch.no_grad():
         out = _flat_outputs(teacher(x), x.shape[0])
-    names = [n for n, _ in teacher.named_parameters()]  # all of them, frozen or not
-    return out, empirical_ntk(teacher, x1, x2, mode="full", params=names)
+    return out, empirical_ntk(teacher, x1, x2, mode="full", params=params)
 
 
 def transfer_loss(student: nn.Module, masks: Mapping[str, torch.Tensor], x: torch.Tensor,
@@ -91,8 +94,9 @@ def transfer_loss(student: nn.Module, masks: Mapping[str, torch.Tensor], x: torc
     entry, evaluated at the masked weights W ⊙ m, so pruned entries' derivatives count too).
     """
     x1, x2 = _halves(x)
-    named = OrderedDict((n, p) for n, p in student.named_parameters() if p.requires_grad)
-    masked = OrderedDict((n, named[n] * masks[n].to(named[n].dtype)) for n in masks)
+    every = OrderedDict(student.named_parameters())
+    named = OrderedDict((n, p) for n, p in every.items() if p.requires_grad)
+    masked = OrderedDict((n, every[n] * masks[n].to(every[n].dtype)) for n in masks)
     out = _flat_outputs(functional_call(student, masked, (x,)), x.shape[0])
     if kernel == "sparse":
         theta = empirical_ntk(student, x1, x2, masks=masks, mode="full", create_graph=create_graph)
@@ -141,6 +145,16 @@ def _check_choice(name, value, choices):
     return value
 
 
+def _check_fits(model: nn.Module, x: torch.Tensor, name: str) -> None:
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise ValueError(f"{name}: the model cannot take these inputs (sample shape {tuple(x.shape[1:])}, "
+                         f"{x.dtype}): {exc}") from None
+    _flat_outputs(out, x.shape[0])
+
+
 def _model_info(model: nn.Module):
     for p in model.parameters():
         return p.device, p.dtype
@@ -174,7 +188,8 @@ def transfer(
     Args:
         model: the teacher (dense, frozen; used as given). The student starts from its weights.
             Both are run in eval mode (BatchNorm on its running statistics, dropout off); the
-            user's model is not changed.
+            user's model is not changed. The trainable parameters (requires_grad) are learned and
+            span both NTKs; frozen ones stay as they are.
         density: fraction of the prunable weights (Linear and Conv weights) kept, in (0, 1].
             Biases are never masked; they and any other parameter are trained.
         data: unlabelled inputs: a tensor [N, ...], a pair (inputs, targets) whose targets are
@@ -194,12 +209,14 @@ def transfer(
         scope: "layerwise" (each tensor keeps the density) or "global".
         seed: the order of the batches.
         progress: print progress (every ``log_every`` steps) to stderr.
-        callback: called after every step with a dict (step, loss, kernel_distance,
-            target_distance, l2, masks_updated, and "validation" when one was logged); returning
-            False stops the transfer early.
-        validation: an int holds out that many inputs from the end of ``data`` (default
-            ``batch_size``, as the authors' validation batch), a tensor gives the validation
-            inputs, 0 turns validation off.
+        callback: called after every step with a dict: step, loss, kernel_distance,
+            target_distance, l2; "masks" (the mask the step trained with), "student" (the
+            student module; read it, do not change it), "masks_updated" (the mask is re-selected
+            right after this call), and "validation" when one was logged. Returning False stops
+            the transfer (without that step's re-selection).
+        validation: an int holds out that many inputs from the end of ``data``; a tensor gives
+            the validation inputs; 0 turns validation off. Default: ``batch_size`` inputs (the
+            authors' validation batch) when the data has at least 4 batches, else a quarter.
         log_every: steps between validation evaluations (the authors: 100).
         kernel: "sparse" or "authors_code", see :func:`transfer_loss`.
 
@@ -231,28 +248,43 @@ def transfer(
     if callback is not None and not callable(callback):
         raise ValueError(f"callback: expected a callable or None, got {type(callback).__name__}")
     device, dtype = _model_info(model)
+    hooked = [n for n, _ in model.named_parameters() if n.endswith("_orig")]
+    if hooked:
+        raise ValueError(f"model: has torch.nn.utils.prune re-parametrisations ({', '.join(hooked[:3])}); NTT "
+                         "learns its own mask from a dense model: pass the model without them")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("model: no parameter requires grad, so the student has nothing to learn")
     names = list(prunable_parameters(model))
     if not names:
         raise ValueError("model: no prunable weights (Linear or Conv modules) to mask")
+    frozen = [n for n in names if n not in trainable]
+    if frozen and kernel == "authors_code":
+        raise ValueError(f"kernel: 'authors_code' differentiates every masked weight, but {frozen[0]!r} is frozen; "
+                         "use kernel='sparse' or unfreeze it")
 
     source = Unlabelled(data)
-    train_idx, val_x = split_validation(source, batch_size if validation is None else validation)
+    if validation is None:  # the authors' validation batch, when the data can spare it
+        validation = batch_size if len(source) >= 4 * batch_size else (len(source) // 4 if len(source) >= 8 else 0)
+    train_idx, val_x = split_validation(source, validation)
     n_train = len(train_idx)
     if Unlabelled.batches_per_epoch(n_train, batch_size) == 0:
         raise ValueError(f"data: {n_train} training inputs, too few for one batch of two")
     total = total_steps(n_train, batch_size, steps, epochs)
 
-    # Everything that can fail is checked; from here on only copies are touched.
-    teacher = copy.deepcopy(model).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    student = copy.deepcopy(model).eval()
-    for p in student.parameters():
-        p.requires_grad_(True)
-    sparams = dict(student.named_parameters())
-
     def prepare(x):
         return x.to(device=device, dtype=dtype if x.is_floating_point() else None)
+
+    # Everything that can fail is checked before the transfer starts; only copies are touched.
+    teacher = copy.deepcopy(model).eval()
+    _check_fits(teacher, prepare(source.take(train_idx[:2])), "data")
+    if val_x is not None:
+        val_x = prepare(val_x)
+        _check_fits(teacher, val_x[:2], "validation")
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    student = copy.deepcopy(model).eval()  # keeps the user's requires_grad: frozen stays frozen
+    sparams = dict(student.named_parameters())
 
     if init_mask == "magnitude":
         masks = select_masks({n: sparams[n] for n in names}, density, scope)
@@ -262,8 +294,7 @@ def transfer(
     masks = Masks(OrderedDict((n, m.to(device)) for n, m in masks.items()))
 
     if val_x is not None:
-        val_x = prepare(val_x)
-        val_t_out, val_t_ntk = teacher_targets(teacher, val_x)
+        val_t_out, val_t_ntk = teacher_targets(teacher, val_x, trainable)
 
     opts = dict(density=density, lambda_ker=lambda_ker, lambda_l2=lambda_l2, kernel=kernel)
     history: Dict[str, List] = {k: [] for k in ("step", "loss", "kernel_distance", "target_distance", "l2",
@@ -286,7 +317,7 @@ def transfer(
     from ._progress import Progress
 
     bar = Progress(total, desc="transfer", enabled=progress)
-    optimizer = torch.optim.Adam(student.parameters(), lr=lr)
+    optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=lr)
     first = validate(0)
     if first is not None:
         bar.update(0, val_loss=first["loss"], ker=first["kernel_distance"], target=first["target_distance"])
@@ -296,7 +327,7 @@ def transfer(
         while step < total and not stopped:
             for xb in source.epoch(train_idx, batch_size, (seed * 100_003 + epoch) % 2**63):
                 xb = prepare(xb)
-                t_out, t_ntk = teacher_targets(teacher, xb)
+                t_out, t_ntk = teacher_targets(teacher, xb, trainable)
                 optimizer.zero_grad(set_to_none=True)
                 with torch.enable_grad():
                     loss, parts = transfer_loss(student, masks, xb, t_out, t_ntk, **opts)
@@ -304,12 +335,12 @@ def transfer(
                 optimizer.step()
                 step += 1
                 pending.append(float(loss.detach()))
-                updated = False
-                if mask_update_every and step % mask_update_every == 0 and step < last_update_limit:
-                    masks = select_masks({n: sparams[n] for n in names}, density, scope)
-                    updated = True
-                info = {"step": step, "loss": float(loss.detach()), **{k: float(v.detach()) for k, v in parts.items()},
-                        "masks_updated": updated}
+                update = bool(mask_update_every) and step % mask_update_every == 0 and step < last_update_limit
+                info = {"step": step, "loss": float(loss.detach()),
+                        **{k: float(v.detach()) for k, v in parts.items()},
+                        "masks_updated": update, "masks": masks, "student": student}
+                # as the authors: the validation at a multiple of 100 steps sees the mask trained
+                # with; the re-selection comes after it
                 if step % log_every == 0 or step == total:
                     rec = validate(step)
                     fields = {"train_loss": float(loss.detach())}
@@ -319,7 +350,9 @@ def transfer(
                     bar.update(step - shown, **fields)  # one line per log, not per step
                     shown = step
                 if callback is not None and callback(info) is False:
-                    stopped = True
+                    stopped = True  # and the mask stays the one the student was trained with
+                if update and not stopped:
+                    masks = select_masks({n: sparams[n] for n in names}, density, scope)
                 if stopped or step >= total:
                     break
             epoch += 1

@@ -29,7 +29,20 @@ def _cnn():
                          nn.Flatten(), nn.Linear(5 * 3 * 3, 3))
 
 
-NETS = {"mlp": (_mlp, (12,)), "cnn": (_cnn, (2, 7, 7))}
+def _bn():
+    net = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 5 * 5, 6),
+                        nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3))
+    with torch.no_grad():  # eval-mode BatchNorm with statistics that are not the identity
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_()
+                m.bias.normal_()
+    return net.eval()
+
+
+NETS = {"mlp": (_mlp, (12,)), "cnn": (_cnn, (2, 7, 7)), "bn": (_bn, (2, 7, 7))}
 
 
 def _random_masks(model, density, seed):
@@ -57,6 +70,10 @@ def test_loss_and_gradient_match_torch_func(net, kernel, batch):
     teacher, student, x = _setup(net, seed=batch, batch=batch)
     masks = _random_masks(student, 0.4, seed=batch)
     t_out, t_ntk = teacher_targets(teacher, x)
+    r_out, r_ntk = ref.teacher_targets(teacher, x)  # the teacher's side, independently
+    assert t_ntk.shape == (batch // 2, batch - batch // 2, 3, 3)
+    torch.testing.assert_close(t_out, r_out, rtol=1e-12, atol=0)
+    torch.testing.assert_close(t_ntk, r_ntk, rtol=1e-10, atol=1e-12)
     kw = dict(density=0.4, lambda_ker=0.7, lambda_l2=0.05, kernel=kernel)
     loss, parts = transfer_loss(student, masks, x, t_out, t_ntk, **kw)
     params = [p for p in student.parameters()]
@@ -94,7 +111,7 @@ def test_loss_is_zero_kernel_and_target_for_the_dense_teacher_itself():
     t_out, t_ntk = teacher_targets(teacher, x)
     student = copy.deepcopy(teacher)
     _, parts = transfer_loss(student, ones, x, t_out, t_ntk, density=1.0)
-    assert float(parts["kernel_distance"]) < 1e-24 and float(parts["target_distance"]) < 1e-24
+    assert parts["kernel_distance"].item() < 1e-24 and parts["target_distance"].item() < 1e-24
 
 
 # -- the transfer loop ----------------------------------------------------------------------------
@@ -130,13 +147,37 @@ def test_transfer_returns_masks_and_zeroed_weights_and_leaves_the_model_alone():
 def test_mask_updates_follow_the_schedule_and_freeze_at_the_end():
     torch.manual_seed(1)
     model = _mlp()
-    seen = []
-    transfer(model, 0.3, _data(), steps=23, batch_size=8, mask_update_every=5, progress=False, validation=0,
-             lr=5e-2, callback=lambda info: seen.append((info["step"], info["masks_updated"])))
-    updated = [s for s, u in seen if u]
+    names = list(prunable_parameters(model))
+    seen, expected = [], {}
+
+    def watch(info):
+        seen.append((info["step"], info["masks_updated"], Masks(info["masks"]).clone()))
+        if info["masks_updated"]:  # what the re-selection must pick: top |W| of the dense student
+            w = dict(info["student"].named_parameters())
+            expected[info["step"]] = Masks(ntkfast.masks.threshold({n: w[n].detach().abs() for n in names}, 0.3,
+                                                                   scope="layerwise"))
+
+    res = transfer(model, 0.3, _data(), steps=23, batch_size=8, mask_update_every=5, progress=False, validation=0,
+                   lr=5e-2, callback=watch)
     # every 5 steps, but none in the last 5 (steps < 23 - 5)
-    assert updated == [5, 10, 15]
-    assert [s for s, _ in seen] == list(range(1, 24))
+    assert [s for s, u, _ in seen if u] == [5, 10, 15]
+    assert [s for s, _, _ in seen] == list(range(1, 24))
+    masks_at = {s: m for s, _, m in seen}
+    for s in (5, 10, 15):
+        assert masks_at[s + 1] == expected[s]  # the next step trains with the re-selected mask
+        assert masks_at[s] != expected[s]
+    for s in range(16, 24):
+        assert masks_at[s] == expected[15]  # frozen for the last steps
+    assert res.masks == expected[15]
+    init = ntkfast.masks.threshold({n: p.detach().abs() for n, p in prunable_parameters(model).items()}, 0.3,
+                                   scope="layerwise")
+    for n in names:  # weights pruned from the start and never kept never moved (zero gradient, no momentum)
+        never = ~init[n]
+        for s in (5, 10, 15):
+            never &= ~expected[s][n]
+        assert never.any()
+        assert torch.equal(res.state_dict[n][never], torch.zeros(int(never.sum())))
+        assert not res.masks[n][never].any()
 
 
 def test_mask_reselection_lets_pruned_weights_return():
@@ -200,12 +241,15 @@ def test_callback_can_stop_early():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(density=0.0), "density"), (dict(density=1.5), "density"), (dict(density="a"), "density"),
-    (dict(steps=0), "steps"), (dict(steps=3, epochs=1), "steps, epochs"), (dict(batch_size=1), "batch_size"),
+    (dict(steps=0), "steps"), (dict(steps=1.5), "steps"), (dict(steps=None, epochs=0), "epochs"),
+    (dict(steps=3, epochs=1), "steps, epochs"), (dict(batch_size=1), "batch_size"),
     (dict(lr=0), "lr"), (dict(lambda_ker=-1), "lambda_ker"), (dict(init_mask="snip"), "init_mask"),
     (dict(scope="net"), "scope"), (dict(kernel="x"), "kernel"), (dict(validation=79), "validation"),
-    (dict(validation=1), "validation"), (dict(data="abc"), "data"), (dict(data=torch.zeros(5, 12, dtype=torch.long)),
-                                                                    "data"),
-    (dict(mask_update_every=0), "mask_update_every"), (dict(callback=3), "callback"),
+    (dict(validation=1), "validation"), (dict(validation=torch.zeros(4, 12, dtype=torch.long)), "validation"),
+    (dict(validation=torch.randn(4, 5)), "validation"), (dict(data="abc"), "data"),
+    (dict(data=torch.zeros(5, 12, dtype=torch.long)), "data"), (dict(data=torch.randn(40, 7)), "data"),
+    (dict(mask_update_every=0), "mask_update_every"), (dict(log_every=0), "log_every"),
+    (dict(callback=3), "callback"), (dict(seed=1.5), "seed"),
 ])
 def test_bad_arguments_name_the_argument_and_leave_the_model_alone(kwargs, match):
     model = _mlp()
@@ -215,6 +259,45 @@ def test_bad_arguments_name_the_argument_and_leave_the_model_alone(kwargs, match
     with pytest.raises((ValueError, TypeError), match=match):
         transfer(model, **args)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_bad_models_are_refused_by_name():
+    with pytest.raises(TypeError, match="model"):
+        transfer("not a model", 0.5, _data(), steps=1)
+    with pytest.raises(ValueError, match="model: no prunable"):
+        transfer(nn.Sequential(nn.Flatten(), nn.LayerNorm(12)), 0.5, _data(), steps=1)
+    hooked = _mlp()
+    import torch.nn.utils.prune as tprune
+
+    tprune.random_unstructured(hooked[1], "weight", 0.5)
+    with pytest.raises(ValueError, match="model: has torch.nn.utils.prune"):
+        transfer(hooked, 0.5, _data(), steps=1)
+    frozen = _mlp()
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="model: no parameter requires grad"):
+        transfer(frozen, 0.5, _data(), steps=1)
+
+
+def test_frozen_parameters_stay_frozen_and_leave_both_kernels():
+    torch.manual_seed(6)
+    model = _mlp()
+    model[3].weight.requires_grad_(False)
+    model[3].bias.requires_grad_(False)
+    res = transfer(model, 0.5, _data(), steps=5, batch_size=8, progress=False, validation=8, lr=1e-2)
+    m = res.masks["3.weight"]
+    assert torch.equal(res.state_dict["3.weight"], model[3].weight.detach() * m)  # masked, not learned
+    assert torch.equal(res.state_dict["3.bias"], model[3].bias.detach())
+    assert not torch.equal(res.state_dict["1.bias"], model[1].bias.detach())
+    with pytest.raises(ValueError, match="kernel"):
+        transfer(model, 0.5, _data(), steps=1, kernel="authors_code")
+
+
+def test_the_result_pickles_with_its_history():
+    res = transfer(_mlp(), 0.5, _data(), steps=3, batch_size=8, progress=False, validation=8)
+    again = copy.deepcopy(res)
+    assert again.masks == res.masks and again.history == res.history
+    assert all(torch.equal(again.state_dict[k], v) for k, v in res.state_dict.items())
 
 
 def test_prune_registers_ntt():
@@ -228,6 +311,16 @@ def test_prune_registers_ntt():
 
     direct = transfer(model, 0.3, (x, y), steps=6, batch_size=8, progress=False, seed=_round_seeds(0, 1)[0])
     assert masks == direct.masks
+    # a whole dataset reaches the transfer as it is; global scope is prune's default
+    ds = torch.utils.data.TensorDataset(x, y)
+    masks = ntkfast.prune(model, "ntt", 0.3, data=ds, progress=False, steps=4, batch_size=8)
+    direct = transfer(model, 0.3, ds, steps=4, batch_size=8, scope="global", progress=False,
+                      seed=_round_seeds(0, 1)[0])
+    assert masks == direct.masks and masks.kept == round(0.3 * masks.numel)
+    with pytest.raises(ValueError, match="masks: NTT learns"):
+        ntkfast.prune(model, "ntt", 0.3, data=ds, rounds=2, progress=False, steps=2, batch_size=8)
+    with pytest.raises(ValueError, match="target_density: set by prune"):
+        ntkfast.prune(model, "ntt", 0.3, data=ds, progress=False, target_density=0.5)
 
 
 @pytest.mark.skipif(not (DATA / "mnist").exists(), reason="../shared/data/mnist not present")

@@ -14,18 +14,19 @@ class ScorerInfo:
     fn: Callable
     description: str
     needs_data: bool  # needs a labelled batch (inputs, targets)
+    raw_data: bool = False  # takes data as the user gave it (a whole dataset), not as labelled batches
 
 
 _REGISTRY: Dict[str, ScorerInfo] = {}
 
 
-def register(name: str, description: str, *, needs_data: bool = False):
+def register(name: str, description: str, *, needs_data: bool = False, raw_data: bool = False):
     """Decorator registering a scorer under ``name`` for prune() and the CLI."""
 
     def deco(fn):
         if name in _REGISTRY:
             raise ValueError(f"a scorer named {name!r} is already registered")
-        _REGISTRY[name] = ScorerInfo(name, fn, description, needs_data)
+        _REGISTRY[name] = ScorerInfo(name, fn, description, needs_data, raw_data)
         return fn
 
     return deco
