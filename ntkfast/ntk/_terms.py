@@ -26,12 +26,36 @@ MODES = ("full", "trace", "diagonal", "diagonal_trace")
 _CHUNK_ELEMENTS = 1 << 25
 
 
+# Below this fraction of kept entries, a masked per-sample gradient is contracted on its kept
+# entries only (a gather), not multiplied by the mask and contracted whole.
+_GATHER_BELOW = 0.5
+
+
 class DenseTerm:
     path = "per-sample gradient"
 
-    def __init__(self, g: torch.Tensor, why: str = ""):
-        self.g = g  # [n, kk, P]
+    def __init__(self, g: Optional[torch.Tensor] = None, why: str = "", *, unmasked: Optional[torch.Tensor] = None,
+                 mask: Optional[torch.Tensor] = None):
+        # Either g [n, kk, P] (already masked), or the unmasked gradient and its flat 0/1 mask [P]:
+        # then the masked g is formed only if asked for (per_sample_jacobian), and Grams use
+        # the kept entries alone.
+        self._g, self._unmasked, self._mask = g, unmasked, mask
         self.why = why
+        self._keep = None
+        if mask is not None and float(mask.count_nonzero()) < _GATHER_BELOW * mask.numel():
+            self._keep = mask.nonzero().squeeze(1)
+
+    @property
+    def g(self) -> torch.Tensor:
+        if self._g is None:
+            self._g = self._unmasked * self._mask
+        return self._g
+
+    def compact(self) -> torch.Tensor:
+        """The entries of g that can be nonzero: all of them, or the kept ones of a sparse mask."""
+        if self._keep is not None:
+            return self._unmasked.index_select(2, self._keep)
+        return self.g
 
     def dense(self) -> "DenseTerm":
         return self
@@ -88,10 +112,9 @@ class PositionsTerm:
             else:
                 n, kk, S, O = self.b.shape
                 g = torch.bmm(self.b.transpose(2, 3).reshape(n, kk * O, S), self.a())
-            g = g.reshape(self.n, self.kk, self.O, -1)
-            if self.mask is not None:
-                g = g * self.mask.reshape(self.O, -1)
-            self._dense = DenseTerm(g.reshape(self.n, self.kk, -1))
+            g = g.reshape(self.n, self.kk, -1)
+            self._dense = (DenseTerm(g) if self.mask is None
+                           else DenseTerm(unmasked=g, mask=self.mask.reshape(-1).to(g.dtype)))
         return self._dense
 
 
@@ -138,7 +161,7 @@ def pair(t1, t2, mode: str) -> torch.Tensor:
         t1.path = path
         if path == "position Grams":
             return _positions_pair(t1.a(), t1.b, t2.a(), t2.b, mode)
-    return _dense_pair(t1.dense().g, t2.dense().g, mode)
+    return _dense_pair(t1.dense().compact(), t2.dense().compact(), mode)
 
 
 def _dense_pair(g1: torch.Tensor, g2: torch.Tensor, mode: str) -> torch.Tensor:
