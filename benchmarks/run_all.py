@@ -28,6 +28,7 @@ SUITES = {
     "ntk": "benchmarks.bench_ntk",
     "masked_gram": "benchmarks.bench_masked_gram",
     "conv_weight_grad_per_sample": "benchmarks.bench_conv_weight_grad_per_sample",
+    "ntt": "benchmarks.bench_ntt",
 }
 
 
