@@ -71,7 +71,9 @@ if [ -n "$missing" ]; then
 fi
 # optional (ntkfast.plots): installed when missing, so that its test runs; a failure is not fatal
 if ! "$PY" -c "import matplotlib" 2>/dev/null; then
-  "$PY" -m pip install -q matplotlib >&2 || echo "run.sh: matplotlib not installed; the plot test will be skipped" >&2
+  # no retries (an offline machine must not stall every run); numpy stays as it is
+  "$PY" -m pip install -q --retries 0 --timeout 10 --upgrade-strategy only-if-needed matplotlib >&2 \
+    || echo "run.sh: matplotlib not installed; the plot test will be skipped" >&2
 fi
 if [ -n "$stale" ]; then
   echo "run.sh: building the extension ($stale)" >&2

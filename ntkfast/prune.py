@@ -25,7 +25,7 @@ class LayerCollapseError(RuntimeError):
 
 
 # passed by prune() to the scorers that take them (see the loop below), never by the user
-_SUPPLIED = ("target_density", "scope")
+_SUPPLIED = ("target_density",)  # (scope is prune()'s own argument)
 
 
 def _check_density(density) -> float:
@@ -175,6 +175,9 @@ def prune(
     supplied = [k for k in _SUPPLIED if k in method_options]
     if supplied:
         raise ValueError(f"{supplied[0]}: set by prune() itself (its density schedule and scope), not a method option")
+    if info.raw_data and (rounds > 1 or masks is not None):
+        # such a method (NTT) learns its mask in one go from the dense model: refuse before it runs
+        raise ValueError(f"rounds: method {method!r} runs once from the dense model; use rounds=1 and no start masks")
     if info.needs_data and data is None:
         raise ValueError(f"data: method {method!r} needs a labelled batch (inputs, targets) or an iterable of them")
     if data is not None and not info.raw_data:

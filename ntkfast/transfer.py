@@ -74,8 +74,10 @@ def _halves(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 def teacher_targets(teacher: nn.Module, x: torch.Tensor, params=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """The teacher's outputs on x [B, K] and its full cross-NTK between the halves of x, with
-    respect to ``params`` (names; default: those requiring grad)."""
+    respect to ``params`` (names; default: all of the teacher's parameters, frozen or not)."""
     x1, x2 = _halves(x)
+    if params is None:
+        params = [n for n, _ in teacher.named_parameters()]
     with torch.no_grad():
         out = _flat_outputs(teacher(x), x.shape[0])
     return out, empirical_ntk(teacher, x1, x2, mode="full", params=params)
@@ -119,12 +121,12 @@ def select_masks(weights: Mapping[str, torch.Tensor], density: float, scope: str
 
 def logit_snip_masks(model: nn.Module, names, x: torch.Tensor, density: float, scope: str) -> Masks:
     """|θ ⊙ ∂Σ f(x)²/∂θ| on the inputs x, thresholded like the magnitude masks."""
-    params = dict(model.named_parameters())
-    weights = [params[n] for n in names]
+    # detached copies, so that frozen weights are scored too
+    weights = {n: p.detach().requires_grad_(True) for n, p in model.named_parameters() if n in set(names)}
     with torch.enable_grad():
-        out = model(x)
-        grads = torch.autograd.grad(out.square().sum(), weights)
-    return Masks(threshold({n: (w.detach() * g).abs() for n, w, g in zip(names, weights, grads)}, density,
+        out = functional_call(model, weights, (x,))
+        grads = torch.autograd.grad(out.square().sum(), [weights[n] for n in names])
+    return Masks(threshold({n: (weights[n].detach() * g).abs() for n, g in zip(names, grads)}, density,
                            scope=scope))
 
 

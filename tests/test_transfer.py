@@ -291,6 +291,10 @@ def test_frozen_parameters_stay_frozen_and_leave_both_kernels():
     assert not torch.equal(res.state_dict["1.bias"], model[1].bias.detach())
     with pytest.raises(ValueError, match="kernel"):
         transfer(model, 0.5, _data(), steps=1, kernel="authors_code")
+    # logit SNIP scores frozen weights too
+    res = transfer(model, 0.5, _data(), steps=1, batch_size=8, progress=False, init_mask="logit_snip",
+                   mask_update_every=None, lr=1e-12)
+    assert int(res.masks["3.weight"].sum()) == round(0.5 * res.masks["3.weight"].numel())
 
 
 def test_the_result_pickles_with_its_history():
@@ -317,8 +321,13 @@ def test_prune_registers_ntt():
     direct = transfer(model, 0.3, ds, steps=4, batch_size=8, scope="global", progress=False,
                       seed=_round_seeds(0, 1)[0])
     assert masks == direct.masks and masks.kept == round(0.3 * masks.numel)
-    with pytest.raises(ValueError, match="masks: NTT learns"):
+    with pytest.raises(ValueError, match="rounds: method 'ntt' runs once"):
         ntkfast.prune(model, "ntt", 0.3, data=ds, rounds=2, progress=False, steps=2, batch_size=8)
+    with pytest.raises(ValueError, match="masks: NTT learns"):  # a model already pruned by hooks
+        from ntkfast._ntt_method import ntt
+
+        half = {n: torch.rand(p.shape) < 0.5 for n, p in prunable_parameters(model).items()}
+        ntt(model, half, data=ds, target_density=0.3, steps=1, batch_size=8)
     with pytest.raises(ValueError, match="target_density: set by prune"):
         ntkfast.prune(model, "ntt", 0.3, data=ds, progress=False, target_density=0.5)
 
