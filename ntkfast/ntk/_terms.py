@@ -41,7 +41,7 @@ class DenseTerm:
         # the kept entries alone.
         self._g, self._unmasked, self._mask = g, unmasked, mask
         self.why = why
-        self._keep = None
+        self._keep = self._compact = None
         if mask is not None and float(mask.count_nonzero()) < _GATHER_BELOW * mask.numel():
             self._keep = mask.nonzero().squeeze(1)
 
@@ -53,9 +53,11 @@ class DenseTerm:
 
     def compact(self) -> torch.Tensor:
         """The entries of g that can be nonzero: all of them, or the kept ones of a sparse mask."""
-        if self._keep is not None:
-            return self._unmasked.index_select(2, self._keep)
-        return self.g
+        if self._keep is None:
+            return self.g
+        if self._compact is None:  # a chunked assembly pairs one capture with several
+            self._compact = self._unmasked.index_select(2, self._keep)
+        return self._compact
 
     def dense(self) -> "DenseTerm":
         return self
