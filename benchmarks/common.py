@@ -211,6 +211,17 @@ def median(xs: Sequence[float]) -> Optional[float]:
     return statistics.median(xs) if xs else None
 
 
+def median_time(fn: Callable[[], Any], runs: int) -> float:
+    """Seconds of ``fn()`` (CPU work), the median of ``runs`` calls after one untimed call."""
+    fn()
+    ts = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
 # ----------------------------------------------------------------------------------------------
 # comparing outputs
 # ----------------------------------------------------------------------------------------------

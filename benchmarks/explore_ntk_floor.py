@@ -12,20 +12,10 @@ speed-up over torch.func (peer / floor) can be read off.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
-
-def _median_time(fn, runs: int) -> float:
-    fn()
-    ts = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+from .common import median_time
 
 
 def _conv_calls(model, x):
@@ -56,8 +46,8 @@ def conv_floor(model, x, K: int, runs: int) -> dict:
             return torch.ops.aten.convolution_backward(g, ar, w, None, m.stride, m.padding, m.dilation, False,
                                                        [0, 0], m.groups, mask)
 
-        out["input_grad_s"] += _median_time(lambda: call([True, False, False]), runs)
-        out["weight_grad_s"] += _median_time(lambda: call([False, True, False]), runs)
+        out["input_grad_s"] += median_time(lambda: call([True, False, False]), runs)
+        out["weight_grad_s"] += median_time(lambda: call([False, True, False]), runs)
         out["macs"] += 2 * g[0].numel() * w[0].numel() * g.shape[0]
     return out
 
@@ -80,9 +70,9 @@ def main(argv=None) -> int:
         K = model(x[:1]).shape[1]
     plan = build_plan(model, None, None)
     floor = conv_floor(model, x, K, args.runs)
-    peer = _median_time(lambda: reference.jacobian_contraction(model, x, mode="trace"), args.runs)
-    ours = _median_time(lambda: empirical_ntk(model, x, mode="trace"), args.runs)
-    cot = _median_time(lambda: capture(model, plan, x, range(K), create_graph=False), args.runs)
+    peer = median_time(lambda: reference.jacobian_contraction(model, x, mode="trace"), args.runs)
+    ours = median_time(lambda: empirical_ntk(model, x, mode="trace"), args.runs)
+    cot = median_time(lambda: capture(model, plan, x, range(K), create_graph=False), args.runs)
     total = floor["input_grad_s"] + floor["weight_grad_s"]
     print(f"# {args.model}, trace NTK, N = {args.n}, K = {K}, float32, {torch.get_num_threads()} threads")
     print(f"torch.func Jacobian contraction : {peer:.3f} s")

@@ -12,20 +12,11 @@
 """
 from __future__ import annotations
 
-import time
 
 import torch
 import torch.nn.functional as F
 
-
-def _median_time(fn, runs=11):
-    fn()
-    ts = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return sorted(ts)[len(ts) // 2]
+from .common import median_time
 
 
 def layout():
@@ -48,7 +39,7 @@ def layout():
     print(f"layout: conv 3x3 {C}->{O} at {H}x{H}, {G} weight sets x batch {B}, forward+backward, median of 11")
     for name, fn in (("one stacked pass (split/cat)", stacked), ("one grouped convolution", grouped),
                      ("ten separate calls", separate)):
-        print(f"  {name:30s} {_median_time(fn) * 1e3:7.1f} ms")
+        print(f"  {name:30s} {median_time(fn, 11) * 1e3:7.1f} ms")
 
 
 def profile():

@@ -298,15 +298,20 @@ _PHILOX_WARNED = False
 
 
 def _use_philox_kernel(device: torch.device) -> bool:
-    global _PHILOX_WARNED
+    return _gate(device, "_PHILOX_OPS", "_PHILOX_WARNED", "philox_normal / perturbed_masked")
+
+
+def _gate(device: torch.device, available: str, warned: str, what: str) -> bool:
+    """Whether an op family's kernel runs on ``device``; the first time a build without it is
+    asked, one warning. ``available`` and ``warned`` name this module's flags (tests patch them)."""
     if not _use_kernel(device):
         return False
-    if not _PHILOX_OPS and not _PHILOX_WARNED:
-        _PHILOX_WARNED = True
-        warnings.warn("ntkfast: the compiled extension predates philox_normal / perturbed_masked; they use their "
-                      "pure-PyTorch references. Rebuild with `pip install --no-build-isolation -e .`.",
-                      RuntimeWarning, stacklevel=3)
-    return _PHILOX_OPS
+    flags = globals()
+    if not flags[available] and not flags[warned]:
+        flags[warned] = True
+        warnings.warn(f"ntkfast: the compiled extension predates {what}; it runs on the pure-PyTorch reference. "
+                      "Rebuild with `pip install --no-build-isolation -e .`.", RuntimeWarning, stacklevel=4)
+    return flags[available]
 
 
 if _PHILOX_OPS:
@@ -596,14 +601,7 @@ _GRAM_WARNED = False
 
 
 def _use_gram_kernel(device: torch.device) -> bool:
-    global _GRAM_WARNED
-    if not _use_kernel(device):
-        return False
-    if not _GRAM_OPS and not _GRAM_WARNED:
-        _GRAM_WARNED = True
-        warnings.warn("ntkfast: the compiled extension predates masked_gram; it uses its pure-PyTorch reference. "
-                      "Rebuild with `pip install --no-build-isolation -e .`.", RuntimeWarning, stacklevel=3)
-    return _GRAM_OPS
+    return _gate(device, "_GRAM_OPS", "_GRAM_WARNED", "masked_gram")
 
 
 def _check_gram_args(a1, b1, a2, b2, mask, mode) -> None:
@@ -839,15 +837,7 @@ _CONV_WGRAD_WARNED = False
 
 
 def _use_conv_wgrad_kernel(device: torch.device) -> bool:
-    global _CONV_WGRAD_WARNED
-    if not _use_kernel(device):
-        return False
-    if not _CONV_WGRAD_OPS and not _CONV_WGRAD_WARNED:
-        _CONV_WGRAD_WARNED = True
-        warnings.warn("ntkfast: the compiled extension predates conv_weight_grad_per_sample; it uses its "
-                      "pure-PyTorch reference. Rebuild with `pip install --no-build-isolation -e .`.",
-                      RuntimeWarning, stacklevel=3)
-    return _CONV_WGRAD_OPS
+    return _gate(device, "_CONV_WGRAD_OPS", "_CONV_WGRAD_WARNED", "conv_weight_grad_per_sample")
 
 
 def _conv_weight(grad: torch.Tensor, groups: int) -> torch.Tensor:
