@@ -80,12 +80,13 @@ class Unlabelled:
             return next(iter(self._dataset.subset(idx).batches(len(idx))))[0]
         return torch.stack([_first(self._dataset[int(i)]) for i in idx])
 
-    def epoch(self, indices: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
-        """Batches over ``indices`` in an order drawn from ``seed``; a last batch with fewer
-        than two samples is dropped (it cannot be split into two halves)."""
+    def epoch(self, indices: torch.Tensor, batch_size: int, seed: int, skip: int = 0) -> Iterator[torch.Tensor]:
+        """Batches over ``indices`` in an order drawn from ``seed``, from batch number ``skip`` on
+        (a resumed run); a last batch with fewer than two samples is dropped (it cannot be split
+        into two halves)."""
         g = torch.Generator().manual_seed(int(seed))
         order = indices[torch.randperm(len(indices), generator=g)]
-        for start in range(0, len(order), batch_size):
+        for start in range(skip * batch_size, len(order), batch_size):
             idx = order[start:start + batch_size]
             if len(idx) >= 2:
                 yield self.take(idx)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
+import os
 import time
 from collections import OrderedDict
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
@@ -28,6 +29,7 @@ from torch.func import functional_call
 from .masks import Masks, prunable_parameters, threshold
 from .ntk import empirical_ntk
 from ._unlabelled import Unlabelled, split_validation, total_steps
+from . import _transfer_checkpoint as _ckpt
 
 __all__ = ["transfer", "transfer_loss", "TransferResult", "KERNELS", "INIT_MASKS"]
 
@@ -183,6 +185,8 @@ def transfer(
     validation=None,
     log_every: int = 100,
     kernel: str = "sparse",
+    checkpoint=None,
+    checkpoint_every: Optional[int] = None,
 ) -> TransferResult:
     """Neural Tangent Transfer: a sparse student of ``model`` whose outputs and empirical NTK
     mimic the dense ``model``'s, learned without labels.
@@ -221,6 +225,11 @@ def transfer(
             authors' validation batch) when the data has at least 4 batches, else a quarter.
         log_every: steps between validation evaluations (the authors: 100).
         kernel: "sparse" or "authors_code", see :func:`transfer_loss`.
+        checkpoint: a file path. The transfer's whole state (student, Adam, mask, position in
+            the data, history) is written there every ``checkpoint_every`` steps and at the end;
+            when the file exists, the transfer resumes from it and gives the same result as an
+            uninterrupted run. A checkpoint made with other settings, data or teacher is refused.
+        checkpoint_every: steps between checkpoints (default ``log_every``).
 
     Returns:
         a :class:`TransferResult`: ``(masks, state_dict)`` (the learned weights, zero where
@@ -243,6 +252,9 @@ def transfer(
     lr = _check_number("lr", lr, lo=0.0, lo_open=True)
     mask_update_every = _check_number("mask_update_every", mask_update_every, lo=1, integer=True, allow_none=True)
     log_every = _check_number("log_every", log_every, lo=1, integer=True)
+    checkpoint_every = _check_number("checkpoint_every", checkpoint_every, lo=1, integer=True, allow_none=True)
+    if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
+        raise ValueError(f"checkpoint: expected a file path or None, got {type(checkpoint).__name__}")
     seed = _check_number("seed", seed, integer=True)
     _check_choice("init_mask", init_mask, INIT_MASKS)
     _check_choice("scope", scope, _SCOPES)
@@ -318,16 +330,43 @@ def transfer(
 
     from ._progress import Progress
 
-    bar = Progress(total, desc="transfer", enabled=progress)
     optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=lr)
-    first = validate(0)
-    if first is not None:
-        bar.update(0, val_loss=first["loss"], ker=first["kernel_distance"], target=first["target_distance"])
-    step, epoch, stopped, shown = 0, 0, False, 0
+    step, epoch, in_epoch, stopped = 0, 0, 0, False
+    if checkpoint is not None:
+        settings = dict(opts, steps=total, batch_size=batch_size, lr=lr, mask_update_every=mask_update_every,
+                        init_mask=init_mask, scope=scope, seed=seed, log_every=log_every)
+        expected = _ckpt.fingerprint(teacher, settings, source.take(train_idx[:batch_size]), n_train, val_x)
+        saved = _ckpt.load(checkpoint, expected)
+        if saved is not None:
+            student.load_state_dict(saved["student"])
+            optimizer.load_state_dict(saved["optimizer"])
+            masks = Masks(OrderedDict((n, m.to(device)) for n, m in saved["masks"].items()))
+            history = saved["history"]
+            pending[:] = saved["pending"]
+            step, epoch, in_epoch = saved["step"], saved["epoch"], saved["in_epoch"]
+            t_start = time.perf_counter() - saved["elapsed"]
+        every = checkpoint_every or log_every
+
+    def save_checkpoint():
+        _ckpt.save(checkpoint, {
+            "fingerprint": expected, "step": step, "epoch": epoch, "in_epoch": in_epoch,
+            "student": student.state_dict(), "optimizer": optimizer.state_dict(),
+            "masks": OrderedDict((n, m.cpu()) for n, m in masks.items()), "history": history,
+            "pending": list(pending), "elapsed": time.perf_counter() - t_start})
+
+    bar = Progress(total, desc="transfer", enabled=progress)
+    shown = step
+    if step == 0:
+        first = validate(0)
+        if first is not None:
+            bar.update(0, val_loss=first["loss"], ker=first["kernel_distance"], target=first["target_distance"])
+    else:
+        bar.update(step, resumed_at=step)
     last_update_limit = total - (mask_update_every or 0)
     try:
         while step < total and not stopped:
-            for xb in source.epoch(train_idx, batch_size, (seed * 100_003 + epoch) % 2**63):
+            for xb in source.epoch(train_idx, batch_size, (seed * 100_003 + epoch) % 2**63, skip=in_epoch):
+                in_epoch += 1
                 xb = prepare(xb)
                 t_out, t_ntk = teacher_targets(teacher, xb, trainable)
                 optimizer.zero_grad(set_to_none=True)
@@ -357,11 +396,16 @@ def transfer(
                     masks = select_masks({n: sparams[n] for n in names}, density, scope)
                 if stopped or step >= total:
                     break
-            epoch += 1
+                if checkpoint is not None and step % every == 0:
+                    save_checkpoint()
+            else:
+                epoch, in_epoch = epoch + 1, 0
     finally:
         bar.close()
     if stopped and (not history["step"] or history["step"][-1] != step):
         validate(step)
+    if checkpoint is not None:
+        save_checkpoint()
 
     with torch.no_grad():
         state = OrderedDict((k, v.detach().clone()) for k, v in student.state_dict().items())

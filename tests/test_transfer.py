@@ -239,6 +239,72 @@ def test_callback_can_stop_early():
     assert res.masks.metadata["steps"] == 3 and res.history["step"][-1] == 3
 
 
+class _Interrupt(Exception):
+    pass
+
+
+def _same_result(a, b):
+    assert a.masks.keys() == b.masks.keys() and all(torch.equal(a.masks[n], b.masks[n]) for n in a.masks)
+    assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
+    assert a.history.keys() == b.history.keys()
+    for k in a.history:
+        if k != "seconds":  # the first train_loss is nan: nothing trained before step 0
+            assert torch.allclose(torch.tensor(a.history[k], dtype=torch.float64),
+                                  torch.tensor(b.history[k], dtype=torch.float64), rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("stop_at, every", [(13, 5), (10, 5), (3, 4), (19, 3)])
+def test_an_interrupted_transfer_resumes_from_its_checkpoint_to_the_same_result(tmp_path, stop_at, every):
+    # 10 batches per epoch: the resumed runs restart mid-epoch, at an epoch boundary and
+    # across a mask re-selection (every 6 steps), from a checkpoint some steps back
+    kw = dict(steps=23, batch_size=8, progress=False, validation=8, log_every=4, mask_update_every=6, seed=3)
+    model = _cnn()
+    data = torch.randn(88, 2, 7, 7)
+    whole = transfer(model, 0.3, data, **kw)
+    path = tmp_path / "ntt.ckpt"
+
+    def interrupt(info):
+        if info["step"] == stop_at:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        transfer(model, 0.3, data, checkpoint=path, checkpoint_every=every, callback=interrupt, **kw)
+    # written after the step's callback: the interrupted step itself is not saved
+    last_saved = (stop_at - 1) // every * every
+    if last_saved:
+        assert torch.load(path, weights_only=False)["step"] == last_saved
+    else:
+        assert not path.exists()  # interrupted before the first checkpoint: starts afresh
+    seen = []
+    resumed = transfer(model, 0.3, data, checkpoint=path, checkpoint_every=every,
+                       callback=lambda info: seen.append(info["step"]), **kw)
+    assert seen == list(range(last_saved + 1, 24))
+    _same_result(whole, resumed)
+    # a finished checkpoint gives the result again without a step
+    again = transfer(model, 0.3, data, checkpoint=path, callback=lambda info: seen.append(-1), **kw)
+    assert -1 not in seen
+    _same_result(whole, again)
+
+
+def test_a_checkpoint_of_another_transfer_is_refused_by_name(tmp_path):
+    kw = dict(steps=4, batch_size=8, progress=False, validation=8)
+    model, data = _mlp(), _data()
+    path = tmp_path / "ntt.ckpt"
+    transfer(model, 0.5, data, checkpoint=path, **kw)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"checkpoint: .*lr \(saved 0.0005, now 0.001\)"):
+        transfer(model, 0.5, data, checkpoint=path, lr=1e-3, **kw)
+    with pytest.raises(ValueError, match="checkpoint: .*the teacher's weights"):
+        transfer(_mlp(), 0.5, data, checkpoint=path, **kw)
+    with pytest.raises(ValueError, match="checkpoint: .*the training or validation data"):
+        transfer(model, 0.5, data + 1, checkpoint=path, **kw)
+    bad = tmp_path / "bad.ckpt"
+    bad.write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="checkpoint: .*not a readable"):
+        transfer(model, 0.5, data, checkpoint=bad, **kw)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(density=0.0), "density"), (dict(density=1.5), "density"), (dict(density="a"), "density"),
     (dict(steps=0), "steps"), (dict(steps=1.5), "steps"), (dict(steps=None, epochs=0), "epochs"),
@@ -249,7 +315,8 @@ def test_callback_can_stop_early():
     (dict(validation=torch.randn(4, 5)), "validation"), (dict(data="abc"), "data"),
     (dict(data=torch.zeros(5, 12, dtype=torch.long)), "data"), (dict(data=torch.randn(40, 7)), "data"),
     (dict(mask_update_every=0), "mask_update_every"), (dict(log_every=0), "log_every"),
-    (dict(callback=3), "callback"), (dict(seed=1.5), "seed"),
+    (dict(callback=3), "callback"), (dict(seed=1.5), "seed"), (dict(checkpoint=3), "checkpoint"),
+    (dict(checkpoint_every=0), "checkpoint_every"),
 ])
 def test_bad_arguments_name_the_argument_and_leave_the_model_alone(kwargs, match):
     model = _mlp()
