@@ -410,3 +410,74 @@ def test_devices(device):
         out = empirical_ntk(model, x, masks=masks, mode=mode)
         assert out.device.type == device
         assert rel(out if mode == "full" else out, R._finish(ref, mode)) < 1e-10
+
+
+class _SparseNet(nn.Module):
+    """Layers whose masked per-sample gradients take the gathered kept-entries path: strided,
+    padded and dilated 2-d convolutions, a 1-d convolution, and Linear on sequences."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(2, 5, 3, padding=1)
+        self.c2 = nn.Conv2d(5, 6, 3, stride=2, padding=2, dilation=2)
+        self.c3 = nn.Conv2d(6, 4, (3, 2), padding=(1, 0))
+        self.seq = nn.Linear(4, 7)
+        self.head = nn.Linear(7, 3)
+
+    def forward(self, x):  # [N, 2, 16]
+        h = torch.tanh(self.c1(x)).view(x.shape[0], 5, 4, 4)
+        h = torch.tanh(self.c2(h))
+        h = torch.tanh(self.c3(h))  # [N, 4, H, W]
+        h = torch.tanh(self.seq(h.flatten(2).transpose(1, 2))).mean(1)
+        return self.head(h)
+
+
+def _sparse_masks(model, density, seed):
+    """Random sparse masks with uneven kept counts per output channel: one channel keeps
+    nothing and one keeps everything."""
+    masks = random_masks(model, density=density, seed=seed)
+    for m in masks.values():
+        if m.shape[0] > 2:
+            m[0] = False
+            m[1] = True
+            if m.float().mean() >= _terms._GATHER_BELOW:
+                m[1, 1:] = False
+    return masks
+
+
+@pytest.mark.parametrize("density", [0.05, 0.2])
+def test_sparse_masks_gather_kept_entries_only(density, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the full per-sample gradient was formed")
+
+    monkeypatch.setattr(_terms.PositionsTerm, "dense", refuse)  # the gathered path must not need it
+    torch.manual_seed(0)
+    model = _SparseNet().double().eval()
+    masks = _sparse_masks(model, density, seed=2)
+    assert all(0 < m.float().mean() < _terms._GATHER_BELOW for m in masks.values())
+    x1 = torch.randn(3, 2, 16, dtype=torch.float64)
+    x2 = torch.randn(4, 2, 16, dtype=torch.float64)
+    j1, j2 = R.jacobian(model, x1, masks=masks), R.jacobian(model, x2, masks=masks)
+    for mode in ("full", "trace"):
+        assert rel(empirical_ntk(model, x1, x2, masks=masks, mode=mode), contract(j1, j2, mode)) < 1e-10, mode
+    for mode in ("diagonal", "diagonal_trace"):
+        assert rel(empirical_ntk(model, x1, masks=masks, mode=mode), contract(j1, j1, mode)) < 1e-10, mode
+    ours = per_sample_jacobian(model, x1, masks=masks)
+    for n, j in j1.items():
+        assert rel(ours[n], j) < 1e-10, n
+
+    # differentiated through, as Neural Tangent Transfer does
+    fmasks = {n: m.double() for n, m in masks.items()}
+
+    def loss_of_ntk(theta):
+        return (theta ** 2).sum() / theta.diagonal(dim1=0, dim2=1).sum()
+
+    ref = _grad_reference(model, x2, fmasks, loss_of_ntk)
+    theta = empirical_ntk(model, x2, masks=fmasks, create_graph=True)
+    params = dict(model.named_parameters())
+    grads = torch.autograd.grad(loss_of_ntk(theta), list(params.values()), allow_unused=True)
+    for (n, _), g in zip(params.items(), grads):
+        if g is None:
+            assert ref[n].abs().max() == 0, n
+        else:
+            assert rel(g, ref[n]) < 1e-9, n

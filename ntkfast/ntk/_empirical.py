@@ -11,7 +11,7 @@ import torch
 from ._capture import Capture, _Untappable, capture
 from ._layers import RULES, whole_model_terms
 from ._plan import Plan, build_plan
-from ._terms import MODES, DenseTerm, pair
+from ._terms import MODES, DenseTerm, as_dense, pair
 
 _DEFAULT_FRACTION = 0.25
 
@@ -227,7 +227,7 @@ def per_sample_jacobian_impl(model, x, *, masks, params, create_graph) -> "Order
         out = OrderedDict()
         for _, terms in engine.terms_by_module(cap):
             for name, t in terms.items():
-                g = t.dense().g if not isinstance(t, DenseTerm) else t.g
+                g = t.g if isinstance(t, DenseTerm) else as_dense(t).g
                 shape = plan.entries[name].value.shape
                 out[name] = g.reshape(g.shape[0], g.shape[1], *shape)
     order = [n for n in plan.entries if n in out]

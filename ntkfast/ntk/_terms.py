@@ -35,20 +35,29 @@ class DenseTerm:
     path = "per-sample gradient"
 
     def __init__(self, g: Optional[torch.Tensor] = None, why: str = "", *, unmasked: Optional[torch.Tensor] = None,
-                 mask: Optional[torch.Tensor] = None):
+                 mask: Optional[torch.Tensor] = None,
+                 kept_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
         # Either g [n, kk, P] (already masked), or the unmasked gradient and its flat 0/1 mask [P]:
         # then the masked g is formed only if asked for (per_sample_jacobian), and Grams use
-        # the kept entries alone.
+        # the kept entries alone. With a sparse mask, kept_fn(keep) may compute just the kept
+        # entries [n, kk, len(keep)] without the unmasked gradient ever being formed.
         self._g, self._unmasked, self._mask = g, unmasked, mask
         self.why = why
         self._keep = self._compact = None
         if mask is not None and float(mask.count_nonzero()) < _GATHER_BELOW * mask.numel():
             self._keep = mask.nonzero().squeeze(1)
+        self._kept_fn = kept_fn if self._keep is not None else None
+        if unmasked is None and g is None and self._kept_fn is None:
+            raise ValueError("DenseTerm: needs g, the unmasked gradient, or kept entries for a sparse mask")
 
     @property
     def g(self) -> torch.Tensor:
         if self._g is None:
-            self._g = self._unmasked * self._mask
+            if self._unmasked is not None:
+                self._g = self._unmasked * self._mask
+            else:  # scattered back from the kept entries: zero elsewhere, as the mask makes it
+                c = self.compact()
+                self._g = c.new_zeros(c.shape[:2] + self._mask.shape).index_copy(2, self._keep, c)
         return self._g
 
     def compact(self) -> torch.Tensor:
@@ -56,7 +65,8 @@ class DenseTerm:
         if self._keep is None:
             return self.g
         if self._compact is None:  # a chunked assembly pairs one capture with several
-            self._compact = self._unmasked.index_select(2, self._keep)
+            self._compact = (self._kept_fn(self._keep) if self._unmasked is None
+                             else self._unmasked.index_select(2, self._keep))
         return self._compact
 
     def dense(self) -> "DenseTerm":
@@ -82,12 +92,14 @@ class PositionsTerm:
     def __init__(self, a_fn: Callable[[], torch.Tensor], b: torch.Tensor, mask: Optional[torch.Tensor],
                  S: int, D: int, dense_fn: Optional[Callable[[], torch.Tensor]] = None,
                  positions_ok: bool = True, why: str = ""):
-        # a_fn builds a [n, S, D] (an unfold for convolutions) only if the position path is taken;
-        # dense_fn builds g [n, kk, O, D...] (a compiled kernel for convolutions).
+        # a_fn builds a [n, S, D] (an unfold for convolutions) only if the position path is taken
+        # or a sparse mask's kept entries are gathered from it; dense_fn builds g [n, kk, O, D...]
+        # (a compiled kernel for convolutions).
         self._a_fn, self.b, self.mask = a_fn, b, mask  # b: [n, kk, S, O]
         self.S, self.D = S, D
         self.O = b.shape[-1]
         self._dense_fn = dense_fn
+        self._a_is_exact = positions_ok  # a covers every weight entry (no groups, at most 2-d)
         self.positions_ok = positions_ok and mask is None
         self.why = why
         self._a = None
@@ -118,6 +130,33 @@ class PositionsTerm:
             self._dense = (DenseTerm(g) if self.mask is None
                            else DenseTerm(unmasked=g, mask=self.mask.reshape(-1).to(g.dtype)))
         return self._dense
+
+    def _kept_entries(self, keep: torch.Tensor) -> torch.Tensor:
+        """g[n, k, e] = sum_s b[n, k, s, o_e] a[n, s, d_e] for the kept entries e = (o_e, d_e)
+        only: per output channel o, one small batched GEMM over the inputs d it keeps (padded
+        to the largest count), so a mask keeping a fraction of the entries costs about that
+        fraction of the full per-sample gradient."""
+        n, kk, S, O = self.b.shape
+        D = self.D
+        o, d = keep // D, keep % D
+        counts = torch.bincount(o, minlength=O)
+        M = max(int(counts.max()), 1)
+        slot = torch.arange(keep.numel(), device=keep.device) - (torch.cumsum(counts, 0) - counts)[o]
+        cols = torch.zeros(O, M, dtype=torch.long, device=keep.device)  # padding reads input 0, then is dropped
+        cols[o, slot] = d
+        a_t = self.a().transpose(1, 2)  # [n, D, S]: for convolutions, the unfold itself
+        a_sel = a_t.index_select(1, cols.reshape(-1)).view(n * O, M, S).transpose(1, 2)  # [n O, S, M]
+        b_o = self.b.permute(0, 3, 1, 2).reshape(n * O, kk, S)
+        g = torch.bmm(b_o, a_sel).view(n, O, kk, M).transpose(1, 2).reshape(n, kk, O * M)
+        return g.index_select(2, o * M + slot)
+
+    def sparse_dense(self) -> DenseTerm:
+        """The per-sample gradient term, its kept entries gathered without the full gradient
+        when the mask is sparse enough for that to pay."""
+        if (self._dense is None and self.mask is not None and self._a_is_exact
+                and float(self.mask.count_nonzero()) < _GATHER_BELOW * self.mask.numel()):
+            self._dense = DenseTerm(mask=self.mask.reshape(-1).to(self.b.dtype), kept_fn=self._kept_entries)
+        return self._dense if self._dense is not None else self.dense()
 
 
 def _positions_cost(n1, n2, kk, S, D, O, mode) -> float:
@@ -163,7 +202,12 @@ def pair(t1, t2, mode: str) -> torch.Tensor:
         t1.path = path
         if path == "position Grams":
             return _positions_pair(t1.a(), t1.b, t2.a(), t2.b, mode)
-    return _dense_pair(t1.dense().compact(), t2.dense().compact(), mode)
+    return _dense_pair(as_dense(t1).compact(), as_dense(t2).compact(), mode)
+
+
+def as_dense(t) -> DenseTerm:
+    """A term's per-sample gradient form; sparse masks gather their kept entries directly."""
+    return t.sparse_dense() if isinstance(t, PositionsTerm) else t.dense()
 
 
 def _dense_pair(g1: torch.Tensor, g2: torch.Tensor, mode: str) -> torch.Tensor:
