@@ -15,7 +15,8 @@ from .transfer import transfer
 
 
 @register("ntt", "Neural Tangent Transfer: the mask of a sparse student trained, label-free, to match the dense "
-                 "model's outputs and NTK (learned weights: ntkfast.transfer)", needs_data=True, raw_data=True)
+                 "model's outputs and NTK (learned weights: ntkfast.transfer)", needs_data=True, raw_data=True,
+                 single_shot=True)
 def ntt(
     model: nn.Module,
     masks: Optional[Mapping[str, torch.Tensor]] = None,

@@ -175,7 +175,7 @@ def prune(
     supplied = [k for k in _SUPPLIED if k in method_options]
     if supplied:
         raise ValueError(f"{supplied[0]}: set by prune() itself (its density schedule and scope), not a method option")
-    if info.raw_data and (rounds > 1 or masks is not None):
+    if info.single_shot and (rounds > 1 or masks is not None):
         # such a method (NTT) learns its mask in one go from the dense model: refuse before it runs
         raise ValueError(f"rounds: method {method!r} runs once from the dense model; use rounds=1 and no start masks")
     if info.needs_data and data is None:

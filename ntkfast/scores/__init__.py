@@ -15,18 +15,20 @@ class ScorerInfo:
     description: str
     needs_data: bool  # needs a labelled batch (inputs, targets)
     raw_data: bool = False  # takes data as the user gave it (a whole dataset), not as labelled batches
+    single_shot: bool = False  # runs once from the dense model (no rounds, no start masks)
 
 
 _REGISTRY: Dict[str, ScorerInfo] = {}
 
 
-def register(name: str, description: str, *, needs_data: bool = False, raw_data: bool = False):
+def register(name: str, description: str, *, needs_data: bool = False, raw_data: bool = False,
+             single_shot: bool = False):
     """Decorator registering a scorer under ``name`` for prune() and the CLI."""
 
     def deco(fn):
         if name in _REGISTRY:
             raise ValueError(f"a scorer named {name!r} is already registered")
-        _REGISTRY[name] = ScorerInfo(name, fn, description, needs_data, raw_data)
+        _REGISTRY[name] = ScorerInfo(name, fn, description, needs_data, raw_data, single_shot)
         return fn
 
     return deco
@@ -52,3 +54,4 @@ from ._snip import snip, iterative_snip  # noqa: E402, F401
 from ._grasp import grasp  # noqa: E402, F401
 from ._synflow import synflow  # noqa: E402, F401
 from ._ntksap import ntksap, ntksap_trace_estimate  # noqa: E402, F401
+from ._synflow_paths import synflow_l2, synflow_l2_squared, synflow_dist, synflow_l2_dist  # noqa: E402, F401

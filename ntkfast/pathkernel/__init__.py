@@ -1,0 +1,114 @@
+"""The Path Kernel (Gebhart, Saxena, Schrater, 2021): the data-independent factor Π of the NTK.
+
+For a bias-free network with ReLU-like units, a path p from an input unit to an output unit has
+the value π_p = Π_{e∈p} θ_e, and Θ = J_π^x(X) Π J_π^x(X')ᵀ with Π = J_θ^π (J_θ^π)ᵀ. Everything
+here comes from the *path network*: the model with its weights replaced by |θ| (power 1) or θ²
+(power 2), masked, fed an all-ones input:
+
+- :func:`path_norms`: the forward path sums entering every prunable layer and the backward path
+  sums from all-ones outputs (a_{l−1} and b_l of algorithms.md);
+- :func:`diagonal`: per weight, Σ_{p∋e} (π_p/θ_e)² = ∂R₂/∂(θ_e²), with R₂ = Σ_p π_p²;
+- :func:`trace`: tr Π = Σ_e diagonal_e, one forward and one backward pass;
+- :func:`spectrum`: the top eigenvalues of Π, by Lanczos on products with G = J_θ^πᵀ J_θ^π,
+  without enumerating paths.
+
+Pooling and residual sums are linear and carry through unchanged, so a path through an average
+pool carries the pool's coefficient c once (π_p = √c_p Π θ_e; R₂ = Σ_p c_p Π θ_e²). Biases and
+BatchNorm follow the authors' SynFlow code: every other parameter and buffer goes through the same
+|·| or (·)², so biases add bias-rooted paths; the identities above are exact for bias-free
+networks without BatchNorm. Masked weights are not parameters of the pruned network: their
+diagonal entries are 0 and they are left out of G.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Mapping, NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from ._network import PathNetwork, check_power, prunable_module_of
+from ._spectrum import spectrum
+
+__all__ = ["PathNorms", "path_norms", "trace", "diagonal", "spectrum"]
+
+
+class PathNorms(NamedTuple):
+    """``forward[name]``: the path sums entering the layer of weight ``name`` (its input in the path
+    network, one sample, no batch dimension); ``backward[name]``: dR/d(its output), the path sums
+    from the all-ones outputs back to it; ``total``: R = Σ outputs = Σ_p |π_p|^power (for a
+    bias-free network); ``power``: 1 or 2."""
+
+    forward: "OrderedDict[str, torch.Tensor]"
+    backward: "OrderedDict[str, torch.Tensor]"
+    total: float
+    power: int
+
+
+def path_norms(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = None, *, power: int = 2,
+               inputs: Optional[torch.Tensor] = None, input_shape=None, dtype=torch.float64) -> PathNorms:
+    """Forward and backward path sums of every prunable layer, from an all-ones input (or the
+    non-negative ``inputs``, one sample without a batch dimension) and all-ones outputs, with
+    |W| (power 1) or W ⊙ W (power 2) weights, masked. float64 by default; sums that overflow raise
+    an OverflowError naming the first layer that did. Works for any network the model's own
+    forward describes (Linear, Conv, pooling, ReLU, residual sums, flatten, ...)."""
+    net = PathNetwork(model, masks, check_power(power), dtype, input_shape=input_shape, inputs=inputs)
+    modules = dict(model.named_modules())
+    seen: dict = {}
+    handles = []
+
+    def tap(wname):
+        def hook(module, args, output):
+            if wname in seen:
+                raise ValueError(f"model: module {prunable_module_of(wname)!r} is called more than once; its "
+                                 "path sums are not one tensor per layer (trace/diagonal/spectrum still work)")
+            seen[wname] = (args[0], output)
+        return hook
+
+    weights = net.weights(requires_grad=False)
+    try:
+        for wname in net.targets:
+            handles.append(modules[prunable_module_of(wname)].register_forward_hook(tap(wname)))
+        with torch.enable_grad():
+            x = net.x.clone().requires_grad_(True)  # so that every layer's output is in the graph
+            out = net.run(weights, x)
+            names = [n for n in net.targets if n in seen]
+            grads = torch.autograd.grad(out.sum(), [seen[n][1] for n in names], allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+    fwd, bwd = OrderedDict(), OrderedDict()
+    for n, g in zip(names, grads):
+        a, y = seen[n]
+        fwd[n] = a.detach()[0]
+        bwd[n] = torch.zeros_like(y[0]).detach() if g is None else g.detach()[0]
+    return PathNorms(fwd, bwd, float(out.detach().sum()), net.power)
+
+
+def _squared_path_gradient(net: PathNetwork):
+    """(R₂, ∂R₂/∂(θ²) ⊙ m per weight)."""
+    w = net.weights()
+    with torch.enable_grad():
+        out = net.run(w)
+        r = out.sum()
+        grads = torch.autograd.grad(r, list(w.values()), allow_unused=True)
+    diag = OrderedDict()
+    for (n, t), g in zip(net.targets.items(), grads):
+        g = torch.zeros_like(w[n]) if g is None else g
+        diag[n] = (g * t.mask_as(g.dtype)).detach()
+    return r.detach(), diag
+
+
+def diagonal(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = None, *, input_shape=None,
+             dtype=torch.float64) -> "OrderedDict[str, torch.Tensor]":
+    """The diagonal of G = J_θ^πᵀ J_θ^π per weight: Σ_{p∋e} (π_p/θ_e)² = ∂R₂/∂(θ_e²), in the
+    weight's shape (0 where masked)."""
+    return _squared_path_gradient(PathNetwork(model, masks, 2, dtype, input_shape=input_shape))[1]
+
+
+def trace(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = None, *, input_shape=None,
+          dtype=torch.float64) -> float:
+    """tr Π = Σ_p Σ_{e∈p} (π_p/θ_e)², in one forward and one backward pass of the squared path
+    network."""
+    _, diag = _squared_path_gradient(PathNetwork(model, masks, 2, dtype, input_shape=input_shape))
+    return float(sum(d.sum() for d in diag.values()))
