@@ -85,30 +85,16 @@ def path_norms(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = N
     return PathNorms(fwd, bwd, float(out.detach().sum()), net.power)
 
 
-def _squared_path_gradient(net: PathNetwork):
-    """(R₂, ∂R₂/∂(θ²) ⊙ m per weight)."""
-    w = net.weights()
-    with torch.enable_grad():
-        out = net.run(w)
-        r = out.sum()
-        grads = torch.autograd.grad(r, list(w.values()), allow_unused=True)
-    diag = OrderedDict()
-    for (n, t), g in zip(net.targets.items(), grads):
-        g = torch.zeros_like(w[n]) if g is None else g
-        diag[n] = (g * t.mask_as(g.dtype)).detach()
-    return r.detach(), diag
-
-
 def diagonal(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = None, *, input_shape=None,
              dtype=torch.float64) -> "OrderedDict[str, torch.Tensor]":
     """The diagonal of G = J_θ^πᵀ J_θ^π per weight: Σ_{p∋e} (π_p/θ_e)² = ∂R₂/∂(θ_e²), in the
     weight's shape (0 where masked)."""
-    return _squared_path_gradient(PathNetwork(model, masks, 2, dtype, input_shape=input_shape))[1]
+    return PathNetwork(model, masks, 2, dtype, input_shape=input_shape).gradient()
 
 
 def trace(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = None, *, input_shape=None,
           dtype=torch.float64) -> float:
     """tr Π = Σ_p Σ_{e∈p} (π_p/θ_e)², in one forward and one backward pass of the squared path
     network."""
-    _, diag = _squared_path_gradient(PathNetwork(model, masks, 2, dtype, input_shape=input_shape))
+    diag = PathNetwork(model, masks, 2, dtype, input_shape=input_shape).gradient()
     return float(sum(d.sum() for d in diag.values()))

@@ -6,13 +6,13 @@ path sum R_power = Σ_p |π_p|^power of a bias-free network."""
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Dict, Mapping, Optional
+from typing import Mapping, Optional
 
 import torch
 from torch import nn
 
-from ..scores._common import (functional_forward, model_device, resolve_input_shape, resolve_targets, state_copy,
-                              substitute)
+from ..scores._common import (functional_forward, model_device, resolve_dtype, resolve_input_shape, resolve_targets,
+                              state_copy, substitute)
 
 POWERS = (1, 2)
 
@@ -23,14 +23,6 @@ def check_power(power) -> int:
     return int(power)
 
 
-def check_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype.replace("torch.", ""), None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dtype: expected a floating torch.dtype such as torch.float64, got {dtype!r}")
-    return dtype
-
-
 class PathNetwork:
     """The transformed state of ``model`` (built once; iterative pruning reuses it across rounds)
     and the forward of the masked path network on a given input."""
@@ -39,9 +31,9 @@ class PathNetwork:
                  dtype: torch.dtype, *, input_shape=None, inputs: Optional[torch.Tensor] = None, data=None):
         self.model = model
         self.power = check_power(power)
-        self.dtype = check_dtype(dtype)
         self.g = torch.abs if self.power == 1 else torch.square
         self.targets = resolve_targets(model, masks)
+        self.dtype = resolve_dtype(self.targets, dtype)
         self.device = model_device(model)
         self.state = state_copy(model, self.dtype, transform=self.g,
                                 skip={t.param_name for t in self.targets.values()})
@@ -68,8 +60,16 @@ class PathNetwork:
             out[n] = w.requires_grad_(requires_grad)
         return out
 
-    def kept(self) -> Dict[str, torch.Tensor]:
-        return {n: t.mask for n, t in self.targets.items()}
+    def gradient(self) -> "OrderedDict[str, torch.Tensor]":
+        """∂R/∂(g(θ) ⊙ m) ⊙ m per scored weight, R = Σ outputs: one forward and one backward."""
+        w = self.weights()
+        with torch.enable_grad():
+            r = self.run(w).sum()
+            grads = torch.autograd.grad(r, list(w.values()), allow_unused=True)
+        out = OrderedDict()
+        for (n, t), g in zip(self.targets.items(), grads):
+            out[n] = torch.zeros_like(w[n]) if g is None else (g * t.mask_as(g.dtype)).detach()
+        return out
 
     def run(self, weights: Mapping[str, torch.Tensor], x: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The path network's output with ``weights`` in the scored slots (a finite tensor, or an

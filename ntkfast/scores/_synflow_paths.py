@@ -38,13 +38,9 @@ def _network(model, masks, power, dtype, input_shape, data, cache, inputs=None, 
 
 
 def _path_gradient(net) -> "OrderedDict[str, torch.Tensor]":
-    """g(θ) ⊙ m ⊙ ∂R/∂(g(θ) ⊙ m) per weight: the flow through each kept weight."""
-    w = net.weights()
-    with torch.enable_grad():
-        r = net.run(w).sum()
-        grads = torch.autograd.grad(r, list(w.values()), allow_unused=True)
-    return OrderedDict((n, torch.zeros_like(w[n]).detach() if g is None else (w[n] * g).detach().abs())
-                       for n, g in zip(w, grads))
+    """|g(θ) ⊙ m ⊙ ∂R/∂(g(θ) ⊙ m)| per weight: the flow through each kept weight."""
+    w = net.weights(requires_grad=False)
+    return OrderedDict((n, (w[n] * g).abs()) for n, g in net.gradient().items())
 
 
 def _times_abs_theta(net, scores):
@@ -106,15 +102,7 @@ def synflow_l2_squared(model: nn.Module, masks: Optional[Mapping[str, torch.Tens
     """|θ| ⊙ ∂R₂/∂(θ²), R₂ = Σ outputs of the squared network on ones = Σ_p π_p² (the path
     kernel's diagonal times |θ|). ``seed`` is ignored."""
     net = _network(model, masks, 2, dtype, input_shape, data, cache)
-    w = net.weights()
-    with torch.enable_grad():
-        r = net.run(w).sum()
-        grads = torch.autograd.grad(r, list(w.values()), allow_unused=True)
-    scores = OrderedDict()
-    for (n, t), g in zip(net.targets.items(), grads):
-        g = torch.zeros_like(w[n]) if g is None else g
-        scores[n] = (g * t.mask_as(g.dtype) * t.param.detach().to(g.dtype).abs()).detach()
-    return finish(scores, net.targets)
+    return finish(_times_abs_theta(net, net.gradient()), net.targets)
 
 
 @register("synflow_dist", "SynFlow-Dist: SynFlow fed the mean (un-normalised) training input instead of ones",
