@@ -53,6 +53,24 @@ TORCH_LIBRARY(ntkfast, m) {
   // convolution's output size. float32 and float64.
   m.def("conv_weight_grad_per_sample(Tensor input, Tensor grad_output, int[2] kernel_size, int[2] stride, "
         "int[2] padding, int[2] dilation, int groups) -> Tensor");
+
+  // Path sums of a chain of dense layers (the Path Kernel's path network), g(w) = |w| (power 1) or
+  // w^2 (power 2) applied to weights[l] * masks[l] on the fly (no transformed copy of any weight):
+  //   forward:  a_0 = input [N, C_0], a_l = a_{l-1} g(W_l * M_l)^T + g(bias_l)    -> [N, O_l], l = 1..L
+  //   backward: b_L = ones [O_L],     b_{l-1} = g(W_l * M_l)^T b_l (bias-free)    -> [C_l],    l = L..1
+  // Returns (forward = [a_1, ..., a_L], backward = [b_0, ..., b_{L-1}]). weights[l] [O_l, C_l] with
+  // C_l = O_{l-1}; masks: empty (no mask) or one per layer, shaped like its weight; biases: one
+  // entry per layer, None for a layer without one. One dtype (float32 / float64), one device. On
+  // CUDA, step k runs the forward of layer k and the backward of layer L + 1 - k in one launch.
+  m.def("path_chain(Tensor[] weights, Tensor[] masks, Tensor?[] biases, Tensor input, int power) -> (Tensor[], Tensor[])");
+  // The per-weight outer-product score of a dense or convolution layer of the path network:
+  //   out = |weight|^weight_power * mask * G,  G = d(sum_n <b_n, layer(a_n)>) / d(layer's weight),
+  // i.e. dense (weight [O, C], a [N, C], b [N, O]): G[o, c] = sum_n b[n, o] a[n, c]; convolution
+  // (weight [O, C / groups, kh, kw] or [O, C / groups, k], a [N, C, H, W] or [N, C, L], b the
+  // gradient at its output [N, O, Ho, Wo] or [N, O, Lo]): the weight gradient of the convolution.
+  // weight_power 0, 1 or 2; mask None (ones) or shaped like weight. float32 / float64.
+  m.def("path_score(Tensor weight, Tensor? mask, Tensor a, Tensor b, int weight_power, int[] stride, int[] padding, "
+        "int[] dilation, int groups) -> Tensor");
 }
 
 namespace {

@@ -1,0 +1,233 @@
+"""ntkfast._path_ops: the Path Kernel's compiled ops (path_chain, path_score) against their
+references and against independent oracles (path sums by explicit matrix powers of a chain; the
+convolution's weight gradient by autograd), on fresh random inputs (never zeros), several sizes,
+both dtypes, every device; opcheck; argument errors; the fallback."""
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ntkfast._ops as _ops
+import ntkfast._path_ops as P
+from testing import devices
+
+needs_ext = pytest.mark.skipif(not _ops.extension_loaded(), reason="compiled extension not loaded")
+REL = {torch.float64: 1e-12, torch.float32: 2e-6}
+
+
+def _gen(*key):
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def _kernel_device(device):
+    if not _ops.extension_loaded():
+        pytest.skip("compiled extension not loaded")
+    if not P._PATH_OPS:
+        pytest.skip("the extension predates path_chain / path_score")
+    if device == "cuda" and not _ops._cuda_kernels():
+        pytest.skip("extension built without CUDA kernels")
+    return torch.device(device)
+
+
+def _rel(got, want):
+    return float((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-300))
+
+
+def _chain(gen, widths, n, dtype, device, masked=True, bias=True):
+    ws = [torch.randn(o, c, generator=gen, dtype=torch.float64) for c, o in zip(widths[:-1], widths[1:])]
+    ms = [(torch.rand(w.shape, generator=gen) < 0.6).double() for w in ws] if masked else None
+    bs = [torch.randn(w.shape[0], generator=gen, dtype=torch.float64) if bias and i % 2 == 0 else None
+          for i, w in enumerate(ws)]
+    x = torch.rand((n, widths[0]) if n else (widths[0],), generator=gen, dtype=torch.float64) + 0.1
+    move = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+    return [move(w) for w in ws], None if ms is None else [move(m) for m in ms], [move(b) for b in bs], move(x)
+
+
+def _chain_oracle(ws, ms, bs, x, power):
+    """Forward by products of the transformed matrices, backward by the row sums of their products."""
+    g = (lambda t: t.abs()) if power == 1 else (lambda t: t * t)
+    gw = [g(w.double() * (ms[i].double() if ms else 1)) for i, w in enumerate(ws)]
+    a = x.double() if x.dim() == 2 else x.double()[None]
+    fwd = []
+    for w, b in zip(gw, bs):
+        a = a @ w.t() + (0 if b is None else g(b.double()))
+        fwd.append(a if x.dim() == 2 else a[0])
+    bwd = []
+    for i in range(len(gw)):
+        prod = torch.eye(gw[-1].shape[0], dtype=torch.float64)
+        for w in reversed(gw[i:]):
+            prod = prod @ w
+        bwd.append(prod.sum(0))  # 1ᵀ G_L ... G_i
+    return fwd, bwd
+
+
+CHAINS = [([5, 3], 0), ([784, 300, 100, 10], 0), ([17, 64, 33, 1], 3), ([1000, 513, 7], 2), ([2, 1, 2], 1)]
+
+
+@needs_ext
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("power", [1, 2])
+def test_path_chain_matches_oracle_and_reference(device, dtype, power):
+    dev = _kernel_device(device)
+    for widths, n in CHAINS:
+        for masked, bias in ((True, True), (False, False)):
+            ws, ms, bs, x = _chain(_gen("chain", tuple(widths), n, masked), widths, n, dtype, dev, masked, bias)
+            fwd, bwd = P.path_chain(ws, x, masks=ms, biases=bs, power=power)
+            rf, rb = P.path_chain_reference(ws, x, masks=ms, biases=bs, power=power)
+            of, ob = _chain_oracle([w.cpu() for w in ws], ms and [m.cpu() for m in ms],
+                                   [b if b is None else b.cpu() for b in bs], x.cpu(), power)
+            assert [t.shape for t in fwd] == [t.shape for t in of] and [t.shape for t in bwd] == [t.shape for t in ob]
+            for got, ref, want in zip(fwd + bwd, rf + rb, of + ob):
+                assert got.dtype == dtype and got.device.type == dev.type
+                assert _rel(got.cpu(), want) < REL[dtype], (widths, n, masked)
+                assert _rel(ref.cpu(), want) < REL[dtype]
+
+
+@needs_ext
+@pytest.mark.parametrize("device", devices)
+def test_path_chain_defaults_and_noncontiguous(device):
+    dev = _kernel_device(device)
+    ws, _, _, _ = _chain(_gen("nc"), [6, 9, 4], 0, torch.float64, dev, masked=False, bias=False)
+    wt = [w.t().contiguous().t() for w in ws]  # same values, column-major storage
+    fwd, bwd = P.path_chain(wt)  # input ones, power 2
+    of, ob = _chain_oracle([w.cpu() for w in ws], None, [None, None], torch.ones(6, dtype=torch.float64), 2)
+    for got, want in zip(fwd + bwd, of + ob):
+        assert _rel(got.cpu(), want) < 1e-12
+    # R = 1ᵀ a_L = b_0ᵀ 1: the forward and backward sums describe the same path sum
+    assert abs(float(fwd[-1].sum()) - float(bwd[0].sum())) < 1e-10 * float(bwd[0].sum())
+
+
+def _conv_case(gen, n, c, o, size, k, s, p, d, groups, dtype, device):
+    sd = len(size)
+    w = torch.randn((o, c // groups) + tuple(k), generator=gen, dtype=torch.float64)
+    a = torch.rand((n, c) + tuple(size), generator=gen, dtype=torch.float64) + 0.1
+    conv = F.conv1d if sd == 1 else F.conv2d
+    out_shape = conv(a, w, stride=s, padding=p, dilation=d, groups=groups).shape
+    b = torch.rand(out_shape, generator=gen, dtype=torch.float64) + 0.1
+    m = (torch.rand(w.shape, generator=gen) < 0.5).double()
+    move = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    return move(w), move(a), move(b), move(m)
+
+
+def _score_oracle(w, a, b, m, q, stride, padding, dilation, groups):
+    """|w|^q ⊙ m ⊙ ∂Σ⟨b, layer(a; w)⟩/∂w by autograd, float64."""
+    w64 = w.double().clone().requires_grad_(True)
+    if w.dim() == 2:
+        y = a.double() @ w64.t()
+    else:
+        conv = F.conv1d if w.dim() == 3 else F.conv2d
+        y = conv(a.double(), w64, stride=stride, padding=padding, dilation=dilation, groups=groups)
+    (grad,) = torch.autograd.grad((y * b.double()).sum(), w64)
+    return w.double().abs() ** q * m.double() * grad
+
+
+CONVS = [  # n, c, o, size, kernel, stride, padding, dilation, groups
+    (1, 3, 16, (32, 32), (3, 3), (1, 1), (1, 1), (1, 1), 1),
+    (2, 6, 8, (9, 7), (3, 2), (2, 1), (1, 0), (1, 2), 2),
+    (3, 4, 4, (11,), (5,), (2,), (2,), (1,), 4),
+    (1, 8, 5, (6, 6), (1, 1), (2, 2), (0, 0), (1, 1), 1),
+    (2, 5, 3, (7, 13), (7, 3), (1, 3), (3, 1), (1, 1), 1),
+]
+
+
+@needs_ext
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_path_score_conv_matches_autograd(device, dtype):
+    dev = _kernel_device(device)
+    for case in CONVS:
+        n, c, o, size, k, s, p, d, groups = case
+        w, a, b, m = _conv_case(_gen("conv", case), n, c, o, size, k, s, p, d, groups, dtype, dev)
+        for q in (0, 1, 2):
+            for mask in (m, None):
+                got = P.path_score(w, a, b, mask=mask, weight_power=q, stride=s, padding=p, dilation=d, groups=groups)
+                ref = P.path_score_reference(w, a, b, mask=mask, weight_power=q, stride=s, padding=p, dilation=d,
+                                             groups=groups)
+                want = _score_oracle(w.cpu(), a.cpu(), b.cpu(), torch.ones_like(w.cpu()) if mask is None else m.cpu(),
+                                     q, s, p, d, groups)
+                assert got.shape == w.shape and got.dtype == dtype
+                assert _rel(got.cpu(), want) < 10 * REL[dtype], (case, q)
+                assert _rel(ref.cpu(), want) < 10 * REL[dtype]
+
+
+@needs_ext
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_path_score_dense_matches_autograd(device, dtype):
+    dev = _kernel_device(device)
+    for n, c, o in ((1, 784, 300), (1, 3, 1), (4, 100, 37), (1, 1000, 513)):
+        gen = _gen("dense", n, c, o)
+        w = torch.randn(o, c, generator=gen, dtype=torch.float64)
+        a = torch.rand(n, c, generator=gen, dtype=torch.float64) + 0.1
+        b = torch.rand(n, o, generator=gen, dtype=torch.float64) + 0.1
+        m = (torch.rand(w.shape, generator=gen) < 0.3).double()
+        for q in (0, 1, 2):
+            for mask in (m, None):
+                args = [t.to(dev, dtype) for t in (w, a, b)]
+                got = P.path_score(*args, mask=None if mask is None else mask.to(dev, dtype), weight_power=q)
+                want = _score_oracle(w, a, b, torch.ones_like(w) if mask is None else m, q, None, None, None, 1)
+                assert _rel(got.cpu(), want) < 10 * REL[dtype], (n, c, o, q)
+
+
+@needs_ext
+@pytest.mark.parametrize("device", devices)
+def test_opcheck(device):
+    dev = _kernel_device(device)
+    for dtype in (torch.float32, torch.float64):
+        ws, ms, bs, x = _chain(_gen("opcheck", str(dtype)), [7, 5, 3], 2, dtype, dev)
+        torch.library.opcheck(torch.ops.ntkfast.path_chain.default, (ws, ms, bs, x, 2))
+        torch.library.opcheck(torch.ops.ntkfast.path_chain.default, (ws, [], [None] * 2, x, 1))
+        w, a, b, m = _conv_case(_gen("opcheck-conv", str(dtype)), *CONVS[1], dtype, dev)
+        n, c, o, size, k, s, p, d, groups = CONVS[1]
+        torch.library.opcheck(torch.ops.ntkfast.path_score.default, (w, m, a, b, 1, list(s), list(p), list(d), groups))
+        torch.library.opcheck(torch.ops.ntkfast.path_score.default,
+                              (ws[0], None, x, torch.rand(2, 5, dtype=dtype, device=dev) + 0.1, 2, [], [], [], 1))
+
+
+BAD_CHAIN = [
+    (lambda ws, x: dict(weights=ws, input=x, power=3), "power"),
+    (lambda ws, x: dict(weights=[ws[1], ws[0]], input=x), "weights[0]"),
+    (lambda ws, x: dict(weights=ws, input=x, masks=[torch.ones(2, 2, dtype=torch.float64)] * 2), "masks[0]"),
+    (lambda ws, x: dict(weights=ws, input=x, masks=[torch.ones_like(ws[0])]), "masks"),
+    (lambda ws, x: dict(weights=ws, input=x.float()), "dtype"),
+    (lambda ws, x: dict(weights=ws, input=x, biases=[None]), "biases"),
+    (lambda ws, x: dict(weights=ws, input=x, biases=[torch.ones(3, dtype=torch.float64), None]), "biases[0]"),
+    (lambda ws, x: dict(weights=[], input=x), "weights"),
+]
+
+
+@pytest.mark.parametrize("make, message", BAD_CHAIN)
+def test_path_chain_errors_name_the_argument(make, message):
+    ws, _, _, x = _chain(_gen("bad"), [4, 6, 2], 0, torch.float64, torch.device("cpu"), masked=False, bias=False)
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        P.path_chain(**make(ws, x))
+
+
+def test_path_score_errors_name_the_argument():
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    a = torch.rand(1, 3, 8, 8, dtype=torch.float64)
+    b = torch.rand(1, 4, 6, 6, dtype=torch.float64)
+    with pytest.raises(ValueError, match="weight_power"):
+        P.path_score(w, a, b, weight_power=3)
+    with pytest.raises(ValueError, match="stride"):
+        P.path_score(w, a, b, stride=(1, 1, 1))
+    if P._PATH_OPS:  # the kernel's own checks (the reference would fail inside torch)
+        with pytest.raises(ValueError, match="b's spatial size"):
+            P.path_score(w, a, b, padding=1)
+        with pytest.raises(ValueError, match="mask has shape"):
+            P.path_score(w, a, b, mask=torch.ones(4, 3, 3, 2, dtype=torch.float64))
+        with pytest.raises(ValueError, match="a must have shape"):
+            P.path_score(w, a[:, :2], b)
+
+
+def test_fallback_without_kernel(monkeypatch):
+    """With the kernel switched off, the wrappers give the references' results."""
+    ws, ms, bs, x = _chain(_gen("fallback"), [5, 4, 3], 2, torch.float64, torch.device("cpu"))
+    want = P.path_chain_reference(ws, x, masks=ms, biases=bs, power=1)
+    monkeypatch.setattr(P, "_PATH_OPS", False)
+    monkeypatch.setattr(P, "_PATH_WARNED", True)
+    got = P.path_chain(ws, x, masks=ms, biases=bs, power=1)
+    for u, v in zip(got[0] + got[1], want[0] + want[1]):
+        assert torch.equal(u, v)
