@@ -67,9 +67,10 @@ def peer_synflow_scores(model: nn.Module, layers: List[tuple], x: torch.Tensor) 
     return scores
 
 
-def peer_synflow(model: nn.Module, density: float, rounds: int, k_rule: str = "round") -> "OrderedDict[str, torch.Tensor]":
+def peer_synflow(model: nn.Module, density: float, rounds: int, k_rule: str = "round",
+                 score_fn=peer_synflow_scores) -> "OrderedDict[str, torch.Tensor]":
     """Iterative SynFlow, exponential schedule, global scope; prunes ``model`` in place and
-    returns its masks (name -> bool tensor)."""
+    returns its masks (name -> bool tensor). ``score_fn`` scores one round (a variant's peer)."""
     layers = prunable_layers(model)
     for _, m in layers:
         m.register_buffer("weight_mask", torch.ones_like(m.weight))
@@ -79,7 +80,7 @@ def peer_synflow(model: nn.Module, density: float, rounds: int, k_rule: str = "r
     zero = torch.tensor([0.0], device=p.device, dtype=p.dtype)
     one = torch.tensor([1.0], device=p.device, dtype=p.dtype)
     for t in range(1, rounds + 1):
-        scores = peer_synflow_scores(model, layers, x)
+        scores = score_fn(model, layers, x)
         d = density ** (t / rounds)
         with torch.no_grad():
             flat = torch.cat([torch.flatten(s) for s in scores])

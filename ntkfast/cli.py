@@ -79,7 +79,14 @@ def cmd_prune(args) -> int:
     if args.float64:
         options["dtype"] = torch.float64
     data = None
-    if info.needs_data or args.dataset:
+    if info.raw_data and args.dataset:
+        # such a method reads the data set itself (the Dist variants: its un-normalised mean input)
+        from . import data as D
+
+        if not args.data_dir:
+            raise SystemExit("ntkfast: --dataset needs --data-dir")
+        data = D.load_dataset(args.dataset, args.data_dir, train=True)
+    elif info.needs_data or args.dataset:
         x, y = _labelled_batch(args, model)
         data = (x.to(args.device or "cpu"), y.to(args.device or "cpu"))
     t0 = time.perf_counter()

@@ -16,6 +16,12 @@ from ._ops import (  # noqa: F401
     conv_weight_grad_per_sample,
     conv_weight_grad_per_sample_reference,
 )
+from ._path_ops import (  # noqa: F401
+    path_chain,
+    path_chain_reference,
+    path_score,
+    path_score_reference,
+)
 
 __all__ = [
     "build_info",
@@ -33,4 +39,8 @@ __all__ = [
     "masked_gram_reference",
     "conv_weight_grad_per_sample",
     "conv_weight_grad_per_sample_reference",
+    "path_chain",
+    "path_chain_reference",
+    "path_score",
+    "path_score_reference",
 ]

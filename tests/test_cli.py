@@ -74,6 +74,26 @@ def test_prune_and_train_on_mnist(data_dir, tmp_path, capsys):
     assert acc > 30.0  # 30 SGD steps on 5%-dense LeNet-300-100: far above chance
 
 
+def test_prune_dist_variant_reads_the_dataset_mean(data_dir, tmp_path, capsys):
+    """The Dist variants get the whole training set from the CLI, so they feed its un-normalised
+    mean input (a normalised batch would have a negative mean and be refused)."""
+    import torch
+
+    import ntkfast
+    from ntkfast import data as D, models
+
+    out = tmp_path / "dist.pt"
+    assert main(["prune", "--model", "lenet300_100", "--method", "synflow_dist", "--density", "0.1", "--dataset",
+                 "mnist", "--data-dir", str(data_dir), "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    torch.manual_seed(0)
+    model = models.get("lenet300_100")
+    want = ntkfast.prune(model, "synflow_dist", 0.1, data=D.load_dataset("mnist", data_dir, train=True),
+                         progress=False)
+    got = Masks.load(out)
+    assert all(torch.equal(got[n], want[n]) for n in want)
+
+
 def test_listings(capsys):
     assert main(["methods"]) == 0
     text = capsys.readouterr().out

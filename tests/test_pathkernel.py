@@ -190,3 +190,28 @@ def test_iterative_synflow_l2_through_prune_builds_one_path_network(monkeypatch)
         current = ntkfast.prune(model, "synflow_l2", 0.3 ** (t / 10), masks=current, progress=False)
     assert all(torch.equal(masks[n], current[n]) for n in masks)
     assert abs(masks.density - 0.3) < 0.02
+
+
+@pytest.mark.parametrize("name, density", CASES)
+def test_path_score_route_equals_the_autograd_route(name, density, monkeypatch):
+    """Dense and conv layers are scored by the path_score op from the layer sums (no weight
+    gradient); any other layer by autograd. Both routes give the same scores and trace, and the
+    op route is the one taken for these layers."""
+    from ntkfast.pathkernel import _network
+
+    model = _net(name)
+    masks = _masks(model, density)
+    calls = []
+    real = _network.path_score
+    monkeypatch.setattr(_network, "path_score", lambda *a, **k: calls.append(1) or real(*a, **k))
+    net = _network.PathNetwork(model, masks, 1, torch.float64, input_shape=None)
+    fast = {q: net.scores(q) for q in (0, 1, 2)}
+    trace_fast = pathkernel.trace(model, masks)
+    assert len(calls) == 3 * len(net.targets)
+    monkeypatch.setattr(_network, "score_geometry", lambda module, target: None)
+    monkeypatch.setattr(pathkernel, "score_geometry", lambda module, target: None)
+    for q in (0, 1, 2):
+        slow = net.scores(q)
+        for n in slow:
+            assert rel(fast[q][n], slow[n]) < 1e-12, (q, n)
+    assert abs(pathkernel.trace(model, masks) - trace_fast) < 1e-12 * trace_fast

@@ -27,7 +27,8 @@ from typing import Mapping, NamedTuple, Optional
 import torch
 from torch import nn
 
-from ._network import PathNetwork, check_power, prunable_module_of
+from .._path_ops import path_score
+from ._network import PathNetwork, check_power, prunable_module_of, score_geometry
 from ._spectrum import spectrum
 
 __all__ = ["PathNorms", "path_norms", "trace", "diagonal", "spectrum"]
@@ -53,36 +54,18 @@ def path_norms(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = N
     an OverflowError naming the first layer that did. Works for any network the model's own
     forward describes (Linear, Conv, pooling, ReLU, residual sums, flatten, ...)."""
     net = PathNetwork(model, masks, check_power(power), dtype, input_shape=input_shape, inputs=inputs)
-    modules = dict(model.named_modules())
-    seen: dict = {}
-    handles = []
-
-    def tap(wname):
-        def hook(module, args, output):
-            if wname in seen:
-                raise ValueError(f"model: module {prunable_module_of(wname)!r} is called more than once; its "
-                                 "path sums are not one tensor per layer (trace/diagonal/spectrum still work)")
-            seen[wname] = (args[0], output)
-        return hook
-
-    weights = net.weights(requires_grad=False)
-    try:
-        for wname in net.targets:
-            handles.append(modules[prunable_module_of(wname)].register_forward_hook(tap(wname)))
-        with torch.enable_grad():
-            x = net.x.clone().requires_grad_(True)  # so that every layer's output is in the graph
-            out = net.run(weights, x)
-            names = [n for n in net.targets if n in seen]
-            grads = torch.autograd.grad(out.sum(), [seen[n][1] for n in names], allow_unused=True)
-    finally:
-        for h in handles:
-            h.remove()
+    calls = net.layer_sums()
     fwd, bwd = OrderedDict(), OrderedDict()
-    for n, g in zip(names, grads):
-        a, y = seen[n]
-        fwd[n] = a.detach()[0]
-        bwd[n] = torch.zeros_like(y[0]).detach() if g is None else g.detach()[0]
-    return PathNorms(fwd, bwd, float(out.detach().sum()), net.power)
+    for n, seen in calls.items():
+        if len(seen) > 1:
+            raise ValueError(f"model: module {prunable_module_of(n)!r} is called more than once; its path sums are "
+                             "not one tensor per layer (trace/diagonal/spectrum still work)")
+        if not seen:
+            continue
+        a, b = seen[0]
+        fwd[n] = a[0]
+        bwd[n] = b[0]
+    return PathNorms(fwd, bwd, net.total, net.power)
 
 
 def diagonal(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = None, *, input_shape=None,
@@ -94,7 +77,37 @@ def diagonal(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = Non
 
 def trace(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = None, *, input_shape=None,
           dtype=torch.float64) -> float:
-    """tr Π = Σ_p Σ_{e∈p} (π_p/θ_e)², in one forward and one backward pass of the squared path
-    network."""
-    diag = PathNetwork(model, masks, 2, dtype, input_shape=input_shape).gradient()
-    return float(sum(d.sum() for d in diag.values()))
+    """tr Π = Σ_p Σ_{e∈p} (π_p/θ_e)² = Σ_e m_e ∂R₂/∂(θ_e² m_e), in one forward and one backward pass
+    of the squared path network through its activations only. A dense or convolution layer whose
+    every weight is kept contributes Σ_{edges} b[j]·a[i] from channel sums of its path sums (no
+    per-weight gradient is formed); other layers sum their diagonal."""
+    net = PathNetwork(model, masks, 2, dtype, input_shape=input_shape)
+    geometry = {n: score_geometry(net.modules.get(prunable_module_of(n)), t) for n, t in net.targets.items()}
+    if any(g is None for g in geometry.values()):
+        return float(sum(d.sum() for d in net.gradient().values()))
+    total = torch.zeros((), dtype=net.dtype, device=net.device)
+    for n, calls in net.layer_sums().items():
+        t = net.targets[n]
+        for a, b in calls:
+            if net.dense[n]:
+                total += _edge_sum(t.param, a, b, geometry[n])
+            else:
+                w = t.param.detach().to(net.dtype)
+                if not geometry[n]:
+                    a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+                total += path_score(w, a, b, mask=t.mask_as(net.dtype), weight_power=0, **geometry[n]).sum()
+    return float(total)
+
+
+def _edge_sum(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, geometry: dict) -> torch.Tensor:
+    """Σ over every edge (i → j) of an unmasked layer of b[j]·a[i]: for a dense layer the product
+    of the two sums per sample; for a convolution, per group, the weight gradient of a one-channel
+    convolution between the channel sums of a and b (a kernel-sized result)."""
+    if not geometry:
+        return (a.reshape(-1, a.shape[-1]).sum(-1) * b.reshape(-1, b.shape[-1]).sum(-1)).sum()
+    groups = geometry["groups"]
+    n = a.shape[0]
+    a_sum = a.reshape(n, groups, -1, *a.shape[2:]).sum(2)
+    b_sum = b.reshape(n, groups, -1, *b.shape[2:]).sum(2)
+    ones = torch.ones((groups, 1) + tuple(weight.shape[2:]), dtype=a.dtype, device=a.device)
+    return path_score(ones, a_sum, b_sum, weight_power=0, **geometry).sum()

@@ -11,6 +11,7 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
+from .._path_ops import path_score
 from ..scores._common import (functional_forward, model_device, resolve_dtype, resolve_input_shape, resolve_targets,
                               state_copy, substitute)
 
@@ -32,12 +33,14 @@ class PathNetwork:
         self.model = model
         self.power = check_power(power)
         self.g = torch.abs if self.power == 1 else torch.square
-        self.targets = resolve_targets(model, masks)
+        self.targets = resolve_targets(model, masks)  # through the setter: which layers keep every weight
         self.dtype = resolve_dtype(self.targets, dtype)
         self.device = model_device(model)
         self.state = state_copy(model, self.dtype, transform=self.g,
                                 skip={t.param_name for t in self.targets.values()})
         self.x = self._input(input_shape, inputs, data)
+        self.modules = dict(model.named_modules())
+        self.total: Optional[float] = None
 
     def _input(self, input_shape, inputs, data) -> torch.Tensor:
         if inputs is None:
@@ -52,24 +55,102 @@ class PathNetwork:
                              "or ones)")
         return x.unsqueeze(0)
 
+    @property
+    def targets(self) -> "OrderedDict":
+        return self._targets
+
+    @targets.setter
+    def targets(self, targets) -> None:
+        # iterative pruning sets new masks each round; whether a layer is dense is read once per set
+        self._targets = targets
+        self.dense = {n: bool(t.mask.all()) for n, t in targets.items()}
+
     def weights(self, *, requires_grad: bool = True) -> "OrderedDict[str, torch.Tensor]":
-        """g(θ) ⊙ m for every scored weight, as fresh leaves."""
+        """g(θ) ⊙ m for every scored weight, as fresh leaves (the bool mask applied in place: no
+        float copy of it, and none at all where every entry is kept)."""
         out = OrderedDict()
         for n, t in self.targets.items():
-            w = self.g(t.param.detach().to(self.dtype)) * t.mask_as(self.dtype)
+            w = self.g(t.param.detach().to(self.dtype))
+            if not self.dense[n]:
+                w = w.mul_(t.mask)
             out[n] = w.requires_grad_(requires_grad)
         return out
 
     def gradient(self) -> "OrderedDict[str, torch.Tensor]":
         """∂R/∂(g(θ) ⊙ m) ⊙ m per scored weight, R = Σ outputs: one forward and one backward."""
+        return self.scores(0)
+
+    def scores(self, weight_power: int) -> "OrderedDict[str, torch.Tensor]":
+        """|θ|^weight_power ⊙ m ⊙ ∂R/∂(g(θ) ⊙ m) per scored weight, in one forward and one backward
+        pass. Dense and convolution layers get it from the path sums at their input and output
+        (ntkfast.ops path_score: the backward pass computes no weight gradient); other layers from
+        autograd."""
+        layers = {n: score_geometry(self.modules.get(prunable_module_of(n)), t) for n, t in self.targets.items()}
+        if any(geo is None for geo in layers.values()):
+            return self._autograd_scores(weight_power)
+        calls = self.layer_sums()
+        out = OrderedDict()
+        for n, t in self.targets.items():
+            w = t.param.detach().to(self.dtype)
+            mask = None if self.dense[n] else t.mask_as(self.dtype)
+            score = None
+            for a, b in calls.get(n, ()):
+                if not layers[n]:  # dense: every leading dimension is a sample
+                    a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+                s = path_score(w, a, b, mask=mask, weight_power=weight_power, **layers[n])
+                score = s if score is None else score + s
+            out[n] = torch.zeros_like(w) if score is None else score
+        return out
+
+    def _autograd_scores(self, weight_power: int) -> "OrderedDict[str, torch.Tensor]":
         w = self.weights()
         with torch.enable_grad():
             r = self.run(w).sum()
             grads = torch.autograd.grad(r, list(w.values()), allow_unused=True)
         out = OrderedDict()
         for (n, t), g in zip(self.targets.items(), grads):
-            out[n] = torch.zeros_like(w[n]) if g is None else (g * t.mask_as(g.dtype)).detach()
+            if g is None:
+                out[n] = torch.zeros_like(w[n]).detach()
+                continue
+            g = g * t.mask_as(g.dtype)
+            if weight_power:
+                g = g * t.param.detach().to(g.dtype).abs() ** weight_power
+            out[n] = g.detach()
         return out
+
+    def layer_sums(self) -> "dict[str, list]":
+        """For every scored layer, one (a, b) per call of its module in the forward: a its input in
+        the path network (the forward path sums, batch dimension kept), b = ∂R/∂(its output) (the
+        backward path sums; zeros if the output does not reach R). One forward pass and one
+        backward pass through the activations only."""
+        by_module: dict = {}
+        for n in self.targets:
+            by_module.setdefault(prunable_module_of(n), []).append(n)
+        taps: "dict[str, list]" = {n: [] for n in self.targets}
+
+        def tap(names):
+            def hook(module, args, output):
+                for n in names:
+                    taps[n].append((args[0], output))
+            return hook
+
+        handles = []
+        try:
+            for mname, names in by_module.items():
+                handles.append(self.modules[mname].register_forward_hook(tap(names)))
+            weights = self.weights(requires_grad=False)
+            with torch.enable_grad():
+                x = self.x.clone().requires_grad_(True)  # so that every layer's output is in the graph
+                out = self.run(weights, x)
+                outputs = [y for n in self.targets for _, y in taps[n]]
+                grads = torch.autograd.grad(out.sum(), outputs, allow_unused=True) if outputs else []
+        finally:
+            for h in handles:
+                h.remove()
+        self.total = float(out.detach().sum())
+        it = iter(grads)
+        return {n: [(a.detach(), torch.zeros_like(y).detach() if (g := next(it)) is None else g.detach())
+                    for a, y in taps[n]] for n in self.targets}
 
     def run(self, weights: Mapping[str, torch.Tensor], x: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The path network's output with ``weights`` in the scored slots (a finite tensor, or an
@@ -108,3 +189,16 @@ class PathNetwork:
 
 def prunable_module_of(name: str) -> str:
     return name.rsplit(".", 1)[0] if "." in name else ""
+
+
+def score_geometry(module, target) -> Optional[dict]:
+    """path_score's layer arguments for a plain dense or 1-d/2-d convolution weight; None for
+    anything else (scored through autograd instead)."""
+    if module is None or target.param_name.rsplit(".", 1)[-1] != "weight" or target.mask_buffer is not None:
+        return None
+    if type(module) is nn.Linear:
+        return {}
+    if type(module) in (nn.Conv1d, nn.Conv2d) and module.padding_mode == "zeros" \
+            and not isinstance(module.padding, str):
+        return dict(stride=module.stride, padding=module.padding, dilation=module.dilation, groups=module.groups)
+    return None

@@ -37,14 +37,10 @@ def _network(model, masks, power, dtype, input_shape, data, cache, inputs=None, 
     return net
 
 
-def _path_gradient(net) -> "OrderedDict[str, torch.Tensor]":
-    """|g(θ) ⊙ m ⊙ ∂R/∂(g(θ) ⊙ m)| per weight: the flow through each kept weight."""
-    w = net.weights(requires_grad=False)
-    return OrderedDict((n, (w[n] * g).abs()) for n, g in net.gradient().items())
-
-
-def _times_abs_theta(net, scores):
-    return OrderedDict((n, scores[n] * net.targets[n].param.detach().to(scores[n].dtype).abs()) for n in scores)
+def _flow(net, weight_power: int) -> "OrderedDict[str, torch.Tensor]":
+    """|θ|^weight_power ⊙ m ⊙ ∂R₁/∂(|θ| ⊙ m), as a magnitude like the authors' ``abs_()``:
+    weight_power 1 is the flow through each kept weight (SynFlow), 2 its L2 variant."""
+    return OrderedDict((n, s.abs_()) for n, s in net.scores(weight_power).items())
 
 
 def mean_input(data) -> torch.Tensor:
@@ -91,7 +87,7 @@ def synflow_l2(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = N
     """|θ| · |θ ⊙ ∂R₁/∂θ| with R₁ the |state| network's output on ones (float64 unless ``dtype``).
     ``seed`` is ignored."""
     net = _network(model, masks, 1, dtype, input_shape, data, cache)
-    return finish(_times_abs_theta(net, _path_gradient(net)), net.targets)
+    return finish(_flow(net, 2), net.targets)
 
 
 @register("synflow_l2_squared", "SynFlow-L2, squared paths (PHEW-style code): |theta| * dR2/d(theta^2), "
@@ -102,7 +98,7 @@ def synflow_l2_squared(model: nn.Module, masks: Optional[Mapping[str, torch.Tens
     """|θ| ⊙ ∂R₂/∂(θ²), R₂ = Σ outputs of the squared network on ones = Σ_p π_p² (the path
     kernel's diagonal times |θ|). ``seed`` is ignored."""
     net = _network(model, masks, 2, dtype, input_shape, data, cache)
-    return finish(_times_abs_theta(net, net.gradient()), net.targets)
+    return finish(net.scores(1), net.targets)
 
 
 @register("synflow_dist", "SynFlow-Dist: SynFlow fed the mean (un-normalised) training input instead of ones",
@@ -114,7 +110,7 @@ def synflow_dist(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] =
     image dataset gives its un-normalised mean image) or ``input_mean``. ``seed`` is ignored."""
     x = _dist_input(data, input_mean, cache)
     net = _network(model, masks, 1, dtype, None, None, cache, inputs=x, key="dist")
-    return finish(_path_gradient(net), net.targets)
+    return finish(_flow(net, 1), net.targets)
 
 
 @register("synflow_l2_dist", "SynFlow-L2-Dist: |theta| * SynFlow-Dist score (the authors' L2 variant fed the mean "
@@ -125,4 +121,4 @@ def synflow_l2_dist(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]
     """|θ| · |θ ⊙ ∂R₁/∂θ| with the |state| network fed x̄ (see :func:`synflow_dist`)."""
     x = _dist_input(data, input_mean, cache)
     net = _network(model, masks, 1, dtype, None, None, cache, inputs=x, key="dist")
-    return finish(_times_abs_theta(net, _path_gradient(net)), net.targets)
+    return finish(_flow(net, 2), net.targets)
