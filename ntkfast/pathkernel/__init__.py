@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .._path_ops import path_score
-from ._network import PathNetwork, check_power, prunable_module_of, score_geometry
+from ._network import PathNetwork, check_power, prunable_module_of
 from ._spectrum import spectrum
 
 __all__ = ["PathNorms", "path_norms", "trace", "diagonal", "spectrum"]
@@ -82,20 +82,15 @@ def trace(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = None, 
     every weight is kept contributes Σ_{edges} b[j]·a[i] from channel sums of its path sums (no
     per-weight gradient is formed); other layers sum their diagonal."""
     net = PathNetwork(model, masks, 2, dtype, input_shape=input_shape)
-    geometry = {n: score_geometry(net.modules.get(prunable_module_of(n)), t) for n, t in net.targets.items()}
-    if any(g is None for g in geometry.values()):
+    if not net.op_route:
         return float(sum(d.sum() for d in net.gradient().values()))
     total = torch.zeros((), dtype=net.dtype, device=net.device)
     for n, calls in net.layer_sums().items():
-        t = net.targets[n]
         for a, b in calls:
             if net.dense[n]:
-                total += _edge_sum(t.param, a, b, geometry[n])
+                total += _edge_sum(net.targets[n].param, a, b, net.geometry[n])
             else:
-                w = t.param.detach().to(net.dtype)
-                if not geometry[n]:
-                    a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
-                total += path_score(w, a, b, mask=t.mask_as(net.dtype), weight_power=0, **geometry[n]).sum()
+                total += net.layer_score(n, a, b, 0).sum()
     return float(total)
 
 

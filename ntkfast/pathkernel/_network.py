@@ -33,13 +33,13 @@ class PathNetwork:
         self.model = model
         self.power = check_power(power)
         self.g = torch.abs if self.power == 1 else torch.square
+        self.modules = dict(model.named_modules())
         self.targets = resolve_targets(model, masks)  # through the setter: which layers keep every weight
         self.dtype = resolve_dtype(self.targets, dtype)
         self.device = model_device(model)
         self.state = state_copy(model, self.dtype, transform=self.g,
                                 skip={t.param_name for t in self.targets.values()})
         self.x = self._input(input_shape, inputs, data)
-        self.modules = dict(model.named_modules())
         self.total: Optional[float] = None
 
     def _input(self, input_shape, inputs, data) -> torch.Tensor:
@@ -64,6 +64,9 @@ class PathNetwork:
         # iterative pruning sets new masks each round; whether a layer is dense is read once per set
         self._targets = targets
         self.dense = {n: bool(t.mask.all()) for n, t in targets.items()}
+        # path_score's arguments per layer; None for a layer scored through autograd
+        self.geometry = {n: score_geometry(self.modules.get(prunable_module_of(n)), t) for n, t in targets.items()}
+        self.op_route = all(g is not None for g in self.geometry.values())
 
     def weights(self, *, requires_grad: bool = True) -> "OrderedDict[str, torch.Tensor]":
         """g(θ) ⊙ m for every scored weight, as fresh leaves (the bool mask applied in place: no
@@ -85,22 +88,24 @@ class PathNetwork:
         pass. Dense and convolution layers get it from the path sums at their input and output
         (ntkfast.ops path_score: the backward pass computes no weight gradient); other layers from
         autograd."""
-        layers = {n: score_geometry(self.modules.get(prunable_module_of(n)), t) for n, t in self.targets.items()}
-        if any(geo is None for geo in layers.values()):
+        if not self.op_route:
             return self._autograd_scores(weight_power)
-        calls = self.layer_sums()
         out = OrderedDict()
-        for n, t in self.targets.items():
-            w = t.param.detach().to(self.dtype)
-            mask = None if self.dense[n] else t.mask_as(self.dtype)
+        for n, calls in self.layer_sums().items():
             score = None
-            for a, b in calls.get(n, ()):
-                if not layers[n]:  # dense: every leading dimension is a sample
-                    a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
-                s = path_score(w, a, b, mask=mask, weight_power=weight_power, **layers[n])
+            for a, b in calls:
+                s = self.layer_score(n, a, b, weight_power)
                 score = s if score is None else score + s
-            out[n] = torch.zeros_like(w) if score is None else score
+            out[n] = torch.zeros_like(self.targets[n].param, dtype=self.dtype) if score is None else score
         return out
+
+    def layer_score(self, name: str, a: torch.Tensor, b: torch.Tensor, weight_power: int) -> torch.Tensor:
+        """path_score of one call of layer ``name`` from its path sums (a, b) of :meth:`layer_sums`."""
+        t, geometry = self.targets[name], self.geometry[name]
+        if not geometry:  # dense: every leading dimension is a sample
+            a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+        mask = None if self.dense[name] else t.mask_as(self.dtype)
+        return path_score(t.param.detach().to(self.dtype), a, b, mask=mask, weight_power=weight_power, **geometry)
 
     def _autograd_scores(self, weight_power: int) -> "OrderedDict[str, torch.Tensor]":
         w = self.weights()
