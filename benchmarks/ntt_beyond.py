@@ -7,6 +7,10 @@ gradient and the Adam step) and the validation history. The results file is rewr
 ``--save-every`` steps, so a run cut short still reports what it did.
 
     python -m benchmarks.ntt_beyond --data-dir ../shared/data [--model resnet20 --density 0.1 --epochs 1]
+
+A run longer than a sitting: ``--checkpoint FILE`` (outside the repository) checkpoints the
+transfer every ``--save-every`` steps; the same command again resumes it, keeping the step times
+already recorded in the results file up to the checkpoint's step.
 """
 from __future__ import annotations
 
@@ -22,6 +26,33 @@ import torch
 from .common import RESULTS_DIR, machine_info
 
 
+def _resume_point(checkpoint) -> int:
+    """The step a transfer checkpoint was written at (0 when there is none yet)."""
+    if not checkpoint or not Path(checkpoint).exists():
+        return 0
+    return int(torch.load(checkpoint, map_location="cpu", weights_only=False)["step"])
+
+
+def _resumed_record(out_path: Path, fresh: dict, step: int) -> dict:
+    """The earlier sittings' record, cut back to the checkpoint's step (the steps after it are redone)."""
+    if not out_path.exists():
+        raise SystemExit(f"--checkpoint: the transfer resumes at step {step}, but {out_path} with the earlier "
+                         "step times is missing; pass --out of the earlier run")
+    rec = json.loads(out_path.read_text())
+    same = ("model", "dataset", "density", "batch_size", "lambda_l2")
+    if any(rec.get(k) != fresh[k] for k in same):
+        raise SystemExit(f"--checkpoint: {out_path} was made with other settings; pass another --out")
+    if len(rec["step_seconds"]) < step:
+        raise SystemExit(f"--checkpoint: {out_path} records {len(rec['step_seconds'])} steps, the checkpoint {step}")
+    rec["step_seconds"] = rec["step_seconds"][:step]
+    rec["validation"] = [v for v in rec.get("validation", []) if v["step"] <= step]
+    rec["seconds_before_resume"] = float(sum(rec["step_seconds"]))
+    rec["steps_done"], rec["finished"] = step, False
+    rec["command"], rec["machine"] = fresh["command"], fresh["machine"]
+    rec.setdefault("resumed_at", []).append(step)
+    return rec
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", required=True)
@@ -34,6 +65,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=10)
     p.add_argument("--out", default=None)
+    p.add_argument("--checkpoint", default=None, help="checkpoint file; when it exists, the run resumes from it")
     args = p.parse_args(argv)
 
     import ntkfast
@@ -49,6 +81,9 @@ def main(argv=None) -> int:
            "machine": machine_info(device), "model": args.model, "dataset": args.dataset, "density": args.density,
            "batch_size": 64, "lambda_l2": 1e-5, "steps_planned": None, "steps_done": 0, "step_seconds": [],
            "finished": False}
+    resumed_at = _resume_point(args.checkpoint)
+    if resumed_at:
+        rec = _resumed_record(out_path, rec, resumed_at)
     last = [time.perf_counter()]
 
     def save():
@@ -75,8 +110,10 @@ def main(argv=None) -> int:
     last[0] = t0
     res = ntkfast.transfer(model, args.density, train_set, steps=args.steps,
                            epochs=None if args.steps else args.epochs, lambda_l2=1e-5, seed=args.seed,
-                           progress=True, callback=callback)
-    rec["total_seconds"] = time.perf_counter() - t0
+                           progress=True, callback=callback, checkpoint=args.checkpoint,
+                           checkpoint_every=args.save_every if args.checkpoint else None)
+    # wall time of every sitting: the steps' own times plus this sitting's set-up
+    rec["total_seconds"] = rec.get("seconds_before_resume", 0.0) + time.perf_counter() - t0
     rec["finished"] = True
     rec["history"] = res.history
     rec["final_density"] = res.masks.density
