@@ -22,7 +22,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import re
 import resource
 import shlex
@@ -36,6 +35,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
+
+from ntkfast._machine import cpu_model, machine_info  # noqa: F401  (re-exported for the benchmark scripts)
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -55,17 +56,6 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "unknown"
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
 def resolve_device(name: str) -> torch.device:
     dev = torch.device(name)
     if dev.type == "cuda":
@@ -76,25 +66,6 @@ def resolve_device(name: str) -> torch.device:
     elif dev.type != "cpu":
         raise SystemExit(f"--device {name}: only cpu and cuda are supported")
     return dev
-
-
-def machine_info(device: torch.device) -> dict:
-    info = {
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(
-            gpu=torch.cuda.get_device_name(device),
-            gpu_capability=f"{props.major}.{props.minor}",
-            gpu_memory_gb=round(props.total_memory / 2**30, 1),
-            cuda_runtime=torch.version.cuda,
-        )
-    return info
 
 
 def machine_string(device: torch.device, info: Optional[dict] = None) -> str:

@@ -1,4 +1,4 @@
-"""The `ntkfast` command: prune, transfer, train, methods, models, info."""
+"""The `ntkfast` command: prune, transfer, train, study, report, methods, models, info."""
 from __future__ import annotations
 
 import argparse
@@ -6,8 +6,7 @@ import json
 import sys
 import time
 
-# the authors' defaults: SynFlow 100 rounds; NTK-SAP 20 rounds on CIFAR-sized problems
-_ITERATIVE_DEFAULT_ROUNDS = {"synflow": 100, "iterative_snip": 100, "ntksap": 20}
+from .study import DEFAULT_ROUNDS as _ITERATIVE_DEFAULT_ROUNDS  # the authors' iterative schedules
 
 
 def _option(text: str) -> tuple:
@@ -210,6 +209,62 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _method_settings(items, name: str, parse) -> dict:
+    """METHOD=VALUE (``--rounds``) or METHOD:KEY=VALUE (``--method-option``) entries, per method."""
+    out: dict = {}
+    for text in items or []:
+        method, sep, rest = text.partition(":" if name == "--method-option" else "=")
+        if not sep or not method:
+            form = "METHOD:KEY=VALUE" if name == "--method-option" else "METHOD=N"
+            raise SystemExit(f"ntkfast: {name} expects {form}, got {text!r}")
+        if name == "--method-option":
+            key, value = parse(rest)
+            out.setdefault(method, {})[key] = value
+        else:
+            out[method] = parse(rest)
+    return out
+
+
+def cmd_study(args) -> int:
+    from .study import run_study
+
+    def positive_int(text):
+        try:
+            return int(text)
+        except ValueError:
+            raise SystemExit(f"ntkfast: --rounds expects METHOD=N with an int N, got {text!r}") from None
+
+    def option(text):
+        try:
+            return _option(text)
+        except argparse.ArgumentTypeError as exc:
+            raise SystemExit(f"ntkfast: --method-option: {exc}") from None
+
+    records = run_study(
+        args.model, args.dataset, args.data_dir, args.methods, args.densities, args.seeds, args.out,
+        epochs=args.epochs, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
+        weight_decay=args.weight_decay, batch_size=args.batch_size, lr_milestones=args.lr_milestones,
+        scope=args.scope, rounds=_method_settings(args.rounds, "--rounds", positive_int),
+        method_options=_method_settings(args.method_option, "--method-option", option),
+        prune_samples=args.prune_samples, train_subset=args.train_subset, test_subset=args.test_subset,
+        max_batches=args.max_batches, device=args.device, progress=not args.quiet)
+    for r in records:
+        print(f"{r['method']:>16s}  density {r['density']:<7g} seed {r['seed']}  "
+              f"test accuracy {r['final_test_accuracy']:.2%} (best {r['best_test_accuracy']:.2%})")
+    print(f"{len(records)} cells in {args.out}; tables and plots: ntkfast report {args.out} --out DIR")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    written = write_report(args.results, args.out, metric=args.metric, profile_density=args.profile_density,
+                           plots=not args.no_plots)
+    for path in written:
+        print(path)
+    return 0
+
+
 def cmd_methods(args) -> int:
     from . import scores
 
@@ -303,6 +358,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--max-batches", type=int, default=None, help="stop each epoch after this many batches")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("study", help="prune, train and evaluate every (method, density, seed) cell; resumable")
+    p.add_argument("--model", required=True, help="model zoo name")
+    p.add_argument("--dataset", required=True, help="mnist, fashion-mnist or cifar10")
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--methods", nargs="+", required=True, help="methods (see `ntkfast methods`; ntt too)")
+    p.add_argument("--densities", nargs="+", type=float, required=True)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
+    p.add_argument("--lr", type=float, default=None, help="default 0.1 (sgd) or 1e-3 (adam)")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr-milestones", nargs="*", type=int, default=None, help="epochs after which lr is x0.1")
+    p.add_argument("--scope", default="global", choices=["global", "layerwise"])
+    p.add_argument("--rounds", action="append", metavar="METHOD=N",
+                   help="pruning rounds of a method (default: synflow* and iterative_snip 100, ntksap 20, else 1)")
+    p.add_argument("--method-option", action="append", metavar="METHOD:KEY=VALUE",
+                   help="an option of one method, repeatable (e.g. ntt:epochs=5, ntksap:repeats=5)")
+    p.add_argument("--prune-samples", type=int, default=None, help="samples the data-based scorers see (default 10 per class)")
+    p.add_argument("--train-subset", type=int, default=None, help="train on the first N images only (a reduced run)")
+    p.add_argument("--test-subset", type=int, default=None, help="evaluate on the first N test images only")
+    p.add_argument("--max-batches", type=int, default=None, help="stop each epoch after this many batches")
+    p.add_argument("--device", default=None, help="cpu (default) or cuda")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--out", required=True, help="JSON-lines results file (appended; finished cells are skipped)")
+    p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("report", help="markdown tables and PNG plots from `ntkfast study` results")
+    p.add_argument("results", nargs="+", help="JSON-lines files from `ntkfast study`")
+    p.add_argument("--out", required=True, help="directory for report.md and the plots")
+    p.add_argument("--metric", default="final", choices=["final", "best"], help="test accuracy after the last epoch or the best epoch")
+    p.add_argument("--profile-density", type=float, default=None,
+                   help="density of the per-layer density plot (default: the middle one of the study)")
+    p.add_argument("--no-plots", action="store_true", help="only the tables (no matplotlib needed)")
+    p.set_defaults(func=cmd_report)
 
     sub.add_parser("methods", help="list the pruning methods").set_defaults(func=cmd_methods)
     sub.add_parser("models", help="list the model zoo").set_defaults(func=cmd_models)

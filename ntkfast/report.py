@@ -1,0 +1,185 @@
+"""Tables and plots from the JSON lines of :mod:`ntkfast.study` (``ntkfast report``).
+
+Per study (one model, dataset and training protocol): a markdown table of test accuracy, mean ±
+standard deviation over seeds, methods down and densities across, the best mean of each density
+in bold; a plot of accuracy against the fraction of weights kept (log axis, sparser to the right,
+as in the SynFlow and NTK-SAP papers); and each method's per-layer densities at one density.
+matplotlib is needed only for the plots."""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from .study import read_results
+
+__all__ = ["group", "summarise", "markdown_table", "plot_accuracy", "plot_layer_densities", "write_report"]
+
+_METRICS = {"final": "final_test_accuracy", "best": "best_test_accuracy"}
+
+
+def group(records: Sequence[dict]) -> "Dict[Tuple[str, str, str], List[dict]]":
+    """Records split by (model, dataset, protocol): runs of one group are comparable."""
+    out: Dict[Tuple[str, str, str], List[dict]] = {}
+    for r in records:
+        out.setdefault((r["model"], r["dataset"], json.dumps(r["protocol"], sort_keys=True)), []).append(r)
+    return out
+
+
+def _metric_key(metric: str) -> str:
+    if metric not in _METRICS:
+        raise ValueError(f"metric must be one of {', '.join(map(repr, _METRICS))}, got {metric!r}")
+    return _METRICS[metric]
+
+
+def summarise(records: Sequence[dict], metric: str = "final") -> "Dict[str, Dict[float, Tuple[float, float, int]]]":
+    """method -> density -> (mean, sample std (0 for one seed), number of seeds) of the accuracy."""
+    key = _metric_key(metric)
+    values: Dict[str, Dict[float, List[float]]] = {}
+    for r in records:
+        values.setdefault(r["method"], {}).setdefault(float(r["density"]), []).append(float(r[key]))
+    out: Dict[str, Dict[float, Tuple[float, float, int]]] = {}
+    for method, per in values.items():
+        out[method] = {}
+        for d, v in per.items():
+            mean = sum(v) / len(v)
+            std = math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
+            out[method][d] = (mean, std, len(v))
+    return out
+
+
+def _protocol_line(records: Sequence[dict]) -> str:
+    p = records[0]["protocol"]
+    lr = p["lr"] if p["lr"] is not None else ("0.1" if p["optimizer"] == "sgd" else "1e-3")
+    parts = [f"{p['epochs']} epochs", f"{p['optimizer']} lr {lr}", f"batch {p['batch_size']}", f"{p['scope']} scope"]
+    if p.get("weight_decay"):
+        parts.append(f"weight decay {p['weight_decay']}")
+    if p.get("lr_milestones"):
+        parts.append(f"lr x0.1 after epochs {', '.join(map(str, p['lr_milestones']))}")
+    if p.get("train_subset") or p.get("test_subset") or p.get("max_batches"):
+        parts.append(f"REDUCED: train subset {p.get('train_subset')}, test subset {p.get('test_subset')}, "
+                     f"max batches {p.get('max_batches')}")
+    seeds = sorted({r["seed"] for r in records})
+    parts.append(f"seeds {', '.join(map(str, seeds))}")
+    return "; ".join(parts)
+
+
+def markdown_table(records: Sequence[dict], metric: str = "final") -> str:
+    """One study's table: test accuracy (%) mean ± std over seeds; best mean per density in bold."""
+    stats = summarise(records, metric)
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    densities = sorted({float(r["density"]) for r in records}, reverse=True)
+    best = {d: max((stats[m][d][0] for m in methods if d in stats[m]), default=None) for d in densities}
+    r0 = records[0]
+    lines = [f"**{r0['model']} on {r0['dataset']}**: {metric} test accuracy (%), mean ± std over seeds "
+             f"({_protocol_line(records)})", "",
+             "| method | " + " | ".join(f"density {d:g}" for d in densities) + " |",
+             "|---|" + "---:|" * len(densities)]
+    for m in methods:
+        cells = []
+        for d in densities:
+            if d not in stats[m]:
+                cells.append("–")
+                continue
+            mean, std, n = stats[m][d]
+            text = f"{100 * mean:.2f} ± {100 * std:.2f}" if n > 1 else f"{100 * mean:.2f} (1 seed)"
+            cells.append(f"**{text}**" if mean == best[d] else text)
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _slug(*parts) -> str:
+    return re.sub(r"[^A-Za-z0-9._]+", "-", "-".join(str(p) for p in parts)).strip("-")
+
+
+def plot_accuracy(records: Sequence[dict], path, metric: str = "final") -> None:
+    """Accuracy against the percentage of weights kept, log axis, sparser to the right."""
+    from .plots import _pyplot
+
+    plt = _pyplot()
+    stats = summarise(records, metric)
+    fig, ax = plt.subplots(figsize=(6.0, 4.2), constrained_layout=True)
+    for method, per in stats.items():
+        ds = sorted(per, reverse=True)
+        ax.errorbar([100 * d for d in ds], [100 * per[d][0] for d in ds], yerr=[100 * per[d][1] for d in ds],
+                    marker="o", markersize=4, capsize=3, linewidth=1.3, label=method)
+    ax.set_xscale("log")
+    ax.invert_xaxis()
+    ax.set_xlabel("weights remaining (%)")
+    ax.set_ylabel(f"{metric} test accuracy (%)")
+    r0 = records[0]
+    _finish(plt, fig, ax, f"{r0['model']} / {r0['dataset']}", path)
+
+
+def plot_layer_densities(records: Sequence[dict], path, density: float) -> None:
+    """Each method's per-layer density at ``density`` (mean over seeds), layers in network order."""
+    from .plots import _pyplot
+
+    chosen = [r for r in records if float(r["density"]) == float(density)]
+    if not chosen:
+        raise ValueError(f"profile_density: no runs at density {density}")
+    plt = _pyplot()
+    layers = list(chosen[0]["layer_density"])
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(layers) + 2), 4.2), constrained_layout=True)
+    for method in dict.fromkeys(r["method"] for r in chosen):
+        runs = [r for r in chosen if r["method"] == method]
+        mean = [sum(r["layer_density"][n] for r in runs) / len(runs) for n in layers]
+        ax.plot(range(len(layers)), [100 * v for v in mean], marker="o", markersize=3, linewidth=1.2, label=method)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(layers)))
+    ax.set_xticklabels([n.removesuffix(".weight") for n in layers], rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("weights kept in the layer (%)")
+    r0 = chosen[0]
+    _finish(plt, fig, ax, f"{r0['model']} / {r0['dataset']}: per-layer density at {100 * density:g}% overall", path)
+
+
+def _finish(plt, fig, ax, title: str, path) -> None:
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(paths: Sequence, out_dir, *, metric: str = "final", profile_density: Optional[float] = None,
+                 plots: bool = True) -> List[Path]:
+    """``report.md`` (every study's table) and, with ``plots``, its two PNGs per study, in
+    ``out_dir``. Returns the files written."""
+    _metric_key(metric)
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    records: List[dict] = []
+    for p in paths:
+        if not Path(p).exists():
+            raise FileNotFoundError(f"results: no file at {str(p)!r}")
+        records.extend(read_results(p))
+    if not records:
+        raise ValueError(f"results: no finished runs in {', '.join(map(str, paths))}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written, sections = [], ["# Accuracy of networks pruned at initialisation", ""]
+    for (model, dataset, _), runs in group(records).items():
+        sections += [markdown_table(runs, metric), ""]
+        if plots:
+            name = _slug(model, dataset, _protocol_tag(runs))
+            acc = out_dir / f"accuracy-{name}.png"
+            plot_accuracy(runs, acc, metric)
+            densities = sorted({float(r["density"]) for r in runs})
+            d = profile_density if profile_density is not None else densities[len(densities) // 2]
+            layers = out_dir / f"layers-{name}-d{d:g}.png"
+            plot_layer_densities(runs, layers, d)
+            sections += [f"![accuracy]({acc.name})", f"![layer densities]({layers.name})", ""]
+            written += [acc, layers]
+    md = out_dir / "report.md"
+    md.write_text("\n".join(sections))
+    return [md] + written
+
+
+def _protocol_tag(runs: Sequence[dict]) -> str:
+    p = runs[0]["protocol"]
+    tag = f"e{p['epochs']}"
+    if p.get("train_subset") or p.get("test_subset") or p.get("max_batches"):
+        tag += "-reduced"
+    return tag
