@@ -99,7 +99,9 @@ def main(argv=None) -> int:
         rec["steps_done"] = info["step"]
         if "validation" in info:
             rec.setdefault("validation", []).append(info["validation"])
-        if info["step"] % args.save_every == 0:
+        # the last step too: a kill between the transfer's final checkpoint and the end of this
+        # script must not leave the results behind the checkpoint
+        if info["step"] % args.save_every == 0 or info["step"] == rec["steps_planned"]:
             save()
         last[0] = time.perf_counter()
 

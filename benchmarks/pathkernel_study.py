@@ -93,8 +93,11 @@ def permutation_p(x: Sequence[float], y: Sequence[float], n_perm: int = 20_000, 
 
 def correlations(runs: List[dict], loss_key: str = "train_loss_after") -> dict:
     """ρ of tr Π, λ_max and the density with the loss: pooled, and the mean over densities of the
-    across-method ρ within one density (only densities with ≥ 3 masks)."""
-    out = {"n": len(runs), "loss": loss_key}
+    across-method ρ within one density (only densities with ≥ 3 masks). Runs with a non-finite
+    loss or kernel value (a diverged training, say) are left out and counted."""
+    finite = [r for r in runs if all(math.isfinite(r[k]) for k in (loss_key, "trace", "lambda_max"))]
+    out = {"n": len(finite), "left_out_non_finite": len(runs) - len(finite), "loss": loss_key}
+    runs = finite
     loss = [r[loss_key] for r in runs]
     for key in ("trace", "lambda_max", "density"):
         xs = [r[key] for r in runs]
@@ -163,8 +166,12 @@ def run(args) -> dict:
            "loss_subset": LOSS_SUBSET, "labelled_batch": LABELLED_BATCH, "seed": args.seed, "runs": []}
     if path.exists() and not args.fresh:
         previous = json.loads(path.read_text())
-        if previous.get("train") == TRAIN and previous.get("seed") == args.seed:
-            out["runs"] = previous["runs"]
+        same = ("train", "epoch", "rounds", "loss_subset", "labelled_batch", "seed")
+        differ = [k for k in same if json.loads(json.dumps(out[k])) != previous.get(k)]
+        if differ:
+            raise SystemExit(f"--out: {path} was made with other settings ({', '.join(differ)} differ); "
+                             "pass another --out, or --fresh to replace it")
+        out["runs"] = previous["runs"]
     done = {_key(r) for r in out["runs"]}
 
     def save():

@@ -258,8 +258,11 @@ def cmd_study(args) -> int:
 def cmd_report(args) -> int:
     from .report import write_report
 
-    written = write_report(args.results, args.out, metric=args.metric, profile_density=args.profile_density,
-                           plots=not args.no_plots)
+    try:
+        written = write_report(args.results, args.out, metric=args.metric, profile_density=args.profile_density,
+                               plots=not args.no_plots)
+    except ImportError as exc:
+        raise SystemExit(f"ntkfast report: {exc}") from None
     for path in written:
         print(path)
     return 0

@@ -7,13 +7,14 @@ as in the SynFlow and NTK-SAP papers); and each method's per-layer densities at 
 matplotlib is needed only for the plots."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .study import read_results
+from .study import DEFAULT_ROUNDS, cell_key, read_results
 
 __all__ = ["group", "summarise", "markdown_table", "plot_accuracy", "plot_layer_densities", "write_report"]
 
@@ -21,11 +22,37 @@ _METRICS = {"final": "final_test_accuracy", "best": "best_test_accuracy"}
 
 
 def group(records: Sequence[dict]) -> "Dict[Tuple[str, str, str], List[dict]]":
-    """Records split by (model, dataset, protocol): runs of one group are comparable."""
+    """Records split by (model, dataset, protocol): runs of one group are comparable. A cell
+    present more than once (two files holding the same run) counts once."""
     out: Dict[Tuple[str, str, str], List[dict]] = {}
-    for r in records:
+    for r in _unique(records):
         out.setdefault((r["model"], r["dataset"], json.dumps(r["protocol"], sort_keys=True)), []).append(r)
     return out
+
+
+def _unique(records: Sequence[dict]) -> List[dict]:
+    seen, out = set(), []
+    for r in records:
+        k = cell_key(r)
+        if k not in seen:
+            seen.add(k)
+            out.append(r)
+    return out
+
+
+def row_label(record: dict) -> str:
+    """The method, plus its rounds and options where they are not the defaults: runs of one
+    method with other settings are other rows, never averaged together."""
+    label = record["method"]
+    if record["method"] != "ntt" and int(record["rounds"]) != DEFAULT_ROUNDS.get(record["method"], 1):
+        label += f" ({record['rounds']} round{'s' if int(record['rounds']) != 1 else ''})"
+    options = record["options"]
+    if record["method"] == "ntt":  # the study's defaults for NTT are recorded too; show the rest
+        options = {k: v for k, v in options.items() if k not in ("lambda_l2", "scope") and
+                   not (k == "epochs" and float(v) == 20.0)}
+    if options:
+        label += " [" + ", ".join(f"{k}={v}" for k, v in sorted(options.items())) + "]"
+    return label
 
 
 def _metric_key(metric: str) -> str:
@@ -35,11 +62,12 @@ def _metric_key(metric: str) -> str:
 
 
 def summarise(records: Sequence[dict], metric: str = "final") -> "Dict[str, Dict[float, Tuple[float, float, int]]]":
-    """method -> density -> (mean, sample std (0 for one seed), number of seeds) of the accuracy."""
+    """row (:func:`row_label`) -> density -> (mean, sample std (0 for one seed), number of seeds)
+    of the accuracy."""
     key = _metric_key(metric)
     values: Dict[str, Dict[float, List[float]]] = {}
-    for r in records:
-        values.setdefault(r["method"], {}).setdefault(float(r["density"]), []).append(float(r[key]))
+    for r in _unique(records):
+        values.setdefault(row_label(r), {}).setdefault(float(r["density"]), []).append(float(r[key]))
     out: Dict[str, Dict[float, Tuple[float, float, int]]] = {}
     for method, per in values.items():
         out[method] = {}
@@ -68,8 +96,9 @@ def _protocol_line(records: Sequence[dict]) -> str:
 
 def markdown_table(records: Sequence[dict], metric: str = "final") -> str:
     """One study's table: test accuracy (%) mean ± std over seeds; best mean per density in bold."""
+    records = _unique(records)
     stats = summarise(records, metric)
-    methods = list(dict.fromkeys(r["method"] for r in records))
+    methods = list(dict.fromkeys(row_label(r) for r in records))
     densities = sorted({float(r["density"]) for r in records}, reverse=True)
     best = {d: max((stats[m][d][0] for m in methods if d in stats[m]), default=None) for d in densities}
     r0 = records[0]
@@ -117,20 +146,22 @@ def plot_layer_densities(records: Sequence[dict], path, density: float) -> None:
     """Each method's per-layer density at ``density`` (mean over seeds), layers in network order."""
     from .plots import _pyplot
 
-    chosen = [r for r in records if float(r["density"]) == float(density)]
+    chosen = [r for r in _unique(records) if float(r["density"]) == float(density)]
     if not chosen:
         raise ValueError(f"profile_density: no runs at density {density}")
     plt = _pyplot()
-    layers = list(chosen[0]["layer_density"])
+    layers = list(dict.fromkeys(n for r in chosen for n in r["layer_density"]))
     fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(layers) + 2), 4.2), constrained_layout=True)
-    for method in dict.fromkeys(r["method"] for r in chosen):
-        runs = [r for r in chosen if r["method"] == method]
-        mean = [sum(r["layer_density"][n] for r in runs) / len(runs) for n in layers]
-        ax.plot(range(len(layers)), [100 * v for v in mean], marker="o", markersize=3, linewidth=1.2, label=method)
-    ax.set_yscale("log")
+    for label in dict.fromkeys(row_label(r) for r in chosen):
+        runs = [r for r in chosen if row_label(r) == label]
+        mean = [sum(r["layer_density"].get(n, math.nan) for r in runs) / len(runs) for n in layers]
+        ax.plot(range(len(layers)), [100 * v for v in mean], marker="o", markersize=3, linewidth=1.2, label=label)
+    # symlog: an emptied layer (density 0, a layer collapse) stays on the plot at 0
+    ax.set_yscale("symlog", linthresh=0.1)
+    ax.set_ylim(bottom=0)
     ax.set_xticks(range(len(layers)))
     ax.set_xticklabels([n.removesuffix(".weight") for n in layers], rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("weights kept in the layer (%)")
+    ax.set_ylabel("weights kept in the layer (%; log above 0.1)")
     r0 = chosen[0]
     _finish(plt, fig, ax, f"{r0['model']} / {r0['dataset']}: per-layer density at {100 * density:g}% overall", path)
 
@@ -154,13 +185,21 @@ def write_report(paths: Sequence, out_dir, *, metric: str = "final", profile_den
     for p in paths:
         if not Path(p).exists():
             raise FileNotFoundError(f"results: no file at {str(p)!r}")
-        records.extend(read_results(p))
+        records.extend(read_results(p, name="results"))
     if not records:
         raise ValueError(f"results: no finished runs in {', '.join(map(str, paths))}")
+    if plots:
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise ImportError("plots: matplotlib is not installed (pip install matplotlib); "
+                              "plots=False (`ntkfast report --no-plots`) writes the tables alone")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    written, sections = [], ["# Accuracy of networks pruned at initialisation", ""]
-    for (model, dataset, _), runs in group(records).items():
+    groups = group(records)
+    md = out_dir / "report.md"
+    written, sections = [md], ["# Accuracy of networks pruned at initialisation", ""]
+    for (model, dataset, _), runs in groups.items():
         sections += [markdown_table(runs, metric), ""]
         if plots:
             name = _slug(model, dataset, _protocol_tag(runs))
@@ -172,14 +211,15 @@ def write_report(paths: Sequence, out_dir, *, metric: str = "final", profile_den
             plot_layer_densities(runs, layers, d)
             sections += [f"![accuracy]({acc.name})", f"![layer densities]({layers.name})", ""]
             written += [acc, layers]
-    md = out_dir / "report.md"
     md.write_text("\n".join(sections))
-    return [md] + written
+    return written
 
 
 def _protocol_tag(runs: Sequence[dict]) -> str:
+    """Short and readable, and unique per protocol (a hash of it), so two studies' plots never
+    overwrite each other."""
     p = runs[0]["protocol"]
     tag = f"e{p['epochs']}"
     if p.get("train_subset") or p.get("test_subset") or p.get("max_batches"):
         tag += "-reduced"
-    return tag
+    return tag + "-" + hashlib.sha1(json.dumps(p, sort_keys=True).encode()).hexdigest()[:6]

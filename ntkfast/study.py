@@ -41,11 +41,25 @@ def cell_key(record: Mapping) -> Tuple:
             json.dumps(record["protocol"], sort_keys=True))
 
 
-def read_results(path, *, repair: bool = False) -> List[dict]:
+_REQUIRED = ("model", "dataset", "method", "density", "seed", "rounds", "options", "protocol",
+             "final_test_accuracy", "best_test_accuracy", "layer_density")
+
+
+def read_results(path, *, repair: bool = False, name: str = "out") -> List[dict]:
     """The records of a JSON-lines results file ([] if it does not exist). A last line without its
     newline (a write cut short) is ignored, and removed from the file when ``repair`` is set; any
-    other unreadable line is an error naming the file and line."""
-    path = Path(path)
+    other unreadable line, or a record that is not a study's, is an error naming the argument
+    ``name``, the file and the line."""
+    records = _read_lines(Path(path), repair, name)
+    for i, rec in records:
+        missing = [k for k in _REQUIRED if k not in rec] if isinstance(rec, dict) else list(_REQUIRED)
+        if missing:
+            raise ValueError(f"{name}: {str(path)!r} line {i + 1} is not an ntkfast study record "
+                             f"(missing {', '.join(missing)})")
+    return [rec for _, rec in records]
+
+
+def _read_lines(path: Path, repair: bool, name: str) -> List[tuple]:
     if not path.exists():
         return []
     raw = path.read_bytes()
@@ -62,14 +76,14 @@ def read_results(path, *, repair: bool = False) -> List[dict]:
         except ValueError:
             if last:  # the interrupted write of the last cell: it will be run again
                 break
-            raise ValueError(f"out: {str(path)!r} line {i + 1} is not a JSON record") from None
+            raise ValueError(f"{name}: {str(path)!r} line {i + 1} is not a JSON record") from None
         if last:  # complete JSON but no newline: keep it, and end the line before appending
-            records.append(rec)
+            records.append((i, rec))
             if repair:
                 with open(path, "ab") as f:
                     f.write(b"\n")
             return records
-        records.append(rec)
+        records.append((i, rec))
         good_end += len(line) + 1
     if repair and good_end < len(raw):
         with open(path, "r+b") as f:
@@ -99,8 +113,9 @@ def _check_list(name: str, values, kind, check) -> list:
 
 
 def _prune_data(train_set, n: int, seed: int):
-    """``n`` training samples drawn at random (seeded), as one labelled batch: the pruning data of
-    the data-based scorers (the Synaptic-Flow / NTK-SAP scripts use 10 per class)."""
+    """``n`` training samples drawn at random (seeded, not stratified by class), as one labelled
+    batch: the pruning data of the data-based scorers (the Synaptic-Flow / NTK-SAP scripts draw
+    10 × the number of classes this way)."""
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(train_set), generator=g)[:n]
     x, y = next(iter(train_set.subset(idx).batches(n)))
@@ -121,12 +136,7 @@ def _run_cell(model_name: str, method: str, density: float, seed: int, rounds: i
         # NTT's result is a mask *and* learned sparse weights; the network trains from both
         from .transfer import transfer
 
-        opts = dict(options)
-        if "steps" not in opts:
-            opts.setdefault("epochs", NTT_DEFAULT_EPOCHS)
-        conv = any(isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)) for m in net.modules())
-        opts.setdefault("lambda_l2", 1e-5 if conv else 1e-4)  # the authors' MLP / CNN settings
-        res = transfer(net, density, train_set, seed=seed, progress=False, **opts)
+        res = transfer(net, density, train_set, seed=seed, progress=False, **options)
         net.load_state_dict(res.state_dict)
         masks = res.masks
     else:
@@ -150,6 +160,52 @@ def _run_cell(model_name: str, method: str, density: float, seed: int, rounds: i
         "achieved_density": masks.density, "layer_density": dict(masks.layer_density()),
         "empty_layers": masks.empty_layers(), "prune_seconds": prune_s, "train_seconds": res.seconds,
     }
+
+
+# set by the study itself for every cell, so not a method option
+_RESERVED = {"seed", "scope", "rounds", "schedule", "data", "progress", "masks", "density", "target_density",
+             "on_empty_layer", "model", "cache", "callback", "checkpoint", "checkpoint_every"}
+_NTT_RESERVED = (_RESERVED - {"scope"})
+
+
+def _ntt_options(model: torch.nn.Module, options: dict) -> dict:
+    """The options the study's NTT cells run with: the user's, then the NTT demos' defaults (20
+    epochs; λ_L2 1e-4 for an MLP, 1e-5 for a CNN; layerwise scope), recorded with each cell."""
+    import inspect
+
+    from .transfer import transfer
+
+    bad = sorted(set(options) & _NTT_RESERVED)
+    if bad:
+        raise ValueError(f"method_options: ntt:{bad[0]} is set by the study itself")
+    try:
+        inspect.signature(transfer).bind_partial(**options)
+    except TypeError:
+        known = [n for n, p in inspect.signature(transfer).parameters.items()
+                 if p.kind is p.KEYWORD_ONLY and n not in _NTT_RESERVED]
+        unknown = sorted(set(options) - set(known))
+        raise ValueError(f"method_options: ntt:{unknown[0] if unknown else '?'} is not an option of "
+                         f"ntkfast.transfer (its options: {', '.join(known)})") from None
+    out = dict(options)
+    if "steps" not in out:
+        out.setdefault("epochs", NTT_DEFAULT_EPOCHS)
+    conv = any(isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)) for m in model.modules())
+    out.setdefault("lambda_l2", 1e-5 if conv else 1e-4)  # the authors' MLP / CNN settings
+    out.setdefault("scope", "layerwise")  # the authors'
+    return out
+
+
+def _check_method_options(method: str, options: dict) -> None:
+    from . import scores as _scores
+    from .prune import _check_options
+
+    bad = sorted(set(options) & _RESERVED)
+    if bad:
+        raise ValueError(f"method_options: {method}:{bad[0]} is set by the study itself")
+    try:
+        _check_options(_scores.get(method), options)
+    except ValueError as exc:
+        raise ValueError(f"method_options: {method}: {exc}") from None
 
 
 def run_study(model: str, dataset: str, data_dir, methods: Sequence[str], densities: Sequence[float],
@@ -178,7 +234,7 @@ def run_study(model: str, dataset: str, data_dir, methods: Sequence[str], densit
     from ._machine import machine_info
     from ._progress import Progress
     from ._version import __version__
-    from .training import _OPTIMIZERS
+    from .training import _DEFAULT_LR, _OPTIMIZERS, _check_float
 
     if model not in models.available():
         raise ValueError(f"model: unknown {model!r}; see ntkfast.models.available()")
@@ -199,6 +255,9 @@ def run_study(model: str, dataset: str, data_dir, methods: Sequence[str], densit
             raise ValueError(f"rounds: {k}={r!r} is not a positive int")
     if "ntt" in rounds:
         raise ValueError("rounds: ntt runs once (its options: method_options['ntt'], e.g. epochs)")
+    for m, opts in method_options.items():
+        if m != "ntt":
+            _check_method_options(m, opts)
     if optimizer not in _OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {', '.join(map(repr, _OPTIMIZERS))}, got {optimizer!r}")
     if scope not in ("global", "layerwise"):
@@ -207,34 +266,50 @@ def run_study(model: str, dataset: str, data_dir, methods: Sequence[str], densit
                     ("train_subset", train_subset), ("test_subset", test_subset), ("max_batches", max_batches)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ValueError(f"{name}: expected a positive int, got {v!r}")
+    # the trainer's own checks, before any cell runs; numbers normalised so that lr=None and
+    # lr=0.1, or 0 and 0.0, are the same protocol when a study resumes
+    lr = _DEFAULT_LR[optimizer] if lr is None else _check_float("lr", lr, 0.0, strict=True)
+    momentum = _check_float("momentum", momentum)
+    weight_decay = _check_float("weight_decay", weight_decay)
+    try:
+        lr_milestones = sorted(int(m) for m in (lr_milestones or []))
+    except (TypeError, ValueError):
+        raise ValueError(f"lr_milestones must be a sequence of epoch numbers, got {lr_milestones!r}") from None
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device} asked, but torch.cuda.is_available() is False")
 
     if datasets is None:
         from . import data as D
 
         train_set = D.load_dataset(dataset, data_dir, train=True)
         test_set = D.load_dataset(dataset, data_dir, train=False)
+        dataset = train_set.name or dataset  # "fmnist" and "fashion-mnist" are one study
     else:
         train_set, test_set = datasets
     if train_subset:
         train_set = train_set.subset(min(train_subset, len(train_set)))
     if test_subset:
         test_set = test_set.subset(min(test_subset, len(test_set)))
-    device = torch.device(device) if device is not None else torch.device("cpu")
     protocol = _protocol(epochs=epochs, optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                         batch_size=batch_size, lr_milestones=tuple(lr_milestones or ()), scope=scope,
+                         batch_size=batch_size, lr_milestones=lr_milestones, scope=scope,
                          prune_samples=prune_samples or 10 * train_set.num_classes, train_subset=train_subset,
                          test_subset=test_subset, max_batches=max_batches)
 
     out = Path(out)
     existing = read_results(out, repair=True)
     done = {cell_key(r): r for r in existing}
+    if "ntt" in methods:
+        ntt_options = _ntt_options(models.get(model, input_shape=tuple(train_set.input_shape),
+                                              num_classes=train_set.num_classes), method_options.get("ntt", {}))
     cells = []
     for seed in seeds:
         for density in densities:
             for method in methods:
                 r = 1 if method == "ntt" else rounds.get(method, DEFAULT_ROUNDS.get(method, 1))
+                options = ntt_options if method == "ntt" else method_options.get(method, {})
                 head = {"model": model, "dataset": dataset, "method": method, "density": density, "seed": seed,
-                        "rounds": r, "options": method_options.get(method, {}), "protocol": protocol}
+                        "rounds": r, "options": options, "protocol": protocol}
                 cells.append(head)
     todo = [c for c in cells if cell_key(c) not in done]
     machine = machine_info(device)

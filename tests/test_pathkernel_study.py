@@ -63,6 +63,15 @@ def test_correlations_pool_and_split_by_density():
                                                             [r["train_loss_after"] for r in runs]))
 
 
+def test_correlations_leave_out_non_finite_runs():
+    runs = [{"density": 0.1, "trace": float(i), "lambda_max": float(i), "train_loss_after": 2.0 - 0.1 * i}
+            for i in range(6)]
+    runs.append({"density": 0.1, "trace": 3.5, "lambda_max": 3.5, "train_loss_after": float("nan")})
+    c = study.correlations(runs)
+    assert c["n"] == 6 and c["left_out_non_finite"] == 1
+    assert c["rho_trace"] == pytest.approx(-1.0)
+
+
 def test_study_one_measures_the_masked_network_and_leaves_the_model_alone():
     from ntkfast import data as D
     from ntkfast import models, pathkernel

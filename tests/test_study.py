@@ -12,11 +12,6 @@ import pytest
 from ntkfast import cli, report, study
 from ntkfast import data as D
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-needs_mnist = pytest.mark.skipif(not (DATA / "MNIST").exists() and not (DATA / "mnist").exists(),
-                                 reason="../shared/data with MNIST is not beside the repository")
-
-
 def _noise_sets():
     return D.GaussianNoise((1, 28, 28), 256, seed=1), D.GaussianNoise((1, 28, 28), 128, seed=2)
 
@@ -25,18 +20,19 @@ def _lines(path):
     return [json.loads(s) for s in Path(path).read_text().splitlines() if s.strip()]
 
 
-@needs_mnist
-def test_a_tiny_mnist_study_runs_end_to_end_and_is_not_run_twice(tmp_path, monkeypatch):
+def test_a_tiny_mnist_study_runs_end_to_end_and_is_not_run_twice(data_dir, tmp_path, monkeypatch):
     out = tmp_path / "r.jsonl"
     kw = dict(epochs=1, train_subset=512, test_subset=256, batch_size=64, progress=False)
-    recs = study.run_study("lenet300_100", "mnist", DATA, ["random", "snip"], [0.1], [0], out, **kw)
+    recs = study.run_study("lenet300_100", "MNIST", data_dir, ["random", "snip"], [0.1], [0], out, **kw)
     assert [r["method"] for r in recs] == ["random", "snip"]
     for r in recs:
         assert 0.0 <= r["final_test_accuracy"] <= 1.0 and r["best_test_accuracy"] >= r["final_test_accuracy"]
         assert len(r["test_accuracy"]) == 1
         assert r["achieved_density"] == pytest.approx(0.1, abs=1e-4)
-        assert set(r["layer_density"]) == {"0.weight", "2.weight", "4.weight"} or len(r["layer_density"]) == 3
+        assert r["dataset"] == "mnist"  # the canonical name, whatever the spelling given
+        assert len(r["layer_density"]) == 3 and all(0 < v <= 1 for v in r["layer_density"].values())
         assert r["protocol"]["train_subset"] == 512 and r["protocol"]["prune_samples"] == 100
+        assert r["protocol"]["lr"] == 0.1  # the default, written out
         assert r["machine"]["cpu_count"] >= 1 and r["prune_seconds"] >= 0 and r["train_seconds"] > 0
     assert len(_lines(out)) == 2
 
@@ -44,17 +40,18 @@ def test_a_tiny_mnist_study_runs_end_to_end_and_is_not_run_twice(tmp_path, monke
         raise AssertionError("a finished cell ran again")
 
     monkeypatch.setattr(study, "_run_cell", boom)
-    again = study.run_study("lenet300_100", "mnist", DATA, ["random", "snip"], [0.1], [0], out, **kw)
+    # the same protocol spelt otherwise: lr given as the default, the dataset by its alias
+    again = study.run_study("lenet300_100", "mnist", data_dir, ["random", "snip"], [0.1], [0], out, lr=0.1, **kw)
     assert [r["final_test_accuracy"] for r in again] == [r["final_test_accuracy"] for r in recs]
     assert len(_lines(out)) == 2
 
 
-@needs_mnist
-def test_a_killed_study_continues_where_it_stopped(tmp_path, monkeypatch):
+def test_a_killed_study_continues_where_it_stopped(data_dir, tmp_path, monkeypatch):
     out = tmp_path / "r.jsonl"
-    args = ["study", "--model", "lenet300_100", "--dataset", "mnist", "--data-dir", str(DATA),
-            "--methods", "random", "magnitude", "--densities", "0.2", "0.05", "--epochs", "1",
-            "--train-subset", "4096", "--test-subset", "256", "--quiet", "--out", str(out)]
+    densities = ["0.2", "0.1", "0.05"]
+    args = ["study", "--model", "lenet300_100", "--dataset", "mnist", "--data-dir", str(data_dir),
+            "--methods", "random", "magnitude", "--densities", *densities, "--epochs", "1",
+            "--train-subset", "8192", "--test-subset", "256", "--quiet", "--out", str(out)]
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     proc = subprocess.Popen([sys.executable, "-m", "ntkfast"] + args, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -66,28 +63,29 @@ def test_a_killed_study_continues_where_it_stopped(tmp_path, monkeypatch):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = _lines(out)
-    assert 1 <= len(before) <= 4
+    assert 1 <= len(before) < 6  # killed part-way
     ran = []
     real = study._run_cell
     monkeypatch.setattr(study, "_run_cell", lambda *a, **k: ran.append(a[1:3]) or real(*a, **k))
     assert cli.main(args) == 0
     after = _lines(out)
-    assert len(ran) == 4 - len(before)
+    assert len(ran) == 6 - len(before)
     assert after[:len(before)] == before
     cells = [(r["method"], r["density"]) for r in after]
-    assert sorted(cells) == sorted({("random", 0.2), ("magnitude", 0.2), ("random", 0.05), ("magnitude", 0.05)})
+    assert sorted(cells) == sorted((m, float(d)) for m in ("random", "magnitude") for d in densities)
 
 
 def test_an_interrupted_last_line_is_dropped_and_a_corrupt_one_named(tmp_path):
     out = tmp_path / "r.jsonl"
-    good = json.dumps({"a": 1})
+    rec = _fixed_records()[0]
+    good = json.dumps(rec)
     out.write_text(good + "\n" + '{"a": 2, "b"')
-    assert study.read_results(out) == [{"a": 1}]
+    assert study.read_results(out) == [rec]
     assert out.read_text().endswith('"b"')  # reading alone changes nothing
-    assert study.read_results(out, repair=True) == [{"a": 1}]
+    assert study.read_results(out, repair=True) == [rec]
     assert out.read_text() == good + "\n"
     out.write_text(good)  # complete but without its newline: kept, and the line ended
-    assert study.read_results(out, repair=True) == [{"a": 1}]
+    assert study.read_results(out, repair=True) == [rec]
     assert out.read_text() == good + "\n"
     out.write_text(good + "\nnot json\n" + good + "\n")
     with pytest.raises(ValueError, match="line 2"):
@@ -105,7 +103,14 @@ def test_bad_arguments_are_named_before_any_cell_runs(tmp_path):
              (("no_such_net", ["random"], [0.1], [0]), {}, "model"),
              (("lenet300_100", ["synflow"], [0.1], [0]), {"rounds": {"snip": 3}}, "rounds"),
              (("lenet300_100", ["random"], [0.1], [0]), {"optimizer": "lbfgs"}, "optimizer"),
-             (("lenet300_100", ["random"], [0.1], [0]), {"epochs": 0}, "epochs")]
+             (("lenet300_100", ["random"], [0.1], [0]), {"epochs": 0}, "epochs"),
+             (("lenet300_100", ["random"], [0.1], [0]), {"lr": -1.0}, "lr"),
+             (("lenet300_100", ["random"], [0.1], [0]), {"device": "cuda:0"} if not __import__("torch").cuda.is_available()
+              else {"momentum": -1.0}, "device|momentum"),
+             (("lenet300_100", ["ntksap"], [0.1], [0]), {"method_options": {"ntksap": {"repats": 5}}}, "repats"),
+             (("lenet300_100", ["snip"], [0.1], [0]), {"method_options": {"snip": {"seed": 1}}}, "snip:seed"),
+             (("lenet300_100", ["ntt"], [0.1], [0]), {"method_options": {"ntt": {"progress": True}}}, "ntt:progress"),
+             (("lenet300_100", ["ntt"], [0.1], [0]), {"method_options": {"ntt": {"epoch": 1}}}, "ntt:epoch")]
     for (model, methods, densities, seeds), extra, word in cases:
         with pytest.raises(ValueError, match=word):
             study.run_study(model, "noise", None, methods, densities, seeds, out, **base, **extra)
@@ -130,7 +135,9 @@ def test_ntt_cells_train_from_the_transferred_weights(tmp_path, monkeypatch):
     recs = study.run_study("lenet300_100", "noise", None, ["ntt", "synflow"], [0.2], [0], tmp_path / "r.jsonl",
                            epochs=1, batch_size=64, datasets=_noise_sets(), progress=False,
                            method_options={"ntt": {"steps": 2}}, rounds={"synflow": 3})
-    assert recs[0]["method"] == "ntt" and recs[0]["rounds"] == 1 and recs[0]["options"] == {"steps": 2}
+    # the options NTT ran with, the study's defaults included
+    assert recs[0]["method"] == "ntt" and recs[0]["rounds"] == 1
+    assert recs[0]["options"] == {"steps": 2, "lambda_l2": 1e-4, "scope": "layerwise"}
     assert recs[1]["rounds"] == 3
     assert recs[0]["achieved_density"] == pytest.approx(0.2, abs=1e-3)
     torch.manual_seed(0)
@@ -151,7 +158,7 @@ def _fixed_records():
     for (method, d), values in acc.items():
         for seed, a in enumerate(values):
             recs.append({"model": "lenet300_100", "dataset": "mnist", "method": method, "density": d, "seed": seed,
-                         "rounds": 1, "options": {},
+                         "rounds": 100 if method == "synflow" else 1, "options": {},
                          "protocol": {"epochs": 20, "optimizer": "sgd", "lr": None, "momentum": 0.9,
                                       "weight_decay": 0.0, "batch_size": 128, "lr_milestones": [], "scope": "global",
                                       "prune_samples": 100, "train_subset": None, "test_subset": None,
@@ -180,9 +187,49 @@ def test_report_writes_markdown_and_plots(tmp_path):
     outdir = tmp_path / "report"
     assert cli.main(["report", str(results), "--out", str(outdir)]) == 0
     md = (outdir / "report.md").read_text()
-    assert "**lenet300_100 on mnist**" in md and "![accuracy](accuracy-lenet300_100-mnist-e20.png)" in md
-    for name in ("accuracy-lenet300_100-mnist-e20.png", "layers-lenet300_100-mnist-e20-d0.1.png"):
-        png = outdir / name
-        assert png.exists() and png.stat().st_size > 1000
+    accuracy = sorted(outdir.glob("accuracy-lenet300_100-mnist-e20-*.png"))
+    layers = sorted(outdir.glob("layers-lenet300_100-mnist-e20-*-d0.1.png"))
+    assert len(accuracy) == 1 and len(layers) == 1
+    assert "**lenet300_100 on mnist**" in md and f"![accuracy]({accuracy[0].name})" in md
+    for png in accuracy + layers:
+        assert png.stat().st_size > 1000
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert cli.main(["report", str(tmp_path / "missing.jsonl"), "--out", str(outdir)]) == 2
+    # another protocol: its own table and its own plots, none overwritten
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({**r, "protocol": {**r["protocol"], "lr": 0.05}}) + "\n"
+                             for r in _fixed_records()))
+    assert cli.main(["report", str(results), str(other), "--out", str(outdir)]) == 0
+    assert (outdir / "report.md").read_text().count("**lenet300_100 on mnist**") == 2
+    assert len(list(outdir.glob("accuracy-*.png"))) == 2
+
+
+def test_report_tables_alone_and_bad_files(tmp_path):
+    results = tmp_path / "r.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in _fixed_records()))
+    outdir = tmp_path / "tables"
+    assert cli.main(["report", str(results), "--out", str(outdir), "--no-plots"]) == 0
+    assert "| random | 91.00 ± 1.41 |" in (outdir / "report.md").read_text()
+    assert not list(outdir.glob("*.png"))
+    foreign = tmp_path / "foreign.jsonl"
+    foreign.write_text(json.dumps({"method": "snip"}) + "\n")
+    with pytest.raises(ValueError, match="results: .* line 1 is not an ntkfast study record"):
+        report.write_report([foreign], outdir)
+
+
+def test_report_rows_keep_other_settings_apart_and_count_a_cell_once():
+    recs = _fixed_records()
+    tweaked = [{**r, "rounds": 10} for r in recs if r["method"] == "synflow"]
+    text = report.markdown_table(recs + recs[:2] + tweaked)  # recs[:2]: the same cells again
+    assert "| random | 91.00 ± 1.41 |" in text  # still two seeds, not four
+    assert "| synflow (10 rounds) |" in text and text.count("| synflow") == 2
+
+
+def test_cli_method_settings_parse():
+    assert cli._method_settings(["synflow=10", "ntksap=5"], "--rounds", int) == {"synflow": 10, "ntksap": 5}
+    assert cli._method_settings(["ntt:epochs=2", "ntt:lr=0.001", "ntksap:repeats=3"], "--method-option",
+                                cli._option) == {"ntt": {"epochs": 2, "lr": 0.001}, "ntksap": {"repeats": 3}}
+    with pytest.raises(SystemExit, match="METHOD=N"):
+        cli._method_settings(["synflow"], "--rounds", int)
+    with pytest.raises(SystemExit, match="METHOD:KEY=VALUE"):
+        cli._method_settings(["epochs=2"], "--method-option", cli._option)
