@@ -35,12 +35,14 @@ def ntt(
     init_mask: str = "magnitude",
     kernel: str = "sparse",
     validation=None,
+    process_group=None,
 ) -> "OrderedDict[str, torch.Tensor]":
     """Runs :func:`ntkfast.transfer` at the round's density and scope (prune() passes them) and
     scores kept weights in [1, 2) by their learned magnitude, pruned ones 0, so that prune's
     masking step reproduces the transfer's mask. ``data`` reaches it as the user gave it (a
     dataset works) and is used without its labels. It starts from the dense model only: start
-    masks, a second round or prune hooks are refused."""
+    masks, a second round or prune hooks are refused. ``process_group``: the transfer's steps are
+    split over its processes (see :func:`ntkfast.transfer`)."""
     if target_density is None:
         raise ValueError("target_density: the NTT scorer needs the density it learns a mask for (prune() passes it)")
     if masks is not None and not all(bool(m.all()) for m in masks.values()):
@@ -48,7 +50,8 @@ def ntt(
                          "(use rounds=1 and no start masks or prune hooks)")
     res = transfer(model, target_density, data, steps=steps, epochs=epochs, batch_size=batch_size,
                    lambda_ker=lambda_ker, lambda_l2=lambda_l2, lr=lr, mask_update_every=mask_update_every,
-                   init_mask=init_mask, scope=scope, seed=seed, progress=False, validation=validation, kernel=kernel)
+                   init_mask=init_mask, scope=scope, seed=seed, progress=False, validation=validation, kernel=kernel,
+                   process_group=process_group)
     out = OrderedDict()
     for name, m in res.masks.items():
         w = res.state_dict[name].detach().abs().to(torch.float64).cpu()

@@ -6,6 +6,7 @@ import json
 import sys
 import time
 
+from .distributed import is_main_process
 from .study import DEFAULT_ROUNDS as _ITERATIVE_DEFAULT_ROUNDS  # the authors' iterative schedules
 
 
@@ -96,7 +97,7 @@ def cmd_prune(args) -> int:
     print(masks.report())
     print(f"\nmethod {args.method}, {rounds} round(s), {args.scope} scope: density {masks.density:.6g} "
           f"(target {args.density}); scoring time {masks.metadata['score_seconds']:.3f} s, total {wall:.3f} s")
-    if args.out:
+    if args.out and is_main_process():
         masks.save(args.out)
         print(f"masks saved to {args.out}")
     return 0
@@ -136,6 +137,8 @@ def cmd_transfer(args) -> int:
               f"over {res.masks.metadata['steps']} steps ({h['seconds'][-1]:.1f} s)")
     print(res.masks.report())
     res.masks.metadata["model"] = args.model
+    if not is_main_process():  # under torchrun: rank 0 writes
+        return 0
     torch.save({"format": _TRANSFER_FORMAT, "model": args.model, "input_shape": list(model.input_shape),
                 "num_classes": model.num_classes, "masks": dict(res.masks), "metadata": res.masks.metadata,
                 "state_dict": {k: v.cpu() for k, v in res.state_dict.items()}, "history": h}, args.out)
@@ -309,6 +312,12 @@ def _add_model_args(p, default_model):
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _add_dist_args(p):
+    p.add_argument("--dist-timeout", type=float, default=600.0,
+                   help="under torchrun: seconds a process waits for the others in a collective before it "
+                        "stops with an error (default 600)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ntkfast", description="Fast NTK-based pruning at initialisation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -327,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--option", type=_option, action="append", metavar="KEY=VALUE",
                    help="an option of the method, repeatable (e.g. -o repeats=5 -o epsilon=0.01; see `ntkfast methods`)")
     p.add_argument("--out", default=None, help="save the masks here (torch.save)")
+    _add_dist_args(p)
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("transfer", help="Neural Tangent Transfer: learn a sparse initialisation, label-free")
@@ -347,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-samples", type=int, default=None, help="use only the first N training images")
     p.add_argument("--out", required=True, help="where to save masks, learned weights and history (torch.save)")
     p.add_argument("--plot", default=None, help="also plot the validation losses to this PNG (needs matplotlib)")
+    _add_dist_args(p)
     p.set_defaults(func=cmd_transfer)
 
     p = sub.add_parser("train", help="train a (pruned) zoo model and report test accuracy")
@@ -405,8 +416,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _under_torchrun() -> bool:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if not _under_torchrun():
+        return _run(args)
+    # torchrun: prune and transfer split their work over the processes; rank 0 alone prints and
+    # writes files, the others run silently
+    if not hasattr(args, "dist_timeout"):
+        print(f"ntkfast: error: `{args.command}` does not split over processes; run it without torchrun",
+              file=sys.stderr)
+        return 2
+    import contextlib
+    import os
+
+    import torch.distributed as dist
+
+    from .distributed import init_from_env
+
+    try:
+        args.device = init_from_env(args.device, args.dist_timeout)
+    except ValueError as exc:
+        print(f"ntkfast: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if dist.get_rank() == 0:
+            return _run(args)
+        args.quiet = True
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+            return _run(args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(args) -> int:
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as exc:

@@ -130,6 +130,7 @@ def prune(
     include_norm: bool = False,
     on_empty_layer: str = "warn",
     keep_rule: str = "exact",
+    process_group=None,
     **method_options,
 ) -> Masks:
     """Prune ``model`` to ``density`` (fraction of prunable weights kept) with a registered scorer.
@@ -148,6 +149,12 @@ def prune(
 
     The model is never changed: apply the result with ``masks.apply(model)``. A layer that loses
     every weight is reported by name (``on_empty_layer``: "warn", "error" or "ignore").
+
+    ``process_group`` (default: the world group when ``torch.distributed`` is initialised; False:
+    none): the scorers that split their work (ntksap, snip, iterative_snip, grasp; ntt trains one
+    student data-parallel) split it over the group's processes; the others compute on every
+    process and rank 0's scores are used. Every process must pass the same model, masks and data
+    (checked) and ends with the same masks. See :mod:`ntkfast.distributed`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -162,6 +169,11 @@ def prune(
         raise ValueError(f"seed must be an int, got {seed!r}")
     seed = int(seed)
     _check_options(info, method_options)
+    if "process_group" in method_options:
+        raise ValueError("process_group: an argument of prune() itself, given twice")
+    from .distributed import resolve as resolve_shard
+
+    shard = resolve_shard(process_group)
     current = _existing_masks(model, Masks.ones(model, include_bias=include_bias, include_norm=include_norm))
     left = unpruned_weights(model, prunable_parameters(model, include_bias=include_bias, include_norm=include_norm))
     if left:
@@ -187,6 +199,12 @@ def prune(
         # moved to the model's device only for methods that compute on it (SynFlow reads a shape)
         data = as_batches(data, name="data", device=model_device(model) if info.needs_data else None)
         _check_data_fits(model, data)
+    if shard.split:
+        shard.check_same("model", [t for t in model.state_dict().values()
+                                   if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.dtype == torch.bool)])
+        shard.check_same("masks", list(current.values()))
+        if data is not None and not info.raw_data:
+            shard.check_same("data", [t for batch in data for t in batch])
 
     from ._progress import Progress
 
@@ -197,10 +215,13 @@ def prune(
         run_options["scope"] = scope
     if "cache" in params_of_fn and "cache" not in run_options:
         run_options["cache"] = {}
+    splits = "process_group" in params_of_fn
+    if splits:
+        run_options["process_group"] = process_group
 
     densities = density_schedule(density, rounds, schedule)
     seeds = _round_seeds(seed, rounds)
-    bar = Progress(rounds, desc=f"prune {method}", enabled=progress)
+    bar = Progress(rounds, desc=f"prune {method}", enabled=progress and shard.rank == 0)
     score_s = 0.0
     try:
         for t, (d, s) in enumerate(zip(densities, seeds), start=1):
@@ -209,10 +230,16 @@ def prune(
             # a mask of that density) ask for it by these parameter names
             if "target_density" in params_of_fn:
                 run_options["target_density"] = d
-            sc = info.fn(model, current, data=data, seed=s, **run_options)
+            if splits or not shard.split:
+                sc = info.fn(model, current, data=data, seed=s, **run_options)
+            else:
+                # computed alike on every process; rank 0's copy makes them bit-identical
+                sc = shard.run(lambda: info.fn(model, current, data=data, seed=s, **run_options))
             score_s += time.perf_counter() - t0
             if set(sc) != set(current):
                 raise RuntimeError(f"scorer {method!r} returned scores for {sorted(sc)}, expected {sorted(current)}")
+            if shard.split and not splits:
+                shard.broadcast_([sc[n] for n in current])
             current = Masks(threshold(sc, d, keep=current, scope=scope, keep_rule=keep_rule))
             if progress:
                 bar.update(density=f"{current.density:.4g}", score_s=f"{score_s:.2f}")
@@ -230,7 +257,10 @@ def prune(
         "seed": seed,
         "score_seconds": score_s,
         "options": {k: v for k, v in method_options.items() if isinstance(v, (int, float, str, bool, type(None)))},
+        "processes": shard.size,
     }
+    if shard.split:
+        shard.check_same("prune: the resulting masks", list(current.values()))
     empty = current.empty_layers()
     if empty and on_empty_layer != "ignore":
         msg = f"prune: {len(empty)} layer(s) lost all their weights: {', '.join(empty)}"

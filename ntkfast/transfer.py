@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from .distributed import resolve as resolve_shard, split_sizes
 from .masks import Masks, prunable_parameters, threshold
 from .ntk import empirical_ntk
 from ._unlabelled import Unlabelled, split_validation, total_steps
@@ -74,21 +75,38 @@ def _halves(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return x[:h], x[h:]
 
 
-def teacher_targets(teacher: nn.Module, x: torch.Tensor, params=None) -> Tuple[torch.Tensor, torch.Tensor]:
+def _rows(n: int, part: Optional[Tuple[int, int]]) -> slice:
+    """Rows of ``part`` = (index, count): the index-th of count contiguous blocks of range(n)."""
+    if part is None:
+        return slice(0, n)
+    sizes = split_sizes(n, part[1])
+    start = sum(sizes[:part[0]])
+    return slice(start, start + sizes[part[0]])
+
+
+def teacher_targets(teacher: nn.Module, x: torch.Tensor, params=None,
+                    part: Optional[Tuple[int, int]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """The teacher's outputs on x [B, K] and its full cross-NTK between the halves of x, with
-    respect to ``params`` (names; default: all of the teacher's parameters, frozen or not)."""
+    respect to ``params`` (names; default: all of the teacher's parameters, frozen or not).
+    With ``part`` (see :func:`transfer_loss`) only that part's rows of both."""
     x1, x2 = _halves(x)
+    r1, rx = _rows(x1.shape[0], part), _rows(x.shape[0], part)
     if params is None:
         params = [n for n, _ in teacher.named_parameters()]
     with torch.no_grad():
-        out = _flat_outputs(teacher(x), x.shape[0])
-    return out, empirical_ntk(teacher, x1, x2, mode="full", params=params)
+        out = _flat_outputs(teacher(x[rx]), rx.stop - rx.start) if rx.stop > rx.start else None
+    if r1.stop > r1.start:
+        ntk = empirical_ntk(teacher, x1[r1], x2, mode="full", params=params)
+    else:
+        ntk = None
+    return out, ntk
 
 
 def transfer_loss(student: nn.Module, masks: Mapping[str, torch.Tensor], x: torch.Tensor,
                   teacher_out: torch.Tensor, teacher_ntk: torch.Tensor, *, density: float,
                   lambda_ker: float = 1e-3, lambda_l2: float = 1e-4, kernel: str = "sparse",
-                  create_graph: bool = True) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+                  create_graph: bool = True,
+                  part: Optional[Tuple[int, int]] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """The NTT loss of ``student`` (weights W ⊙ masks) on the batch ``x`` against the teacher's
     outputs and cross-NTK (see :func:`teacher_targets`). Returns (loss, {"kernel_distance",
     "target_distance", "l2"}), differentiable with respect to the student's parameters.
@@ -96,22 +114,34 @@ def transfer_loss(student: nn.Module, masks: Mapping[str, torch.Tensor], x: torc
     kernel: "sparse" (default, the NTK of the sparse network: only unmasked weight entries are
     differentiated) or "authors_code" (as the authors' JAX code: the Jacobian over every weight
     entry, evaluated at the masked weights W ⊙ m, so pruned entries' derivatives count too).
+
+    part: (index, count) for a loss split over processes: this part's share, the kernel term over
+    its contiguous block of the rows of X1, the target term over its block of the rows of X, the
+    L2 term in part 0 only; the count shares add up to the whole loss (each normalised by the whole
+    batch's sizes). ``teacher_out`` / ``teacher_ntk`` are then that part's rows
+    (``teacher_targets(..., part=part)``).
     """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel: expected one of {', '.join(map(repr, KERNELS))}, got {kernel!r}")
     x1, x2 = _halves(x)
+    r1, rx = _rows(x1.shape[0], part), _rows(x.shape[0], part)
     every = OrderedDict(student.named_parameters())
     named = OrderedDict((n, p) for n, p in every.items() if p.requires_grad)
     masked = OrderedDict((n, every[n] * masks[n].to(every[n].dtype)) for n in masks)
-    out = _flat_outputs(functional_call(student, masked, (x,)), x.shape[0])
-    if kernel == "sparse":
-        theta = empirical_ntk(student, x1, x2, masks=masks, mode="full", create_graph=create_graph)
-    elif kernel == "authors_code":
-        values = OrderedDict((n, masked.get(n, p)) for n, p in named.items())
-        theta = empirical_ntk(student, x1, x2, params=values, mode="full", create_graph=create_graph)
-    else:
-        raise ValueError(f"kernel: expected one of {', '.join(map(repr, KERNELS))}, got {kernel!r}")
-    ker = (theta - teacher_ntk).square().sum() / teacher_ntk.numel()
-    target = (out - teacher_out).square().sum() / out.numel()
-    l2 = sum(w.square().sum() for w in masked.values())
+    zero = next(iter(masked.values())).new_zeros(())
+    ker = target = zero
+    if r1.stop > r1.start:
+        if kernel == "sparse":
+            theta = empirical_ntk(student, x1[r1], x2, masks=masks, mode="full", create_graph=create_graph)
+        else:
+            values = OrderedDict((n, masked.get(n, p)) for n, p in named.items())
+            theta = empirical_ntk(student, x1[r1], x2, params=values, mode="full", create_graph=create_graph)
+        k = theta.shape[-1]
+        ker = (theta - teacher_ntk).square().sum() / (x1.shape[0] * x2.shape[0] * k * k)
+    if rx.stop > rx.start:
+        out = _flat_outputs(functional_call(student, masked, (x[rx],)), rx.stop - rx.start)
+        target = (out - teacher_out).square().sum() / (x.shape[0] * out.shape[1])
+    l2 = sum(w.square().sum() for w in masked.values()) if part is None or part[0] == 0 else zero
     loss = lambda_ker * ker + target + (lambda_l2 / density) * l2
     return loss, {"kernel_distance": ker, "target_distance": target, "l2": l2}
 
@@ -159,6 +189,13 @@ def _check_fits(model: nn.Module, x: torch.Tensor, name: str) -> None:
     _flat_outputs(out, x.shape[0])
 
 
+def _callback_stops(shard, callback, info) -> bool:
+    """The user's callback, on every process; the transfer stops when it returns False on any
+    (and stops everywhere when it raises on any)."""
+    _, (stops,) = shard.all_sum(lambda: ([], [1.0 if callback(info) is False else 0.0]), [], flags=1)
+    return stops > 0
+
+
 def _model_info(model: nn.Module):
     for p in model.parameters():
         return p.device, p.dtype
@@ -187,6 +224,7 @@ def transfer(
     kernel: str = "sparse",
     checkpoint=None,
     checkpoint_every: Optional[int] = None,
+    process_group=None,
 ) -> TransferResult:
     """Neural Tangent Transfer: a sparse student of ``model`` whose outputs and empirical NTK
     mimic the dense ``model``'s, learned without labels.
@@ -230,6 +268,13 @@ def transfer(
             when the file exists, the transfer resumes from it and gives the same result as an
             uninterrupted run. A checkpoint made with other settings, data or teacher is refused.
         checkpoint_every: steps between checkpoints (default ``log_every``).
+        process_group: split every step over the group's processes (default: the world group when
+            torch.distributed is initialised; False: none). Each process computes its block of
+            the rows of the batch (of X1 for the kernel term, of X for the target term) and the
+            gradients of the one student are all-reduced, so every process takes the same Adam
+            steps and the result is the single-process one up to floating-point summation order.
+            Every process passes the same model and data (checked); rank 0 alone prints and writes
+            the checkpoint (which every process must be able to read to resume).
 
     Returns:
         a :class:`TransferResult`: ``(masks, state_dict)`` (the learned weights, zero where
@@ -277,6 +322,8 @@ def transfer(
         raise ValueError(f"kernel: 'authors_code' differentiates every masked weight, but {frozen[0]!r} is frozen; "
                          "use kernel='sparse' or unfreeze it")
 
+    shard = resolve_shard(process_group)
+    part = (shard.rank, shard.size) if shard.split else None
     source = Unlabelled(data)
     if validation is None:  # the authors' validation batch, when the data can spare it
         validation = batch_size if len(source) >= 4 * batch_size else (len(source) // 4 if len(source) >= 8 else 0)
@@ -295,6 +342,9 @@ def transfer(
     if val_x is not None:
         val_x = prepare(val_x)
         _check_fits(teacher, val_x[:2], "validation")
+    if shard.split:
+        shard.check_same("model", [t for t in model.state_dict().values() if t.is_floating_point()])
+        shard.check_same("data", [source.take(train_idx[:batch_size])] + ([val_x] if val_x is not None else []))
     for p in teacher.parameters():
         p.requires_grad_(False)
     student = copy.deepcopy(model).eval()  # keeps the user's requires_grad: frozen stays frozen
@@ -308,7 +358,7 @@ def transfer(
     masks = Masks(OrderedDict((n, m.to(device)) for n, m in masks.items()))
 
     if val_x is not None:
-        val_t_out, val_t_ntk = teacher_targets(teacher, val_x, trainable)
+        val_t_out, val_t_ntk = teacher_targets(teacher, val_x, trainable, part=part)
 
     opts = dict(density=density, lambda_ker=lambda_ker, lambda_l2=lambda_l2, kernel=kernel)
     history: Dict[str, List] = {k: [] for k in ("step", "loss", "kernel_distance", "target_distance", "l2",
@@ -319,8 +369,15 @@ def transfer(
     def validate(step):
         if val_x is None:
             return None
-        loss, parts = transfer_loss(student, masks, val_x, val_t_out, val_t_ntk, create_graph=False, **opts)
-        rec = {"step": step, "loss": float(loss.detach()), **{k: float(v.detach()) for k, v in parts.items()},
+
+        def local():
+            loss, parts = transfer_loss(student, masks, val_x, val_t_out, val_t_ntk, create_graph=False, part=part,
+                                        **opts)
+            return [], [float(loss.detach())] + [float(v.detach()) for v in parts.values()]
+
+        # the parts' losses add up to the whole (see transfer_loss)
+        _, (loss, ker, target, l2) = shard.all_sum(local, [], flags=4)
+        rec = {"step": step, "loss": loss, "kernel_distance": ker, "target_distance": target, "l2": l2,
                "train_loss": (sum(pending) / len(pending)) if pending else float("nan"),
                "seconds": time.perf_counter() - t_start}
         for k, v in rec.items():
@@ -330,7 +387,9 @@ def transfer(
 
     from ._progress import Progress
 
-    optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=lr)
+    learned = [p for p in student.parameters() if p.requires_grad]
+    like = [p.detach() for p in learned]
+    optimizer = torch.optim.Adam(learned, lr=lr)
     step, epoch, in_epoch, stopped = 0, 0, 0, False
     if checkpoint is not None:
         settings = dict(opts, steps=total, batch_size=batch_size, lr=lr, mask_update_every=mask_update_every,
@@ -354,7 +413,7 @@ def transfer(
             "masks": OrderedDict((n, m.cpu()) for n, m in masks.items()), "history": history,
             "pending": list(pending), "elapsed": time.perf_counter() - t_start})
 
-    bar = Progress(total, desc="transfer", enabled=progress)
+    bar = Progress(total, desc="transfer", enabled=progress and shard.rank == 0)
     shown = step
     if step == 0:
         first = validate(0)
@@ -368,35 +427,43 @@ def transfer(
             for xb in source.epoch(train_idx, batch_size, (seed * 100_003 + epoch) % 2**63, skip=in_epoch):
                 in_epoch += 1
                 xb = prepare(xb)
-                t_out, t_ntk = teacher_targets(teacher, xb, trainable)
+
+                def local():
+                    t_out, t_ntk = teacher_targets(teacher, xb, trainable, part=part)
+                    with torch.enable_grad():
+                        loss, parts = transfer_loss(student, masks, xb, t_out, t_ntk, part=part, **opts)
+                        grads = (torch.autograd.grad(loss, learned, allow_unused=True) if loss.requires_grad
+                                 else [None] * len(learned))
+                    grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, learned)]
+                    return grads, [float(loss.detach())] + [float(v.detach()) for v in parts.values()]
+
                 optimizer.zero_grad(set_to_none=True)
-                with torch.enable_grad():
-                    loss, parts = transfer_loss(student, masks, xb, t_out, t_ntk, **opts)
-                    loss.backward()
+                grads, (loss, ker, target, l2) = shard.all_sum(local, like, flags=4)
+                for p, g in zip(learned, grads):
+                    p.grad = g
                 optimizer.step()
                 step += 1
-                pending.append(float(loss.detach()))
+                pending.append(loss)
                 update = bool(mask_update_every) and step % mask_update_every == 0 and step < last_update_limit
-                info = {"step": step, "loss": float(loss.detach()),
-                        **{k: float(v.detach()) for k, v in parts.items()},
+                info = {"step": step, "loss": loss, "kernel_distance": ker, "target_distance": target, "l2": l2,
                         "masks_updated": update, "masks": masks, "student": student}
                 # as the authors: the validation at a multiple of 100 steps sees the mask trained
                 # with; the re-selection comes after it
                 if step % log_every == 0 or step == total:
                     rec = validate(step)
-                    fields = {"train_loss": float(loss.detach())}
+                    fields = {"train_loss": loss}
                     if rec is not None:
                         info["validation"] = rec
                         fields.update(val_loss=rec["loss"], ker=rec["kernel_distance"], target=rec["target_distance"])
                     bar.update(step - shown, **fields)  # one line per log, not per step
                     shown = step
-                if callback is not None and callback(info) is False:
+                if callback is not None and _callback_stops(shard, callback, info):
                     stopped = True  # and the mask stays the one the student was trained with
                 if update and not stopped:
                     masks = select_masks({n: sparams[n] for n in names}, density, scope)
                 if stopped or step >= total:
                     break
-                if checkpoint is not None and step % every == 0:
+                if checkpoint is not None and step % every == 0 and shard.rank == 0:
                     save_checkpoint()
             else:
                 epoch, in_epoch = epoch + 1, 0
@@ -404,7 +471,7 @@ def transfer(
         bar.close()
     if stopped and (not history["step"] or history["step"][-1] != step):
         validate(step)
-    if checkpoint is not None:
+    if checkpoint is not None and shard.rank == 0:
         save_checkpoint()
 
     with torch.no_grad():

@@ -11,7 +11,9 @@ from typing import Optional
 
 import torch
 
+from ..distributed import resolve as resolve_shard
 from ._empirical import empirical_ntk_impl, per_sample_jacobian_impl
+from ._sharded import sharded_ntk
 from ._spectrum import NTKSpectrum, ntk_spectrum_impl
 from ._trace import ntk_trace_impl
 
@@ -20,7 +22,7 @@ __all__ = ["empirical_ntk", "per_sample_jacobian", "ntk_trace", "ntk_spectrum", 
 
 def empirical_ntk(model: torch.nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor] = None, *, masks=None,
                   mode: str = "full", params=None, memory_budget: Optional[int] = None,
-                  create_graph: bool = False, explain: bool = False):
+                  create_graph: bool = False, explain: bool = False, process_group=None, gather: bool = True):
     """The empirical NTK of ``model`` between the samples of ``x1`` and ``x2`` (default ``x1``).
 
     mode: "full" -> [N1, N2, K, K]; "trace" -> [N1, N2] (sum over k = l); "diagonal" ->
@@ -38,7 +40,21 @@ def empirical_ntk(model: torch.nn.Module, x1: torch.Tensor, x2: Optional[torch.T
     Supported by structure: Linear, Conv1d/2d/3d, eval-mode BatchNorm; any other module with
     parameters is differentiated by torch.func for that module alone, and shared (tied)
     parameters through the whole model. Train-mode BatchNorm and dropout are refused.
+
+    process_group: split the rows of x1 in contiguous blocks over the group's processes (default:
+    the world group when torch.distributed is initialised; False: no split); each computes its
+    block against every column. gather=True (default) returns the whole kernel on every process
+    (one all-gather); gather=False returns only this process's rows,
+    ``ntkfast.distributed.local_rows(len(x1), process_group)``, for kernels too large for one
+    device (and then create_graph may be used). Every process passes the same x1, x2 and model.
     """
+    if not isinstance(gather, bool):
+        raise ValueError(f"gather: expected True or False, got {gather!r}")
+    shard = resolve_shard(process_group)
+    if shard.split:
+        return sharded_ntk(shard, model, x1, x2, masks=masks, mode=mode, params=params,
+                           memory_budget=memory_budget, create_graph=bool(create_graph), explain=bool(explain),
+                           gather=gather)
     return empirical_ntk_impl(model, x1, x2, masks=masks, mode=mode, params=params, memory_budget=memory_budget,
                               create_graph=bool(create_graph), explain=bool(explain))
 

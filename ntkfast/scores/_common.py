@@ -70,6 +70,7 @@ __all__ = [
     "remember_float64",
     "divide_by_total",
     "finish",
+    "shard_batches",
 ]
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
@@ -384,6 +385,24 @@ def as_batches(data, name: str = "data", *, device=None) -> List[Batch]:
         if device is not None:
             x, y = x.to(device), y.to(device)
         out.append((x, y))
+    return out
+
+
+def shard_batches(batches: List[Batch], shard, train_mode: bool) -> List[Tuple[torch.Tensor, torch.Tensor, float]]:
+    """This process's share of a sum over ``batches`` of mean losses, as (x, y, weight) with the loss
+    of (x, y) to be multiplied by weight: whole batches in contiguous blocks when they divide
+    evenly over the processes or in train mode (BatchNorm must see each batch whole); otherwise
+    (eval mode) a contiguous block of rows of every batch, weighted by its share of the batch, which
+    is exact because an eval-mode mean loss is the weighted sum of the losses of its row blocks."""
+    if not shard.split:
+        return [(x, y, 1.0) for x, y in batches]
+    if train_mode or len(batches) % shard.size == 0:
+        return [(batches[i][0], batches[i][1], 1.0) for i in shard.block(len(batches))]
+    out = []
+    for x, y in batches:
+        rows = shard.block(x.shape[0])
+        if len(rows):
+            out.append((x[rows.start:rows.stop], y[rows.start:rows.stop], len(rows) / x.shape[0]))
     return out
 
 

@@ -7,6 +7,7 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
+from ..distributed import resolve as resolve_shard
 from . import register
 from ._common import (
     all_finite,
@@ -21,6 +22,7 @@ from ._common import (
     masked,
     model_device,
     resolve_targets,
+    shard_batches,
     state_copy,
     substitute,
     with_float64_fallback,
@@ -39,37 +41,56 @@ def grasp(
     train_mode: bool = False,
     temperature: float = 200.0,
     eps: float = 1e-10,
+    process_group=None,
 ) -> "OrderedDict[str, torch.Tensor]":
     """GraSP: with L_b = mean cross-entropy of f(x_b)/temperature on batch b of ``data`` and the
     network computing with theta * m, g = sum_b dL_b/dtheta (a constant), Hg = sum_b d(g . dL_b/dtheta)/dtheta,
     S = theta * Hg (signed: the lowest scores are pruned), divided by |sum S| + eps. Gradients are
-    w.r.t. the raw stored weights, so pruned entries score 0. Eval mode unless ``train_mode``."""
+    w.r.t. the raw stored weights, so pruned entries score 0. Eval mode unless ``train_mode``.
+    ``process_group``: the batches (or their rows) are split over its processes; g and Hg are each
+    all-reduced (see :mod:`ntkfast.distributed`)."""
     targets = resolve_targets(model, masks)
     batches = as_batches(data, "data", device=model_device(model))
     temperature = float(temperature)
+    shard = resolve_shard(process_group)
+    items = shard_batches(batches, shard, train_mode)
 
     def compute(dt):
         state = state_copy(model, dt)
         theta = leaves(state, targets)
         finite = True
 
-        def loss(x, y):
+        def loss(x, y, w):
             nonlocal finite
             out = functional_forward(model, substitute(state, targets, masked(theta, targets)),
                                      cast_input(x, dt), train_mode=train_mode)
             finite = finite and all_finite(out)
-            return cross_entropy(out / temperature, y)
+            value = cross_entropy(out / temperature, y)
+            return value * w if w != 1.0 else value
 
-        g = OrderedDict((n, torch.zeros_like(t)) for n, t in theta.items())
-        for x, y in batches:  # first gradient, no graph
-            for n, gn in grad_dict(loss(x, y), theta).items():
-                g[n] += gn
-        hg = OrderedDict((n, torch.zeros_like(t)) for n, t in theta.items())
-        for x, y in batches:  # Hessian-gradient product
-            gr = grad_dict(loss(x, y), theta, create_graph=True)
-            z = sum((g[n] * gr[n]).sum() for n in theta)
-            for n, h in grad_dict(z, theta).items():
-                hg[n] += h
+        like = [t.detach() for t in theta.values()]
+
+        def first_gradient():  # no graph
+            g = OrderedDict((n, torch.zeros_like(t)) for n, t in theta.items())
+            for x, y, w in items:
+                for n, gn in grad_dict(loss(x, y, w), theta).items():
+                    g[n] += gn
+            return list(g.values()), ()
+
+        g = OrderedDict(zip(theta, shard.all_sum(first_gradient, like)[0]))
+
+        def hessian_gradient():
+            hg = OrderedDict((n, torch.zeros_like(t)) for n, t in theta.items())
+            for x, y, w in items:
+                gr = grad_dict(loss(x, y, w), theta, create_graph=True)
+                z = sum((g[n] * gr[n]).sum() for n in theta)
+                for n, h in grad_dict(z, theta).items():
+                    hg[n] += h
+            return list(hg.values()), [0.0 if finite else 1.0]
+
+        summed, (bad,) = shard.all_sum(hessian_gradient, like, flags=1)
+        hg = OrderedDict(zip(theta, summed))
+        finite = bad == 0
         scores = OrderedDict((n, theta[n].detach() * hg[n]) for n in theta)
         return scores, finite and all_finite(scores)
 

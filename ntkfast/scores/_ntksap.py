@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..distributed import resolve as resolve_shard
 from . import register
 from ._common import finish, model_device, resolve_dtype, resolve_input_shape, resolve_targets
 from ._grouped import BatchNormPlan, GroupedNetwork, NotGroupable
@@ -66,6 +67,7 @@ def ntksap(
     cuda_graph: bool = True,
     data=None,
     cache: Optional[dict] = None,
+    process_group=None,
 ) -> "OrderedDict[str, torch.Tensor]":
     """NTK-SAP saliency of every prunable weight under ``masks``.
 
@@ -102,6 +104,9 @@ def ntksap(
     over several passes to respect it (default: 60% of the free GPU memory, 192 MiB on CPU).
     ``cuda_graph``: on CUDA, capture the grouped pass in a CUDA graph and replay it for every
     pass of the same shape (checked against the eager pass once; off on failure).
+    ``process_group``: the pieces are split in contiguous blocks over its processes and the mask
+    gradients all-reduced (see :mod:`ntkfast.distributed`; default: the world group when
+    torch.distributed is initialised, False: no split).
     The model is never changed.
     """
     targets = resolve_targets(model, masks)
@@ -148,32 +153,20 @@ def ntksap(
             "initialisation for every batch: pass init_fn=<function re-initialising a model in place> "
             "(e.g. one calling torch.nn.init.kaiming_normal_ on each layer) or weight_samples=[...]")
 
+    shard = resolve_shard(process_group)
     key = ("ntksap", dt, str(dev))
     store = cache.setdefault(key, {}) if cache is not None else {}
     draws = Draws(model, targets, seed=seed, pieces=pieces, batch_shape=batch_shape, dtype=dt, device=dev,
                   init_fn=init_fn, inputs=inputs, weight_samples=weight_samples, perturbations=perturbations,
-                  init_copy=store.get("init_copy"))
-    grads = None
-    if engine != "reference" and not (engine == "auto" and store.get("not_groupable")):
-        strategy = engine if engine != "auto" else ("sequential" if dev.type == "cpu" else "grouped")
-        try:
-            grads = _grouped_scores(model, targets, draws, eps, dt, dev, bn_stats, memory_budget, store,
-                                    strategy=strategy, cuda_graph=bool(cuda_graph))
-            store["grouped_ran"] = True
-        except NotGroupable as exc:
-            if engine != "auto":
-                raise ValueError(f"engine={engine!r}: {exc}") from None
-            _fall_back(store, str(exc))
-        except Exception as exc:
-            # a forward the wrapped copy cannot run (e.g. it reads a wrapped layer's .weight):
-            # the reference engine runs the model as it is
-            if engine != "auto" or store.get("grouped_ran") or isinstance(exc, torch.OutOfMemoryError):
-                raise
-            _fall_back(store, f"the {strategy} engine failed ({type(exc).__name__}: {exc})")
-    if grads is None:
-        grads = reference_scores(model, targets, draws, eps, dt, dev)
-    if draws._init_copy is not None:
-        store["init_copy"] = draws._init_copy
+                  init_copy=store.get("init_copy"), indices=shard.block(pieces))
+
+    def local():
+        return list(_local_scores(model, targets, draws, eps, dt, dev, bn_stats, memory_budget, store, engine,
+                                  cuda_graph).values()), ()
+
+    like = [torch.zeros(t.param.shape, dtype=dt, device=dev) for t in targets.values()]
+    summed, _ = shard.all_sum(local, like)
+    grads = OrderedDict(zip(targets, summed))
     sums = torch.stack([g.double().sum() for g in grads.values()])
     if not bool(torch.isfinite(sums).all()):
         raise ValueError("ntksap: the scores are not finite (a BatchNorm layer seeing a single value per "
@@ -207,6 +200,34 @@ def ntksap_trace_estimate(model: nn.Module, masks: Optional[Mapping[str, torch.T
                   inputs=[inputs] * samples, weight_samples=[theta] * samples)
     total = _grouped_scores(model, targets, draws, eps, dt, dev, bn_stats, memory_budget, {}, objective_only=True)
     return total / (samples * eps * eps)
+
+
+def _local_scores(model, targets, draws: Draws, eps, dt, dev, bn_stats, memory_budget, store, engine, cuda_graph):
+    """Signed mask gradients summed over this process's pieces (``draws.indices``)."""
+    if not draws.indices:
+        return OrderedDict((n, torch.zeros(t.param.shape, dtype=dt, device=dev)) for n, t in targets.items())
+    grads = None
+    if engine != "reference" and not (engine == "auto" and store.get("not_groupable")):
+        strategy = engine if engine != "auto" else ("sequential" if dev.type == "cpu" else "grouped")
+        try:
+            grads = _grouped_scores(model, targets, draws, eps, dt, dev, bn_stats, memory_budget, store,
+                                    strategy=strategy, cuda_graph=bool(cuda_graph))
+            store["grouped_ran"] = True
+        except NotGroupable as exc:
+            if engine != "auto":
+                raise ValueError(f"engine={engine!r}: {exc}") from None
+            _fall_back(store, str(exc))
+        except Exception as exc:
+            # a forward the wrapped copy cannot run (e.g. it reads a wrapped layer's .weight):
+            # the reference engine runs the model as it is
+            if engine != "auto" or store.get("grouped_ran") or isinstance(exc, torch.OutOfMemoryError):
+                raise
+            _fall_back(store, f"the {strategy} engine failed ({type(exc).__name__}: {exc})")
+    if grads is None:
+        grads = reference_scores(model, targets, draws, eps, dt, dev)
+    if draws._init_copy is not None:
+        store["init_copy"] = draws._init_copy
+    return grads
 
 
 def _fall_back(store: dict, why: str) -> None:
@@ -267,7 +288,7 @@ def _grouped_scores(model, targets, draws: Draws, eps, dt, dev, bn_stats, memory
     per_pass = 1 if sequential else _pieces_per_pass(net, draws, keys, masks, eps, has_bn, memory_budget, store)
     graphs = (cuda_graph and dev.type == "cuda" and not sequential and not objective_only and not net.shared
               and draws.perturbations is None)
-    for chunk in piece_list(draws.pieces, per_pass):
+    for chunk in piece_list(draws.indices, per_pass):
         if graphs and len(chunk) == per_pass and _graphed(model, net, targets, keys, draws, chunk, masks, total, eps,
                                                           has_bn and bn_stats == "authors", store):
             continue
@@ -436,7 +457,7 @@ def _pieces_per_pass(net, draws, keys, masks, eps, has_bn, memory_budget, store)
         warnings.warn(f"memory_budget: one piece (both branches of a batch of {B}) needs about "
                       f"{per_piece / 2**20:.0f} MiB of saved activations, more than the {memory_budget / 2**20:.0f} MiB "
                       "given; evaluating one piece per pass", RuntimeWarning, stacklevel=4)
-    return int(min(n, draws.pieces))
+    return int(min(n, max(1, len(draws.indices))))
 
 
 def _saved_bytes_per_row(net, draws: Draws, keys, masks, eps, has_bn) -> int:

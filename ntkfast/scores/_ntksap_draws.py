@@ -57,11 +57,13 @@ class Draws:
                  inputs: Optional[Sequence[torch.Tensor]] = None,
                  weight_samples: Optional[Sequence[Mapping[str, torch.Tensor]]] = None,
                  perturbations: Optional[Sequence[Mapping[str, torch.Tensor]]] = None,
-                 init_copy: Optional[nn.Module] = None):
+                 init_copy: Optional[nn.Module] = None, indices: Optional[range] = None):
         self.model = model
         self.targets = targets
         self.seed = int(seed)
         self.pieces = pieces
+        # the pieces this process evaluates (a contiguous block when the work is split over ranks)
+        self.indices = range(pieces) if indices is None else indices
         self.batch_shape = tuple(batch_shape)
         self.dtype, self.device = dtype, torch.device(device)
         self.inputs, self.weight_samples, self.perturbations = inputs, weight_samples, perturbations
@@ -185,5 +187,7 @@ def check_explicit(model: nn.Module, targets: Mapping[str, Target], inputs, weig
     return n
 
 
-def piece_list(n: int, per_pass: int) -> List[List[int]]:
-    return [list(range(s, min(s + per_pass, n))) for s in range(0, n, per_pass)]
+def piece_list(indices: range, per_pass: int) -> List[List[int]]:
+    """``indices`` in consecutive chunks of ``per_pass`` (a chunk's Philox streams are contiguous)."""
+    idx = list(indices)
+    return [idx[s:s + per_pass] for s in range(0, len(idx), per_pass)]

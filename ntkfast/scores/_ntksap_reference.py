@@ -54,7 +54,7 @@ def reference_scores(model: nn.Module, targets: Mapping[str, Target], draws: Dra
     bn_b = [m for m in b.modules() if isinstance(m, _BatchNorm)]
     masks = OrderedDict((n, t.mask.to(device=device, dtype=dtype).requires_grad_(True)) for n, t in targets.items())
     total = OrderedDict((n, torch.zeros_like(m)) for n, m in masks.items())
-    for i in range(draws.pieces):
+    for i in draws.indices:
         theta = draws.theta(i)
         z = draws.z(i)
         _load(a, theta)

@@ -7,6 +7,7 @@ from typing import Callable, Mapping, Optional
 import torch
 from torch import nn
 
+from ..distributed import resolve as resolve_shard
 from . import register
 from ._common import (
     all_finite,
@@ -21,23 +22,30 @@ from ._common import (
     masked,
     model_device,
     resolve_targets,
+    shard_batches,
     state_copy,
     substitute,
     with_float64_fallback,
 )
 
 
-def _summed_loss_grads(model, targets, batches, state, wrt, weights: Callable, train_mode: bool):
-    """Sum over the batches of d CE(f(x; weights(wrt)), y) / d wrt, and whether every output was finite."""
-    total = OrderedDict((n, torch.zeros_like(t)) for n, t in wrt.items())
-    finite = True
-    for x, y in batches:
-        st = substitute(state, targets, weights(wrt))
-        out = functional_forward(model, st, cast_input(x, next(iter(wrt.values())).dtype), train_mode=train_mode)
-        finite = finite and all_finite(out)
-        for n, g in grad_dict(cross_entropy(out, y), wrt).items():
-            total[n] += g
-    return total, finite
+def _summed_loss_grads(model, targets, items, state, wrt, weights: Callable, train_mode: bool, shard):
+    """Sum over the batches of d CE(f(x; weights(wrt)), y) / d wrt, and whether every output was
+    finite; ``items`` are this process's (x, y, weight) shares, summed over ``shard``."""
+
+    def local():
+        total = OrderedDict((n, torch.zeros_like(t)) for n, t in wrt.items())
+        finite = True
+        for x, y, w in items:
+            st = substitute(state, targets, weights(wrt))
+            out = functional_forward(model, st, cast_input(x, next(iter(wrt.values())).dtype), train_mode=train_mode)
+            finite = finite and all_finite(out)
+            for n, g in grad_dict(cross_entropy(out, y) * w if w != 1.0 else cross_entropy(out, y), wrt).items():
+                total[n] += g
+        return list(total.values()), [0.0 if finite else 1.0]
+
+    summed, (bad,) = shard.all_sum(local, [t.detach() for t in wrt.values()], flags=1)
+    return OrderedDict(zip(wrt, summed)), bad == 0
 
 
 @register("snip", "SNIP: |dL/dm| = |theta * dL/d(theta*m)| on labelled data, normalised to sum 1", needs_data=True)
@@ -50,21 +58,26 @@ def snip(
     dtype=None,
     input_shape=None,
     train_mode: bool = False,
+    process_group=None,
 ) -> "OrderedDict[str, torch.Tensor]":
     """SNIP connection sensitivity: S = |dL/dm| evaluated at the current masks m, where the network
     computes with theta * m and L is the mean cross-entropy of a batch, summed over the batches of
     ``data``; i.e. S = |theta * dL/d(theta * m)| (pruned entries get the sensitivity of their stored
     weight). Normalised by the sum of all scores (left as is when that sum is 0). Eval mode unless
-    ``train_mode``. ``seed`` and ``input_shape`` are ignored."""
+    ``train_mode``. ``seed`` and ``input_shape`` are ignored. ``process_group``: the batches (or
+    their rows) are split over its processes and the gradients all-reduced (see
+    :mod:`ntkfast.distributed`)."""
     targets = resolve_targets(model, masks)
     batches = as_batches(data, "data", device=model_device(model))
+    shard = resolve_shard(process_group)
+    items = shard_batches(batches, shard, train_mode)
 
     def compute(dt):
         state = state_copy(model, dt)
         theta = OrderedDict((n, state[t.param_name]) for n, t in targets.items())
         m = OrderedDict((n, t.mask_as(dt).requires_grad_(True)) for n, t in targets.items())
         grads, finite = _summed_loss_grads(
-            model, targets, batches, state, m, lambda mm: {n: theta[n] * mm[n] for n in mm}, train_mode
+            model, targets, items, state, m, lambda mm: {n: theta[n] * mm[n] for n in mm}, train_mode, shard
         )
         scores = OrderedDict((n, g.abs()) for n, g in grads.items())
         return scores, finite and all_finite(scores)
@@ -87,19 +100,22 @@ def iterative_snip(
     dtype=None,
     input_shape=None,
     train_mode: bool = False,
+    process_group=None,
 ) -> "OrderedDict[str, torch.Tensor]":
     """Iterative SNIP as in NTK-SAP's code: S = |theta * dL/dtheta| where the network computes with
     theta * m, so dL/dtheta = m * dL/d(theta * m) and pruned entries score 0; L is the mean
     cross-entropy, summed over the batches of ``data``. Normalised by the sum of all scores. Meant for
-    the iterative schedule. Eval mode unless ``train_mode``."""
+    the iterative schedule. Eval mode unless ``train_mode``. ``process_group`` as for :func:`snip`."""
     targets = resolve_targets(model, masks)
     batches = as_batches(data, "data", device=model_device(model))
+    shard = resolve_shard(process_group)
+    items = shard_batches(batches, shard, train_mode)
 
     def compute(dt):
         state = state_copy(model, dt)
         theta = leaves(state, targets)
         grads, finite = _summed_loss_grads(
-            model, targets, batches, state, theta, lambda th: masked(th, targets), train_mode
+            model, targets, items, state, theta, lambda th: masked(th, targets), train_mode, shard
         )
         scores = OrderedDict((n, (theta[n].detach() * g).abs()) for n, g in grads.items())
         return scores, finite and all_finite(scores)
