@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -165,21 +165,22 @@ class Shard:
         torch.distributed.all_gather(parts, pad.contiguous(), group=self.group)
         return torch.cat([p[:s] for p, s in zip(parts, sizes)], 0)
 
-    def check_same(self, what: str, tensors: Sequence[torch.Tensor]) -> None:
-        """Raise ValueError on every rank if ``tensors`` (e.g. the model's weights) differ between
-        ranks: a fingerprint per tensor is gathered, so it costs one small collective."""
+    def check_same(self, what: str, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Raise ValueError on every rank if any of ``tensors`` (name -> tensor, e.g. the model's
+        weights) differs between ranks: a fingerprint per tensor is gathered, one small collective."""
         if not self.split:
             return
-        prints = torch.stack([_fingerprint(t) for t in tensors]) if tensors else torch.zeros(0, 2, dtype=torch.float64)
-        prints = prints.to(self._device())
+        names = list(tensors)
+        prints = (torch.stack([_fingerprint(tensors[n]) for n in names]) if names
+                  else torch.zeros(0, 2, dtype=torch.float64)).to(self._device())
         everyone = [torch.empty_like(prints) for _ in range(self.size)]
         torch.distributed.all_gather(everyone, prints, group=self.group)
         for r, p in enumerate(everyone):
             if not torch.equal(p, everyone[0]):
-                bad = int((p != everyone[0]).any(dim=1).nonzero()[0])
-                raise ValueError(f"{what}: differs between rank 0 and rank {r} (entry {bad}); every process must "
-                                 "pass the same model weights, masks and data (seed them alike, or broadcast "
-                                 "rank 0's model first)")
+                bad = names[int((p != everyone[0]).any(dim=1).nonzero()[0])]
+                raise ValueError(f"{what}: {bad!r} differs between rank 0 and rank {r}; every process must pass the "
+                                 "same model weights, masks and data (seed them alike, or broadcast rank 0's "
+                                 "model first)")
 
     # -- helpers ----------------------------------------------------------------------------------
     def _device(self) -> torch.device:

@@ -200,11 +200,12 @@ def prune(
         data = as_batches(data, name="data", device=model_device(model) if info.needs_data else None)
         _check_data_fits(model, data)
     if shard.split:
-        shard.check_same("model", [t for t in model.state_dict().values()
-                                   if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.dtype == torch.bool)])
-        shard.check_same("masks", list(current.values()))
+        shard.check_same("model", {n: t for n, t in model.state_dict().items()
+                                   if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.dtype == torch.bool)})
+        shard.check_same("masks", current)
         if data is not None and not info.raw_data:
-            shard.check_same("data", [t for batch in data for t in batch])
+            shard.check_same("data", {f"batch {i} {part}": t for i, batch in enumerate(data)
+                                      for part, t in zip(("inputs", "targets"), batch)})
 
     from ._progress import Progress
 
@@ -260,7 +261,7 @@ def prune(
         "processes": shard.size,
     }
     if shard.split:
-        shard.check_same("prune: the resulting masks", list(current.values()))
+        shard.check_same("prune: the resulting masks", current)
     empty = current.empty_layers()
     if empty and on_empty_layer != "ignore":
         msg = f"prune: {len(empty)} layer(s) lost all their weights: {', '.join(empty)}"

@@ -96,7 +96,7 @@ def teacher_targets(teacher: nn.Module, x: torch.Tensor, params=None,
     with torch.no_grad():
         out = _flat_outputs(teacher(x[rx]), rx.stop - rx.start) if rx.stop > rx.start else None
     if r1.stop > r1.start:
-        ntk = empirical_ntk(teacher, x1[r1], x2, mode="full", params=params)
+        ntk = empirical_ntk(teacher, x1[r1], x2, mode="full", params=params, process_group=False)
     else:
         ntk = None
     return out, ntk
@@ -132,10 +132,12 @@ def transfer_loss(student: nn.Module, masks: Mapping[str, torch.Tensor], x: torc
     ker = target = zero
     if r1.stop > r1.start:
         if kernel == "sparse":
-            theta = empirical_ntk(student, x1[r1], x2, masks=masks, mode="full", create_graph=create_graph)
+            theta = empirical_ntk(student, x1[r1], x2, masks=masks, mode="full", create_graph=create_graph,
+                                  process_group=False)
         else:
             values = OrderedDict((n, masked.get(n, p)) for n, p in named.items())
-            theta = empirical_ntk(student, x1[r1], x2, params=values, mode="full", create_graph=create_graph)
+            theta = empirical_ntk(student, x1[r1], x2, params=values, mode="full", create_graph=create_graph,
+                                  process_group=False)
         k = theta.shape[-1]
         ker = (theta - teacher_ntk).square().sum() / (x1.shape[0] * x2.shape[0] * k * k)
     if rx.stop > rx.start:
@@ -343,8 +345,9 @@ def transfer(
         val_x = prepare(val_x)
         _check_fits(teacher, val_x[:2], "validation")
     if shard.split:
-        shard.check_same("model", [t for t in model.state_dict().values() if t.is_floating_point()])
-        shard.check_same("data", [source.take(train_idx[:batch_size])] + ([val_x] if val_x is not None else []))
+        shard.check_same("model", {n: t for n, t in model.state_dict().items() if t.is_floating_point()})
+        shard.check_same("data", {"first batch": source.take(train_idx[:batch_size]),
+                                  **({"validation": val_x} if val_x is not None else {})})
     for p in teacher.parameters():
         p.requires_grad_(False)
     student = copy.deepcopy(model).eval()  # keeps the user's requires_grad: frozen stays frozen
