@@ -281,7 +281,7 @@ def cmd_methods(args) -> int:
         data = " (needs data)" if info.needs_data else ""
         print(f"{name:16s} {desc}{data}")
         opts = [f"{n}={p.default!r}" for n, p in inspect.signature(info.fn).parameters.items()
-                if p.kind is p.KEYWORD_ONLY and n not in ("data", "seed", "cache", "target_density", "scope")]
+                if p.kind is p.KEYWORD_ONLY and n not in ("data", "seed", "cache", "target_density", "scope", "process_group")]
         if opts:
             print(f"{'':16s}   options (-o KEY=VALUE): {', '.join(opts)}")
     return 0

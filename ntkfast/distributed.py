@@ -28,7 +28,8 @@ from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["Shard", "DistributedError", "resolve", "split_sizes", "local_rows", "init_from_env", "is_main_process"]
+__all__ = ["Shard", "DistributedError", "resolve", "replicated", "split_sizes", "local_rows", "init_from_env",
+           "is_main_process"]
 
 
 class DistributedError(RuntimeError):
@@ -198,6 +199,30 @@ class Shard:
         failed = [(r, m) for r, m in enumerate(everyone) if m is not None]
         r, m = failed[0]
         raise DistributedError(f"rank {r} of {self.size} failed ({m}); this rank stops too")
+
+
+def replicated(scorer: Callable) -> Callable:
+    """``scorer`` with a ``process_group`` argument, for a scorer whose work does not split (SynFlow,
+    magnitude, random, or a user's): every process computes it, failures are agreed on, and rank
+    0's scores are broadcast so that every process holds the same bits."""
+    import functools
+    import inspect
+
+    @functools.wraps(scorer)
+    def wrapper(*args, process_group=None, **kwargs):
+        shard = resolve(process_group)
+        if not shard.split:
+            return scorer(*args, **kwargs)
+        scores = shard.run(lambda: scorer(*args, **kwargs))
+        shard.broadcast_(list(scores.values()))
+        return scores
+
+    sig = inspect.signature(scorer)
+    params = list(sig.parameters.values())
+    at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
+    params.insert(at, inspect.Parameter("process_group", inspect.Parameter.KEYWORD_ONLY, default=None))
+    wrapper.__signature__ = sig.replace(parameters=params)
+    return wrapper
 
 
 def _fingerprint(t: torch.Tensor) -> torch.Tensor:

@@ -55,7 +55,7 @@ def _check_options(info, options: dict) -> None:
         return
     for key in options:
         if key not in sig.parameters:
-            known = [n for n, p in sig.parameters.items() if p.kind is p.KEYWORD_ONLY and n not in ("data", "seed")]
+            known = [n for n, p in sig.parameters.items() if p.kind is p.KEYWORD_ONLY and n not in ("data", "seed", "process_group")]
             raise ValueError(f"{key}: not an option of method {info.name!r} (its options: {', '.join(known) or 'none'})")
 
 
@@ -153,7 +153,7 @@ def prune(
     ``process_group`` (default: the world group when ``torch.distributed`` is initialised; False:
     none): the scorers that split their work (ntksap, snip, iterative_snip, grasp; ntt trains one
     student data-parallel) split it over the group's processes; the others compute on every
-    process and rank 0's scores are used. Every process must pass the same model, masks and data
+    process and rank 0's scores are broadcast. Every process must pass the same model, masks and data
     (checked) and ends with the same masks. See :mod:`ntkfast.distributed`.
     """
     if not isinstance(model, nn.Module):
@@ -169,8 +169,6 @@ def prune(
         raise ValueError(f"seed must be an int, got {seed!r}")
     seed = int(seed)
     _check_options(info, method_options)
-    if "process_group" in method_options:
-        raise ValueError("process_group: an argument of prune() itself, given twice")
     from .distributed import resolve as resolve_shard
 
     shard = resolve_shard(process_group)
@@ -216,9 +214,8 @@ def prune(
         run_options["scope"] = scope
     if "cache" in params_of_fn and "cache" not in run_options:
         run_options["cache"] = {}
-    splits = "process_group" in params_of_fn
-    if splits:
-        run_options["process_group"] = process_group
+    # every registered scorer takes it (scores.register adds it where the work does not split)
+    run_options["process_group"] = process_group
 
     densities = density_schedule(density, rounds, schedule)
     seeds = _round_seeds(seed, rounds)
@@ -231,16 +228,10 @@ def prune(
             # a mask of that density) ask for it by these parameter names
             if "target_density" in params_of_fn:
                 run_options["target_density"] = d
-            if splits or not shard.split:
-                sc = info.fn(model, current, data=data, seed=s, **run_options)
-            else:
-                # computed alike on every process; rank 0's copy makes them bit-identical
-                sc = shard.run(lambda: info.fn(model, current, data=data, seed=s, **run_options))
+            sc = info.fn(model, current, data=data, seed=s, **run_options)
             score_s += time.perf_counter() - t0
             if set(sc) != set(current):
                 raise RuntimeError(f"scorer {method!r} returned scores for {sorted(sc)}, expected {sorted(current)}")
-            if shard.split and not splits:
-                shard.broadcast_([sc[n] for n in current])
             current = Masks(threshold(sc, d, keep=current, scope=scope, keep_rule=keep_rule))
             if progress:
                 bar.update(density=f"{current.density:.4g}", score_s=f"{score_s:.2f}")

@@ -105,6 +105,8 @@ def scores_and_masks(rank, world):
         "grasp_rows": (scores.grasp, mlp, dict(data=one)),
         "grasp_train_mode": (scores.grasp, net, dict(data=two, train_mode=True)),
         "grasp_f64": (scores.grasp, mlp, dict(data=three, dtype=torch.float64)),
+        "synflow": (scores.synflow, net, {}),  # not split: computed everywhere, rank 0's broadcast
+        "magnitude": (scores.magnitude, mlp, {}),
     }
     for name, (fn, model, opts) in cases.items():
         out[f"{name}/split"] = fn(model, **opts)

@@ -56,7 +56,7 @@ def _assert_close(split, alone, rtol, what):
 SCORE_CASES = {  # case -> relative tolerance against the single-process scores
     "ntksap": 1e-5, "ntksap_f64": 1e-12, "ntksap_one_piece": 0.0, "ntksap_reference": 1e-5,
     "snip_rows": 1e-5, "snip_three": 1e-5, "snip_bn_batches": 1e-5, "iterative_snip": 1e-5,
-    "grasp_rows": 1e-4, "grasp_train_mode": 1e-4, "grasp_f64": 1e-12,
+    "grasp_rows": 1e-4, "grasp_train_mode": 1e-4, "grasp_f64": 1e-12, "synflow": 0.0, "magnitude": 0.0,
 }
 
 
@@ -139,6 +139,14 @@ def test_different_models_refused_on_every_rank(tmp_path):
         assert run["error_message"] is not None and "model" in run["error_message"]
         assert "rank 1" in run["error_message"] and "classifier.0.weight" in run["error_message"]
         assert run["model_unchanged"]
+
+
+def test_every_registered_scorer_takes_a_process_group():
+    import inspect
+
+    for name in ntkfast.scores.available():
+        params = inspect.signature(ntkfast.scores.get(name).fn).parameters
+        assert "process_group" in params and params["process_group"].default is None, name
 
 
 def test_resolve_and_blocks():

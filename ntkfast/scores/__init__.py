@@ -4,6 +4,7 @@ one score per prunable weight (higher = more worth keeping). Each is registered 
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Dict
 
@@ -23,11 +24,17 @@ _REGISTRY: Dict[str, ScorerInfo] = {}
 
 def register(name: str, description: str, *, needs_data: bool = False, raw_data: bool = False,
              single_shot: bool = False):
-    """Decorator registering a scorer under ``name`` for prune() and the CLI."""
+    """Decorator registering a scorer under ``name`` for prune() and the CLI. A scorer without a
+    ``process_group`` argument gets one (:func:`ntkfast.distributed.replicated`: computed on every
+    process, rank 0's scores broadcast)."""
 
     def deco(fn):
         if name in _REGISTRY:
             raise ValueError(f"a scorer named {name!r} is already registered")
+        if "process_group" not in inspect.signature(fn).parameters:
+            from ..distributed import replicated
+
+            fn = replicated(fn)
         _REGISTRY[name] = ScorerInfo(name, fn, description, needs_data, raw_data, single_shot)
         return fn
 
