@@ -96,8 +96,9 @@ class Shard:
                 like: Sequence[torch.Tensor], flags: int = 0) -> Tuple[List[torch.Tensor], List[float]]:
         """Sum over ranks of ``compute()`` -> (tensors shaped as ``like``, ``flags`` floats).
 
-        One all-reduce per dtype and device; the flags and an error flag travel in the first
-        buffer. A rank whose ``compute`` raises contributes zeros and then every rank raises."""
+        One all-reduce per dtype; the flags and an error flag travel in the first float32/float64
+        buffer (in a float64 buffer of their own otherwise). A rank whose ``compute`` raises
+        contributes zeros and then every rank raises."""
         try:
             tensors, extra = compute()
             tensors, extra = list(tensors), [float(v) for v in extra]
@@ -114,24 +115,27 @@ class Shard:
             raise RuntimeError("internal: all_sum got a different number of tensors or flags than announced")
         groups: dict = {}
         for k, t in enumerate(tensors):
-            groups.setdefault((t.dtype, t.device), []).append(k)
+            groups.setdefault(t.dtype, []).append(k)
+        status = [1.0 if err is not None else 0.0] + extra
+        carrier = next((d for d in groups if d in (torch.float32, torch.float64)), None)
         out: List[Optional[torch.Tensor]] = [None] * len(tensors)
         tail = None
-        for gi, ((dtype, device), idx) in enumerate(groups.items()):
-            parts = [tensors[k].detach().reshape(-1) for k in idx]
-            if gi == 0:
-                parts.append(torch.tensor([1.0 if err is not None else 0.0] + extra, dtype=dtype, device=device))
+        dev = self._device()
+        for dtype, idx in groups.items():
+            parts = [tensors[k].detach().reshape(-1).to(dev) for k in idx]
+            if dtype == carrier:
+                parts.append(torch.tensor(status, dtype=dtype, device=dev))
             buf = torch.cat(parts) if len(parts) > 1 else parts[0].clone()
             torch.distributed.all_reduce(buf, group=self.group)
             offset = 0
-            for j, k in enumerate(idx):
+            for k in idx:
                 n = tensors[k].numel()
-                out[k] = buf[offset:offset + n].view_as(tensors[k])
+                out[k] = buf[offset:offset + n].view_as(tensors[k]).to(tensors[k].device)
                 offset += n
-            if gi == 0:
+            if dtype == carrier:
                 tail = buf[offset:].double().cpu().tolist()
-        if tail is None:  # no tensors at all: the flags alone
-            buf = torch.tensor([1.0 if err is not None else 0.0] + extra, dtype=torch.float64, device=self._device())
+        if tail is None:  # no float32/float64 tensor to carry the flags
+            buf = torch.tensor(status, dtype=torch.float64, device=dev)
             torch.distributed.all_reduce(buf, group=self.group)
             tail = buf.cpu().tolist()
         if tail[0] > 0:
@@ -144,10 +148,11 @@ class Shard:
             return
         groups: dict = {}
         for t in tensors:
-            groups.setdefault((t.dtype, t.device), []).append(t)
+            groups.setdefault(t.dtype, []).append(t)
         root = torch.distributed.get_global_rank(self.group, src) if self.group is not None else src
-        for (dtype, device), ts in groups.items():
-            buf = torch.cat([t.detach().reshape(-1) for t in ts])
+        dev = self._device()
+        for ts in groups.values():
+            buf = torch.cat([t.detach().reshape(-1).to(dev) for t in ts])
             torch.distributed.broadcast(buf, src=root, group=self.group)
             offset = 0
             for t in ts:
@@ -160,28 +165,34 @@ class Shard:
         if not self.split:
             return local
         top = max(sizes)
-        pad = local.new_zeros((top,) + tuple(local.shape[1:]))
-        pad[: local.shape[0]] = local
+        dev = self._device()
+        pad = torch.zeros((top,) + tuple(local.shape[1:]), dtype=local.dtype, device=dev)
+        pad[: local.shape[0]] = local.to(dev)
         parts = [torch.empty_like(pad) for _ in range(self.size)]
-        torch.distributed.all_gather(parts, pad.contiguous(), group=self.group)
-        return torch.cat([p[:s] for p, s in zip(parts, sizes)], 0)
+        torch.distributed.all_gather(parts, pad, group=self.group)
+        return torch.cat([p[:s] for p, s in zip(parts, sizes)], 0).to(local.device)
 
     def check_same(self, what: str, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Raise ValueError on every rank if any of ``tensors`` (name -> tensor, e.g. the model's
-        weights) differs between ranks: a fingerprint per tensor is gathered, one small collective."""
+        """Raise ValueError on every rank if ``tensors`` (name -> tensor, e.g. the model's weights)
+        differ between ranks in names, shapes or values (a fingerprint of each is compared, its
+        bit pattern, so NaN equals NaN). One small collective."""
         if not self.split:
             return
-        names = list(tensors)
-        prints = (torch.stack([_fingerprint(tensors[n]) for n in names]) if names
-                  else torch.zeros(0, 2, dtype=torch.float64)).to(self._device())
-        everyone = [torch.empty_like(prints) for _ in range(self.size)]
-        torch.distributed.all_gather(everyone, prints, group=self.group)
-        for r, p in enumerate(everyone):
-            if not torch.equal(p, everyone[0]):
-                bad = names[int((p != everyone[0]).any(dim=1).nonzero()[0])]
-                raise ValueError(f"{what}: {bad!r} differs between rank 0 and rank {r}; every process must pass the "
-                                 "same model weights, masks and data (seed them alike, or broadcast rank 0's "
-                                 "model first)")
+        mine = [(n, tuple(t.shape), _fingerprint(t)) for n, t in tensors.items()]
+        everyone: list = [None] * self.size
+        torch.distributed.all_gather_object(everyone, mine, group=self.group)
+        for r, theirs in enumerate(everyone):
+            if theirs == everyone[0]:
+                continue
+            names0 = [e[0] for e in everyone[0]]
+            if [e[0] for e in theirs] != names0:
+                missing = sorted(set(names0) ^ set(e[0] for e in theirs))
+                bad = f"the set of tensors ({', '.join(missing[:3]) or 'their order'})"
+            else:
+                bad = repr(next(a[0] for a, b in zip(everyone[0], theirs) if a != b))
+            raise ValueError(f"{what}: {bad} differs between rank 0 and rank {r}; every process must pass the "
+                             "same model weights, masks and data (seed them alike, or broadcast rank 0's model "
+                             "first)")
 
     # -- helpers ----------------------------------------------------------------------------------
     def _device(self) -> torch.device:
@@ -214,6 +225,8 @@ def replicated(scorer: Callable) -> Callable:
         if not shard.split:
             return scorer(*args, **kwargs)
         scores = shard.run(lambda: scorer(*args, **kwargs))
+        # own, dense copies: the scorer may return views of the model or expanded tensors
+        scores = type(scores)((n, t.detach().clone().contiguous()) for n, t in scores.items())
         shard.broadcast_(list(scores.values()))
         return scores
 
@@ -225,11 +238,13 @@ def replicated(scorer: Callable) -> Callable:
     return wrapper
 
 
-def _fingerprint(t: torch.Tensor) -> torch.Tensor:
-    """Two float64 numbers that change when any entry of ``t`` does (sum, and a position-weighted sum)."""
+def _fingerprint(t: torch.Tensor) -> Tuple[str, str]:
+    """Two float64 numbers, as exact hex strings, that change when any entry of ``t`` does: the sum
+    and a sum weighted by a multiplicative hash of the position (no period below 2^32)."""
     v = t.detach().reshape(-1).to(torch.float64)
-    w = torch.arange(1, v.numel() + 1, dtype=torch.float64, device=v.device).remainder_(7919.0).add_(1.0)
-    return torch.stack([v.sum(), (v * w).sum()]).cpu()
+    idx = torch.arange(v.numel(), dtype=torch.int64, device=v.device)
+    w = ((idx * 2654435761) % 4294967296).to(torch.float64).div_(4294967296.0).add_(0.5)
+    return float(v.sum()).hex(), float((v * w).sum()).hex()
 
 
 def resolve(process_group=None) -> Shard:
@@ -273,12 +288,18 @@ def init_from_env(device: Optional[str] = None, timeout_s: float = 600.0) -> Opt
     """Initialise the default process group from ``torchrun``'s environment (WORLD_SIZE > 1); a no-op
     otherwise. Backend: NCCL for a CUDA ``device`` (each process takes GPU LOCAL_RANK), else gloo.
     Returns the device this process should use (``cuda:LOCAL_RANK`` for CUDA), or ``device``."""
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
+        raise ValueError(f"dist_timeout: expected a positive number of seconds, got {timeout_s!r}")
+    try:
+        dev = torch.device(device) if device is not None else None
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device: {exc}") from None
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1 or _available():
         return device
-    if timeout_s is None or not timeout_s > 0:
-        raise ValueError(f"dist_timeout: expected a positive number of seconds, got {timeout_s!r}")
-    cuda = device is not None and torch.device(device).type == "cuda"
+    cuda = dev is not None and dev.type == "cuda"
+    if cuda and dev.index is not None:
+        raise ValueError(f"device: under torchrun give 'cuda', not {device!r}: each process takes GPU LOCAL_RANK")
     if cuda:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)

@@ -179,9 +179,6 @@ def prune(
         warnings.warn(f"prune: {len(left)} weight tensor(s) of layers ntkfast does not prune stay dense: {listed}. "
                       "Prunable are the weights of Linear and Conv1d/2d/3d modules (and their subclasses).",
                       RuntimeWarning, stacklevel=2)
-    if masks is not None:
-        current = _check_start_masks(masks, current)
-        current = _existing_masks(model, current)
     supplied = [k for k in _SUPPLIED if k in method_options]
     if supplied:
         raise ValueError(f"{supplied[0]}: set by prune() itself (its density schedule and scope), not a method option")
@@ -190,13 +187,23 @@ def prune(
         raise ValueError(f"rounds: method {method!r} runs once from the dense model; use rounds=1 and no start masks")
     if info.needs_data and data is None:
         raise ValueError(f"data: method {method!r} needs a labelled batch (inputs, targets) or an iterable of them")
-    if data is not None and not info.raw_data:
-        from .scores._common import as_batches, model_device
 
-        # once: a generator can be read only once, and every round must score the same batches;
-        # moved to the model's device only for methods that compute on it (SynFlow reads a shape)
-        data = as_batches(data, name="data", device=model_device(model) if info.needs_data else None)
-        _check_data_fits(model, data)
+    def checked_inputs():
+        start, batches = current, data
+        if masks is not None:
+            start = _existing_masks(model, _check_start_masks(masks, start))
+        if batches is not None and not info.raw_data:
+            from .scores._common import as_batches, model_device
+
+            # once: a generator can be read only once, and every round must score the same batches;
+            # moved to the model's device only for methods that compute on it (SynFlow reads a shape)
+            batches = as_batches(batches, name="data", device=model_device(model) if info.needs_data else None)
+            _check_data_fits(model, batches)
+        return start, batches
+
+    # checks whose outcome may differ between processes (their own masks and data): agreed on, so
+    # that no process goes on into a collective that another has left
+    current, data = shard.run(checked_inputs)
     if shard.split:
         shard.check_same("model", {n: t for n, t in model.state_dict().items()
                                    if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.dtype == torch.bool)})

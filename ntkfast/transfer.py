@@ -326,10 +326,12 @@ def transfer(
 
     shard = resolve_shard(process_group)
     part = (shard.rank, shard.size) if shard.split else None
-    source = Unlabelled(data)
+    # what depends on each process's own data is agreed on (shard.run), so that no process goes on
+    # into a collective that another has left
+    source = shard.run(lambda: Unlabelled(data))
     if validation is None:  # the authors' validation batch, when the data can spare it
         validation = batch_size if len(source) >= 4 * batch_size else (len(source) // 4 if len(source) >= 8 else 0)
-    train_idx, val_x = split_validation(source, validation)
+    train_idx, val_x = shard.run(lambda: split_validation(source, validation))
     n_train = len(train_idx)
     if Unlabelled.batches_per_epoch(n_train, batch_size) == 0:
         raise ValueError(f"data: {n_train} training inputs, too few for one batch of two")
@@ -340,14 +342,21 @@ def transfer(
 
     # Everything that can fail is checked before the transfer starts; only copies are touched.
     teacher = copy.deepcopy(model).eval()
-    _check_fits(teacher, prepare(source.take(train_idx[:2])), "data")
+
+    def check_inputs():
+        _check_fits(teacher, prepare(source.take(train_idx[:2])), "data")
+        if val_x is not None:
+            _check_fits(teacher, prepare(val_x[:2]), "validation")
+
+    shard.run(check_inputs)
     if val_x is not None:
         val_x = prepare(val_x)
-        _check_fits(teacher, val_x[:2], "validation")
     if shard.split:
         shard.check_same("model", {n: t for n, t in model.state_dict().items() if t.is_floating_point()})
-        shard.check_same("data", {"first batch": source.take(train_idx[:batch_size]),
-                                  **({"validation": val_x} if val_x is not None else {})})
+        # about a thousand inputs spread over the data, and the validation inputs
+        sample = train_idx[::max(1, n_train // 1024)]
+        shard.check_same("data", {"training inputs": shard.run(lambda: source.take(sample)),
+                                  **({"validation inputs": val_x} if val_x is not None else {})})
     for p in teacher.parameters():
         p.requires_grad_(False)
     student = copy.deepcopy(model).eval()  # keeps the user's requires_grad: frozen stays frozen
@@ -398,7 +407,10 @@ def transfer(
         settings = dict(opts, steps=total, batch_size=batch_size, lr=lr, mask_update_every=mask_update_every,
                         init_mask=init_mask, scope=scope, seed=seed, log_every=log_every)
         expected = _ckpt.fingerprint(teacher, settings, source.take(train_idx[:batch_size]), n_train, val_x)
-        saved = _ckpt.load(checkpoint, expected)
+        saved = shard.run(lambda: _ckpt.load(checkpoint, expected))
+        if shard.split:  # every process must resume from the same point (a file they all read)
+            where = [-1, 0, 0] if saved is None else [saved["step"], saved["epoch"], saved["in_epoch"]]
+            shard.check_same("checkpoint", {"resumed step, epoch and batch": torch.tensor(where)})
         if saved is not None:
             student.load_state_dict(saved["student"])
             optimizer.load_state_dict(saved["optimizer"])
@@ -410,6 +422,10 @@ def transfer(
         every = checkpoint_every or log_every
 
     def save_checkpoint():
+        # rank 0 writes; the others wait to hear whether it could
+        shard.run(lambda: write_checkpoint() if shard.rank == 0 else None)
+
+    def write_checkpoint():
         _ckpt.save(checkpoint, {
             "fingerprint": expected, "step": step, "epoch": epoch, "in_epoch": in_epoch,
             "student": student.state_dict(), "optimizer": optimizer.state_dict(),
@@ -466,7 +482,7 @@ def transfer(
                     masks = select_masks({n: sparams[n] for n in names}, density, scope)
                 if stopped or step >= total:
                     break
-                if checkpoint is not None and step % every == 0 and shard.rank == 0:
+                if checkpoint is not None and step % every == 0:
                     save_checkpoint()
             else:
                 epoch, in_epoch = epoch + 1, 0
@@ -474,7 +490,7 @@ def transfer(
         bar.close()
     if stopped and (not history["step"] or history["step"][-1] != step):
         validate(step)
-    if checkpoint is not None and shard.rank == 0:
+    if checkpoint is not None:
         save_checkpoint()
 
     with torch.no_grad():

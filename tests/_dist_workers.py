@@ -215,3 +215,64 @@ def different_models(rank, world):
         err = str(exc)
     same = all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     return {"error_message": err, "model_unchanged": same}
+
+
+def edge_cases(rank, world):
+    """Inputs that differ between ranks in kind, not only in value, and scorers returning views."""
+    import ntkfast
+    from ntkfast import scores
+
+    out = {}
+    # different architectures: a clear error on every rank, not a crash in the collective
+    torch.manual_seed(0)
+    width = (1, 8, 8) if rank == 0 else (1, 6, 6)
+    model = ntkfast.models.get("lenet300_100", input_shape=width, num_classes=10)
+    try:
+        ntkfast.prune(model, "magnitude", 0.5, progress=False)
+        out["architecture"] = None
+    except ValueError as exc:
+        out["architecture"] = str(exc)
+    # identical models holding NaN are the same model
+    torch.manual_seed(0)
+    model = ntkfast.models.get("lenet300_100", input_shape=(1, 8, 8), num_classes=10)
+    with torch.no_grad():
+        model.classifier[0].bias[0] = float("nan")
+    try:
+        ntkfast.prune(model, "random", 0.5, progress=False)
+        out["nan_model"] = None
+    except ValueError as exc:
+        out["nan_model"] = str(exc)
+    # a scorer returning views of the model's weights (and an expanded tensor): rank 0's scores
+    # are broadcast into copies, never into the model
+    torch.manual_seed(rank)  # different weights per rank, scored without prune's checks
+    model = ntkfast.models.get("lenet300_100", input_shape=(1, 8, 8), num_classes=10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def views(model, masks=None, *, data=None, seed=0):
+        from collections import OrderedDict
+
+        named = dict(model.named_parameters())
+        out = OrderedDict()
+        for n in ntkfast.prunable_parameters(model):
+            p = named[n]
+            out[n] = p.detach() if p.dim() == 2 and p.shape[0] > 10 else torch.ones(1).expand(p.shape)
+        return out
+
+    if "views" not in scores.available():
+        scores.register("views", "test scorer returning views")(views)
+    got = scores.get("views").fn(model)
+    out["views_scores"] = {n: t.clone() for n, t in got.items()}
+    out["views_model_unchanged"] = all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # one rank's data does not fit: every rank stops at once, with the error
+    torch.manual_seed(0)
+    model = ntkfast.models.get("lenet300_100", input_shape=(1, 8, 8), num_classes=10)
+    shape = (1, 8, 8) if rank == 0 else (3, 8, 8)
+    t0 = time.monotonic()
+    try:
+        ntkfast.prune(model, "snip", 0.5, data=(torch.randn(4, *shape), torch.zeros(4, dtype=torch.long)),
+                      progress=False)
+        out["bad_data"] = None
+    except Exception as exc:  # noqa: BLE001 - what the test inspects
+        out["bad_data"] = f"{type(exc).__name__}: {exc}"
+    out["bad_data_seconds"] = time.monotonic() - t0
+    return out

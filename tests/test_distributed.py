@@ -188,3 +188,16 @@ def test_torchrun_refuses_commands_that_do_not_split(tmp_path):
                           capture_output=True, text=True, timeout=120, cwd=str(tmp_path),
                           env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert proc.returncode != 0 and "does not split over processes" in proc.stderr
+
+
+def test_inputs_that_differ_in_kind(tmp_path):
+    r0, r1 = spawn("edge_cases", tmp_path, timeout_s=120, pg_timeout_s=60)
+    assert "error" not in r0 and "error" not in r1, r0.get("traceback") or r1.get("traceback")
+    for run in (r0, r1):
+        assert run["architecture"] is not None and "rank 1" in run["architecture"], run["architecture"]
+        assert run["nan_model"] is None, run["nan_model"]
+        assert run["views_model_unchanged"]
+        assert run["bad_data"] is not None and run["bad_data_seconds"] < 30
+    for n, t in r0["views_scores"].items():
+        assert torch.equal(r1["views_scores"][n], t), f"replicated scorer: rank 1 does not hold rank 0's scores for {n}"
+    assert "data" in r1["bad_data"] and "rank 1" in r0["bad_data"]

@@ -56,7 +56,7 @@ def grasp(
     items = shard_batches(batches, shard, train_mode)
 
     def compute(dt):
-        state = state_copy(model, dt)
+        state = shard.run(lambda: state_copy(model, dt))  # agreed on: it can run out of memory
         theta = leaves(state, targets)
         finite = True
 

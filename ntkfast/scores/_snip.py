@@ -73,7 +73,7 @@ def snip(
     items = shard_batches(batches, shard, train_mode)
 
     def compute(dt):
-        state = state_copy(model, dt)
+        state = shard.run(lambda: state_copy(model, dt))  # agreed on: it can run out of memory
         theta = OrderedDict((n, state[t.param_name]) for n, t in targets.items())
         m = OrderedDict((n, t.mask_as(dt).requires_grad_(True)) for n, t in targets.items())
         grads, finite = _summed_loss_grads(
@@ -112,7 +112,7 @@ def iterative_snip(
     items = shard_batches(batches, shard, train_mode)
 
     def compute(dt):
-        state = state_copy(model, dt)
+        state = shard.run(lambda: state_copy(model, dt))  # agreed on: it can run out of memory
         theta = leaves(state, targets)
         grads, finite = _summed_loss_grads(
             model, targets, items, state, theta, lambda th: masked(th, targets), train_mode, shard
