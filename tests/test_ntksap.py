@@ -492,3 +492,19 @@ def test_auto_falls_back_when_the_wrapped_copy_cannot_run():
     assert _max_rel(a, b) < 1e-12
     with pytest.raises(AttributeError):
         ntksap(net, engine="sequential", **kw)
+
+
+@pytest.mark.parametrize("engine", ["auto", "sequential", "reference"])
+def test_init_fn_error_reaches_the_user_unchanged(engine):
+    import warnings
+
+    torch.manual_seed(0)
+    net = models.get("resnet20", input_shape=(3, 8, 8))
+
+    def broken(model):
+        raise KeyError("the user's init broke")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and no engine fallback is tried (it would warn)
+        with pytest.raises(KeyError, match="the user's init broke"):
+            ntksap(net, repeats=2, batch_size=4, init_fn=broken, engine=engine)

@@ -26,7 +26,7 @@ from ..distributed import resolve as resolve_shard
 from . import register
 from ._common import finish, model_device, resolve_dtype, resolve_input_shape, resolve_targets
 from ._grouped import BatchNormPlan, GroupedNetwork, NotGroupable
-from ._ntksap_draws import Draws, check_explicit, piece_list
+from ._ntksap_draws import Draws, InitFailed, check_explicit, piece_list
 from ._ntksap_reference import reference_scores
 
 _ENGINES = ("auto", "grouped", "sequential", "reference")
@@ -161,8 +161,11 @@ def ntksap(
                   init_copy=store.get("init_copy"), indices=shard.block(pieces))
 
     def local():
-        return list(_local_scores(model, targets, draws, eps, dt, dev, bn_stats, memory_budget, store, engine,
-                                  cuda_graph).values()), ()
+        try:
+            return list(_local_scores(model, targets, draws, eps, dt, dev, bn_stats, memory_budget, store, engine,
+                                      cuda_graph).values()), ()
+        except InitFailed as exc:
+            raise exc.original  # the user's own error, with its traceback
 
     like = [torch.zeros(t.param.shape, dtype=dt, device=dev) for t in targets.values()]
     summed, _ = shard.all_sum(local, like)
@@ -213,6 +216,8 @@ def _local_scores(model, targets, draws: Draws, eps, dt, dev, bn_stats, memory_b
             grads = _grouped_scores(model, targets, draws, eps, dt, dev, bn_stats, memory_budget, store,
                                     strategy=strategy, cuda_graph=bool(cuda_graph))
             store["grouped_ran"] = True
+        except InitFailed:
+            raise
         except NotGroupable as exc:
             if engine != "auto":
                 raise ValueError(f"engine={engine!r}: {exc}") from None

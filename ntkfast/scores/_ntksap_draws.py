@@ -24,6 +24,15 @@ from ._common import Target, cast_copy
 _MASK64 = (1 << 64) - 1
 
 
+class InitFailed(Exception):
+    """The re-initialisation (the user's ``init_fn`` or ``reinitialize()``) raised ``original``: not
+    an engine's failure, so no other engine is tried."""
+
+    def __init__(self, original: BaseException):
+        super().__init__(str(original))
+        self.original = original
+
+
 def mix(seed: int, *parts) -> int:
     """A 64-bit hash of ``seed`` and ``parts`` (ints or strings), splitmix64 rounds."""
     h = int(seed) & _MASK64
@@ -98,7 +107,10 @@ class Draws:
                         torch.cuda.manual_seed(s)
                 if need_theta:
                     net = self.init_copy()
-                    self.init_fn(net) if self.init_fn is not None else net.reinitialize()
+                    try:
+                        self.init_fn(net) if self.init_fn is not None else net.reinitialize()
+                    except Exception as exc:
+                        raise InitFailed(exc) from exc
                     theta = {n: p.detach().clone() for n, p in net.named_parameters()}
                 if need_z:
                     z = torch.randn(self.batch_shape, dtype=self.dtype, device=self.device)
