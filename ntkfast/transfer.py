@@ -191,6 +191,27 @@ def _check_fits(model: nn.Module, x: torch.Tensor, name: str) -> None:
     _flat_outputs(out, x.shape[0])
 
 
+def _release_free_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc only; elsewhere nothing).
+
+    Each step allocates and frees differently sized NTK temporaries; glibc keeps the freed pages
+    in a fragmented heap, and a CPU transfer of LeNet-5 grew by about 0.7 MB per step (6 GB after
+    5,700 steps) until trimmed: with a trim every 100 steps it stays under 1 GB."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            import ctypes
+
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
+
+
 def _callback_stops(shard, callback, info) -> bool:
     """The user's callback, on every process; the transfer stops when it returns False on any
     (and stops everywhere when it raises on any)."""
@@ -469,6 +490,7 @@ def transfer(
                 # as the authors: the validation at a multiple of 100 steps sees the mask trained
                 # with; the re-selection comes after it
                 if step % log_every == 0 or step == total:
+                    _release_free_memory()
                     rec = validate(step)
                     fields = {"train_loss": loss}
                     if rec is not None:

@@ -144,6 +144,18 @@ def test_transfer_returns_masks_and_zeroed_weights_and_leaves_the_model_alone():
     fresh.load_state_dict(state)  # the weights load into the user's architecture
 
 
+def test_free_heap_pages_are_released_at_every_log(monkeypatch):
+    import importlib
+
+    T = importlib.import_module("ntkfast.transfer")  # the module (ntkfast.transfer is the function)
+    T._release_free_memory()  # the real one: a no-op or malloc_trim, never an error
+    calls = []
+    monkeypatch.setattr(T, "_release_free_memory", lambda: calls.append(1))
+    torch.manual_seed(0)
+    transfer(_mlp(), 0.25, _data(), steps=10, batch_size=8, progress=False, validation=8, log_every=4)
+    assert len(calls) == 3  # steps 4, 8 and the last
+
+
 def test_mask_updates_follow_the_schedule_and_freeze_at_the_end():
     torch.manual_seed(1)
     model = _mlp()
