@@ -312,8 +312,18 @@ def _add_model_args(p, default_model):
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
 def _add_dist_args(p):
-    p.add_argument("--dist-timeout", type=float, default=600.0,
+    p.add_argument("--dist-timeout", type=_seconds, default=600.0,
                    help="under torchrun: seconds a process waits for the others in a collective before it "
                         "stops with an error (default 600)")
 

@@ -23,6 +23,8 @@ process that never arrives (killed, or stuck elsewhere) is caught by the process
 from __future__ import annotations
 
 import datetime
+import functools
+import inspect
 import os
 from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 
@@ -66,14 +68,6 @@ class Shard:
         sizes = split_sizes(n, self.size)
         start = sum(sizes[: self.rank])
         return range(start, start + sizes[self.rank])
-
-    def blocks(self, n: int) -> List[range]:
-        """Every rank's block of ``range(n)``, in rank order."""
-        out, start = [], 0
-        for s in split_sizes(n, self.size):
-            out.append(range(start, start + s))
-            start += s
-        return out
 
     # -- communication --------------------------------------------------------------------------
     def run(self, fn: Callable[[], object]):
@@ -172,6 +166,11 @@ class Shard:
         torch.distributed.all_gather(parts, pad, group=self.group)
         return torch.cat([p[:s] for p, s in zip(parts, sizes)], 0).to(local.device)
 
+    def check_same_model(self, model: torch.nn.Module) -> None:
+        """:meth:`check_same` on the model's floating-point and boolean state (weights, buffers, masks)."""
+        self.check_same("model", {n: t for n, t in model.state_dict().items()
+                                  if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.dtype == torch.bool)})
+
     def check_same(self, what: str, tensors: Mapping[str, torch.Tensor]) -> None:
         """Raise ValueError on every rank if ``tensors`` (name -> tensor, e.g. the model's weights)
         differ between ranks in names, shapes or values (a fingerprint of each is compared, its
@@ -216,9 +215,6 @@ def replicated(scorer: Callable) -> Callable:
     """``scorer`` with a ``process_group`` argument, for a scorer whose work does not split (SynFlow,
     magnitude, random, or a user's): every process computes it, failures are agreed on, and rank
     0's scores are broadcast so that every process holds the same bits."""
-    import functools
-    import inspect
-
     @functools.wraps(scorer)
     def wrapper(*args, process_group=None, **kwargs):
         shard = resolve(process_group)

@@ -205,8 +205,7 @@ def prune(
     # that no process goes on into a collective that another has left
     current, data = shard.run(checked_inputs)
     if shard.split:
-        shard.check_same("model", {n: t for n, t in model.state_dict().items()
-                                   if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.dtype == torch.bool)})
+        shard.check_same_model(model)
         shard.check_same("masks", current)
         if data is not None and not info.raw_data:
             shard.check_same("data", {f"batch {i} {part}": t for i, batch in enumerate(data)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .distributed import resolve as resolve_shard, split_sizes
+from .distributed import Shard, resolve as resolve_shard
 from .masks import Masks, prunable_parameters, threshold
 from .ntk import empirical_ntk
 from ._unlabelled import Unlabelled, split_validation, total_steps
@@ -79,9 +79,8 @@ def _rows(n: int, part: Optional[Tuple[int, int]]) -> slice:
     """Rows of ``part`` = (index, count): the index-th of count contiguous blocks of range(n)."""
     if part is None:
         return slice(0, n)
-    sizes = split_sizes(n, part[1])
-    start = sum(sizes[:part[0]])
-    return slice(start, start + sizes[part[0]])
+    rows = Shard(rank=part[0], size=part[1]).block(n)
+    return slice(rows.start, rows.stop)
 
 
 def teacher_targets(teacher: nn.Module, x: torch.Tensor, params=None,
@@ -373,7 +372,7 @@ def transfer(
     if val_x is not None:
         val_x = prepare(val_x)
     if shard.split:
-        shard.check_same("model", {n: t for n, t in model.state_dict().items() if t.is_floating_point()})
+        shard.check_same_model(model)
         # about a thousand inputs spread over the data, and the validation inputs
         sample = train_idx[::max(1, n_train // 1024)]
         shard.check_same("data", {"training inputs": shard.run(lambda: source.take(sample)),

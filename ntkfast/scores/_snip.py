@@ -40,7 +40,8 @@ def _summed_loss_grads(model, targets, items, state, wrt, weights: Callable, tra
             st = substitute(state, targets, weights(wrt))
             out = functional_forward(model, st, cast_input(x, next(iter(wrt.values())).dtype), train_mode=train_mode)
             finite = finite and all_finite(out)
-            for n, g in grad_dict(cross_entropy(out, y) * w if w != 1.0 else cross_entropy(out, y), wrt).items():
+            loss = cross_entropy(out, y)
+            for n, g in grad_dict(loss * w if w != 1.0 else loss, wrt).items():
                 total[n] += g
         return list(total.values()), [0.0 if finite else 1.0]
 
