@@ -136,6 +136,10 @@ def plot_accuracy(records: Sequence[dict], path, metric: str = "final") -> None:
                     marker="o", markersize=4, capsize=3, linewidth=1.3, label=method)
     ax.set_xscale("log")
     ax.invert_xaxis()
+    # ticks at the study's own densities, in plain percent (not matplotlib's 3x10^0 log labels)
+    ticks = sorted({100 * d for per in stats.values() for d in per}, reverse=True)
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.xaxis.set_minor_locator(plt.NullLocator())
     ax.set_xlabel("weights remaining (%)")
     ax.set_ylabel(f"{metric} test accuracy (%)")
     r0 = records[0]
