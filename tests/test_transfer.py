@@ -91,6 +91,39 @@ def test_loss_and_gradient_match_torch_func(net, kernel, batch):
             assert torch.all(g[~masks[name]] == 0), name
 
 
+@pytest.mark.parametrize("net", sorted(NETS))
+@pytest.mark.parametrize("loop", [False, True])
+def test_both_cotangent_paths_give_the_torch_func_gradient(net, loop, monkeypatch):
+    # The capture picks the vmapped backward or a loop over outputs by the model's layers (for
+    # speed only); either must be exact on every kind of network, whichever one it would pick.
+    from ntkfast.ntk import _capture
+    monkeypatch.setattr(_capture, "_has_convolution", lambda model: loop)
+    teacher, student, x = _setup(net, seed=3, batch=6)
+    masks = _random_masks(student, 0.5, seed=3)
+    t_out, t_ntk = teacher_targets(teacher, x)
+    kw = dict(density=0.5, lambda_ker=0.7, lambda_l2=0.05, kernel="sparse")
+    loss, _ = transfer_loss(student, masks, x, t_out, t_ntk, **kw)
+    grads = torch.autograd.grad(loss, list(student.parameters()))
+    ref_loss, ref_grads = ref.loss_and_grad(student, masks, x, t_out, t_ntk, **kw)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-8, atol=0)
+    for (name, _), g in zip(student.named_parameters(), grads):
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-8, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("net, batched", [("mlp", True), ("cnn", False), ("bn", False)])
+def test_the_transfer_loss_loops_over_outputs_only_for_convolutional_students(net, batched, monkeypatch):
+    from ntkfast.ntk import _capture
+    calls = []
+    real = _capture._batched_backward
+    monkeypatch.setattr(_capture, "_batched_backward", lambda *a: calls.append(1) or real(*a))
+    teacher, student, x = _setup(net, batch=6)
+    t_out, t_ntk = teacher_targets(teacher, x)
+    calls.clear()  # the teacher's kernel has no create_graph and may take either path
+    transfer_loss(student, _random_masks(student, 0.5, seed=0), x, t_out, t_ntk, density=0.5,
+                  lambda_ker=0.7, lambda_l2=0.05)
+    assert bool(calls) is batched
+
+
 def test_the_two_kernels_differ_where_the_authors_code_counts_pruned_entries():
     teacher, student, x = _setup("mlp")
     masks = _random_masks(student, 0.3, seed=1)
