@@ -29,6 +29,7 @@ SUITES = {
     "masked_gram": "benchmarks.bench_masked_gram",
     "conv_weight_grad_per_sample": "benchmarks.bench_conv_weight_grad_per_sample",
     "ntt": "benchmarks.bench_ntt",
+    "train": "benchmarks.bench_train",
 }
 
 

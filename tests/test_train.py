@@ -132,6 +132,50 @@ def test_max_batches_and_lr_milestones():
         assert torch.allclose(p, q, atol=1e-7)
 
 
+# -- memory layout -------------------------------------------------------------------------------
+
+def _train_conv(monkeypatch, channels_last, start_channels_last=False, name="lenet5"):
+    from ntkfast import training
+    monkeypatch.setattr(training, "_wants_channels_last", lambda model, device: channels_last)
+    torch.manual_seed(0)
+    shape = (1, 16, 16) if name == "lenet5" else (3, 8, 8)
+    model = models.get(name, input_shape=shape, num_classes=3).double()
+    if start_channels_last:
+        model.to(memory_format=torch.channels_last)
+    masks = random_masks(model, 0.4)
+    x = torch.randn(40, *shape, dtype=torch.float64)
+    ds = TensorDataset(x, torch.randint(0, 3, (40,)))
+    result = train(model, masks, ds, ds, epochs=2, optimizer="adam", lr=1e-2, batch_size=8, progress=False)
+    return model, masks, result
+
+
+@pytest.mark.parametrize("name", ["lenet5", "resnet20"])
+def test_channels_last_training_gives_the_contiguous_result_and_restores_the_layout(monkeypatch, name):
+    # float64, so the two layouts' different rounding stays far below the tolerance (in float32,
+    # Adam turns the rounding of near-zero gradients into whole steps: 5e-4 apart after 3 steps)
+    ref, masks, ref_result = _train_conv(monkeypatch, channels_last=False, name=name)
+    got, _, got_result = _train_conv(monkeypatch, channels_last=True, name=name)
+    for (name, p), q in zip(got.named_parameters(), ref.parameters()):
+        assert p.is_contiguous(), name  # the user's layout is back
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12, msg=name)
+    assert got_result.test_accuracy == ref_result.test_accuracy
+    params = dict(got.named_parameters())
+    for name, m in masks.items():
+        assert (params[name][~m] == 0).all(), name
+
+
+def test_a_channels_last_model_stays_channels_last(monkeypatch):
+    model, _, _ = _train_conv(monkeypatch, channels_last=True, start_channels_last=True)
+    conv = [p for p in model.parameters() if p.dim() == 4 and p.shape[1] > 1]
+    assert conv and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in conv)
+
+
+def test_conv_models_on_cpu_use_channels_last_and_mlps_do_not():
+    from ntkfast.training import _wants_channels_last
+    assert _wants_channels_last(models.lenet5(input_shape=(1, 28, 28)), "cpu")
+    assert not _wants_channels_last(models.lenet300_100((1, 28, 28)), "cpu")
+
+
 # -- determinism ---------------------------------------------------------------------------------
 
 def test_same_seed_same_bits():
