@@ -122,16 +122,17 @@ def _prune_data(train_set, n: int, seed: int):
     return x, y
 
 
-def _run_cell(model_name: str, method: str, density: float, seed: int, rounds: int, options: dict,
-              train_set, test_set, protocol: dict, device) -> dict:
+def prune_cell(model_name: str, method: str, density: float, seed: int, rounds: int, options: dict,
+               train_set, protocol: dict, device):
+    """(network, masks) of one study cell before training: the network the cell's seed draws,
+    pruned as the cell prunes it (NTT: its transferred weights loaded). The same arguments give
+    the same masks, so analyses of a finished study can rebuild them without storing them."""
     from . import models, prune
     from . import scores as _scores
-    from .training import train
 
     torch.manual_seed(seed)
     net = models.get(model_name, input_shape=tuple(train_set.input_shape), num_classes=train_set.num_classes)
     net = net.to(device)
-    t0 = time.perf_counter()
     if method == "ntt":
         # NTT's result is a mask *and* learned sparse weights; the network trains from both
         from .transfer import transfer
@@ -148,6 +149,28 @@ def _run_cell(model_name: str, method: str, density: float, seed: int, rounds: i
             data = _prune_data(train_set, protocol["prune_samples"], seed)
         masks = prune(net, method, density, rounds=rounds, scope=protocol["scope"], data=data, seed=seed,
                       progress=False, on_empty_layer="ignore", **options)
+    return net, masks
+
+
+def _connectivity_fields(net, masks) -> dict:
+    """The kept weights on an input-output path, and the live units per layer (see
+    :mod:`ntkfast.connectivity`); empty where the network is beyond that analysis."""
+    from .connectivity import connectivity
+
+    try:
+        c = connectivity(net, masks)
+    except (ValueError, OverflowError, RuntimeError):
+        return {}
+    return {"effective_density": c.effective.density,
+            "live_units": {n: [c.live_units[n], c.units[n]] for n in c.units}}
+
+
+def _run_cell(model_name: str, method: str, density: float, seed: int, rounds: int, options: dict,
+              train_set, test_set, protocol: dict, device) -> dict:
+    from .training import train
+
+    t0 = time.perf_counter()
+    net, masks = prune_cell(model_name, method, density, seed, rounds, options, train_set, protocol, device)
     prune_s = time.perf_counter() - t0
     res = train(net, masks, train_set, test_set, protocol["epochs"], optimizer=protocol["optimizer"],
                 lr=protocol["lr"], momentum=protocol["momentum"], weight_decay=protocol["weight_decay"],
@@ -158,7 +181,8 @@ def _run_cell(model_name: str, method: str, density: float, seed: int, rounds: i
         "best_test_accuracy": max(res.test_accuracy) if res.test_accuracy else None,
         "test_accuracy": res.test_accuracy, "train_loss": res.train_loss,
         "achieved_density": masks.density, "layer_density": dict(masks.layer_density()),
-        "empty_layers": masks.empty_layers(), "prune_seconds": prune_s, "train_seconds": res.seconds,
+        "empty_layers": masks.empty_layers(), **_connectivity_fields(net, masks),
+        "prune_seconds": prune_s, "train_seconds": res.seconds,
     }
 
 

@@ -31,6 +31,8 @@ def test_a_tiny_mnist_study_runs_end_to_end_and_is_not_run_twice(data_dir, tmp_p
         assert r["achieved_density"] == pytest.approx(0.1, abs=1e-4)
         assert r["dataset"] == "mnist"  # the canonical name, whatever the spelling given
         assert len(r["layer_density"]) == 3 and all(0 < v <= 1 for v in r["layer_density"].values())
+        assert 0 < r["effective_density"] <= r["achieved_density"]
+        assert list(r["live_units"]) == list(r["layer_density"]) and r["live_units"]["classifier.4.weight"][1] == 10
         assert r["protocol"]["train_subset"] == 512 and r["protocol"]["prune_samples"] == 100
         assert r["protocol"]["lr"] == 0.1  # the default, written out
         assert r["machine"]["cpu_count"] >= 1 and r["prune_seconds"] >= 0 and r["train_seconds"] > 0
