@@ -13,7 +13,8 @@ momentum (nor Adam's running moments) can bring them back. Unpruned tensors (bia
 train normally.
 
 On CPU, a network with 2-D convolutions trains in the channels-last layout (its weights and the
-batches), and the model's layout is restored afterwards: oneDNN's NHWC kernels, max-pooling above
+batches) if its forward runs so (one that calls ``.view`` on a convolution's output does not, and
+trains as it is), and the model's layout is restored afterwards: oneDNN's NHWC kernels, max-pooling above
 all, are several times faster than its NCHW ones there (LeNet-5, batch 64: 1.5x a step, see
 ``benchmarks/bench_train.py``). The values are the same; the float rounding may differ.
 """
@@ -133,7 +134,6 @@ def _num_batches(dataset, batch_size: int, max_batches: Optional[int]) -> Option
     return n if max_batches is None else min(n, max_batches)
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, dataset, batch_size: int = 512, device=None,
              max_batches: Optional[int] = None) -> "tuple[float, float]":
     """(mean cross-entropy, accuracy) of ``model`` in eval mode on ``dataset``. The model's
@@ -141,12 +141,16 @@ def evaluate(model: nn.Module, dataset, batch_size: int = 512, device=None,
     batch_size = _check_positive_int("batch_size", batch_size)
     if device is None:
         device = model_device(model)
+    return _evaluate(model, dataset, batch_size, device, max_batches, channels_last=False)
+
+
+@torch.no_grad()
+def _evaluate(model, dataset, batch_size, device, max_batches, channels_last: bool):
     was_training = model.training
     model.eval()
     total_loss, correct, n = 0.0, 0, 0
     try:
-        for x, y in _iterate(dataset, batch_size, False, 0, device, max_batches,
-                             channels_last=_wants_channels_last(model, device)):
+        for x, y in _iterate(dataset, batch_size, False, 0, device, max_batches, channels_last=channels_last):
             out = model(x)
             total_loss += float(F.cross_entropy(out, y, reduction="sum"))
             correct += int((out.argmax(1) == y).sum())
@@ -163,22 +167,42 @@ def _wants_channels_last(model: nn.Module, device) -> bool:
     return torch.device(device).type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
-def _layout_of(model: nn.Module) -> Dict[str, bool]:
-    """{name: is channels-last} of the model's 4-D parameters and buffers, to restore them."""
+@torch.no_grad()
+def _runs_channels_last(model: nn.Module, train_set, device) -> bool:
+    """Convert the model to channels-last and check that it runs so on two training samples
+    (eval mode: no BatchNorm statistics move). A forward that assumes NCHW strides, such as
+    ``x.view(len(x), -1)`` after a convolution, fails there: the model then stays as it was."""
+    layout = _layout_of(model)
+    was_training = model.training
+    model.to(memory_format=torch.channels_last)
+    model.eval()
+    try:
+        x, _ = next(iter(_iterate(train_set, 2, False, 0, device, 1, channels_last=True)))
+        model(x)
+        return True
+    except Exception:  # any failure here: train in the model's own layout, where errors are the user's to see
+        _restore_layout(model, layout)
+        return False
+    finally:
+        model.train(was_training)
+
+
+def _layout_of(model: nn.Module) -> Dict[str, tuple]:
+    """{name: strides} of the model's 4-D parameters and buffers, to restore them exactly (a
+    tensor with a size-1 dimension can be "contiguous" in either layout, and a convolution still
+    reads its strides)."""
     tensors = list(model.named_parameters()) + list(model.named_buffers())
-    return {n: t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-            for n, t in tensors if t.dim() == 4}
+    return {n: t.stride() for n, t in tensors if t.dim() == 4}
 
 
-def _restore_layout(model: nn.Module, layout: Mapping[str, bool]) -> None:
+def _restore_layout(model: nn.Module, layout: Mapping[str, tuple]) -> None:
     tensors = dict(model.named_parameters())
     tensors.update(model.named_buffers())
     with torch.no_grad():
-        for n, was_channels_last in layout.items():
+        for n, stride in layout.items():
             t = tensors[n]
-            fmt = torch.channels_last if was_channels_last else torch.contiguous_format
-            if not t.is_contiguous(memory_format=fmt):
-                t.data = t.data.contiguous(memory_format=fmt)
+            if t.stride() != stride:
+                t.data = torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device).copy_(t.data)
 
 
 # -- training ------------------------------------------------------------------------------------
@@ -250,10 +274,8 @@ def train(
     if device is not None:
         model.to(device)
     device = model_device(model)
-    channels_last = _wants_channels_last(model, device)
     layout = _layout_of(model)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
+    channels_last = _wants_channels_last(model, device) and _runs_channels_last(model, train_set, device)
     params = dict(model.named_parameters())
     # in the parameter's own layout, so that masking a gradient or a weight keeps that layout
     mask_f = {n: torch.empty_like(params[n]).copy_(m) for n, m in param_masks.items()}
@@ -303,8 +325,7 @@ def train(
                     sched.step()
                 fields = {"epoch": epoch + 1, "loss": result.train_loss[-1], "acc": result.train_accuracy[-1]}
                 if test_set is not None:
-                    tl, ta = evaluate(model, test_set, batch_size=batch_size, device=device,
-                                      max_batches=max_batches)
+                    tl, ta = _evaluate(model, test_set, batch_size, device, max_batches, channels_last)
                     result.test_loss.append(tl)
                     result.test_accuracy.append(ta)
                     fields.update(test_loss=tl, test_acc=ta)

@@ -156,7 +156,7 @@ def test_channels_last_training_gives_the_contiguous_result_and_restores_the_lay
     ref, masks, ref_result = _train_conv(monkeypatch, channels_last=False, name=name)
     got, _, got_result = _train_conv(monkeypatch, channels_last=True, name=name)
     for (name, p), q in zip(got.named_parameters(), ref.parameters()):
-        assert p.is_contiguous(), name  # the user's layout is back
+        assert p.stride() == torch.empty(p.shape).stride(), name  # the user's layout is back, strides and all
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12, msg=name)
     assert got_result.test_accuracy == ref_result.test_accuracy
     params = dict(got.named_parameters())
@@ -168,6 +168,45 @@ def test_a_channels_last_model_stays_channels_last(monkeypatch):
     model, _, _ = _train_conv(monkeypatch, channels_last=True, start_channels_last=True)
     conv = [p for p in model.parameters() if p.dim() == 4 and p.shape[1] > 1]
     assert conv and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in conv)
+
+
+class _ViewAfterConv(torch.nn.Module):
+    # an NCHW-only forward: .view of a convolution's output fails on channels-last strides
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3)
+        self.fc = torch.nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        return self.fc(y.view(y.size(0), -1))
+
+
+def test_a_model_that_cannot_run_channels_last_trains_as_it_is():
+    torch.manual_seed(0)
+    model = _ViewAfterConv().double()
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    masks = random_masks(model, 0.5)
+    x = torch.randn(24, 1, 8, 8, dtype=torch.float64)
+    ds = TensorDataset(x, torch.randint(0, 3, (24,)))
+    res = train(model, masks, ds, ds, epochs=2, optimizer="adam", lr=1e-2, batch_size=8, progress=False)
+    assert all(p.stride() == torch.empty(p.shape).stride() for p in model.parameters())
+    ref = _ViewAfterConv().double()
+    ref.load_state_dict(init)
+    from ntkfast import training
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(training, "_wants_channels_last", lambda model, device: False)
+        ref_res = train(ref, masks, ds, ds, epochs=2, optimizer="adam", lr=1e-2, batch_size=8, progress=False)
+    assert res.test_accuracy == ref_res.test_accuracy
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(p, q)  # the same computation, bit for bit
+
+
+def test_evaluate_alone_keeps_the_inputs_layout():
+    model = _ViewAfterConv()
+    ds = TensorDataset(torch.randn(6, 1, 8, 8), torch.randint(0, 3, (6,)))
+    loss, acc = evaluate(model, ds)
+    assert loss > 0 and 0 <= acc <= 1
 
 
 def test_conv_models_on_cpu_use_channels_last_and_mlps_do_not():
