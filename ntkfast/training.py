@@ -167,24 +167,46 @@ def _wants_channels_last(model: nn.Module, device) -> bool:
     return torch.device(device).type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
+def _to_channels_last(model: nn.Module) -> None:
+    # Tensor by tensor, not Module.to: that raises on 5-D tensors and may replace the Parameters.
+    # Copied into fresh channels-last strides even where .contiguous() would see nothing to do:
+    # with one input channel both layouts count as contiguous, and the convolution follows the
+    # strides (LeNet-5's first layer).
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            if t.dim() == 4:
+                t.data = torch.empty(t.shape, dtype=t.dtype, device=t.device,
+                                     memory_format=torch.channels_last).copy_(t.data)
+
+
 @torch.no_grad()
 def _runs_channels_last(model: nn.Module, train_set, device) -> bool:
-    """Convert the model to channels-last and check that it runs so on two training samples
-    (eval mode: no BatchNorm statistics move). A forward that assumes NCHW strides, such as
-    ``x.view(len(x), -1)`` after a convolution, fails there: the model then stays as it was."""
+    """Convert the model to channels-last and check that its forward runs so, in train and in
+    eval mode, on two training samples. A forward that assumes NCHW strides, such as
+    ``x.view(len(x), -1)`` after a convolution, fails there: the model then goes back to its own
+    layout. The probe leaves no trace but in the user's forward hooks: buffers (BatchNorm
+    statistics), the RNG and the train/eval mode are restored."""
     layout = _layout_of(model)
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
     was_training = model.training
-    model.to(memory_format=torch.channels_last)
-    model.eval()
-    try:
-        x, _ = next(iter(_iterate(train_set, 2, False, 0, device, 1, channels_last=True)))
-        model(x)
-        return True
-    except Exception:  # any failure here: train in the model's own layout, where errors are the user's to see
+    ok = True
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            _to_channels_last(model)
+            x, _ = next(iter(_iterate(train_set, 2, False, 0, device, 1, channels_last=True)))
+            for mode in (True, False):
+                model.train(mode)
+                model(x)
+        except Exception:  # any failure here: train in the model's own layout, where errors are the user's to see
+            ok = False
+        finally:
+            model.train(was_training)
+            current = dict(model.named_buffers())
+            for n, b in buffers.items():
+                current[n].copy_(b)
+    if not ok:
         _restore_layout(model, layout)
-        return False
-    finally:
-        model.train(was_training)
+    return ok
 
 
 def _layout_of(model: nn.Module) -> Dict[str, tuple]:
@@ -195,6 +217,10 @@ def _layout_of(model: nn.Module) -> Dict[str, tuple]:
     return {n: t.stride() for n, t in tensors if t.dim() == 4}
 
 
+def _restrided(t: torch.Tensor, stride: tuple) -> torch.Tensor:
+    return torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device).copy_(t)
+
+
 def _restore_layout(model: nn.Module, layout: Mapping[str, tuple]) -> None:
     tensors = dict(model.named_parameters())
     tensors.update(model.named_buffers())
@@ -202,7 +228,9 @@ def _restore_layout(model: nn.Module, layout: Mapping[str, tuple]) -> None:
         for n, stride in layout.items():
             t = tensors[n]
             if t.stride() != stride:
-                t.data = torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device).copy_(t.data)
+                t.data = _restrided(t.data, stride)
+            if t.grad is not None and t.grad.stride() != stride:
+                t.grad = _restrided(t.grad, stride)
 
 
 # -- training ------------------------------------------------------------------------------------

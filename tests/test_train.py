@@ -202,6 +202,53 @@ def test_a_model_that_cannot_run_channels_last_trains_as_it_is():
         assert torch.equal(p, q)  # the same computation, bit for bit
 
 
+class _ViewWhenTraining(_ViewAfterConv):
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        return self.fc(y.view(y.size(0), -1) if self.training else y.flatten(1))
+
+
+@pytest.mark.parametrize("make", [_ViewAfterConv, _ViewWhenTraining])
+def test_the_channels_last_probe_falls_back_in_either_mode_and_leaves_no_trace(make):
+    from ntkfast.training import _runs_channels_last
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(make(), torch.nn.BatchNorm1d(3)).eval()
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    ds = TensorDataset(torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,)))  # a DataLoader draws from the RNG
+    rng = torch.random.get_rng_state()
+    assert not _runs_channels_last(model, ds, torch.device("cpu"))
+    assert torch.equal(torch.random.get_rng_state(), rng) and not model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, buffers[k]) and v.stride() == buffers[k].stride(), k
+
+
+def test_the_probe_of_a_model_that_runs_channels_last_leaves_its_statistics_alone():
+    from ntkfast.training import _runs_channels_last
+    model = models.resnet20(input_shape=(3, 8, 8))
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+    assert _runs_channels_last(model, noise((3, 8, 8), 8), torch.device("cpu")) and model.training
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in stats.items())
+    assert model.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    lenet = models.lenet5(input_shape=(1, 16, 16))
+    assert _runs_channels_last(lenet, noise((1, 16, 16), 8), torch.device("cpu"))
+    # one input channel: contiguous either way, so the strides must say channels-last themselves
+    assert lenet.features[0].weight.stride() == (25, 1, 5, 1)
+
+
+def test_a_5d_parameter_beside_a_conv2d_is_left_alone():
+    class WithVolume(_ViewAfterConv):
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x)).flatten(1)) + 0 * self.volume.sum()
+    torch.manual_seed(0)
+    model = WithVolume()
+    model.volume = torch.nn.Parameter(torch.randn(1, 1, 1, 2, 2))
+    ds = TensorDataset(torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,)))
+    train(model, None, ds, None, epochs=1, batch_size=4, progress=False)
+    assert model.volume.is_contiguous()
+    assert model.conv.weight.stride() == torch.empty(model.conv.weight.shape).stride()
+    assert model.conv.weight.grad.stride() == model.conv.weight.stride()
+
+
 def test_evaluate_alone_keeps_the_inputs_layout():
     model = _ViewAfterConv()
     ds = TensorDataset(torch.randn(6, 1, 8, 8), torch.randint(0, 3, (6,)))
