@@ -9,35 +9,73 @@ weights this way, so comparing methods at equal nominal density can mislead.
     c = connectivity(model, masks)
     print(c.effective.density, c.live_units)
 
-How: a copy of the network in float64 with every kept weight set to 1, every pruned weight and
-every bias to 0, normalisation layers and activation modules replaced by the identity and
-max-pooling by average pooling of the same window. On an all-ones input its outputs count paths,
-and dR/dw for R = the sum of its outputs is the number of input-output paths through w: a kept
-weight is effective exactly where that is positive. Residual sums, flattening and pooling carry
-the counts through unchanged. Functional activations in a model's forward are supported only
-when they are the identity on non-negative values (F.relu and its kin).
+How: the network's own forward, run in float64 on an all-ones input through
+torch.func.functional_call with every kept weight set to 1 and every pruned weight and bias to 0,
+under a torch function mode that makes normalisation, activation, dropout and softmax functions
+the identity and max-pooling average pooling of the same window (whether called as modules or
+as functions). Its outputs then count paths, and dR/dw for R = the sum of the outputs is the
+number of input-output paths through w: a kept weight is effective exactly where that is
+positive. Residual sums, flattening and pooling carry the counts through unchanged. The model
+itself is not copied or changed. Not understood, and refused by name: parameters other than the
+weights and biases of Linear and convolution layers (and those of normalisation layers and
+PReLU, which drop out). Not detected: constants a forward adds or subtracts (an input
+normalisation inside the model) and max-reductions written as ``amax``; both can miscount.
 """
 from __future__ import annotations
 
-import copy
 import math
 from collections import OrderedDict
 from typing import Mapping, NamedTuple, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
+from torch.overrides import TorchFunctionMode
 
 from .masks import Masks, parameter_name
 
 __all__ = ["Connectivity", "connectivity"]
 
-_MAX_TO_AVG = {nn.MaxPool1d: nn.AvgPool1d, nn.MaxPool2d: nn.AvgPool2d, nn.MaxPool3d: nn.AvgPool3d}
-_ADAPTIVE_MAX_TO_AVG = {nn.AdaptiveMaxPool1d: nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool2d: nn.AdaptiveAvgPool2d,
-                        nn.AdaptiveMaxPool3d: nn.AdaptiveAvgPool3d}
+_LAYERS = (nn.Linear, nn.modules.conv._ConvNd)
+_DROPPED = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm, nn.PReLU)
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
-_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-                nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Dropout,
-                nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+# functions (and Tensor methods) of these names pass their input through in the path network
+_IDENTITY = {
+    "relu", "relu_", "relu6", "leaky_relu", "leaky_relu_", "elu", "elu_", "selu", "selu_", "celu", "celu_",
+    "gelu", "silu", "mish", "hardswish", "hardsigmoid", "hardtanh", "hardtanh_", "sigmoid", "sigmoid_", "tanh",
+    "tanh_", "softplus", "softsign", "prelu", "rrelu", "glu_", "logsigmoid", "softmax", "log_softmax", "dropout",
+    "dropout_", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout", "batch_norm",
+    "layer_norm", "group_norm", "instance_norm", "local_response_norm", "rms_norm",
+}
+_MAX_POOLS = {"max_pool1d": F.avg_pool1d, "max_pool2d": F.avg_pool2d, "max_pool3d": F.avg_pool3d}
+_ADAPTIVE_MAX_POOLS = {"adaptive_max_pool1d": F.adaptive_avg_pool1d, "adaptive_max_pool2d": F.adaptive_avg_pool2d,
+                       "adaptive_max_pool3d": F.adaptive_avg_pool3d}
+
+
+def _as_average(avg):
+    def pool(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
+        if any(d != 1 for d in (dilation if isinstance(dilation, (tuple, list)) else (dilation,))):
+            raise ValueError("model: dilated max-pooling has no average-pooling twin")
+        if return_indices:
+            raise ValueError("model: max-pooling with return_indices is not supported")
+        return avg(input, kernel_size, stride, padding, ceil_mode=ceil_mode, count_include_pad=False)
+    return pool
+
+
+class _PathMode(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in _IDENTITY and args and isinstance(args[0], torch.Tensor):
+            return args[0]
+        if name in _MAX_POOLS:
+            return _as_average(_MAX_POOLS[name])(*args, **kwargs)
+        if name in _ADAPTIVE_MAX_POOLS:
+            if kwargs.pop("return_indices", False) or (len(args) > 2 and args[2]):
+                raise ValueError("model: adaptive max-pooling with return_indices is not supported")
+            return _ADAPTIVE_MAX_POOLS[name](*args[:2], **kwargs)
+        return func(*args, **kwargs)
 
 
 class Connectivity(NamedTuple):
@@ -59,31 +97,31 @@ class Connectivity(NamedTuple):
         return self.kept.kept - self.effective.kept
 
 
-def _pool_as_average(m: nn.Module) -> nn.Module:
-    if type(m) in _MAX_TO_AVG:
-        if any(d != 1 for d in (m.dilation if isinstance(m.dilation, tuple) else (m.dilation,))):
-            raise ValueError(f"model: dilated max-pooling ({type(m).__name__}) has no average-pooling twin")
-        if m.return_indices:
-            raise ValueError(f"model: {type(m).__name__} with return_indices is not supported")
-        return _MAX_TO_AVG[type(m)](m.kernel_size, m.stride, m.padding, ceil_mode=m.ceil_mode,
-                                    count_include_pad=False)
-    return _ADAPTIVE_MAX_TO_AVG[type(m)](m.output_size)
-
-
-def _path_network(model: nn.Module) -> nn.Module:
-    net = copy.deepcopy(model)
-    for name, m in list(net.named_modules()):
-        if not name:
-            continue
-        if type(m) in _MAX_TO_AVG or type(m) in _ADAPTIVE_MAX_TO_AVG:
-            replacement = _pool_as_average(m)
-        elif isinstance(m, _NORMS) or isinstance(m, _ACTIVATIONS):
-            replacement = nn.Identity()
-        else:
-            continue
-        parent, _, attr = name.rpartition(".")
-        setattr(net.get_submodule(parent) if parent else net, attr, replacement)
-    return net.to(torch.float64).eval()
+def _unit_tensors(model: nn.Module, masks: Mapping[str, torch.Tensor], pnames: Mapping[str, str]):
+    """{parameter name: its value in the path network}: Linear / conv weights 1 (times the mask),
+    their biases 0, the dropped layers' parameters 1 (unused); any other parameter is refused."""
+    out, seen = {}, set()
+    for mname, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            full = f"{mname}.{pname}" if mname else pname
+            if id(p) in seen:  # a tied weight: functional_call gives its other names the same value
+                continue
+            seen.add(id(p))
+            if isinstance(module, _LAYERS) and pname in ("weight", "weight_orig"):
+                value = torch.ones(p.shape, dtype=torch.float64, device=p.device)
+            elif isinstance(module, _LAYERS) and pname in ("bias", "bias_orig"):
+                value = torch.zeros(p.shape, dtype=torch.float64, device=p.device)
+            elif isinstance(module, _DROPPED):
+                value = torch.ones(p.shape, dtype=torch.float64, device=p.device)
+            else:
+                raise ValueError(f"model: parameter {full!r} of a {type(module).__name__} has no known place in the "
+                                 "path count (understood: Linear and convolution weights and biases, and the "
+                                 "parameters of normalisation layers and PReLU)")
+            out[full] = value
+    for name, m in masks.items():
+        t = out[pnames[name]]
+        out[pnames[name]] = t * m.to(device=t.device, dtype=torch.bool).to(t.dtype)
+    return out
 
 
 def connectivity(model: nn.Module, masks: Mapping[str, torch.Tensor], *,
@@ -119,25 +157,23 @@ def connectivity(model: nn.Module, masks: Mapping[str, torch.Tensor], *,
             raise ValueError(f"masks[{name!r}]: masks on normalisation layers are not supported "
                              "(the path network treats those layers as the identity)")
 
-    net = _path_network(model)
-    unit_params = dict(net.named_parameters())
-    with torch.no_grad():
-        for name, p in unit_params.items():
-            p.fill_(1.0 if p.dim() > 1 else 0.0)
-        for name, m in masks.items():
-            p = unit_params[pnames[name]]
-            p.copy_(m.to(device=p.device, dtype=torch.bool).to(p.dtype) * p)
-        for p in unit_params.values():
-            p.requires_grad_(True)
-    device = next(iter(unit_params.values())).device if unit_params else torch.device("cpu")
+    unit = _unit_tensors(model, masks, pnames)
+    leaves = [unit[pnames[n]].requires_grad_(True) for n in masks]
+    device = next(iter(unit.values())).device if unit else torch.device("cpu")
     x = torch.ones((1,) + input_shape, dtype=torch.float64, device=device, requires_grad=True)
-    out = net(x)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad(), _PathMode():
+            out = functional_call(model, unit, (x,))
+    finally:
+        model.train(was_training)
     if not isinstance(out, torch.Tensor):
         raise ValueError(f"model: connectivity needs a tensor output, got {type(out).__name__}")
     total = out.sum()
     if not math.isfinite(float(total.detach())):
         raise OverflowError("connectivity: the number of input-output paths overflows float64")
-    grads = torch.autograd.grad(total, [x] + [unit_params[pnames[n]] for n in masks], allow_unused=True)
+    grads = torch.autograd.grad(total, [x] + leaves, allow_unused=True)
     effective, kept, live, units = OrderedDict(), OrderedDict(), OrderedDict(), OrderedDict()
     for (name, m), g in zip(masks.items(), grads[1:]):
         m = m.to(torch.bool)

@@ -4,6 +4,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ntkfast import Masks, models, prunable_parameters
@@ -95,6 +96,64 @@ def test_max_pooling_and_batchnorm_count_as_their_linear_twins():
     b = connectivity(with_avg, masks, input_shape=(1, 8, 8))
     assert a.effective == b.effective
     torch.testing.assert_close(a.input_paths, b.input_paths)
+
+
+class _Functional(nn.Module):
+    # the same network as with_max below, with pooling, normalisation and activations as functions
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.fc = nn.Linear(4 * 3 * 3, 5)
+
+    def forward(self, x):
+        y = F.max_pool2d(torch.sigmoid(F.layer_norm(self.conv(x), (6, 6))), 2)
+        return F.log_softmax(self.fc(y.flatten(1)), dim=1)
+
+
+def test_functional_pooling_normalisation_and_softmax_count_like_modules():
+    torch.manual_seed(1)
+    functional = _Functional()
+    modules = nn.Sequential(nn.Conv2d(1, 4, 3), nn.LayerNorm((6, 6)), nn.Sigmoid(), nn.AvgPool2d(2), nn.Flatten(),
+                            nn.Linear(4 * 3 * 3, 5), nn.LogSoftmax(1))
+    masks = _random_masks(functional, 0.3, 5)
+    renamed = {"0.weight": masks["conv.weight"], "5.weight": masks["fc.weight"]}
+    a = connectivity(functional, masks, input_shape=(1, 8, 8))
+    b = connectivity(modules, renamed, input_shape=(1, 8, 8))
+    assert torch.equal(a.effective["conv.weight"], b.effective["0.weight"])
+    assert torch.equal(a.effective["fc.weight"], b.effective["5.weight"])
+    torch.testing.assert_close(a.input_paths, b.input_paths)
+
+
+def test_torch_prune_reparametrised_and_tied_weights():
+    torch.manual_seed(0)
+    model = _mlp((6, 5, 4))
+    ours = _random_masks(model, 0.4, 1)
+    want = connectivity(model, ours, input_shape=(6,))
+    ours.to_prune_hooks(model)  # weight_orig and weight_mask, as torch.nn.utils.prune makes them
+    got = connectivity(model, ours, input_shape=(6,))
+    assert got.effective == want.effective
+    tied = nn.Sequential(nn.Linear(3, 3, bias=False), nn.ReLU(), nn.Linear(3, 3, bias=False))
+    tied[2].weight = tied[0].weight
+    mask = torch.tensor([[True, False, False], [False, True, False], [False, False, False]])
+    c = connectivity(tied, {"0.weight": mask}, input_shape=(3,))  # both uses keep the same entries
+    assert c.effective["0.weight"].tolist() == mask.tolist() and c.live_units["0.weight"] == 2
+
+
+class _Scaled(nn.Module):
+    def __init__(self, shape):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.scale = nn.Parameter(torch.ones(shape))
+
+    def forward(self, x):
+        return self.fc(x) * self.scale
+
+
+@pytest.mark.parametrize("shape", [(), (3,), (1, 3)])
+def test_parameters_of_unknown_role_are_refused_by_name(shape):
+    model = _Scaled(shape)
+    with pytest.raises(ValueError, match="parameter 'scale' of a _Scaled"):
+        connectivity(model, Masks.ones(model), input_shape=(4,))
 
 
 def test_a_unit_without_outgoing_weights_wastes_its_incoming_ones():
