@@ -10,7 +10,7 @@ density is the same fraction of *all* prunable weights as in the study.
     OMP_NUM_THREADS=1 python -m benchmarks.informative_inputs_ablation \\
         --study benchmarks/results/study/lenet300_100-mnist.jsonl --data-dir ../shared/data \\
         --methods ntksap synflow --densities 0.1 0.03 --seeds 0 --threads 1 \\
-        --out benchmarks/results/study/lenet300_100-mnist-informative-inputs.jsonl
+        --out benchmarks/results/study/analysis/lenet300_100-mnist-informative-inputs.jsonl
 
 Rows are appended to ``--out`` as they finish (one JSON line per cell); finished cells are skipped.
 A seed the study has not run yet takes the protocol of the same method and density at another
