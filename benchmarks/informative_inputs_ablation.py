@@ -53,17 +53,18 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
 
     from ntkfast import data as D
-    from ntkfast import models, prune
-    from ntkfast import scores as _scores
-    from ntkfast.study import _prune_data, read_results
+    from ntkfast import models
     from ntkfast.connectivity import connectivity
-    from ntkfast.training import train
+    from ntkfast.study import prune_cell, read_results, train_cell
+
+    from .study_connectivity import input_std
 
     study = {(r["method"], r["density"], r["seed"]): r for r in read_results(args.study)}
     out = Path(args.out)
     done = set()
     if out.exists():
         done = {(r["method"], r["density"], r["seed"]) for r in map(json.loads, out.read_text().splitlines())}
+    sets = {}
     for seed in args.seeds:
         for density in args.densities:
             for method in args.methods:
@@ -76,24 +77,20 @@ def main(argv=None) -> int:
                 if (method, density, seed) in done:
                     continue
                 proto = ref["protocol"]
-                train_set = D.load_dataset(ref["dataset"], args.data_dir, train=True)
-                test_set = D.load_dataset(ref["dataset"], args.data_dir, train=False)
-                pixels = train_set.images.reshape(len(train_set.images), -1).to(torch.float32) / 255.0
-                informative = pixels.std(0) > args.informative_std
-                torch.manual_seed(seed)  # the study cell's network draw
-                net = models.get(ref["model"], input_shape=tuple(train_set.input_shape),
-                                 num_classes=train_set.num_classes)
-                data = _prune_data(train_set, proto["prune_samples"], seed) if _scores.get(method).needs_data else None
+                if ref["dataset"] not in sets:
+                    train_set = D.load_dataset(ref["dataset"], args.data_dir, train=True)
+                    sets[ref["dataset"]] = (train_set, D.load_dataset(ref["dataset"], args.data_dir, train=False),
+                                            input_std(train_set) > args.informative_std)
+                train_set, test_set, informative = sets[ref["dataset"]]
+                # the start masks need only the architecture; prune_cell draws the cell's own network
+                start = _start_masks(models.get(ref["model"], input_shape=tuple(train_set.input_shape),
+                                                num_classes=train_set.num_classes), informative)
                 t0 = time.perf_counter()
-                masks = prune(net, method, density, rounds=ref["rounds"], scope=proto["scope"], data=data, seed=seed,
-                              masks=_start_masks(net, informative), progress=False, on_empty_layer="ignore",
-                              **ref["options"])
+                net, masks = prune_cell(ref["model"], method, density, seed, ref["rounds"], ref["options"], train_set,
+                                        proto, "cpu", start_masks=start)
                 prune_s = time.perf_counter() - t0
                 c = connectivity(net, masks)
-                res = train(net, masks, train_set, test_set, proto["epochs"], optimizer=proto["optimizer"], lr=proto["lr"],
-                            momentum=proto["momentum"], weight_decay=proto["weight_decay"],
-                            batch_size=proto["batch_size"], lr_milestones=proto["lr_milestones"] or None, seed=seed,
-                            progress=False)
+                res = train_cell(net, masks, train_set, test_set, proto, seed, "cpu")
                 row = {"method": method, "density": density, "seed": seed, "informative_std": args.informative_std,
                        "informative_inputs": int(informative.sum()), "achieved_density": masks.density,
                        "effective_density": c.effective.density, "layer_density": dict(masks.layer_density()),

@@ -21,10 +21,16 @@ from pathlib import Path
 import torch
 
 
-def _first_layer_on_flat_input(model, masks, input_numel):
+def _first_layer_on_flat_input(masks, input_numel):
     name = next(iter(masks))
     m = masks[name]
     return m if m.dim() == 2 and m.shape[1] == input_numel else None
+
+
+def input_std(dataset) -> torch.Tensor:
+    """Per input element ([C, H, W], pixel values in [0, 1]): its std over the dataset's images."""
+    pixels = dataset.images.reshape(len(dataset.images), -1).to(torch.float32) / 255.0
+    return pixels.std(0).reshape(dataset.input_shape)
 
 
 def analyse(records, data_dir, *, ntt=False, informative_std=0.1, log=print):
@@ -39,11 +45,7 @@ def analyse(records, data_dir, *, ntt=False, informative_std=0.1, log=print):
             continue
         if r["dataset"] not in sets:
             ds = D.load_dataset(r["dataset"], data_dir, train=True)
-            pixels = ds.images.reshape(len(ds.images), -1).to(torch.float32) / 255.0
-            # per input element (channel x pixel) of the network's input layout
-            std = pixels.std(0).reshape(ds.input_shape) if pixels.shape[1] == torch.Size(ds.input_shape).numel() \
-                else None
-            sets[r["dataset"]] = (ds, std)
+            sets[r["dataset"]] = (ds, input_std(ds))
         ds, std = sets[r["dataset"]]
         t0 = time.perf_counter()
         net, masks = prune_cell(r["model"], r["method"], r["density"], r["seed"], r["rounds"], r["options"], ds,
@@ -56,15 +58,14 @@ def analyse(records, data_dir, *, ntt=False, informative_std=0.1, log=print):
                "wasted_fraction": c.wasted / masks.kept if masks.kept else 0.0,
                "live_units": {n: [c.live_units[n], c.units[n]] for n in c.units},
                "inputs_read": int((c.input_paths > 0).sum()), "inputs": c.input_paths.numel()}
-        if std is not None:
-            info = std > informative_std
-            row["informative_inputs"] = int(info.sum())
-            row["informative_inputs_read"] = int(((c.input_paths > 0) & info).sum())
-            total = float(c.input_paths.sum())
-            row["path_share_from_informative_inputs"] = float(c.input_paths[info].sum()) / total if total else 0.0
-            first = _first_layer_on_flat_input(net, c.effective, info.numel())
-            if first is not None and first.any():
-                row["first_layer_share_on_informative_inputs"] = float(first[:, info.reshape(-1)].sum() / first.sum())
+        info = std > informative_std
+        row["informative_inputs"] = int(info.sum())
+        row["informative_inputs_read"] = int(((c.input_paths > 0) & info).sum())
+        total = float(c.input_paths.sum())
+        row["path_share_from_informative_inputs"] = float(c.input_paths[info].sum()) / total if total else 0.0
+        first = _first_layer_on_flat_input(c.effective, info.numel())
+        if first is not None and first.any():
+            row["first_layer_share_on_informative_inputs"] = float(first[:, info.reshape(-1)].sum() / first.sum())
         rows.append(row)
         log(f"[connectivity] {r['method']} d={r['density']} seed={r['seed']}: wasted {row['wasted_fraction']:.3f}, "
             f"live {row['live_units']}, masks match {same} ({time.perf_counter() - t0:.1f} s)")
@@ -77,7 +78,7 @@ def table(rows) -> str:
     lines = [head, "|---|---:|---:|---:|---:|---|---:|---:|"]
     for r in rows:
         hidden = " / ".join(f"{a}" for a, _ in list(r["live_units"].values())[:-1])
-        info = f" ({r['informative_inputs_read']}/{r['informative_inputs']})" if "informative_inputs" in r else ""
+        info = f" ({r['informative_inputs_read']}/{r['informative_inputs']})"
         first = r.get("first_layer_share_on_informative_inputs")
         lines.append(f"| {r['method']} | {r['density']:g} | {r['seed']} | {100 * r['final_test_accuracy']:.2f}% | "
                      f"{100 * r['wasted_fraction']:.1f}% | {hidden} | {r['inputs_read']}{info} | "

@@ -150,6 +150,8 @@ def connectivity(model: nn.Module, masks: Mapping[str, torch.Tensor], *,
             pnames[name] = parameter_name(model, name)
         except KeyError:
             raise ValueError(f"masks: the model has no parameter {name!r}") from None
+        if not isinstance(m, torch.Tensor):
+            raise ValueError(f"masks[{name!r}] must be a tensor, got {type(m).__name__}")
         if tuple(m.shape) != tuple(params[pnames[name]].shape):
             raise ValueError(f"masks[{name!r}] has shape {tuple(m.shape)}, the parameter {tuple(params[pnames[name]].shape)}")
         owner = modules[name.rpartition(".")[0]]
@@ -166,6 +168,8 @@ def connectivity(model: nn.Module, masks: Mapping[str, torch.Tensor], *,
     try:
         with torch.enable_grad(), _PathMode():
             out = functional_call(model, unit, (x,))
+    except RuntimeError as e:  # shape mismatches surface here; the model's own message says where
+        raise ValueError(f"input_shape {input_shape}: the model's forward failed on one sample of it: {e}") from e
     finally:
         model.train(was_training)
     if not isinstance(out, torch.Tensor):

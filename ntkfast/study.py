@@ -123,10 +123,12 @@ def _prune_data(train_set, n: int, seed: int):
 
 
 def prune_cell(model_name: str, method: str, density: float, seed: int, rounds: int, options: dict,
-               train_set, protocol: dict, device):
+               train_set, protocol: dict, device, start_masks=None):
     """(network, masks) of one study cell before training: the network the cell's seed draws,
     pruned as the cell prunes it (NTT: its transferred weights loaded). The same arguments give
-    the same masks, so analyses of a finished study can rebuild them without storing them."""
+    the same masks, so analyses of a finished study can rebuild them without storing them.
+    ``start_masks`` (score-based methods only) prunes from those masks instead of the full
+    network, for ablations of a cell."""
     from . import models, prune
     from . import scores as _scores
 
@@ -134,6 +136,8 @@ def prune_cell(model_name: str, method: str, density: float, seed: int, rounds: 
     net = models.get(model_name, input_shape=tuple(train_set.input_shape), num_classes=train_set.num_classes)
     net = net.to(device)
     if method == "ntt":
+        if start_masks is not None:
+            raise ValueError("start_masks: NTT selects its own masks")
         # NTT's result is a mask *and* learned sparse weights; the network trains from both
         from .transfer import transfer
 
@@ -148,8 +152,18 @@ def prune_cell(model_name: str, method: str, density: float, seed: int, rounds: 
         elif info.needs_data:
             data = _prune_data(train_set, protocol["prune_samples"], seed)
         masks = prune(net, method, density, rounds=rounds, scope=protocol["scope"], data=data, seed=seed,
-                      progress=False, on_empty_layer="ignore", **options)
+                      masks=start_masks, progress=False, on_empty_layer="ignore", **options)
     return net, masks
+
+
+def train_cell(net, masks, train_set, test_set, protocol: dict, seed: int, device):
+    """Train a pruned cell's network by the study's protocol (:func:`ntkfast.training.train`)."""
+    from .training import train
+
+    return train(net, masks, train_set, test_set, protocol["epochs"], optimizer=protocol["optimizer"],
+                 lr=protocol["lr"], momentum=protocol["momentum"], weight_decay=protocol["weight_decay"],
+                 batch_size=protocol["batch_size"], lr_milestones=protocol["lr_milestones"] or None,
+                 device=device, seed=seed, progress=False, max_batches=protocol["max_batches"])
 
 
 def _connectivity_fields(net, masks) -> dict:
@@ -167,15 +181,10 @@ def _connectivity_fields(net, masks) -> dict:
 
 def _run_cell(model_name: str, method: str, density: float, seed: int, rounds: int, options: dict,
               train_set, test_set, protocol: dict, device) -> dict:
-    from .training import train
-
     t0 = time.perf_counter()
     net, masks = prune_cell(model_name, method, density, seed, rounds, options, train_set, protocol, device)
     prune_s = time.perf_counter() - t0
-    res = train(net, masks, train_set, test_set, protocol["epochs"], optimizer=protocol["optimizer"],
-                lr=protocol["lr"], momentum=protocol["momentum"], weight_decay=protocol["weight_decay"],
-                batch_size=protocol["batch_size"], lr_milestones=protocol["lr_milestones"] or None, device=device,
-                seed=seed, progress=False, max_batches=protocol["max_batches"])
+    res = train_cell(net, masks, train_set, test_set, protocol, seed, device)
     return {
         "final_test_accuracy": res.final_test_accuracy,
         "best_test_accuracy": max(res.test_accuracy) if res.test_accuracy else None,

@@ -14,9 +14,9 @@ train normally.
 
 On CPU, a network with 2-D convolutions trains in the channels-last layout (its weights and the
 batches) if its forward runs so (one that calls ``.view`` on a convolution's output does not, and
-trains as it is), and the model's layout is restored afterwards: oneDNN's NHWC kernels, max-pooling above
-all, are several times faster than its NCHW ones there (LeNet-5, batch 64: 1.5x a step, see
-``benchmarks/bench_train.py``). The values are the same; the float rounding may differ.
+trains as it is), and the model's layout is restored afterwards: oneDNN's NHWC kernels are faster
+there (LeNet-5 and ResNet-20: about 1.2x a step, ``benchmarks/bench_train.py``). The values are
+the same; the float rounding may differ.
 """
 from __future__ import annotations
 
@@ -190,7 +190,7 @@ def _runs_channels_last(model: nn.Module, train_set, device) -> bool:
     buffers = {n: b.clone() for n, b in model.named_buffers()}
     was_training = model.training
     ok = True
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[]):  # called for CPU training only
         try:
             _to_channels_last(model)
             x, _ = next(iter(_iterate(train_set, 2, False, 0, device, 1, channels_last=True)))

@@ -193,6 +193,10 @@ def test_bad_arguments_are_named():
         connectivity(model, {"nope.weight": torch.ones(3, 4, dtype=torch.bool)}, input_shape=(4,))
     with pytest.raises(ValueError, match="shape"):
         connectivity(model, {"1.weight": torch.ones(4, 3, dtype=torch.bool)}, input_shape=(4,))
+    with pytest.raises(ValueError, match=r"masks\['1.weight'\] must be a tensor"):
+        connectivity(model, {"1.weight": [[True] * 4] * 3}, input_shape=(4,))
+    with pytest.raises(ValueError, match=r"input_shape \(5,\)"):
+        connectivity(model, Masks.ones(model), input_shape=(5,))
     bn = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
     with pytest.raises(ValueError, match="normalisation"):
         connectivity(bn, {"1.weight": torch.ones(3, dtype=torch.bool)}, input_shape=(4,))

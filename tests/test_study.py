@@ -235,3 +235,17 @@ def test_cli_method_settings_parse():
         cli._method_settings(["synflow"], "--rounds", int)
     with pytest.raises(SystemExit, match="METHOD:KEY=VALUE"):
         cli._method_settings(["epochs=2"], "--method-option", cli._option)
+
+
+def test_prune_cell_starts_from_given_masks_and_refuses_them_for_ntt():
+    from ntkfast import Masks, data, models
+
+    noise = data.GaussianNoise((1, 28, 28), 16, num_classes=10)
+    protocol = {"scope": "global", "prune_samples": 10}
+    start = Masks.ones(models.lenet300_100())
+    start["classifier.0.weight"][:, :392] = False  # the top half of the image may not be used
+    net, masks = study.prune_cell("lenet300_100", "magnitude", 0.1, 0, 1, {}, noise, protocol, "cpu",
+                                  start_masks=start)
+    assert not masks["classifier.0.weight"][:, :392].any() and masks.density == pytest.approx(0.1, abs=1e-4)
+    with pytest.raises(ValueError, match="start_masks"):
+        study.prune_cell("lenet300_100", "ntt", 0.1, 0, 1, {}, noise, protocol, "cpu", start_masks=start)
