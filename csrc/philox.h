@@ -1,7 +1,9 @@
 // Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011) and the
 // Box-Muller transform that turns its words into normal numbers. Shared by the CPU kernels, the
 // CUDA kernels (no ATen here: the .cu files include it) and mirrored word for word by the
-// pure-PyTorch reference in ntkfast/_ops.py, so all three give the same numbers.
+// pure-PyTorch reference in ntkfast/_ops.py, so all three draw the same Philox words. The normals
+// agree to the last unit or two: the device's logf/sinf/cosf are not glibc's, so a GPU result is
+// compared with the CPU's to a tolerance, never bit for bit.
 //
 // The stream: normal number j (a 64-bit index) of seed s is lane j % 4 of the block with counter
 // (lo(j / 4), hi(j / 4), 0, 0) and key (lo(s), hi(s)). Lanes 0 and 1 come from words (x0, x1),

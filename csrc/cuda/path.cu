@@ -23,7 +23,7 @@ constexpr int kScoreThreads = 128;
 template <typename T, int P>
 __device__ __forceinline__ T path_g(T w) {
   if constexpr (P == 1) {
-    return w < T(0) ? -w : w;
+    return T(fabs(w));  // as the CPU's std::abs: -0.0 gives +0.0
   } else {
     return w * w;
   }
@@ -31,7 +31,7 @@ __device__ __forceinline__ T path_g(T w) {
 
 template <typename T>
 __device__ __forceinline__ T weight_pow(T w, int q) {
-  return q == 0 ? T(1) : (q == 1 ? (w < T(0) ? -w : w) : w * w);
+  return q == 0 ? T(1) : (q == 1 ? T(fabs(w)) : w * w);
 }
 
 struct StepArgs {
@@ -117,6 +117,7 @@ cudaError_t chain_run(const PathChainLayer* layers, int64_t num_layers, const vo
     const int64_t backward_blocks = (b.c + kThreads - 1) / kThreads;
     const int64_t blocks = args.forward_blocks + backward_blocks;
     if (blocks == 0) continue;
+    if (blocks > 0x7fffffff) return cudaErrorInvalidValue;  // one launch, no grid-stride loop
     chain_step_kernel<T, P><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(args);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
