@@ -86,9 +86,15 @@ def _protocol_line(records: Sequence[dict]) -> str:
         parts.append(f"weight decay {p['weight_decay']}")
     if p.get("lr_milestones"):
         parts.append(f"lr x0.1 after epochs {', '.join(map(str, p['lr_milestones']))}")
-    if p.get("train_subset") or p.get("test_subset") or p.get("max_batches"):
-        parts.append(f"REDUCED: train subset {p.get('train_subset')}, test subset {p.get('test_subset')}, "
-                     f"max batches {p.get('max_batches')}")
+    limits = []
+    if p.get("train_subset"):
+        limits.append(f"first {p['train_subset']} training images")
+    if p.get("test_subset"):
+        limits.append(f"first {p['test_subset']} test images")
+    if p.get("max_batches"):
+        limits.append(f"at most {p['max_batches']} batches per epoch")
+    if limits:
+        parts.append("REDUCED: " + ", ".join(limits))
     seeds = sorted({r["seed"] for r in records})
     parts.append(f"seeds {', '.join(map(str, seeds))}")
     return "; ".join(parts)

@@ -182,6 +182,17 @@ def test_report_table_text():
         report.markdown_table(_fixed_records(), metric="worst")
 
 
+def test_report_labels_a_reduced_protocol_by_what_it_cut():
+    full = report.markdown_table(_fixed_records())
+    assert "REDUCED" not in full
+    reduced = [{**r, "protocol": {**r["protocol"], "train_subset": 5000, "test_subset": 2000}} for r in _fixed_records()]
+    text = report.markdown_table(reduced)
+    assert "REDUCED: first 5000 training images, first 2000 test images; seeds 0, 1" in text
+    assert "None" not in text
+    capped = [{**r, "protocol": {**r["protocol"], "max_batches": 7}} for r in _fixed_records()]
+    assert "REDUCED: at most 7 batches per epoch;" in report.markdown_table(capped)
+
+
 def test_report_writes_markdown_and_plots(tmp_path):
     pytest.importorskip("matplotlib")
     results = tmp_path / "r.jsonl"
