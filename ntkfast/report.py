@@ -149,7 +149,7 @@ def plot_accuracy(records: Sequence[dict], path, metric: str = "final") -> None:
     ax.set_xlabel("weights remaining (%)")
     ax.set_ylabel(f"{metric} test accuracy (%)")
     r0 = records[0]
-    _finish(plt, fig, ax, f"{r0['model']} / {r0['dataset']}", path)
+    _finish(plt, fig, ax, _plot_title(r0), path)
 
 
 def plot_layer_densities(records: Sequence[dict], path, density: float) -> None:
@@ -173,7 +173,19 @@ def plot_layer_densities(records: Sequence[dict], path, density: float) -> None:
     ax.set_xticklabels([n.removesuffix(".weight") for n in layers], rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("weights kept in the layer (%; log above 0.1)")
     r0 = chosen[0]
-    _finish(plt, fig, ax, f"{r0['model']} / {r0['dataset']}: per-layer density at {100 * density:g}% overall", path)
+    _finish(plt, fig, ax, f"{_plot_title(r0)}: per-layer density at {100 * density:g}% overall", path)
+
+
+def _is_reduced(protocol: dict) -> bool:
+    return bool(protocol.get("train_subset") or protocol.get("test_subset") or protocol.get("max_batches"))
+
+
+def _plot_title(record: dict) -> str:
+    """Model, data and epochs, and REDUCED where the protocol cut the data: a plot copied out of
+    the report must not pass for a full run."""
+    p = record["protocol"]
+    title = f"{record['model']} / {record['dataset']}, {p['epochs']} epochs"
+    return title + (" (REDUCED)" if _is_reduced(p) else "")
 
 
 def _finish(plt, fig, ax, title: str, path) -> None:
@@ -230,6 +242,6 @@ def _protocol_tag(runs: Sequence[dict]) -> str:
     overwrite each other."""
     p = runs[0]["protocol"]
     tag = f"e{p['epochs']}"
-    if p.get("train_subset") or p.get("test_subset") or p.get("max_batches"):
+    if _is_reduced(p):
         tag += "-reduced"
     return tag + "-" + hashlib.sha1(json.dumps(p, sort_keys=True).encode()).hexdigest()[:6]
