@@ -3,7 +3,9 @@ pruned network, evaluate it, and append one JSON line per finished run (a *cell*
 
 A study is resumable: cells already in the output file with the same protocol are skipped, and a
 line cut short by an interruption is dropped, so a killed study continues where it stopped and
-never runs a finished cell twice. ``ntkfast report`` turns the file into tables and plots.
+never runs a finished cell twice. The file is read again before each cell, so several processes
+may share one output file: a cell another process has finished is skipped (two processes that
+start the same cell at the same moment both run it; the report counts it once). ``ntkfast report`` turns the file into tables and plots.
 
     from ntkfast.study import run_study
     run_study("lenet300_100", "mnist", "data/", ["random", "snip", "synflow"], [0.1, 0.01], [0, 1],
@@ -351,6 +353,12 @@ def run_study(model: str, dataset: str, data_dir, methods: Sequence[str], densit
         bar.write(f"study: {len(cells) - len(todo)} of {len(cells)} cells already in {out}; running the other {len(todo)}")
     try:
         for head in todo:
+            # another process appending to the same file may have finished this cell meanwhile;
+            # not repairing here, since a last line without its newline may be its write in flight
+            done.update((cell_key(r), r) for r in read_results(out))
+            if cell_key(head) in done:
+                bar.update(1, cell=f"{head['method']} d={head['density']:g} seed={head['seed']} (done elsewhere)")
+                continue
             bar.update(0, cell=f"{head['method']} d={head['density']:g} seed={head['seed']}")
             result = _run_cell(model, head["method"], head["density"], head["seed"], head["rounds"], head["options"],
                                train_set, test_set, protocol, device)

@@ -77,6 +77,31 @@ def test_a_killed_study_continues_where_it_stopped(data_dir, tmp_path, monkeypat
     assert sorted(cells) == sorted((m, float(d)) for m in ("random", "magnitude") for d in densities)
 
 
+def test_a_cell_another_process_finished_meanwhile_is_not_run_again(tmp_path, monkeypatch):
+    out = tmp_path / "r.jsonl"
+    kw = dict(epochs=1, batch_size=64, datasets=_noise_sets(), progress=False)
+    # what the other process wrote: the same study's cells, run first into a file of their own
+    theirs = study.run_study("lenet300_100", "noise", None, ["random", "magnitude"], [0.2], [0],
+                             tmp_path / "other.jsonl", **kw)
+    other_lines = (tmp_path / "other.jsonl").read_text().splitlines(keepends=True)
+    ran = []
+    real = study._run_cell
+
+    def run_then_other_process_appends(*a, **k):
+        ran.append(a[1])
+        result = real(*a, **k)
+        if len(ran) == 1:  # while this cell ran, the other process finished magnitude
+            with open(out, "a") as f:
+                f.write(other_lines[1])
+        return result
+
+    monkeypatch.setattr(study, "_run_cell", run_then_other_process_appends)
+    recs = study.run_study("lenet300_100", "noise", None, ["random", "magnitude", "snip"], [0.2], [0], out, **kw)
+    assert ran == ["random", "snip"]
+    assert recs[1] == theirs[1]
+    assert [r["method"] for r in _lines(out)] == ["magnitude", "random", "snip"]
+
+
 def test_an_interrupted_last_line_is_dropped_and_a_corrupt_one_named(tmp_path):
     out = tmp_path / "r.jsonl"
     rec = _fixed_records()[0]
