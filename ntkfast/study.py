@@ -5,7 +5,8 @@ A study is resumable: cells already in the output file with the same protocol ar
 line cut short by an interruption is dropped, so a killed study continues where it stopped and
 never runs a finished cell twice. The file is read again before each cell, so several processes
 may share one output file: a cell another process has finished is skipped (two processes that
-start the same cell at the same moment both run it; the report counts it once). ``ntkfast report`` turns the file into tables and plots.
+start the same cell at the same moment both run it; the report counts it once).
+``ntkfast report`` turns the file into tables and plots.
 
     from ntkfast.study import run_study
     run_study("lenet300_100", "mnist", "data/", ["random", "snip", "synflow"], [0.1, 0.01], [0, 1],
