@@ -5,6 +5,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# TF32 off in every test (cuDNN allows it by default): float32 results on a GPU are compared with
+# tolerances set for true float32 arithmetic. A test that means TF32 turns it on itself.
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
