@@ -64,12 +64,13 @@ step() {
   fi
   echo "=== $name (timeout ${cap} s): $*"
   local t0=$(date +%s)
-  timeout --kill-after=5 "$cap" "$@"
+  # SIGINT first: pytest then still writes its junit XML and names what it was running
+  timeout -s INT --kill-after=15 "$cap" "$@"
   local rc=$?
   local dt=$(( $(date +%s) - t0 ))
   if (( rc == 0 )); then
     STEPS+=("$name=ok")
-  elif (( rc == 124 || rc == 137 )); then
+  elif (( rc == 124 || rc == 137 || rc == 130 || (dt >= cap && rc == 2) )); then
     STEPS+=("$name=TIMEOUT after ${dt} s")
   else
     STEPS+=("$name=FAILED rc=$rc")
@@ -84,12 +85,17 @@ pytest_step() {
   local name=$1 cap=$2; shift 2
   local xml=$WORK/$name.xml
   JUNITS+=("$xml")
-  local args=(-m pytest -q -rfE -p no:cacheprovider --junitxml="$xml")
+  local args=(-m pytest -q -rfE -p no:cacheprovider -p no:benchmark --junitxml="$xml")
   if [ "$DRY_RUN" = 1 ]; then
     args+=(--collect-only)
   else
-    args+=(--timeout="${PYTEST_TIMEOUT:-120}")
-    "$PY" -c "import xdist" 2>/dev/null && args+=(-n "${PYTEST_WORKERS:-8}")
+    args+=(--timeout="${PYTEST_TIMEOUT:-120}" --durations=15)
+    if "$PY" -c "import xdist" 2>/dev/null; then
+      local workers=${PYTEST_WORKERS:-8}
+      args+=(-n "$workers")
+      # each worker's torch would take every core: 8 x 16 threads thrash 16 cores
+      export OMP_NUM_THREADS=$(( $(nproc) / workers > 0 ? $(nproc) / workers : 1 ))
+    fi
   fi
   step "$name" "$cap" "$PY" "${args[@]}" "$@"
 }
