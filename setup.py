@@ -10,6 +10,9 @@ import sys
 
 from setuptools import find_packages, setup
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from build_checks import choose_cxx  # noqa: E402
+
 try:
     import torch
 except ImportError:  # with --no-build-isolation the build uses the installed torch, so it must be there
@@ -49,7 +52,19 @@ def _openmp_flags():
     return ["-fopenmp"], ["-fopenmp"]
 
 
+def _pick_compiler():
+    # the compile (ninja, $CXX) and the link (setuptools, $CXX) both follow CXX, so one setting covers both
+    cxx = choose_cxx()
+    if cxx is not None and cxx != os.environ.get("CXX"):
+        os.environ["CXX"] = cxx
+        cc = os.path.join(os.path.dirname(cxx), "gcc") if os.path.basename(cxx) in ("g++", "c++") else None
+        if cc and os.path.exists(cc) and os.environ.get("CC"):
+            os.environ["CC"] = cc
+
+
 def make_extension():
+    if not any(a in sys.argv for a in ("--help", "-h", "egg_info", "sdist", "dist_info", "--version")):
+        _pick_compiler()
     with_cuda = _want_cuda()
     cpu_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")) + glob.glob(os.path.join("csrc", "cuda", "*.cu")))
