@@ -95,6 +95,13 @@ def ntkfast_build() -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
+def set_tf32(allow: bool) -> None:
+    """TF32 in cuBLAS and cuDNN on or off (cuDNN allows it by default; every benchmark turns it off
+    unless its case is named for it), so that GPU float32 timings are of float32 arithmetic."""
+    torch.backends.cuda.matmul.allow_tf32 = bool(allow)
+    torch.backends.cudnn.allow_tf32 = bool(allow)
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -294,8 +301,11 @@ def base_parser(suite: Suite) -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list the cases and exit")
     p.add_argument("--out", default=None, help=f"results folder (default {RESULTS_DIR.relative_to(REPO_ROOT)})")
     p.add_argument("--tag", default=None, help="appended to the results file name, e.g. the host's name")
-    p.add_argument("--no-memory", action="store_true", help="skip the fresh-process peak-memory measurements")
+    p.add_argument("--no-memory", action="store_true",
+                   help="skip the peak-memory measurements (CPU: a fresh process per side; CUDA: in this process)")
     p.add_argument("--no-readme", action="store_true", help="do not rebuild <out>/README.md")
+    p.add_argument("--tf32", action="store_true",
+                   help="allow TF32 in cuBLAS and cuDNN (default off: float32 means float32; the JSON records it)")
     p.add_argument("--side", choices=["peer", "ours"], help=argparse.SUPPRESS)
     p.add_argument("--measure-memory", action="store_true", help=argparse.SUPPRESS)
     if suite.add_args is not None:
@@ -324,6 +334,20 @@ def _memory_child(suite: Suite, case: Case, args: argparse.Namespace, device: to
     print(json.dumps(out))
 
 
+def _measure_in_process(case: Case, side: str, device: torch.device) -> dict:
+    try:
+        state = case.setup(device)
+        call_args = case.prepare(state)
+        synchronize(device)
+        out = measure_peak(case.peer if side == "peer" else case.ours, call_args, device)
+        del call_args, state
+        torch.cuda.empty_cache()
+        return out
+    except torch.cuda.OutOfMemoryError as exc:
+        torch.cuda.empty_cache()
+        return {"error": f"out of memory: {str(exc).splitlines()[0][:200]}"}
+
+
 def _measure_in_fresh_process(suite: Suite, case: Case, side: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, "-m", suite.module, "--device", args.device, "--case", case.name,
            "--side", side, "--measure-memory"] + (["--quick"] if args.quick else []) + suite.option_argv(args)
@@ -345,6 +369,8 @@ def reproduce_command(suite: Suite, case: Case, args: argparse.Namespace) -> str
            "--runs", str(args.runs), "--warmup", str(args.warmup)]
     if args.quick:
         cmd.append("--quick")
+    if getattr(args, "tf32", False):
+        cmd.append("--tf32")
     if args.tag:
         cmd += ["--tag", args.tag]
     return shlex.join(cmd + suite.option_argv(args))
@@ -388,7 +414,10 @@ def run_case(suite: Suite, case: Case, args: argparse.Namespace, device: torch.d
     mem = {}
     if not args.no_memory:
         for side in ("peer", "ours"):
-            mem[side] = _measure_in_fresh_process(suite, case, side, args)
+            # CUDA: max_memory_allocated in this process (reset per side) is the peak of that side's
+            # own allocations; a fresh process per case would only add a CUDA start-up each time
+            mem[side] = (_measure_in_process(case, side, device) if device.type == "cuda"
+                         else _measure_in_fresh_process(suite, case, side, args))
         print("    peak MB: " + ", ".join(
             f"{s} {m.get('peak_mb', float('nan')):.1f} (+{m.get('extra_mb', float('nan')):.1f} during the call)"
             for s, m in mem.items()), flush=True)
@@ -416,6 +445,7 @@ def run_case(suite: Suite, case: Case, args: argparse.Namespace, device: torch.d
         "memory_kind": (mem.get("peer") or mem.get("ours") or {}).get("kind"),
         "rel_err": cmp.pop("rel_err", None),
         "identical": cmp.pop("identical", None),
+        "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
         "n_runs": args.runs,
         "warmup": max(args.warmup, 1),
         "quick": bool(args.quick),
@@ -455,6 +485,7 @@ def main(suite: Suite, argv: Optional[Sequence[str]] = None) -> int:
     if args.runs < 1:
         raise SystemExit("--runs must be >= 1")
     device = resolve_device(args.device)
+    set_tf32(args.tf32)
     cases = suite.make_cases(args)
     if args.list:
         for c in cases:
