@@ -19,7 +19,7 @@ import torch
 
 from .common import Case, Suite, main as suite_main
 
-WORKLOADS = [("lenet300_100", 64), ("lenet5", 64)]
+WORKLOADS = [("lenet300_100", 64), ("lenet5", 64), ("resnet20", 64)]
 OPTIONS = dict(density=0.03, lambda_ker=1e-3, lambda_l2=1e-4)
 
 

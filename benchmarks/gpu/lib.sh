@@ -144,7 +144,7 @@ e = json.load(open(sys.argv[1]))["entry"]
 print(f"=== stage {e['stage']} {e['status'].upper()}: {e['passed']} passed, {e['failed']} failed, {e['skipped']} skipped")
 for f in e["failures"][:40]:
     print(f"    {f}")
-sys.exit(1 if e["status"] == "failed" else 0)
+sys.exit(1 if e["status"] == "failed" or e["failed"] else 0)  # a dry run with failures fails too
 PYEOF
   local rc=$?
   sleep 1  # let tee write the last lines into the log before the script exits
