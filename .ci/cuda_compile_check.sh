@@ -32,6 +32,21 @@ if [ -z "$nvcc" ] || [ ! -x "$nvcc" ]; then
   exit 0
 fi
 
+# ptxas_report LOG ARCH: one line per kernel compiled for sm_ARCH -- registers, shared memory,
+# stack frame and spill bytes -- from ptxas's -v output (demangled with c++filt where present)
+ptxas_report() {
+  echo "cuda_compile_check: ptxas report for sm_$2 (registers, spills) --"
+  local report
+  report=$(awk -v arch="sm_$2" '
+    /Compiling entry function/ { fn = $0; sub(/.*function .?/, "", fn); sub(/.? for .*/, "", fn); want = index($0, arch) > 0 }
+    want && /bytes stack frame/ { frame = $0; sub(/.*ptxas info *: */, "", frame) }
+    want && /Used [0-9]+ registers/ { use = $0; sub(/.*Used /, "", use); print "  " fn "\t" frame "; used " use; want = 0 }
+  ' "$1" | { command -v c++filt >/dev/null && c++filt || cat; } | sed 's/(anonymous namespace):://g' | sort -u)
+  printf '%s\n' "$report"
+  echo "cuda_compile_check: $(printf '%s\n' "$report" | grep -c -E ' [1-9][0-9]* bytes spill stores' || true) of" \
+       "$(printf '%s\n' "$report" | grep -c . || true) sm_$2 kernels spill registers"
+}
+
 mapfile -t sources < <(find csrc -name '*.cu' | sort)
 echo "cuda_compile_check: $("$nvcc" --version | tail -n 1)"
 echo "cuda_compile_check: ${#sources[@]} file(s) for sm ${archs//;/, sm }: ${sources[*]:-none}"
@@ -43,11 +58,15 @@ if command -v cmake >/dev/null 2>&1; then
     generator=(-G Ninja)
   fi
   cmake -S . -B "$build" "${generator[@]}" \
-    -DNTKFAST_CUDA_CHECK_ONLY=ON \
+    -DNTKFAST_CUDA_CHECK_ONLY=ON -DNTKFAST_PTXAS_VERBOSE=ON \
     -DCMAKE_CUDA_COMPILER="$nvcc" \
     -DCMAKE_CUDA_ARCHITECTURES="$archs" \
     -DCMAKE_BUILD_TYPE=Release >/dev/null
-  cmake --build "$build" --target cuda_compile_check --parallel "$(nproc 2>/dev/null || echo 2)"
+  # rebuild every object, so that ptxas's report is complete even on a reused build folder
+  cmake --build "$build" --target cuda_compile_check --parallel "$(nproc 2>/dev/null || echo 2)" --clean-first \
+    2>&1 | tee "$build/ptxas.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || exit 1
+  ptxas_report "$build/ptxas.log" "${archs##*;}"
 else
   # No CMake: the same compile, by hand.
   echo "cuda_compile_check: cmake not found, calling nvcc directly" >&2
@@ -60,8 +79,11 @@ else
   for src in "${sources[@]}"; do
     obj="$build/$(echo "$src" | tr '/' '_').o"
     "$nvcc" -std=c++17 -O3 --expt-relaxed-constexpr -lineinfo --Werror=all-warnings -Xcompiler -fPIC \
-      -I csrc "${gencode[@]}" -c "$src" -o "$obj"
+      -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ \
+      -D__CUDA_NO_HALF2_OPERATORS__ -Xptxas=-v -I csrc "${gencode[@]}" -c "$src" -o "$obj" 2>&1 | tee -a "$build/ptxas.log"
+    [ "${PIPESTATUS[0]}" = 0 ] || exit 1
   done
+  ptxas_report "$build/ptxas.log" "${archs##*;}"
 fi
 
 # The torch-facing glue (csrc/cuda/*.cpp) needs a CUDA build of PyTorch to compile for real; against
