@@ -508,3 +508,53 @@ def test_init_fn_error_reaches_the_user_unchanged(engine):
         warnings.simplefilter("error")  # and no engine fallback is tried (it would warn)
         with pytest.raises(KeyError, match="the user's init broke"):
             ntksap(net, repeats=2, batch_size=4, init_fn=broken, engine=engine)
+
+
+def test_out_of_memory_in_the_first_replay_check_turns_graphs_off_instead_of_crashing(monkeypatch):
+    # The first replay of a captured pass is checked against an eager pass while the graph's pool is
+    # still alive; running out of memory there must turn graphs off (the caller then runs the pass
+    # eagerly), not escape. CPU stand-ins for the graph: what is tested is the bookkeeping.
+    from collections import OrderedDict
+    from types import SimpleNamespace
+
+    from ntkfast.scores import _ntksap as S
+    from ntkfast.scores import _ntksap_graph as G
+
+    class FakePass:
+        checked = False
+
+        def load(self, *a):
+            pass
+
+        def replay(self):
+            return OrderedDict(w=torch.ones(3))
+
+    monkeypatch.setattr(G, "graphed_pass", lambda *a, **k: FakePass())
+    monkeypatch.setattr(S, "_piece_draws", lambda draws, chunk: ())
+
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(S, "_one_pass", oom)
+    model = torch.nn.Linear(3, 1)
+    draws = SimpleNamespace(batch_shape=(2, 3), dtype=torch.float32, device=torch.device("cpu"),
+                            philox=lambda n, i: (1, 0))
+    masks = OrderedDict(w=torch.ones(3))
+    total = OrderedDict(w=torch.zeros(3))
+    store = {}
+    with pytest.warns(RuntimeWarning, match="out of memory"):
+        ran = S._graphed(model, None, {"w": None}, None, draws, [0], masks, total, 0.01, False, store)
+    assert ran is False and store["graphs_off"]
+    assert torch.equal(total["w"], torch.zeros(3))  # nothing added: the caller's eager pass adds it once
+
+
+def test_pass_size_leaves_room_for_the_graph_pool_and_the_checking_pass(monkeypatch):
+    from types import SimpleNamespace
+
+    from ntkfast.scores import _ntksap as S
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (3000, 10000))
+    draws = SimpleNamespace(batch_shape=(1,), device=torch.device("cuda"), indices=list(range(1000)))
+    eager = S._pieces_per_pass(None, draws, None, None, 0.01, False, None, {"bytes_per_row": 1}, graphs=False)
+    graphed = S._pieces_per_pass(None, draws, None, None, 0.01, False, None, {"bytes_per_row": 1}, graphs=True)
+    assert (eager, graphed) == (900, 300)  # 60% of the free memory, for one pass or shared by three

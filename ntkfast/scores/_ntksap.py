@@ -290,9 +290,10 @@ def _grouped_scores(model, targets, draws: Draws, eps, dt, dev, bn_stats, memory
 
     objective = 0.0
     sequential = strategy == "sequential"
-    per_pass = 1 if sequential else _pieces_per_pass(net, draws, keys, masks, eps, has_bn, memory_budget, store)
     graphs = (cuda_graph and dev.type == "cuda" and not sequential and not objective_only and not net.shared
-              and draws.perturbations is None)
+              and draws.perturbations is None and not store.get("graphs_off"))
+    per_pass = 1 if sequential else _pieces_per_pass(net, draws, keys, masks, eps, has_bn, memory_budget, store,
+                                                     graphs)
     for chunk in piece_list(draws.indices, per_pass):
         if graphs and len(chunk) == per_pass and _graphed(model, net, targets, keys, draws, chunk, masks, total, eps,
                                                           has_bn and bn_stats == "authors", store):
@@ -322,10 +323,20 @@ def _graphed(model, net, targets, keys, draws, chunk, masks, total, eps, record,
         G.disable(store, f"{type(exc).__name__}: {exc}")
         return False
     if not gp.checked:
-        eager = OrderedDict((n, torch.zeros_like(m)) for n, m in masks.items())
-        with torch.enable_grad():
-            _one_pass(net, targets, keys, draws, chunk, masks, eager, eps, True, "authors" if record else "single_pass",
-                      False, False)
+        # the graph's pool and this eager pass are alive together: the one moment two passes are,
+        # which _pieces_per_pass sizes for; if memory still runs out, graphs go and the caller
+        # runs the pass eagerly with the graph's pool freed
+        try:
+            eager = OrderedDict((n, torch.zeros_like(m)) for n, m in masks.items())
+            with torch.enable_grad():
+                _one_pass(net, targets, keys, draws, chunk, masks, eager, eps, True,
+                          "authors" if record else "single_pass", False, False)
+        except torch.cuda.OutOfMemoryError as exc:
+            del gp, grads
+            eager = None
+            G.disable(store, f"out of memory checking the first replay against the eager pass ({exc})"[:300])
+            torch.cuda.empty_cache()
+            return False
         top = max(float(v.abs().max()) for v in eager.values()) or 1.0
         err = max(float((eager[n] - grads[n]).abs().max()) for n in eager) / top
         if not err < 1e-3:
@@ -436,9 +447,11 @@ def _values(net: GroupedNetwork, targets, keys, thetas: List[Dict[str, torch.Ten
     return values
 
 
-def _pieces_per_pass(net, draws, keys, masks, eps, has_bn, memory_budget, store) -> int:
+def _pieces_per_pass(net, draws, keys, masks, eps, has_bn, memory_budget, store, graphs: bool = False) -> int:
     """How many pieces one pass evaluates: all, unless their saved activations would exceed the
-    budget (memory_budget; on CPU also a cache-friendly size; on CUDA most of the free memory)."""
+    budget (memory_budget; on CPU also a cache-friendly size; on CUDA 60% of the free memory, shared
+    by the passes alive at once: one eager pass, or with CUDA graphs the graph's private pool, the
+    eager pass its first replay is checked against, and the capture's warm-up left in the cache)."""
     B = draws.batch_shape[0]
     per_row = store.get("bytes_per_row")
     if per_row is None:
@@ -449,7 +462,7 @@ def _pieces_per_pass(net, draws, keys, masks, eps, has_bn, memory_budget, store)
         budget = memory_budget
     elif draws.device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(draws.device)
-        budget = int(free * 0.6)
+        budget = int(free * 0.6) // (3 if graphs else 1)
     else:
         budget = _CPU_PASS_BYTES
     n = max(1, budget // max(per_piece, 1))
