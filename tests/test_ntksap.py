@@ -558,3 +558,52 @@ def test_pass_size_leaves_room_for_the_graph_pool_and_the_checking_pass(monkeypa
     eager = S._pieces_per_pass(None, draws, None, None, 0.01, False, None, {"bytes_per_row": 1}, graphs=False)
     graphed = S._pieces_per_pass(None, draws, None, None, 0.01, False, None, {"bytes_per_row": 1}, graphs=True)
     assert (eager, graphed) == (900, 300)  # 60% of the free memory, for one pass or shared by three
+
+
+def test_grouped_convolution_without_an_engine_falls_back_per_group(monkeypatch):
+    # cuDNN may have no engine for groups x G groups in float64 (forward or backward): the layer
+    # then runs one convolution per weight set, says so once, and the scores do not change.
+    import torch.nn.functional as F
+
+    from ntkfast.scores import _ntksap as N
+    from ntkfast.scores._grouped import GroupedNetwork
+    from ntkfast.scores._ntksap_draws import Draws
+
+    model = models.get("resnet20", width=4).double()
+    masks = _random_masks(model, 0.7)
+    targets = resolve_targets(model, masks)
+    draws = Draws(model, targets, seed=3, pieces=2, batch_shape=(5, 3, 32, 32), dtype=torch.float64,
+                  device=torch.device("cpu"))
+    keys = lambda net: N._value_sources(model, targets, net.value_names())  # noqa: E731
+    leaf = {n: t.mask.double().requires_grad_(True) for n, t in targets.items()}
+
+    def run(net):
+        total = {n: torch.zeros_like(m) for n, m in leaf.items()}
+        N._one_pass(net, targets, keys(net), draws, [0, 1], leaf, total, 0.01, True, "authors", False, False)
+        return total
+
+    plain = GroupedNetwork(model, dtype=torch.float64, device="cpu")
+    want = run(plain)
+    real_conv2d = F.conv2d
+
+    def conv2d_without_grouped_engine(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
+        if groups > 1:
+            raise RuntimeError("GET was unable to find an engine to execute this computation")
+        return real_conv2d(x, w, b, stride, padding, dilation, groups)
+
+    monkeypatch.setattr(F, "conv2d", conv2d_without_grouped_engine)
+    net = GroupedNetwork(model, dtype=torch.float64, device="cpu")
+    net.ctx.grouped_conv = True
+    with pytest.warns(RuntimeWarning, match="no cuDNN engine"):
+        got = run(net)
+    assert _max_rel(want, got) < 1e-12
+    assert any("no cuDNN engine" in path for path in net.explain().values())
+
+    def conv2d_broken(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
+        raise RuntimeError("some other failure")
+
+    monkeypatch.setattr(F, "conv2d", conv2d_broken)
+    other = GroupedNetwork(model, dtype=torch.float64, device="cpu")
+    other.ctx.grouped_conv = True
+    with pytest.raises(RuntimeError, match="some other failure"):  # only a missing engine falls back
+        run(other)

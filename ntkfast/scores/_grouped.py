@@ -23,6 +23,7 @@ between groups: :meth:`GroupedNetwork.check_shared` tells whether the given valu
 from __future__ import annotations
 
 
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Tuple
@@ -113,10 +114,48 @@ class _Linear(_Leaf):
         return y.reshape(*lead, y.shape[-1])
 
 
+# what cuDNN says when it has no engine for a convolution (seen with groups x G groups in float64)
+_NO_ENGINE = ("unable to find an engine", "CUDNN_STATUS_NOT_SUPPORTED", "no valid convolution algorithm",
+              "CUDNN_BACKEND_EXECUTION_PLAN")
+
+
+def _no_engine(exc: BaseException) -> bool:
+    return isinstance(exc, RuntimeError) and any(s.lower() in str(exc).lower() for s in _NO_ENGINE)
+
+
 class _Conv(_Leaf):
     @property
     def path(self):
-        return "grouped convolution" if self.ctx.grouped_conv else "convolution per group"
+        if not self.ctx.grouped_conv:
+            return "convolution per group"
+        if False in self.__dict__.get("_grouped_probe", {}).values():
+            return "convolution per group (no cuDNN engine for the grouped one)"
+        return "grouped convolution"
+
+    def _grouped_ok(self, conv, x, w, b, stride, padding, dilation, groups) -> bool:
+        """Whether the grouped convolution runs here, forward and backward: probed once per shape
+        and dtype (a missing engine shows in the backward too, where the pass could not catch it);
+        when it does not, the layer falls back to one convolution per group, with a warning."""
+        cache = self.__dict__.setdefault("_grouped_probe", {})
+        key = (tuple(x.shape), tuple(w.shape), x.dtype, str(x.device))
+        if key in cache:
+            return cache[key]
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return True  # not probed inside a CUDA graph's capture; a failure there turns graphs off
+        try:
+            with torch.enable_grad():
+                xp, wp = x.detach().requires_grad_(True), w.detach().requires_grad_(True)
+                y = conv(xp, wp, None if b is None else b.detach(), stride, padding, dilation, groups)
+                torch.autograd.grad(y.sum(), (xp, wp))
+            cache[key] = True
+        except RuntimeError as exc:
+            if not _no_engine(exc):
+                raise
+            cache[key] = False
+            warnings.warn(f"{self.name}: no cuDNN engine for its grouped convolution ({groups} groups, {x.dtype}, "
+                          f"input {tuple(x.shape)}): it runs one convolution per weight set instead, which is slower "
+                          f"({str(exc).splitlines()[0][:120]})", RuntimeWarning, stacklevel=2)
+        return cache[key]
 
     def forward(self, x):
         m: _ConvNd = self.module
@@ -130,7 +169,15 @@ class _Conv(_Leaf):
             padding = (0,) * nd
         if G == 1:
             return conv(x, w[0], None if b is None else b[0], m.stride, padding, m.dilation, m.groups)
-        if not ctx.grouped_conv:
+        grouped = ctx.grouped_conv
+        if grouped:
+            xg = _per_group(x, ctx)  # [G, B, C, *S]
+            B = xg.shape[1]
+            xi = xg.transpose(0, 1).reshape(B, G * xg.shape[2], *xg.shape[3:])
+            wi = w.reshape(G * w.shape[1], *w.shape[2:])
+            bi = None if b is None else b.reshape(-1)
+            grouped = self._grouped_ok(conv, xi, wi, bi, m.stride, padding, m.dilation, m.groups * G)
+        if not grouped:
             # split/unbind, not indexing: their backward is one cat, where each index's backward
             # would allocate and fill a zero gradient of the whole stack
             xs = x.split(x.shape[0] // G)
@@ -138,11 +185,7 @@ class _Conv(_Leaf):
             bs = b.unbind(0) if b is not None else [None] * G
             outs = [conv(xg, wg, bg, m.stride, padding, m.dilation, m.groups) for xg, wg, bg in zip(xs, ws, bs)]
             return torch.cat(outs, 0)
-        xg = _per_group(x, ctx)  # [G, B, C, *S]
-        B = xg.shape[1]
-        xi = xg.transpose(0, 1).reshape(B, G * xg.shape[2], *xg.shape[3:])
-        y = conv(xi, w.reshape(G * w.shape[1], *w.shape[2:]), None if b is None else b.reshape(-1),
-                 m.stride, padding, m.dilation, m.groups * G)
+        y = conv(xi, wi, bi, m.stride, padding, m.dilation, m.groups * G)
         y = y.reshape(B, G, w.shape[1], *y.shape[2:]).transpose(0, 1)
         return y.reshape(G * B, *y.shape[2:])
 
