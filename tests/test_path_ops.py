@@ -231,3 +231,20 @@ def test_fallback_without_kernel(monkeypatch):
     got = P.path_chain(ws, x, masks=ms, biases=bs, power=1)
     for u, v in zip(got[0] + got[1], want[0] + want[1]):
         assert torch.equal(u, v)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_dense_score_larger_than_one_grid_matches_the_reference():
+    # 300M entries: more than the dense score's capped grid (2**20 blocks x 256 threads) covers at
+    # once, so the kernel's grid-stride loop is what reaches the last entries
+    if not _ops._cuda_kernels():
+        pytest.skip("extension built without CUDA kernels")
+    g = torch.Generator(device="cuda").manual_seed(5)
+    o, c = 20_000, 15_000
+    w = torch.randn(o, c, device="cuda", generator=g)
+    a = torch.rand(2, c, device="cuda", generator=g)
+    b = torch.rand(2, o, device="cuda", generator=g)
+    got = P.path_score(w, a, b, weight_power=1)
+    want = w.abs() * (b.t() @ a)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

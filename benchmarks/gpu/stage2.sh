@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU ladder, stage 2 -- sanitizer + GPU paths: compute-sanitizer memcheck, racecheck and synccheck
 # on sanitize_ops.py (every op x dtype x direction; "unsupported" where the runtime refuses the
-# sanitizer), then the @slow top-k tests and the CUDA variants of the NTK-SAP (grouped engine, CUDA
+# sanitizer), then the @slow kernel tests (top-k, the dense path score past one grid) and the CUDA variants of the NTK-SAP (grouped engine, CUDA
 # graphs), NTK, transfer, training, Path Kernel, connectivity and device tests.
 #   bash benchmarks/gpu/stage2.sh [--dry-run]
 source "$(dirname "$0")/lib.sh"
@@ -46,7 +46,7 @@ sanitize() {
 sanitize memcheck 75
 sanitize racecheck 75
 sanitize synccheck 50
-pytest_step topk-slow 45 -m slow tests/test_topk_mask_cuda.py
+pytest_step slow-kernels 60 -m slow tests/test_topk_mask_cuda.py tests/test_path_ops.py
 pytest_step gpu-paths 120 -m "not slow" -k cuda \
   tests/test_ntksap.py tests/test_ntk.py tests/test_transfer.py tests/test_train.py tests/test_pathkernel.py \
   tests/test_connectivity.py tests/test_devices.py

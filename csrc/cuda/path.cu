@@ -8,6 +8,7 @@
 //
 // path_score: dense, a thread per weight; convolution, a block per weight reducing over the
 // samples and output positions (shared-memory tree), then |w|^q * mask.
+#include <algorithm>
 #include "path.cuh"
 
 #include <cstdint>
@@ -16,9 +17,10 @@ namespace ntkfast {
 namespace gpu {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
+constexpr int kThreads = kPathChainThreads;
+constexpr int kWarps = kPathChainRowsPerBlock;
 constexpr int kScoreThreads = 128;
+constexpr int64_t kMaxScoreBlocks = int64_t{1} << 20;
 
 template <typename T, int P>
 __device__ __forceinline__ T path_g(T w) {
@@ -114,10 +116,9 @@ cudaError_t chain_run(const PathChainLayer* layers, int64_t num_layers, const vo
     args.bw_c = b.c;
     args.n = n;
     args.forward_blocks = (n * f.o + kWarps - 1) / kWarps;
-    const int64_t backward_blocks = (b.c + kThreads - 1) / kThreads;
-    const int64_t blocks = args.forward_blocks + backward_blocks;
+    const int64_t blocks = path_chain_step_blocks(n, f.o, b.c);
     if (blocks == 0) continue;
-    if (blocks > 0x7fffffff) return cudaErrorInvalidValue;  // one launch, no grid-stride loop
+    if (blocks > kPathMaxGridX) return cudaErrorInvalidValue;  // one launch, no grid-stride loop; the glue checks first
     chain_step_kernel<T, P><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(args);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
@@ -128,13 +129,16 @@ cudaError_t chain_run(const PathChainLayer* layers, int64_t num_layers, const vo
 template <typename T>
 __global__ void score_dense_kernel(const T* w, const T* m, const T* a, const T* b, T* out, int64_t n, int64_t o_size,
                                    int64_t c_size, int q) {
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= o_size * c_size) return;
-  const int64_t o = idx / c_size, c = idx % c_size;
-  T g = 0;
-  for (int64_t i = 0; i < n; ++i) g += b[i * o_size + o] * a[i * c_size + c];
-  const T s = weight_pow(w[idx], q) * g;
-  out[idx] = m != nullptr ? s * m[idx] : s;
+  const int64_t numel = o_size * c_size;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  // grid-stride: the launch caps its grid, so any weight size is covered
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < numel; idx += step) {
+    const int64_t o = idx / c_size, c = idx % c_size;
+    T g = 0;
+    for (int64_t i = 0; i < n; ++i) g += b[i * o_size + o] * a[i * c_size + c];
+    const T s = weight_pow(w[idx], q) * g;
+    out[idx] = m != nullptr ? s * m[idx] : s;
+  }
 }
 
 template <typename T>
@@ -173,11 +177,11 @@ cudaError_t score_run(const void* weight, const void* mask, const void* a, const
   const int64_t numel = geo.o * geo.cg * geo.kh * geo.kw;
   if (numel == 0) return cudaSuccess;
   if (geo.dense) {
-    const int64_t blocks = (numel + kThreads - 1) / kThreads;
+    const int64_t blocks = std::min<int64_t>((numel + kThreads - 1) / kThreads, kMaxScoreBlocks);
     score_dense_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
         w, m, static_cast<const T*>(a), static_cast<const T*>(b), static_cast<T*>(out), geo.n, geo.o, geo.c, q);
   } else {
-    if (numel > 0x7fffffff) return cudaErrorInvalidValue;  // one block per weight
+    if (numel > kPathMaxGridX) return cudaErrorInvalidValue;  // one block per weight; the glue checks first
     score_conv_kernel<T><<<static_cast<unsigned>(numel), kScoreThreads, 0, stream>>>(
         w, m, static_cast<const T*>(a), static_cast<const T*>(b), static_cast<T*>(out), geo, q);
   }

@@ -15,6 +15,19 @@ namespace gpu {
 
 enum class PathDtype : int { kFloat32 = 0, kFloat64 = 1 };
 
+// Launch geometry, shared with the glue so that it can refuse too large an input with a ValueError
+// before any launch (rather than a CUDA error after one).
+constexpr int kPathChainThreads = 256;                  // threads per block of a chain step
+constexpr int kPathChainRowsPerBlock = kPathChainThreads / 32;  // one warp per forward output row
+constexpr int64_t kPathMaxGridX = (int64_t{1} << 31) - 1;
+
+// Blocks of chain step k: the forward rows of layer k ([n, fw_o], a warp each) and the backward
+// columns of layer L - 1 - k (bw_c, a thread each), in one launch.
+inline int64_t path_chain_step_blocks(int64_t n, int64_t fw_o, int64_t bw_c) {
+  return (n * fw_o + kPathChainRowsPerBlock - 1) / kPathChainRowsPerBlock +
+         (bw_c + kPathChainThreads - 1) / kPathChainThreads;
+}
+
 // One dense layer of the chain: weight and mask [o, c] (mask nullptr: none), bias [o] or nullptr;
 // forward_out [n, o] receives a_l, backward_out [c] receives b_{l-1}.
 struct PathChainLayer {
@@ -42,6 +55,8 @@ struct PathScoreGeometry {
   int64_t sh, sw, ph, pw, dh, dw;
 };
 
+// A convolution's score takes one block per weight entry: at most kPathMaxGridX entries. A dense
+// score has no limit (grid-stride).
 cudaError_t path_score_launch(const void* weight, const void* mask, const void* a, const void* b, void* out,
                               const PathScoreGeometry& geo, int weight_power, PathDtype dtype, cudaStream_t stream);
 

@@ -49,6 +49,12 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> path_chain_cuda(
     layers[l].o = weights[l].size(0);
     layers[l].c = weights[l].size(1);
   }
+  for (size_t k = 0; k < L; ++k) {  // step k: forward of layer k, backward of layer L - 1 - k
+    const int64_t blocks = gpu::path_chain_step_blocks(input.size(0), layers[k].o, layers[L - 1 - k].c);
+    TORCH_CHECK_VALUE(blocks <= gpu::kPathMaxGridX, "path_chain: input has ", input.size(0), " rows and weights[", k,
+                      "] ", layers[k].o, " outputs: ", blocks, " blocks in one launch, more than the CUDA kernel's ",
+                      gpu::kPathMaxGridX, "; split the input's rows into smaller batches");
+  }
   const at::Tensor x = input.contiguous();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(input.device().index()).stream();
   C10_CUDA_CHECK(gpu::path_chain_launch(layers.data(), static_cast<int64_t>(L), x.data_ptr(), x.size(0),
@@ -61,6 +67,9 @@ at::Tensor path_score_cuda(const at::Tensor& weight, const std::optional<at::Ten
                            at::IntArrayRef dilation, int64_t groups) {
   const PathScoreShape s = check_path_score("path_score", weight, mask, a, b, weight_power, stride, padding, dilation,
                                             groups);
+  TORCH_CHECK_VALUE(s.dense || weight.numel() <= gpu::kPathMaxGridX, "path_score: weight has ", weight.numel(),
+                    " entries, more than the ", gpu::kPathMaxGridX,
+                    " a convolution's score handles on CUDA (one block per entry)");
   const c10::cuda::CUDAGuard guard(weight.device());
   const at::Tensor w = weight.contiguous(), ac = a.contiguous(), bc = b.contiguous();
   const at::Tensor m = mask.has_value() ? mask->contiguous() : at::Tensor();
