@@ -18,7 +18,15 @@ process then raises (the failing one its own exception, the others :class:`Distr
 naming the rank and the message), so nobody waits in a collective for a process that is gone. A
 process that never arrives (killed, or stuck elsewhere) is caught by the process group's
 ``timeout`` (``init_process_group(timeout=...)``; ``ntkfast`` under ``torchrun`` sets it from
-``--dist-timeout``).
+``--dist-timeout``). What the others see then depends on the backend:
+
+- gloo: the collective raises (a RuntimeError from torch.distributed) after the timeout.
+- NCCL: by default PyTorch's NCCL watchdog *aborts the process* (SIGABRT, no Python exception,
+  no ``finally``) once a collective has waited longer than the timeout. With
+  ``TORCH_NCCL_BLOCKING_WAIT=1`` the waiting call raises ``torch.distributed.DistBackendError``
+  instead. :func:`init_from_env` sets that variable for NCCL groups unless it is already set; a
+  group you initialise yourself keeps PyTorch's default unless you set it. (Not yet run on a
+  machine with several GPUs: the ladder's GPU has one.)
 """
 from __future__ import annotations
 
@@ -300,6 +308,9 @@ def init_from_env(device: Optional[str] = None, timeout_s: float = 600.0) -> Opt
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
+        # a rank that never arrives makes the others raise after the timeout, rather than the NCCL
+        # watchdog aborting them (read when the group is made; the user's own choice stands)
+        os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
     torch.distributed.init_process_group(backend="nccl" if cuda else "gloo",
                                          timeout=datetime.timedelta(seconds=float(timeout_s)))
     return device

@@ -201,3 +201,26 @@ def test_inputs_that_differ_in_kind(tmp_path):
     for n, t in r0["views_scores"].items():
         assert torch.equal(r1["views_scores"][n], t), f"replicated scorer: rank 1 does not hold rank 0's scores for {n}"
     assert "data" in r1["bad_data"] and "rank 1" in r0["bad_data"]
+
+
+def test_nccl_groups_made_by_init_from_env_raise_on_timeout_instead_of_aborting(monkeypatch):
+    # NCCL's watchdog kills a process whose collective outwaits the timeout; with blocking wait the
+    # call raises instead. init_from_env asks for that unless the user chose otherwise.
+    from ntkfast import distributed as D
+
+    made = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.delenv("TORCH_NCCL_BLOCKING_WAIT", raising=False)
+    monkeypatch.setattr(D, "_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: None)
+    monkeypatch.setattr(torch.distributed, "init_process_group",
+                        lambda backend, timeout: made.append((backend, os.environ.get("TORCH_NCCL_BLOCKING_WAIT"))))
+    assert D.init_from_env("cuda", timeout_s=30) == "cuda:1"
+    assert made == [("nccl", "1")]
+    monkeypatch.setenv("TORCH_NCCL_BLOCKING_WAIT", "0")
+    D.init_from_env("cuda", timeout_s=30)
+    assert made[-1] == ("nccl", "0")
+    monkeypatch.delenv("TORCH_NCCL_BLOCKING_WAIT")
+    D.init_from_env("cpu", timeout_s=30)
+    assert made[-1] == ("gloo", None)
