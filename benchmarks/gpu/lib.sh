@@ -150,3 +150,23 @@ PYEOF
   sleep 1  # let tee write the last lines into the log before the script exits
   return $rc
 }
+
+# Benchmark stages: bench_begin sets RES (the results folder) and BENCH (the suites' common
+# arguments: CUDA at full size, or in a dry run the CPU at --quick sizes, one run, no memory);
+# bench NAME CAP_S MODULE ARGS... runs one suite; bench_end packs the results into the stage's JSON.
+bench_begin() {
+  RES=$WORK/results
+  mkdir -p "$RES"
+  if [ "$DRY_RUN" = 1 ]; then
+    BENCH=(--device cpu --quick --runs 1 --no-memory --no-readme --out "$RES")
+  else
+    BENCH=(--device cuda --no-readme --out "$RES")
+  fi
+}
+
+bench() { local name=$1 cap=$2 module=$3; shift 3; step "$name" "$cap" "$PY" -m "benchmarks.$module" "${BENCH[@]}" "$@"; }
+
+bench_end() {
+  STAGE_RESULTS=$WORK/results.json
+  "$PY" benchmarks/gpu/collect_results.py pack "$RES" "$STAGE_RESULTS"
+}

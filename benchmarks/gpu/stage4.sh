@@ -8,29 +8,23 @@
 source "$(dirname "$0")/lib.sh"
 stage_begin 4 "$@"
 ensure_build
-RES=$WORK/results
-mkdir -p "$RES"
+bench_begin
 if [ "$DRY_RUN" = 1 ]; then
-  BENCH=(--device cpu --quick --runs 1 --no-memory --no-readme --out "$RES")
   # --quick renames the cases (smaller N, rounds, steps) and drops the large models
   NTKSAP_CASES=(--case resnet20-prune --case vgg16-c10-round)
   NTK_CASES=(--case lenet300_100-full-N16 --case resnet20-trace-N4)
   PATH_CASES=(--case trace-resnet20 --case synflow_l2-resnet20-r5)
   TRAIN_CASES=(--case lenet5-B16-3steps)
 else
-  BENCH=(--device cuda --no-readme --out "$RES")
   NTKSAP_CASES=(--case resnet20-prune --case vgg16-c100-round)
   NTK_CASES=(--case lenet300_100-full-N256 --case resnet20-trace-N64 --case resnet18-full-N1)
   PATH_CASES=(--case trace-vgg16 --case synflow_l2-vgg16-r100)
   TRAIN_CASES=(--case resnet20-B128-epoch)
 fi
-bench() { local name=$1 cap=$2 module=$3; shift 3; step "$name" "$cap" "$PY" -m "benchmarks.$module" "${BENCH[@]}" "$@"; }
-
 bench ntksap 70 bench_ntksap "${NTKSAP_CASES[@]}"
 bench ntk 60 bench_ntk --no-beyond "${NTK_CASES[@]}"
 bench ntt 40 bench_ntt
 bench pathkernel 50 bench_pathkernel "${PATH_CASES[@]}"
 bench train 50 bench_train "${TRAIN_CASES[@]}"
-STAGE_RESULTS=$WORK/results.json
-"$PY" benchmarks/gpu/collect_results.py pack "$RES" "$STAGE_RESULTS"
+bench_end
 stage_end; exit $?
