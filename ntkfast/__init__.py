@@ -1,6 +1,6 @@
 """ntkfast: fast NTK-based pruning at initialisation for PyTorch."""
 from ._version import __version__
-from ._ops import build_info
+from .ops import build_info
 from .masks import Masks, prunable_parameters
 from .prune import prune
 from .transfer import transfer, TransferResult

@@ -8,7 +8,7 @@ from typing import Dict, Iterator, Mapping, Optional
 import torch
 from torch import nn
 
-from . import _ops
+from .ops import topk_mask, topk_mask_layerwise
 
 _CONV_LINEAR = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORM = (
@@ -302,9 +302,9 @@ def threshold(
     drop = keep_rule == "authors"
     # clamp: when fewer than k entries are alive, all of them stay (nothing comes back)
     if scope == "global":
-        out = _ops.topk_mask(s, count(density, sum(x.numel() for x in s)), kp, drop_ties=drop, clamp=True,
+        out = topk_mask(s, count(density, sum(x.numel() for x in s)), kp, drop_ties=drop, clamp=True,
                              names=names)
     else:
-        out = _ops.topk_mask_layerwise(s, [count(density, x.numel()) for x in s], kp, drop_ties=drop, clamp=True,
+        out = topk_mask_layerwise(s, [count(density, x.numel()) for x in s], kp, drop_ties=drop, clamp=True,
                                        names=names)
     return OrderedDict(zip(names, out))

@@ -17,22 +17,24 @@ import torch
 import torch.nn.functional as F
 from torch.func import vjp, vmap
 
-import ntkfast._ops as _ops
+from ntkfast import ops
+from ntkfast.ops import loader
+from ntkfast.ops.conv_weight_grad_per_sample import FAMILY
 from ntkfast.ops import conv_weight_grad_per_sample, conv_weight_grad_per_sample_reference
 from testing import devices
 
-needs_ext = pytest.mark.skipif(not _ops.extension_loaded(), reason="compiled extension not loaded")
+needs_ext = pytest.mark.skipif(not ops.extension_loaded(), reason="compiled extension not loaded")
 REL = {torch.float64: 1e-12, torch.float32: 1e-5}
 ISAS = ["avx512", "avx2", "generic"]
 
 
 def _kernel_device(device):
     """Skip a case whose kernel is missing: it would test the reference against the oracle again."""
-    if not _ops.extension_loaded():
+    if not ops.extension_loaded():
         pytest.skip("compiled extension not loaded")
-    if not _ops._CONV_WGRAD_OPS:
+    if not FAMILY.available:
         pytest.skip("the extension predates conv_weight_grad_per_sample")
-    if device == "cuda" and not _ops._cuda_kernels():
+    if device == "cuda" and not ops.cuda_kernels():
         pytest.skip("extension built without CUDA kernels")
     return torch.device(device)
 
@@ -479,10 +481,10 @@ def test_bad_isa_name_is_a_value_error(monkeypatch):
 
 def test_fallback_without_extension_warns_and_matches(monkeypatch):
     x, go = _inputs(_gen("fallback"), 2, 4, 6, 3, (9, 8), 3, 1, 1, 1, torch.float64, "cpu")
-    compiled = conv_weight_grad_per_sample(x, go, 3, 1, 1, 1, 2) if _ops.extension_loaded() else None
-    monkeypatch.setattr(_ops, "_EXT", None)
-    monkeypatch.setattr(_ops, "_EXT_ERROR", "ImportError: simulated")
-    monkeypatch.setattr(_ops, "_WARNED", False)
+    compiled = conv_weight_grad_per_sample(x, go, 3, 1, 1, 1, 2) if ops.extension_loaded() else None
+    monkeypatch.setattr(loader.STATE, "module", None)
+    monkeypatch.setattr(loader.STATE, "error", "ImportError: simulated")
+    monkeypatch.setattr(loader.STATE, "warned", False)
     xg = x.clone().requires_grad_()
     with pytest.warns(RuntimeWarning, match="falls back to its pure-PyTorch reference"):
         out = conv_weight_grad_per_sample(xg, go, 3, 1, 1, 1, 2)
@@ -494,8 +496,8 @@ def test_fallback_without_extension_warns_and_matches(monkeypatch):
 
 @needs_ext
 def test_extension_without_this_op_falls_back(monkeypatch):
-    monkeypatch.setattr(_ops, "_CONV_WGRAD_OPS", False)
-    monkeypatch.setattr(_ops, "_CONV_WGRAD_WARNED", False)
+    monkeypatch.setattr(FAMILY, "available", False)
+    monkeypatch.setattr(FAMILY, "warned", False)
     x, go = _inputs(_gen("old-ext"), 2, 4, 6, 3, (9, 8), 3, 1, 1, 1, torch.float64, "cpu")
     with pytest.warns(RuntimeWarning, match="predates conv_weight_grad_per_sample"):
         out = conv_weight_grad_per_sample(x, go, 3, 1, 1)

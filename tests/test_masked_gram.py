@@ -12,10 +12,14 @@ Errors are norm-wise relative to the brute force in float64: 1e-12 (float64), 1e
 import warnings
 import zlib
 
+import sys
+
 import pytest
 import torch
 
-import ntkfast._ops as _ops
+from ntkfast import ops
+from ntkfast.ops import loader
+from ntkfast.ops.masked_gram import FAMILY
 from ntkfast.ops import masked_gram, masked_gram_reference
 from testing import devices
 
@@ -39,9 +43,9 @@ DENSITIES = (1.0, 0.6, 0.2, 0.05)
 
 def _kernel_device(device):
     """Skip a case whose kernel is missing: it would test the reference against itself."""
-    if not _ops.extension_loaded() or not _ops._GRAM_OPS:
+    if not ops.extension_loaded() or not FAMILY.available:
         pytest.skip("compiled extension (with masked_gram) not loaded")
-    if device == "cuda" and not _ops._cuda_kernels():
+    if device == "cuda" and not ops.cuda_kernels():
         pytest.skip("extension built without CUDA kernels")
     return torch.device(device)
 
@@ -170,7 +174,7 @@ def test_non_contiguous_inputs(device, dtype):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_reference_matches_brute_force(dtype, monkeypatch):
     # a small chunk budget: several chunks of rows i, and a last one shorter than the others
-    monkeypatch.setattr(_ops, "_GRAM_CHUNK_ELEMENTS", 5000)
+    monkeypatch.setattr(sys.modules["ntkfast.ops.masked_gram"], "_GRAM_CHUNK_ELEMENTS", 5000)
     for size in SIZES:
         n1, n2 = size[:2]
         for density, binary in ((1.0, False), (0.2, True)):
@@ -220,7 +224,7 @@ def test_empty_and_zero_cases(device):
         for mode in _modes_for(n1, n2):
             got = masked_gram(a1, b1, a2, b2, m, mode=mode)
             want = masked_gram_reference(a1, b1, a2, b2, m, mode=mode)
-            assert got.shape == want.shape == _ops._gram_out_shape(n1, n2, k, mode)
+            assert got.shape == want.shape == sys.modules["ntkfast.ops.masked_gram"]._gram_out_shape(n1, n2, k, mode)
             assert bool((got == 0).all())
     # an all-zero mask
     a1, b1, a2, b2, m = _inputs(_gen("zero-mask"), 5, 6, 7, 2, 3, torch.float64, dev)
@@ -265,7 +269,7 @@ def test_gradgradcheck(device, mode):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_grads_match_autograd_through_reference(device, dtype, monkeypatch):
     dev = _kernel_device(device)
-    monkeypatch.setattr(_ops, "_GRAM_CHUNK_ELEMENTS", 20000)  # the backward's chunks: several
+    monkeypatch.setattr(sys.modules["ntkfast.ops.masked_gram"], "_GRAM_CHUNK_ELEMENTS", 20000)  # the backward's chunks: several
     tol = 1e-10 if dtype == torch.float64 else 1e-4
     for size in ((37, 29, 23, 3, 11), (30, 30, 40, 10, 13)):
         a1, b1, a2, b2, m = _inputs(_gen("grads", size, dtype), *size, dtype, dev, 0.4)
@@ -380,10 +384,10 @@ def test_bad_environment_override(monkeypatch):
 
 def test_fallback_without_extension_warns_and_matches(monkeypatch):
     a1, b1, a2, b2, m = _inputs(_gen("fallback"), 5, 6, 7, 3, 4, torch.float64, "cpu", 0.5)
-    compiled = masked_gram(a1, b1, a2, b2, m) if _ops.extension_loaded() else None
-    monkeypatch.setattr(_ops, "_EXT", None)
-    monkeypatch.setattr(_ops, "_EXT_ERROR", "ImportError: simulated")
-    monkeypatch.setattr(_ops, "_WARNED", False)
+    compiled = masked_gram(a1, b1, a2, b2, m) if ops.extension_loaded() else None
+    monkeypatch.setattr(loader.STATE, "module", None)
+    monkeypatch.setattr(loader.STATE, "error", "ImportError: simulated")
+    monkeypatch.setattr(loader.STATE, "warned", False)
     with pytest.warns(RuntimeWarning, match="falls back to its pure-PyTorch reference"):
         out = masked_gram(a1, b1, a2, b2, m)
     _assert_close(out, _brute(a1, b1, a2, b2, m, "full"), torch.float64)
@@ -392,10 +396,10 @@ def test_fallback_without_extension_warns_and_matches(monkeypatch):
 
 
 def test_extension_without_the_op_falls_back(monkeypatch):
-    if not _ops.extension_loaded():
+    if not ops.extension_loaded():
         pytest.skip("compiled extension not loaded")
-    monkeypatch.setattr(_ops, "_GRAM_OPS", False)
-    monkeypatch.setattr(_ops, "_GRAM_WARNED", False)
+    monkeypatch.setattr(FAMILY, "available", False)
+    monkeypatch.setattr(FAMILY, "warned", False)
     a1, b1, a2, b2, m = _inputs(_gen("no-op"), 5, 6, 7, 3, 4, torch.float64, "cpu", 0.5)
     with pytest.warns(RuntimeWarning, match="predates masked_gram"):
         out = masked_gram(a1, b1, a2, b2, m, mode="trace")

@@ -1,4 +1,4 @@
-"""ntkfast._path_ops: the Path Kernel's compiled ops (path_chain, path_score) against their
+"""ntkfast.ops.path: the Path Kernel's compiled ops (path_chain, path_score) against their
 references and against independent oracles (path sums by explicit matrix powers of a chain; the
 convolution's weight gradient by autograd), on fresh random inputs (never zeros), several sizes,
 both dtypes, every device; opcheck; argument errors; the fallback."""
@@ -8,11 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import ntkfast._ops as _ops
-import ntkfast._path_ops as P
+from ntkfast import ops
+from ntkfast.ops import loader
+from ntkfast.ops.path import FAMILY
 from testing import devices
 
-needs_ext = pytest.mark.skipif(not _ops.extension_loaded(), reason="compiled extension not loaded")
+needs_ext = pytest.mark.skipif(not ops.extension_loaded(), reason="compiled extension not loaded")
 REL = {torch.float64: 1e-12, torch.float32: 2e-6}
 
 
@@ -21,11 +22,11 @@ def _gen(*key):
 
 
 def _kernel_device(device):
-    if not _ops.extension_loaded():
+    if not ops.extension_loaded():
         pytest.skip("compiled extension not loaded")
-    if not P._PATH_OPS:
+    if not FAMILY.available:
         pytest.skip("the extension predates path_chain / path_score")
-    if device == "cuda" and not _ops._cuda_kernels():
+    if device == "cuda" and not ops.cuda_kernels():
         pytest.skip("extension built without CUDA kernels")
     return torch.device(device)
 
@@ -74,8 +75,8 @@ def test_path_chain_matches_oracle_and_reference(device, dtype, power):
     for widths, n in CHAINS:
         for masked, bias in ((True, True), (False, False)):
             ws, ms, bs, x = _chain(_gen("chain", tuple(widths), n, masked), widths, n, dtype, dev, masked, bias)
-            fwd, bwd = P.path_chain(ws, x, masks=ms, biases=bs, power=power)
-            rf, rb = P.path_chain_reference(ws, x, masks=ms, biases=bs, power=power)
+            fwd, bwd = ops.path_chain(ws, x, masks=ms, biases=bs, power=power)
+            rf, rb = ops.path_chain_reference(ws, x, masks=ms, biases=bs, power=power)
             of, ob = _chain_oracle([w.cpu() for w in ws], ms and [m.cpu() for m in ms],
                                    [b if b is None else b.cpu() for b in bs], x.cpu(), power)
             assert [t.shape for t in fwd] == [t.shape for t in of] and [t.shape for t in bwd] == [t.shape for t in ob]
@@ -91,7 +92,7 @@ def test_path_chain_defaults_and_noncontiguous(device):
     dev = _kernel_device(device)
     ws, _, _, _ = _chain(_gen("nc"), [6, 9, 4], 0, torch.float64, dev, masked=False, bias=False)
     wt = [w.t().contiguous().t() for w in ws]  # same values, column-major storage
-    fwd, bwd = P.path_chain(wt)  # input ones, power 2
+    fwd, bwd = ops.path_chain(wt)  # input ones, power 2
     of, ob = _chain_oracle([w.cpu() for w in ws], None, [None, None], torch.ones(6, dtype=torch.float64), 2)
     for got, want in zip(fwd + bwd, of + ob):
         assert _rel(got.cpu(), want) < 1e-12
@@ -142,8 +143,8 @@ def test_path_score_conv_matches_autograd(device, dtype):
         w, a, b, m = _conv_case(_gen("conv", case), n, c, o, size, k, s, p, d, groups, dtype, dev)
         for q in (0, 1, 2):
             for mask in (m, None):
-                got = P.path_score(w, a, b, mask=mask, weight_power=q, stride=s, padding=p, dilation=d, groups=groups)
-                ref = P.path_score_reference(w, a, b, mask=mask, weight_power=q, stride=s, padding=p, dilation=d,
+                got = ops.path_score(w, a, b, mask=mask, weight_power=q, stride=s, padding=p, dilation=d, groups=groups)
+                ref = ops.path_score_reference(w, a, b, mask=mask, weight_power=q, stride=s, padding=p, dilation=d,
                                              groups=groups)
                 want = _score_oracle(w.cpu(), a.cpu(), b.cpu(), torch.ones_like(w.cpu()) if mask is None else m.cpu(),
                                      q, s, p, d, groups)
@@ -166,7 +167,7 @@ def test_path_score_dense_matches_autograd(device, dtype):
         for q in (0, 1, 2):
             for mask in (m, None):
                 args = [t.to(dev, dtype) for t in (w, a, b)]
-                got = P.path_score(*args, mask=None if mask is None else mask.to(dev, dtype), weight_power=q)
+                got = ops.path_score(*args, mask=None if mask is None else mask.to(dev, dtype), weight_power=q)
                 want = _score_oracle(w, a, b, torch.ones_like(w) if mask is None else m, q, None, None, None, 1)
                 assert _rel(got.cpu(), want) < 10 * REL[dtype], (n, c, o, q)
 
@@ -202,7 +203,7 @@ BAD_CHAIN = [
 def test_path_chain_errors_name_the_argument(make, message):
     ws, _, _, x = _chain(_gen("bad"), [4, 6, 2], 0, torch.float64, torch.device("cpu"), masked=False, bias=False)
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        P.path_chain(**make(ws, x))
+        ops.path_chain(**make(ws, x))
 
 
 def test_path_score_errors_name_the_argument():
@@ -210,25 +211,25 @@ def test_path_score_errors_name_the_argument():
     a = torch.rand(1, 3, 8, 8, dtype=torch.float64)
     b = torch.rand(1, 4, 6, 6, dtype=torch.float64)
     with pytest.raises(ValueError, match="weight_power"):
-        P.path_score(w, a, b, weight_power=3)
+        ops.path_score(w, a, b, weight_power=3)
     with pytest.raises(ValueError, match="stride"):
-        P.path_score(w, a, b, stride=(1, 1, 1))
-    if P._PATH_OPS:  # the kernel's own checks (the reference would fail inside torch)
+        ops.path_score(w, a, b, stride=(1, 1, 1))
+    if FAMILY.available:  # the kernel's own checks (the reference would fail inside torch)
         with pytest.raises(ValueError, match="b's spatial size"):
-            P.path_score(w, a, b, padding=1)
+            ops.path_score(w, a, b, padding=1)
         with pytest.raises(ValueError, match="mask has shape"):
-            P.path_score(w, a, b, mask=torch.ones(4, 3, 3, 2, dtype=torch.float64))
+            ops.path_score(w, a, b, mask=torch.ones(4, 3, 3, 2, dtype=torch.float64))
         with pytest.raises(ValueError, match="a must have shape"):
-            P.path_score(w, a[:, :2], b)
+            ops.path_score(w, a[:, :2], b)
 
 
 def test_fallback_without_kernel(monkeypatch):
     """With the kernel switched off, the wrappers give the references' results."""
     ws, ms, bs, x = _chain(_gen("fallback"), [5, 4, 3], 2, torch.float64, torch.device("cpu"))
-    want = P.path_chain_reference(ws, x, masks=ms, biases=bs, power=1)
-    monkeypatch.setattr(P, "_PATH_OPS", False)
-    monkeypatch.setattr(P, "_PATH_WARNED", True)
-    got = P.path_chain(ws, x, masks=ms, biases=bs, power=1)
+    want = ops.path_chain_reference(ws, x, masks=ms, biases=bs, power=1)
+    monkeypatch.setattr(FAMILY, "available", False)
+    monkeypatch.setattr(FAMILY, "warned", True)
+    got = ops.path_chain(ws, x, masks=ms, biases=bs, power=1)
     for u, v in zip(got[0] + got[1], want[0] + want[1]):
         assert torch.equal(u, v)
 
@@ -238,13 +239,13 @@ def test_fallback_without_kernel(monkeypatch):
 def test_dense_score_larger_than_one_grid_matches_the_reference():
     # 300M entries: more than the dense score's capped grid (2**20 blocks x 256 threads) covers at
     # once, so the kernel's grid-stride loop is what reaches the last entries
-    if not _ops._cuda_kernels():
+    if not ops.cuda_kernels():
         pytest.skip("extension built without CUDA kernels")
     g = torch.Generator(device="cuda").manual_seed(5)
     o, c = 20_000, 15_000
     w = torch.randn(o, c, device="cuda", generator=g)
     a = torch.rand(2, c, device="cuda", generator=g)
     b = torch.rand(2, o, device="cuda", generator=g)
-    got = P.path_score(w, a, b, weight_power=1)
+    got = ops.path_score(w, a, b, weight_power=1)
     want = w.abs() * (b.t() @ a)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

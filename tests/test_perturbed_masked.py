@@ -13,7 +13,9 @@ import zlib
 import pytest
 import torch
 
-import ntkfast._ops as _ops
+from ntkfast import ops
+from ntkfast.ops import loader
+from ntkfast.ops.perturbed_masked import FAMILY
 from ntkfast.ops import (
     perturbed_masked,
     perturbed_masked_reference,
@@ -23,7 +25,7 @@ from ntkfast.ops import (
 )
 from testing import devices
 
-needs_ext = pytest.mark.skipif(not _ops.extension_loaded(), reason="compiled extension not loaded")
+needs_ext = pytest.mark.skipif(not ops.extension_loaded(), reason="compiled extension not loaded")
 
 # Random123's known-answer vectors for Philox4x32-10: (counter c0..c3, key k0 k1, output words)
 KATS = [
@@ -45,9 +47,9 @@ OFFSETS = [0, 1, 2, 3, 5, 2**33 + 1]
 
 def _kernel_device(device):
     """Skip a CUDA case whose kernels are missing: it would test the reference against itself."""
-    if not _ops.extension_loaded():
+    if not ops.extension_loaded():
         pytest.skip("compiled extension not loaded")
-    if device == "cuda" and not _ops._cuda_kernels():
+    if device == "cuda" and not ops.cuda_kernels():
         pytest.skip("extension built without CUDA kernels")
     return torch.device(device)
 
@@ -449,10 +451,10 @@ def test_op_level_errors_are_value_errors():
 def test_fallback_without_extension_warns_and_matches(monkeypatch):
     w = torch.randn(2, 3, 4, requires_grad=True)
     m = (torch.rand(3, 4) + 0.5).requires_grad_()
-    compiled = perturbed_masked(w, m, 0.2, 9, 1) if _ops.extension_loaded() else None
-    monkeypatch.setattr(_ops, "_EXT", None)
-    monkeypatch.setattr(_ops, "_EXT_ERROR", "ImportError: simulated")
-    monkeypatch.setattr(_ops, "_WARNED", False)
+    compiled = perturbed_masked(w, m, 0.2, 9, 1) if ops.extension_loaded() else None
+    monkeypatch.setattr(loader.STATE, "module", None)
+    monkeypatch.setattr(loader.STATE, "error", "ImportError: simulated")
+    monkeypatch.setattr(loader.STATE, "warned", False)
     with pytest.warns(RuntimeWarning, match="falls back to its pure-PyTorch reference"):
         out = perturbed_masked(w, m, 0.2, 9, 1)
     with warnings.catch_warnings():
@@ -468,8 +470,8 @@ def test_fallback_without_extension_warns_and_matches(monkeypatch):
 
 @needs_ext
 def test_extension_without_these_ops_falls_back(monkeypatch):
-    monkeypatch.setattr(_ops, "_PHILOX_OPS", False)
-    monkeypatch.setattr(_ops, "_PHILOX_WARNED", False)
+    monkeypatch.setattr(FAMILY, "available", False)
+    monkeypatch.setattr(FAMILY, "warned", False)
     w, m = torch.randn(3, 4), torch.rand(4) + 0.5
     with pytest.warns(RuntimeWarning, match="predates philox_normal"):
         out = perturbed_masked(w, m, 0.2, 9, 1)

@@ -224,14 +224,14 @@ def test_prune_with_start_masks_still_respects_hook_masks():
 
 
 def test_tensors_on_devices_without_kernels_warn_once(monkeypatch):
-    import ntkfast._ops as ops
+    from ntkfast.ops import loader
 
-    monkeypatch.setattr(ops, "_DEVICE_WARNED", set())
+    monkeypatch.setattr(loader.STATE, "device_warned", set())
     with pytest.warns(RuntimeWarning, match="meta tensors use the pure-PyTorch reference"):
-        assert ops._use_kernel(torch.device("meta")) is False
+        assert loader.use_kernel(torch.device("meta")) is False
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        ops._use_kernel(torch.device("meta"))
+        loader.use_kernel(torch.device("meta"))
 
 
 def test_tied_weights_score_both_uses():

@@ -5,11 +5,13 @@ import zlib
 import pytest
 import torch
 
-import ntkfast._ops as _ops
+from ntkfast import ops
+from ntkfast.ops import loader
+from ntkfast.ops.topk_mask import FAMILY
 from ntkfast.ops import topk_mask, topk_mask_layerwise, topk_mask_layerwise_reference, topk_mask_reference
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-needs_ext = pytest.mark.skipif(not _ops.extension_loaded(), reason="compiled extension not loaded")
+needs_ext = pytest.mark.skipif(not ops.extension_loaded(), reason="compiled extension not loaded")
 
 
 def _random_list(gen, sizes, dtype, kind, device):
@@ -224,9 +226,9 @@ def test_opcheck():
 
 
 def test_fallback_without_extension_warns_once(monkeypatch):
-    monkeypatch.setattr(_ops, "_EXT", None)
-    monkeypatch.setattr(_ops, "_EXT_ERROR", "ImportError: simulated")
-    monkeypatch.setattr(_ops, "_WARNED", False)
+    monkeypatch.setattr(loader.STATE, "module", None)
+    monkeypatch.setattr(loader.STATE, "error", "ImportError: simulated")
+    monkeypatch.setattr(loader.STATE, "warned", False)
     s = [torch.randn(50), torch.randn(7, 3)]
     with pytest.warns(RuntimeWarning, match="falls back to its pure-PyTorch reference"):
         out = topk_mask(s, 20)
@@ -235,10 +237,10 @@ def test_fallback_without_extension_warns_once(monkeypatch):
         again = topk_mask(s, 20)
     ref = topk_mask_reference(s, 20)
     assert all(torch.equal(a, b) and torch.equal(a, r) for a, b, r in zip(out, again, ref))
-    assert _ops.build_info()["backend"] == "reference"
+    assert ops.build_info()["backend"] == "reference"
 
 
 def test_build_info_reports_backend():
-    info = _ops.build_info()
+    info = ops.build_info()
     assert info["backend"] in ("compiled-cpu", "compiled-cuda", "reference")
-    assert info["extension"] == _ops.extension_loaded()
+    assert info["extension"] == ops.extension_loaded()

@@ -11,7 +11,9 @@ import zlib
 import pytest
 import torch
 
-import ntkfast._ops as _ops
+from ntkfast import ops
+from ntkfast.ops import loader
+from ntkfast.ops.topk_mask import FAMILY
 from ntkfast.ops import topk_mask, topk_mask_layerwise, topk_mask_layerwise_reference, topk_mask_reference
 
 pytestmark = [
@@ -23,9 +25,9 @@ CHUNK = 4096  # kTopkChunk in csrc/cuda/topk_mask.cuh: the unit of work of every
 
 
 def _cuda_kernels_or_skip():
-    if not _ops.extension_loaded():
-        pytest.skip(f"compiled extension not loaded ({_ops._EXT_ERROR})")
-    if not _ops._cuda_kernels():
+    if not ops.extension_loaded():
+        pytest.skip(f"compiled extension not loaded ({loader.STATE.error})")
+    if not ops.cuda_kernels():
         pytest.skip("extension built without CUDA kernels (see test_extension_has_cuda_kernels)")
 
 
@@ -38,9 +40,9 @@ def _needs_cuda_kernels(request):
 def test_extension_has_cuda_kernels():
     # A CUDA device is here: an extension without CUDA kernels would make every other test in this
     # file compare the reference with itself, so this one fails instead of skipping.
-    if not _ops.extension_loaded():
-        pytest.skip(f"compiled extension not loaded ({_ops._EXT_ERROR})")
-    info = _ops.build_info()
+    if not ops.extension_loaded():
+        pytest.skip(f"compiled extension not loaded ({loader.STATE.error})")
+    info = ops.build_info()
     assert info["cuda"], f"ntkfast._C was built without CUDA ({info}); rebuild against a CUDA build of torch"
     assert info["backend"] == "compiled-cuda"
 

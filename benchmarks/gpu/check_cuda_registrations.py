@@ -19,10 +19,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--dry-run", action="store_true")
     args = ap.parse_args(argv)
-    import ntkfast._ops as ops
+    import ntkfast.ops as ops
 
     if not ops.extension_loaded():
-        print(f"check_cuda_registrations: the extension did not load: {ops._EXT_ERROR}")
+        print(f"check_cuda_registrations: the extension did not load: {ops.build_info().get("error")}")
         return 1
     info = ops.build_info()
     print(f"build_info: {info}")

@@ -274,7 +274,7 @@ def all_cases() -> list:
 
 def registered_ops() -> list:
     """The names of every op in the ntkfast namespace (the schemas of csrc/ntkfast.cpp)."""
-    import ntkfast._ops  # noqa: F401  (loads the extension, which registers them)
+    import ntkfast.ops  # noqa: F401  (loads the extension, which registers them)
 
     return sorted(n.split("::", 1)[1].split(".")[0] for n in torch._C._dispatch_get_all_op_names()
                   if n.startswith("ntkfast::"))

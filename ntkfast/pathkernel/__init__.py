@@ -27,7 +27,7 @@ from typing import Mapping, NamedTuple, Optional
 import torch
 from torch import nn
 
-from .._path_ops import path_score
+from ..ops import path_score
 from ._network import PathNetwork, check_power, prunable_module_of
 from ._spectrum import spectrum
 

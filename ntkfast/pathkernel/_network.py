@@ -11,7 +11,7 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
-from .._path_ops import path_score
+from ..ops import path_score
 from ..scores._common import (functional_forward, model_device, resolve_dtype, resolve_input_shape, resolve_targets,
                               state_copy, substitute)
 

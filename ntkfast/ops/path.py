@@ -1,34 +1,19 @@
-"""The Path Kernel's compiled ops (``torch.ops.ntkfast.path_chain`` / ``path_score``): thin
-wrappers with argument checks, their fake functions, and the pure-PyTorch references used when the
-extension is absent and in tests. Like ``_ops``, this module imports nothing else of the package."""
+"""The Path Kernel's ops ``path_chain`` / ``path_score`` (csrc/cpu/path_cpu.cpp, csrc/cuda/path.cu):
+thin wrappers with argument checks, their fake functions, and the pure-PyTorch references used
+when the extension is absent and in tests."""
 from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple
 
-import warnings
-
 import torch
 
-from ._ops import _EXT, _has_ops, _use_kernel
+from .loader import Family
 
 # An extension built before these ops must not break the import: they then run as references.
-_PATH_OPS = _EXT is not None and _has_ops("path_chain", "path_score")
-_PATH_WARNED = False
+FAMILY = Family("path_chain / path_score", "path_chain", "path_score")
 
 
-def _use_path_kernel(device: torch.device) -> bool:
-    global _PATH_WARNED
-    if not _use_kernel(device):
-        return False
-    if not _PATH_OPS and not _PATH_WARNED:
-        _PATH_WARNED = True
-        warnings.warn("ntkfast: the compiled extension predates path_chain / path_score; they run on the "
-                      "pure-PyTorch reference. Rebuild with `pip install --no-build-isolation -e .`.",
-                      RuntimeWarning, stacklevel=3)
-    return _PATH_OPS
-
-
-if _PATH_OPS:
+if FAMILY.defined:
 
     @torch.library.register_fake("ntkfast::path_chain")
     def _path_chain_fake(weights, masks, biases, input, power):
@@ -90,7 +75,7 @@ def path_chain(weights, input: Optional[torch.Tensor] = None, *, masks=None, bia
     weights, input, masks, biases, power = _chain_args(weights, input, masks, biases, power)
     single = input.dim() == 1
     x = input.unsqueeze(0) if single else input
-    if _use_path_kernel(x.device):
+    if FAMILY.use(x.device):
         try:
             fwd, bwd = torch.ops.ntkfast.path_chain(weights, masks, biases, x, power)
         except RuntimeError as exc:  # the kernel's ValueErrors arrive as such; keep their text short
@@ -157,7 +142,7 @@ def path_score(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, mask: 
     SynFlow score, 0 the path-kernel diagonal ∂R/∂g(θ) ⊙ m."""
     weight_power, stride, padding, dilation, groups = _score_args(weight, a, b, mask, weight_power, stride, padding,
                                                                   dilation, groups)
-    if _use_path_kernel(weight.device):
+    if FAMILY.use(weight.device):
         try:
             return torch.ops.ntkfast.path_score(weight, mask, a, b, weight_power, stride, padding, dilation, groups)
         except RuntimeError as exc:
