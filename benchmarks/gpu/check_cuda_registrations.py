@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     import ntkfast.ops as ops
 
     if not ops.extension_loaded():
-        print(f"check_cuda_registrations: the extension did not load: {ops.build_info().get("error")}")
+        print(f"check_cuda_registrations: the extension did not load: {ops.build_info().get('error')}")
         return 1
     info = ops.build_info()
     print(f"build_info: {info}")
