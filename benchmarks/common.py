@@ -36,7 +36,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from ntkfast._machine import cpu_model, machine_info  # noqa: F401  (re-exported for the benchmark scripts)
+from ntkfast.core.machine import cpu_model, machine_info  # noqa: F401  (re-exported for the benchmark scripts)
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent

@@ -8,73 +8,11 @@ from typing import Dict, Iterator, Mapping, Optional
 import torch
 from torch import nn
 
+from .core.targets import module_param, parameter_name, prunable_parameters, unpruned_weights
 from .ops import topk_mask, topk_mask_layerwise
 
-_CONV_LINEAR = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_NORM = (
-    nn.modules.batchnorm._NormBase,
-    nn.GroupNorm,
-    nn.LayerNorm,
-)
-
-
-def _module_param(module: nn.Module, attr: str):
-    """The tensor a mask for ``module.<attr>`` applies to: the parameter itself, or ``<attr>_orig``
-    when torch.nn.utils.prune has re-parametrised it."""
-    p = module._parameters.get(attr)
-    if p is None:
-        p = module._parameters.get(attr + "_orig")
-    return p
-
-
-def prunable_parameters(
-    model: nn.Module, *, include_bias: bool = False, include_norm: bool = False
-) -> "OrderedDict[str, nn.Parameter]":
-    """Prunable tensors of ``model``, keyed by their names as in ``model.named_parameters()``.
-
-    By default: the ``weight`` of every Linear and Conv1d/2d/3d module (subclasses included).
-    ``include_bias`` adds those modules' biases; ``include_norm`` adds the affine weights of
-    normalisation layers (and their biases with ``include_bias``). Where torch.nn.utils.prune has
-    re-parametrised a weight, the key stays ``<module>.weight`` and the tensor is ``weight_orig``.
-    """
-    out: "OrderedDict[str, nn.Parameter]" = OrderedDict()
-    seen = set()
-    for mname, module in model.named_modules():
-        attrs = []
-        if isinstance(module, _CONV_LINEAR):
-            attrs = ["weight"] + (["bias"] if include_bias else [])
-        elif include_norm and isinstance(module, _NORM):
-            attrs = ["weight"] + (["bias"] if include_bias else [])
-        for attr in attrs:
-            p = _module_param(module, attr)
-            if p is None or id(p) in seen:
-                continue
-            seen.add(id(p))
-            out[f"{mname}.{attr}" if mname else attr] = p
-    return out
-
-
-def unpruned_weights(model: nn.Module, prunable: Mapping[str, torch.Tensor]) -> "OrderedDict[str, str]":
-    """Parameters of two or more dimensions that are not among ``prunable`` (transposed
-    convolutions, embeddings, bilinear layers, attention projections...): name -> module type, so
-    that a caller can say by name what is left dense."""
-    chosen = {id(p) for p in prunable.values()}
-    out: "OrderedDict[str, str]" = OrderedDict()
-    for mname, module in model.named_modules():
-        for pname, p in module.named_parameters(recurse=False):
-            if p is not None and p.dim() >= 2 and id(p) not in chosen:
-                out[f"{mname}.{pname}" if mname else pname] = type(module).__name__
-    return out
-
-
-def parameter_name(model: nn.Module, mask_name: str) -> str:
-    """The name in ``model.named_parameters()`` of the tensor that mask ``mask_name`` applies to."""
-    names = dict(model.named_parameters())
-    if mask_name in names:
-        return mask_name
-    if mask_name + "_orig" in names:
-        return mask_name + "_orig"
-    raise KeyError(f"model has no parameter for mask {mask_name!r}")
+__all__ = ["Masks", "prunable_parameters", "unpruned_weights", "parameter_name", "density_schedule", "n_keep",
+           "n_keep_authors", "threshold"]
 
 
 class Masks(Mapping[str, torch.Tensor]):
@@ -131,7 +69,7 @@ class Masks(Mapping[str, torch.Tensor]):
                 if buf is None or not bname.endswith("_mask"):
                     continue
                 attr = bname[: -len("_mask")]
-                if _module_param(module, attr) is None:
+                if module_param(module, attr) is None:
                     continue
                 out[f"{mname}.{attr}" if mname else attr] = buf.detach().to(torch.bool).clone()
         if not out:
@@ -191,7 +129,7 @@ class Masks(Mapping[str, torch.Tensor]):
                 module = model.get_submodule(module_name) if module_name else model
             except AttributeError:
                 raise ValueError(f"model: has no module {module_name!r} for mask {name!r}") from None
-            p = _module_param(module, attr)
+            p = module_param(module, attr)
             if p is None:
                 raise ValueError(f"model: has no parameter {name!r} for this mask")
             if p.shape != m.shape:
@@ -217,7 +155,7 @@ class Masks(Mapping[str, torch.Tensor]):
         for name, m in self._m.items():
             module_name, _, attr = name.rpartition(".")
             module = model.get_submodule(module_name) if module_name else model
-            p = _module_param(module, attr)
+            p = module_param(module, attr)
             tprune.custom_from_mask(module, attr, m.to(device=p.device, dtype=p.dtype))
         return model
 

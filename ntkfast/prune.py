@@ -13,6 +13,7 @@ from torch import nn
 
 from . import scores as _scores
 from ._version import __version__
+from .core.targets import mask_buffer_name
 from .masks import Masks, density_schedule, prunable_parameters, threshold, unpruned_weights
 
 _SCHEDULES = ("exponential", "linear")
@@ -81,8 +82,8 @@ def _existing_masks(model: nn.Module, masks: Masks) -> Masks:
     buffers = dict(model.named_buffers())
     out = {}
     for name, m in masks.items():
-        buf = buffers.get(name + "_mask")
-        out[name] = m & (buf.detach().to(m.device) != 0) if buf is not None and buf.shape == m.shape else m
+        bname = mask_buffer_name(buffers, name, m.shape)
+        out[name] = m & (buffers[bname].detach().to(m.device) != 0) if bname is not None else m
     return Masks(out)
 
 
@@ -193,7 +194,8 @@ def prune(
         if masks is not None:
             start = _existing_masks(model, _check_start_masks(masks, start))
         if batches is not None and not info.raw_data:
-            from .scores._common import as_batches, model_device
+            from .core.batches import as_batches
+            from .core.targets import model_device
 
             # once: a generator can be read only once, and every round must score the same batches;
             # moved to the model's device only for methods that compute on it (SynFlow reads a shape)
@@ -211,7 +213,7 @@ def prune(
             shard.check_same("data", {f"batch {i} {part}": t for i, batch in enumerate(data)
                                       for part, t in zip(("inputs", "targets"), batch)})
 
-    from ._progress import Progress
+    from .core.progress import Progress
 
     # scorers that can reuse work across rounds on this unchanged model take a per-run cache
     run_options = dict(method_options)

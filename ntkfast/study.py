@@ -267,8 +267,8 @@ def run_study(model: str, dataset: str, data_dir, methods: Sequence[str], densit
     (earlier and new)."""
     from . import models
     from . import scores as _scores
-    from ._machine import machine_info
-    from ._progress import Progress
+    from .core.machine import machine_info
+    from .core.progress import Progress
     from ._version import __version__
     from .training import _DEFAULT_LR, _OPTIMIZERS, _check_float
 

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ._progress import Progress
-from .scores._common import model_device
+from .core.progress import Progress
+from .core.targets import model_device
 from .masks import parameter_name
 
 __all__ = ["train", "evaluate", "TrainResult"]

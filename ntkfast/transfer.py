@@ -29,7 +29,7 @@ from torch.func import functional_call
 from .distributed import Shard, resolve as resolve_shard
 from .masks import Masks, prunable_parameters, threshold
 from .ntk import empirical_ntk
-from ._unlabelled import Unlabelled, split_validation, total_steps
+from .core.unlabelled import Unlabelled, split_validation, total_steps
 from . import _transfer_checkpoint as _ckpt
 
 __all__ = ["transfer", "transfer_loss", "TransferResult", "KERNELS", "INIT_MASKS"]
@@ -417,7 +417,7 @@ def transfer(
         pending.clear()
         return rec
 
-    from ._progress import Progress
+    from .core.progress import Progress
 
     learned = [p for p in student.parameters() if p.requires_grad]
     like = [p.detach() for p in learned]

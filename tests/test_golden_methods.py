@@ -46,4 +46,4 @@ def test_method_result_is_unchanged(key):
 def test_every_registered_method_has_a_golden_entry():
     from ntkfast import scores
 
-    assert {k.split("/")[1] for k in EXPECTED} == set(scores.available())
+    assert {k.split("/")[1] for k in EXPECTED} == {m for m in scores.available() if not m.startswith("_")}

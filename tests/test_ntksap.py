@@ -10,7 +10,7 @@ from torch import nn
 import ntkfast
 from ntkfast import models
 from ntkfast.scores import ntksap
-from ntkfast.scores._common import resolve_targets
+from ntkfast.core.targets import resolve_targets
 
 
 # -- a reference written independently, the authors' way ------------------------------------------

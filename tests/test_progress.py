@@ -1,7 +1,7 @@
 """The progress printer: bounded output in logs, first and last step always shown."""
 import io
 
-from ntkfast._progress import Progress
+from ntkfast.core.progress import Progress
 
 
 def test_log_output_is_bounded_and_keeps_first_and_last():

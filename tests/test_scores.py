@@ -17,7 +17,7 @@ from torch import nn
 import ntkfast
 from ntkfast import scores
 from ntkfast.masks import Masks, prunable_parameters
-from ntkfast.scores._common import as_batches, resolve_input_shape
+from ntkfast.core.batches import as_batches, resolve_input_shape
 
 NAMES = ["random", "magnitude", "snip", "iterative_snip", "grasp", "synflow"]
 DATA_BASED = {"snip", "iterative_snip", "grasp"}

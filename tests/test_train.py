@@ -6,7 +6,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from ntkfast import Masks, data, models, prunable_parameters
-from ntkfast._progress import Progress
+from ntkfast.core.progress import Progress
 from ntkfast.training import TrainResult, evaluate, train
 
 from testing import devices

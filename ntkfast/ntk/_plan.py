@@ -14,6 +14,8 @@ from typing import Dict, List, Mapping, Optional
 import torch
 from torch import nn
 
+from ..core.targets import attribute_name
+
 _BN = nn.modules.batchnorm._BatchNorm
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -130,7 +132,7 @@ def _resolve_masks(model: nn.Module, masks, named: Mapping[str, torch.Tensor]) -
     if not isinstance(masks, Mapping):
         raise ValueError(f"masks: expected a mapping name -> tensor (e.g. ntkfast.Masks), got {type(masks).__name__}")
     for name, m in masks.items():
-        pname = name if name in named else name + "_orig"
+        pname = name if name in named else name + "_orig"  # as core.targets.parameter_name, within ``named``
         if pname not in named:
             raise ValueError(f"masks: the model has no parameter for mask {name!r}")
         if not isinstance(m, torch.Tensor):
@@ -147,7 +149,7 @@ def _prune_buffer_masks(model: nn.Module) -> Dict[str, torch.Tensor]:
     for mname, module in model.named_modules():
         for pname in list(module._parameters):
             if pname.endswith("_orig"):
-                buf = module._buffers.get(pname[: -len("_orig")] + "_mask")
+                buf = module._buffers.get(attribute_name(pname) + "_mask")
                 if buf is not None:
                     out[f"{mname}.{pname}" if mname else pname] = buf.detach() != 0
     return out

@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..core.numerics import lanczos
 from ._empirical import _default_budget, empirical_ntk_impl
 from ._plan import build_plan
 from ._products import Linearised
@@ -23,33 +24,6 @@ class NTKSpectrum(NamedTuple):
 
 def _condition(top: float, bottom: float) -> float:
     return float("inf") if bottom <= 0 else top / bottom
-
-
-def lanczos(matvec, n: int, steps: int, *, dtype, device, generator) -> torch.Tensor:
-    """Ritz values (ascending) of a symmetric operator after ``steps`` Lanczos steps with full
-    reorthogonalisation (the kernel is small next to the network, so the O(n·steps) basis is cheap
-    and keeps the Ritz values free of ghosts)."""
-    q = torch.randn(n, generator=generator, dtype=dtype, device=device)
-    q = q / q.norm()
-    basis = [q]
-    alphas, betas = [], []
-    for j in range(steps):
-        w = matvec(basis[-1])
-        alpha = torch.dot(w, basis[-1])
-        alphas.append(alpha)
-        Q = torch.stack(basis, 1)
-        w = w - Q @ (Q.T @ w)
-        w = w - Q @ (Q.T @ w)
-        beta = w.norm()
-        if j == steps - 1 or beta <= 1e-10 * max(abs(float(alpha)), 1e-30):
-            break
-        betas.append(beta)
-        basis.append(w / beta)
-    T = torch.diag(torch.stack(alphas))
-    if betas:
-        b = torch.stack(betas[: len(alphas) - 1])
-        T = T + torch.diag(b, 1) + torch.diag(b, -1)
-    return torch.linalg.eigvalsh(T)
 
 
 def ntk_spectrum_impl(model, x, *, masks, k, params, method, memory_budget, steps, seed) -> NTKSpectrum:

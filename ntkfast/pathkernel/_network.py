@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from ..ops import path_score
-from ..scores._common import (functional_forward, model_device, resolve_dtype, resolve_input_shape, resolve_targets,
-                              state_copy, substitute)
+from ..core.batches import resolve_input_shape
+from ..core.state import functional_forward, state_copy, substitute
+from ..core.targets import model_device, resolve_dtype, resolve_targets
 
 POWERS = (1, 2)
 

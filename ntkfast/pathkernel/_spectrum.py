@@ -14,7 +14,7 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
-from ..ntk._spectrum import lanczos
+from ..core.numerics import lanczos
 from ._network import PathNetwork
 
 

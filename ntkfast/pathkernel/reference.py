@@ -20,7 +20,8 @@ from torch import nn
 from torch.func import functional_call
 
 from ._network import prunable_module_of
-from ..scores._common import resolve_input_shape, resolve_targets
+from ..core.batches import resolve_input_shape
+from ..core.targets import resolve_targets
 
 
 class Path(NamedTuple):

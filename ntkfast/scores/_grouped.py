@@ -34,7 +34,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from ._common import cast_copy
+from ..core.state import cast_copy
+from ..core.targets import attribute_name
 
 __all__ = ["GroupedNetwork", "BatchNormPlan", "NotGroupable"]
 
@@ -307,7 +308,7 @@ class _Generic(_Leaf):
         xs = args[0].split(args[0].shape[0] // G)
         # passed under the parameters' own names, so that a hook recomputing ``weight`` from
         # ``weight_orig`` (torch.nn.utils.prune) sees the group's value
-        per = {n: self.v(_attr_of(n)).unbind(0) for n in self.params}
+        per = {n: self.v(attribute_name(n)).unbind(0) for n in self.params}
         outs = [torch.func.functional_call(self.module, {n: v[g] for n, v in per.items()}, (xs[g],) + args[1:], kwargs)
                 for g in range(G)]
         return torch.cat(outs, 0) if G > 1 else outs[0]
@@ -316,15 +317,6 @@ class _Generic(_Leaf):
 def _base_forward(module: nn.Module, base) -> bool:
     """The module computes what ``base`` computes (its class does not override forward)."""
     return type(module).forward is base.forward
-
-
-def _attr_of(name: str) -> str:
-    return name[:-5] if name.endswith("_orig") else name
-
-
-def _attr_key(param_name: str) -> str:
-    """``a.b.weight_orig -> a.b.weight``: values are keyed by the attribute a module computes with."""
-    return _attr_of(param_name)
 
 
 class GroupedNetwork:
@@ -374,7 +366,7 @@ class GroupedNetwork:
             elif not is_leaf:
                 self.shared += [first[id(p)] for _, p in own if first[id(p)] not in self.shared]
                 continue
-            elif not {_attr_of(n) for n, _ in own} <= {"weight", "bias"}:
+            elif not {attribute_name(n) for n, _ in own} <= {"weight", "bias"}:
                 # extra parameters (e.g. hook-based weight_norm's weight_g / weight_v)
                 w = _Generic(name, mod, ctx, [n for n, _ in own])
             elif isinstance(mod, nn.Linear) and _base_forward(mod, nn.Linear):
@@ -388,7 +380,7 @@ class GroupedNetwork:
                 w = _GroupNorm(name, mod, ctx)
             else:
                 w = _Generic(name, mod, ctx, [n for n, _ in own])
-            w.keys = {_attr_of(n): _attr_key(first[id(p)]) for n, p in own}
+            w.keys = {attribute_name(n): attribute_name(first[id(p)]) for n, p in own}
             wrappers[id(mod)] = w
             places.append((name, w))
             self.leaves[name] = w

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from . import register
-from ._common import finish, resolve_dtype, resolve_targets
+from ..core.targets import finish, resolve_dtype, resolve_targets
 
 
 @register("magnitude", "Magnitude: S = |theta| of the stored weights")

@@ -24,7 +24,8 @@ from torch import nn
 from .. import ops
 from ..distributed import resolve as resolve_shard
 from . import register
-from ._common import finish, model_device, resolve_dtype, resolve_input_shape, resolve_targets
+from ..core.batches import resolve_input_shape
+from ..core.targets import attribute_name, finish, mask_buffer_name, model_device, resolve_dtype, resolve_targets
 from ._grouped import BatchNormPlan, GroupedNetwork, NotGroupable
 from ._ntksap_draws import Draws, InitFailed, check_explicit, piece_list
 from ._ntksap_reference import reference_scores
@@ -136,7 +137,7 @@ def ntksap(
         pieces = n_explicit
     else:
         if batches is None and data is not None and not isinstance(data, torch.Tensor):
-            from ._common import as_batches
+            from ..core.batches import as_batches
 
             batches = len(as_batches(data, "data"))  # the authors loop over every batch of the loader
         pieces = _positive_int("repeats", 5 if repeats is None else repeats) * \
@@ -262,7 +263,7 @@ def _batch_size(model: nn.Module, batch_size, data) -> int:
     if batch_size is not None:
         return _positive_int("batch_size", batch_size)
     if data is not None:
-        from ._common import as_batches
+        from ..core.batches import as_batches
 
         x = data if isinstance(data, torch.Tensor) else as_batches(data, "data")[0][0]
         return int(x.shape[0])
@@ -402,7 +403,7 @@ def _value_sources(model, targets, names):
     name, own-mask buffer name or None)."""
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
-    by_attr = {t.param_name[:-5] if t.param_name.endswith("_orig") else t.param_name: n for n, t in targets.items()}
+    by_attr = {attribute_name(t.param_name): n for n, t in targets.items()}
     out = OrderedDict()
     for key in names:
         if key in by_attr:
@@ -410,8 +411,7 @@ def _value_sources(model, targets, names):
         elif key in params:
             out[key] = ("param", key, None)
         elif key + "_orig" in params:
-            buf = key + "_mask"
-            out[key] = ("param", key + "_orig", buf if buf in buffers else None)
+            out[key] = ("param", key + "_orig", mask_buffer_name(buffers, key, params[key + "_orig"].shape))
         else:
             raise NotGroupable(f"no parameter behind {key!r}")
     return out

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from .. import ops
-from ._common import Target, cast_copy
+from ..core.state import cast_copy
+from ..core.targets import Target
 
 _MASK64 = (1 << 64) - 1
 

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ._common import Target, cast_copy
+from ..core.state import cast_copy
+from ..core.targets import Target
 from ._ntksap_draws import Draws
 
 

@@ -9,24 +9,10 @@ from torch import nn
 
 from ..distributed import resolve as resolve_shard
 from . import register
-from ._common import (
-    all_finite,
-    as_batches,
-    cast_input,
-    cross_entropy,
-    divide_by_total,
-    finish,
-    functional_forward,
-    grad_dict,
-    leaves,
-    masked,
-    model_device,
-    resolve_targets,
-    shard_batches,
-    state_copy,
-    substitute,
-    with_float64_fallback,
-)
+from ..core.batches import as_batches, cast_input, shard_batches
+from ..core.numerics import all_finite, cross_entropy, divide_by_total, grad_dict, with_float64_fallback
+from ..core.state import functional_forward, leaves, masked, state_copy, substitute
+from ..core.targets import finish, model_device, resolve_targets
 
 
 def _summed_loss_grads(model, targets, items, state, wrt, weights: Callable, train_mode: bool, shard):

@@ -11,20 +11,10 @@ import torch
 from torch import nn
 
 from . import register
-from ._common import (
-    all_finite,
-    finish,
-    functional_forward,
-    grad_dict,
-    model_device,
-    private_copy,
-    remember_float64,
-    resolve_input_shape,
-    resolve_targets,
-    state_copy,
-    substitute,
-    with_float64_fallback,
-)
+from ..core.batches import resolve_input_shape
+from ..core.numerics import all_finite, grad_dict, remember_float64, with_float64_fallback
+from ..core.state import functional_forward, private_copy, state_copy, substitute
+from ..core.targets import finish, model_device, resolve_targets
 
 
 @register("synflow", "SynFlow: |theta * dR/dtheta|, R = sum of the |state|-network's output on ones (data-free)")

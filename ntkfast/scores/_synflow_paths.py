@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import register
-from ._common import finish, resolve_targets
+from ..core.targets import finish, resolve_targets
 
 
 def _network(model, masks, power, dtype, input_shape, data, cache, inputs=None, key=None):
@@ -47,7 +47,7 @@ def mean_input(data) -> torch.Tensor:
     """x̄ over ``data``: an ntkfast image dataset gives its un-normalised mean image; otherwise the
     mean of the inputs as given (tensor, labelled pair, dataset or batches)."""
     from .. import data as D
-    from .._unlabelled import Unlabelled
+    from ..core.unlabelled import Unlabelled
 
     if isinstance(data, D.ImageDataset):
         return D.mean_input(data).double()
