@@ -26,7 +26,7 @@ OPTIONS = dict(density=0.03, lambda_ker=1e-3, lambda_l2=1e-4)
 def _state(model_name: str, batch: int, device):
     from ntkfast import models
     from ntkfast.masks import prunable_parameters
-    from ntkfast.transfer import select_masks
+    from ntkfast.ntt import select_masks
 
     torch.manual_seed(0)
     teacher = models.get(model_name).to(device).eval()
@@ -41,7 +41,7 @@ def _state(model_name: str, batch: int, device):
 
 
 def _ours(st):
-    from ntkfast.transfer import teacher_targets, transfer_loss
+    from ntkfast.ntt import teacher_targets, transfer_loss
 
     student = st["student"]
     params = [p for p in student.parameters()]
@@ -52,7 +52,7 @@ def _ours(st):
 
 
 def _peer(st):
-    from ntkfast import _transfer_reference as ref
+    from ntkfast.ntt import reference as ref
 
     t_out, t_ntk = ref.teacher_targets(st["teacher"], st["x"])
     loss, grads = ref.loss_and_grad(st["student"], st["masks"], st["x"], t_out, t_ntk, **OPTIONS)
@@ -81,7 +81,7 @@ SUITE = Suite(
     name="ntt",
     module="benchmarks.bench_ntt",
     peer="the same NTT step in torch.func (vmap(jacrev) Jacobians, einsum, torch.func.grad)",
-    ours="ntkfast.transfer.transfer_loss + backward",
+    ours="ntkfast.ntt.transfer_loss + backward",
     make_cases=make_cases,
     default_runs=5,
     quick_runs=2,

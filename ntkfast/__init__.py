@@ -3,12 +3,11 @@ from ._version import __version__
 from .ops import build_info
 from .masks import Masks, prunable_parameters
 from .prune import prune
-from .transfer import transfer, TransferResult
-from . import ops, scores
-from . import _ntt_method  # noqa: F401  registers prune(model, "ntt", ...)
+from .ntt import transfer, TransferResult
+from . import methods, ops, scores, ntt  # importing scores and ntt registers every built-in method
 
-__all__ = ["Masks", "prunable_parameters", "prune", "build_info", "ops", "scores", "models", "data", "train",
-           "transfer", "TransferResult", "__version__"]
+__all__ = ["Masks", "prunable_parameters", "prune", "build_info", "methods", "ops", "scores", "ntt", "models", "data",
+           "train", "transfer", "TransferResult", "__version__"]
 
 
 def __getattr__(name):

@@ -65,9 +65,9 @@ def _labelled_batch(args, model):
 def cmd_prune(args) -> int:
     import torch
 
-    from . import prune, scores
+    from . import methods, prune
 
-    info = scores.get(args.method)
+    info = methods.get(args.method)
     model = _build_model(args)
     if args.device:
         model = model.to(args.device)
@@ -110,7 +110,7 @@ def cmd_transfer(args) -> int:
     import torch
 
     from . import data as D
-    from .transfer import transfer
+    from .ntt import transfer
 
     if args.steps is not None and args.epochs is not None:
         raise SystemExit("ntkfast: give --steps or --epochs, not both")
@@ -272,12 +272,12 @@ def cmd_report(args) -> int:
 
 
 def cmd_methods(args) -> int:
-    from . import scores
+    from . import methods
 
     import inspect
 
-    for name, desc in scores.available().items():
-        info = scores.get(name)
+    for name, desc in methods.available().items():
+        info = methods.get(name)
         data = " (needs data)" if info.needs_data else ""
         print(f"{name:16s} {desc}{data}")
         opts = [f"{n}={p.default!r}" for n, p in inspect.signature(info.fn).parameters.items()

@@ -28,6 +28,9 @@ class Masks(Mapping[str, torch.Tensor]):
                 raise TypeError(f"masks[{name!r}] must be a tensor, got {type(m).__name__}")
             self._m[name] = m.detach().to(torch.bool)
         self.metadata: dict = dict(metadata or {})
+        # set by methods that learn weights with their masks (NTT): a state dict of the whole model,
+        # to load before training; None for score-based methods. Not saved by save().
+        self.learned_weights: Optional[Dict[str, torch.Tensor]] = None
 
     # -- mapping protocol ------------------------------------------------------------------------
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -77,10 +80,16 @@ class Masks(Mapping[str, torch.Tensor]):
         return cls(out)
 
     def clone(self) -> "Masks":
-        return Masks({n: m.clone() for n, m in self._m.items()}, dict(self.metadata))
+        out = Masks({n: m.clone() for n, m in self._m.items()}, dict(self.metadata))
+        if self.learned_weights is not None:
+            out.learned_weights = OrderedDict((n, t.clone()) for n, t in self.learned_weights.items())
+        return out
 
     def to(self, device) -> "Masks":
-        return Masks({n: m.to(device) for n, m in self._m.items()}, dict(self.metadata))
+        out = Masks({n: m.to(device) for n, m in self._m.items()}, dict(self.metadata))
+        if self.learned_weights is not None:
+            out.learned_weights = OrderedDict((n, t.to(device)) for n, t in self.learned_weights.items())
+        return out
 
     # -- statistics ------------------------------------------------------------------------------
     @property

@@ -1,7 +1,6 @@
 """The pruning loop: score, threshold, repeat over a density schedule."""
 from __future__ import annotations
 
-import inspect
 import math
 import numbers
 import time
@@ -11,7 +10,7 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
-from . import scores as _scores
+from . import methods as _methods
 from ._version import __version__
 from .core.targets import mask_buffer_name
 from .masks import Masks, density_schedule, prunable_parameters, threshold, unpruned_weights
@@ -25,8 +24,9 @@ class LayerCollapseError(RuntimeError):
     """A layer lost all its weights while on_empty_layer='error'."""
 
 
-# passed by prune() to the scorers that take them (see the loop below), never by the user
-_SUPPLIED = ("target_density",)  # (scope is prune()'s own argument)
+# set by the loop itself, never a method option (scope and process_group are prune()'s own
+# arguments; a cache the user passes is used instead of the loop's fresh one)
+_SUPPLIED = ("target_density",)
 
 
 def _check_density(density) -> float:
@@ -51,13 +51,13 @@ def _check_choice(name: str, value, choices) -> str:
 
 
 def _check_options(info, options: dict) -> None:
-    sig = inspect.signature(info.fn)
-    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+    known = info.options()
+    if any(p.kind is p.VAR_KEYWORD for p in known.values()):
         return
     for key in options:
-        if key not in sig.parameters:
-            known = [n for n, p in sig.parameters.items() if p.kind is p.KEYWORD_ONLY and n not in ("data", "seed", "process_group")]
-            raise ValueError(f"{key}: not an option of method {info.name!r} (its options: {', '.join(known) or 'none'})")
+        if key not in known and not (key == "cache" and "cache" in info.takes):
+            raise ValueError(f"{key}: not an option of method {info.name!r} (its options: "
+                             f"{', '.join(n for n, p in known.items() if p.kind is p.KEYWORD_ONLY) or 'none'})")
 
 
 def _check_start_masks(masks: Mapping, start: Masks) -> Masks:
@@ -110,6 +110,17 @@ def _check_data_fits(model: nn.Module, batches) -> None:
             raise ValueError(f"data: targets must lie in [0, {out.shape[1]}), got range [{int(yb.min())}, {int(yb.max())}]")
 
 
+def _method_masks(method: str, result, current: Masks):
+    """(masks, learned weights) from a method declared ``returns="masks"``, its masks held to the
+    model's prunable weights and to what was already pruned."""
+    masks = getattr(result, "masks", None)
+    if masks is None or set(masks) != set(current):
+        got = sorted(masks) if masks is not None else type(result).__name__
+        raise RuntimeError(f"method {method!r} returned masks for {got}, expected {sorted(current)}")
+    out = Masks({n: masks[n].to(current[n].device).bool() & current[n] for n in current})
+    return out, getattr(result, "weights", None)
+
+
 def _round_seeds(seed: int, rounds: int) -> list:
     g = torch.Generator().manual_seed(int(seed))
     return [int(s) for s in torch.randint(0, 2**62, (rounds,), generator=g)]
@@ -159,7 +170,7 @@ def prune(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    info = _scores.get(method)
+    info = _methods.get(method)
     density = _check_density(density)
     rounds = _check_rounds(rounds)
     _check_choice("schedule", schedule, _SCHEDULES)
@@ -169,6 +180,9 @@ def prune(
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise ValueError(f"seed must be an int, got {seed!r}")
     seed = int(seed)
+    supplied = [k for k in _SUPPLIED if k in method_options]
+    if supplied:
+        raise ValueError(f"{supplied[0]}: set by prune() itself (its density schedule and scope), not a method option")
     _check_options(info, method_options)
     from .distributed import resolve as resolve_shard
 
@@ -180,9 +194,6 @@ def prune(
         warnings.warn(f"prune: {len(left)} weight tensor(s) of layers ntkfast does not prune stay dense: {listed}. "
                       "Prunable are the weights of Linear and Conv1d/2d/3d modules (and their subclasses).",
                       RuntimeWarning, stacklevel=2)
-    supplied = [k for k in _SUPPLIED if k in method_options]
-    if supplied:
-        raise ValueError(f"{supplied[0]}: set by prune() itself (its density schedule and scope), not a method option")
     if info.single_shot and (rounds > 1 or masks is not None):
         # such a method (NTT) learns its mask in one go from the dense model: refuse before it runs
         raise ValueError(f"rounds: method {method!r} runs once from the dense model; use rounds=1 and no start masks")
@@ -215,37 +226,42 @@ def prune(
 
     from .core.progress import Progress
 
-    # scorers that can reuse work across rounds on this unchanged model take a per-run cache
+    # the loop's values a method declared it takes (ntkfast.methods): the scope, a per-run cache
+    # for work that does not change between rounds, and the process group (every method has one:
+    # methods.register gives it to those whose work does not split)
     run_options = dict(method_options)
-    params_of_fn = inspect.signature(info.fn).parameters
-    if "scope" in params_of_fn:
+    if "scope" in info.takes:
         run_options["scope"] = scope
-    if "cache" in params_of_fn and "cache" not in run_options:
+    if "cache" in info.takes and "cache" not in run_options:
         run_options["cache"] = {}
-    # every registered scorer takes it (scores.register adds it where the work does not split)
     run_options["process_group"] = process_group
 
     densities = density_schedule(density, rounds, schedule)
-    seeds = _round_seeds(seed, rounds)
+    # a method that runs once gets the seed as given (prune(..., "ntt", seed=s) is transfer(..., seed=s));
+    # iterative ones a seed per round drawn from it
+    seeds = [seed] if info.single_shot else _round_seeds(seed, rounds)
     bar = Progress(rounds, desc=f"prune {method}", enabled=progress and shard.rank == 0)
     score_s = 0.0
+    learned = None
     try:
         for t, (d, s) in enumerate(zip(densities, seeds), start=1):
             t0 = time.perf_counter()
-            # scorers whose result depends on the round's target (Neural Tangent Transfer learns
-            # a mask of that density) ask for it by these parameter names
-            if "target_density" in params_of_fn:
+            if "target_density" in info.takes:  # a method that chooses its own mask of this density
                 run_options["target_density"] = d
-            sc = info.fn(model, current, data=data, seed=s, **run_options)
+            out = info.fn(model, current, data=data, seed=s, **run_options)
             score_s += time.perf_counter() - t0
-            if set(sc) != set(current):
-                raise RuntimeError(f"scorer {method!r} returned scores for {sorted(sc)}, expected {sorted(current)}")
-            current = Masks(threshold(sc, d, keep=current, scope=scope, keep_rule=keep_rule))
+            if info.returns == "masks":
+                current, learned = _method_masks(method, out, current)
+            else:
+                if set(out) != set(current):
+                    raise RuntimeError(f"scorer {method!r} returned scores for {sorted(out)}, expected {sorted(current)}")
+                current = Masks(threshold(out, d, keep=current, scope=scope, keep_rule=keep_rule))
             if progress:
                 bar.update(density=f"{current.density:.4g}", score_s=f"{score_s:.2f}")
     finally:
         bar.close()
 
+    current.learned_weights = learned
     current.metadata = {
         "method": method,
         "version": __version__,

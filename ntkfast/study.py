@@ -132,30 +132,25 @@ def prune_cell(model_name: str, method: str, density: float, seed: int, rounds: 
     the same masks, so analyses of a finished study can rebuild them without storing them.
     ``start_masks`` (score-based methods only) prunes from those masks instead of the full
     network, for ablations of a cell."""
-    from . import models, prune
-    from . import scores as _scores
+    from . import methods, models, prune
 
     torch.manual_seed(seed)
     net = models.get(model_name, input_shape=tuple(train_set.input_shape), num_classes=train_set.num_classes)
     net = net.to(device)
-    if method == "ntt":
-        if start_masks is not None:
-            raise ValueError("start_masks: NTT selects its own masks")
-        # NTT's result is a mask *and* learned sparse weights; the network trains from both
-        from .transfer import transfer
-
-        res = transfer(net, density, train_set, seed=seed, progress=False, **options)
-        net.load_state_dict(res.state_dict)
-        masks = res.masks
-    else:
-        info = _scores.get(method)
-        data = None
-        if info.raw_data:
-            data = train_set
-        elif info.needs_data:
-            data = _prune_data(train_set, protocol["prune_samples"], seed)
-        masks = prune(net, method, density, rounds=rounds, scope=protocol["scope"], data=data, seed=seed,
-                      masks=start_masks, progress=False, on_empty_layer="ignore", **options)
+    info = methods.get(method)
+    if info.single_shot and start_masks is not None:
+        raise ValueError(f"start_masks: {method} selects its own masks from the dense network")
+    options = dict(options)
+    scope = options.pop("scope", protocol["scope"])  # NTT's cells record their own (layerwise, the authors')
+    data = None
+    if info.raw_data:
+        data = train_set
+    elif info.needs_data:
+        data = _prune_data(train_set, protocol["prune_samples"], seed)
+    masks = prune(net, method, density, rounds=rounds, scope=scope, data=data, seed=seed, masks=start_masks,
+                  progress=False, on_empty_layer="ignore", **options)
+    if masks.learned_weights is not None:  # a method that learned weights with its mask: train from both
+        net.load_state_dict(masks.learned_weights)
     return net, masks
 
 
@@ -209,7 +204,7 @@ def _ntt_options(model: torch.nn.Module, options: dict) -> dict:
     epochs; λ_L2 1e-4 for an MLP, 1e-5 for a CNN; layerwise scope), recorded with each cell."""
     import inspect
 
-    from .transfer import transfer
+    from .ntt import transfer
 
     bad = sorted(set(options) & _NTT_RESERVED)
     if bad:
@@ -232,14 +227,14 @@ def _ntt_options(model: torch.nn.Module, options: dict) -> dict:
 
 
 def _check_method_options(method: str, options: dict) -> None:
-    from . import scores as _scores
+    from . import methods as _methods
     from .prune import _check_options
 
     bad = sorted(set(options) & _RESERVED)
     if bad:
         raise ValueError(f"method_options: {method}:{bad[0]} is set by the study itself")
     try:
-        _check_options(_scores.get(method), options)
+        _check_options(_methods.get(method), options)
     except ValueError as exc:
         raise ValueError(f"method_options: {method}: {exc}") from None
 
@@ -266,7 +261,7 @@ def run_study(model: str, dataset: str, data_dir, methods: Sequence[str], densit
     ``data_dir`` (``dataset`` is then only the label). Returns the records of the requested cells
     (earlier and new)."""
     from . import models
-    from . import scores as _scores
+    from . import methods as _methods
     from .core.machine import machine_info
     from .core.progress import Progress
     from ._version import __version__
@@ -277,7 +272,7 @@ def run_study(model: str, dataset: str, data_dir, methods: Sequence[str], densit
     methods = _check_list("methods", methods, str, lambda m: True)
     for m in methods:
         if m != "ntt":
-            _scores.get(m)  # an unknown method fails here, naming it, before any cell runs
+            _methods.get(m)  # an unknown method fails here, naming it, before any cell runs
     densities = [float(d) for d in _check_list("densities", densities, (int, float), lambda d: 0 < d <= 1)]
     seeds = _check_list("seeds", seeds, int, lambda s: True)
     rounds = dict(rounds or {})

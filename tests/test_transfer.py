@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 import ntkfast
-from ntkfast import _transfer_reference as ref
+from ntkfast.ntt import reference as ref
 from ntkfast.masks import Masks, prunable_parameters
-from ntkfast.transfer import teacher_targets, transfer, transfer_loss
+from ntkfast.ntt import teacher_targets, transfer, transfer_loss
 
 DATA = Path(os.environ.get("NTKFAST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -180,7 +180,7 @@ def test_transfer_returns_masks_and_zeroed_weights_and_leaves_the_model_alone():
 def test_free_heap_pages_are_released_at_every_log(monkeypatch):
     import importlib
 
-    T = importlib.import_module("ntkfast.transfer")  # the module (ntkfast.transfer is the function)
+    T = importlib.import_module("ntkfast.ntt.transfer")  # the module (ntkfast.ntt.transfer is the function)
     T._release_free_memory()  # the real one: a no-op or malloc_trim, never an error
     calls = []
     monkeypatch.setattr(T, "_release_free_memory", lambda: calls.append(1))
@@ -416,27 +416,31 @@ def test_the_result_pickles_with_its_history():
     assert all(torch.equal(again.state_dict[k], v) for k, v in res.state_dict.items())
 
 
-def test_prune_registers_ntt():
+def test_prune_ntt_is_the_transfer_masks_and_weights():
+    # prune(model, "ntt", d, seed=s) runs transfer(model, d, seed=s) once and hands back its mask and
+    # its learned weights whole (ntkfast.methods: returns="masks"), with nothing re-thresholded
     torch.manual_seed(5)
     model = _mlp()
     x = _data()
     y = torch.randint(0, 3, (80,))
     masks = ntkfast.prune(model, "ntt", 0.3, data=(x, y), scope="layerwise", progress=False, steps=6,
-                          batch_size=8)
-    from ntkfast.prune import _round_seeds
-
-    direct = transfer(model, 0.3, (x, y), steps=6, batch_size=8, progress=False, seed=_round_seeds(0, 1)[0])
+                          batch_size=8, seed=3)
+    direct = transfer(model, 0.3, (x, y), steps=6, batch_size=8, progress=False, seed=3)
     assert masks == direct.masks
+    assert masks.learned_weights.keys() == direct.state_dict.keys()
+    assert all(torch.equal(masks.learned_weights[n], direct.state_dict[n]) for n in direct.state_dict)
+    assert masks.clone().learned_weights is not masks.learned_weights
     # a whole dataset reaches the transfer as it is; global scope is prune's default
     ds = torch.utils.data.TensorDataset(x, y)
     masks = ntkfast.prune(model, "ntt", 0.3, data=ds, progress=False, steps=4, batch_size=8)
-    direct = transfer(model, 0.3, ds, steps=4, batch_size=8, scope="global", progress=False,
-                      seed=_round_seeds(0, 1)[0])
+    direct = transfer(model, 0.3, ds, steps=4, batch_size=8, scope="global", progress=False, seed=0)
     assert masks == direct.masks and masks.kept == round(0.3 * masks.numel)
+    # score-based methods learn nothing
+    assert ntkfast.prune(model, "magnitude", 0.3, progress=False).learned_weights is None
     with pytest.raises(ValueError, match="rounds: method 'ntt' runs once"):
         ntkfast.prune(model, "ntt", 0.3, data=ds, rounds=2, progress=False, steps=2, batch_size=8)
     with pytest.raises(ValueError, match="masks: NTT learns"):  # a model already pruned by hooks
-        from ntkfast._ntt_method import ntt
+        from ntkfast.ntt.method import ntt
 
         half = {n: torch.rand(p.shape) < 0.5 for n, p in prunable_parameters(model).items()}
         ntt(model, half, data=ds, target_density=0.3, steps=1, batch_size=8)

@@ -8,14 +8,15 @@ import torch
 from torch import nn
 
 from ..distributed import resolve as resolve_shard
-from . import register
+from ..methods import register
 from ..core.batches import as_batches, cast_input, shard_batches
 from ..core.numerics import all_finite, cross_entropy, divide_by_total, grad_dict, with_float64_fallback
 from ..core.state import functional_forward, leaves, masked, state_copy, substitute
 from ..core.targets import finish, model_device, resolve_targets
 
 
-@register("grasp", "GraSP: theta * Hg with temperature 200, normalised by |sum| (no abs; lowest pruned)", needs_data=True)
+@register("grasp", "GraSP: theta * Hg with temperature 200, normalised by |sum| (no abs; lowest pruned)", needs_data=True,
+          takes=("process_group",))
 def grasp(
     model: nn.Module,
     masks: Optional[Mapping[str, torch.Tensor]] = None,

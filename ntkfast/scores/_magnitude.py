@@ -7,7 +7,7 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
-from . import register
+from ..methods import register
 from ..core.targets import finish, resolve_dtype, resolve_targets
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..distributed import resolve as resolve_shard
-from . import register
+from ..methods import register
 from ..core.batches import as_batches, cast_input, shard_batches
 from ..core.numerics import all_finite, cross_entropy, divide_by_total, grad_dict, with_float64_fallback
 from ..core.state import functional_forward, leaves, masked, state_copy, substitute
@@ -35,7 +35,8 @@ def _summed_loss_grads(model, targets, items, state, wrt, weights: Callable, tra
     return OrderedDict(zip(wrt, summed)), bad == 0
 
 
-@register("snip", "SNIP: |dL/dm| = |theta * dL/d(theta*m)| on labelled data, normalised to sum 1", needs_data=True)
+@register("snip", "SNIP: |dL/dm| = |theta * dL/d(theta*m)| on labelled data, normalised to sum 1", needs_data=True,
+          takes=("process_group",))
 def snip(
     model: nn.Module,
     masks: Optional[Mapping[str, torch.Tensor]] = None,
@@ -77,6 +78,7 @@ def snip(
     "iterative_snip",
     "Iterative SNIP: |theta * dL/dtheta| (gradient of the masked network w.r.t. the raw weights), normalised",
     needs_data=True,
+    takes=("process_group",),
 )
 def iterative_snip(
     model: nn.Module,

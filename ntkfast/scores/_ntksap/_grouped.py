@@ -34,8 +34,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from ..core.state import cast_copy
-from ..core.targets import attribute_name
+from ...core.state import cast_copy
+from ...core.targets import attribute_name
 
 __all__ = ["GroupedNetwork", "BatchNormPlan", "NotGroupable"]
 

@@ -1,6 +1,6 @@
 """The Neural Tangent Transfer loss written with torch.func only (vmap(jacrev) Jacobians,
 contracted by einsum, and torch.func.grad for its gradient): the independent oracle the tests hold
-:func:`ntkfast.transfer.transfer_loss` to, and the peer its benchmark runs beside it."""
+:func:`ntkfast.ntt.transfer_loss` to, and the peer its benchmark runs beside it."""
 from __future__ import annotations
 
 from collections import OrderedDict

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..core.state import cast_copy
-from ..core.targets import Target
-from ._ntksap_draws import Draws
+from ...core.state import cast_copy
+from ...core.targets import Target
+from ._draws import Draws
 
 
 def _copy(model: nn.Module, dtype, device, targets: Mapping[str, Target]) -> nn.Module:

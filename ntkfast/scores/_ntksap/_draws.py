@@ -18,9 +18,9 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .. import ops
-from ..core.state import cast_copy
-from ..core.targets import Target
+from ... import ops
+from ...core.state import cast_copy
+from ...core.targets import Target
 
 _MASK64 = (1 << 64) - 1
 

@@ -26,11 +26,11 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .distributed import Shard, resolve as resolve_shard
-from .masks import Masks, prunable_parameters, threshold
-from .ntk import empirical_ntk
-from .core.unlabelled import Unlabelled, split_validation, total_steps
-from . import _transfer_checkpoint as _ckpt
+from ..core.unlabelled import Unlabelled, split_validation, total_steps
+from ..distributed import Shard, resolve as resolve_shard
+from ..masks import Masks, prunable_parameters, threshold
+from ..ntk import empirical_ntk
+from . import _checkpoint as _ckpt
 
 __all__ = ["transfer", "transfer_loss", "TransferResult", "KERNELS", "INIT_MASKS"]
 
@@ -417,7 +417,7 @@ def transfer(
         pending.clear()
         return rec
 
-    from .core.progress import Progress
+    from ..core.progress import Progress
 
     learned = [p for p in student.parameters() if p.requires_grad]
     like = [p.detach() for p in learned]

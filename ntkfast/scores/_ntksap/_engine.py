@@ -3,7 +3,7 @@
 S(m) = | d/dm sum over pieces || f(Z; theta_i * m) - f(Z; (theta_i + eps xi_i) * m) ||^2 | * [m != 0]
 
 The fast engines evaluate a private copy of the model whose layers take stacked weight sets
-(:class:`~ntkfast.scores._grouped.GroupedNetwork`): "grouped" puts both branches of every piece of a
+(:class:`~ntkfast.scores._ntksap._grouped.GroupedNetwork`): "grouped" puts both branches of every piece of a
 pass into one call (2P weight sets, group-stacked; the GPU path, optionally replayed from a CUDA
 graph), "sequential" runs the two branches of one piece as two plain calls (the CPU path). Both
 build the effective weights of each layer with the fused ``ops.perturbed_masked`` kernel (xi
@@ -21,14 +21,14 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from .. import ops
-from ..distributed import resolve as resolve_shard
-from . import register
-from ..core.batches import resolve_input_shape
-from ..core.targets import attribute_name, finish, mask_buffer_name, model_device, resolve_dtype, resolve_targets
+from ... import ops
+from ...distributed import resolve as resolve_shard
+from ...methods import register
+from ...core.batches import resolve_input_shape
+from ...core.targets import attribute_name, finish, mask_buffer_name, model_device, resolve_dtype, resolve_targets
 from ._grouped import BatchNormPlan, GroupedNetwork, NotGroupable
-from ._ntksap_draws import Draws, InitFailed, check_explicit, piece_list
-from ._ntksap_reference import reference_scores
+from ._draws import Draws, InitFailed, check_explicit, piece_list
+from ._reference import reference_scores
 
 _ENGINES = ("auto", "grouped", "sequential", "reference")
 _BN_STATS = ("single_pass", "authors")
@@ -44,7 +44,7 @@ def _positive_int(name: str, v, minimum: int = 1) -> int:
 
 
 @register("ntksap", "NTK-SAP: |d/dm sum ||f(Z; theta m) - f(Z; (theta + eps xi) m)||^2| over fresh "
-                    "initialisations and Gaussian inputs (data-free; Wang et al. 2023)")
+                    "initialisations and Gaussian inputs (data-free; Wang et al. 2023)", takes=("cache", "process_group"))
 @torch.enable_grad()
 def ntksap(
     model: nn.Module,
@@ -137,7 +137,7 @@ def ntksap(
         pieces = n_explicit
     else:
         if batches is None and data is not None and not isinstance(data, torch.Tensor):
-            from ..core.batches import as_batches
+            from ...core.batches import as_batches
 
             batches = len(as_batches(data, "data"))  # the authors loop over every batch of the loader
         pieces = _positive_int("repeats", 5 if repeats is None else repeats) * \
@@ -263,7 +263,7 @@ def _batch_size(model: nn.Module, batch_size, data) -> int:
     if batch_size is not None:
         return _positive_int("batch_size", batch_size)
     if data is not None:
-        from ..core.batches import as_batches
+        from ...core.batches import as_batches
 
         x = data if isinstance(data, torch.Tensor) else as_batches(data, "data")[0][0]
         return int(x.shape[0])
@@ -308,7 +308,7 @@ def _grouped_scores(model, targets, draws: Draws, eps, dt, dev, bn_stats, memory
 def _graphed(model, net, targets, keys, draws, chunk, masks, total, eps, record, store) -> bool:
     """Run the pass of ``chunk`` by replaying its CUDA graph; False when graphs are off (the caller
     then runs it eagerly). The first replay is checked against the eager pass."""
-    from . import _ntksap_graph as G
+    from . import _graph as G
 
     P = len(chunk)
     try:

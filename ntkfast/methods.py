@@ -1,0 +1,111 @@
+"""The registry of pruning methods, and the contract between a method and the pruning loop.
+
+A method is a function ``fn(model, masks=None, *, data=None, seed=0, **options)``. It declares at
+:func:`register` what it needs of the loop and what it gives back:
+
+- ``takes``: which of the loop's own values it receives, by keyword: ``"scope"`` (global or
+  layerwise), ``"target_density"`` (the round's density), ``"cache"`` (a dict kept across the
+  rounds of one run, for work that does not change between rounds) and ``"process_group"`` (the
+  group its work is split over; a method that does not take it is run on every process and rank
+  0's result is broadcast).
+- ``returns``: ``"scores"`` (one score per prunable weight; the loop thresholds them at each
+  round's density) or ``"masks"`` (a :class:`MethodResult`: the masks it chose and, for a method
+  that also learns weights such as Neural Tangent Transfer, those weights).
+- ``needs_data`` (a labelled batch), ``raw_data`` (the data as the user gave it, e.g. a whole
+  dataset) and ``single_shot`` (it runs once, from the dense model: no rounds, no start masks).
+
+The loop (:func:`ntkfast.prune`) reads these declarations; nothing probes a method's signature.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable, Dict, FrozenSet, Mapping, Optional
+
+import torch
+
+__all__ = ["MethodInfo", "MethodResult", "register", "get", "available", "LOOP_VALUES"]
+
+#: what the loop can hand a method, by keyword
+LOOP_VALUES = ("scope", "target_density", "cache", "process_group")
+_RETURNS = ("scores", "masks")
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    name: str
+    fn: Callable
+    description: str
+    needs_data: bool = False  # needs a labelled batch (inputs, targets)
+    raw_data: bool = False  # takes data as the user gave it (a whole dataset), not as labelled batches
+    single_shot: bool = False  # runs once from the dense model (no rounds, no start masks)
+    takes: FrozenSet[str] = frozenset()  # of LOOP_VALUES
+    returns: str = "scores"
+
+    def options(self) -> Dict[str, inspect.Parameter]:
+        """The method's own keyword options (what a user may pass through prune), by name."""
+        own = set(LOOP_VALUES) | {"data", "seed", "model", "masks"}
+        return {n: p for n, p in inspect.signature(self.fn).parameters.items()
+                if p.kind is p.KEYWORD_ONLY and n not in own}
+
+
+@dataclass
+class MethodResult:
+    """What a method declared with ``returns="masks"`` gives back: ``masks`` (name -> bool tensor,
+    the model's prunable weights) and, where the method learned them, ``weights`` (a state dict of
+    the whole model to load before training; None otherwise)."""
+
+    masks: Mapping[str, torch.Tensor]
+    weights: Optional[Dict[str, torch.Tensor]] = None
+    info: dict = field(default_factory=dict)
+
+
+_REGISTRY: Dict[str, MethodInfo] = {}
+
+
+def register(name: str, description: str, *, needs_data: bool = False, raw_data: bool = False,
+             single_shot: bool = False, takes=(), returns: str = "scores"):
+    """Decorator registering a method under ``name`` for :func:`ntkfast.prune`, the study and the
+    CLI (see the module's text for the contract). Refuses a declaration the function does not
+    honour: a loop value in ``takes`` it has no parameter for, or a parameter named like a loop
+    value it does not declare."""
+
+    takes = frozenset(takes)
+    unknown = takes - set(LOOP_VALUES)
+    if unknown:
+        raise ValueError(f"takes: {sorted(unknown)} are not loop values (those are {', '.join(LOOP_VALUES)})")
+    if returns not in _RETURNS:
+        raise ValueError(f"returns: expected one of {_RETURNS}, got {returns!r}")
+
+    def deco(fn):
+        if name in _REGISTRY:
+            raise ValueError(f"a method named {name!r} is already registered")
+        params = inspect.signature(fn).parameters
+        missing = sorted(v for v in takes if v not in params)
+        if missing:
+            raise ValueError(f"{name}: declares takes={sorted(takes)} but has no parameter {missing[0]!r}")
+        undeclared = sorted(v for v in LOOP_VALUES if v in params and v not in takes)
+        if undeclared:
+            raise ValueError(f"{name}: has a parameter {undeclared[0]!r} the loop would fill; declare it in takes")
+        run = fn
+        if "process_group" not in takes:
+            from .distributed import replicated
+
+            run = replicated(fn)
+        _REGISTRY[name] = MethodInfo(name, run, description, needs_data, raw_data, single_shot,
+                                     takes | {"process_group"}, returns)
+        return run
+
+    return deco
+
+
+def get(name: str) -> MethodInfo:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"method: unknown method {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def available() -> Dict[str, str]:
+    """name -> one-line description of every registered method."""
+    return {n: i.description for n, i in sorted(_REGISTRY.items())}
