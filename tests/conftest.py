@@ -14,7 +14,7 @@ torch.backends.cudnn.allow_tf32 = False
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from testing import data_root, devices  # noqa: E402
+from testing import data_root, devices  # noqa: E402,F401
 
 __all__ = ["devices"]
 

@@ -10,7 +10,6 @@ when the extension has no CUDA kernels); CPU cases run every instruction set the
 """
 import itertools
 import warnings
-import zlib
 
 import pytest
 import torch
@@ -21,26 +20,12 @@ from ntkfast import ops
 from ntkfast.ops import loader
 from ntkfast.ops.conv_weight_grad_per_sample import FAMILY
 from ntkfast.ops import conv_weight_grad_per_sample, conv_weight_grad_per_sample_reference
-from testing import devices
+from testing import devices, kernel_device, needs_extension, seeded
 
-needs_ext = pytest.mark.skipif(not ops.extension_loaded(), reason="compiled extension not loaded")
 REL = {torch.float64: 1e-12, torch.float32: 1e-5}
 ISAS = ["avx512", "avx2", "generic"]
 
 
-def _kernel_device(device):
-    """Skip a case whose kernel is missing: it would test the reference against the oracle again."""
-    if not ops.extension_loaded():
-        pytest.skip("compiled extension not loaded")
-    if not FAMILY.available:
-        pytest.skip("the extension predates conv_weight_grad_per_sample")
-    if device == "cuda" and not ops.cuda_kernels():
-        pytest.skip("extension built without CUDA kernels")
-    return torch.device(device)
-
-
-def _gen(*key):
-    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
 
 
 def _tuple(v, d):
@@ -159,7 +144,7 @@ BLOCKING = [
 
 
 def test_oracle_matches_per_sample_autograd():
-    gen = _gen("oracle")
+    gen = seeded("oracle")
     for N, C, O, K, size, k, s, p, dl, groups in GRID[::7] + [GRID[-1]]:
         x, go = _inputs(gen, N, C, O, K, size, k, s, p, dl, torch.float64, "cpu")
         w = torch.randn((O, C // groups) + k, dtype=torch.float64, requires_grad=True)
@@ -177,8 +162,8 @@ def test_oracle_matches_per_sample_autograd():
 @pytest.mark.parametrize("device,isa", _device_isa_cases(), indirect=["isa"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_grid_matches_oracle(device, isa, dtype):
-    dev = _kernel_device(device)
-    gen = _gen("grid", dtype)
+    dev = kernel_device(device, FAMILY)
+    gen = seeded("grid", dtype)
     for case in GRID:
         N, C, O, K, size, k, s, p, dl, groups = case
         x, go = _inputs(gen, N, C, O, K, size, k, s, p, dl, dtype, dev)
@@ -188,8 +173,8 @@ def test_grid_matches_oracle(device, isa, dtype):
 @pytest.mark.parametrize("device,isa", _device_isa_cases(), indirect=["isa"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_blocking_sizes_match_oracle(device, isa, dtype):
-    dev = _kernel_device(device)
-    gen = _gen("blocking", dtype)
+    dev = kernel_device(device, FAMILY)
+    gen = seeded("blocking", dtype)
     for N, C, O, K, size, k, s, p, dl, groups in BLOCKING:
         x, go = _inputs(gen, N, C, O, K, size, k, s, p, dl, dtype, dev)
         _check(conv_weight_grad_per_sample(x, go, k, s, p, dl, groups), x, go, k, s, p, dl, groups)
@@ -197,7 +182,7 @@ def test_blocking_sizes_match_oracle(device, isa, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_reference_matches_oracle(dtype):
-    gen = _gen("reference", dtype)
+    gen = seeded("reference", dtype)
     for N, C, O, K, size, k, s, p, dl, groups in GRID + BLOCKING[:3]:
         x, go = _inputs(gen, N, C, O, K, size, k, s, p, dl, dtype, "cpu")
         _check(conv_weight_grad_per_sample_reference(x, go, k, s, p, dl, groups), x, go, k, s, p, dl, groups)
@@ -205,8 +190,8 @@ def test_reference_matches_oracle(dtype):
 
 @pytest.mark.parametrize("device", devices)
 def test_noncontiguous_inputs(device):
-    dev = _kernel_device(device)
-    gen = _gen("noncontig")
+    dev = kernel_device(device, FAMILY)
+    gen = seeded("noncontig")
     for dtype in (torch.float64, torch.float32):
         for N, C, O, K, size, k, s, p, dl, groups in (GRID[4], GRID[17], BLOCKING[4]):
             x, go = _inputs(gen, N, C, O, K, size, k, s, p, dl, dtype, dev)
@@ -224,8 +209,8 @@ def test_noncontiguous_inputs(device):
 
 @pytest.mark.parametrize("device", devices)
 def test_kernel_matches_reference_and_is_deterministic(device):
-    dev = _kernel_device(device)
-    gen = _gen("determinism")
+    dev = kernel_device(device, FAMILY)
+    gen = seeded("determinism")
     N, C, O, K, size, k, s, p, dl, groups = BLOCKING[0]
     x, go = _inputs(gen, N, C, O, K, size, k, s, p, dl, torch.float32, dev)
     a = conv_weight_grad_per_sample(x, go, k, s, p, dl, groups)
@@ -234,10 +219,10 @@ def test_kernel_matches_reference_and_is_deterministic(device):
                                rtol=1e-4, atol=1e-4 * float(a.abs().max()))
 
 
-@needs_ext
+@needs_extension
 def test_thread_count_does_not_change_the_result():
-    _kernel_device("cpu")
-    gen = _gen("threads")
+    kernel_device("cpu", FAMILY)
+    gen = seeded("threads")
     N, C, O, K, size, k, s, p, dl, groups = BLOCKING[3]
     x, go = _inputs(gen, N, C, O, K, size, k, s, p, dl, torch.float32, "cpu")
     before = torch.get_num_threads()
@@ -253,8 +238,8 @@ def test_thread_count_does_not_change_the_result():
 
 @pytest.mark.parametrize("device", devices)
 def test_int_and_tuple_arguments(device):
-    dev = _kernel_device(device)
-    x, go = _inputs(_gen("ints"), 2, 4, 6, 3, (9, 8), 3, 2, 1, 1, torch.float64, dev)
+    dev = kernel_device(device, FAMILY)
+    x, go = _inputs(seeded("ints"), 2, 4, 6, 3, (9, 8), 3, 2, 1, 1, torch.float64, dev)
     a = conv_weight_grad_per_sample(x, go, 3, 2, 1)
     b = conv_weight_grad_per_sample(x, go, (3, 3), stride=[2, 2], padding=(1, 1), dilation=(1, 1), groups=1)
     assert torch.equal(a, b)
@@ -263,7 +248,7 @@ def test_int_and_tuple_arguments(device):
 
 @pytest.mark.parametrize("device", devices)
 def test_empty_batch(device):
-    dev = _kernel_device(device)
+    dev = kernel_device(device, FAMILY)
     x, go = torch.randn(0, 4, 5, 6, device=dev), torch.randn(0, 2, 6, 3, 4, device=dev)
     for fn in (conv_weight_grad_per_sample, conv_weight_grad_per_sample_reference):
         out = fn(x, go, 3)
@@ -290,8 +275,8 @@ CASES_3D = [
 @pytest.mark.parametrize("device", devices)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_conv1d(device, dtype):
-    dev = _kernel_device(device)
-    gen = _gen("1d", dtype)
+    dev = kernel_device(device, FAMILY)
+    gen = seeded("1d", dtype)
     for N, C, O, K, size, k, s, p, dl, groups in CASES_1D:
         x, go = _inputs(gen, N, C, O, K, size, k, s, p, dl, dtype, dev)
         want = _check(conv_weight_grad_per_sample(x, go, k, s, p, dl, groups), x, go, k, s, p, dl, groups)
@@ -301,7 +286,7 @@ def test_conv1d(device, dtype):
 @pytest.mark.parametrize("device", devices)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_conv3d_reference(device, dtype):
-    gen = _gen("3d", dtype)
+    gen = seeded("3d", dtype)
     for N, C, O, K, size, k, s, p, dl, groups in CASES_3D:
         x, go = _inputs(gen, N, C, O, K, size, k, s, p, dl, dtype, device)
         want = _check(conv_weight_grad_per_sample_reference(x, go, k, s, p, dl, groups), x, go, k, s, p, dl, groups)
@@ -324,8 +309,8 @@ GRAD_CASES = [  # small: gradcheck builds the whole Jacobian, one call per input
 
 @pytest.mark.parametrize("device", devices)
 def test_gradcheck(device):
-    dev = _kernel_device(device)
-    gen = _gen("gradcheck")
+    dev = kernel_device(device, FAMILY)
+    gen = seeded("gradcheck")
     for i, (N, C, O, K, size, k, s, p, dl, groups) in enumerate(GRAD_CASES + [CASES_1D[1]]):
         x, go = _inputs(gen, N, C, O, K, size, k, s, p, dl, torch.float64, dev)
         fn = lambda a, b: conv_weight_grad_per_sample(a, b, k, s, p, dl, groups)  # noqa: E731
@@ -336,7 +321,7 @@ def test_gradcheck(device):
 
 
 def test_reference_gradients_of_3d_and_1d():
-    gen = _gen("ref-grad")
+    gen = seeded("ref-grad")
     small_3d = (1, 2, 2, 2, (4, 3, 4), (2, 1, 2), (2, 1, 1), (1, 0, 1), (1, 1, 2), 2)
     for N, C, O, K, size, k, s, p, dl, groups in (small_3d, CASES_1D[2]):
         x, go = _inputs(gen, N, C, O, K, size, k, s, p, dl, torch.float64, "cpu")
@@ -347,8 +332,8 @@ def test_reference_gradients_of_3d_and_1d():
 @pytest.mark.parametrize("device", devices)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_grads_match_autograd_through_reference(device, dtype):
-    dev = _kernel_device(device)
-    gen = _gen("grads", dtype)
+    dev = kernel_device(device, FAMILY)
+    gen = seeded("grads", dtype)
     for N, C, O, K, size, k, s, p, dl, groups in GRID[::5] + BLOCKING[4:6]:
         x, go = _inputs(gen, N, C, O, K, size, k, s, p, dl, dtype, dev)
         out_shape = (N, K, O, C // groups) + k
@@ -370,9 +355,9 @@ def test_grads_match_autograd_through_reference(device, dtype):
 def test_second_order_through_the_backward(device):
     # the backward is written with differentiable PyTorch ops: a double backward runs and agrees
     # with the reference's
-    dev = _kernel_device(device)
+    dev = kernel_device(device, FAMILY)
     N, C, O, K, size, k, s, p, dl, groups = GRAD_CASES[1]
-    x, go = _inputs(_gen("double"), N, C, O, K, size, k, s, p, dl, torch.float64, dev)
+    x, go = _inputs(seeded("double"), N, C, O, K, size, k, s, p, dl, torch.float64, dev)
     results = []
     for fn in (conv_weight_grad_per_sample, conv_weight_grad_per_sample_reference):
         xg, gg = x.clone().requires_grad_(), go.clone().requires_grad_()
@@ -388,11 +373,11 @@ def test_second_order_through_the_backward(device):
 # ---------------------------------------------------------------------------------------------
 
 
-@needs_ext
+@needs_extension
 @pytest.mark.parametrize("device", devices)
 def test_opcheck(device):
-    dev = _kernel_device(device)
-    gen = _gen("opcheck")
+    dev = kernel_device(device, FAMILY)
+    gen = seeded("opcheck")
     op = torch.ops.ntkfast.conv_weight_grad_per_sample.default
     dtypes = (torch.float32, torch.float64, torch.float32)
     for (N, C, O, K, size, k, s, p, dl, groups), dtype in zip(GRAD_CASES, dtypes):
@@ -445,9 +430,9 @@ def test_bad_arguments(fn):
         fn(x, go.numpy(), 3)
 
 
-@needs_ext
+@needs_extension
 def test_op_level_errors_are_value_errors():
-    _kernel_device("cpu")
+    kernel_device("cpu", FAMILY)
     op = torch.ops.ntkfast.conv_weight_grad_per_sample
     x, go = torch.randn(2, 4, 8, 8), torch.randn(2, 3, 6, 6, 6)
     ok = ([3, 3], [1, 1], [0, 0], [1, 1], 1)
@@ -471,16 +456,16 @@ def test_op_level_errors_are_value_errors():
             op(*args)
 
 
-@needs_ext
+@needs_extension
 def test_bad_isa_name_is_a_value_error(monkeypatch):
-    _kernel_device("cpu")
+    kernel_device("cpu", FAMILY)
     monkeypatch.setenv("NTKFAST_CPU_ISA", "sse9")
     with pytest.raises(ValueError, match="NTKFAST_CPU_ISA must be"):
         conv_weight_grad_per_sample(torch.randn(1, 2, 5, 5), torch.randn(1, 1, 3, 3, 3), 3)
 
 
 def test_fallback_without_extension_warns_and_matches(monkeypatch):
-    x, go = _inputs(_gen("fallback"), 2, 4, 6, 3, (9, 8), 3, 1, 1, 1, torch.float64, "cpu")
+    x, go = _inputs(seeded("fallback"), 2, 4, 6, 3, (9, 8), 3, 1, 1, 1, torch.float64, "cpu")
     compiled = conv_weight_grad_per_sample(x, go, 3, 1, 1, 1, 2) if ops.extension_loaded() else None
     monkeypatch.setattr(loader.STATE, "module", None)
     monkeypatch.setattr(loader.STATE, "error", "ImportError: simulated")
@@ -494,11 +479,11 @@ def test_fallback_without_extension_warns_and_matches(monkeypatch):
         _check(compiled, x, go, 3, 1, 1, 1, 2, want)
 
 
-@needs_ext
+@needs_extension
 def test_extension_without_this_op_falls_back(monkeypatch):
     monkeypatch.setattr(FAMILY, "available", False)
     monkeypatch.setattr(FAMILY, "warned", False)
-    x, go = _inputs(_gen("old-ext"), 2, 4, 6, 3, (9, 8), 3, 1, 1, 1, torch.float64, "cpu")
+    x, go = _inputs(seeded("old-ext"), 2, 4, 6, 3, (9, 8), 3, 1, 1, 1, torch.float64, "cpu")
     with pytest.warns(RuntimeWarning, match="predates conv_weight_grad_per_sample"):
         out = conv_weight_grad_per_sample(x, go, 3, 1, 1)
     assert torch.equal(out, conv_weight_grad_per_sample_reference(x, go, 3, 1, 1))
@@ -524,8 +509,8 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
 @pytest.mark.cuda
 @needs_cuda
 def test_cuda_matches_cpu_kernel_at_network_sizes():
-    _kernel_device("cuda")
-    gen = _gen("cuda-cpu")
+    kernel_device("cuda", FAMILY)
+    gen = seeded("cuda-cpu")
     sizes = [
         (16, 16, 16, 10, (32, 32), 3, 1, 1, 1, 1),
         (16, 64, 64, 10, (8, 8), 3, 1, 1, 1, 1),

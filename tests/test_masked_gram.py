@@ -10,9 +10,6 @@ every call; the tests set them to force each path and instruction set on the sam
 Errors are norm-wise relative to the brute force in float64: 1e-12 (float64), 1e-5 (float32).
 """
 import warnings
-import zlib
-
-import sys
 
 import pytest
 import torch
@@ -21,7 +18,7 @@ from ntkfast import ops
 from ntkfast.ops import loader
 from ntkfast.ops.masked_gram import FAMILY
 from ntkfast.ops import masked_gram, masked_gram_reference
-from testing import devices
+from testing import devices, internal, kernel_device, seeded
 
 MODES = ("full", "trace", "diagonal", "diagonal_trace")
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
@@ -41,17 +38,6 @@ SIZES = [
 DENSITIES = (1.0, 0.6, 0.2, 0.05)
 
 
-def _kernel_device(device):
-    """Skip a case whose kernel is missing: it would test the reference against itself."""
-    if not ops.extension_loaded() or not FAMILY.available:
-        pytest.skip("compiled extension (with masked_gram) not loaded")
-    if device == "cuda" and not ops.cuda_kernels():
-        pytest.skip("extension built without CUDA kernels")
-    return torch.device(device)
-
-
-def _gen(*key):
-    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
 
 
 def _inputs(gen, n1, n2, c, k, o, dtype, device, density=1.0, binary=False):
@@ -117,13 +103,13 @@ def _modes_for(n1, n2):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("path", ["dense", "sparse", "auto"])
 def test_kernel_matches_brute_force(device, dtype, path, monkeypatch):
-    dev = _kernel_device(device)
+    dev = kernel_device(device, FAMILY)
     monkeypatch.setenv("NTKFAST_MASKED_GRAM_PATH", path)
     for size in SIZES:
         n1, n2 = size[:2]
         for density in DENSITIES:
             for binary in (False, True):
-                a1, b1, a2, b2, m = _inputs(_gen(size, density, binary, dtype), *size, dtype, dev, density, binary)
+                a1, b1, a2, b2, m = _inputs(seeded(size, density, binary, dtype), *size, dtype, dev, density, binary)
                 full = _brute(a1, b1, a2, b2, m, "full")
                 for mode in _modes_for(n1, n2):
                     got = masked_gram(a1, b1, a2, b2, m, mode=mode)
@@ -141,12 +127,12 @@ def test_kernel_matches_brute_force(device, dtype, path, monkeypatch):
 def test_every_instruction_set(isa, path, monkeypatch):
     """The vectorised loops exist once per instruction set (the CPU's best is the default; one
     above what it has falls back to the best it has)."""
-    _kernel_device("cpu")
+    kernel_device("cpu", FAMILY)
     monkeypatch.setenv("NTKFAST_MASKED_GRAM_ISA", isa)
     monkeypatch.setenv("NTKFAST_MASKED_GRAM_PATH", path)
     for dtype in (torch.float64, torch.float32):
         for size in ((70, 77, 130, 3, 70), (33, 17, 40, 4, 12), (40, 40, 50, 11, 30)):
-            a1, b1, a2, b2, m = _inputs(_gen("isa", size, dtype), *size, dtype, "cpu", 0.3)
+            a1, b1, a2, b2, m = _inputs(seeded("isa", size, dtype), *size, dtype, "cpu", 0.3)
             full = _brute(a1, b1, a2, b2, m, "full")
             for mode in _modes_for(*size[:2]):
                 _assert_close(masked_gram(a1, b1, a2, b2, m, mode=mode), _reduce(full, mode), dtype, f"{size} {mode}")
@@ -157,13 +143,13 @@ def test_every_instruction_set(isa, path, monkeypatch):
 @pytest.mark.parametrize("device", devices)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_non_contiguous_inputs(device, dtype):
-    dev = _kernel_device(device)
+    dev = kernel_device(device, FAMILY)
     size = (21, 21, 37, 3, 19)
-    a1, b1, a2, b2, m = _inputs(_gen("noncontig", dtype), *size, dtype, dev, 0.3)
+    a1, b1, a2, b2, m = _inputs(seeded("noncontig", dtype), *size, dtype, dev, 0.3)
     args = [_noncontig(t) for t in (a1, b1, a2, b2, m)]
     assert not any(t.is_contiguous() for t in args)
     # slices with a step too: every other sample of a larger batch
-    big = _inputs(_gen("noncontig-step", dtype), 42, 42, 37, 3, 19, dtype, dev, 0.3)
+    big = _inputs(seeded("noncontig-step", dtype), 42, 42, 37, 3, 19, dtype, dev, 0.3)
     stepped = [big[0][::2], big[1][::2], big[2][1::2], big[3][1::2], big[4]]
     for case in (args, stepped):
         full = _brute(*case, "full")
@@ -174,11 +160,11 @@ def test_non_contiguous_inputs(device, dtype):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_reference_matches_brute_force(dtype, monkeypatch):
     # a small chunk budget: several chunks of rows i, and a last one shorter than the others
-    monkeypatch.setattr(sys.modules["ntkfast.ops.masked_gram"], "_GRAM_CHUNK_ELEMENTS", 5000)
+    monkeypatch.setattr(internal("masked_gram"), "_GRAM_CHUNK_ELEMENTS", 5000)
     for size in SIZES:
         n1, n2 = size[:2]
         for density, binary in ((1.0, False), (0.2, True)):
-            a1, b1, a2, b2, m = _inputs(_gen("ref", size, density, dtype), *size, dtype, "cpu", density, binary)
+            a1, b1, a2, b2, m = _inputs(seeded("ref", size, density, dtype), *size, dtype, "cpu", density, binary)
             full = _brute(a1, b1, a2, b2, m, "full")
             for mode in _modes_for(n1, n2):
                 got = masked_gram_reference(a1, b1, a2, b2, m, mode=mode)
@@ -193,7 +179,7 @@ def test_reference_matches_brute_force(dtype, monkeypatch):
 @pytest.mark.parametrize("fn", [masked_gram, masked_gram_reference])
 def test_no_mask_is_all_ones(device, fn):
     size = (6, 9, 11, 3, 5)
-    a1, b1, a2, b2, _ = _inputs(_gen("nomask"), *size, torch.float64, device)
+    a1, b1, a2, b2, _ = _inputs(seeded("nomask"), *size, torch.float64, device)
     ones = torch.ones(size[4], size[2], dtype=torch.float64, device=device)
     full = _brute(a1, b1, a2, b2, ones, "full")
     for mode in ("full", "trace"):
@@ -205,9 +191,9 @@ def test_no_mask_is_all_ones(device, fn):
 
 @pytest.mark.parametrize("device", devices)
 def test_symmetric_result_is_exactly_symmetric(device):
-    dev = _kernel_device(device)
+    dev = kernel_device(device, FAMILY)
     for density in (1.0, 0.1):
-        a1, b1, _, _, m = _inputs(_gen("sym", density), 45, 45, 33, 4, 21, torch.float32, dev, density)
+        a1, b1, _, _, m = _inputs(seeded("sym", density), 45, 45, 33, 4, 21, torch.float32, dev, density)
         full = masked_gram(a1, b1, mask=m)
         assert torch.equal(full, full.permute(1, 0, 3, 2))
         trace = masked_gram(a1, b1, mask=m, mode="trace")
@@ -216,7 +202,7 @@ def test_symmetric_result_is_exactly_symmetric(device):
 
 @pytest.mark.parametrize("device", devices)
 def test_empty_and_zero_cases(device):
-    dev = _kernel_device(device)
+    dev = kernel_device(device, FAMILY)
     for size in ((0, 3, 4, 2, 5), (3, 0, 4, 2, 5), (3, 4, 0, 2, 5), (3, 4, 5, 0, 2), (3, 4, 5, 2, 0)):
         n1, n2, c, k, o = size
         a1, b1, a2, b2 = (torch.randn(s, device=dev) for s in ((n1, c), (n1, k, o), (n2, c), (n2, k, o)))
@@ -224,10 +210,10 @@ def test_empty_and_zero_cases(device):
         for mode in _modes_for(n1, n2):
             got = masked_gram(a1, b1, a2, b2, m, mode=mode)
             want = masked_gram_reference(a1, b1, a2, b2, m, mode=mode)
-            assert got.shape == want.shape == sys.modules["ntkfast.ops.masked_gram"]._gram_out_shape(n1, n2, k, mode)
+            assert got.shape == want.shape == internal("masked_gram")._gram_out_shape(n1, n2, k, mode)
             assert bool((got == 0).all())
     # an all-zero mask
-    a1, b1, a2, b2, m = _inputs(_gen("zero-mask"), 5, 6, 7, 2, 3, torch.float64, dev)
+    a1, b1, a2, b2, m = _inputs(seeded("zero-mask"), 5, 6, 7, 2, 3, torch.float64, dev)
     for mode in ("full", "trace"):
         assert bool((masked_gram(a1, b1, a2, b2, torch.zeros_like(m), mode=mode) == 0).all())
 
@@ -240,10 +226,10 @@ def test_empty_and_zero_cases(device):
 @pytest.mark.parametrize("device", devices)
 @pytest.mark.parametrize("mode", MODES)
 def test_gradcheck(device, mode):
-    dev = _kernel_device(device)
+    dev = kernel_device(device, FAMILY)
     for size, density in (((3, 3, 4, 2, 5), 0.5), ((4, 4, 3, 1, 2), 1.0), ((2, 2, 5, 3, 1), 1.0)):
         a1, b1, a2, b2, m = (t.requires_grad_() if i < 4 else t for i, t in
-                             enumerate(_inputs(_gen("gradcheck", size, mode), *size, torch.float64, dev, density)))
+                             enumerate(_inputs(seeded("gradcheck", size, mode), *size, torch.float64, dev, density)))
         assert torch.autograd.gradcheck(lambda w, x, y, z: masked_gram(w, x, y, z, m, mode=mode), (a1, b1, a2, b2))
         # a2 is a1 and b2 is b1: both uses of each tensor get their gradient
         assert torch.autograd.gradcheck(lambda w, x: masked_gram(w, x, mask=m, mode=mode), (a1, b1))
@@ -259,8 +245,8 @@ def test_gradcheck(device, mode):
 def test_gradgradcheck(device, mode):
     """Only first-order gradients are promised, but the backward is plain PyTorch ops, so a second
     order comes for free: held here so that it is not lost unnoticed."""
-    dev = _kernel_device(device)
-    a1, b1, a2, b2, m = _inputs(_gen("gradgrad", mode), 3, 3, 4, 2, 3, torch.float64, dev, 0.6)
+    dev = kernel_device(device, FAMILY)
+    a1, b1, a2, b2, m = _inputs(seeded("gradgrad", mode), 3, 3, 4, 2, 3, torch.float64, dev, 0.6)
     leaves = [t.requires_grad_() for t in (a1, b1, a2, b2)]
     assert torch.autograd.gradgradcheck(lambda w, x, y, z: masked_gram(w, x, y, z, m, mode=mode), leaves)
 
@@ -268,17 +254,17 @@ def test_gradgradcheck(device, mode):
 @pytest.mark.parametrize("device", devices)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_grads_match_autograd_through_reference(device, dtype, monkeypatch):
-    dev = _kernel_device(device)
-    monkeypatch.setattr(sys.modules["ntkfast.ops.masked_gram"], "_GRAM_CHUNK_ELEMENTS", 20000)  # the backward's chunks: several
+    dev = kernel_device(device, FAMILY)
+    monkeypatch.setattr(internal("masked_gram"), "_GRAM_CHUNK_ELEMENTS", 20000)  # the backward's chunks: several
     tol = 1e-10 if dtype == torch.float64 else 1e-4
     for size in ((37, 29, 23, 3, 11), (30, 30, 40, 10, 13)):
-        a1, b1, a2, b2, m = _inputs(_gen("grads", size, dtype), *size, dtype, dev, 0.4)
+        a1, b1, a2, b2, m = _inputs(seeded("grads", size, dtype), *size, dtype, dev, 0.4)
         for mode in _modes_for(*size[:2]):
             for sym in (False, True):
                 leaves = [t.clone().requires_grad_() for t in ((a1, b1) if sym else (a1, b1, a2, b2))]
                 args = (leaves[0], leaves[1]) + ((leaves[0], leaves[1]) if sym else (leaves[2], leaves[3]))
                 out = masked_gram(*args, m, mode=mode)
-                g = torch.randn(out.shape, generator=_gen("g", size, mode), dtype=torch.float64).to(dev, dtype)
+                g = torch.randn(out.shape, generator=seeded("g", size, mode), dtype=torch.float64).to(dev, dtype)
                 got = torch.autograd.grad(out, leaves, g)
                 want = torch.autograd.grad(masked_gram_reference(*args, m, mode=mode), leaves, g)
                 for x, y in zip(got, want):
@@ -287,7 +273,7 @@ def test_grads_match_autograd_through_reference(device, dtype, monkeypatch):
 
 
 def test_only_needed_gradients_and_no_mask_gradient():
-    a1, b1, a2, b2, m = _inputs(_gen("needs"), 6, 5, 7, 2, 3, torch.float64, "cpu", 0.5)
+    a1, b1, a2, b2, m = _inputs(seeded("needs"), 6, 5, 7, 2, 3, torch.float64, "cpu", 0.5)
     b1.requires_grad_()
     m.requires_grad_()
     out = masked_gram(a1, b1, a2, b2, m, mode="trace")
@@ -307,8 +293,8 @@ def test_only_needed_gradients_and_no_mask_gradient():
 
 @pytest.mark.parametrize("device", devices)
 def test_opcheck(device):
-    dev = _kernel_device(device)
-    a1, b1, a2, b2, m = _inputs(_gen("opcheck"), 4, 4, 5, 2, 3, torch.float64, dev, 0.5)
+    dev = kernel_device(device, FAMILY)
+    a1, b1, a2, b2, m = _inputs(seeded("opcheck"), 4, 4, 5, 2, 3, torch.float64, dev, 0.5)
     for mode in MODES:
         torch.library.opcheck(torch.ops.ntkfast.masked_gram.default, (a1, b1, a2, b2, m, mode))
         grads = [t.clone().requires_grad_() for t in (a1, b1, a2, b2)]
@@ -319,7 +305,7 @@ def test_opcheck(device):
 
 @pytest.mark.parametrize("fn", [masked_gram, masked_gram_reference])
 def test_bad_arguments(fn):
-    a1, b1, a2, b2, m = _inputs(_gen("bad"), 3, 4, 5, 2, 6, torch.float32, "cpu")
+    a1, b1, a2, b2, m = _inputs(seeded("bad"), 3, 4, 5, 2, 6, torch.float32, "cpu")
     value_errors = [
         ((a1, b1, a2, b2, m), dict(mode="nope"), "mode must be one of"),
         ((a1, b1, a2, b2, m), dict(mode="diagonal"), "needs as many samples"),
@@ -355,8 +341,8 @@ def test_bad_arguments(fn):
 
 
 def test_op_level_errors_are_value_errors():
-    _kernel_device("cpu")
-    a1, b1, a2, b2, m = _inputs(_gen("op-errors"), 3, 4, 5, 2, 6, torch.float32, "cpu")
+    kernel_device("cpu", FAMILY)
+    a1, b1, a2, b2, m = _inputs(seeded("op-errors"), 3, 4, 5, 2, 6, torch.float32, "cpu")
     op = torch.ops.ntkfast.masked_gram
     with pytest.raises(ValueError, match="mode must be one of"):
         op(a1, b1, a2, b2, m, "full ")
@@ -371,8 +357,8 @@ def test_op_level_errors_are_value_errors():
 
 
 def test_bad_environment_override(monkeypatch):
-    _kernel_device("cpu")
-    a1, b1, a2, b2, m = _inputs(_gen("env"), 3, 4, 5, 2, 6, torch.float32, "cpu")
+    kernel_device("cpu", FAMILY)
+    a1, b1, a2, b2, m = _inputs(seeded("env"), 3, 4, 5, 2, 6, torch.float32, "cpu")
     monkeypatch.setenv("NTKFAST_MASKED_GRAM_PATH", "fast")
     with pytest.raises(ValueError, match="NTKFAST_MASKED_GRAM_PATH"):
         masked_gram(a1, b1, a2, b2, m)
@@ -383,7 +369,7 @@ def test_bad_environment_override(monkeypatch):
 
 
 def test_fallback_without_extension_warns_and_matches(monkeypatch):
-    a1, b1, a2, b2, m = _inputs(_gen("fallback"), 5, 6, 7, 3, 4, torch.float64, "cpu", 0.5)
+    a1, b1, a2, b2, m = _inputs(seeded("fallback"), 5, 6, 7, 3, 4, torch.float64, "cpu", 0.5)
     compiled = masked_gram(a1, b1, a2, b2, m) if ops.extension_loaded() else None
     monkeypatch.setattr(loader.STATE, "module", None)
     monkeypatch.setattr(loader.STATE, "error", "ImportError: simulated")
@@ -400,7 +386,7 @@ def test_extension_without_the_op_falls_back(monkeypatch):
         pytest.skip("compiled extension not loaded")
     monkeypatch.setattr(FAMILY, "available", False)
     monkeypatch.setattr(FAMILY, "warned", False)
-    a1, b1, a2, b2, m = _inputs(_gen("no-op"), 5, 6, 7, 3, 4, torch.float64, "cpu", 0.5)
+    a1, b1, a2, b2, m = _inputs(seeded("no-op"), 5, 6, 7, 3, 4, torch.float64, "cpu", 0.5)
     with pytest.warns(RuntimeWarning, match="predates masked_gram"):
         out = masked_gram(a1, b1, a2, b2, m, mode="trace")
     _assert_close(out, _brute(a1, b1, a2, b2, m, "trace"), torch.float64)
@@ -421,9 +407,9 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_cuda_matches_cpu_kernel(dtype):
-    _kernel_device("cuda")
+    kernel_device("cuda", FAMILY)
     for size in ((130, 97, 300, 10, 100), (64, 64, 784, 10, 300), (3, 200, 5, 1, 70)):
-        a1, b1, a2, b2, m = _inputs(_gen("cuda", size, dtype), *size, dtype, "cpu", 0.3)
+        a1, b1, a2, b2, m = _inputs(seeded("cuda", size, dtype), *size, dtype, "cpu", 0.3)
         for sym in (False, True):
             args = (a1, b1, a1, b1) if sym else (a1, b1, a2, b2)
             for mode in _modes_for(size[0], size[0] if sym else size[1]):

@@ -1,4 +1,5 @@
 """Prunable weights, the Masks object, torch.nn.utils.prune interop, save/load, schedules."""
+from testing import mlp
 import math
 
 import pytest
@@ -215,3 +216,12 @@ def test_keep_rule_exact_vs_authors_on_ties():
     assert authors == [True, False, False, False, False]
     with pytest.raises(ValueError, match="keep_rule must be one of"):
         threshold(scores, 0.4, keep_rule="paper")
+
+
+# -- from a review of the whole package ------------------------------------------------------------
+
+
+def test_masks_load_refuses_a_state_dict(tmp_path):
+    torch.save(mlp().state_dict(), tmp_path / "sd.pt")
+    with pytest.raises(ValueError, match="not masks"):
+        Masks.load(tmp_path / "sd.pt")

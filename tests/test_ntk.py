@@ -13,9 +13,11 @@ import ntkfast
 from ntkfast import models
 from ntkfast.ntk import empirical_ntk, ntk_spectrum, ntk_trace, per_sample_jacobian
 from ntkfast.ntk import reference as R
-from ntkfast.ntk import _empirical, _terms
 
-from testing import devices
+from testing import devices, internal
+
+_empirical = internal("ntk_empirical")
+_terms = internal("ntk_terms")
 
 MODES = ("full", "trace", "diagonal", "diagonal_trace")
 

@@ -11,6 +11,7 @@ import ntkfast
 from ntkfast import models
 from ntkfast.scores import ntksap
 from ntkfast.core.targets import resolve_targets
+from testing import internal
 
 
 # -- a reference written independently, the authors' way ------------------------------------------
@@ -406,10 +407,10 @@ def test_cuda_grouped_and_graphed_match_the_cuda_reference(name):
 def test_graph_body_and_grouped_convolution_on_cpu():
     """What the GPU runs, run here: the captured pass body (static buffers, philox tensors) and the
     grouped-convolution layout, against the eager pass."""
-    from ntkfast.scores._ntksap import _engine as N
-    from ntkfast.scores._ntksap import _graph as G
-    from ntkfast.scores._ntksap._grouped import GroupedNetwork
-    from ntkfast.scores._ntksap._draws import Draws
+    N = internal("ntksap_engine")
+    G = internal("ntksap_graph")
+    GroupedNetwork = internal("ntksap_grouped").GroupedNetwork
+    Draws = internal("ntksap_draws").Draws
 
     model = models.get("resnet20", width=4).double()
     masks = _random_masks(model, 0.7)
@@ -517,8 +518,8 @@ def test_out_of_memory_in_the_first_replay_check_turns_graphs_off_instead_of_cra
     from collections import OrderedDict
     from types import SimpleNamespace
 
-    from ntkfast.scores._ntksap import _engine as S
-    from ntkfast.scores._ntksap import _graph as G
+    S = internal("ntksap_engine")
+    G = internal("ntksap_graph")
 
     class FakePass:
         checked = False
@@ -551,7 +552,7 @@ def test_out_of_memory_in_the_first_replay_check_turns_graphs_off_instead_of_cra
 def test_pass_size_leaves_room_for_the_graph_pool_and_the_checking_pass(monkeypatch):
     from types import SimpleNamespace
 
-    from ntkfast.scores._ntksap import _engine as S
+    S = internal("ntksap_engine")
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (3000, 10000))
     draws = SimpleNamespace(batch_shape=(1,), device=torch.device("cuda"), indices=list(range(1000)))
@@ -565,9 +566,9 @@ def test_grouped_convolution_without_an_engine_falls_back_per_group(monkeypatch)
     # then runs one convolution per weight set, says so once, and the scores do not change.
     import torch.nn.functional as F
 
-    from ntkfast.scores._ntksap import _engine as N
-    from ntkfast.scores._ntksap._grouped import GroupedNetwork
-    from ntkfast.scores._ntksap._draws import Draws
+    N = internal("ntksap_engine")
+    GroupedNetwork = internal("ntksap_grouped").GroupedNetwork
+    Draws = internal("ntksap_draws").Draws
 
     model = models.get("resnet20", width=4).double()
     masks = _random_masks(model, 0.7)

@@ -2,33 +2,18 @@
 references and against independent oracles (path sums by explicit matrix powers of a chain; the
 convolution's weight gradient by autograd), on fresh random inputs (never zeros), several sizes,
 both dtypes, every device; opcheck; argument errors; the fallback."""
-import zlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ntkfast import ops
-from ntkfast.ops import loader
 from ntkfast.ops.path import FAMILY
-from testing import devices
+from testing import devices, kernel_device, needs_extension, seeded
 
-needs_ext = pytest.mark.skipif(not ops.extension_loaded(), reason="compiled extension not loaded")
 REL = {torch.float64: 1e-12, torch.float32: 2e-6}
 
 
-def _gen(*key):
-    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
-
-
-def _kernel_device(device):
-    if not ops.extension_loaded():
-        pytest.skip("compiled extension not loaded")
-    if not FAMILY.available:
-        pytest.skip("the extension predates path_chain / path_score")
-    if device == "cuda" and not ops.cuda_kernels():
-        pytest.skip("extension built without CUDA kernels")
-    return torch.device(device)
 
 
 def _rel(got, want):
@@ -66,15 +51,15 @@ def _chain_oracle(ws, ms, bs, x, power):
 CHAINS = [([5, 3], 0), ([784, 300, 100, 10], 0), ([17, 64, 33, 1], 3), ([1000, 513, 7], 2), ([2, 1, 2], 1)]
 
 
-@needs_ext
+@needs_extension
 @pytest.mark.parametrize("device", devices)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("power", [1, 2])
 def test_path_chain_matches_oracle_and_reference(device, dtype, power):
-    dev = _kernel_device(device)
+    dev = kernel_device(device, FAMILY)
     for widths, n in CHAINS:
         for masked, bias in ((True, True), (False, False)):
-            ws, ms, bs, x = _chain(_gen("chain", tuple(widths), n, masked), widths, n, dtype, dev, masked, bias)
+            ws, ms, bs, x = _chain(seeded("chain", tuple(widths), n, masked), widths, n, dtype, dev, masked, bias)
             fwd, bwd = ops.path_chain(ws, x, masks=ms, biases=bs, power=power)
             rf, rb = ops.path_chain_reference(ws, x, masks=ms, biases=bs, power=power)
             of, ob = _chain_oracle([w.cpu() for w in ws], ms and [m.cpu() for m in ms],
@@ -86,11 +71,11 @@ def test_path_chain_matches_oracle_and_reference(device, dtype, power):
                 assert _rel(ref.cpu(), want) < REL[dtype]
 
 
-@needs_ext
+@needs_extension
 @pytest.mark.parametrize("device", devices)
 def test_path_chain_defaults_and_noncontiguous(device):
-    dev = _kernel_device(device)
-    ws, _, _, _ = _chain(_gen("nc"), [6, 9, 4], 0, torch.float64, dev, masked=False, bias=False)
+    dev = kernel_device(device, FAMILY)
+    ws, _, _, _ = _chain(seeded("nc"), [6, 9, 4], 0, torch.float64, dev, masked=False, bias=False)
     wt = [w.t().contiguous().t() for w in ws]  # same values, column-major storage
     fwd, bwd = ops.path_chain(wt)  # input ones, power 2
     of, ob = _chain_oracle([w.cpu() for w in ws], None, [None, None], torch.ones(6, dtype=torch.float64), 2)
@@ -133,14 +118,14 @@ CONVS = [  # n, c, o, size, kernel, stride, padding, dilation, groups
 ]
 
 
-@needs_ext
+@needs_extension
 @pytest.mark.parametrize("device", devices)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_path_score_conv_matches_autograd(device, dtype):
-    dev = _kernel_device(device)
+    dev = kernel_device(device, FAMILY)
     for case in CONVS:
         n, c, o, size, k, s, p, d, groups = case
-        w, a, b, m = _conv_case(_gen("conv", case), n, c, o, size, k, s, p, d, groups, dtype, dev)
+        w, a, b, m = _conv_case(seeded("conv", case), n, c, o, size, k, s, p, d, groups, dtype, dev)
         for q in (0, 1, 2):
             for mask in (m, None):
                 got = ops.path_score(w, a, b, mask=mask, weight_power=q, stride=s, padding=p, dilation=d, groups=groups)
@@ -153,13 +138,13 @@ def test_path_score_conv_matches_autograd(device, dtype):
                 assert _rel(ref.cpu(), want) < 10 * REL[dtype]
 
 
-@needs_ext
+@needs_extension
 @pytest.mark.parametrize("device", devices)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_path_score_dense_matches_autograd(device, dtype):
-    dev = _kernel_device(device)
+    dev = kernel_device(device, FAMILY)
     for n, c, o in ((1, 784, 300), (1, 3, 1), (4, 100, 37), (1, 1000, 513)):
-        gen = _gen("dense", n, c, o)
+        gen = seeded("dense", n, c, o)
         w = torch.randn(o, c, generator=gen, dtype=torch.float64)
         a = torch.rand(n, c, generator=gen, dtype=torch.float64) + 0.1
         b = torch.rand(n, o, generator=gen, dtype=torch.float64) + 0.1
@@ -172,15 +157,15 @@ def test_path_score_dense_matches_autograd(device, dtype):
                 assert _rel(got.cpu(), want) < 10 * REL[dtype], (n, c, o, q)
 
 
-@needs_ext
+@needs_extension
 @pytest.mark.parametrize("device", devices)
 def test_opcheck(device):
-    dev = _kernel_device(device)
+    dev = kernel_device(device, FAMILY)
     for dtype in (torch.float32, torch.float64):
-        ws, ms, bs, x = _chain(_gen("opcheck", str(dtype)), [7, 5, 3], 2, dtype, dev)
+        ws, ms, bs, x = _chain(seeded("opcheck", str(dtype)), [7, 5, 3], 2, dtype, dev)
         torch.library.opcheck(torch.ops.ntkfast.path_chain.default, (ws, ms, bs, x, 2))
         torch.library.opcheck(torch.ops.ntkfast.path_chain.default, (ws, [], [None] * 2, x, 1))
-        w, a, b, m = _conv_case(_gen("opcheck-conv", str(dtype)), *CONVS[1], dtype, dev)
+        w, a, b, m = _conv_case(seeded("opcheck-conv", str(dtype)), *CONVS[1], dtype, dev)
         n, c, o, size, k, s, p, d, groups = CONVS[1]
         torch.library.opcheck(torch.ops.ntkfast.path_score.default, (w, m, a, b, 1, list(s), list(p), list(d), groups))
         torch.library.opcheck(torch.ops.ntkfast.path_score.default,
@@ -201,7 +186,7 @@ BAD_CHAIN = [
 
 @pytest.mark.parametrize("make, message", BAD_CHAIN)
 def test_path_chain_errors_name_the_argument(make, message):
-    ws, _, _, x = _chain(_gen("bad"), [4, 6, 2], 0, torch.float64, torch.device("cpu"), masked=False, bias=False)
+    ws, _, _, x = _chain(seeded("bad"), [4, 6, 2], 0, torch.float64, torch.device("cpu"), masked=False, bias=False)
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         ops.path_chain(**make(ws, x))
 
@@ -225,7 +210,7 @@ def test_path_score_errors_name_the_argument():
 
 def test_fallback_without_kernel(monkeypatch):
     """With the kernel switched off, the wrappers give the references' results."""
-    ws, ms, bs, x = _chain(_gen("fallback"), [5, 4, 3], 2, torch.float64, torch.device("cpu"))
+    ws, ms, bs, x = _chain(seeded("fallback"), [5, 4, 3], 2, torch.float64, torch.device("cpu"))
     want = ops.path_chain_reference(ws, x, masks=ms, biases=bs, power=1)
     monkeypatch.setattr(FAMILY, "available", False)
     monkeypatch.setattr(FAMILY, "warned", True)

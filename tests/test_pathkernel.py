@@ -12,6 +12,7 @@ import ntkfast
 from ntkfast import pathkernel
 from ntkfast.pathkernel.reference import BruteForce
 from ntkfast.scores import get
+from testing import internal
 
 
 def rel(a, b):
@@ -171,7 +172,7 @@ def test_overflow_names_the_layer_and_bad_arguments_are_refused():
 
 
 def test_iterative_synflow_l2_through_prune_builds_one_path_network(monkeypatch):
-    from ntkfast.pathkernel import _network
+    _network = internal("pathkernel_network")
 
     built = []
     original = _network.PathNetwork.__init__
@@ -197,7 +198,7 @@ def test_path_score_route_equals_the_autograd_route(name, density, monkeypatch):
     """Dense and conv layers are scored by the path_score op from the layer sums (no weight
     gradient); any other layer by autograd. Both routes give the same scores and trace, and the
     op route is the one taken for these layers."""
-    from ntkfast.pathkernel import _network
+    _network = internal("pathkernel_network")
 
     model = _net(name)
     masks = _masks(model, density)

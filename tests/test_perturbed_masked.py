@@ -8,7 +8,6 @@ reference share the Philox words exactly; their normals may differ in the last b
 """
 import math
 import warnings
-import zlib
 
 import pytest
 import torch
@@ -23,9 +22,8 @@ from ntkfast.ops import (
     philox_normal_reference,
     philox_words_reference,
 )
-from testing import devices
+from testing import devices, kernel_device, needs_extension, seeded
 
-needs_ext = pytest.mark.skipif(not ops.extension_loaded(), reason="compiled extension not loaded")
 
 # Random123's known-answer vectors for Philox4x32-10: (counter c0..c3, key k0 k1, output words)
 KATS = [
@@ -45,17 +43,6 @@ SIZES = [1, 3, 5, 17, 1000, 4099, 2**20 + 3]
 OFFSETS = [0, 1, 2, 3, 5, 2**33 + 1]
 
 
-def _kernel_device(device):
-    """Skip a CUDA case whose kernels are missing: it would test the reference against itself."""
-    if not ops.extension_loaded():
-        pytest.skip("compiled extension not loaded")
-    if device == "cuda" and not ops.cuda_kernels():
-        pytest.skip("extension built without CUDA kernels")
-    return torch.device(device)
-
-
-def _gen(*key):
-    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
 
 
 def _noncontig(t):
@@ -129,7 +116,7 @@ def test_known_answer_through_the_stream(device):
 @pytest.mark.parametrize("device", devices)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_philox_normal_matches_reference(device, dtype):
-    dev = _kernel_device(device)
+    dev = kernel_device(device)
     for seed in (0, 1, 12345, 2**32, 2**63 + 7, 2**64 - 1, -5):
         for offset in OFFSETS + [4 * 2**32 - 3]:  # the last crosses into the counter's high word
             for size in ((1,), (7,), (3, 5, 11)):
@@ -152,7 +139,7 @@ def test_philox_normal_reference_reads_a_philox_tensor(device):
 @pytest.mark.parametrize("device", devices)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_philox_normal_statistics(device, dtype):
-    dev = _kernel_device(device)
+    dev = kernel_device(device)
     n = 10**6
     z = philox_normal(n, 2024, 3, dtype=dtype, device=dev).double().cpu()
     se = 1 / math.sqrt(n)
@@ -170,7 +157,7 @@ def test_philox_normal_statistics(device, dtype):
 
 @pytest.mark.parametrize("device", devices)
 def test_philox_normal_seeds_offsets_reproduce(device):
-    dev = _kernel_device(device)
+    dev = kernel_device(device)
     a = philox_normal(1000, 7, device=dev)
     assert torch.equal(a, philox_normal(1000, 7, device=dev))  # same seed and offset: same numbers
     for other in (8, 7 + 2**32, 2**63 + 7):  # either key word differs
@@ -205,8 +192,8 @@ def _check_forward(w, m, eps, seed, offset):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n", SIZES[:-1])
 def test_perturbed_masked_matches_reference(device, dtype, n):
-    dev = _kernel_device(device)
-    gen = _gen("fwd", n, dtype)
+    dev = kernel_device(device)
+    gen = seeded("fwd", n, dtype)
     for lead in ((), (1,), (3,)):
         w, m = _inputs(gen, _mask_shape(n), lead, dtype, dev)
         for offset in OFFSETS:
@@ -219,16 +206,16 @@ def test_perturbed_masked_matches_reference(device, dtype, n):
 @pytest.mark.parametrize("device", devices)
 @pytest.mark.parametrize("lead,offset", [((), 2), ((3,), 2**33 + 1)])
 def test_perturbed_masked_large(device, lead, offset):
-    dev = _kernel_device(device)
-    w, m = _inputs(_gen("large", lead), (SIZES[-1],), lead, torch.float32, dev)
+    dev = kernel_device(device)
+    w, m = _inputs(seeded("large", lead), (SIZES[-1],), lead, torch.float32, dev)
     _check_forward(w, m, 0.1, 42, offset)
 
 
 @pytest.mark.parametrize("device", devices)
 def test_xi_is_the_stream_over_all_of_weight(device):
     # with leading draws, xi runs through weight row-major: draw p uses offset + p * mask.numel()
-    dev = _kernel_device(device)
-    w, m = _inputs(_gen("xi"), (5, 7), (3, 2), torch.float64, dev)
+    dev = kernel_device(device)
+    w, m = _inputs(seeded("xi"), (5, 7), (3, 2), torch.float64, dev)
     eps, seed, offset = 0.25, 77, 6
     out = perturbed_masked(w, m, eps, seed, offset)
     xi = (out[1] / m - w) / eps
@@ -242,8 +229,8 @@ def test_xi_is_the_stream_over_all_of_weight(device):
 
 @pytest.mark.parametrize("device", devices)
 def test_reference_with_stored_xi(device):
-    dev = _kernel_device(device)
-    w, m = _inputs(_gen("stored"), (6, 5), (2,), torch.float32, dev)
+    dev = kernel_device(device)
+    w, m = _inputs(seeded("stored"), (6, 5), (2,), torch.float32, dev)
     xi = philox_normal(w.shape, 21, 4, device=dev)
     # the kernel's forward is the plain formula on its own xi, rounding for rounding
     assert torch.equal(perturbed_masked_reference(w, m, 0.3, xi=xi), perturbed_masked(w, m, 0.3, 21, 4))
@@ -255,8 +242,8 @@ def test_reference_with_stored_xi(device):
 
 @pytest.mark.parametrize("device", devices)
 def test_philox_tensor_form(device):
-    dev = _kernel_device(device)
-    w, m = _inputs(_gen("ph"), (4, 6), (2,), torch.float32, dev)
+    dev = kernel_device(device)
+    w, m = _inputs(seeded("ph"), (4, 6), (2,), torch.float32, dev)
     ph = torch.tensor([-9, 13], device=dev)
     a = perturbed_masked(w, m, 0.5, philox=ph)
     assert torch.equal(a, perturbed_masked(w, m, 0.5, 2**64 - 9, 13))
@@ -267,7 +254,7 @@ def test_philox_tensor_form(device):
 
 @pytest.mark.parametrize("device", devices)
 def test_empty_and_scalar_shapes(device):
-    dev = _kernel_device(device)
+    dev = kernel_device(device)
     for wshape, mshape in (((0, 5), (5,)), ((3, 0), (0,)), ((), ()), ((4,), ())):
         w = torch.randn(wshape, device=dev, requires_grad=True)
         m = (torch.rand(mshape, device=dev) + 0.5).requires_grad_()
@@ -288,8 +275,8 @@ def test_empty_and_scalar_shapes(device):
 
 @pytest.mark.parametrize("device", devices)
 def test_gradcheck(device):
-    dev = _kernel_device(device)
-    gen = _gen("gradcheck")
+    dev = kernel_device(device)
+    gen = seeded("gradcheck")
     for mshape, lead, offset in (((4, 5), (3,), 3), ((7,), (2, 2), 0), ((2, 3), (), 5)):
         w, m = _inputs(gen, mshape, lead, torch.float64, dev)
         w.requires_grad_()
@@ -303,8 +290,8 @@ def test_gradcheck(device):
 @pytest.mark.parametrize("device", devices)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
 def test_grads_match_autograd_through_reference(device, dtype):
-    dev = _kernel_device(device)
-    gen = _gen("grads", dtype)
+    dev = kernel_device(device)
+    gen = seeded("grads", dtype)
     for n, lead, offset in ((1, (), 0), (17, (3,), 1), (1000, (1,), 2**33 + 1), (4099, (3,), 2), (5, (2, 3), 3)):
         w, m = _inputs(gen, _mask_shape(n), lead, dtype, dev, noncontig=n == 1000)
         g = torch.randn((2,) + tuple(w.shape), generator=gen, dtype=torch.float64).to(device=dev, dtype=dtype)
@@ -324,8 +311,8 @@ def test_grads_match_autograd_through_reference(device, dtype):
 
 @pytest.mark.parametrize("device", devices)
 def test_backward_op_output_mask(device):
-    dev = _kernel_device(device)
-    w, m = _inputs(_gen("bwd"), (3, 4), (2,), torch.float32, dev)
+    dev = kernel_device(device)
+    w, m = _inputs(seeded("bwd"), (3, 4), (2,), torch.float32, dev)
     g = torch.randn((2,) + tuple(w.shape), device=dev)
     ph = torch.tensor([3, 4], device=dev)
     gw, gm = torch.ops.ntkfast.perturbed_masked_backward(g, w, m, 0.1, ph, [True, True])
@@ -343,7 +330,7 @@ def test_backward_op_output_mask(device):
     assert torch.equal(torch.ops.ntkfast.perturbed_masked_backward(gt, w, m, 0.1, ph, [True, True])[1], gm)
 
 
-@needs_ext
+@needs_extension
 def test_writing_philox_before_backward_raises():
     w = torch.randn(4, 5, requires_grad=True)
     m = (torch.rand(5) + 0.5).requires_grad_()
@@ -359,11 +346,11 @@ def test_writing_philox_before_backward_raises():
 # ---------------------------------------------------------------------------------------------
 
 
-@needs_ext
+@needs_extension
 @pytest.mark.parametrize("device", devices)
 def test_opcheck(device):
-    dev = _kernel_device(device)
-    w, m = _inputs(_gen("opcheck"), (3, 4), (2,), torch.float32, dev)
+    dev = kernel_device(device)
+    w, m = _inputs(seeded("opcheck"), (3, 4), (2,), torch.float32, dev)
     ph = torch.tensor([5, 7], device=dev)
     torch.library.opcheck(torch.ops.ntkfast.perturbed_masked.default, (w, m, 0.3, ph))
     torch.library.opcheck(torch.ops.ntkfast.perturbed_masked.default,
@@ -431,7 +418,7 @@ def test_philox_normal_bad_arguments():
         philox_normal_reference((1, 2**62), 3)
 
 
-@needs_ext
+@needs_extension
 def test_op_level_errors_are_value_errors():
     w, m, ph = torch.randn(3, 4), torch.rand(4), torch.tensor([1, 2])
     with pytest.raises(ValueError, match="mask has shape"):
@@ -468,7 +455,7 @@ def test_fallback_without_extension_warns_and_matches(monkeypatch):
         torch.testing.assert_close(out, compiled, **TOL[torch.float32])
 
 
-@needs_ext
+@needs_extension
 def test_extension_without_these_ops_falls_back(monkeypatch):
     monkeypatch.setattr(FAMILY, "available", False)
     monkeypatch.setattr(FAMILY, "warned", False)
@@ -490,8 +477,8 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
 @pytest.mark.cuda
 @needs_cuda
 def test_cuda_matches_cpu_kernel():
-    _kernel_device("cuda")
-    gen = _gen("cuda-cpu")
+    kernel_device("cuda")
+    gen = seeded("cuda-cpu")
     for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         for n, lead, offset in ((4099, (3,), 2**33 + 1), (1000, (), 3), (17, (5,), 2)):
             w, m = _inputs(gen, _mask_shape(n), lead, dtype, "cpu")
@@ -511,8 +498,8 @@ def test_cuda_matches_cpu_kernel():
 @pytest.mark.cuda
 @needs_cuda
 def test_cuda_graph_reads_philox_on_the_device():
-    _kernel_device("cuda")
-    w, m = _inputs(_gen("graph"), (64, 33), (3,), torch.float32, "cuda")
+    kernel_device("cuda")
+    w, m = _inputs(seeded("graph"), (64, 33), (3,), torch.float32, "cuda")
     w.requires_grad_()
     m.requires_grad_()
     ph = torch.tensor([5, 0], device="cuda")

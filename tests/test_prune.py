@@ -1,4 +1,8 @@
 """The pruning loop: schedules, exact densities, nesting, reproducibility, bad input, no side effects."""
+from testing import AuthorsLinear, mlp
+import ntkfast
+import torch.nn.utils.prune as tprune
+import numpy as np
 import math
 import warnings
 
@@ -226,3 +230,71 @@ def test_unsupported_layers_are_reported_by_name_and_left_dense():
     with pytest.warns(RuntimeWarning, match=r"stay dense: 0\.weight \(ConvTranspose2d\)"):
         m = prune(net, "magnitude", 0.5, progress=False)
     assert list(m) == ["2.weight"]
+
+
+# -- from a review of the whole package ------------------------------------------------------------
+
+
+class TupleOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc(x), x.sum()
+
+
+@pytest.mark.parametrize("method", ["magnitude", "random", "synflow"])
+def test_prune_never_revives_weights_pruned_by_torch_prune_hooks(method):
+    net = mlp()
+    tprune.l1_unstructured(net[0], "weight", amount=0.5)
+    before = net[0].weight_mask.clone()
+    m = ntkfast.prune(net, method, 0.6, progress=False, input_shape=(12,), on_empty_layer="ignore")
+    assert not bool((m["0.weight"] & (before == 0)).any())
+    assert torch.equal(net[0].weight_mask, before)  # and the model is untouched
+
+
+def test_prune_never_revives_weights_pruned_by_authors_mask_buffers():
+    torch.manual_seed(0)
+    net = nn.Sequential(AuthorsLinear(12, 20), nn.ReLU(), nn.Linear(20, 4))
+    with torch.no_grad():
+        net[0].weight_mask.copy_((torch.rand(20, 12) < 0.3).float())
+    m = ntkfast.prune(net, "magnitude", 0.5, progress=False)
+    assert not bool((m["0.weight"] & (net[0].weight_mask == 0)).any())
+
+
+def test_one_shot_iterables_are_read_once():
+    net = mlp()
+    x, y = torch.randn(8, 12), torch.randint(0, 4, (8,))
+    for method in ("snip", "grasp", "iterative_snip"):
+        m = ntkfast.prune(net, method, 0.5, rounds=2, data=iter([(x[:4], y[:4]), (x[4:], y[4:])]), progress=False)
+        ref = ntkfast.prune(net, method, 0.5, rounds=2, data=[(x[:4], y[:4]), (x[4:], y[4:])], progress=False)
+        assert m == ref
+
+
+def test_models_returning_tuples():
+    net = TupleOut()
+    data = (torch.randn(5, 6), torch.randint(0, 3, (5,)))
+    m = ntkfast.prune(net, "snip", 0.5, data=data, progress=False)
+    assert m.kept == 9
+
+
+def test_wrong_input_shape_is_named():
+    net = mlp()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(ValueError, match=r"input_shape: the forward failed for an input of shape \(13,\)"):
+        ntkfast.prune(net, "synflow", 0.5, input_shape=(13,), progress=False)
+    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
+
+
+def test_numpy_density_is_accepted():
+    m = ntkfast.prune(mlp(), "magnitude", np.float32(0.25), progress=False)
+    assert abs(m.density - 0.25) < 1e-2
+
+
+def test_prune_with_start_masks_still_respects_hook_masks():
+    net = mlp()
+    tprune.l1_unstructured(net[0], "weight", amount=0.5)
+    pruned = net[0].weight_mask == 0
+    m = ntkfast.prune(net, "magnitude", 0.9, masks=Masks.ones(net), progress=False)
+    assert not bool((m["0.weight"] & pruned).any())

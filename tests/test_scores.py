@@ -559,3 +559,106 @@ def test_synflow_cache_keeps_the_float64_fallback():
         s = scores.synflow(model, input_shape=(64,), cache=cache)
     ref = scores.synflow(model, input_shape=(64,), dtype=torch.float64)
     assert_scores_close(s, ref, rtol=0, atol=0)
+
+
+# -- from a review of the whole package ------------------------------------------------------------
+
+
+def _tiny_mlp(bias):
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(12):
+        lin = nn.Linear(8, 8, bias=bias)
+        nn.init.uniform_(lin.weight, 1e-5, 2e-5)
+        if bias:
+            nn.init.uniform_(lin.bias, 0.1, 0.2)
+        layers += [lin, nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+def test_synflow_float32_underflow_falls_back():
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(12):
+        lin = nn.Linear(8, 8, bias=False)
+        nn.init.uniform_(lin.weight, 1e-5, 2e-5)
+        layers += [lin, nn.ReLU()]
+    net = nn.Sequential(*layers)
+    with pytest.warns(RuntimeWarning, match="underflowed"):
+        s = scores.synflow(net, input_shape=(8,))
+    assert all(v.dtype == torch.float64 and bool((v > 0).all()) for v in s.values())
+
+
+def test_synflow_fallback_is_remembered_in_the_cache():
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(60):
+        lin = nn.Linear(64, 64)
+        nn.init.normal_(lin.weight, std=(3 / 64) ** 0.5)
+        layers += [lin, nn.ReLU()]
+    net = nn.Sequential(*layers)
+    cache = {}
+    with pytest.warns(RuntimeWarning, match="float64"):
+        first = scores.synflow(net, input_shape=(64,), cache=cache)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second float32 attempt, no second warning
+        second = scores.synflow(net, input_shape=(64,), cache=cache)
+    assert all(torch.equal(first[n], second[n]) for n in first)
+
+
+def test_synflow_underflow_with_biases_is_caught():
+    # the late biases keep R > 0 while the early layers' scores underflow to 0 in float32
+    net = _tiny_mlp(bias=True)
+    with pytest.warns(RuntimeWarning, match="underflowed"):
+        s = scores.synflow(net, input_shape=(8,))
+    ref = scores.synflow(net, input_shape=(8,), dtype=torch.float64)
+    assert all(torch.equal(s[n], ref[n]) for n in s) and bool((s["0.weight"] > 0).all())
+
+
+def test_a_cut_network_is_not_mistaken_for_underflow():
+    net = _tiny_mlp(bias=False)
+    with torch.no_grad():
+        for m in net:
+            if isinstance(m, nn.Linear):
+                m.weight.fill_(0.5)
+    masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in net.named_parameters()}
+    masks["10.weight"][:] = False  # layer 6 of 12 fully pruned: no path survives
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s = scores.synflow(net, masks, input_shape=(8,))
+    assert all(float(v.abs().sum()) == 0.0 for v in s.values())
+
+
+def test_float64_fallback_drops_the_float32_copy_from_the_cache():
+    net = _tiny_mlp(bias=True)
+    cache = {}
+    with pytest.warns(RuntimeWarning, match="underflowed"):
+        scores.synflow(net, input_shape=(8,), cache=cache)
+    assert ("synflow", torch.float32) not in cache and cache[("float64 fallback", "synflow")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scores.synflow(net, input_shape=(8,), cache=cache)  # straight to float64, no second warning
+
+
+def test_tied_weights_score_both_uses():
+    torch.manual_seed(0)
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(10, 10, bias=False)
+            self.b = nn.Linear(10, 10, bias=False)
+            self.b.weight = self.a.weight
+            self.c = nn.Linear(10, 4, bias=False)
+
+        def forward(self, x):
+            return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+    net = Tied().double()
+    assert list(ntkfast.prunable_parameters(net)) == ["a.weight", "c.weight"]
+    w = net.a.weight.detach().abs().clone().requires_grad_(True)
+    c = net.c.weight.detach().abs()
+    r = (torch.relu(torch.relu(torch.ones(1, 10, dtype=torch.float64) @ w.T) @ w.T) @ c.T).sum()
+    (g,) = torch.autograd.grad(r, w)
+    for cache in (None, {}):
+        torch.testing.assert_close(scores.synflow(net, input_shape=(10,), cache=cache)["a.weight"], (w * g).abs())

@@ -1,4 +1,5 @@
 """ntkfast.ops.topk_mask: compiled kernel vs the reference, exact-k, keep, ties, errors, fallback."""
+import numpy as np
 import warnings
 import zlib
 
@@ -7,11 +8,10 @@ import torch
 
 from ntkfast import ops
 from ntkfast.ops import loader
-from ntkfast.ops.topk_mask import FAMILY
+from testing import needs_extension
 from ntkfast.ops import topk_mask, topk_mask_layerwise, topk_mask_layerwise_reference, topk_mask_reference
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-needs_ext = pytest.mark.skipif(not ops.extension_loaded(), reason="compiled extension not loaded")
 
 
 def _random_list(gen, sizes, dtype, kind, device):
@@ -48,7 +48,7 @@ def _shapes_of(sizes, gen):
 SIZE_SETS = [[1], [7], [0, 5, 0], [1000], [3, 1, 4, 1, 5, 9, 2, 6], [70_000, 12, 130_001], [300_000, 1, 65_536, 65_537]]
 
 
-@needs_ext
+@needs_extension
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
 @pytest.mark.parametrize("kind", ["normal", "ties", "specials", "wide"])
@@ -166,7 +166,7 @@ def test_bad_arguments(fn):
     assert fn([], 0) == []
 
 
-@needs_ext
+@needs_extension
 @pytest.mark.parametrize("device", DEVICES)
 def test_layerwise_matches_reference(device):
     gen = torch.Generator().manual_seed(3)
@@ -213,7 +213,7 @@ def test_deterministic_bit_for_bit():
         assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
-@needs_ext
+@needs_extension
 def test_opcheck():
     gen = torch.Generator().manual_seed(5)
     s = [torch.randn(6, 4, generator=gen), torch.randn(9, generator=gen)]
@@ -244,3 +244,48 @@ def test_build_info_reports_backend():
     info = ops.build_info()
     assert info["backend"] in ("compiled-cpu", "compiled-cuda", "reference")
     assert info["extension"] == ops.extension_loaded()
+
+
+# -- from a review of the whole package ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fn", [topk_mask, topk_mask_reference])
+def test_numpy_and_huge_k(fn):
+    s = [torch.randn(5)]
+    assert int(fn(s, np.int64(2))[0].sum()) == 2
+    with pytest.raises(ValueError, match="k must be >= 0"):
+        fn(s, np.int64(-1))
+    with pytest.raises(ValueError, match="beyond"):
+        fn(s, 2**70)
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_cpu_wide_digit_path_matches_reference(drop):
+    # 2.1M entries: the CPU kernel switches to 16-bit digits from 2^21 entries on
+    gen = torch.Generator().manual_seed(21)
+    for kind in ("normal", "ties"):
+        if kind == "ties":
+            s = [torch.randint(-50, 50, (1_600_000,), generator=gen).float(), torch.randint(-50, 50, (500_000,), generator=gen).float()]
+        else:
+            s = [torch.randn(1_600_000, generator=gen), torch.randn(500_000, generator=gen).double()]
+        keep = [torch.rand(x.shape, generator=gen) < 0.6 for x in s]
+        alive = sum(int(k.sum()) for k in keep)
+        for k in (1, alive // 3, alive - 1):
+            got = topk_mask(s, k, keep, drop_ties=drop)
+            ref = topk_mask_reference(s, k, keep, drop_ties=drop)
+            assert all(torch.equal(g, r) for g, r in zip(got, ref))
+
+
+def test_cpu_kernel_independent_of_thread_count():
+    gen = torch.Generator().manual_seed(4)
+    s = [torch.randint(0, 30, (300_000,), generator=gen).float(), torch.randn(2_200_000, generator=gen)]
+    keep = [torch.rand(x.shape, generator=gen) < 0.5 for x in s]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = topk_mask(s, 500_000, keep)
+        torch.set_num_threads(max(2, threads))
+        many = topk_mask(s, 500_000, keep)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, many))

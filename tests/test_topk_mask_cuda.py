@@ -13,7 +13,6 @@ import torch
 
 from ntkfast import ops
 from ntkfast.ops import loader
-from ntkfast.ops.topk_mask import FAMILY
 from ntkfast.ops import topk_mask, topk_mask_layerwise, topk_mask_layerwise_reference, topk_mask_reference
 
 pytestmark = [

@@ -9,7 +9,7 @@ from ntkfast import Masks, data, models, prunable_parameters
 from ntkfast.core.progress import Progress
 from ntkfast.training import TrainResult, evaluate, train
 
-from testing import devices
+from testing import devices, internal
 
 
 @pytest.fixture(autouse=True)
@@ -135,7 +135,7 @@ def test_max_batches_and_lr_milestones():
 # -- memory layout -------------------------------------------------------------------------------
 
 def _train_conv(monkeypatch, channels_last, start_channels_last=False, name="lenet5"):
-    from ntkfast import training
+    training = internal("training")
     monkeypatch.setattr(training, "_wants_channels_last", lambda model, device: channels_last)
     torch.manual_seed(0)
     shape = (1, 16, 16) if name == "lenet5" else (3, 8, 8)
@@ -193,7 +193,7 @@ def test_a_model_that_cannot_run_channels_last_trains_as_it_is():
     assert all(p.stride() == torch.empty(p.shape).stride() for p in model.parameters())
     ref = _ViewAfterConv().double()
     ref.load_state_dict(init)
-    from ntkfast import training
+    training = internal("training")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(training, "_wants_channels_last", lambda model, device: False)
         ref_res = train(ref, masks, ds, ds, epochs=2, optimizer="adam", lr=1e-2, batch_size=8, progress=False)
@@ -210,7 +210,7 @@ class _ViewWhenTraining(_ViewAfterConv):
 
 @pytest.mark.parametrize("make", [_ViewAfterConv, _ViewWhenTraining])
 def test_the_channels_last_probe_falls_back_in_either_mode_and_leaves_no_trace(make):
-    from ntkfast.training import _runs_channels_last
+    _runs_channels_last = internal("training")._runs_channels_last
     torch.manual_seed(0)
     model = torch.nn.Sequential(make(), torch.nn.BatchNorm1d(3)).eval()
     buffers = {k: v.clone() for k, v in model.state_dict().items()}
@@ -223,7 +223,7 @@ def test_the_channels_last_probe_falls_back_in_either_mode_and_leaves_no_trace(m
 
 
 def test_the_probe_of_a_model_that_runs_channels_last_leaves_its_statistics_alone():
-    from ntkfast.training import _runs_channels_last
+    _runs_channels_last = internal("training")._runs_channels_last
     model = models.resnet20(input_shape=(3, 8, 8))
     stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
     assert _runs_channels_last(model, noise((3, 8, 8), 8), torch.device("cpu")) and model.training
@@ -257,7 +257,7 @@ def test_evaluate_alone_keeps_the_inputs_layout():
 
 
 def test_conv_models_on_cpu_use_channels_last_and_mlps_do_not():
-    from ntkfast.training import _wants_channels_last
+    _wants_channels_last = internal("training")._wants_channels_last
     assert _wants_channels_last(models.lenet5(input_shape=(1, 28, 28)), "cpu")
     assert not _wants_channels_last(models.lenet300_100((1, 28, 28)), "cpu")
 
@@ -350,3 +350,13 @@ def test_progress_lines_and_tty():
     bar.update(a=1)
     bar.close()
     assert quiet.getvalue() == ""
+
+
+# -- from a review of the whole package ------------------------------------------------------------
+
+
+def test_train_attribute_is_always_the_function():
+    import ntkfast.training  # noqa: F401  (importing the module must not change what ntkfast.train is)
+
+    assert callable(ntkfast.train) and ntkfast.train is ntkfast.train
+    assert ntkfast.train.__module__ == "ntkfast.training"

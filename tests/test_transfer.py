@@ -16,6 +16,7 @@ import ntkfast
 from ntkfast.ntt import reference as ref
 from ntkfast.masks import Masks, prunable_parameters
 from ntkfast.ntt import teacher_targets, transfer, transfer_loss
+from testing import internal
 
 DATA = Path(os.environ.get("NTKFAST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -96,7 +97,7 @@ def test_loss_and_gradient_match_torch_func(net, kernel, batch):
 def test_both_cotangent_paths_give_the_torch_func_gradient(net, loop, monkeypatch):
     # The capture picks the vmapped backward or a loop over outputs by the model's layers (for
     # speed only); either must be exact on every kind of network, whichever one it would pick.
-    from ntkfast.ntk import _capture
+    _capture = internal("ntk_capture")
     monkeypatch.setattr(_capture, "_has_convolution", lambda model: loop)
     teacher, student, x = _setup(net, seed=3, batch=6)
     masks = _random_masks(student, 0.5, seed=3)
@@ -112,7 +113,7 @@ def test_both_cotangent_paths_give_the_torch_func_gradient(net, loop, monkeypatc
 
 @pytest.mark.parametrize("net, batched", [("mlp", True), ("cnn", False), ("bn", False)])
 def test_the_transfer_loss_loops_over_outputs_only_for_convolutional_students(net, batched, monkeypatch):
-    from ntkfast.ntk import _capture
+    _capture = internal("ntk_capture")
     calls = []
     real = _capture._batched_backward
     monkeypatch.setattr(_capture, "_batched_backward", lambda *a: calls.append(1) or real(*a))
@@ -178,9 +179,7 @@ def test_transfer_returns_masks_and_zeroed_weights_and_leaves_the_model_alone():
 
 
 def test_free_heap_pages_are_released_at_every_log(monkeypatch):
-    import importlib
-
-    T = importlib.import_module("ntkfast.ntt.transfer")  # the module (ntkfast.ntt.transfer is the function)
+    T = internal("transfer")
     T._release_free_memory()  # the real one: a no-op or malloc_trim, never an error
     calls = []
     monkeypatch.setattr(T, "_release_free_memory", lambda: calls.append(1))

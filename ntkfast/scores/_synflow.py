@@ -25,7 +25,7 @@ from torch import nn
 from ..methods import register
 from ..pathkernel import PathNetwork
 from ..core.batches import resolve_input_shape
-from ..core.numerics import all_finite, grad_dict, remember_float64, with_float64_fallback
+from ..core.numerics import grad_dict, remember_float64, with_float64_fallback
 from ..core.state import functional_forward, private_copy, state_copy, substitute
 from ..core.targets import finish, model_device, resolve_targets
 
