@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .core.checks import check_int
+
 __all__ = [
     "ImageDataset", "GaussianNoise", "load_dataset", "load_mnist", "load_fashion_mnist", "load_cifar10",
     "mean_input", "read_idx", "available", "STATS",
@@ -73,12 +75,6 @@ def available() -> List[str]:
 # Datasets
 # =============================================================================================
 
-def _check_batch_size(batch_size) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    return batch_size
-
-
 def _batch_order(n: int, shuffle: bool, seed: int) -> torch.Tensor:
     if not shuffle:
         return torch.arange(n)
@@ -89,7 +85,7 @@ def _batch_order(n: int, shuffle: bool, seed: int) -> torch.Tensor:
 
 def _batch_slices(n: int, batch_size, shuffle: bool, seed: int, drop_last: bool):
     """(start, indices) of each batch over n items, in a seeded order when shuffling."""
-    batch_size = _check_batch_size(batch_size)
+    batch_size = check_int(batch_size, "batch_size", lo=1)
     order = _batch_order(n, shuffle, seed)
     stop = n - n % batch_size if drop_last else n
     for start in range(0, stop, batch_size):
@@ -206,7 +202,7 @@ class ImageDataset(Dataset):
             yield self.transform(imgs), y
 
     def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
-        batch_size = _check_batch_size(batch_size)
+        batch_size = check_int(batch_size, "batch_size", lo=1)
         return len(self) // batch_size if drop_last else math.ceil(len(self) / batch_size)
 
     def class_counts(self) -> List[int]:
@@ -228,10 +224,8 @@ class GaussianNoise(Dataset):
             raise ValueError(f"input_shape must be a sequence of positive ints, got {input_shape!r}") from None
         if not shape or any(s < 1 for s in shape):
             raise ValueError(f"input_shape must be a sequence of positive ints, got {input_shape!r}")
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be a positive int, got {n!r}")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        n = check_int(n, "n", lo=1)
+        num_classes = check_int(num_classes, "num_classes", lo=1)
         g = torch.Generator()
         g.manual_seed(int(seed))
         self.inputs = torch.randn((n, *shape), generator=g)
@@ -277,7 +271,7 @@ class GaussianNoise(Dataset):
             yield x, y
 
     def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
-        batch_size = _check_batch_size(batch_size)
+        batch_size = check_int(batch_size, "batch_size", lo=1)
         return len(self) // batch_size if drop_last else math.ceil(len(self) / batch_size)
 
 

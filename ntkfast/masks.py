@@ -8,6 +8,7 @@ from typing import Dict, Iterator, Mapping, Optional
 import torch
 from torch import nn
 
+from .core.checks import check_choice
 from .core.targets import module_param, parameter_name, prunable_parameters, unpruned_weights
 from .ops import topk_mask, topk_mask_layerwise
 
@@ -238,8 +239,7 @@ def threshold(
     than k may be kept. The one difference from their code: pruned entries rank below every alive
     one instead of by their own score, so when k reaches the number alive all of them stay.
     """
-    if keep_rule not in _KEEP_RULES:
-        raise ValueError(f"keep_rule must be one of {', '.join(map(repr, _KEEP_RULES))}, got {keep_rule!r}")
+    check_choice(keep_rule, "keep_rule", _KEEP_RULES)
     if scope not in ("global", "layerwise"):
         raise ValueError(f"scope must be 'global' or 'layerwise', got {scope!r}")
     names = list(scores.keys())

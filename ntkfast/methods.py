@@ -42,6 +42,17 @@ class MethodInfo:
     takes: FrozenSet[str] = frozenset()  # of LOOP_VALUES
     returns: str = "scores"
 
+    def check_options(self, options: Mapping) -> None:
+        """ValueError naming the first of ``options`` that is not an option of this method (a
+        ``cache`` is, for a method that takes one)."""
+        known = self.options()
+        if any(p.kind is p.VAR_KEYWORD for p in known.values()):
+            return
+        for key in options:
+            if key not in known and not (key == "cache" and "cache" in self.takes):
+                raise ValueError(f"{key}: not an option of method {self.name!r} (its options: "
+                                 f"{', '.join(n for n, p in known.items() if p.kind is p.KEYWORD_ONLY) or 'none'})")
+
     def options(self) -> Dict[str, inspect.Parameter]:
         """The method's own keyword options (what a user may pass through prune), by name."""
         own = set(LOOP_VALUES) | {"data", "seed", "model", "masks"}

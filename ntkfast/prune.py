@@ -1,7 +1,6 @@
 """The pruning loop: score, threshold, repeat over a density schedule."""
 from __future__ import annotations
 
-import math
 import numbers
 import time
 import warnings
@@ -10,6 +9,7 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
+from .core.checks import check_choice, check_density, check_int
 from . import methods as _methods
 from ._version import __version__
 from .core.targets import mask_buffer_name
@@ -27,37 +27,6 @@ class LayerCollapseError(RuntimeError):
 # set by the loop itself, never a method option (scope and process_group are prune()'s own
 # arguments; a cache the user passes is used instead of the loop's fresh one)
 _SUPPLIED = ("target_density",)
-
-
-def _check_density(density) -> float:
-    if isinstance(density, bool) or not isinstance(density, numbers.Real):
-        raise ValueError(f"density must be a number in (0, 1], got {density!r}")
-    density = float(density)
-    if not (math.isfinite(density) and 0.0 < density <= 1.0):
-        raise ValueError(f"density must be in (0, 1], got {density!r}")
-    return density
-
-
-def _check_rounds(rounds) -> int:
-    if isinstance(rounds, bool) or not isinstance(rounds, numbers.Integral) or rounds < 1:
-        raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}")
-    return int(rounds)
-
-
-def _check_choice(name: str, value, choices) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-    return value
-
-
-def _check_options(info, options: dict) -> None:
-    known = info.options()
-    if any(p.kind is p.VAR_KEYWORD for p in known.values()):
-        return
-    for key in options:
-        if key not in known and not (key == "cache" and "cache" in info.takes):
-            raise ValueError(f"{key}: not an option of method {info.name!r} (its options: "
-                             f"{', '.join(n for n, p in known.items() if p.kind is p.KEYWORD_ONLY) or 'none'})")
 
 
 def _check_start_masks(masks: Mapping, start: Masks) -> Masks:
@@ -171,19 +140,19 @@ def prune(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     info = _methods.get(method)
-    density = _check_density(density)
-    rounds = _check_rounds(rounds)
-    _check_choice("schedule", schedule, _SCHEDULES)
-    _check_choice("scope", scope, _SCOPES)
-    _check_choice("on_empty_layer", on_empty_layer, _ON_EMPTY)
-    _check_choice("keep_rule", keep_rule, ("exact", "authors"))
+    density = check_density(density)
+    rounds = check_int(rounds, "rounds", lo=1)
+    check_choice(schedule, "schedule", _SCHEDULES)
+    check_choice(scope, "scope", _SCOPES)
+    check_choice(on_empty_layer, "on_empty_layer", _ON_EMPTY)
+    check_choice(keep_rule, "keep_rule", ("exact", "authors"))
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise ValueError(f"seed must be an int, got {seed!r}")
     seed = int(seed)
     supplied = [k for k in _SUPPLIED if k in method_options]
     if supplied:
         raise ValueError(f"{supplied[0]}: set by prune() itself (its density schedule and scope), not a method option")
-    _check_options(info, method_options)
+    info.check_options(method_options)
     from .distributed import resolve as resolve_shard
 
     shard = resolve_shard(process_group)

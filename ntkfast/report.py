@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .core.checks import check_choice
 from .study import DEFAULT_ROUNDS, cell_key, read_results
 
 __all__ = ["group", "summarise", "markdown_table", "plot_accuracy", "plot_layer_densities", "write_report"]
@@ -56,8 +57,7 @@ def row_label(record: dict) -> str:
 
 
 def _metric_key(metric: str) -> str:
-    if metric not in _METRICS:
-        raise ValueError(f"metric must be one of {', '.join(map(repr, _METRICS))}, got {metric!r}")
+    check_choice(metric, "metric", _METRICS)
     return _METRICS[metric]
 
 

@@ -23,6 +23,8 @@ from typing import List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from .core.checks import check_choice, check_number
+
 __all__ = ["DEFAULT_ROUNDS", "run_study", "read_results", "cell_key"]
 
 # each method's authors' iterative schedule (SynFlow and its L2 / Dist variants, iterative SNIP:
@@ -228,13 +230,12 @@ def _ntt_options(model: torch.nn.Module, options: dict) -> dict:
 
 def _check_method_options(method: str, options: dict) -> None:
     from . import methods as _methods
-    from .prune import _check_options
 
     bad = sorted(set(options) & _RESERVED)
     if bad:
         raise ValueError(f"method_options: {method}:{bad[0]} is set by the study itself")
     try:
-        _check_options(_methods.get(method), options)
+        _methods.get(method).check_options(options)
     except ValueError as exc:
         raise ValueError(f"method_options: {method}: {exc}") from None
 
@@ -265,7 +266,7 @@ def run_study(model: str, dataset: str, data_dir, methods: Sequence[str], densit
     from .core.machine import machine_info
     from .core.progress import Progress
     from ._version import __version__
-    from .training import _DEFAULT_LR, _OPTIMIZERS, _check_float
+    from .training import DEFAULT_LR, OPTIMIZERS
 
     if model not in models.available():
         raise ValueError(f"model: unknown {model!r}; see ntkfast.models.available()")
@@ -289,8 +290,7 @@ def run_study(model: str, dataset: str, data_dir, methods: Sequence[str], densit
     for m, opts in method_options.items():
         if m != "ntt":
             _check_method_options(m, opts)
-    if optimizer not in _OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {', '.join(map(repr, _OPTIMIZERS))}, got {optimizer!r}")
+    check_choice(optimizer, "optimizer", OPTIMIZERS)
     if scope not in ("global", "layerwise"):
         raise ValueError(f"scope must be 'global' or 'layerwise', got {scope!r}")
     for name, v in (("epochs", epochs), ("batch_size", batch_size), ("prune_samples", prune_samples),
@@ -299,9 +299,9 @@ def run_study(model: str, dataset: str, data_dir, methods: Sequence[str], densit
             raise ValueError(f"{name}: expected a positive int, got {v!r}")
     # the trainer's own checks, before any cell runs; numbers normalised so that lr=None and
     # lr=0.1, or 0 and 0.0, are the same protocol when a study resumes
-    lr = _DEFAULT_LR[optimizer] if lr is None else _check_float("lr", lr, 0.0, strict=True)
-    momentum = _check_float("momentum", momentum)
-    weight_decay = _check_float("weight_decay", weight_decay)
+    lr = DEFAULT_LR[optimizer] if lr is None else check_number(lr, "lr", lo=0.0, lo_open=True)
+    momentum = check_number(momentum, "momentum", lo=0.0)
+    weight_decay = check_number(weight_decay, "weight_decay", lo=0.0)
     try:
         lr_milestones = sorted(int(m) for m in (lr_milestones or []))
     except (TypeError, ValueError):

@@ -30,14 +30,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .core.checks import check_choice, check_int, check_number
 from .core.progress import Progress
 from .core.targets import model_device
 from .masks import parameter_name
 
 __all__ = ["train", "evaluate", "TrainResult"]
 
-_OPTIMIZERS = ("sgd", "adam")
-_DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3}
+OPTIMIZERS = ("sgd", "adam")
+DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3}
 
 
 @dataclass
@@ -90,23 +91,6 @@ def _check_masks(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]]) 
     return out
 
 
-def _check_positive_int(name: str, value, allow_none: bool = False) -> Optional[int]:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
-    return value
-
-
-def _check_float(name: str, value, minimum: float = 0.0, strict: bool = False) -> float:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    if ok:
-        ok = value > minimum if strict else value >= minimum
-    if not ok:
-        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {minimum}, got {value!r}")
-    return float(value)
-
-
 # -- batches -------------------------------------------------------------------------------------
 
 def _iterate(dataset, batch_size: int, shuffle: bool, seed: int, device, max_batches: Optional[int],
@@ -138,7 +122,7 @@ def evaluate(model: nn.Module, dataset, batch_size: int = 512, device=None,
              max_batches: Optional[int] = None) -> "tuple[float, float]":
     """(mean cross-entropy, accuracy) of ``model`` in eval mode on ``dataset``. The model's
     train/eval mode is restored afterwards."""
-    batch_size = _check_positive_int("batch_size", batch_size)
+    batch_size = check_int(batch_size, "batch_size", lo=1)
     if device is None:
         device = model_device(model)
     return _evaluate(model, dataset, batch_size, device, max_batches, channels_last=False)
@@ -280,15 +264,14 @@ def train(
         a :class:`TrainResult`.
     """
     # Every check happens before the model is touched.
-    if optimizer not in _OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {', '.join(map(repr, _OPTIMIZERS))}, got {optimizer!r}")
-    epochs = _check_positive_int("epochs", epochs)
-    batch_size = _check_positive_int("batch_size", batch_size)
-    max_batches = _check_positive_int("max_batches", max_batches, allow_none=True)
-    lr = _DEFAULT_LR[optimizer] if lr is None else _check_float("lr", lr, 0.0, strict=True)
-    momentum = _check_float("momentum", momentum)
-    weight_decay = _check_float("weight_decay", weight_decay)
-    lr_gamma = _check_float("lr_gamma", lr_gamma, 0.0, strict=True)
+    check_choice(optimizer, "optimizer", OPTIMIZERS)
+    epochs = check_int(epochs, "epochs", lo=1)
+    batch_size = check_int(batch_size, "batch_size", lo=1)
+    max_batches = check_int(max_batches, "max_batches", lo=1, allow_none=True)
+    lr = DEFAULT_LR[optimizer] if lr is None else check_number(lr, "lr", lo=0.0, lo_open=True)
+    momentum = check_number(momentum, "momentum", lo=0.0)
+    weight_decay = check_number(weight_decay, "weight_decay", lo=0.0)
+    lr_gamma = check_number(lr_gamma, "lr_gamma", lo=0.0, lo_open=True)
     try:
         milestones = sorted(int(m) for m in (lr_milestones or []))
     except (TypeError, ValueError):

@@ -110,7 +110,7 @@ def test_listings(capsys):
 
 @pytest.mark.parametrize("argv, match", [
     (["prune", "--method", "nope", "--quiet"], "method: unknown method 'nope'"),
-    (["prune", "--density", "0", "--quiet"], "density must be in"),
+    (["prune", "--density", "0", "--quiet"], "density: expected a finite number > 0.0"),
     (["prune", "--model", "alexnet", "--quiet"], "model"),
     (["train", "--dataset", "mnist", "--data-dir", "/nonexistent/dir", "--epochs", "1"], "/nonexistent/dir"),
 ])

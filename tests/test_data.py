@@ -296,7 +296,7 @@ def test_gaussian_noise():
     sizes = [len(xb) for xb, _ in g.batches(200, shuffle=True)]
     assert sizes == [200, 200, 100]
     assert len(g.subset(10)) == 10 and g.subset(10).input_shape == (3, 8, 8)
-    with pytest.raises(ValueError, match="n must"):
+    with pytest.raises(ValueError, match="n: expected an int >= 1"):
         data.GaussianNoise((3, 8, 8), 0)
     with pytest.raises(ValueError, match="input_shape"):
         data.GaussianNoise((3, -1), 5)

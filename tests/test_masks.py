@@ -214,7 +214,7 @@ def test_keep_rule_exact_vs_authors_on_ties():
     authors = threshold(scores, 0.4, keep_rule="authors")["a"].tolist()  # 2.0s tie at the cut: all go
     assert exact == [True, True, False, False, False]
     assert authors == [True, False, False, False, False]
-    with pytest.raises(ValueError, match="keep_rule must be one of"):
+    with pytest.raises(ValueError, match="keep_rule: expected one of"):
         threshold(scores, 0.4, keep_rule="paper")
 
 

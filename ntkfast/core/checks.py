@@ -1,7 +1,11 @@
 """Argument checks shared across ntkfast: each names the argument and says what it expected.
 
 Every public entry point validates its scalar arguments through these before doing any work, so
-a bad value fails at once with a message naming it, and nothing of the user's is touched."""
+a bad value fails at once with a message naming it, and nothing of the user's is touched. Errors
+read ``"<name>: expected <what>, got <value>"`` (ValueError); :func:`check_int` with
+``type_error=True`` is the ops' form, ``"<name> must be an int, got <type>"`` (TypeError), as
+PyTorch's own ops word a wrong type.
+"""
 from __future__ import annotations
 
 import math
@@ -10,48 +14,56 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["check_int", "check_number", "check_choice", "check_device", "check_shape", "check_bytes"]
+__all__ = ["check_int", "check_number", "check_choice", "check_density", "check_device", "check_shape",
+           "check_bytes"]
+
+
+def _expected(name: str, what: str, value) -> ValueError:
+    return ValueError(f"{name}: expected {what}, got {value!r}")
 
 
 def check_int(value, name: str, *, lo: Optional[int] = None, allow_none: bool = False,
-              error: type = TypeError) -> Optional[int]:
-    """An int (numpy integers too, not bool); ``lo``: the smallest allowed. A wrong type raises
-    ``error`` (TypeError by default), a value below ``lo`` ValueError."""
+              type_error: bool = False) -> Optional[int]:
+    """An int (numpy integers too, never bool), at least ``lo``; None passes with ``allow_none``.
+    ``type_error``: a value that is no int raises TypeError (the ops' convention)."""
     if value is None and allow_none:
         return None
+    what = f"an int{f' >= {lo}' if lo is not None else ''}{' or None' if allow_none else ''}"
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise error(f"{name} must be an int, got {type(value).__name__}" if error is TypeError else
-                    f"{name} must be an int{f' >= {lo}' if lo is not None else ''}"
-                    f"{' or None' if allow_none else ''}, got {value!r}")
-    value = int(value)
+        if type_error:
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        raise _expected(name, what, value)
     if lo is not None and value < lo:
-        raise ValueError(f"{name} must be an int >= {lo}{' or None' if allow_none else ''}, got {value!r}")
-    return value
+        raise _expected(name, what, value)
+    return int(value)
 
 
 def check_number(value, name: str, *, lo: Optional[float] = None, lo_open: bool = False,
                  hi: Optional[float] = None, hi_open: bool = False, allow_none: bool = False) -> Optional[float]:
-    """A finite real number (not bool) in the given bounds, as a float; ValueError otherwise."""
+    """A finite real number (never bool) within the bounds, as a float; None passes with ``allow_none``."""
     if value is None and allow_none:
         return None
-    bounds = []
-    if lo is not None:
-        bounds.append(f"{'>' if lo_open else '>='} {lo}")
-    if hi is not None:
-        bounds.append(f"{'<' if hi_open else '<='} {hi}")
-    want = f"a finite number{' ' + ' and '.join(bounds) if bounds else ''}{' or None' if allow_none else ''}"
+    bounds = ([f"{'>' if lo_open else '>='} {lo}"] if lo is not None else []) + \
+             ([f"{'<' if hi_open else '<='} {hi}"] if hi is not None else [])
+    what = f"a finite number{' ' + ' and '.join(bounds) if bounds else ''}{' or None' if allow_none else ''}"
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{name}: expected {want}, got {value!r}")
+        raise _expected(name, what, value)
     v = float(value)
     if (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and (v >= hi if hi_open else v > hi)):
-        raise ValueError(f"{name}: expected {want}, got {value!r}")
+        raise _expected(name, what, value)
     return v
 
 
 def check_choice(value, name: str, choices: Sequence):
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    """One of ``choices`` (compared with ==)."""
+    if isinstance(value, (list, dict, set)) or value not in choices:
+        raise _expected(name, f"one of {', '.join(map(repr, choices))}", value)
     return value
+
+
+def check_density(value, name: str = "density") -> float:
+    """A fraction of weights kept: a number in (0, 1]."""
+    return check_number(value, name, lo=0.0, lo_open=True, hi=1.0)
 
 
 def check_device(device, name: str = "device") -> torch.device:
@@ -66,15 +78,15 @@ def check_device(device, name: str = "device") -> torch.device:
 
 
 def check_shape(shape, name: str) -> tuple:
-    """A non-empty sequence of positive ints (an int is one dimension)."""
+    """A non-empty sequence of positive ints (an int is one dimension), as a tuple."""
     if isinstance(shape, numbers.Integral) and not isinstance(shape, bool):
         shape = (shape,)
     try:
         dims = tuple(shape)
     except TypeError:
-        raise ValueError(f"{name} must be a sequence of positive ints, got {shape!r}") from None
+        raise _expected(name, "a sequence of positive ints", shape) from None
     if not dims or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d > 0 for d in dims):
-        raise ValueError(f"{name} must be a non-empty sequence of positive ints, got {shape!r}")
+        raise _expected(name, "a non-empty sequence of positive ints", shape)
     return tuple(int(d) for d in dims)
 
 
@@ -83,5 +95,5 @@ def check_bytes(value, name: str = "memory_budget") -> Optional[int]:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not value > 0:
-        raise ValueError(f"{name}: expected a positive number of bytes, got {value!r}")
+        raise _expected(name, "a positive number of bytes", value)
     return int(value)

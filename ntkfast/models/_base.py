@@ -7,6 +7,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ..core.checks import check_choice, check_int
+
 # Standard deviation of a standard normal truncated to (-2, 2): JAX/Keras divide by it so that
 # their "truncated normal" variance-scaling initialisers reach the intended variance.
 _TRUNC2_STD = 0.87962566103423978
@@ -60,9 +62,7 @@ def check_image_shape(input_shape, model: str) -> Tuple[int, int, int]:
 
 
 def check_num_classes(num_classes) -> int:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    return num_classes
+    return check_int(num_classes, "num_classes", lo=1)
 
 
 def conv_out(size: int, kernel: int, stride: int = 1, padding: int = 0) -> int:
@@ -140,8 +140,7 @@ _INITS = ("synflow", "ntksap")
 
 
 def check_init(init: str) -> str:
-    if init not in _INITS:
-        raise ValueError(f"init must be one of {', '.join(map(repr, _INITS))}, got {init!r}")
+    check_choice(init, "init", _INITS)
     return init
 
 

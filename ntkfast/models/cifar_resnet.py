@@ -28,6 +28,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..core.checks import check_int
 from ._base import ZooModel, check_image_shape, check_init, check_num_classes, kaiming_reinit_
 
 __all__ = ["CifarResNet", "BasicBlock", "resnet20", "resnet32", "resnet56"]
@@ -68,8 +69,7 @@ class CifarResNet(ZooModel):
         init = check_init(init)
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6 != 0:
             raise ValueError(f"depth must be 6*D + 2 with D >= 1 (20, 32, 44, 56, 110, ...), got {depth!r}")
-        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-            raise ValueError(f"width must be a positive int, got {width!r}")
+        width = check_int(width, "width", lo=1)
         super().__init__(input_shape, num_classes)
         self.init = init
         self.depth = depth

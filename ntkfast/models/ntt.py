@@ -19,6 +19,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..core.checks import check_number
 from ._base import (ZooModel, check_image_shape, check_input_shape, check_num_classes, conv_out,
                     glorot_normal_truncated_, param, too_small)
 
@@ -26,9 +27,7 @@ __all__ = ["NTTNet", "lenet300_100", "lenet5", "conv4"]
 
 
 def _check_bias_std(bias_std) -> float:
-    ok = not isinstance(bias_std, bool) and isinstance(bias_std, (int, float))
-    if not (ok and math.isfinite(bias_std) and bias_std >= 0):
-        raise ValueError(f"bias_std must be a finite number >= 0, got {bias_std!r}")
+    check_number(bias_std, "bias_std", lo=0.0)
     return float(bias_std)
 
 

@@ -8,6 +8,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from ..core.checks import check_bytes
 from ._capture import Capture, _Untappable, capture
 from ._layers import RULES, whole_model_terms
 from ._plan import Plan, build_plan
@@ -44,14 +45,6 @@ def _default_budget(device: torch.device) -> int:
     except (ValueError, OSError, AttributeError):
         total = 8 << 30
     return int(total * _DEFAULT_FRACTION)
-
-
-def _check_budget(memory_budget) -> Optional[int]:
-    if memory_budget is None:
-        return None
-    if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or memory_budget <= 0:
-        raise ValueError(f"memory_budget: expected a positive number of bytes, got {memory_budget!r}")
-    return int(memory_budget)
 
 
 def _tensor_bytes(t: torch.Tensor) -> int:
@@ -148,7 +141,7 @@ def _plan_chunks(N1, N2, K, act, cot, big, item, mode, budget) -> Tuple[int, int
 
 def empirical_ntk_impl(model, x1, x2, *, masks, mode, params, memory_budget, create_graph, explain):
     _check_inputs(x1, x2, mode)
-    budget = _check_budget(memory_budget)
+    budget = check_bytes(memory_budget)
     plan = build_plan(model, params, masks)
     engine = Engine(model, plan, create_graph)
     sym = x2 is None

@@ -1,7 +1,6 @@
 """The empirical NTK split by rows of x1 over the processes of a group (see ntkfast.distributed)."""
 from __future__ import annotations
 
-import torch
 
 from ..distributed import Shard, split_sizes
 from ._empirical import _check_inputs, empirical_ntk_impl

@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..core.checks import check_int
 from ..core.numerics import lanczos
 from ._empirical import _default_budget, empirical_ntk_impl
 from ._plan import build_plan
@@ -29,8 +30,7 @@ def _condition(top: float, bottom: float) -> float:
 def ntk_spectrum_impl(model, x, *, masks, k, params, method, memory_budget, steps, seed) -> NTKSpectrum:
     if method not in ("auto", "dense", "lanczos"):
         raise ValueError(f"method: expected 'auto', 'dense' or 'lanczos', got {method!r}")
-    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-        raise ValueError(f"k: expected a positive integer or None, got {k!r}")
+    k = check_int(k, "k", lo=1, allow_none=True)
     if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] == 0:
         raise ValueError(f"x: expected a batch of at least one sample, got {getattr(x, 'shape', x)!r}")
     plan = build_plan(model, params, masks)

@@ -3,17 +3,12 @@ from __future__ import annotations
 
 import torch
 
+from ..core.checks import check_int
 from ._empirical import empirical_ntk_impl
 from ._plan import build_plan
 from ._products import Linearised
 
 METHODS = ("exact", "hutchinson", "finite_difference")
-
-
-def _check_probes(n_probes) -> int:
-    if isinstance(n_probes, bool) or not isinstance(n_probes, int) or n_probes < 1:
-        raise ValueError(f"n_probes: expected a positive integer, got {n_probes!r}")
-    return n_probes
 
 
 def ntk_trace_impl(model, x, *, masks, method, params, n_probes, epsilon, seed, memory_budget):
@@ -22,7 +17,7 @@ def ntk_trace_impl(model, x, *, masks, method, params, n_probes, epsilon, seed, 
     if method == "exact":
         return empirical_ntk_impl(model, x, None, masks=masks, mode="diagonal_trace", params=params,
                                   memory_budget=memory_budget, create_graph=False, explain=False).sum()
-    n_probes = _check_probes(n_probes)
+    n_probes = check_int(n_probes, "n_probes", lo=1)
     if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] == 0:
         raise ValueError(f"x: expected a batch of at least one sample, got {getattr(x, 'shape', x)!r}")
     gen = torch.Generator(device=x.device)

@@ -15,8 +15,6 @@ weights (pruned entries keep their stale values and may come back), except in th
 from __future__ import annotations
 
 import copy
-import math
-import numbers
 import os
 import time
 from collections import OrderedDict
@@ -26,6 +24,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from ..core.checks import check_choice, check_int, check_number
 from ..core.unlabelled import Unlabelled, split_validation, total_steps
 from ..distributed import Shard, resolve as resolve_shard
 from ..masks import Masks, prunable_parameters, threshold
@@ -163,23 +162,6 @@ def logit_snip_masks(model: nn.Module, names, x: torch.Tensor, density: float, s
                            scope=scope))
 
 
-def _check_number(name: str, value, *, lo=None, lo_open=False, integer=False, allow_none=False):
-    if value is None and allow_none:
-        return None
-    kind = numbers.Integral if integer else numbers.Real
-    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
-        raise ValueError(f"{name}: expected a finite {'int' if integer else 'number'}, got {value!r}")
-    if lo is not None and (value <= lo if lo_open else value < lo):
-        raise ValueError(f"{name}: expected a value {'>' if lo_open else '>='} {lo}, got {value!r}")
-    return int(value) if integer else float(value)
-
-
-def _check_choice(name, value, choices):
-    if value not in choices:
-        raise ValueError(f"{name}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
-    return value
-
-
 def _check_fits(model: nn.Module, x: torch.Tensor, name: str) -> None:
     try:
         with torch.no_grad():
@@ -304,28 +286,28 @@ def transfer(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    density = _check_number("density", density, lo=0.0, lo_open=True)
+    density = check_number(density, "density", lo=0.0, lo_open=True)
     if density > 1.0:
         raise ValueError(f"density: expected a fraction in (0, 1], got {density!r}")
     if steps is not None and epochs is not None:
         raise ValueError("steps, epochs: give one of them, not both")
-    steps = _check_number("steps", steps, lo=1, integer=True, allow_none=True)
-    epochs = _check_number("epochs", epochs, lo=0.0, lo_open=True, allow_none=True)
+    steps = check_int(steps, "steps", lo=1, allow_none=True)
+    epochs = check_number(epochs, "epochs", lo=0.0, lo_open=True, allow_none=True)
     if steps is None and epochs is None:
         epochs = 20.0
     batch_size = Unlabelled.check_batch_size(batch_size)
-    lambda_ker = _check_number("lambda_ker", lambda_ker, lo=0.0)
-    lambda_l2 = _check_number("lambda_l2", lambda_l2, lo=0.0)
-    lr = _check_number("lr", lr, lo=0.0, lo_open=True)
-    mask_update_every = _check_number("mask_update_every", mask_update_every, lo=1, integer=True, allow_none=True)
-    log_every = _check_number("log_every", log_every, lo=1, integer=True)
-    checkpoint_every = _check_number("checkpoint_every", checkpoint_every, lo=1, integer=True, allow_none=True)
+    lambda_ker = check_number(lambda_ker, "lambda_ker", lo=0.0)
+    lambda_l2 = check_number(lambda_l2, "lambda_l2", lo=0.0)
+    lr = check_number(lr, "lr", lo=0.0, lo_open=True)
+    mask_update_every = check_int(mask_update_every, "mask_update_every", lo=1, allow_none=True)
+    log_every = check_int(log_every, "log_every", lo=1)
+    checkpoint_every = check_int(checkpoint_every, "checkpoint_every", lo=1, allow_none=True)
     if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
         raise ValueError(f"checkpoint: expected a file path or None, got {type(checkpoint).__name__}")
-    seed = _check_number("seed", seed, integer=True)
-    _check_choice("init_mask", init_mask, INIT_MASKS)
-    _check_choice("scope", scope, _SCOPES)
-    _check_choice("kernel", kernel, KERNELS)
+    seed = check_int(seed, "seed")
+    check_choice(init_mask, "init_mask", INIT_MASKS)
+    check_choice(scope, "scope", _SCOPES)
+    check_choice(kernel, "kernel", KERNELS)
     if callback is not None and not callable(callback):
         raise ValueError(f"callback: expected a callable or None, got {type(callback).__name__}")
     device, dtype = _model_info(model)

@@ -91,7 +91,7 @@ def _conv_tuple(value, d: int, name: str, lowest: int) -> tuple:
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         value = (value,) * d
     try:
-        value = tuple(check_int(v, name) for v in value)
+        value = tuple(check_int(v, name, type_error=True) for v in value)
     except TypeError:
         raise TypeError(f"{name} must be an int or a sequence of {d} ints, got {value!r}") from None
     if len(value) != d:
@@ -127,7 +127,7 @@ def _check_conv_wgrad_args(input, grad_output, kernel_size, stride, padding, dil
     stride = _conv_tuple(stride, d, "stride", 1)
     padding = _conv_tuple(padding, d, "padding", 0)
     dilation = _conv_tuple(dilation, d, "dilation", 1)
-    groups = check_int(groups, "groups")
+    groups = check_int(groups, "groups", type_error=True)
     if groups < 1:
         raise ValueError(f"groups must be >= 1, got {groups}")
     N, C = input.shape[:2]

@@ -70,7 +70,7 @@ if FAMILY.defined:
 
 def _check_seed(seed) -> int:
     """The seed as the int64 bit pattern the kernels take."""
-    seed = check_int(seed, "seed")
+    seed = check_int(seed, "seed", type_error=True)
     if not -(2**63) <= seed < 2**64:
         raise ValueError(f"seed must be in [-2**63, 2**64) (a negative seed is read as its int64 bit pattern), "
                          f"got {seed}")
@@ -78,7 +78,7 @@ def _check_seed(seed) -> int:
 
 
 def _check_offset(offset) -> int:
-    offset = check_int(offset, "offset")
+    offset = check_int(offset, "offset", type_error=True)
     if not 0 <= offset < _MAX_OFFSET:
         raise ValueError(f"offset must be in [0, 2**62), got {offset}")
     return offset
@@ -97,7 +97,7 @@ def _check_size(size) -> tuple:
     if isinstance(size, numbers.Integral) and not isinstance(size, bool):
         size = (size,)
     try:
-        size = tuple(check_int(s, "size") for s in size)
+        size = tuple(check_int(s, "size", type_error=True) for s in size)
     except TypeError:
         raise TypeError(f"size must be an int or a sequence of ints, got {size!r}") from None
     if any(s < 0 for s in size):

@@ -14,6 +14,7 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
+from ..core.checks import check_int
 from ..core.numerics import lanczos
 from ._network import PathNetwork
 
@@ -23,10 +24,8 @@ def spectrum(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = Non
     """The top ``k`` eigenvalues of Π (descending), by Lanczos with full reorthogonalisation on
     G v products (``steps`` of them; default max(2k + 20, 40), at most the number of kept
     weights). ``seed`` draws the starting vector."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k: expected a positive integer, got {k!r}")
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise ValueError(f"steps: expected a positive integer or None, got {steps!r}")
+    k = check_int(k, "k", lo=1)
+    steps = check_int(steps, "steps", lo=1, allow_none=True)
     net = PathNetwork(model, masks, 2, dtype, input_shape=input_shape)
     keep = {n: t.mask.reshape(-1).nonzero().squeeze(1) for n, t in net.targets.items()}
     sizes = [int(i.numel()) for i in keep.values()]

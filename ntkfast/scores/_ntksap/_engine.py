@@ -12,7 +12,6 @@ without BatchNorm. The reference engine is the authors' loop (_ntksap_reference.
 """
 from __future__ import annotations
 
-import math
 import numbers
 import warnings
 from collections import OrderedDict
@@ -21,6 +20,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from ...core.checks import check_device, check_int, check_number
 from ... import ops
 from ...distributed import resolve as resolve_shard
 from ...methods import register
@@ -35,12 +35,6 @@ _BN_STATS = ("single_pass", "authors")
 # On CPU, larger passes run slower per sample once the activations leave the caches: a pass is
 # kept under this many bytes of saved activations unless memory_budget says otherwise.
 _CPU_PASS_BYTES = 192 << 20
-
-
-def _positive_int(name: str, v, minimum: int = 1) -> int:
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < minimum:
-        raise ValueError(f"{name}: expected an integer >= {minimum}, got {v!r}")
-    return int(v)
 
 
 @register("ntksap", "NTK-SAP: |d/dm sum ||f(Z; theta m) - f(Z; (theta + eps xi) m)||^2| over fresh "
@@ -111,7 +105,7 @@ def ntksap(
     The model is never changed.
     """
     targets = resolve_targets(model, masks)
-    eps = _check_epsilon(epsilon)
+    eps = check_number(epsilon, "epsilon", lo=0.0, lo_open=True)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise ValueError(f"seed: expected an int, got {seed!r}")
     if engine not in _ENGINES:
@@ -119,18 +113,18 @@ def ntksap(
     if bn_stats not in _BN_STATS:
         raise ValueError(f"bn_stats: expected one of {', '.join(map(repr, _BN_STATS))}, got {bn_stats!r}")
     if memory_budget is not None:
-        memory_budget = _positive_int("memory_budget", memory_budget)
+        memory_budget = check_int(memory_budget, "memory_budget", lo=1)
     if init_fn is not None and not callable(init_fn):
         raise ValueError(f"init_fn: expected a callable init_fn(model), got {type(init_fn).__name__}")
     dt = resolve_dtype(targets, dtype)
-    dev = _check_device(device) if device is not None else model_device(model)
+    dev = check_device(device) if device is not None else model_device(model)
 
     shape = None if inputs is not None and input_shape is None else resolve_input_shape(model, input_shape, data)
     n_explicit = check_explicit(model, targets, inputs, weight_samples, perturbations, shape)
     if n_explicit is not None:
         for name, v in (("repeats", repeats), ("batches", batches)):
             if v is not None:
-                _positive_int(name, v)
+                check_int(v, name, lo=1)
         if (repeats is not None or batches is not None) and (repeats or 1) * (batches or 1) != n_explicit:
             raise ValueError(f"repeats x batches = {(repeats or 1) * (batches or 1)} but the explicit draws have "
                              f"{n_explicit} entries")
@@ -140,10 +134,10 @@ def ntksap(
             from ...core.batches import as_batches
 
             batches = len(as_batches(data, "data"))  # the authors loop over every batch of the loader
-        pieces = _positive_int("repeats", 5 if repeats is None else repeats) * \
-            _positive_int("batches", 1 if batches is None else batches)
+        pieces = check_int(5 if repeats is None else repeats, "repeats", lo=1) * \
+            check_int(1 if batches is None else batches, "batches", lo=1)
     if inputs is not None:
-        if batch_size is not None and _positive_int("batch_size", batch_size) != inputs[0].shape[0]:
+        if batch_size is not None and check_int(batch_size, "batch_size", lo=1) != inputs[0].shape[0]:
             raise ValueError(f"batch_size: {batch_size} but inputs[0] has {inputs[0].shape[0]} rows")
         batch_shape = tuple(inputs[0].shape)
     else:
@@ -190,8 +184,8 @@ def ntksap_trace_estimate(model: nn.Module, masks: Optional[Mapping[str, torch.T
     Jacobian w.r.t. the unmasked weights) as epsilon -> 0. ``weight_sample`` defaults to the model's
     own parameters."""
     targets = resolve_targets(model, masks)
-    eps = _check_epsilon(epsilon)
-    samples = _positive_int("samples", samples)
+    eps = check_number(epsilon, "epsilon", lo=0.0, lo_open=True)
+    samples = check_int(samples, "samples", lo=1)
     if bn_stats not in _BN_STATS:
         raise ValueError(f"bn_stats: expected one of {', '.join(map(repr, _BN_STATS))}, got {bn_stats!r}")
     if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2:
@@ -243,25 +237,9 @@ def _fall_back(store: dict, why: str) -> None:
     store.pop("net", None)
 
 
-def _check_device(device) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device: {exc}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {device!r} requested but CUDA is not available")
-    return dev
-
-
-def _check_epsilon(epsilon) -> float:
-    if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real) or not math.isfinite(epsilon) or epsilon <= 0:
-        raise ValueError(f"epsilon: expected a positive finite number (the perturbation's standard deviation), got {epsilon!r}")
-    return float(epsilon)
-
-
 def _batch_size(model: nn.Module, batch_size, data) -> int:
     if batch_size is not None:
-        return _positive_int("batch_size", batch_size)
+        return check_int(batch_size, "batch_size", lo=1)
     if data is not None:
         from ...core.batches import as_batches
 
