@@ -1,5 +1,5 @@
 """Prunable weights, the Masks object, torch.nn.utils.prune interop, save/load, schedules."""
-from testing import mlp
+from testing import AuthorsLinear, mlp
 import math
 
 import pytest
@@ -11,15 +11,7 @@ from ntkfast import Masks, prunable_parameters
 from ntkfast.masks import density_schedule, n_keep, parameter_name, threshold
 
 
-class MaskedLinear(nn.Linear):
-    """Like the authors' masked layers: a subclass with its own weight_mask buffer."""
-
-    def __init__(self, *a, **k):
-        super().__init__(*a, **k)
-        self.register_buffer("weight_mask", torch.ones_like(self.weight))
-
-    def forward(self, x):
-        return nn.functional.linear(x, self.weight * self.weight_mask, self.bias)
+MaskedLinear = AuthorsLinear  # the authors' masked layers: a subclass with its own weight_mask buffer
 
 
 def small_net():

@@ -404,22 +404,27 @@ def test_cuda_grouped_and_graphed_match_the_cuda_reference(name):
     torch.testing.assert_close(xi_cpu, xi_gpu.cpu(), rtol=1e-12, atol=1e-12)
 
 
+def _resnet_pass(seed=3):
+    """A BatchNorm ResNet-20/4 in float64 with random masks, and what one grouped pass of two
+    pieces needs: (model, targets, draws, leaf masks)."""
+    Draws = internal("ntksap_draws").Draws
+    model = models.get("resnet20", width=4).double()
+    targets = resolve_targets(model, _random_masks(model, 0.7))
+    draws = Draws(model, targets, seed=seed, pieces=2, batch_shape=(5, 3, 32, 32), dtype=torch.float64,
+                  device=torch.device("cpu"))
+    leaf = {n: t.mask.double().requires_grad_(True) for n, t in targets.items()}
+    return model, targets, draws, leaf
+
+
 def test_graph_body_and_grouped_convolution_on_cpu():
     """What the GPU runs, run here: the captured pass body (static buffers, philox tensors) and the
     grouped-convolution layout, against the eager pass."""
     N = internal("ntksap_engine")
     G = internal("ntksap_graph")
     GroupedNetwork = internal("ntksap_grouped").GroupedNetwork
-    Draws = internal("ntksap_draws").Draws
-
-    model = models.get("resnet20", width=4).double()
-    masks = _random_masks(model, 0.7)
-    targets = resolve_targets(model, masks)
-    draws = Draws(model, targets, seed=3, pieces=2, batch_shape=(5, 3, 32, 32), dtype=torch.float64,
-                  device=torch.device("cpu"))
+    model, targets, draws, leaf = _resnet_pass()
     net = GroupedNetwork(model, dtype=torch.float64, device="cpu")
     keys = N._value_sources(model, targets, net.value_names())
-    leaf = {n: t.mask.double().requires_grad_(True) for n, t in targets.items()}
     results = []
     for grouped_conv in (False, True):
         net.ctx.grouped_conv = grouped_conv
@@ -568,15 +573,8 @@ def test_grouped_convolution_without_an_engine_falls_back_per_group(monkeypatch)
 
     N = internal("ntksap_engine")
     GroupedNetwork = internal("ntksap_grouped").GroupedNetwork
-    Draws = internal("ntksap_draws").Draws
-
-    model = models.get("resnet20", width=4).double()
-    masks = _random_masks(model, 0.7)
-    targets = resolve_targets(model, masks)
-    draws = Draws(model, targets, seed=3, pieces=2, batch_shape=(5, 3, 32, 32), dtype=torch.float64,
-                  device=torch.device("cpu"))
+    model, targets, draws, leaf = _resnet_pass()
     keys = lambda net: N._value_sources(model, targets, net.value_names())  # noqa: E731
-    leaf = {n: t.mask.double().requires_grad_(True) for n, t in targets.items()}
 
     def run(net):
         total = {n: torch.zeros_like(m) for n, m in leaf.items()}
