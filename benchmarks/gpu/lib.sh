@@ -148,6 +148,7 @@ sys.exit(1 if e["status"] == "failed" or e["failed"] else 0)  # a dry run with f
 PYEOF
   local rc=$?
   sleep 1  # let tee write the last lines into the log before the script exits
+  case "$OUT" in "$WORK"/*) ;; *) rm -rf "$WORK" ;; esac  # the scratch folder, unless it holds $OUT
   return $rc
 }
 
