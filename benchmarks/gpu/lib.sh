@@ -105,7 +105,7 @@ pytest_step() {
 # CPU build that ./run.sh setup made must load.
 ensure_build() {
   if [ "$DRY_RUN" = 1 ]; then
-    step build 120 "$PY" -c "import ntkfast._ops as o; i = o.build_info(); print(i); assert i['extension'], i"
+    step build 120 "$PY" -c "import ntkfast.ops as o; i = o.build_info(); print(i); assert i['extension'], i"
     return
   fi
   if "$PY" - <<'PYEOF'
@@ -116,7 +116,7 @@ if not os.path.exists(so):
 srcs = [f for f in glob.glob("csrc/**/*", recursive=True) if os.path.isfile(f)] + ["setup.py"]
 if any(os.path.getmtime(f) > os.path.getmtime(so) for f in srcs):
     sys.exit(1)
-import ntkfast._ops as o
+import ntkfast.ops as o
 sys.exit(0 if o.build_info().get("cuda") else 1)
 PYEOF
   then
