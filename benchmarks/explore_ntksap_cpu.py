@@ -1,4 +1,4 @@
-"""The measurements behind the NTK-SAP CPU remarks in README.md (not a peer benchmark):
+"""The measurements behind the NTK-SAP CPU remarks in docs/methods/ntksap.md (not a peer benchmark):
 
 1. ``layout``: a 3x3 convolution layer, forward + backward, for 10 weight sets of a batch of 100:
    one stacked pass (split/cat), one grouped convolution, or ten separate calls;

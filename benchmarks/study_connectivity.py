@@ -7,7 +7,7 @@ the per-layer densities the study recorded, and measured by :func:`ntkfast.conne
     OMP_NUM_THREADS=1 python -m benchmarks.study_connectivity benchmarks/results/study/lenet300_100-mnist.jsonl \\
         --data-dir ../shared/data --threads 1 --out benchmarks/results/study/analysis/lenet300_100-mnist-connectivity.json
 
-Run with the study's thread count: NTK-SAP's float32 masks depend on it (README, NTK-SAP).
+Run with the study's thread count: NTK-SAP's float32 masks depend on it (docs/methods/ntksap.md).
 NTT cells are skipped unless --ntt is given (rebuilding them re-runs the transfer).
 """
 from __future__ import annotations
