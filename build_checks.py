@@ -37,8 +37,8 @@ def links_libstdcxx_statically(cxx: str) -> bool | None:
             if r.returncode != 0:
                 return None
             dyn = subprocess.run(["readelf", "-d", out], capture_output=True, text=True, timeout=30).stdout
-            syms = subprocess.run(["readelf", "-W", "--dyn-syms", out], capture_output=True, text=True,
-                                  timeout=30).stdout
+            # the full symbol table: a wrapper may also hide the copied runtime's symbols
+            syms = subprocess.run(["readelf", "-W", "-s", out], capture_output=True, text=True, timeout=30).stdout
         except (OSError, subprocess.SubprocessError):
             return None
     if "libstdc++" in dyn:

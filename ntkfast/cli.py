@@ -100,6 +100,9 @@ def cmd_prune(args) -> int:
     if args.out and is_main_process():
         masks.save(args.out)
         print(f"masks saved to {args.out}")
+        if masks.learned_weights is not None:  # masks files hold masks only
+            print(f"note: {args.method} also learned weights, which {args.out} does not hold; "
+                  f"`ntkfast transfer --out` saves masks and weights together", file=sys.stderr)
     return 0
 
 

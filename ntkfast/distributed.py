@@ -310,7 +310,8 @@ def init_from_env(device: Optional[str] = None, timeout_s: float = 600.0) -> Opt
         device = f"cuda:{local}"
         # a rank that never arrives makes the others raise after the timeout, rather than the NCCL
         # watchdog aborting them (read when the group is made; the user's own choice stands)
-        os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
+        if "TORCH_NCCL_BLOCKING_WAIT" not in os.environ and "NCCL_BLOCKING_WAIT" not in os.environ:
+            os.environ["TORCH_NCCL_BLOCKING_WAIT"] = "1"
     torch.distributed.init_process_group(backend="nccl" if cuda else "gloo",
                                          timeout=datetime.timedelta(seconds=float(timeout_s)))
     return device

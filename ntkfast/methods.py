@@ -49,15 +49,17 @@ class MethodInfo:
         if any(p.kind is p.VAR_KEYWORD for p in known.values()):
             return
         for key in options:
-            if key not in known and not (key == "cache" and "cache" in self.takes):
+            if key not in known and not (key in ("cache", "process_group") and key in self.takes):
                 raise ValueError(f"{key}: not an option of method {self.name!r} (its options: "
-                                 f"{', '.join(n for n, p in known.items() if p.kind is p.KEYWORD_ONLY) or 'none'})")
+                                 f"{', '.join(known) or 'none'})")
 
     def options(self) -> Dict[str, inspect.Parameter]:
-        """The method's own keyword options (what a user may pass through prune), by name."""
-        own = set(LOOP_VALUES) | {"data", "seed", "model", "masks"}
-        return {n: p for n, p in inspect.signature(self.fn).parameters.items()
-                if p.kind is p.KEYWORD_ONLY and n not in own}
+        """The method's own options (what a user may pass through prune), by name: its parameters
+        after ``model`` and ``masks`` that the loop does not fill."""
+        own = set(LOOP_VALUES) | {"data", "seed"}
+        params = list(inspect.signature(self.fn).parameters.values())[2:]
+        return {p.name: p for p in params
+                if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_KEYWORD) and p.name not in own}
 
 
 @dataclass
@@ -75,13 +77,18 @@ _REGISTRY: Dict[str, MethodInfo] = {}
 
 
 def register(name: str, description: str, *, needs_data: bool = False, raw_data: bool = False,
-             single_shot: bool = False, takes=(), returns: str = "scores"):
+             single_shot: bool = False, takes=None, returns: str = "scores"):
     """Decorator registering a method under ``name`` for :func:`ntkfast.prune`, the study and the
     CLI (see the module's text for the contract). Refuses a declaration the function does not
     honour: a loop value in ``takes`` it has no parameter for, or a parameter named like a loop
-    value it does not declare."""
+    value it does not declare. A method returning masks must take ``process_group``: every process
+    must end with the same masks, and only the method knows how to agree on them.
 
-    takes = frozenset(takes)
+    ``takes`` left out (scorers written before the contract): read from the function's parameters,
+    with a DeprecationWarning asking for the declaration."""
+
+    declared = takes is not None
+    takes = frozenset(takes or ())
     unknown = takes - set(LOOP_VALUES)
     if unknown:
         raise ValueError(f"takes: {sorted(unknown)} are not loop values (those are {', '.join(LOOP_VALUES)})")
@@ -89,9 +96,20 @@ def register(name: str, description: str, *, needs_data: bool = False, raw_data:
         raise ValueError(f"returns: expected one of {_RETURNS}, got {returns!r}")
 
     def deco(fn):
+        nonlocal takes
         if name in _REGISTRY:
             raise ValueError(f"a method named {name!r} is already registered")
         params = inspect.signature(fn).parameters
+        if not declared:
+            takes = frozenset(v for v in LOOP_VALUES if v in params)
+            if takes:
+                import warnings
+
+                warnings.warn(f"register({name!r}): declare the loop values it takes, takes={tuple(sorted(takes))}; "
+                              "reading them from the signature will go", DeprecationWarning, stacklevel=3)
+        if returns == "masks" and "process_group" not in takes:
+            raise ValueError(f"{name}: a method returning masks must take process_group (declare it in takes), so "
+                             "that every process ends with the same masks")
         missing = sorted(v for v in takes if v not in params)
         if missing:
             raise ValueError(f"{name}: declares takes={sorted(takes)} but has no parameter {missing[0]!r}")

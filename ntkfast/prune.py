@@ -83,9 +83,17 @@ def _method_masks(method: str, result, current: Masks):
     """(masks, learned weights) from a method declared ``returns="masks"``, its masks held to the
     model's prunable weights and to what was already pruned."""
     masks = getattr(result, "masks", None)
-    if masks is None or set(masks) != set(current):
-        got = sorted(masks) if masks is not None else type(result).__name__
+    if not isinstance(masks, Mapping) or set(masks) != set(current):
+        got = sorted(masks) if isinstance(masks, Mapping) else type(result).__name__
         raise RuntimeError(f"method {method!r} returned masks for {got}, expected {sorted(current)}")
+    for n in current:
+        m = masks[n]
+        if not isinstance(m, torch.Tensor) or tuple(m.shape) != tuple(current[n].shape):
+            raise RuntimeError(f"method {method!r} returned for {n!r} "
+                               f"{tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__}, expected a "
+                               f"mask of shape {tuple(current[n].shape)}")
+        if m.dtype != torch.bool and not bool(((m == 0) | (m == 1)).all()):
+            raise RuntimeError(f"method {method!r} returned for {n!r} values other than 0 and 1: masks, not scores")
     out = Masks({n: masks[n].to(current[n].device).bool() & current[n] for n in current})
     return out, getattr(result, "weights", None)
 

@@ -31,7 +31,7 @@ def test_a_declaration_the_function_does_not_honour_is_refused():
         return {}
 
     with pytest.raises(ValueError, match="parameter 'cache' the loop would fill; declare it"):
-        methods.register("_t_undeclared", "x")(wants_cache)
+        methods.register("_t_undeclared", "x", takes=())(wants_cache)  # declared, and wrongly
     with pytest.raises(ValueError, match="not loop values"):
         methods.register("_t_unknown", "x", takes=("density",))
     with pytest.raises(ValueError, match="returns"):
@@ -55,8 +55,9 @@ def test_the_loop_hands_over_only_what_a_method_takes():
 def test_a_method_returning_masks_keeps_them_and_its_weights():
     net = _net()
 
-    @methods.register("_t_masks", "keeps the first half of every tensor", single_shot=True, returns="masks")
-    def halves(model, masks=None, *, data=None, seed=0):
+    @methods.register("_t_masks", "keeps the first half of every tensor", single_shot=True, returns="masks",
+                      takes=("process_group",))
+    def halves(model, masks=None, *, data=None, seed=0, process_group=None):
         out = {}
         for n, m in masks.items():
             k = torch.zeros(m.numel(), dtype=torch.bool)
@@ -68,9 +69,41 @@ def test_a_method_returning_masks_keeps_them_and_its_weights():
     assert got.kept == sum(p.numel() // 2 for n, p in net.named_parameters() if n.endswith("weight"))
     assert set(got.learned_weights) == set(net.state_dict())
 
-    @methods.register("_t_bad_masks", "returns masks for other names", single_shot=True, returns="masks")
-    def bad(model, masks=None, *, data=None, seed=0):
-        return methods.MethodResult({"nope": torch.ones(1, dtype=torch.bool)})
-
+    bad_results = {
+        "_t_bad_names": lambda m: {"nope": torch.ones(1, dtype=torch.bool)},
+        "_t_bad_shape": lambda m: {n: torch.ones(1, dtype=torch.bool) for n in m},  # would broadcast
+        "_t_scores": lambda m: {n: torch.randn(t.shape) for n, t in m.items()},  # scores, not masks
+    }
+    for name, make in bad_results.items():
+        methods.register(name, "returns what is not the model's masks", single_shot=True, returns="masks",
+                         takes=("process_group",))(
+            lambda model, masks=None, *, data=None, seed=0, process_group=None, make=make:
+            methods.MethodResult(make(masks)))
     with pytest.raises(RuntimeError, match="returned masks for"):
-        ntkfast.prune(net, "_t_bad_masks", 0.5, progress=False)
+        ntkfast.prune(net, "_t_bad_names", 0.5, progress=False)
+    with pytest.raises(RuntimeError, match="expected a mask of shape"):
+        ntkfast.prune(net, "_t_bad_shape", 0.5, progress=False)
+    with pytest.raises(RuntimeError, match="masks, not scores"):
+        ntkfast.prune(net, "_t_scores", 0.5, progress=False)
+
+
+def test_a_method_returning_masks_must_take_the_process_group():
+    # masks must agree across processes, and only the method knows how: no silent replication
+    with pytest.raises(ValueError, match="must take process_group"):
+        methods.register("_t_masks_alone", "x", single_shot=True, returns="masks")(
+            lambda model, masks=None, *, data=None, seed=0: None)
+
+
+def test_scorers_written_before_the_contract_still_register_and_run():
+    # no takes=: the loop values are read from the signature, with a DeprecationWarning; a
+    # positional option is an option as before
+    with pytest.warns(DeprecationWarning, match="declare the loop values"):
+        @methods.register("_t_legacy", "an old-style scorer with a cache and a positional option")
+        def legacy(model, masks=None, alpha=1.0, *, data=None, seed=0, cache=None):
+            return {n: torch.rand(m.shape) * alpha for n, m in masks.items()}
+
+    assert methods.get("_t_legacy").takes == {"cache", "process_group"}
+    got = ntkfast.prune(_net(), "_t_legacy", 0.5, alpha=2.0, progress=False)
+    assert abs(got.density - 0.5) < 0.05
+    with pytest.raises(ValueError, match="beta: not an option of method '_t_legacy' .its options: alpha"):
+        ntkfast.prune(_net(), "_t_legacy", 0.5, beta=2.0, progress=False)

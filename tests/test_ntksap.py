@@ -598,10 +598,33 @@ def test_grouped_convolution_without_an_engine_falls_back_per_group(monkeypatch)
     assert _max_rel(want, got) < 1e-12
     assert any("no cuDNN engine" in path for path in net.explain().values())
 
-    def conv2d_broken(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
-        raise RuntimeError("some other failure")
+    class EngineOnlyForward(torch.autograd.Function):  # forward runs, the backward finds no engine
+        @staticmethod
+        def forward(ctx, x, w, b, stride, padding, dilation, groups):
+            return real_conv2d(x, w, b, stride, padding, dilation, groups)
 
-    monkeypatch.setattr(F, "conv2d", conv2d_broken)
+        @staticmethod
+        def backward(ctx, g):
+            raise RuntimeError("GET was unable to find an engine to execute this computation")
+
+    def conv2d_no_backward_engine(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
+        if groups > 1:
+            return EngineOnlyForward.apply(x, w, b, stride, padding, dilation, groups)
+        return real_conv2d(x, w, b, stride, padding, dilation, groups)
+
+    monkeypatch.setattr(F, "conv2d", conv2d_no_backward_engine)
+    net = GroupedNetwork(model, dtype=torch.float64, device="cpu")
+    net.ctx.grouped_conv = True
+    with pytest.warns(RuntimeWarning, match="no cuDNN engine"):  # the probe runs the backward too
+        got = run(net)
+    assert _max_rel(want, got) < 1e-12
+
+    def conv2d_broken_grouped(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
+        if groups > 1:
+            raise RuntimeError("some other failure")
+        return real_conv2d(x, w, b, stride, padding, dilation, groups)
+
+    monkeypatch.setattr(F, "conv2d", conv2d_broken_grouped)
     other = GroupedNetwork(model, dtype=torch.float64, device="cpu")
     other.ctx.grouped_conv = True
     with pytest.raises(RuntimeError, match="some other failure"):  # only a missing engine falls back

@@ -298,3 +298,12 @@ def test_prune_with_start_masks_still_respects_hook_masks():
     pruned = net[0].weight_mask == 0
     m = ntkfast.prune(net, "magnitude", 0.9, masks=Masks.ones(net), progress=False)
     assert not bool((m["0.weight"] & pruned).any())
+
+
+def test_huge_and_numpy_numbers_are_named_not_overflowed():
+    from ntkfast.core.checks import check_bytes, check_number
+
+    assert check_bytes(10**400) == 10**400 and check_bytes(np.int64(5)) == 5
+    with pytest.raises(ValueError, match="lr: expected a finite number"):
+        check_number(10**400, "lr")  # too large for a float: named, not an OverflowError
+    assert check_number(np.float32(0.5), "lr") == 0.5

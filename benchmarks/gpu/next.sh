@@ -5,7 +5,8 @@
 #   bash benchmarks/gpu/next.sh [--stages N] [--keep-going] [--dry-run]
 #   --stages N     up to N stages in a row (a 10-minute call holds two)
 #   --keep-going   go on to the next stage after one that failed (not after a failed build)
-#   --dry-run      every stage on the CPU, the ledger in a temporary copy (what CI runs)
+#   --dry-run      the stages in order from stage 1 whatever the ledger says, on the CPU, the ledger
+#                  in a temporary copy (what CI runs)
 # Prints "ladder: done" and exits 0 when every stage has passed for the current hashes; else exits
 # with the status of the last stage it ran.
 set -uo pipefail
@@ -27,8 +28,16 @@ if [ "${NTKFAST_GPU_DRY_RUN:-0}" = 1 ] && [ -z "${NTKFAST_LEDGER:-}" ]; then
 fi
 "$PY" benchmarks/gpu/ledger.py show
 rc=0; first=1
+dry=${NTKFAST_GPU_DRY_RUN:-0}
 for _ in $(seq "$n"); do
-  stage=$("$PY" benchmarks/gpu/ledger.py next --from "$first") || exit 1
+  if [ "$dry" = 1 ]; then
+    # a dry run walks the stages in order whatever the ledger says: it checks the harness, and must
+    # keep checking it once the real ladder has passed
+    stage=$first
+    [ "$stage" -gt 4 ] && break
+  else
+    stage=$("$PY" benchmarks/gpu/ledger.py next --from "$first") || exit 1
+  fi
   if [ "$stage" = done ]; then
     [ "$first" = 1 ] && echo "ladder: done"
     break

@@ -26,6 +26,12 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> path_chain_cuda(
   const std::vector<int64_t> outs = check_path_chain("path_chain", weights, masks, biases, input, power);
   const c10::cuda::CUDAGuard guard(input.device());
   const size_t L = weights.size();
+  for (size_t k = 0; k < L; ++k) {  // step k: forward of layer k, backward of layer L - 1 - k; before any allocation
+    const int64_t blocks = gpu::path_chain_step_blocks(input.size(0), weights[k].size(0), weights[L - 1 - k].size(1));
+    TORCH_CHECK_VALUE(blocks <= gpu::kPathMaxGridX, "path_chain: input has ", input.size(0), " rows and weights[", k,
+                      "] ", weights[k].size(0), " outputs: ", blocks, " blocks in one launch, more than the CUDA "
+                      "kernel's ", gpu::kPathMaxGridX, "; split the input's rows into smaller batches");
+  }
   std::vector<at::Tensor> keep;  // contiguous copies, alive until the launches are queued
   std::vector<at::Tensor> fwd(L), bwd(L);
   std::vector<gpu::PathChainLayer> layers(L);
@@ -48,12 +54,6 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> path_chain_cuda(
     layers[l].backward_out = bwd[l].data_ptr();
     layers[l].o = weights[l].size(0);
     layers[l].c = weights[l].size(1);
-  }
-  for (size_t k = 0; k < L; ++k) {  // step k: forward of layer k, backward of layer L - 1 - k
-    const int64_t blocks = gpu::path_chain_step_blocks(input.size(0), layers[k].o, layers[L - 1 - k].c);
-    TORCH_CHECK_VALUE(blocks <= gpu::kPathMaxGridX, "path_chain: input has ", input.size(0), " rows and weights[", k,
-                      "] ", layers[k].o, " outputs: ", blocks, " blocks in one launch, more than the CUDA kernel's ",
-                      gpu::kPathMaxGridX, "; split the input's rows into smaller batches");
   }
   const at::Tensor x = input.contiguous();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(input.device().index()).stream();

@@ -22,6 +22,11 @@ def _expected(name: str, what: str, value) -> ValueError:
     return ValueError(f"{name}: expected {what}, got {value!r}")
 
 
+def _finite(value) -> bool:
+    # an int is finite however large (math.isfinite would overflow converting it to a float)
+    return isinstance(value, numbers.Integral) or math.isfinite(value)
+
+
 def check_int(value, name: str, *, lo: Optional[int] = None, allow_none: bool = False,
               type_error: bool = False) -> Optional[int]:
     """An int (numpy integers too, never bool), at least ``lo``; None passes with ``allow_none``.
@@ -46,9 +51,12 @@ def check_number(value, name: str, *, lo: Optional[float] = None, lo_open: bool 
     bounds = ([f"{'>' if lo_open else '>='} {lo}"] if lo is not None else []) + \
              ([f"{'<' if hi_open else '<='} {hi}"] if hi is not None else [])
     what = f"a finite number{' ' + ' and '.join(bounds) if bounds else ''}{' or None' if allow_none else ''}"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not _finite(value):
         raise _expected(name, what, value)
-    v = float(value)
+    try:
+        v = float(value)
+    except OverflowError:
+        raise _expected(name, what, value) from None
     if (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and (v >= hi if hi_open else v > hi)):
         raise _expected(name, what, value)
     return v
@@ -94,6 +102,6 @@ def check_bytes(value, name: str = "memory_budget") -> Optional[int]:
     """A positive number of bytes, or None (the default budget)."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not value > 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not _finite(value) or not value > 0:
         raise _expected(name, "a positive number of bytes", value)
     return int(value)

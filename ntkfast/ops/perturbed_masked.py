@@ -18,11 +18,6 @@ from .loader import Family
 # pairs (x0, x1) and (x2, x3), in float32 (float64 for float64 outputs). The kernels read
 # (seed, offset) from an int64 tensor ``philox`` of shape [2] on the device where they run.
 
-# The stream (csrc/philox.h): normal number j of a 64-bit seed is lane j % 4 of Philox4x32-10 with
-# counter (lo(j // 4), hi(j // 4), 0, 0) and key (lo(seed), hi(seed)); Box-Muller on the word
-# pairs (x0, x1) and (x2, x3), in float32 (float64 for float64 outputs). The kernels read
-# (seed, offset) from an int64 tensor ``philox`` of shape [2] on the device where they run.
-
 _U32 = 0xFFFFFFFF
 _PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
 _PHILOX_W0, _PHILOX_W1 = 0x9E3779B9, 0xBB67AE85

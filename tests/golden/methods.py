@@ -4,7 +4,7 @@ Made once before a reorganisation and held after it (tests/test_golden_methods.p
 code changes no method's result. Each method runs on LeNet-5 and a small BatchNorm ResNet (ResNet-20
 at width 4), float64, seed 0, density 0.1, three rounds for the iterative methods, through the
 public entry points only: ``ntkfast.prune`` for the masks, ``ntkfast.scores.<method>`` for one
-round of scores from the dense model, ``ntkfast.transfer`` for NTT's learned weights.
+round of scores from the dense model; for NTT, the learned weights ``prune`` returns with its masks.
 
     python tests/golden/methods.py --write     # rewrite methods.json (only when results SHOULD change)
 """
@@ -72,9 +72,8 @@ def compute(methods=None) -> dict:
             rounds = 3 if method in ITERATIVE else 1
             masks = ntkfast.prune(model, method, 0.1, rounds=rounds, data=data, seed=0, progress=False, **opts)
             rec = {"masks": fingerprint(dict(masks))}
-            if method == "ntt":
-                res = ntkfast.transfer(model, 0.1, data[0], seed=0, progress=False, scope="layerwise", **opts)
-                rec["weights"] = fingerprint({n: res.state_dict[n] for n in res.masks})
+            if method == "ntt":  # the learned weights prune hands back with the masks
+                rec["weights"] = fingerprint({n: masks.learned_weights[n] for n in masks})
             else:
                 rec["scores"] = fingerprint(getattr(scores, method)(model, None, data=data, seed=0, **opts))
             results[f"{model_name}/{method}"] = rec

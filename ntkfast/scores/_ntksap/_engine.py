@@ -8,7 +8,7 @@ pass into one call (2P weight sets, group-stacked; the GPU path, optionally repl
 graph), "sequential" runs the two branches of one piece as two plain calls (the CPU path). Both
 build the effective weights of each layer with the fused ``ops.perturbed_masked`` kernel (xi
 regenerated from Philox in the backward, never stored) and skip the statistics pass for networks
-without BatchNorm. The reference engine is the authors' loop (_ntksap_reference.py).
+without BatchNorm. The reference engine is the authors' loop (_reference.py).
 """
 from __future__ import annotations
 
@@ -305,15 +305,20 @@ def _graphed(model, net, targets, keys, draws, chunk, masks, total, eps, record,
         # the graph's pool and this eager pass are alive together: the one moment two passes are,
         # which _pieces_per_pass sizes for; if memory still runs out, graphs go and the caller
         # runs the pass eagerly with the graph's pool freed
+        failed = None
         try:
             eager = OrderedDict((n, torch.zeros_like(m)) for n, m in masks.items())
             with torch.enable_grad():
                 _one_pass(net, targets, keys, draws, chunk, masks, eager, eps, True,
                           "authors" if record else "single_pass", False, False)
-        except torch.cuda.OutOfMemoryError as exc:
+        except RuntimeError as exc:  # OutOfMemoryError, or cuDNN / cuBLAS failing to allocate
+            if not _out_of_memory(exc):
+                raise
+            failed = str(exc).splitlines()[0][:200]
+        if failed is not None:  # outside the except: its traceback no longer holds the pass's tensors
             del gp, grads
             eager = None
-            G.disable(store, f"out of memory checking the first replay against the eager pass ({exc})"[:300])
+            G.disable(store, f"out of memory checking the first replay against the eager pass ({failed})")
             torch.cuda.empty_cache()
             return False
         top = max(float(v.abs().max()) for v in eager.values()) or 1.0
@@ -327,6 +332,11 @@ def _graphed(model, net, targets, keys, draws, chunk, masks, total, eps, record,
     for n in total:
         total[n] += grads[n]
     return True
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or any(
+        s in str(exc) for s in ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED"))
 
 
 def _one_pass(net, targets, keys, draws, chunk, masks, total, eps, has_bn, bn_stats, objective_only,
