@@ -84,7 +84,7 @@ def _launch(world, threads, device, params) -> dict:
             p.join()
         if any(p.exitcode != 0 for p in procs):
             raise RuntimeError(f"a process of the {world}-process run failed (exit codes {[p.exitcode for p in procs]})")
-        ranks = [torch.load(f"{out}-{r}.pt", weights_only=False) for r in range(world)]
+        ranks = [torch.load(f"{out}-{r}.pt", weights_only=True) for r in range(world)]
     return {"seconds": ranks[0]["seconds"], "peak_mb": max(r["peak_mb"] for r in ranks), "masks": ranks[0]["masks"]}
 
 

@@ -30,7 +30,7 @@ def _resume_point(checkpoint) -> int:
     """The step a transfer checkpoint was written at (0 when there is none yet)."""
     if not checkpoint or not Path(checkpoint).exists():
         return 0
-    return int(torch.load(checkpoint, map_location="cpu", weights_only=False)["step"])
+    return int(torch.load(checkpoint, map_location="cpu", weights_only=True)["step"])
 
 
 def _resumed_record(out_path: Path, fresh: dict, step: int) -> dict:

@@ -46,6 +46,13 @@ def _build_model(args):
     return models.get(args.model, **kwargs)
 
 
+def _checked_device(args):
+    """``--device`` as a torch.device, refused by name before any work (no CUDA, a typo)."""
+    from .core.checks import check_device
+
+    return None if args.device is None else check_device(args.device, "--device")
+
+
 def _labelled_batch(args, model):
     """A labelled batch for the data-based scorers: the dataset if given, else Gaussian noise."""
     from . import data as D
@@ -67,10 +74,14 @@ def cmd_prune(args) -> int:
 
     from . import methods, prune
 
+    from .core.files import check_out_path
+
     info = methods.get(args.method)
+    check_out_path(args.out, "--out")  # before the work: hours must not end in a traceback about a path
+    device = _checked_device(args)
     model = _build_model(args)
-    if args.device:
-        model = model.to(args.device)
+    if device is not None:
+        model = model.to(device)
     rounds = args.rounds if args.rounds is not None else _ITERATIVE_DEFAULT_ROUNDS.get(args.method, 1)
     options = dict(args.option or [])
     for key in ("scope", "target_density"):
@@ -113,13 +124,17 @@ def cmd_transfer(args) -> int:
     import torch
 
     from . import data as D
+    from .core.files import atomic_write, check_out_path, plain_data
     from .ntt import transfer
 
     if args.steps is not None and args.epochs is not None:
         raise SystemExit("ntkfast: give --steps or --epochs, not both")
+    check_out_path(args.out, "--out")  # before the work: hours must not end in a traceback about a path
+    check_out_path(args.plot, "--plot")
+    device = _checked_device(args)
     model = _build_model(args)
-    if args.device:
-        model = model.to(args.device)
+    if device is not None:
+        model = model.to(device)
     train_set = D.load_dataset(args.dataset, args.data_dir, train=True)
     if tuple(train_set.input_shape) != tuple(model.input_shape):
         raise SystemExit(f"ntkfast: --model {args.model} expects inputs {model.input_shape}, the dataset has "
@@ -142,9 +157,10 @@ def cmd_transfer(args) -> int:
     res.masks.metadata["model"] = args.model
     if not is_main_process():  # under torchrun: rank 0 writes
         return 0
-    torch.save({"format": _TRANSFER_FORMAT, "model": args.model, "input_shape": list(model.input_shape),
-                "num_classes": model.num_classes, "masks": dict(res.masks), "metadata": res.masks.metadata,
-                "state_dict": {k: v.cpu() for k, v in res.state_dict.items()}, "history": h}, args.out)
+    obj = {"format": _TRANSFER_FORMAT, "model": args.model, "input_shape": list(model.input_shape),
+           "num_classes": model.num_classes, "masks": dict(res.masks), "metadata": plain_data(res.masks.metadata),
+           "state_dict": {k: v.cpu() for k, v in res.state_dict.items()}, "history": plain_data(h)}
+    atomic_write(args.out, lambda f: torch.save(obj, f))
     print(f"masks and learned sparse weights saved to {args.out} (train them: ntkfast train --init {args.out} ...)")
     if args.plot:
         from .plots import plot_transfer_history
@@ -161,8 +177,16 @@ def _load_init(path):
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"--init: no file at {path!r}") from None
+    except Exception as e:  # cut, corrupt, foreign, or asking to run code (weights_only refuses it)
+        msg = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:200]
+        raise ValueError(f"--init: {path!r} is not a readable `ntkfast transfer --out` file "
+                         f"({type(e).__name__}: {msg})") from None
     if not isinstance(obj, dict) or obj.get("format") != _TRANSFER_FORMAT:
         raise ValueError(f"--init: {path!r} is not an `ntkfast transfer --out` file")
+    bad = [k for k, kind in (("model", str), ("input_shape", list), ("num_classes", int), ("masks", dict),
+                             ("state_dict", dict)) if not isinstance(obj.get(k), kind)]
+    if bad:
+        raise ValueError(f"--init: {path!r} is a damaged `ntkfast transfer --out` file ({bad[0]} missing or wrong)")
     return obj
 
 
@@ -231,8 +255,16 @@ def _method_settings(items, name: str, parse) -> dict:
     return out
 
 
+def _out_error(exc: OSError) -> int:
+    """A full disk or a permission changed mid-run: one line, not a traceback."""
+    print(f"ntkfast: error: {exc}", file=sys.stderr)
+    return 2
+
+
 def cmd_study(args) -> int:
-    from .study import run_study
+    from .study import check_out, run_study
+
+    check_out(args.out, "--out")  # before the data loads, named as the user typed it
 
     def positive_int(text):
         try:
@@ -246,29 +278,38 @@ def cmd_study(args) -> int:
         except argparse.ArgumentTypeError as exc:
             raise SystemExit(f"ntkfast: --method-option: {exc}") from None
 
-    records = run_study(
-        args.model, args.dataset, args.data_dir, args.methods, args.densities, args.seeds, args.out,
-        epochs=args.epochs, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
-        weight_decay=args.weight_decay, batch_size=args.batch_size, lr_milestones=args.lr_milestones,
-        scope=args.scope, rounds=_method_settings(args.rounds, "--rounds", positive_int),
-        method_options=_method_settings(args.method_option, "--method-option", option),
-        prune_samples=args.prune_samples, train_subset=args.train_subset, test_subset=args.test_subset,
-        max_batches=args.max_batches, device=args.device, progress=not args.quiet)
+    try:
+        records = run_study(
+            args.model, args.dataset, args.data_dir, args.methods, args.densities, args.seeds, args.out,
+            epochs=args.epochs, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
+            weight_decay=args.weight_decay, batch_size=args.batch_size, lr_milestones=args.lr_milestones,
+            scope=args.scope, rounds=_method_settings(args.rounds, "--rounds", positive_int),
+            method_options=_method_settings(args.method_option, "--method-option", option),
+            prune_samples=args.prune_samples, train_subset=args.train_subset, test_subset=args.test_subset,
+            max_batches=args.max_batches, device=args.device, progress=not args.quiet,
+            claim_timeout=args.claim_timeout)
+    except OSError as exc:
+        return _out_error(exc)
     for r in records:
+        best = "?" if r["best_test_accuracy"] is None else f"{r['best_test_accuracy']:.2%}"
         print(f"{r['method']:>16s}  density {r['density']:<7g} seed {r['seed']}  "
-              f"test accuracy {r['final_test_accuracy']:.2%} (best {r['best_test_accuracy']:.2%})")
+              f"test accuracy {r['final_test_accuracy']:.2%} (best {best})")
     print(f"{len(records)} cells in {args.out}; tables and plots: ntkfast report {args.out} --out DIR")
     return 0
 
 
 def cmd_report(args) -> int:
+    from .core.files import check_out_dir
     from .report import write_report
 
+    check_out_dir(args.out, "--out")  # before reading the results, named as the user typed it
     try:
         written = write_report(args.results, args.out, metric=args.metric, profile_density=args.profile_density,
                                plots=not args.no_plots)
     except ImportError as exc:
         raise SystemExit(f"ntkfast report: {exc}") from None
+    except OSError as exc:
+        return _out_error(exc)
     for path in written:
         print(path)
     return 0
@@ -310,9 +351,28 @@ def _add_model_args(p, default_model):
                    help=f"model zoo name (default {default_model or 'lenet300_100, or the --init file'}; see `ntkfast models`)")
     p.add_argument("--input-shape", type=_shape, default=None, help="input shape without batch, e.g. 3,32,32")
     p.add_argument("--num-classes", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _seed(text: str) -> int:
+    from .core.checks import check_seed
+
+    try:
+        return check_seed(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int in [-2**63, 2**64), got {text!r}") from None
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
+    return value
 
 
 def _seconds(text: str) -> float:
@@ -367,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-mask", default="magnitude", choices=["magnitude", "logit_snip"])
     p.add_argument("--scope", default="layerwise", choices=["layerwise", "global"])
     p.add_argument("--kernel", default="sparse", choices=["sparse", "authors_code"])
-    p.add_argument("--max-samples", type=int, default=None, help="use only the first N training images")
+    p.add_argument("--max-samples", type=_positive, default=None, help="use only the first N training images")
     p.add_argument("--out", required=True, help="where to save masks, learned weights and history (torch.save)")
     p.add_argument("--plot", default=None, help="also plot the validation losses to this PNG (needs matplotlib)")
     _add_dist_args(p)
@@ -412,6 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="JSON-lines results file (appended; finished cells are skipped)")
+    p.add_argument("--claim-timeout", type=_seconds, default=600.0,
+                   help="seconds after which a cell claimed by a process that stopped renewing its claim "
+                        "(a killed one on another machine) is run here instead (default 600)")
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("report", help="markdown tables and PNG plots from `ntkfast study` results")
@@ -470,6 +533,9 @@ def main(argv=None) -> int:
 def _run(args) -> int:
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:  # a bad argument or file, a full disk: one line, no traceback
         print(f"ntkfast: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("ntkfast: interrupted; nothing was written", file=sys.stderr)
+        return 130

@@ -34,6 +34,7 @@ from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 
 from .masks import Masks, parameter_name
+from .core.concurrency import holds_model
 
 __all__ = ["Connectivity", "connectivity"]
 
@@ -124,6 +125,7 @@ def _unit_tensors(model: nn.Module, masks: Mapping[str, torch.Tensor], pnames: M
     return out
 
 
+@holds_model
 def connectivity(model: nn.Module, masks: Mapping[str, torch.Tensor], *,
                  input_shape: Optional[Sequence[int]] = None) -> Connectivity:
     """The effective part of ``masks`` on ``model`` (see the module docstring).

@@ -302,17 +302,19 @@ def mean_input(dataset) -> torch.Tensor:
 # File readers
 # =============================================================================================
 
-def _read_bytes(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        head = f.read(2)
-        f.seek(0)
-        if head == b"\x1f\x8b":
-            try:
-                with gzip.GzipFile(fileobj=f) as g:
-                    return g.read()
-            except (OSError, EOFError, zlib.error) as e:
-                raise ValueError(f"{path}: corrupt gzip data ({e})") from None
-        return f.read()
+def _open_maybe_gzip(path: Path):
+    """The file opened for reading, through gzip when it starts with the gzip magic; and its size
+    on disk (the bound on what a gzip stream can honestly expand to)."""
+    f = open(path, "rb")
+    head = f.read(2)
+    f.seek(0)
+    if head == b"\x1f\x8b":
+        return gzip.GzipFile(fileobj=f), os.fstat(f.fileno()).st_size, True
+    return f, os.fstat(f.fileno()).st_size, False
+
+
+# deflate cannot expand more than 1032:1; a header promising more than that is lying
+_DEFLATE_MAX_RATIO = 1032
 
 
 def read_idx(path: PathLike, expected_magic: Optional[int] = None) -> np.ndarray:
@@ -320,26 +322,39 @@ def read_idx(path: PathLike, expected_magic: Optional[int] = None) -> np.ndarray
 
     Header: a big-endian magic ``0x0000 08 nd`` (08 = unsigned byte, nd = number of dimensions),
     then nd big-endian uint32 sizes, then the data. Raises ValueError naming the path when the
-    magic (or ``expected_magic``) or the data size does not fit.
+    magic (or ``expected_magic``) or the data size does not fit. The header is checked before the
+    data is read (or decompressed), and no more than the header promises is ever read.
     """
     path = Path(path)
-    raw = _read_bytes(path)
-    if len(raw) < 4:
-        raise ValueError(f"{path}: not an IDX file (only {len(raw)} bytes)")
-    magic = int.from_bytes(raw[:4], "big")
-    if expected_magic is not None and magic != expected_magic:
-        raise ValueError(f"{path}: bad IDX magic 0x{magic:08x}, expected 0x{expected_magic:08x}")
-    if raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or raw[3] == 0:
-        raise ValueError(f"{path}: bad IDX magic 0x{magic:08x} (expected 0x000008nn: unsigned bytes, nn dims)")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise ValueError(f"{path}: truncated IDX header")
-    dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    expected = math.prod(dims)
-    if len(raw) - header != expected:
-        raise ValueError(f"{path}: IDX header says {dims} = {expected} bytes of data, the file has {len(raw) - header}")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+    f, size, compressed = _open_maybe_gzip(path)
+    try:
+        with f:
+            head = f.read(4)
+            if len(head) < 4:
+                raise ValueError(f"{path}: not an IDX file (only {len(head)} bytes)")
+            magic = int.from_bytes(head, "big")
+            if expected_magic is not None and magic != expected_magic:
+                raise ValueError(f"{path}: bad IDX magic 0x{magic:08x}, expected 0x{expected_magic:08x}")
+            if head[0] != 0 or head[1] != 0 or head[2] != 0x08 or head[3] == 0:
+                raise ValueError(f"{path}: bad IDX magic 0x{magic:08x} (expected 0x000008nn: unsigned bytes, nn dims)")
+            ndim = head[3]
+            sizes = f.read(4 * ndim)
+            if len(sizes) < 4 * ndim:
+                raise ValueError(f"{path}: truncated IDX header")
+            dims = tuple(int.from_bytes(sizes[4 * i: 4 * i + 4], "big") for i in range(ndim))
+            expected = math.prod(dims)
+            bound = size * _DEFLATE_MAX_RATIO if compressed else size - 4 - 4 * ndim
+            if expected > bound:
+                raise ValueError(f"{path}: IDX header says {dims} = {expected} bytes of data, more than the "
+                                 f"{'compressed ' if compressed else ''}file of {size} bytes can hold")
+            data = f.read(expected)
+            extra = len(f.read(1))
+    except (OSError, EOFError, zlib.error) as e:
+        raise ValueError(f"{path}: corrupt gzip data ({e})") from None
+    if len(data) != expected or extra:
+        got = f"{len(data)}" if len(data) != expected else "more"
+        raise ValueError(f"{path}: IDX header says {dims} = {expected} bytes of data, the file has {got}")
+    return np.frombuffer(data, dtype=np.uint8).reshape(dims)
 
 
 def _find(root: Path, subdirs: Sequence[str], filename: str, dataset: str, compressed_ok: bool = True) -> Path:
@@ -376,6 +391,8 @@ def _load_idx_pair(root: Path, subdirs, train: bool, dataset: str) -> Tuple[torc
     labels = read_idx(lbl_path, IDX_LABELS_MAGIC)
     if images.shape[0] != labels.shape[0]:
         raise ValueError(f"{img_path}: {images.shape[0]} images but {lbl_path} has {labels.shape[0]} labels")
+    if images.shape[0] == 0 or images.ndim != 3:
+        raise ValueError(f"{img_path}: expected [N > 0, H, W] images, the IDX header says {images.shape}")
     if labels.size and int(labels.max()) > 9:
         raise ValueError(f"{lbl_path}: label {int(labels.max())} out of range 0..9")
     x = torch.from_numpy(images.copy()).unsqueeze(1)  # [N, 1, H, W]
@@ -455,6 +472,8 @@ def load_cifar10(root: PathLike, train: bool = True, normalize: bool = True) -> 
     paths = [_find(root, _CIFAR_DIRS, n, "cifar10", compressed_ok=False) for n in names]
     parts = [_cifar_batch(p) for p in paths]
     data = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
+    if data.shape[0] == 0:
+        raise ValueError(f"root: the cifar10 batches under {str(root)!r} hold no images")
     labels = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
     x = torch.from_numpy(np.ascontiguousarray(data.reshape(-1, 3, 32, 32)))
     y = torch.from_numpy(labels)

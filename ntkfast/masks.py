@@ -2,17 +2,19 @@
 from __future__ import annotations
 
 import math
+import os
 from collections import OrderedDict
 from typing import Dict, Iterator, Mapping, Optional
 
 import torch
 from torch import nn
 
-from .core.checks import check_choice
+from .core.checks import check_choice, check_mask
+from .core.files import atomic_write, plain_data
 from .core.targets import module_param, parameter_name, prunable_parameters, unpruned_weights
 from .ops import topk_mask, topk_mask_layerwise
 
-__all__ = ["Masks", "prunable_parameters", "unpruned_weights", "parameter_name", "density_schedule", "n_keep",
+__all__ = ["Masks", "prunable_parameters", "unpruned_weights", "parameter_name", "density_schedule", "round_density", "n_keep",
            "n_keep_authors", "threshold"]
 
 
@@ -24,10 +26,14 @@ class Masks(Mapping[str, torch.Tensor]):
 
     def __init__(self, masks: Mapping[str, torch.Tensor], metadata: Optional[dict] = None):
         self._m: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+        if not isinstance(masks, Mapping):
+            raise TypeError(f"masks: expected a mapping name -> bool tensor, got {type(masks).__name__}")
         for name, m in masks.items():
+            if not isinstance(name, str):
+                raise TypeError(f"masks: names must be str, got {type(name).__name__} {name!r}")
             if not isinstance(m, torch.Tensor):
                 raise TypeError(f"masks[{name!r}] must be a tensor, got {type(m).__name__}")
-            self._m[name] = m.detach().to(torch.bool)
+            self._m[name] = check_mask(m, f"masks[{name!r}]")
         self.metadata: dict = dict(metadata or {})
         # set by methods that learn weights with their masks (NTT): a state dict of the whole model,
         # to load before training; None for score-based methods. Not saved by save().
@@ -75,7 +81,8 @@ class Masks(Mapping[str, torch.Tensor]):
                 attr = bname[: -len("_mask")]
                 if module_param(module, attr) is None:
                     continue
-                out[f"{mname}.{attr}" if mname else attr] = buf.detach().to(torch.bool).clone()
+                name = f"{mname}.{attr}" if mname else attr
+                out[name] = check_mask(buf, f"model: buffer {mname + '.' if mname else ''}{bname}").clone()
         if not out:
             raise ValueError("model: no *_mask buffers found (prune it with torch.nn.utils.prune or to_prune_hooks)")
         return cls(out)
@@ -171,40 +178,65 @@ class Masks(Mapping[str, torch.Tensor]):
 
     # -- persistence ------------------------------------------------------------------------------
     def save(self, path) -> None:
-        """torch.save the masks with their metadata (method, density, seed, package version, ...)."""
+        """torch.save the masks with their metadata (method, density, seed, package version, ...),
+        written to a temporary file and renamed into place. Metadata values that are not plain
+        numbers, strings, lists or dicts are stored as their text, so that :meth:`load` (which reads
+        nothing but tensors and plain values) can read every file this writes."""
         from ._version import __version__
 
-        meta = dict(self.metadata)
+        meta = plain_data(dict(self.metadata))
         meta.setdefault("version", __version__)
         meta["final_density"] = self.density
-        torch.save({"format": "ntkfast.masks/1", "masks": OrderedDict((n, m.cpu()) for n, m in self._m.items()),
-                    "metadata": meta}, path)
+        obj = {"format": "ntkfast.masks/1", "masks": OrderedDict((n, m.cpu()) for n, m in self._m.items()),
+               "metadata": meta}
+        atomic_write(path, lambda f: torch.save(obj, f))
 
     @classmethod
     def load(cls, path, map_location="cpu") -> "Masks":
+        """The masks of a file written by :meth:`save` (or a plain name -> bool/0-1 tensor dict).
+        Read with ``weights_only=True``: a file asking to run code is refused unread. ValueError
+        naming the file for anything that is not masks."""
+        if os.path.isdir(path):
+            raise ValueError(f"path: {os.fspath(path)!r} is a folder, not a masks file")
         try:
             obj = torch.load(path, map_location=map_location, weights_only=True)
         except FileNotFoundError:
             raise FileNotFoundError(f"path: no masks file at {path!r}") from None
-        if isinstance(obj, Mapping) and obj.get("format", "").startswith("ntkfast.masks/"):
-            return cls(obj["masks"], obj.get("metadata", {}))
+        except Exception as e:  # a cut, corrupt, foreign or hostile file: never the loader's traceback
+            msg = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:200]
+            raise ValueError(f"path: {os.fspath(path)!r} is not a readable masks file ({type(e).__name__}: "
+                             f"{msg})") from None
+        if isinstance(obj, Mapping) and isinstance(obj.get("format"), str) and obj["format"].startswith("ntkfast.masks/"):
+            masks, meta = obj.get("masks"), obj.get("metadata", {})
+            if not isinstance(masks, Mapping) or not masks or not isinstance(meta, Mapping):
+                raise ValueError(f"path: {os.fspath(path)!r} is a damaged ntkfast masks file (no masks or metadata)")
+            try:
+                return cls(masks, meta)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"path: {os.fspath(path)!r}: {e}") from None
         if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
             # a plain name -> mask dict; refuse anything else (a state_dict's weights would all
             # silently read as True)
-            bad = [n for n, v in obj.items() if v.dtype != torch.bool and not bool(((v == 0) | (v == 1)).all())]
-            if not bad:
+            try:
                 return cls(obj)
-            raise ValueError(f"path: {path!r} holds tensors that are not masks (not bool or 0/1): {bad[:3]}")
-        raise ValueError(f"path: {path!r} does not hold ntkfast masks")
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"path: {os.fspath(path)!r} holds tensors that are not masks: {e}") from None
+        raise ValueError(f"path: {os.fspath(path)!r} does not hold ntkfast masks")
+
+
+def round_density(density: float, t: int, rounds: int, schedule: str = "exponential") -> float:
+    """Target density of round ``t`` of ``rounds`` (1-based): exponential d_t = d^(t/T), linear
+    d_t = 1 - (1 - d) t / T."""
+    if schedule == "exponential":
+        return density ** (t / rounds)
+    if schedule == "linear":
+        return 1.0 - (1.0 - density) * t / rounds
+    raise ValueError(f"schedule must be 'exponential' or 'linear', got {schedule!r}")
 
 
 def density_schedule(density: float, rounds: int, schedule: str = "exponential") -> list:
-    """Target densities d_1..d_T: exponential d_t = d^(t/T), linear d_t = 1 - (1 - d) t / T."""
-    if schedule == "exponential":
-        return [density ** (t / rounds) for t in range(1, rounds + 1)]
-    if schedule == "linear":
-        return [1.0 - (1.0 - density) * t / rounds for t in range(1, rounds + 1)]
-    raise ValueError(f"schedule must be 'exponential' or 'linear', got {schedule!r}")
+    """Target densities d_1..d_T (see :func:`round_density`)."""
+    return [round_density(density, t, rounds, schedule) for t in range(1, rounds + 1)]
 
 
 def n_keep(density: float, numel: int) -> int:
@@ -255,3 +287,4 @@ def threshold(
         out = topk_mask_layerwise(s, [count(density, x.numel()) for x in s], kp, drop_ties=drop, clamp=True,
                                        names=names)
     return OrderedDict(zip(names, out))
+

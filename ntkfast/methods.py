@@ -24,6 +24,9 @@ from typing import Callable, Dict, FrozenSet, Mapping, Optional
 
 import torch
 
+from .core.concurrency import holds_model
+from .core.state import finite_weights
+
 __all__ = ["MethodInfo", "MethodResult", "register", "get", "available", "LOOP_VALUES"]
 
 #: what the loop can hand a method, by keyword
@@ -121,6 +124,9 @@ def register(name: str, description: str, *, needs_data: bool = False, raw_data:
             from .distributed import replicated
 
             run = replicated(fn)
+        # a method swaps tensors into the model for its forward passes: one call per model at a time
+        # and computes on a model whose pruned NaN/inf entries read as 0 (refused where kept)
+        run = holds_model(finite_weights(run))
         _REGISTRY[name] = MethodInfo(name, run, description, needs_data, raw_data, single_shot,
                                      takes | {"process_group"}, returns)
         return run

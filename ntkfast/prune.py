@@ -1,19 +1,19 @@
 """The pruning loop: score, threshold, repeat over a density schedule."""
 from __future__ import annotations
 
-import numbers
 import time
 import warnings
-from typing import Mapping, Optional
+from typing import Iterator, Mapping, Optional
 
 import torch
 from torch import nn
 
-from .core.checks import check_choice, check_density, check_int
+from .core.checks import check_choice, check_density, check_int, check_mask, check_seed
 from . import methods as _methods
 from ._version import __version__
 from .core.targets import mask_buffer_name
-from .masks import Masks, density_schedule, prunable_parameters, threshold, unpruned_weights
+from .masks import Masks, prunable_parameters, round_density, threshold, unpruned_weights
+from .core.concurrency import holds_model
 
 _SCHEDULES = ("exponential", "linear")
 _SCOPES = ("global", "layerwise")
@@ -41,7 +41,7 @@ def _check_start_masks(masks: Mapping, start: Masks) -> Masks:
         m = masks[name]
         if not isinstance(m, torch.Tensor) or m.shape != start[name].shape:
             raise ValueError(f"masks[{name!r}] must be a tensor of shape {tuple(start[name].shape)}")
-        out[name] = m.detach().to(device=start[name].device, dtype=torch.bool).clone()
+        out[name] = check_mask(m, f"masks[{name!r}]").to(device=start[name].device).clone()
     return Masks(out)
 
 
@@ -52,7 +52,7 @@ def _existing_masks(model: nn.Module, masks: Masks) -> Masks:
     out = {}
     for name, m in masks.items():
         bname = mask_buffer_name(buffers, name, m.shape)
-        out[name] = m & (buffers[bname].detach().to(m.device) != 0) if bname is not None else m
+        out[name] = m & check_mask(buffers[bname], f"model: buffer {bname}").to(m.device) if bname is not None else m
     return Masks(out)
 
 
@@ -98,11 +98,18 @@ def _method_masks(method: str, result, current: Masks):
     return out, getattr(result, "weights", None)
 
 
-def _round_seeds(seed: int, rounds: int) -> list:
+def _round_seeds(seed: int, rounds: int) -> Iterator[int]:
+    """The seed of each round, drawn as the rounds go (the CPU generator's stream is the same in
+    blocks as at once): memory stays flat however many rounds are asked for."""
     g = torch.Generator().manual_seed(int(seed))
-    return [int(s) for s in torch.randint(0, 2**62, (rounds,), generator=g)]
+    left = rounds
+    while left > 0:
+        block = min(left, 1024)
+        yield from (int(s) for s in torch.randint(0, 2**62, (block,), generator=g).tolist())
+        left -= block
 
 
+@holds_model
 def prune(
     model: nn.Module,
     method: str,
@@ -154,9 +161,7 @@ def prune(
     check_choice(scope, "scope", _SCOPES)
     check_choice(on_empty_layer, "on_empty_layer", _ON_EMPTY)
     check_choice(keep_rule, "keep_rule", ("exact", "authors"))
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise ValueError(f"seed must be an int, got {seed!r}")
-    seed = int(seed)
+    seed = check_seed(seed)
     supplied = [k for k in _SUPPLIED if k in method_options]
     if supplied:
         raise ValueError(f"{supplied[0]}: set by prune() itself (its density schedule and scope), not a method option")
@@ -213,7 +218,7 @@ def prune(
         run_options["cache"] = {}
     run_options["process_group"] = process_group
 
-    densities = density_schedule(density, rounds, schedule)
+    densities = (round_density(density, t, rounds, schedule) for t in range(1, rounds + 1))
     # a method that runs once gets the seed as given (prune(..., "ntt", seed=s) is transfer(..., seed=s));
     # iterative ones a seed per round drawn from it
     seeds = [seed] if info.single_shot else _round_seeds(seed, rounds)

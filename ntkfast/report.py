@@ -4,7 +4,13 @@ Per study (one model, dataset and training protocol): a markdown table of test a
 standard deviation over seeds, methods down and densities across, the best mean of each density
 in bold; a plot of accuracy against the fraction of weights kept (log axis, sparser to the right,
 as in the SynFlow and NTK-SAP papers); and each method's per-layer densities at one density.
-matplotlib is needed only for the plots."""
+matplotlib is needed only for the plots.
+
+The records are checked as :func:`ntkfast.study.read_results` checks them, so a malformed one is
+an error naming its file and line. Text from the records (method names, options) is escaped for
+the markdown table, where a ``|`` or a newline would break it, and for matplotlib, where ``$``
+starts mathtext. Every file is written to a temporary file renamed into place: an error halfway
+leaves the earlier report whole."""
 from __future__ import annotations
 
 import hashlib
@@ -15,6 +21,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .core.checks import check_choice
+from .core.files import atomic_write, check_out_dir
 from .study import DEFAULT_ROUNDS, cell_key, read_results
 
 __all__ = ["group", "summarise", "markdown_table", "plot_accuracy", "plot_layer_densities", "write_report"]
@@ -50,7 +57,7 @@ def row_label(record: dict) -> str:
     options = record["options"]
     if record["method"] == "ntt":  # the study's defaults for NTT are recorded too; show the rest
         options = {k: v for k, v in options.items() if k not in ("lambda_l2", "scope") and
-                   not (k == "epochs" and float(v) == 20.0)}
+                   not (k == "epochs" and v == 20)}
     if options:
         label += " [" + ", ".join(f"{k}={v}" for k, v in sorted(options.items())) + "]"
     return label
@@ -67,7 +74,9 @@ def summarise(records: Sequence[dict], metric: str = "final") -> "Dict[str, Dict
     key = _metric_key(metric)
     values: Dict[str, Dict[float, List[float]]] = {}
     for r in _unique(records):
-        values.setdefault(row_label(r), {}).setdefault(float(r["density"]), []).append(float(r[key]))
+        per = values.setdefault(row_label(r), {})
+        if r[key] is not None:  # a run without a best epoch (none evaluated) has no value to average
+            per.setdefault(float(r["density"]), []).append(float(r[key]))
     out: Dict[str, Dict[float, Tuple[float, float, int]]] = {}
     for method, per in values.items():
         out[method] = {}
@@ -108,8 +117,8 @@ def markdown_table(records: Sequence[dict], metric: str = "final") -> str:
     densities = sorted({float(r["density"]) for r in records}, reverse=True)
     best = {d: max((stats[m][d][0] for m in methods if d in stats[m]), default=None) for d in densities}
     r0 = records[0]
-    lines = [f"**{r0['model']} on {r0['dataset']}**: {metric} test accuracy (%), mean ± std over seeds "
-             f"({_protocol_line(records)})", "",
+    lines = [_md_line(f"**{r0['model']} on {r0['dataset']}**: {metric} test accuracy (%), mean ± std over seeds "
+                      f"({_protocol_line(records)})"), "",
              "| method | " + " | ".join(f"density {d:g}" for d in densities) + " |",
              "|---|" + "---:|" * len(densities)]
     for m in methods:
@@ -121,12 +130,35 @@ def markdown_table(records: Sequence[dict], metric: str = "final") -> str:
             mean, std, n = stats[m][d]
             text = f"{100 * mean:.2f} ± {100 * std:.2f}" if n > 1 else f"{100 * mean:.2f} (1 seed)"
             cells.append(f"**{text}**" if mean == best[d] else text)
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_md_cell(m)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
+def _md_line(text: str) -> str:
+    """``text`` on one line: a newline from a record would end the paragraph (or start a table)."""
+    return re.sub(r"[\r\n]+", " ", text)
+
+
+def _md_cell(text: str) -> str:
+    """``text`` safe in a markdown table cell: an unescaped ``|`` would end the cell (a
+    backslash is escaped first, so that ``\\|`` cannot unescape it)."""
+    return _md_line(text.replace("\\", "\\\\").replace("|", "\\|"))
+
+
+def _plain(text: str) -> str:
+    """``text`` shown as it is by matplotlib, where a pair of ``$`` would start mathtext (and a
+    malformed formula fail the plot)."""
+    return str(text).replace("$", r"\$")
+
+
 def _slug(*parts) -> str:
-    return re.sub(r"[^A-Za-z0-9._]+", "-", "-".join(str(p) for p in parts)).strip("-")
+    """A file name part from the study's names: safe characters only; where that changed them, or
+    they are long, a hash of the originals keeps two studies' files apart."""
+    raw = "-".join(str(p) for p in parts)
+    slug = re.sub(r"[^A-Za-z0-9._]+", "-", raw).strip("-")
+    if slug != raw or len(slug) > 100:
+        slug = slug[:80].strip("-") + "-" + hashlib.sha1(raw.encode()).hexdigest()[:8]
+    return slug.lstrip(".")
 
 
 def plot_accuracy(records: Sequence[dict], path, metric: str = "final") -> None:
@@ -139,7 +171,7 @@ def plot_accuracy(records: Sequence[dict], path, metric: str = "final") -> None:
     for method, per in stats.items():
         ds = sorted(per, reverse=True)
         ax.errorbar([100 * d for d in ds], [100 * per[d][0] for d in ds], yerr=[100 * per[d][1] for d in ds],
-                    marker="o", markersize=4, capsize=3, linewidth=1.3, label=method)
+                    marker="o", markersize=4, capsize=3, linewidth=1.3, label=_plain(method))
     ax.set_xscale("log")
     ax.invert_xaxis()
     # ticks at the study's own densities, in plain percent (not matplotlib's 3x10^0 log labels)
@@ -165,12 +197,13 @@ def plot_layer_densities(records: Sequence[dict], path, density: float) -> None:
     for label in dict.fromkeys(row_label(r) for r in chosen):
         runs = [r for r in chosen if row_label(r) == label]
         mean = [sum(r["layer_density"].get(n, math.nan) for r in runs) / len(runs) for n in layers]
-        ax.plot(range(len(layers)), [100 * v for v in mean], marker="o", markersize=3, linewidth=1.2, label=label)
+        ax.plot(range(len(layers)), [100 * v for v in mean], marker="o", markersize=3, linewidth=1.2,
+                label=_plain(label))
     # symlog: an emptied layer (density 0, a layer collapse) stays on the plot at 0
     ax.set_yscale("symlog", linthresh=0.1)
     ax.set_ylim(bottom=0)
     ax.set_xticks(range(len(layers)))
-    ax.set_xticklabels([n.removesuffix(".weight") for n in layers], rotation=60, ha="right", fontsize=7)
+    ax.set_xticklabels([_plain(n.removesuffix(".weight")) for n in layers], rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("weights kept in the layer (%; log above 0.1)")
     r0 = chosen[0]
     _finish(plt, fig, ax, f"{_plot_title(r0)}: per-layer density at {100 * density:g}% overall", path)
@@ -189,18 +222,23 @@ def _plot_title(record: dict) -> str:
 
 
 def _finish(plt, fig, ax, title: str, path) -> None:
-    ax.set_title(title, fontsize=10)
+    ax.set_title(_plain(title), fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        # the format named by the path's extension: the temporary file's own is .tmp
+        fmt = Path(path).suffix[1:].lower() or None
+        atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=120))
+    finally:
+        plt.close(fig)
 
 
 def write_report(paths: Sequence, out_dir, *, metric: str = "final", profile_density: Optional[float] = None,
                  plots: bool = True) -> List[Path]:
     """``report.md`` (every study's table) and, with ``plots``, its two PNGs per study, in
-    ``out_dir``. Returns the files written."""
+    ``out_dir`` (a folder, made if missing in an existing folder). Returns the files written."""
     _metric_key(metric)
+    out_dir = Path(check_out_dir(out_dir, "out_dir"))  # before reading and plotting
     if isinstance(paths, (str, Path)):
         paths = [paths]
     records: List[dict] = []
@@ -216,8 +254,7 @@ def write_report(paths: Sequence, out_dir, *, metric: str = "final", profile_den
         if importlib.util.find_spec("matplotlib") is None:
             raise ImportError("plots: matplotlib is not installed (pip install matplotlib); "
                               "plots=False (`ntkfast report --no-plots`) writes the tables alone")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(exist_ok=True)
     groups = group(records)
     md = out_dir / "report.md"
     written, sections = [md], ["# Accuracy of networks pruned at initialisation", ""]
@@ -233,7 +270,8 @@ def write_report(paths: Sequence, out_dir, *, metric: str = "final", profile_den
             plot_layer_densities(runs, layers, d)
             sections += [f"![accuracy]({acc.name})", f"![layer densities]({layers.name})", ""]
             written += [acc, layers]
-    md.write_text("\n".join(sections))
+    text = "\n".join(sections)
+    atomic_write(md, lambda f: f.write(text.encode("utf-8")))
     return written
 
 

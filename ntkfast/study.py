@@ -3,9 +3,26 @@ pruned network, evaluate it, and append one JSON line per finished run (a *cell*
 
 A study is resumable: cells already in the output file with the same protocol are skipped, and a
 line cut short by an interruption is dropped, so a killed study continues where it stopped and
-never runs a finished cell twice. The file is read again before each cell, so several processes
-may share one output file: a cell another process has finished is skipped (two processes that
-start the same cell at the same moment both run it; the report counts it once).
+never runs a finished cell twice.
+
+The output file is written only once it is proven a study's: every complete line a valid study
+record (an empty or missing file is one too). Anything else (notes, a JSON document, a binary
+file) is refused before any work, byte for byte as it was. Only then is a cut last line dropped
+(one that starts as a record does) and a record appended, as one ``O_APPEND`` write of a whole
+line, under an advisory lock (``flock``) where the file system has one.
+
+Several processes, on one machine or on several that share the folder, may run one study into one
+file, each cell exactly once. Before running a cell a process *claims* it: it creates
+``<out>.claims/<hash of the cell>.claim`` with ``O_CREAT | O_EXCL`` (its pid, host and start
+time), so of two processes that start the same cell at the same moment exactly one runs it. The
+others leave the cell, run the rest, and then wait for the cells claimed elsewhere, re-reading the
+file, so that each returns with the whole study in the file. A claim is removed once its record
+is in the file, or when its cell fails (so that a rerun runs it). One left by a killed process is
+taken over: at once when its pid is gone from this machine, and otherwise once its heartbeat (the
+claim file's modification time, renewed every ``claim_timeout / 10`` seconds, at most 60, while
+the cell runs) is older than ``claim_timeout``. The claims folder is removed once the study is
+complete.
+
 ``ntkfast report`` turns the file into tables and plots.
 
     from ntkfast.study import run_study
@@ -14,18 +31,30 @@ start the same cell at the same moment both run it; the report counts it once).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import errno
+import hashlib
 import json
 import os
+import socket
+import threading
 import time
+import uuid
 from pathlib import Path
-from typing import List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 from .core.checks import check_choice, check_number
+from .core.files import check_out_path
 
-__all__ = ["DEFAULT_ROUNDS", "run_study", "read_results", "cell_key"]
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; an append is still one O_APPEND write
+    fcntl = None
+
+__all__ = ["DEFAULT_ROUNDS", "run_study", "read_results", "check_out", "cell_key"]
 
 # each method's authors' iterative schedule (SynFlow and its L2 / Dist variants, iterative SNIP:
 # 100 rounds; NTK-SAP: 20); every other method scores once
@@ -50,58 +79,417 @@ _REQUIRED = ("model", "dataset", "method", "density", "seed", "rounds", "options
              "final_test_accuracy", "best_test_accuracy", "layer_density")
 
 
-def read_results(path, *, repair: bool = False, name: str = "out") -> List[dict]:
-    """The records of a JSON-lines results file ([] if it does not exist). A last line without its
-    newline (a write cut short) is ignored, and removed from the file when ``repair`` is set; any
-    other unreadable line, or a record that is not a study's, is an error naming the argument
-    ``name``, the file and the line."""
-    records = _read_lines(Path(path), repair, name)
-    for i, rec in records:
-        missing = [k for k in _REQUIRED if k not in rec] if isinstance(rec, dict) else list(_REQUIRED)
-        if missing:
-            raise ValueError(f"{name}: {str(path)!r} line {i + 1} is not an ntkfast study record "
-                             f"(missing {', '.join(missing)})")
-    return [rec for _, rec in records]
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _read_lines(path: Path, repair: bool, name: str) -> List[tuple]:
-    if not path.exists():
-        return []
-    raw = path.read_bytes()
-    records, good_end = [], 0
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# what the study and the report rely on, so a record that passes cannot fail them later with a
+# KeyError or TypeError far from its file and line
+_FIELDS = (("model", lambda v: isinstance(v, str), "a string"),
+           ("dataset", lambda v: isinstance(v, str), "a string"),
+           ("method", lambda v: isinstance(v, str), "a string"),
+           ("density", lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+           ("seed", _is_int, "an int"),
+           ("rounds", lambda v: _is_int(v) and v >= 1, "a positive int"),
+           ("options", lambda v: isinstance(v, dict), "an object"),
+           ("protocol", lambda v: isinstance(v, dict), "an object"),
+           ("final_test_accuracy", _is_number, "a number"),
+           ("best_test_accuracy", lambda v: v is None or _is_number(v), "a number or null"),
+           ("layer_density", lambda v: isinstance(v, dict) and all(map(_is_number, v.values())),
+            "an object of numbers"))
+_PROTOCOL_FIELDS = (("epochs", lambda v: _is_int(v) and v >= 1, "a positive int"),
+                    ("optimizer", lambda v: isinstance(v, str), "a string"),
+                    ("lr", lambda v: v is None or _is_number(v), "a number or null"),
+                    ("batch_size", lambda v: _is_int(v) and v >= 1, "a positive int"),
+                    ("scope", lambda v: isinstance(v, str), "a string"))
+# how every record run_study writes begins: the evidence that a file holding only a cut line is ours
+_RECORD_START = b'{"model": '
+_NOT_JSON = object()
+
+
+def _short(v) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _record_error(rec) -> Optional[str]:
+    """Why ``rec`` is not a study record, or None when it is one."""
+    if not isinstance(rec, dict):
+        return f"a JSON {type(rec).__name__}, not an object"
+    missing = [k for k in _REQUIRED if k not in rec]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    for key, ok, what in _FIELDS:
+        if not ok(rec[key]):
+            return f"{key}: expected {what}, got {_short(rec[key])}"
+    for key, ok, what in _PROTOCOL_FIELDS:
+        if key not in rec["protocol"]:
+            return f"protocol: missing {key}"
+        if not ok(rec["protocol"][key]):
+            return f"protocol.{key}: expected {what}, got {_short(rec['protocol'][key])}"
+    milestones = rec["protocol"].get("lr_milestones")
+    if milestones is not None and not (isinstance(milestones, list) and all(map(_is_int, milestones))):
+        return f"protocol.lr_milestones: expected a list of ints, got {_short(milestones)}"
+    return None
+
+
+def _load_line(line: bytes):
+    try:
+        return json.loads(line)
+    except (ValueError, RecursionError):  # RecursionError: a line of hostile nesting, [[[[...
+        return _NOT_JSON
+
+
+def _record(obj, path, name: str, i: int) -> dict:
+    where = f"{name}: {str(path)!r} line {i + 1}"
+    if obj is _NOT_JSON:
+        raise ValueError(f"{where} is not a JSON record")
+    why = _record_error(obj)
+    if why:
+        raise ValueError(f"{where} is not an ntkfast study record ({why})")
+    return obj
+
+
+def _looks_cut(line: bytes, proven: bool) -> bool:
+    """Whether a last line that is not JSON is a record's write cut short: it starts with ``{``
+    after lines already proven records, or as :func:`run_study` starts each record in a file with
+    none (nothing else shows that such a file is a study's)."""
+    if proven:
+        return line.startswith(b"{")
+    n = min(len(line), len(_RECORD_START))
+    return line[:n] == _RECORD_START[:n]
+
+
+def _parse(raw: bytes, path, name: str) -> Tuple[List[dict], object]:
+    """(the records of a results file's bytes, how to mend its end before appending: None, the
+    length to truncate it to, or "newline"). ValueError naming the file and line unless every
+    line is a study record, bar a last one cut short."""
     lines = raw.split(b"\n")
-    for i, line in enumerate(lines):
-        last = i == len(lines) - 1
-        if not line.strip():
-            if not last:
-                good_end += len(line) + 1
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            if last:  # the interrupted write of the last cell: it will be run again
-                break
-            raise ValueError(f"{name}: {str(path)!r} line {i + 1} is not a JSON record") from None
-        if last:  # complete JSON but no newline: keep it, and end the line before appending
-            records.append((i, rec))
-            if repair:
-                with open(path, "ab") as f:
-                    f.write(b"\n")
-            return records
-        records.append((i, rec))
-        good_end += len(line) + 1
-    if repair and good_end < len(raw):
-        with open(path, "r+b") as f:
-            f.truncate(good_end)
+    records, end = [], 0  # end: the bytes up to and including the last newline
+    for i, line in enumerate(lines[:-1]):
+        if line.strip():
+            records.append(_record(_load_line(line), path, name, i))
+        end += len(line) + 1
+    last = lines[-1]  # after the last newline
+    if not last.strip():
+        return records, None
+    obj = _load_line(last)
+    if obj is _NOT_JSON and _looks_cut(last, bool(records)):
+        return records, end  # the interrupted write of a cell: it will be run again
+    # complete JSON without its newline: kept, and the line ended before the next append
+    return records + [_record(obj, path, name, len(lines) - 1)], "newline"
+
+
+def _read_bytes(path: Path, name: str) -> Optional[bytes]:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except IsADirectoryError:
+        raise ValueError(f"{name}: {str(path)!r} is a folder, not a results file") from None
+    except OSError as exc:  # unreadable: one line naming it, not a traceback
+        raise ValueError(f"{name}: cannot read {str(path)!r} ({exc.strerror or exc})") from None
+
+
+def read_results(path, *, repair: bool = False, name: str = "out") -> List[dict]:
+    """The records of a JSON-lines results file ([] if it does not exist). Every line must be a
+    study record (its fields present and of their types), bar a last line cut short by an
+    interruption, which is ignored; anything else is a ValueError naming the argument ``name``,
+    the file and the line. With ``repair``, and only once the whole file has passed, the cut line
+    is removed and a last line without its newline ended (under the file's lock)."""
+    path = Path(path)
+    if repair:
+        return _settle(path, name)
+    raw = _read_bytes(path, name)
+    return [] if raw is None else _parse(raw, path, name)[0]
+
+
+@contextlib.contextmanager
+def _locked(path: Path, create: bool):
+    """``path`` open for reading and appending, under an exclusive lock: appends and repairs by
+    processes sharing the file take turns, so a repair never cuts another's write in flight."""
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | (os.O_CREAT if create else 0), 0o666)
+    with os.fdopen(fd, "r+b", buffering=0) as f:
+        if fcntl is not None:
+            with contextlib.suppress(OSError):  # a file system without locks: go on unlocked
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        yield f  # the lock goes with the descriptor
+
+
+def _prove(f, path: Path, name: str) -> List[dict]:
+    """Read the open file ``f`` whole, check it is a study's, and only then mend its end."""
+    f.seek(0)
+    records, mend = _parse(f.readall(), path, name)
+    if mend == "newline":
+        _write_all(f, b"\n", path)
+    elif mend is not None:
+        f.truncate(mend)
     return records
 
 
-def _append(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(record, default=str) + "\n")
-        f.flush()
+def _settle(path: Path, name: str) -> List[dict]:
+    if _read_bytes(path, name) is None:
+        return []
+    with _locked(path, create=False) as f:
+        return _prove(f, path, name)
+
+
+def _write_all(f, data: bytes, path: Path) -> None:
+    """``data`` appended by one write, or not at all: a short write (a full disk) is undone, so
+    no cut line is left for another process to read."""
+    size = os.fstat(f.fileno()).st_size
+    if os.write(f.fileno(), data) != len(data):
+        f.truncate(size)
+        raise OSError(errno.ENOSPC, "the record could not be written whole", str(path))
+
+
+def _append(path: Path, record: dict, name: str = "out") -> None:
+    """Append ``record`` as one line, after proving the file is still a study's (it may have been
+    replaced while the cell ran: never write into a file that is not ours)."""
+    line = (json.dumps(record, default=str) + "\n").encode()  # ASCII: newlines inside are escaped
+    with _locked(path, create=True) as f:
+        _prove(f, path, name)
+        _write_all(f, line, path)
         os.fsync(f.fileno())
+
+
+def check_out(out, name: str = "out") -> str:
+    """``out`` as a str, checked before any work as a study's output file: a new file in an
+    existing, writable folder, or a study's results (see :func:`read_results`), which is left as
+    it was when it is not. ValueError naming ``name`` otherwise."""
+    out = check_out_path(out, name)
+    if os.path.exists(out) and not os.path.isfile(out):  # a pipe or a device would block or swallow
+        raise ValueError(f"{name}: {out!r} is not a regular file")
+    try:
+        read_results(out, name=name)
+    except ValueError as exc:
+        raise ValueError(f"{exc}; the file was left as it was ({name} must be a new file or the results "
+                         f"of an ntkfast study)") from None
+    claims = str(_claims_dir(out))
+    if os.path.exists(claims) and not os.path.isdir(claims):
+        raise ValueError(f"{name}: {claims!r}, where the study's processes claim their cells, is not a folder")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# claims: each cell run once by the processes sharing one results file
+
+_POLL_SECONDS = 5.0  # how often a study waiting for cells claimed elsewhere reads the file again
+_HELD: set = set()  # this process's live claims (their tokens), told apart from a dead namesake's
+
+
+def _claims_dir(out) -> Path:
+    """``<out>.claims`` beside the file itself: processes that name it by other paths (relative,
+    through a link) share one."""
+    return Path(os.path.realpath(out) + ".claims")
+
+
+def _this_machine() -> dict:
+    """What a pid is relative to: the host, and its pid namespace (two containers may share a
+    host name, not their pids)."""
+    try:
+        ns = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        ns = None
+    return {"host": socket.gethostname(), "pidns": ns}
+
+
+def _alive(pid) -> bool:
+    """Whether process ``pid`` of this machine runs (a zombie does not)."""
+    if not _is_int(pid) or pid <= 0:
+        return False
+    if os.name == "nt":  # os.kill(pid, 0) would terminate it there: trust the heartbeat alone
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's: it exists
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _label(head: Mapping) -> str:
+    return f"{head['method']} d={head['density']:g} seed={head['seed']}"
+
+
+class _Claim:
+    """A claim this process holds: its heartbeat renewed while the cell runs; removed on leaving
+    the ``with`` block, whatever happened in it (a failed cell must stay runnable)."""
+
+    def __init__(self, path: Path, body: bytes, token: str, beat: float):
+        self.path, self.body, self.token = path, body, token
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, args=(beat,), daemon=True)
+
+    def __enter__(self) -> "_Claim":
+        _HELD.add(self.token)
+        self._thread.start()
+        return self
+
+    def _beat(self, every: float) -> None:
+        while not self._stop.wait(every):
+            try:
+                os.utime(self.path)
+            except OSError:  # removed or moved: nothing to renew
+                return
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        _HELD.discard(self.token)
+        with contextlib.suppress(OSError):
+            if self.path.read_bytes() == self.body:  # still ours, not taken over after a long stall
+                self.path.unlink()
+
+
+class _Claims:
+    """The claims of one results file's cells: ``<out>.claims/<hash of the cell key>.claim``."""
+
+    def __init__(self, out: Path, timeout: float):
+        self.dir = _claims_dir(out)
+        self.timeout = timeout
+        self.me = {"pid": os.getpid(), **_this_machine()}
+
+    def path(self, head: Mapping) -> Path:
+        digest = hashlib.sha256(json.dumps(cell_key(head)).encode()).hexdigest()
+        return self.dir / f"{digest[:32]}.claim"
+
+    def take(self, head: Mapping) -> Optional[_Claim]:
+        """This process's claim of the cell, or None while another process holds a live one."""
+        path = self.path(head)
+        for _ in range(5):  # the claim may be released, or taken over by another, in between
+            claim = self._create(path, head)
+            if claim is not None:
+                return claim
+            if not self._take_over(path):
+                return None
+        return None
+
+    def _create(self, path: Path, head: Mapping) -> Optional[_Claim]:
+        token = uuid.uuid4().hex
+        body = json.dumps({**self.me, "token": token, "cell": _label(head),
+                           "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}).encode()
+        for _ in range(3):
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # atomic: one winner
+            except FileExistsError:
+                return None
+            except FileNotFoundError:  # no folder yet, or another process's tidy just removed it
+                self.dir.mkdir(exist_ok=True)
+                continue
+            with os.fdopen(fd, "wb") as f:
+                f.write(body)
+            return _Claim(path, body, token, beat=min(max(self.timeout / 10, 0.01), 60.0))
+        return None
+
+    def _take_over(self, path: Path) -> bool:
+        """Remove the claim at ``path`` if its holder is gone. True when there is no claim there
+        now (so one may be made), False while a live one holds."""
+        try:
+            raw, mtime = path.read_bytes(), path.stat().st_mtime
+        except FileNotFoundError:
+            return True  # released meanwhile
+        if not self._stale(raw, mtime):
+            return False
+        # moved aside, then checked: between the read and the move another process may have
+        # taken it over and made its own (a new claim has a new token, so other bytes)
+        aside = path.with_name(f"{path.name}.{uuid.uuid4().hex}.stale")
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return True
+        if aside.read_bytes() == raw and aside.stat().st_mtime == mtime:
+            aside.unlink()
+            return True
+        try:
+            os.link(aside, path)  # put the live claim back, unless a newer one took its place
+        except FileExistsError:
+            pass
+        except OSError:  # a file system without hard links
+            if not path.exists():
+                os.rename(aside, path)
+        with contextlib.suppress(FileNotFoundError):
+            aside.unlink()
+        return False
+
+    def _stale(self, raw: bytes, mtime: float) -> bool:
+        """Whether a claim's holder is gone: its heartbeat is older than the timeout, or it was a
+        process of this machine that no longer runs (or this process, which does not hold it)."""
+        if self._now() - mtime > self.timeout:
+            return True
+        try:
+            holder = json.loads(raw)
+        except ValueError:  # still being written: judged by its age alone
+            return False
+        if not isinstance(holder, dict) or any(holder.get(k) != self.me[k] for k in ("host", "pidns")):
+            return False
+        if holder.get("pid") == self.me["pid"]:
+            return holder.get("token") not in _HELD
+        return not _alive(holder.get("pid"))
+
+    def _now(self) -> float:
+        """Now by the clock that stamps the claims: on a network file system the server's, which
+        another machine's clock need not match."""
+        probe = self.dir / f".now-{uuid.uuid4().hex}"
+        try:
+            probe.touch()
+            return probe.stat().st_mtime
+        except OSError:
+            return time.time()
+        finally:
+            with contextlib.suppress(OSError):
+                probe.unlink()
+
+    def tidy(self, heads: Sequence[Mapping]) -> None:
+        """Once every cell is in the file: remove their claims (a process killed between its
+        append and its release leaves one) and the folder when no other study's remain."""
+        for head in heads:
+            with contextlib.suppress(OSError):
+                self.path(head).unlink()
+        with contextlib.suppress(OSError):
+            self.dir.rmdir()
+
+
+def _done_now(head: Mapping, out: Path, done: dict) -> bool:
+    """Whether the cell is in the file, read again: another process may have finished it."""
+    done.update((cell_key(r), r) for r in read_results(out))
+    return cell_key(head) in done
+
+
+def _run_cells(todo: Sequence[Mapping], out: Path, done: dict, run: Callable[[Mapping], None],
+               claims: _Claims, bar) -> None:
+    """``run`` each cell of ``todo`` that no process sharing ``out`` has finished or claimed;
+    then wait for the cells claimed elsewhere, taking over those whose claims go stale."""
+    pending = list(todo)
+    while pending:
+        waiting = []
+        for head in pending:
+            if _done_now(head, out, done):
+                bar.update(1, cell=f"{_label(head)} (done elsewhere)")
+                continue
+            claim = claims.take(head)
+            if claim is None:
+                waiting.append(head)
+                continue
+            with claim:
+                # finished, and its claim released, between the read and the claim?
+                if _done_now(head, out, done):
+                    bar.update(1, cell=f"{_label(head)} (done elsewhere)")
+                else:
+                    run(head)
+        pending = waiting
+        if pending:
+            bar.update(0, cell=f"waiting for {len(pending)} cell(s) other processes run")
+            time.sleep(_POLL_SECONDS)
 
 
 def _check_list(name: str, values, kind, check) -> list:
@@ -247,7 +635,7 @@ def run_study(model: str, dataset: str, data_dir, methods: Sequence[str], densit
               rounds: Optional[Mapping[str, int]] = None, method_options: Optional[Mapping[str, dict]] = None,
               prune_samples: Optional[int] = None, train_subset: Optional[int] = None,
               test_subset: Optional[int] = None, max_batches: Optional[int] = None, device=None,
-              progress: bool = True, datasets=None) -> List[dict]:
+              progress: bool = True, datasets=None, claim_timeout: float = 600.0) -> List[dict]:
     """Run every (method, density, seed) cell not yet in ``out`` and append its record there.
 
     Per cell: a fresh ``model`` initialised with ``torch.manual_seed(seed)`` (so every method of one
@@ -260,7 +648,11 @@ def run_study(model: str, dataset: str, data_dir, methods: Sequence[str], densit
     ``train_subset`` / ``test_subset`` use only the first N images (a reduced run, recorded as
     such). ``datasets``: an already loaded ``(train_set, test_set)`` instead of ``dataset`` and
     ``data_dir`` (``dataset`` is then only the label). Returns the records of the requested cells
-    (earlier and new)."""
+    (earlier and new).
+
+    ``out`` is checked before any work (see :func:`check_out`). Processes sharing it run each
+    cell once; one cell claimed by a process gone silent is taken over after ``claim_timeout``
+    seconds (see the module's notes), and this call returns once every cell is in the file."""
     from . import models
     from . import methods as _methods
     from .core.machine import machine_info
@@ -310,6 +702,12 @@ def run_study(model: str, dataset: str, data_dir, methods: Sequence[str], densit
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device: {device} asked, but torch.cuda.is_available() is False")
 
+    claim_timeout = check_number(claim_timeout, "claim_timeout", lo=0.0, lo_open=True)
+    # the output file before the work: a wrong path or a file that is not a study's fails now,
+    # not after the data loads (or hours later), and is left as it was
+    out = Path(check_out(out))
+    existing = read_results(out, repair=True)
+
     if datasets is None:
         from . import data as D
 
@@ -327,8 +725,6 @@ def run_study(model: str, dataset: str, data_dir, methods: Sequence[str], densit
                          prune_samples=prune_samples or 10 * train_set.num_classes, train_subset=train_subset,
                          test_subset=test_subset, max_batches=max_batches)
 
-    out = Path(out)
-    existing = read_results(out, repair=True)
     done = {cell_key(r): r for r in existing}
     if "ntt" in methods:
         ntt_options = _ntt_options(models.get(model, input_shape=tuple(train_set.input_shape),
@@ -347,22 +743,21 @@ def run_study(model: str, dataset: str, data_dir, methods: Sequence[str], densit
     bar = Progress(len(todo), desc="study", enabled=progress)
     if progress and len(todo) < len(cells):
         bar.write(f"study: {len(cells) - len(todo)} of {len(cells)} cells already in {out}; running the other {len(todo)}")
+
+    def run(head):
+        bar.update(0, cell=_label(head))
+        result = _run_cell(model, head["method"], head["density"], head["seed"], head["rounds"], head["options"],
+                           train_set, test_set, protocol, device)
+        record = {**head, **result, "machine": machine, "ntkfast": __version__,
+                  "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        _append(out, record)
+        done[cell_key(record)] = json.loads(json.dumps(record, default=str))
+        bar.update(1, acc=result["final_test_accuracy"])
+
+    claims = _Claims(out, claim_timeout)
     try:
-        for head in todo:
-            # another process appending to the same file may have finished this cell meanwhile;
-            # not repairing here, since a last line without its newline may be its write in flight
-            done.update((cell_key(r), r) for r in read_results(out))
-            if cell_key(head) in done:
-                bar.update(1, cell=f"{head['method']} d={head['density']:g} seed={head['seed']} (done elsewhere)")
-                continue
-            bar.update(0, cell=f"{head['method']} d={head['density']:g} seed={head['seed']}")
-            result = _run_cell(model, head["method"], head["density"], head["seed"], head["rounds"], head["options"],
-                               train_set, test_set, protocol, device)
-            record = {**head, **result, "machine": machine, "ntkfast": __version__,
-                      "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-            _append(out, record)
-            done[cell_key(record)] = json.loads(json.dumps(record, default=str))
-            bar.update(1, acc=result["final_test_accuracy"])
+        _run_cells(todo, out, done, run, claims, bar)
     finally:
         bar.close()
+    claims.tidy(cells)
     return [done[cell_key(c)] for c in cells]

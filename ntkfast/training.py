@@ -30,10 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .core.checks import check_choice, check_int, check_number
+from .core.checks import check_choice, check_int, check_number, check_seed
 from .core.progress import Progress
 from .core.targets import model_device
 from .masks import parameter_name
+from .core.concurrency import holds_model
 
 __all__ = ["train", "evaluate", "TrainResult"]
 
@@ -118,6 +119,7 @@ def _num_batches(dataset, batch_size: int, max_batches: Optional[int]) -> Option
     return n if max_batches is None else min(n, max_batches)
 
 
+@holds_model
 def evaluate(model: nn.Module, dataset, batch_size: int = 512, device=None,
              max_batches: Optional[int] = None) -> "tuple[float, float]":
     """(mean cross-entropy, accuracy) of ``model`` in eval mode on ``dataset``. The model's
@@ -219,6 +221,7 @@ def _restore_layout(model: nn.Module, layout: Mapping[str, tuple]) -> None:
 
 # -- training ------------------------------------------------------------------------------------
 
+@holds_model
 def train(
     model: nn.Module,
     masks: Optional[Mapping[str, torch.Tensor]],
@@ -276,8 +279,7 @@ def train(
         milestones = sorted(int(m) for m in (lr_milestones or []))
     except (TypeError, ValueError):
         raise ValueError(f"lr_milestones must be a sequence of epoch numbers, got {lr_milestones!r}") from None
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, got {seed!r}")
+    seed = check_seed(seed)
     param_masks = _check_masks(model, masks)
     if hasattr(train_set, "__len__") and len(train_set) == 0:
         raise ValueError("train_set is empty")

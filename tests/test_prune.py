@@ -124,7 +124,7 @@ def test_method_options_forwarded_and_checked():
     (dict(schedule="cosine"), "schedule: expected one of"),
     (dict(scope="channel"), "scope: expected one of"),
     (dict(on_empty_layer="explode"), "on_empty_layer: expected one of"),
-    (dict(seed=1.5), "seed must be an int"),
+    (dict(seed=1.5), "seed: expected an int"),
     (dict(keep_rule="paper"), "keep_rule: expected one of"),
     (dict(masks={"x": torch.ones(2, dtype=torch.bool)}), "masks: names do not match"),
     (dict(data=(torch.randn(4, 1, 28, 28), torch.zeros(4, dtype=torch.long))), "data: inputs of shape"),

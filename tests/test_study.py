@@ -75,6 +75,7 @@ def test_a_killed_study_continues_where_it_stopped(data_dir, tmp_path, monkeypat
     assert after[:len(before)] == before
     cells = [(r["method"], r["density"]) for r in after]
     assert sorted(cells) == sorted((m, float(d)) for m in ("random", "magnitude") for d in densities)
+    assert not Path(str(out) + ".claims").exists()  # the killed process's claim was taken over, then tidied
 
 
 def test_a_cell_another_process_finished_meanwhile_is_not_run_again(tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["check_int", "check_number", "check_choice", "check_density", "check_device", "check_shape",
+__all__ = ["check_int", "check_number", "check_choice", "check_density", "check_device", "check_shape", "check_mask", "check_seed",
            "check_bytes"]
 
 
@@ -104,4 +104,31 @@ def check_bytes(value, name: str = "memory_budget") -> Optional[int]:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not _finite(value) or not value > 0:
         raise _expected(name, "a positive number of bytes", value)
+    return int(value)
+
+
+def check_mask(value, name: str) -> torch.Tensor:
+    """A mask as a bool tensor: a bool tensor, or a real one holding only 0 and 1 (a soft mask,
+    NaN or a complex tensor is refused, not read as "kept" wherever it is non-zero)."""
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name}: expected a bool (or 0/1) tensor, got {type(value).__name__}")
+    if value.is_meta:
+        raise ValueError(f"{name}: a meta tensor has no values; expected a bool (or 0/1) tensor")
+    t = value.detach()
+    if t.dtype == torch.bool:
+        return t
+    if t.is_complex():
+        raise ValueError(f"{name}: expected a bool (or 0/1) tensor, got dtype {t.dtype}")
+    bad = (t != 0) & (t != 1)  # NaN compares unequal to both
+    if bool(bad.any()):
+        first = t[bad].reshape(-1)[0].item()
+        raise ValueError(f"{name}: expected a bool (or 0/1) tensor, got {int(bad.sum())} value(s) other than 0 and 1 "
+                         f"(e.g. {first!r}); a soft mask is not a mask")
+    return t != 0
+
+
+def check_seed(value, name: str = "seed") -> int:
+    """A seed torch's generators take: an int in [-2**63, 2**64) (numpy integers too, never bool)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not -2**63 <= value < 2**64:
+        raise _expected(name, "an int in [-2**63, 2**64)", value)
     return int(value)

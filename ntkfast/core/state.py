@@ -35,7 +35,7 @@ from torch import nn
 from .targets import Target
 
 __all__ = ["state_copy", "leaves", "masked", "substitute", "scoring_mode", "functional_forward", "copy_model",
-           "cast_copy", "private_copy"]
+           "cast_copy", "private_copy", "finite_model", "finite_weights"]
 
 
 def state_copy(
@@ -190,3 +190,68 @@ def private_copy(model: nn.Module, targets: Mapping[str, Target], dtype: torch.d
     params = dict(dup.named_parameters())
     slots = OrderedDict((n, params[tg.param_name].requires_grad_(True)) for n, tg in targets.items())
     return dup, slots
+
+
+def finite_model(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = None) -> nn.Module:
+    """``model`` itself when every parameter and buffer it computes with is finite; a copy whose
+    pruned entries holding NaN/inf are 0 when only pruned entries are non-finite (a pruned weight
+    contributes nothing, whatever it holds: ``inf * 0`` would be nan); otherwise ValueError naming
+    the tensor. Meta tensors (no values) are refused by name as well. One ``isfinite`` pass over the
+    model: cheap beside any forward pass."""
+    from .targets import resolve_targets
+
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t is not None and t.is_meta:
+            raise ValueError(f"model: {name} is on the meta device (shape only, no values); materialise the model "
+                             "first, e.g. model.to_empty(device='cpu') and initialise it")
+    keep = {}
+    if masks is not None or _has_weights(model):
+        keep = {t.param_name: t.mask for t in resolve_targets(model, masks).values()}
+    to_zero = {}
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t is None or not t.is_floating_point() and not t.is_complex():
+            continue
+        bad = ~torch.isfinite(t.detach())
+        if not bool(bad.any()):
+            continue
+        kept = bad & keep[name] if name in keep else bad
+        n = int(kept.sum())
+        if n:
+            where = "entries the masks keep" if name in keep else "it"
+            raise ValueError(f"model: {name} holds {n} NaN/inf value(s) in {where}; the network's output would not be "
+                             "finite (only pruned entries may hold non-finite values)")
+        to_zero[name] = bad
+    if not to_zero:
+        return model
+    dup = copy_model(model)
+    tensors = dict(dup.named_parameters())
+    with torch.no_grad():
+        for name, bad in to_zero.items():
+            tensors[name].masked_fill_(bad, 0)
+    return dup
+
+
+def finite_weights(fn: Callable) -> Callable:
+    """Decorator: ``fn(model, masks, ...)`` (``masks`` positional or keyword) computes on the model
+    that :func:`finite_model` returns for ``(model, masks)``."""
+    import functools
+    import inspect
+
+    names = list(inspect.signature(fn).parameters)
+    at = names.index("masks") if "masks" in names else None
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if args and isinstance(args[0], nn.Module):
+            masks = args[at] if at is not None and len(args) > at else kwargs.get("masks")
+            if masks is None or isinstance(masks, Mapping):  # anything else: fn's own check names it
+                args = (finite_model(args[0], masks),) + args[1:]
+        return fn(*args, **kwargs)
+
+    return run
+
+
+def _has_weights(model: nn.Module) -> bool:
+    from .targets import prunable_parameters
+
+    return bool(prunable_parameters(model))

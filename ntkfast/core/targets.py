@@ -19,6 +19,8 @@ from typing import Mapping, NamedTuple, Optional
 import torch
 from torch import nn
 
+from .checks import check_mask
+
 __all__ = ["prunable_parameters", "unpruned_weights", "parameter_name", "module_param", "attribute_name", "mask_buffer_name",
            "Target", "resolve_targets", "resolve_dtype", "model_device", "finish"]
 
@@ -160,12 +162,10 @@ def resolve_targets(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]
             raise ValueError(f"masks[{name!r}]: expected a tensor, got {type(m).__name__}")
         if tuple(m.shape) != tuple(p.shape):
             raise ValueError(f"masks[{name!r}]: shape {tuple(m.shape)} but the parameter has shape {tuple(p.shape)}")
-        mask = m.detach().to(device=p.device)
-        if mask.dtype != torch.bool:
-            mask = mask != 0
+        mask = check_mask(m, f"masks[{name!r}]").to(device=p.device)
         bname = mask_buffer_name(named_buffers, name, p.shape)
         if bname is not None:
-            mask = mask & (named_buffers[bname].detach().to(p.device) != 0)
+            mask = mask & check_mask(named_buffers[bname], f"model: buffer {bname}").to(p.device)
         out[name] = Target(name, pname, p, mask, bname)
     return out
 

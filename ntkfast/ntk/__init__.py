@@ -16,10 +16,14 @@ from ._empirical import empirical_ntk_impl, per_sample_jacobian_impl
 from ._sharded import sharded_ntk
 from ._spectrum import NTKSpectrum, ntk_spectrum_impl
 from ._trace import ntk_trace_impl
+from ..core.concurrency import holds_model
+from ..core.state import finite_weights
 
 __all__ = ["empirical_ntk", "per_sample_jacobian", "ntk_trace", "ntk_spectrum", "NTKSpectrum"]
 
 
+@holds_model
+@finite_weights
 def empirical_ntk(model: torch.nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor] = None, *, masks=None,
                   mode: str = "full", params=None, memory_budget: Optional[int] = None,
                   create_graph: bool = False, explain: bool = False, process_group=None, gather: bool = True):
@@ -59,6 +63,8 @@ def empirical_ntk(model: torch.nn.Module, x1: torch.Tensor, x2: Optional[torch.T
                               create_graph=bool(create_graph), explain=bool(explain))
 
 
+@holds_model
+@finite_weights
 def per_sample_jacobian(model: torch.nn.Module, x: torch.Tensor, *, masks=None, params=None,
                         create_graph: bool = False):
     """{parameter name: ∂f_k(x_i)/∂θ as [N, K, *param.shape]} (masked entries zero), built per
@@ -66,6 +72,8 @@ def per_sample_jacobian(model: torch.nn.Module, x: torch.Tensor, *, masks=None, 
     return per_sample_jacobian_impl(model, x, masks=masks, params=params, create_graph=bool(create_graph))
 
 
+@holds_model
+@finite_weights
 def ntk_trace(model: torch.nn.Module, x: torch.Tensor, *, masks=None, method: str = "exact", params=None,
               n_probes: int = 64, epsilon: float = 1e-3, seed: Optional[int] = None,
               memory_budget: Optional[int] = None) -> torch.Tensor:
@@ -79,6 +87,8 @@ def ntk_trace(model: torch.nn.Module, x: torch.Tensor, *, masks=None, method: st
                           epsilon=epsilon, seed=seed, memory_budget=memory_budget)
 
 
+@holds_model
+@finite_weights
 def ntk_spectrum(model: torch.nn.Module, x: torch.Tensor, *, masks=None, k: Optional[int] = None, params=None,
                  method: str = "auto", memory_budget: Optional[int] = None, steps: Optional[int] = None,
                  seed: Optional[int] = None) -> NTKSpectrum:

@@ -64,7 +64,8 @@ def capture(model, plan: Plan, x: torch.Tensor, ks: Sequence[int], *, create_gra
         for name in names:
             handles.append(modules[name].register_forward_hook(tap(name), with_kwargs=True))
         with torch.enable_grad():
-            xg = x.detach().requires_grad_(True)
+            # token ids (an Embedding's input) cannot require grad, and need not: the NTK differentiates weights
+            xg = x.detach().requires_grad_(True) if x.is_floating_point() else x
             f = model_outputs(model, plan, xg)
     finally:
         for h in handles:

@@ -3,6 +3,7 @@ parameter, sum; chunked over samples and outputs to respect a memory budget."""
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
 
@@ -17,11 +18,17 @@ from ._terms import MODES, DenseTerm, as_dense, pair
 _DEFAULT_FRACTION = 0.25
 
 
+def _check_values(x, name):
+    if x.is_meta:
+        raise ValueError(f"{name}: a meta tensor has no values")
+    if x.is_complex():
+        raise ValueError(f"{name}: expected real inputs, got dtype {x.dtype}")
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name}: holds {int((~torch.isfinite(x)).sum())} NaN/inf value(s); the kernel would not be finite")
+
+
 def _check_inputs(x1, x2, mode):
-    if not isinstance(x1, torch.Tensor):
-        raise TypeError(f"x1: expected a tensor, got {type(x1).__name__}")
-    if x1.dim() == 0 or x1.shape[0] == 0:
-        raise ValueError(f"x1: expected a batch of at least one sample, got shape {tuple(x1.shape)}")
+    check_batch(x1, "x1")
     if x2 is not None:
         if not isinstance(x2, torch.Tensor):
             raise TypeError(f"x2: expected a tensor or None, got {type(x2).__name__}")
@@ -29,6 +36,7 @@ def _check_inputs(x1, x2, mode):
             raise ValueError(f"x2: shape {tuple(x2.shape)} does not match x1's sample shape {tuple(x1.shape[1:])}")
         if x2.dtype != x1.dtype or x2.device != x1.device:
             raise ValueError(f"x2: dtype/device {x2.dtype}/{x2.device} differ from x1's {x1.dtype}/{x1.device}")
+        _check_values(x2, "x2")
         if mode.startswith("diagonal") and x2.shape[0] != x1.shape[0]:
             raise ValueError(f"x2: mode={mode!r} pairs x1[i] with x2[i], so both need the same number of samples "
                              f"(got {x1.shape[0]} and {x2.shape[0]})")
@@ -139,6 +147,34 @@ def _plan_chunks(N1, N2, K, act, cot, big, item, mode, budget) -> Tuple[int, int
     return nc, kc
 
 
+@contextmanager
+def forward_of(x, name: str):
+    """A first forward on ``x`` that fails is the input's fault (a wrong width, dtype or device):
+    the error names the argument ``name``."""
+    try:
+        yield
+    except (RuntimeError, TypeError, IndexError) as e:
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            raise
+        raise ValueError(f"{name}: the model's forward fails on it (samples of shape {tuple(x.shape[1:])}, "
+                         f"{x.dtype}, {x.device}): {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+
+
+def check_batch(x, name: str) -> None:
+    """A batch of at least one real, finite sample, with values (not meta)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a tensor, got {type(x).__name__}")
+    if x.dim() == 0 or x.shape[0] == 0:
+        raise ValueError(f"{name}: expected a batch of at least one sample, got shape {tuple(x.shape)}")
+    _check_values(x, name)
+
+
+def probe(engine, x1):
+    """The engine's probe on one sample, its failure named as x1's."""
+    with forward_of(x1, "x1"):
+        return engine.probe(x1)
+
+
 def empirical_ntk_impl(model, x1, x2, *, masks, mode, params, memory_budget, create_graph, explain):
     _check_inputs(x1, x2, mode)
     budget = check_bytes(memory_budget)
@@ -148,7 +184,7 @@ def empirical_ntk_impl(model, x1, x2, *, masks, mode, params, memory_budget, cre
     xb = x1 if sym else x2
     N1, N2 = x1.shape[0], xb.shape[0]
     with torch.set_grad_enabled(create_graph):
-        K, act, cot, big = engine.probe(x1)
+        K, act, cot, big = probe(engine, x1)
         item = x1.element_size()
         if budget is None:
             budget = _default_budget(x1.device)
@@ -216,7 +252,7 @@ def per_sample_jacobian_impl(model, x, *, masks, params, create_graph) -> "Order
     plan = build_plan(model, params, masks)
     engine = Engine(model, plan, create_graph)
     with torch.set_grad_enabled(create_graph):
-        cap = engine.capture(x, range(engine.probe(x)[0]))
+        cap = engine.capture(x, range(probe(engine, x)[0]))
         out = OrderedDict()
         for _, terms in engine.terms_by_module(cap):
             for name, t in terms.items():

@@ -8,7 +8,7 @@ import torch
 
 from ..core.checks import check_int
 from ..core.numerics import lanczos
-from ._empirical import _default_budget, empirical_ntk_impl
+from ._empirical import _default_budget, check_batch, empirical_ntk_impl, forward_of
 from ._plan import build_plan
 from ._products import Linearised
 
@@ -31,11 +31,11 @@ def ntk_spectrum_impl(model, x, *, masks, k, params, method, memory_budget, step
     if method not in ("auto", "dense", "lanczos"):
         raise ValueError(f"method: expected 'auto', 'dense' or 'lanczos', got {method!r}")
     k = check_int(k, "k", lo=1, allow_none=True)
-    if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] == 0:
-        raise ValueError(f"x: expected a batch of at least one sample, got {getattr(x, 'shape', x)!r}")
+    check_batch(x, "x")
     plan = build_plan(model, params, masks)
     lin = Linearised(model, plan, x)
-    n = lin.outputs().numel()
+    with forward_of(x, "x"):
+        n = lin.outputs().numel()
     if k is not None and k > n:
         raise ValueError(f"k: {k} eigenvalues asked of a {n}x{n} kernel")
     budget = memory_budget if memory_budget is not None else _default_budget(x.device)

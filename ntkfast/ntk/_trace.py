@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..core.checks import check_int
-from ._empirical import empirical_ntk_impl
+from ._empirical import check_batch, empirical_ntk_impl, forward_of
 from ._plan import build_plan
 from ._products import Linearised
 
@@ -18,12 +18,12 @@ def ntk_trace_impl(model, x, *, masks, method, params, n_probes, epsilon, seed, 
         return empirical_ntk_impl(model, x, None, masks=masks, mode="diagonal_trace", params=params,
                                   memory_budget=memory_budget, create_graph=False, explain=False).sum()
     n_probes = check_int(n_probes, "n_probes", lo=1)
-    if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] == 0:
-        raise ValueError(f"x: expected a batch of at least one sample, got {getattr(x, 'shape', x)!r}")
+    check_batch(x, "x")
     gen = torch.Generator(device=x.device)
     gen.manual_seed(0 if seed is None else int(seed))
     lin = Linearised(model, build_plan(model, params, masks), x)
-    shape = lin.outputs().shape
+    with forward_of(x, "x"):
+        shape = lin.outputs().shape
     total = torch.zeros((), dtype=x.dtype, device=x.device)
     chunk = 16
     done = 0

@@ -15,7 +15,10 @@ from typing import Optional
 
 import torch
 
+from ..core.files import atomic_write
+
 FORMAT = "ntkfast.transfer-checkpoint/1"
+_KEYS = ("fingerprint", "step", "epoch", "in_epoch", "student", "optimizer", "masks", "history", "pending", "elapsed")
 
 
 def _checksum(tensors) -> list:
@@ -65,12 +68,21 @@ def load(path, expected: dict) -> Optional[dict]:
     """The saved state, or None when ``path`` does not exist yet."""
     if not os.path.exists(path):
         return None
+    if os.path.isdir(path):
+        raise ValueError(f"checkpoint: {os.fspath(path)!r} is a folder; give a file path")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file
-        raise ValueError(f"checkpoint: {os.fspath(path)!r} is not a readable transfer checkpoint ({e})") from None
+        # weights_only: a checkpoint is tensors, numbers, strings and containers, so the restricted
+        # unpickler reads it whole; a file that asks for anything else (code) is refused unread
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated, foreign or hostile file
+        raise ValueError(f"checkpoint: {os.fspath(path)!r} is not a readable transfer checkpoint "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"checkpoint: {os.fspath(path)!r} is not an ntkfast transfer checkpoint")
+    missing = [k for k in _KEYS if k not in state]
+    if missing or not isinstance(state.get("fingerprint"), dict):
+        raise ValueError(f"checkpoint: {os.fspath(path)!r} is an incomplete transfer checkpoint "
+                         f"(missing {', '.join(missing) or 'fingerprint'})")
     diff = _difference(state["fingerprint"], expected)
     if diff:
         raise ValueError(f"checkpoint: {os.fspath(path)!r} belongs to another transfer: {diff} differ; "
@@ -81,8 +93,5 @@ def load(path, expected: dict) -> Optional[dict]:
 def save(path, state: dict) -> None:
     """Written to a temporary file and renamed: an interruption never leaves a half checkpoint."""
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save({"format": FORMAT, **state}, tmp)
-    os.replace(tmp, path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, lambda f: torch.save({"format": FORMAT, **state}, f))

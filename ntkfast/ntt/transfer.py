@@ -24,12 +24,13 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..core.checks import check_choice, check_int, check_number
+from ..core.checks import check_choice, check_int, check_number, check_seed
 from ..core.unlabelled import Unlabelled, split_validation, total_steps
 from ..distributed import Shard, resolve as resolve_shard
 from ..masks import Masks, prunable_parameters, threshold
 from ..ntk import empirical_ntk
 from . import _checkpoint as _ckpt
+from ..core.concurrency import holds_model
 
 __all__ = ["transfer", "transfer_loss", "TransferResult", "KERNELS", "INIT_MASKS"]
 
@@ -206,6 +207,7 @@ def _model_info(model: nn.Module):
     raise ValueError("model: has no parameters to transfer")
 
 
+@holds_model
 def transfer(
     model: nn.Module,
     density: float,
@@ -304,7 +306,7 @@ def transfer(
     checkpoint_every = check_int(checkpoint_every, "checkpoint_every", lo=1, allow_none=True)
     if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
         raise ValueError(f"checkpoint: expected a file path or None, got {type(checkpoint).__name__}")
-    seed = check_int(seed, "seed")
+    seed = check_seed(seed)
     check_choice(init_mask, "init_mask", INIT_MASKS)
     check_choice(scope, "scope", _SCOPES)
     check_choice(kernel, "kernel", KERNELS)

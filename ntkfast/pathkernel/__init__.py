@@ -30,6 +30,8 @@ from torch import nn
 from ..ops import path_score
 from ._network import PathNetwork, check_power, prunable_module_of
 from ._spectrum import spectrum
+from ..core.concurrency import holds_model
+from ..core.state import finite_weights
 
 __all__ = ["PathNorms", "path_norms", "trace", "diagonal", "spectrum"]
 
@@ -46,6 +48,8 @@ class PathNorms(NamedTuple):
     power: int
 
 
+@holds_model
+@finite_weights
 def path_norms(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = None, *, power: int = 2,
                inputs: Optional[torch.Tensor] = None, input_shape=None, dtype=torch.float64) -> PathNorms:
     """Forward and backward path sums of every prunable layer, from an all-ones input (or the
@@ -68,6 +72,8 @@ def path_norms(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = N
     return PathNorms(fwd, bwd, net.total, net.power)
 
 
+@holds_model
+@finite_weights
 def diagonal(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = None, *, input_shape=None,
              dtype=torch.float64) -> "OrderedDict[str, torch.Tensor]":
     """The diagonal of G = J_θ^πᵀ J_θ^π per weight: Σ_{p∋e} (π_p/θ_e)² = ∂R₂/∂(θ_e²), in the
@@ -75,6 +81,8 @@ def diagonal(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = Non
     return PathNetwork(model, masks, 2, dtype, input_shape=input_shape).gradient()
 
 
+@holds_model
+@finite_weights
 def trace(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = None, *, input_shape=None,
           dtype=torch.float64) -> float:
     """tr Π = Σ_p Σ_{e∈p} (π_p/θ_e)² = Σ_e m_e ∂R₂/∂(θ_e² m_e), in one forward and one backward pass

@@ -17,8 +17,12 @@ from torch import nn
 from ..core.checks import check_int
 from ..core.numerics import lanczos
 from ._network import PathNetwork
+from ..core.concurrency import holds_model
+from ..core.state import finite_weights
 
 
+@holds_model
+@finite_weights
 def spectrum(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = None, k: int = 10, *,
              steps: Optional[int] = None, seed: int = 0, input_shape=None, dtype=torch.float64) -> torch.Tensor:
     """The top ``k`` eigenvalues of Π (descending), by Lanczos with full reorthogonalisation on

@@ -30,6 +30,19 @@ from ..core.state import functional_forward, private_copy, state_copy, substitut
 from ..core.targets import finish, model_device, resolve_targets
 
 
+_TOKEN_LAYERS = (nn.Embedding, nn.EmbeddingBag)
+
+
+def _check_continuous_input(model: nn.Module, scorer: str) -> None:
+    """SynFlow and its variants feed the network a made-up real input (ones, or the mean input); a
+    layer taking token ids cannot be fed one, so the model is refused by name, not failed inside."""
+    for name, m in model.named_modules():
+        if isinstance(m, _TOKEN_LAYERS):
+            raise ValueError(f"model: {scorer} feeds the network a real-valued input (ones or the mean input), but "
+                             f"{type(m).__name__} {name!r} takes token ids; use a data-based method (snip, grasp, "
+                             "ntksap with inputs=) or score the layers after the embedding")
+
+
 @register("synflow", "SynFlow: |theta * dR/dtheta|, R = sum of the |state|-network's output on ones (data-free)", takes=("cache",))
 def synflow(
     model: nn.Module,
@@ -53,6 +66,7 @@ def synflow(
     computation that overflows (deep networks) is redone in float64 with a warning. ``cache``: a
     dict kept across calls on the same, unchanged model (the pruning loop passes one), in which the
     |state| network is built once instead of every call. ``seed`` is ignored."""
+    _check_continuous_input(model, "synflow")
     targets = resolve_targets(model, masks)
     shape = resolve_input_shape(model, input_shape, data)
     device = model_device(model)
@@ -131,6 +145,7 @@ def _prepared(model, targets, dt, train_mode, cache):
 
 # -- the Path Kernel variants ----------------------------------------------------------------------
 def _network(model, masks, power, dtype, input_shape, data, cache, inputs=None, key=None):
+    _check_continuous_input(model, "SynFlow-L2")
     dt = torch.float64 if dtype is None else dtype
     if cache is None:
         return PathNetwork(model, masks, power, dt, input_shape=input_shape, inputs=inputs, data=data)
@@ -214,6 +229,7 @@ def synflow_dist(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] =
                  cache: Optional[dict] = None) -> "OrderedDict[str, torch.Tensor]":
     """|θ ⊙ ∂R₁/∂θ| with the |state| network fed x̄, the mean training input of ``data`` (an ntkfast
     image dataset gives its un-normalised mean image) or ``input_mean``. ``seed`` is ignored."""
+    _check_continuous_input(model, "synflow_dist")
     x = _dist_input(data, input_mean, cache)
     net = _network(model, masks, 1, dtype, None, None, cache, inputs=x, key="dist")
     return finish(_flow(net, 1), net.targets)
@@ -225,6 +241,7 @@ def synflow_l2_dist(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]
                     input_mean: Optional[torch.Tensor] = None, seed: int = 0, dtype=None,
                     cache: Optional[dict] = None) -> "OrderedDict[str, torch.Tensor]":
     """|θ| · |θ ⊙ ∂R₁/∂θ| with the |state| network fed x̄ (see :func:`synflow_dist`)."""
+    _check_continuous_input(model, "synflow_l2_dist")
     x = _dist_input(data, input_mean, cache)
     net = _network(model, masks, 1, dtype, None, None, cache, inputs=x, key="dist")
     return finish(_flow(net, 2), net.targets)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ... import ops
+from ...core.concurrency import seeded_global_rng
 from ...core.state import cast_copy
 from ...core.targets import Target
 
@@ -98,14 +99,9 @@ class Draws:
         need_theta = self.weight_samples is None
         need_z = self.inputs is None
         if need_theta or need_z:
-            devices = [self.device] if self.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=devices):
-                # only the generators fork_rng restores: torch.manual_seed would reseed every GPU
-                s = _torch_seed(mix(self.seed, i))
-                torch.random.default_generator.manual_seed(s)
-                if devices:
-                    with torch.cuda.device(self.device):
-                        torch.cuda.manual_seed(s)
+            # the re-initialisation draws from the global RNG (reset_parameters takes no generator):
+            # seeded, restored, and exclusive, so concurrent calls never share a stream
+            with seeded_global_rng(_torch_seed(mix(self.seed, i)), [self.device]):
                 if need_theta:
                     net = self.init_copy()
                     try:

@@ -1,0 +1,124 @@
+"""How ntkfast writes and checks the user's files.
+
+Every writer goes through :func:`atomic_write`: the bytes land in a temporary file in the target's
+own folder (so the rename stays on one file system) and are renamed into place, so an
+interruption, a full disk or an error halfway leaves the old file as it was. :func:`check_out_path`
+runs before any work: a run of hours must not end in a traceback about its output path.
+"""
+from __future__ import annotations
+
+import contextlib
+import numbers
+import os
+import tempfile
+from collections.abc import Mapping
+from typing import Callable, Iterator, Optional
+
+__all__ = ["atomic_write", "atomic_writer", "check_out_path", "check_out_dir", "plain_data", "read_prefix"]
+
+
+def check_out_path(path, name: str, *, exists_ok: bool = True):
+    """The output file ``path`` as a str, checked before the work: its folder exists and is
+    writable, and it is not a folder. ValueError naming ``name`` otherwise; nothing is created."""
+    if path is None:
+        return None
+    try:
+        path = os.fspath(path)
+    except TypeError:
+        raise TypeError(f"{name}: expected a path (str or os.PathLike), got {type(path).__name__}") from None
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    if not path:
+        raise ValueError(f"{name}: expected a file path, got an empty string")
+    if os.path.isdir(path):
+        raise ValueError(f"{name}: {path!r} is a folder; give a file path")
+    if os.path.exists(path) and not exists_ok:
+        raise ValueError(f"{name}: {path!r} exists already")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{name}: the folder {folder!r} does not exist; create it first")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{name}: cannot write in the folder {folder!r} (permission denied)")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise ValueError(f"{name}: {path!r} is not writable (permission denied)")
+    return path
+
+
+def check_out_dir(path, name: str):
+    """The output folder ``path`` as a str, checked before the work: it is a folder (or can be made
+    in an existing, writable parent). Nothing is created."""
+    if path is None:
+        return None
+    path = os.fspath(path)
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise ValueError(f"{name}: {path!r} is a file; give a folder")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ValueError(f"{name}: cannot write in the folder {path!r} (permission denied)")
+        return path
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ValueError(f"{name}: the folder {parent!r} does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{name}: cannot create {path!r} (permission denied)")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_writer(path, mode: str = "wb") -> Iterator:
+    """An open temporary file beside ``path``; on a clean exit it is flushed, synced and renamed
+    over ``path`` (keeping an existing file's permissions); on an error it is removed and ``path``
+    is untouched."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.chmod(tmp, os.stat(path).st_mode & 0o7777)
+        except FileNotFoundError:  # a new file: the umask's usual permissions, not mkstemp's 0600
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write(path, write: Callable, mode: str = "wb") -> None:
+    """``write(f)`` into a temporary file renamed over ``path`` (see :func:`atomic_writer`);
+    ``write`` may be ``torch.save``'s partial or any function taking an open file."""
+    with atomic_writer(path, mode) as f:
+        write(f)
+
+
+def read_prefix(path, n: int) -> Optional[bytes]:
+    """The first ``n`` bytes of ``path``, or None when it does not exist."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except FileNotFoundError:
+        return None
+
+
+def plain_data(value):
+    """``value`` as plain data torch.load(weights_only=True) reads: tensors, numbers, strings, None,
+    lists and str-keyed dicts; anything else as its text."""
+    import torch
+
+    if value is None or isinstance(value, (bool, str, torch.Tensor)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, Mapping):
+        return {str(k): plain_data(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_data(v) for v in value]
+    return str(value)
