@@ -34,7 +34,9 @@ from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 
 from .masks import Masks, parameter_name
+from .core.checks import check_shape
 from .core.concurrency import holds_model
+from .core.state import scoring_mode
 
 __all__ = ["Connectivity", "connectivity"]
 
@@ -141,7 +143,7 @@ def connectivity(model: nn.Module, masks: Mapping[str, torch.Tensor], *,
         input_shape = getattr(model, "input_shape", None)
         if input_shape is None:
             raise ValueError("input_shape: the model has no input_shape attribute; pass one sample's shape")
-    input_shape = tuple(int(s) for s in input_shape)
+    input_shape = check_shape(input_shape, "input_shape")
     if not isinstance(masks, Mapping):
         raise ValueError(f"masks must be a mapping name -> bool tensor, got {type(masks).__name__}")
     params = dict(model.named_parameters())
@@ -165,15 +167,12 @@ def connectivity(model: nn.Module, masks: Mapping[str, torch.Tensor], *,
     leaves = [unit[pnames[n]].requires_grad_(True) for n in masks]
     device = next(iter(unit.values())).device if unit else torch.device("cpu")
     x = torch.ones((1,) + input_shape, dtype=torch.float64, device=device, requires_grad=True)
-    was_training = model.training
-    model.eval()
     try:
-        with torch.enable_grad(), _PathMode():
+        # scoring_mode restores every module's own flag (a BatchNorm left in eval in a model in train)
+        with scoring_mode(model, False), torch.enable_grad(), _PathMode():
             out = functional_call(model, unit, (x,))
     except RuntimeError as e:  # shape mismatches surface here; the model's own message says where
         raise ValueError(f"input_shape {input_shape}: the model's forward failed on one sample of it: {e}") from e
-    finally:
-        model.train(was_training)
     if not isinstance(out, torch.Tensor):
         raise ValueError(f"model: connectivity needs a tensor output, got {type(out).__name__}")
     total = out.sum()

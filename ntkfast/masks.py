@@ -158,8 +158,8 @@ class Masks(Mapping[str, torch.Tensor]):
     def apply(self, model: nn.Module) -> nn.Module:
         """Zero the pruned weights of ``model`` in place; returns the model."""
         params = self._check_model(model)
-        for name, p in params.items():
-            p.mul_(self._m[name].to(device=p.device, dtype=p.dtype))
+        for name, p in params.items():  # masked_fill, not mul: a pruned NaN/inf becomes 0, not NaN
+            p.masked_fill_(~self._m[name].to(p.device), 0)
         return model
 
     def to_prune_hooks(self, model: nn.Module) -> nn.Module:

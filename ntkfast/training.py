@@ -30,11 +30,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .core.checks import check_choice, check_int, check_number, check_seed
+from .core.checks import check_choice, check_device, check_int, check_number, check_seed
 from .core.progress import Progress
 from .core.targets import model_device
 from .masks import parameter_name
 from .core.concurrency import holds_model
+from .core.state import scoring_mode
 
 __all__ = ["train", "evaluate", "TrainResult"]
 
@@ -109,6 +110,28 @@ def _iterate(dataset, batch_size: int, shuffle: bool, seed: int, device, max_bat
         if channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         yield x, y
+
+
+def _check_fits(model: nn.Module, train_set) -> None:
+    """The model's forward on the first training sample, before the model is touched: a dataset of
+    another input shape or dtype is refused by name, not found failing in the first step."""
+    try:
+        x, _ = train_set[0]
+    except Exception:  # a dataset without indexing: the first step will tell
+        return
+    if not isinstance(x, torch.Tensor):
+        return
+    x = x.unsqueeze(0).to(model_device(model))
+    if x.is_floating_point():
+        p = next(model.parameters(), None)
+        x = x.to(p.dtype) if p is not None and p.is_floating_point() else x
+    try:
+        with scoring_mode(model, False), torch.no_grad():
+            model(x)
+    except (RuntimeError, TypeError, IndexError, ValueError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"train_set: the model's forward fails on its first sample (shape {tuple(x.shape[1:])}, "
+                         f"{x.dtype}): {msg}") from None
 
 
 def _num_batches(dataset, batch_size: int, max_batches: Optional[int]) -> Optional[int]:
@@ -285,6 +308,10 @@ def train(
         raise ValueError("train_set is empty")
 
     if device is not None:
+        device = check_device(device)
+    _check_fits(model, train_set)
+
+    if device is not None:
         model.to(device)
     device = model_device(model)
     layout = _layout_of(model)
@@ -294,8 +321,8 @@ def train(
     mask_f = {n: torch.empty_like(params[n]).copy_(m) for n, m in param_masks.items()}
 
     with torch.no_grad():
-        for n, m in mask_f.items():
-            params[n].mul_(m)
+        for n, m in param_masks.items():  # masked_fill, not mul: a pruned NaN/inf becomes 0, not NaN
+            params[n].masked_fill_(~m.to(params[n].device), 0)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     if optimizer == "sgd":

@@ -35,8 +35,8 @@ def as_batches(data, name: str = "data", *, device=None) -> List[Batch]:
     """Normalise ``data`` — a labelled batch ``(inputs, targets)`` of tensors, or an iterable of
     such batches (a DataLoader, a list, a generator) — into a list of ``(x, y)`` pairs, ``y`` as
     int64 class indices, moved to ``device`` if given. Raises ValueError naming ``name`` for a
-    wrong structure, an empty iterable, inputs and targets of different batch sizes, or targets
-    that are not integer class indices."""
+    wrong structure, an empty iterable, inputs and targets of different batch sizes, non-finite
+    inputs, or targets that are not class indices (integers >= 0)."""
     if data is None:
         raise ValueError(f"{name}: a labelled batch (inputs, targets) or an iterable of such batches is needed, got None")
     if _is_pair(data):
@@ -71,6 +71,12 @@ def as_batches(data, name: str = "data", *, device=None) -> List[Batch]:
             raise ValueError(f"{where}: {x.shape[0]} inputs but {y.shape[0]} targets (batch sizes differ)")
         if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
             raise ValueError(f"{where}: targets must be integer class indices, got dtype {y.dtype}")
+        if x.is_meta or y.is_meta:
+            raise ValueError(f"{where}: meta tensors have no values")
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{where}: the inputs hold {int((~torch.isfinite(x)).sum())} NaN/inf value(s)")
+        if y.numel() and int(y.min()) < 0:
+            raise ValueError(f"{where}: targets must be class indices >= 0, got {int(y.min())}")
         y = y.to(torch.long)
         if device is not None:
             x, y = x.to(device), y.to(device)
