@@ -30,12 +30,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .core.checks import check_choice, check_device, check_int, check_number, check_seed
+from .core.checks import check_choice, check_device, check_int, check_mask, check_number, check_seed
 from .core.progress import Progress
 from .core.targets import model_device
 from .masks import parameter_name
 from .core.concurrency import holds_model
-from .core.state import scoring_mode
+from .core.state import finite_model, scoring_mode
 
 __all__ = ["train", "evaluate", "TrainResult"]
 
@@ -89,7 +89,7 @@ def _check_masks(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]]) 
                              f"{pname!r} has {tuple(params[pname].shape)}")
         if pname in out:
             raise ValueError(f"masks: two masks apply to the parameter {pname!r}")
-        out[pname] = m.detach().to(torch.bool)
+        out[pname] = check_mask(m, f"masks[{name!r}]")
     return out
 
 
@@ -304,6 +304,7 @@ def train(
         raise ValueError(f"lr_milestones must be a sequence of epoch numbers, got {lr_milestones!r}") from None
     seed = check_seed(seed)
     param_masks = _check_masks(model, masks)
+    finite_model(model, masks or None)  # meta tensors, and NaN/inf where the masks keep weights, by name
     if hasattr(train_set, "__len__") and len(train_set) == 0:
         raise ValueError("train_set is empty")
 

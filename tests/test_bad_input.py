@@ -275,6 +275,13 @@ CASES = [
     Case("transfer", "hostile file", "a checkpoint that runs code", lambda w: _transfer(w, checkpoint=_hostile_torch_file(
         w, "ck.pt", {"format": "ntkfast.transfer-checkpoint/1"})), ValueError, "checkpoint", _no_code_ran),
     Case("transfer", "wrong type", "checkpoint a folder", lambda w: _transfer(w, checkpoint=w.tmp), ValueError, "checkpoint"),
+    Case("transfer", "device", "a meta model", lambda w: ntkfast.transfer(Net().to("meta"), 0.5, w.batch[0], steps=1, progress=False),
+         ValueError, "model.*meta"),
+    Case("transfer", "dtype", "a float16 model", lambda w: ntkfast.transfer(Net().half(), 0.5, w.batch[0].half(), steps=1, progress=False),
+         ValueError, "model.*float16"),
+    Case("transfer", "non-finite", "NaN in a kept weight (NTT)", lambda w: _transfer(_nan_kept(w)), ValueError, "fc1.weight"),
+    Case("transfer", "non-finite", "data holding NaN", lambda w: _transfer(w, data=torch.full((16, IN), float("nan"))),
+         ValueError, "data|validation"),
     Case("transfer", "interrupt", "KeyboardInterrupt from the callback", lambda w: _transfer(w, callback=_raise(KeyboardInterrupt)),
          KeyboardInterrupt, ""),
     # -- Masks ----------------------------------------------------------------------------------
@@ -313,6 +320,10 @@ CASES = [
          ValueError, "optimizer"),
     Case("train", "device", "a device torch does not know", lambda w: ntkfast.train(w.model, None, _images(), None, 1, device="gpu7", progress=False),
          ValueError, "device"),
+    Case("train", "device", "a meta model", lambda w: ntkfast.train(Net().to("meta"), None, _images(), None, 1, progress=False),
+         ValueError, "model.*meta"),
+    Case("train", "dtype", "soft masks", lambda w: ntkfast.train(w.model, {"fc1.weight": torch.full((16, IN), 0.5)}, _images(), None, 1, progress=False),
+         ValueError, "masks"),
     Case("train", "shape", "images of another size", lambda w: ntkfast.train(w.model, None, _images(), None, 1, progress=False),
          ValueError, "train_set|model|input"),
 ] + ([] if torch.cuda.is_available() else [

@@ -31,6 +31,7 @@ from ..masks import Masks, prunable_parameters, threshold
 from ..ntk import empirical_ntk
 from . import _checkpoint as _ckpt
 from ..core.concurrency import holds_model
+from ..core.state import finite_model
 
 __all__ = ["transfer", "transfer_loss", "TransferResult", "KERNELS", "INIT_MASKS"]
 
@@ -202,9 +203,17 @@ def _callback_stops(shard, callback, info) -> bool:
 
 
 def _model_info(model: nn.Module):
-    for p in model.parameters():
-        return p.device, p.dtype
-    raise ValueError("model: has no parameters to transfer")
+    """Device and dtype of the teacher, refused by name where NTT cannot run: no parameters, meta
+    tensors, NaN/inf anywhere (the teacher is dense: every weight is kept), or a half dtype (the
+    NTK blocks are computed in float32 or float64)."""
+    p = next(iter(model.parameters()), None)
+    if p is None:
+        raise ValueError("model: has no parameters to transfer")
+    finite_model(model)  # meta tensors and non-finite values, by name
+    if p.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"model: NTT computes in float32 or float64, the model is {p.dtype}; convert it first "
+                         "(model.float()) and back after, if you must")
+    return p.device, p.dtype
 
 
 @holds_model
@@ -351,6 +360,8 @@ def transfer(
         _check_fits(teacher, prepare(source.take(train_idx[:2])), "data")
         if val_x is not None:
             _check_fits(teacher, prepare(val_x[:2]), "validation")
+            if val_x.is_floating_point() and not bool(torch.isfinite(val_x).all()):
+                raise ValueError("validation: the validation inputs hold NaN/inf values")
 
     shard.run(check_inputs)
     if val_x is not None:
@@ -450,6 +461,8 @@ def transfer(
             for xb in source.epoch(train_idx, batch_size, (seed * 100_003 + epoch) % 2**63, skip=in_epoch):
                 in_epoch += 1
                 xb = prepare(xb)
+                if xb.is_floating_point() and not bool(torch.isfinite(xb).all()):
+                    raise ValueError(f"data: a batch at step {step + 1} holds NaN/inf inputs")
 
                 def local():
                     t_out, t_ntk = teacher_targets(teacher, xb, trainable, part=part)
