@@ -80,7 +80,7 @@ _REGISTRY: Dict[str, MethodInfo] = {}
 
 
 def register(name: str, description: str, *, needs_data: bool = False, raw_data: bool = False,
-             single_shot: bool = False, takes=None, returns: str = "scores"):
+             single_shot: bool = False, takes=None, returns: str = "scores", runs_network: bool = True):
     """Decorator registering a method under ``name`` for :func:`ntkfast.prune`, the study and the
     CLI (see the module's text for the contract). Refuses a declaration the function does not
     honour: a loop value in ``takes`` it has no parameter for, or a parameter named like a loop
@@ -88,7 +88,12 @@ def register(name: str, description: str, *, needs_data: bool = False, raw_data:
     must end with the same masks, and only the method knows how to agree on them.
 
     ``takes`` left out (scorers written before the contract): read from the function's parameters,
-    with a DeprecationWarning asking for the declaration."""
+    with a DeprecationWarning asking for the declaration.
+
+    Every method computes on a model whose pruned NaN/inf entries read as 0, and a NaN/inf it
+    would compute with is refused by name (:func:`ntkfast.core.state.finite_model`);
+    ``runs_network=False`` (a method that reads the weights but never evaluates the network, such
+    as random or magnitude pruning) limits that check to the scored weights."""
 
     declared = takes is not None
     takes = frozenset(takes or ())
@@ -126,7 +131,7 @@ def register(name: str, description: str, *, needs_data: bool = False, raw_data:
             run = replicated(fn)
         # a method swaps tensors into the model for its forward passes: one call per model at a time
         # and computes on a model whose pruned NaN/inf entries read as 0 (refused where kept)
-        run = holds_model(finite_weights(run))
+        run = holds_model(finite_weights(run, weights_only=not runs_network))
         _REGISTRY[name] = MethodInfo(name, run, description, needs_data, raw_data, single_shot,
                                      takes | {"process_group"}, returns)
         return run

@@ -192,12 +192,15 @@ def private_copy(model: nn.Module, targets: Mapping[str, Target], dtype: torch.d
     return dup, slots
 
 
-def finite_model(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = None) -> nn.Module:
+def finite_model(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = None, *,
+                 weights_only: bool = False) -> nn.Module:
     """``model`` itself when every parameter and buffer it computes with is finite; a copy whose
     pruned entries holding NaN/inf are 0 when only pruned entries are non-finite (a pruned weight
     contributes nothing, whatever it holds: ``inf * 0`` would be nan); otherwise ValueError naming
     the tensor. Meta tensors (no values) are refused by name as well. One ``isfinite`` pass over the
-    model: cheap beside any forward pass."""
+    model: cheap beside any forward pass. ``weights_only``: only the scored weights are looked at
+    (a method that never runs the network, such as random or magnitude pruning, does not care
+    about a NaN bias)."""
     from .targets import resolve_targets
 
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
@@ -209,7 +212,7 @@ def finite_model(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] =
         keep = {t.param_name: t.mask for t in resolve_targets(model, masks).values()}
     to_zero = {}
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if t is None or not t.is_floating_point() and not t.is_complex():
+        if t is None or not t.is_floating_point() and not t.is_complex() or weights_only and name not in keep:
             continue
         bad = ~torch.isfinite(t.detach())
         if not bool(bad.any()):
@@ -231,12 +234,14 @@ def finite_model(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] =
     return dup
 
 
-def finite_weights(fn: Callable) -> Callable:
+def finite_weights(fn: Callable = None, *, weights_only: bool = False) -> Callable:
     """Decorator: ``fn(model, masks, ...)`` (``masks`` positional or keyword) computes on the model
-    that :func:`finite_model` returns for ``(model, masks)``."""
+    that :func:`finite_model` returns for ``(model, masks)`` (with ``weights_only``)."""
     import functools
     import inspect
 
+    if fn is None:
+        return functools.partial(finite_weights, weights_only=weights_only)
     names = list(inspect.signature(fn).parameters)
     at = names.index("masks") if "masks" in names else None
 
@@ -245,7 +250,7 @@ def finite_weights(fn: Callable) -> Callable:
         if args and isinstance(args[0], nn.Module):
             masks = args[at] if at is not None and len(args) > at else kwargs.get("masks")
             if masks is None or isinstance(masks, Mapping):  # anything else: fn's own check names it
-                args = (finite_model(args[0], masks),) + args[1:]
+                args = (finite_model(args[0], masks, weights_only=weights_only),) + args[1:]
         return fn(*args, **kwargs)
 
     return run

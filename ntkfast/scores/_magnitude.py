@@ -11,7 +11,7 @@ from ..methods import register
 from ..core.targets import finish, resolve_dtype, resolve_targets
 
 
-@register("magnitude", "Magnitude: S = |theta| of the stored weights")
+@register("magnitude", "Magnitude: S = |theta| of the stored weights", runs_network=False)
 def magnitude(
     model: nn.Module,
     masks: Optional[Mapping[str, torch.Tensor]] = None,

@@ -11,7 +11,7 @@ from ..methods import register
 from ..core.targets import finish, resolve_dtype, resolve_targets
 
 
-@register("random", "Random: S ~ N(0, 1) per weight, from a generator seeded with `seed`")
+@register("random", "Random: S ~ N(0, 1) per weight, from a generator seeded with `seed`", runs_network=False)
 def random(
     model: nn.Module,
     masks: Optional[Mapping[str, torch.Tensor]] = None,
