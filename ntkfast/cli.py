@@ -173,10 +173,11 @@ def cmd_transfer(args) -> int:
 def _load_init(path):
     import torch
 
+    from .core.files import check_in_path
+
+    path = check_in_path(path, "--init")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"--init: no file at {path!r}") from None
     except Exception as e:  # cut, corrupt, foreign, or asking to run code (weights_only refuses it)
         msg = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:200]
         raise ValueError(f"--init: {path!r} is not a readable `ntkfast transfer --out` file "

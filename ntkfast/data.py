@@ -139,6 +139,13 @@ class ImageDataset(Dataset):
             raise ValueError(f"targets must be a 1-d tensor of {images.shape[0]} labels, got {tuple(targets.shape)}")
         if len(mean) != images.shape[1] or len(std) != images.shape[1]:
             raise ValueError(f"mean and std need one value per channel ({images.shape[1]})")
+        if not all(math.isfinite(float(m)) for m in mean) or not all(math.isfinite(float(v)) and float(v) > 0 for v in std):
+            raise ValueError(f"mean and std: expected finite values and std > 0, got mean {tuple(mean)}, std {tuple(std)}")
+        if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+            raise ValueError(f"targets: expected integer class labels, got dtype {targets.dtype}")
+        if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= len(classes)):
+            raise ValueError(f"targets: labels must lie in 0..{len(classes) - 1} (one per class name), got "
+                             f"{int(targets.min())}..{int(targets.max())}")
         self.images = images
         self.targets = targets.to(torch.int64)
         self.classes = list(classes)
@@ -373,8 +380,10 @@ def _find(root: Path, subdirs: Sequence[str], filename: str, dataset: str, compr
 
 
 def _root(root) -> Path:
-    if root is None:
-        raise ValueError("root must be the directory holding the dataset files, got None")
+    if isinstance(root, bytes):
+        root = os.fsdecode(root)
+    if not isinstance(root, (str, os.PathLike)):
+        raise ValueError(f"root: expected the directory holding the dataset files, got {type(root).__name__}")
     return Path(os.path.expanduser(os.fspath(root)))
 
 
@@ -454,8 +463,18 @@ def _cifar_batch(path: Path) -> Tuple[np.ndarray, np.ndarray]:
     d = _unpickle(path)
     if "data" not in d or "labels" not in d:
         raise ValueError(f"{path}: not a CIFAR-10 python batch (no 'data' / 'labels' keys)")
-    data = np.asarray(d["data"])
-    labels = np.asarray(d["labels"], dtype=np.int64)
+    # the release's 'data' is an array; anything else (a list nested to blow up in np.asarray) is
+    # refused before numpy builds it
+    if not isinstance(d["data"], np.ndarray):
+        raise ValueError(f"{path}: CIFAR-10 'data' must be a uint8 array [N, 3072], got {type(d['data']).__name__}")
+    data = d["data"]
+    raw = d["labels"]
+    if not isinstance(raw, (list, np.ndarray)) or len(raw) != data.shape[0]:
+        raise ValueError(f"{path}: CIFAR-10 'labels' must be a list of {data.shape[0]} ints, got "
+                         f"{type(raw).__name__}{f' of {len(raw)}' if isinstance(raw, (list, np.ndarray)) else ''}")
+    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in raw):
+        raise ValueError(f"{path}: CIFAR-10 'labels' must be ints")
+    labels = np.asarray(raw, dtype=np.int64)
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         raise ValueError(f"{path}: CIFAR-10 'data' must be uint8 [N, 3072], got {data.dtype} {data.shape}")
     if labels.shape != (data.shape[0],):
@@ -482,9 +501,9 @@ def load_cifar10(root: PathLike, train: bool = True, normalize: bool = True) -> 
     if meta.is_file():
         try:
             names_ = _unpickle(meta).get("label_names")
-            if names_ is not None and len(names_) == 10:
+            if isinstance(names_, (list, tuple)) and len(names_) == 10:
                 classes = [n.decode("latin1") if isinstance(n, bytes) else str(n) for n in names_]
-        except ValueError:
+        except (ValueError, TypeError):
             pass  # a broken meta file only costs the class names
     mean, std = STATS["cifar10"]
     return ImageDataset(x, y, classes=classes, mean=mean, std=std, normalize=normalize, name="cifar10",

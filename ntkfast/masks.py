@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .core.checks import check_choice, check_mask
-from .core.files import atomic_write, plain_data
+from .core.files import atomic_write, check_in_path, check_out_path, plain_data
 from .core.targets import module_param, parameter_name, prunable_parameters, unpruned_weights
 from .ops import topk_mask, topk_mask_layerwise
 
@@ -189,24 +189,24 @@ class Masks(Mapping[str, torch.Tensor]):
         meta["final_density"] = self.density
         obj = {"format": "ntkfast.masks/1", "masks": OrderedDict((n, m.cpu()) for n, m in self._m.items()),
                "metadata": meta}
-        atomic_write(path, lambda f: torch.save(obj, f))
+        atomic_write(check_out_path(path, "path"), lambda f: torch.save(obj, f))
 
     @classmethod
     def load(cls, path, map_location="cpu") -> "Masks":
         """The masks of a file written by :meth:`save` (or a plain name -> bool/0-1 tensor dict).
         Read with ``weights_only=True``: a file asking to run code is refused unread. ValueError
         naming the file for anything that is not masks."""
-        if os.path.isdir(path):
-            raise ValueError(f"path: {os.fspath(path)!r} is a folder, not a masks file")
+        path = check_in_path(path, "path")
         try:
             obj = torch.load(path, map_location=map_location, weights_only=True)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"path: no masks file at {path!r}") from None
         except Exception as e:  # a cut, corrupt, foreign or hostile file: never the loader's traceback
             msg = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:200]
             raise ValueError(f"path: {os.fspath(path)!r} is not a readable masks file ({type(e).__name__}: "
                              f"{msg})") from None
         if isinstance(obj, Mapping) and isinstance(obj.get("format"), str) and obj["format"].startswith("ntkfast.masks/"):
+            if obj["format"] != "ntkfast.masks/1":
+                raise ValueError(f"path: {os.fspath(path)!r} is in format {obj['format']!r}, which this ntkfast "
+                                 "(it reads ntkfast.masks/1) does not know; upgrade ntkfast")
             masks, meta = obj.get("masks"), obj.get("metadata", {})
             if not isinstance(masks, Mapping) or not masks or not isinstance(meta, Mapping):
                 raise ValueError(f"path: {os.fspath(path)!r} is a damaged ntkfast masks file (no masks or metadata)")

@@ -131,12 +131,32 @@ def register(name: str, description: str, *, needs_data: bool = False, raw_data:
             run = replicated(fn)
         # a method swaps tensors into the model for its forward passes: one call per model at a time
         # and computes on a model whose pruned NaN/inf entries read as 0 (refused where kept)
-        run = holds_model(finite_weights(run, weights_only=not runs_network))
+        run = holds_model(finite_weights(_checked_flags(run), weights_only=not runs_network))
         _REGISTRY[name] = MethodInfo(name, run, description, needs_data, raw_data, single_shot,
                                      takes | {"process_group"}, returns)
         return run
 
     return deco
+
+
+def _checked_flags(fn: Callable) -> Callable:
+    """``fn`` refusing, by name, a value other than True or False for an option annotated ``bool``:
+    ``train_mode="no"`` would otherwise mean True."""
+    import functools
+
+    flags = {n for n, p in inspect.signature(fn).parameters.items() if p.annotation in (bool, "bool")}
+    if not flags:
+        return fn
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        for n in flags & kwargs.keys():
+            v = kwargs[n]
+            if not isinstance(v, bool) and type(v).__name__ != "bool_":  # numpy's bool passes
+                raise ValueError(f"{n}: expected True or False, got {v!r}")
+        return fn(*args, **kwargs)
+
+    return run
 
 
 def get(name: str) -> MethodInfo:

@@ -21,6 +21,7 @@ the same; the float rounding may differ.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence
@@ -112,13 +113,20 @@ def _iterate(dataset, batch_size: int, shuffle: bool, seed: int, device, max_bat
         yield x, y
 
 
-def _check_fits(model: nn.Module, train_set) -> None:
-    """The model's forward on the first training sample, before the model is touched: a dataset of
-    another input shape or dtype is refused by name, not found failing in the first step."""
+def _check_fits(model: nn.Module, dataset, name: str = "train_set") -> None:
+    """The model's forward on the first sample of ``dataset``, before the model is touched: a
+    dataset of another input shape or dtype, or with labels beyond the model's outputs, is refused
+    by name, not found failing in a later step."""
+    if isinstance(dataset, torch.Tensor) or not (hasattr(dataset, "batches") or hasattr(dataset, "__getitem__")):
+        raise ValueError(f"{name}: expected a dataset of (input, label) items (an ntkfast dataset or a "
+                         f"torch.utils.data.Dataset), got {type(dataset).__name__}")
     try:
-        x, _ = train_set[0]
+        item = dataset[0]
     except Exception:  # a dataset without indexing: the first step will tell
         return
+    if not (isinstance(item, (tuple, list)) and len(item) == 2):
+        raise ValueError(f"{name}: expected (input, label) items, got {type(item).__name__}")
+    x = item[0]
     if not isinstance(x, torch.Tensor):
         return
     x = x.unsqueeze(0).to(model_device(model))
@@ -127,11 +135,20 @@ def _check_fits(model: nn.Module, train_set) -> None:
         x = x.to(p.dtype) if p is not None and p.is_floating_point() else x
     try:
         with scoring_mode(model, False), torch.no_grad():
-            model(x)
+            out = model(x)
     except (RuntimeError, TypeError, IndexError, ValueError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"train_set: the model's forward fails on its first sample (shape {tuple(x.shape[1:])}, "
+        raise ValueError(f"{name}: the model's forward fails on its first sample (shape {tuple(x.shape[1:])}, "
                          f"{x.dtype}): {msg}") from None
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise ValueError(f"model: expected class scores [N, classes] from the forward, got "
+                         f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
+    targets = getattr(dataset, "targets", None)  # the whole label set, where the dataset keeps one
+    if isinstance(targets, torch.Tensor) and targets.numel():
+        lo, hi = int(targets.min()), int(targets.max())
+        if lo < 0 or hi >= out.shape[1]:
+            raise ValueError(f"{name}: labels run from {lo} to {hi}, but the model gives {out.shape[1]} class scores "
+                             "(a model made for another number of classes?)")
 
 
 def _num_batches(dataset, batch_size: int, max_batches: Optional[int]) -> Optional[int]:
@@ -147,9 +164,11 @@ def evaluate(model: nn.Module, dataset, batch_size: int = 512, device=None,
              max_batches: Optional[int] = None) -> "tuple[float, float]":
     """(mean cross-entropy, accuracy) of ``model`` in eval mode on ``dataset``. The model's
     train/eval mode is restored afterwards."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     batch_size = check_int(batch_size, "batch_size", lo=1)
-    if device is None:
-        device = model_device(model)
+    device = model_device(model) if device is None else check_device(device)
+    _check_fits(model, dataset, "dataset")
     return _evaluate(model, dataset, batch_size, device, max_batches, channels_last=False)
 
 
@@ -298,10 +317,10 @@ def train(
     momentum = check_number(momentum, "momentum", lo=0.0)
     weight_decay = check_number(weight_decay, "weight_decay", lo=0.0)
     lr_gamma = check_number(lr_gamma, "lr_gamma", lo=0.0, lo_open=True)
-    try:
-        milestones = sorted(int(m) for m in (lr_milestones or []))
-    except (TypeError, ValueError):
-        raise ValueError(f"lr_milestones must be a sequence of epoch numbers, got {lr_milestones!r}") from None
+    if isinstance(lr_milestones, (str, bytes)) or not all(
+            isinstance(m, numbers.Integral) and not isinstance(m, bool) and m >= 1 for m in (lr_milestones or [])):
+        raise ValueError(f"lr_milestones: expected a sequence of epoch numbers >= 1, got {lr_milestones!r}")
+    milestones = sorted(int(m) for m in (lr_milestones or []))
     seed = check_seed(seed)
     param_masks = _check_masks(model, masks)
     finite_model(model, masks or None)  # meta tensors, and NaN/inf where the masks keep weights, by name
@@ -311,6 +330,8 @@ def train(
     if device is not None:
         device = check_device(device)
     _check_fits(model, train_set)
+    if test_set is not None:
+        _check_fits(model, test_set, "test_set")
 
     if device is not None:
         model.to(device)

@@ -82,6 +82,10 @@ def check_device(device, name: str = "device") -> torch.device:
         raise ValueError(f"{name}: {exc}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{name}: {device!r} requested but CUDA is not available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"{name}: {device!r} requested but there are {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "meta":
+        raise ValueError(f"{name}: the meta device holds no values; give cpu or cuda")
     return dev
 
 
@@ -114,6 +118,8 @@ def check_mask(value, name: str) -> torch.Tensor:
         raise ValueError(f"{name}: expected a bool (or 0/1) tensor, got {type(value).__name__}")
     if value.is_meta:
         raise ValueError(f"{name}: a meta tensor has no values; expected a bool (or 0/1) tensor")
+    if value.layout != torch.strided:
+        raise ValueError(f"{name}: expected a dense bool (or 0/1) tensor, got layout {value.layout} (call .to_dense())")
     t = value.detach()
     if t.dtype == torch.bool:
         return t

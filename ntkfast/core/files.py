@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Mapping
 from typing import Callable, Iterator, Optional
 
-__all__ = ["atomic_write", "atomic_writer", "check_out_path", "check_out_dir", "plain_data", "read_prefix"]
+__all__ = ["atomic_write", "atomic_writer", "check_out_path", "check_out_dir", "plain_data", "read_prefix", "check_in_path"]
 
 
 def check_out_path(path, name: str, *, exists_ok: bool = True):
@@ -32,6 +32,11 @@ def check_out_path(path, name: str, *, exists_ok: bool = True):
         raise ValueError(f"{name}: expected a file path, got an empty string")
     if os.path.isdir(path):
         raise ValueError(f"{name}: {path!r} is a folder; give a file path")
+    target = os.path.realpath(path)  # a symlink is written through, to the file it points at
+    if os.path.exists(target) and not os.path.isfile(target):
+        raise ValueError(f"{name}: {path!r} is not a regular file (a device, pipe or socket); give a file path")
+    if os.path.isfile(target) and not os.stat(target).st_mode & 0o222:
+        raise ValueError(f"{name}: {path!r} is read-only; make it writable or give another path")
     if os.path.exists(path) and not exists_ok:
         raise ValueError(f"{name}: {path!r} exists already")
     folder = os.path.dirname(os.path.abspath(path))
@@ -68,9 +73,13 @@ def check_out_dir(path, name: str):
 def atomic_writer(path, mode: str = "wb") -> Iterator:
     """An open temporary file beside ``path``; on a clean exit it is flushed, synced and renamed
     over ``path`` (keeping an existing file's permissions); on an error it is removed and ``path``
-    is untouched."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
+    is untouched. ``path`` is checked first (:func:`check_out_path`): a folder, a device, a pipe or
+    a read-only file is refused; a symlink is followed. A file with several hard links gets a new
+    inode: the other names keep the old content."""
+    path = check_out_path(path, "path")
+    # through a symlink to its target, so that the link stays a link and its target is what changes
+    path = os.path.realpath(path)
+    folder = os.path.dirname(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, mode) as f:
@@ -106,11 +115,14 @@ def read_prefix(path, n: int) -> Optional[bytes]:
         return None
 
 
-def plain_data(value):
+def plain_data(value, _depth: int = 0):
     """``value`` as plain data torch.load(weights_only=True) reads: tensors, numbers, strings, None,
-    lists and str-keyed dicts; anything else as its text."""
+    lists and str-keyed dicts; anything else, and anything nested deeper than 32 levels (a cycle),
+    as its text."""
     import torch
 
+    if _depth > 32:
+        return "<nested too deeply>"
     if value is None or isinstance(value, (bool, str, torch.Tensor)):
         return value
     if isinstance(value, numbers.Integral):
@@ -118,7 +130,25 @@ def plain_data(value):
     if isinstance(value, numbers.Real):
         return float(value)
     if isinstance(value, Mapping):
-        return {str(k): plain_data(v) for k, v in value.items()}
+        return {str(k): plain_data(v, _depth + 1) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [plain_data(v) for v in value]
+        return [plain_data(v, _depth + 1) for v in value]
     return str(value)
+
+
+def check_in_path(path, name: str) -> str:
+    """The input file ``path`` as a str: a path (not another type), naming an existing regular file
+    (a folder, a pipe that would block the reader, a device: refused). FileNotFoundError when it
+    does not exist."""
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{name}: expected a path (str or os.PathLike), got {type(path).__name__}")
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{name}: no file at {path!r}")
+    if os.path.isdir(path):
+        raise ValueError(f"{name}: {path!r} is a folder, not a file")
+    if not os.path.isfile(path):
+        raise ValueError(f"{name}: {path!r} is not a regular file (a device, pipe or socket)")
+    return path

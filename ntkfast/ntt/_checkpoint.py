@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from ..core.files import atomic_write
+from ..core.files import atomic_write, check_in_path
 
 FORMAT = "ntkfast.transfer-checkpoint/1"
 _KEYS = ("fingerprint", "step", "epoch", "in_epoch", "student", "optimizer", "masks", "history", "pending", "elapsed")
@@ -68,8 +68,7 @@ def load(path, expected: dict) -> Optional[dict]:
     """The saved state, or None when ``path`` does not exist yet."""
     if not os.path.exists(path):
         return None
-    if os.path.isdir(path):
-        raise ValueError(f"checkpoint: {os.fspath(path)!r} is a folder; give a file path")
+    check_in_path(path, "checkpoint")  # a folder or a pipe (which would block the reader) is refused
     try:
         # weights_only: a checkpoint is tensors, numbers, strings and containers, so the restricted
         # unpickler reads it whole; a file that asks for anything else (code) is refused unread

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..distributed import resolve as resolve_shard
 from ..methods import register
+from ..core.checks import check_number
 from ..core.batches import as_batches, cast_input, shard_batches
 from ..core.numerics import all_finite, cross_entropy, divide_by_total, grad_dict, with_float64_fallback
 from ..core.state import functional_forward, leaves, masked, state_copy, substitute
@@ -38,7 +39,8 @@ def grasp(
     all-reduced (see :mod:`ntkfast.distributed`)."""
     targets = resolve_targets(model, masks)
     batches = as_batches(data, "data", device=model_device(model))
-    temperature = float(temperature)
+    temperature = check_number(temperature, "temperature", lo=0.0, lo_open=True)
+    eps = check_number(eps, "eps", lo=0.0)
     shard = resolve_shard(process_group)
     items = shard_batches(batches, shard, train_mode)
 
