@@ -392,9 +392,17 @@ def _add_dist_args(p):
                         "stops with an error (default 600)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, reporting a bad flag in the one line every other error gets (the usage is
+    one `--help` away), exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ntkfast", description="Fast NTK-based pruning at initialisation.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="ntkfast", description="Fast NTK-based pruning at initialisation.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("prune", help="prune a zoo model and print the per-layer density table")
     _add_model_args(p, "resnet20")
@@ -540,3 +548,9 @@ def _run(args) -> int:
     except KeyboardInterrupt:
         print("ntkfast: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except SystemExit as exc:  # the commands' own "ntkfast: ..." refusals: the same line and status
+        if isinstance(exc.code, str):
+            text = exc.code[len("ntkfast: "):] if exc.code.startswith("ntkfast: ") else exc.code
+            print(f"ntkfast: error: {text}", file=sys.stderr)
+            return 2
+        raise

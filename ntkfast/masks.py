@@ -196,7 +196,10 @@ class Masks(Mapping[str, torch.Tensor]):
         """The masks of a file written by :meth:`save` (or a plain name -> bool/0-1 tensor dict).
         Read with ``weights_only=True``: a file asking to run code is refused unread. ValueError
         naming the file for anything that is not masks."""
-        path = check_in_path(path, "path")
+        try:
+            path = check_in_path(path, "path")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"path: no masks file at {os.fspath(path)!r}") from None
         try:
             obj = torch.load(path, map_location=map_location, weights_only=True)
         except Exception as e:  # a cut, corrupt, foreign or hostile file: never the loader's traceback

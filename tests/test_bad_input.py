@@ -234,6 +234,16 @@ CASES = [
     Case("scores.synflow_l2", "wrong type", "an Embedding model", lambda w: scores.synflow_l2(nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 2)), input_shape=(1,)),
          ValueError, "model.*Embedding"),
     Case("scores.random", "out-of-range", "seed -2**64", lambda w: prune(w.model, "random", 0.5, seed=-2**64), ValueError, "seed"),
+    Case("scores.grasp", "out-of-range", "eps -1e9", lambda w: prune(w.model, "grasp", 0.5, data=w.batch, eps=-1e9), ValueError, "eps"),
+    Case("scores.grasp", "out-of-range", "temperature 0", lambda w: prune(w.model, "grasp", 0.5, data=w.batch, temperature=0),
+         ValueError, "temperature"),
+    Case("scores.grasp", "wrong type", "temperature a string", lambda w: scores.grasp(w.model, data=w.batch, temperature="200"),
+         ValueError, "temperature"),
+    Case("scores.snip", "wrong type", "train_mode 'no'", lambda w: scores.snip(w.model, data=w.batch, train_mode="no"),
+         ValueError, "train_mode"),
+    Case("scores.synflow", "wrong type", "a model returning a dict", lambda w: scores.synflow(_DictNet()), (TypeError, ValueError), "model"),
+    Case("scores.ntksap", "wrong type", "a model returning a dict", lambda w: scores.ntksap(_DictNet(), repeats=1), ValueError, "model"),
+    Case("scores.ntksap", "wrong type", "an Embedding model", lambda w: scores.ntksap(_token_net(), repeats=1), ValueError, "model.*Embedding"),
     # -- the NTK ----------------------------------------------------------------------------------
     Case("empirical_ntk", "shape", "x1 of another width", lambda w: empirical_ntk(w.model, torch.randn(3, 7)), ValueError, "x1"),
     Case("empirical_ntk", "shape", "x2 of another width", lambda w: empirical_ntk(w.model, torch.randn(3, IN), torch.randn(3, 7)), ValueError, "x2"),
@@ -305,13 +315,22 @@ CASES = [
          ValueError, "path", _no_code_ran),
     Case("Masks.load", "wrong type", "a folder", lambda w: Masks.load(w.tmp), ValueError, "path"),
     Case("Masks.load", "empty", "no file", lambda w: Masks.load(w.tmp / "absent.pt"), FileNotFoundError, "path"),
-    Case("Masks.save", "wrong type", "into a missing folder", lambda w: w.masks.save(w.tmp / "no" / "m.pt"), FileNotFoundError, "no"),
+    Case("Masks.save", "wrong type", "onto a pipe", lambda w: w.masks.save(_fifo(w)), ValueError, "path"),
+    Case("Masks.save", "wrong type", "a number as the path", lambda w: w.masks.save(3), TypeError, "path"),
+    Case("Masks.load", "wrong type", "a pipe (would block)", lambda w: Masks.load(_fifo(w)), ValueError, "path"),
+    Case("Masks.load", "dtype", "a sparse mask", lambda w: Masks.load(_torch_file(w, "m.pt", {"a": torch.ones(4).to_sparse()})),
+         ValueError, "path"),
+    Case("Masks.load", "corrupt file", "a future format", lambda w: Masks.load(_torch_file(
+        w, "m.pt", {"format": "ntkfast.masks/2", "masks": {"a": torch.ones(2, dtype=torch.bool)}, "metadata": {}})), ValueError, "path"),
+    Case("Masks.save", "wrong type", "into a missing folder", lambda w: w.masks.save(w.tmp / "no" / "m.pt"), ValueError, "path.*no"),
     # -- the readers ----------------------------------------------------------------------------
     Case("load_dataset", "wrong type", "unknown name", lambda w: D.load_dataset("imagenet9", w.tmp), ValueError, "dataset"),
     Case("load_dataset", "empty", "an empty MNIST file", lambda w: D.load_dataset("mnist", _mnist(w, images=b"", labels=b"")), ValueError, "idx"),
     Case("load_dataset", "empty", "an MNIST of no images", lambda w: D.load_dataset("mnist", _mnist(w, n=0)), ValueError, "images|N > 0"),
     Case("load_dataset", "corrupt file", "a gzip bomb header", lambda w: D.load_dataset("mnist", _mnist(w, bomb=True)), ValueError, "idx"),
     Case("load_dataset", "corrupt file", "labels beyond 9", lambda w: D.load_dataset("mnist", _mnist(w, label=12)), ValueError, "label"),
+    Case("load_dataset", "corrupt file", "a CIFAR batch of nested lists (a memory bomb)", lambda w: D.load_dataset("cifar10", _cifar(w, bomb=True)),
+         ValueError, "data_batch_1|test_batch"),
     Case("load_dataset", "hostile file", "a CIFAR batch that runs code", lambda w: D.load_dataset("cifar10", _cifar(w)),
          ValueError, "data_batch_1|test_batch", _no_code_ran),
     # -- training ---------------------------------------------------------------------------------
@@ -324,6 +343,12 @@ CASES = [
          ValueError, "model.*meta"),
     Case("train", "dtype", "soft masks", lambda w: ntkfast.train(w.model, {"fc1.weight": torch.full((16, IN), 0.5)}, _images(), None, 1, progress=False),
          ValueError, "masks"),
+    Case("train", "out-of-range", "labels beyond the model's outputs", lambda w: ntkfast.train(_flat_net(3), None, _images(classes=8), None, 1, progress=False),
+         ValueError, "train_set"),
+    Case("train", "out-of-range", "a negative lr milestone", lambda w: ntkfast.train(_flat_net(4), None, _images(), None, 1, lr_milestones=[-1], progress=False),
+         ValueError, "lr_milestones"),
+    Case("train", "wrong type", "a tensor as train_set", lambda w: ntkfast.train(w.model, None, torch.randn(3, IN), None, 1, progress=False),
+         ValueError, "train_set"),
     Case("train", "shape", "images of another size", lambda w: ntkfast.train(w.model, None, _images(), None, 1, progress=False),
          ValueError, "train_set|model|input"),
 ] + ([] if torch.cuda.is_available() else [
@@ -332,6 +357,39 @@ CASES = [
     Case("empirical_ntk", "device", "x1 on cuda without CUDA", lambda w: empirical_ntk(w.model, torch.randn(3, IN, device="cuda")),
          (RuntimeError, AssertionError), "cuda|CUDA"),
 ])
+
+
+class _DictNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(IN, 3)
+        self.input_shape = (IN,)
+
+    def forward(self, x):
+        return {"logits": self.fc(x)}
+
+    def reinitialize(self):
+        self.fc.reset_parameters()
+        return self
+
+
+def _token_net():
+    net = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 3))
+    net.input_shape = (3,)
+    net.reinitialize = lambda: net
+    return net
+
+
+def _flat_net(classes):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, classes))
+
+
+def _fifo(w) -> Path:
+    p = w.tmp / "pipe"
+    if not p.exists():
+        os.mkfifo(p)
+    return p
 
 
 def _raise(exc):
@@ -379,11 +437,15 @@ def _mnist(w, n=3, images=None, labels=None, bomb=False, label=1) -> Path:
     return w.tmp
 
 
-def _cifar(w) -> Path:
+def _cifar(w, bomb=False) -> Path:
     root = w.tmp / "cifar-10-batches-py"
     root.mkdir(exist_ok=True)
+    inner = [[0] * 200] * 200
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        _hostile_pickle(w, f"cifar-10-batches-py/{name}")
+        if bomb:  # a few kB that np.asarray would turn into 8M int64 entries
+            w.file(f"cifar-10-batches-py/{name}", pickle.dumps({b"data": [inner] * 200, b"labels": [0]}, protocol=2))
+        else:
+            _hostile_pickle(w, f"cifar-10-batches-py/{name}")
     return w.tmp
 
 

@@ -92,8 +92,10 @@ def synflow(
         try:
             if prepared is not None:
                 out = dup(x)
-                if isinstance(out, (tuple, list)):
+                if isinstance(out, (tuple, list)) and out:
                     out = out[0]
+                if not isinstance(out, torch.Tensor):
+                    raise TypeError(f"model: expected the forward to return a tensor, got {type(out).__name__}")
             else:
                 out = functional_forward(model, substitute(state, targets, w), x, train_mode=train_mode)
         except torch.OutOfMemoryError:

@@ -26,6 +26,7 @@ from ...distributed import resolve as resolve_shard
 from ...methods import register
 from ...core.batches import resolve_input_shape
 from ...core.targets import attribute_name, finish, mask_buffer_name, model_device, resolve_dtype, resolve_targets
+from ...core.state import functional_forward
 from ._grouped import BatchNormPlan, GroupedNetwork, NotGroupable
 from ._draws import Draws, InitFailed, check_explicit, piece_list
 from ._reference import reference_scores
@@ -148,6 +149,9 @@ def ntksap(
             "initialisation for every batch: pass init_fn=<function re-initialising a model in place> "
             "(e.g. one calling torch.nn.init.kaiming_normal_ on each layer) or weight_samples=[...]")
 
+    if inputs is None:
+        _check_gaussian_input(model, batch_shape[1:], dt, dev)
+
     shard = resolve_shard(process_group)
     key = ("ntksap", dt, str(dev))
     store = cache.setdefault(key, {}) if cache is not None else {}
@@ -198,6 +202,29 @@ def ntksap_trace_estimate(model: nn.Module, masks: Optional[Mapping[str, torch.T
                   inputs=[inputs] * samples, weight_samples=[theta] * samples)
     total = _grouped_scores(model, targets, draws, eps, dt, dev, bn_stats, memory_budget, {}, objective_only=True)
     return total / (samples * eps * eps)
+
+
+def _check_gaussian_input(model: nn.Module, shape, dt, dev) -> None:
+    """NTK-SAP feeds Gaussian noise Z: a model that cannot take a real input of ``shape`` (an
+    Embedding's token ids, another width) or gives no tensor output is refused by name, on one
+    sample, before the passes; the model is evaluated on copies of its state and left as it was."""
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+            raise ValueError(f"model: ntksap feeds Gaussian inputs, but {type(m).__name__} {name!r} takes token ids; "
+                             "pass inputs=[...] (the batches to use) or score the layers after the embedding")
+    z = torch.randn((1,) + tuple(shape), generator=torch.Generator().manual_seed(0), dtype=dt).to(dev)
+    state = {n: t.detach().to(dt) if t.is_floating_point() else t.detach()
+             for n, t in list(model.named_parameters()) + list(model.named_buffers())}
+    try:
+        with torch.no_grad():
+            functional_forward(model, state, z)
+    except TypeError as exc:  # the output is not a tensor
+        raise ValueError(str(exc)) from None
+    except RuntimeError as exc:
+        if isinstance(exc, torch.OutOfMemoryError):
+            raise
+        raise ValueError(f"input_shape: the forward fails on a Gaussian input of shape {tuple(shape)} "
+                         f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
 
 
 def _local_scores(model, targets, draws: Draws, eps, dt, dev, bn_stats, memory_budget, store, engine, cuda_graph):
