@@ -324,6 +324,13 @@ def train(
     seed = check_seed(seed)
     param_masks = _check_masks(model, masks)
     finite_model(model, masks or None)  # meta tensors, and NaN/inf where the masks keep weights, by name
+    empty = [n for n, m in param_masks.items() if m.numel() and not bool(m.any())]
+    if empty:
+        import warnings
+
+        warnings.warn(f"train: the masks keep no weight of {len(empty)} tensor(s) ({', '.join(empty[:4])}"
+                      f"{' ...' if len(empty) > 4 else ''}); no signal passes through them", RuntimeWarning,
+                      stacklevel=3)
     if hasattr(train_set, "__len__") and len(train_set) == 0:
         raise ValueError("train_set is empty")
 

@@ -78,8 +78,8 @@ def check_device(device, name: str = "device") -> torch.device:
     """A device torch understands; CUDA only where it is available."""
     try:
         dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"{name}: {exc}") from None
+    except (RuntimeError, TypeError, ValueError, OverflowError) as exc:
+        raise ValueError(f"{name}: not a device ({exc}), got {device!r}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{name}: {device!r} requested but CUDA is not available")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():

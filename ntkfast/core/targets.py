@@ -176,10 +176,11 @@ def resolve_dtype(targets: Mapping[str, Target], dtype=None) -> torch.dtype:
     if dtype is None:
         first = next(iter(targets.values())).param
         return first.dtype if first.is_floating_point() else torch.get_default_dtype()
+    given = dtype
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype.replace("torch.", ""), None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dtype: expected a floating torch.dtype such as torch.float64, got {dtype!r}")
+        raise ValueError(f"dtype: expected a floating torch.dtype such as torch.float64, got {given!r}")
     return dtype
 
 

@@ -106,7 +106,8 @@ def ntksap(
     The model is never changed.
     """
     targets = resolve_targets(model, masks)
-    eps = check_number(epsilon, "epsilon", lo=0.0, lo_open=True)
+    # above 1e3 the perturbation swamps every weight: not the finite difference NTK-SAP means
+    eps = check_number(epsilon, "epsilon", lo=0.0, lo_open=True, hi=1e3)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise ValueError(f"seed: expected an int, got {seed!r}")
     if engine not in _ENGINES:
@@ -188,7 +189,8 @@ def ntksap_trace_estimate(model: nn.Module, masks: Optional[Mapping[str, torch.T
     Jacobian w.r.t. the unmasked weights) as epsilon -> 0. ``weight_sample`` defaults to the model's
     own parameters."""
     targets = resolve_targets(model, masks)
-    eps = check_number(epsilon, "epsilon", lo=0.0, lo_open=True)
+    # above 1e3 the perturbation swamps every weight: not the finite difference NTK-SAP means
+    eps = check_number(epsilon, "epsilon", lo=0.0, lo_open=True, hi=1e3)
     samples = check_int(samples, "samples", lo=1)
     if bn_stats not in _BN_STATS:
         raise ValueError(f"bn_stats: expected one of {', '.join(map(repr, _BN_STATS))}, got {bn_stats!r}")
