@@ -104,7 +104,9 @@ def cmd_prune(args) -> int:
     masks = prune(model, args.method, args.density, rounds=rounds, schedule=args.schedule, scope=args.scope,
                   data=data, seed=args.seed, progress=not args.quiet, **options)
     wall = time.perf_counter() - t0
-    masks.metadata["model"] = args.model
+    # what `ntkfast train --masks` needs to rebuild the same network
+    masks.metadata.update(model=args.model, input_shape=list(model.input_shape),
+                          num_classes=int(getattr(model, "num_classes", 0) or 0) or None)
     print(masks.report())
     print(f"\nmethod {args.method}, {rounds} round(s), {args.scope} scope: density {masks.density:.6g} "
           f"(target {args.density}); scoring time {masks.metadata['score_seconds']:.3f} s, total {wall:.3f} s")
@@ -209,6 +211,9 @@ def cmd_train(args) -> int:
             args.input_shape = tuple(init["input_shape"])
         if args.num_classes is None:
             args.num_classes = int(init["num_classes"])
+    masks = Masks.load(args.masks) if args.masks else None
+    if masks is not None:
+        _fit_to_masks_file(args, masks)
     if args.model is None:
         args.model = "lenet300_100"
     model = _build_model(args)
@@ -225,7 +230,6 @@ def cmd_train(args) -> int:
     if tuple(train_set.input_shape) != tuple(model.input_shape):
         raise SystemExit(f"ntkfast: --model {args.model} expects inputs {model.input_shape}, the dataset has "
                          f"{train_set.input_shape}; pass --input-shape")
-    masks = Masks.load(args.masks) if args.masks else None
     if init is not None:
         masks = Masks(init["masks"], init.get("metadata", {}))
     if masks is not None:
@@ -345,6 +349,27 @@ def cmd_info(args) -> int:
 
     print(json.dumps(build_info(), indent=2, default=str))
     return 0
+
+
+def _fit_to_masks_file(args, masks) -> None:
+    """The network a masks file was made for (``ntkfast prune --out`` records it): taken when
+    --model, --input-shape or --num-classes is not given, refused when one given differs."""
+    meta = masks.metadata
+    made_for = meta.get("model")
+    if isinstance(made_for, str):
+        if args.model is None:
+            args.model = made_for
+        elif args.model != made_for:
+            raise SystemExit(f"ntkfast: --masks {args.masks} was made for a {made_for}, not a {args.model}; "
+                             f"pass --model {made_for} (or leave --model out)")
+    elif args.model is None:
+        raise SystemExit(f"ntkfast: --masks {args.masks} does not say which model it was made for; pass --model")
+    shape = meta.get("input_shape")
+    if args.input_shape is None and isinstance(shape, list) and all(isinstance(d, int) and d > 0 for d in shape):
+        args.input_shape = tuple(shape)
+    classes = meta.get("num_classes")
+    if args.num_classes is None and isinstance(classes, int) and classes > 0:
+        args.num_classes = classes
 
 
 def _add_model_args(p, default_model):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 import re
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -238,6 +239,9 @@ def write_report(paths: Sequence, out_dir, *, metric: str = "final", profile_den
     """``report.md`` (every study's table) and, with ``plots``, its two PNGs per study, in
     ``out_dir`` (a folder, made if missing in an existing folder). Returns the files written."""
     _metric_key(metric)
+    if profile_density is not None and (isinstance(profile_density, bool) or not isinstance(profile_density, numbers.Real)
+                                        or not 0 < profile_density <= 1):
+        raise ValueError(f"profile_density: expected a density in (0, 1] or None, got {profile_density!r}")
     out_dir = Path(check_out_dir(out_dir, "out_dir"))  # before reading and plotting
     if isinstance(paths, (str, Path)):
         paths = [paths]
@@ -254,8 +258,14 @@ def write_report(paths: Sequence, out_dir, *, metric: str = "final", profile_den
         if importlib.util.find_spec("matplotlib") is None:
             raise ImportError("plots: matplotlib is not installed (pip install matplotlib); "
                               "plots=False (`ntkfast report --no-plots`) writes the tables alone")
-    out_dir.mkdir(exist_ok=True)
     groups = group(records)
+    if plots and profile_density is not None:  # before the first file is written
+        for (model, dataset, _), runs in groups.items():
+            if not any(float(r["density"]) == float(profile_density) for r in runs):
+                have = ", ".join(f"{d:g}" for d in sorted({float(r["density"]) for r in runs}))
+                raise ValueError(f"profile_density: {model} on {dataset} has no runs at density "
+                                 f"{profile_density:g} (it has {have})")
+    out_dir.mkdir(exist_ok=True)
     md = out_dir / "report.md"
     written, sections = [md], ["# Accuracy of networks pruned at initialisation", ""]
     for (model, dataset, _), runs in groups.items():

@@ -83,6 +83,11 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _is_fraction(v) -> bool:
+    # NaN fails both comparisons, so a diverged or hand-edited record is named, not averaged
+    return _is_number(v) and 0 <= v <= 1
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -97,10 +102,10 @@ _FIELDS = (("model", lambda v: isinstance(v, str), "a string"),
            ("rounds", lambda v: _is_int(v) and v >= 1, "a positive int"),
            ("options", lambda v: isinstance(v, dict), "an object"),
            ("protocol", lambda v: isinstance(v, dict), "an object"),
-           ("final_test_accuracy", _is_number, "a number"),
-           ("best_test_accuracy", lambda v: v is None or _is_number(v), "a number or null"),
-           ("layer_density", lambda v: isinstance(v, dict) and all(map(_is_number, v.values())),
-            "an object of numbers"))
+           ("final_test_accuracy", lambda v: _is_fraction(v), "a fraction in [0, 1]"),
+           ("best_test_accuracy", lambda v: v is None or _is_fraction(v), "a fraction in [0, 1] or null"),
+           ("layer_density", lambda v: isinstance(v, dict) and all(map(_is_fraction, v.values())),
+            "an object of fractions in [0, 1]"))
 _PROTOCOL_FIELDS = (("epochs", lambda v: _is_int(v) and v >= 1, "a positive int"),
                     ("optimizer", lambda v: isinstance(v, str), "a string"),
                     ("lr", lambda v: v is None or _is_number(v), "a number or null"),

@@ -339,6 +339,8 @@ CASES = [
          ValueError, "optimizer"),
     Case("train", "device", "a device torch does not know", lambda w: ntkfast.train(w.model, None, _images(), None, 1, device="gpu7", progress=False),
          ValueError, "device"),
+    Case("train", "device", "a CPU index (torch ignores it)", lambda w: ntkfast.train(w.model, None, _images(), None, 1, device="cpu:5", progress=False),
+         ValueError, "device"),
     Case("train", "device", "a meta model", lambda w: ntkfast.train(Net().to("meta"), None, _images(), None, 1, progress=False),
          ValueError, "model.*meta"),
     Case("train", "dtype", "soft masks", lambda w: ntkfast.train(w.model, {"fc1.weight": torch.full((16, IN), 0.5)}, _images(), None, 1, progress=False),

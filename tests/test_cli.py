@@ -74,6 +74,23 @@ def test_prune_and_train_on_mnist(data_dir, tmp_path, capsys):
     assert acc > 30.0  # 30 SGD steps on 5%-dense LeNet-300-100: far above chance
 
 
+def test_train_takes_the_model_a_masks_file_was_made_for(data_dir, tmp_path, capsys):
+    out = tmp_path / "conv.pt"
+    assert main(["prune", "--model", "conv4", "--method", "magnitude", "--density", "0.1", "--input-shape",
+                 "1,28,28", "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    # no --model: the file's conv4 and its input shape, not the default lenet300_100
+    assert main(["train", "--dataset", "mnist", "--data-dir", str(data_dir), "--masks", str(out), "--epochs", "1",
+                 "--max-batches", "2", "--quiet"]) == 0
+    assert "density 0.1" in capsys.readouterr().out
+    before = out.read_bytes()
+    assert main(["train", "--model", "lenet300_100", "--dataset", "mnist", "--data-dir", str(data_dir),
+                 "--masks", str(out), "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "was made for a conv4, not a lenet300_100" in err and "--model conv4" in err
+    assert out.read_bytes() == before
+
+
 def test_prune_dist_variant_reads_the_dataset_mean(data_dir, tmp_path, capsys):
     """The Dist variants get the whole training set from the CLI, so they feed its un-normalised
     mean input (a normalised batch would have a negative mean and be refused)."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -483,3 +484,34 @@ def test_sparse_masks_gather_kept_entries_only(density, monkeypatch):
             assert ref[n].abs().max() == 0, n
         else:
             assert rel(g, ref[n]) < 1e-9, n
+
+
+class _Recurrent(nn.Module):
+    def __init__(self, cell):
+        super().__init__()
+        self.rnn = cell(4, 5, batch_first=True)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU, nn.RNN], ids=lambda c: c.__name__)
+def test_recurrent_models_match_the_brute_force_kernel(cell):
+    # their fused kernels have no batching rule over samples (vmap failed with a raw "workspace"
+    # error); the NTK falls back to one sample at a time and must give the same numbers
+    torch.manual_seed(0)
+    model = _Recurrent(cell).double()
+    x = torch.randn(3, 6, 4, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's "no batching rule" performance warnings
+        K = empirical_ntk(model, x)
+    params = list(model.parameters())
+    rows = []
+    for i in range(3):
+        for k in range(2):
+            g = torch.autograd.grad(model(x[i:i + 1])[0, k], params)
+            rows.append(torch.cat([t.reshape(-1) for t in g]))
+    J = torch.stack(rows)
+    expected = (J @ J.T).reshape(3, 2, 3, 2).permute(0, 2, 1, 3)
+    torch.testing.assert_close(K, expected, rtol=1e-10, atol=1e-12)

@@ -158,6 +158,26 @@ def test_report_out_must_be_a_folder_in_an_existing_one(tmp_path, capsys):
     assert not (tmp_path / "a").exists()
 
 
+@pytest.mark.parametrize("value", ["nan", "0", "1.5", "-0.1"])
+def test_report_profile_density_is_checked_before_anything_is_written(tmp_path, capsys, value):
+    results = tmp_path / "r.jsonl"
+    results.write_text(GOOD + "\n")
+    with pytest.raises(ValueError, match="^profile_density: "):
+        report.write_report([results], tmp_path / "rep", profile_density=float(value))
+    rc, err = _cli(capsys, ["report", str(results), "--out", str(tmp_path / "rep"), "--profile-density", value])
+    assert rc == 2 and len(err) == 1 and "profile_density" in err[0]
+    assert not (tmp_path / "rep").exists()
+
+
+def test_report_profile_density_without_runs_there_writes_nothing(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    results = tmp_path / "r.jsonl"
+    results.write_text(GOOD + "\n")
+    with pytest.raises(ValueError, match=r"^profile_density: .* no runs at density 0\.77"):
+        report.write_report([results], tmp_path / "rep", profile_density=0.77)
+    assert not (tmp_path / "rep").exists() or not any((tmp_path / "rep").iterdir())
+
+
 BAD_RECORDS = {
     "missing fields": json.dumps({"method": "snip", "density": 0.1}),
     "density a string": json.dumps(_record(density="abc")),
@@ -166,6 +186,10 @@ BAD_RECORDS = {
     "layer densities not numbers": json.dumps(_record(layer_density={"w": "x"})),
     "protocol without epochs": json.dumps(_record(protocol={"optimizer": "sgd", "lr": 0.1, "batch_size": 1,
                                                             "scope": "global"})),
+    "accuracy NaN": json.dumps(_record(final_test_accuracy=float("nan"))),
+    "accuracy in percent": json.dumps(_record(final_test_accuracy=93.1)),
+    "best accuracy infinite": json.dumps(_record(best_test_accuracy=float("inf"))),
+    "layer density NaN": json.dumps(_record(layer_density={"w": float("nan")})),
     "a JSON array": "[1, 2]",
     "deep nesting": "[" * 100_000 + "]" * 100_000,
 }

@@ -84,6 +84,8 @@ def check_device(device, name: str = "device") -> torch.device:
         raise ValueError(f"{name}: {device!r} requested but CUDA is not available")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ValueError(f"{name}: {device!r} requested but there are {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "cpu" and dev.index not in (None, 0):  # torch ignores it; a typo for cuda:N, most likely
+        raise ValueError(f"{name}: there is one CPU device, 'cpu'; got {device!r}")
     if dev.type == "meta":
         raise ValueError(f"{name}: the meta device holds no values; give cpu or cuda")
     return dev

@@ -193,7 +193,13 @@ def whole_model_terms(model, plan: Plan, cap: Capture) -> Dict[str, object]:
         out = functional_call(model, eff, (x_i.unsqueeze(0),))
         return out.reshape(-1).index_select(0, ks)
 
-    jac = vmap(jacrev(single), in_dims=(None, 0))(values, cap.x)  # name -> [n, kk, *shape]
+    try:
+        jac = vmap(jacrev(single), in_dims=(None, 0))(values, cap.x)  # name -> [n, kk, *shape]
+    except RuntimeError:
+        # some modules have no batching rule over samples (nn.LSTM/GRU's fused kernels fail inside
+        # vmap) though jacrev of one sample works: one sample at a time, the same numbers, slower
+        per = [jacrev(single)(values, x_i) for x_i in cap.x]
+        jac = {n: torch.stack([j[n] for j in per]) for n in names}
     return OrderedDict((n, DenseTerm(jac[n].reshape(jac[n].shape[0], jac[n].shape[1], -1),
                                      plan.whole_model_reason[n])) for n in names)
 
