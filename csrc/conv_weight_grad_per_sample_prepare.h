@@ -30,8 +30,8 @@ inline ConvWgradGeometry check_conv_wgrad(const char* op, const at::Tensor& inpu
                                           at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                           at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const at::ScalarType dtype = input.scalar_type();
-  TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kDouble, op, ": input must be float32 or float64, got ",
-                    dtype);
+  TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kDouble, op, " computes in float32 or float64 only, got ",
+                    dtype, " inputs (the dtype of input, which grad_output must share)");
   TORCH_CHECK_VALUE(grad_output.scalar_type() == dtype, op, ": grad_output has dtype ", grad_output.scalar_type(),
                     " but input has ", dtype);
   TORCH_CHECK_VALUE(grad_output.device() == input.device(), op, ": grad_output is on ", grad_output.device(),

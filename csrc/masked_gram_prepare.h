@@ -31,8 +31,10 @@ struct GramSizes {
 inline GramSizes check_masked_gram(const char* op, const at::Tensor& a1, const at::Tensor& b1, const at::Tensor& a2,
                                    const at::Tensor& b2, const at::Tensor& mask, c10::string_view mode_name) {
   const GramMode mode = parse_gram_mode(op, mode_name);
+  // named by the dtype, which a caller several layers up (an NTK of a float16 model) can act on
   TORCH_CHECK_VALUE(a1.scalar_type() == at::kFloat || a1.scalar_type() == at::kDouble, op,
-                    ": a1 must be float32 or float64, got ", a1.scalar_type());
+                    " computes in float32 or float64 only, got ", a1.scalar_type(),
+                    " inputs (the dtype of a1, which b1, a2, b2 and mask must share)");
   const std::pair<const char*, const at::Tensor*> others[] = {{"b1", &b1}, {"a2", &a2}, {"b2", &b2}, {"mask", &mask}};
   for (const auto& [name, t] : others) {
     TORCH_CHECK_VALUE(t->scalar_type() == a1.scalar_type(), op, ": ", name, " has dtype ", t->scalar_type(),

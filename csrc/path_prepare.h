@@ -29,7 +29,8 @@ inline std::vector<int64_t> check_path_chain(const char* op, at::TensorList weig
   check_path_power(op, "power", power, 1);
   TORCH_CHECK_VALUE(!weights.empty(), op, ": weights must hold at least one layer");
   TORCH_CHECK_VALUE(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble, op,
-                    ": input must be float32 or float64, got ", input.scalar_type());
+                    " computes in float32 or float64 only, got ", input.scalar_type(),
+                    " (input's dtype, which the weights, masks and biases must share)");
   TORCH_CHECK_VALUE(input.dim() == 2, op, ": input must have shape [N, C_0], got ", input.sizes());
   const size_t L = weights.size();
   TORCH_CHECK_VALUE(masks.empty() || masks.size() == L, op, ": masks must be empty or hold one mask per layer (",
@@ -74,7 +75,8 @@ inline PathScoreShape check_path_score(const char* op, const at::Tensor& weight,
                                        int64_t groups) {
   check_path_power(op, "weight_power", weight_power, 0);
   TORCH_CHECK_VALUE(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kDouble, op,
-                    ": weight must be float32 or float64, got ", weight.scalar_type());
+                    " computes in float32 or float64 only, got ", weight.scalar_type(),
+                    " (weight's dtype, which mask, a and b must share)");
   check_path_float(op, "a", a, weight);
   check_path_float(op, "b", b, weight);
   if (mask.has_value()) {
@@ -134,6 +136,13 @@ inline PathScoreShape check_path_score(const char* op, const at::Tensor& weight,
   TORCH_CHECK_VALUE(s.sh >= 1 && s.sw >= 1 && s.dh >= 1 && s.dw >= 1 && s.ph >= 0 && s.pw >= 0, op,
                     ": stride and dilation must be >= 1 and padding >= 0, got stride ", stride, ", padding ",
                     padding, ", dilation ", dilation);
+  // before the output size below, which would be negative (C++ division truncates towards zero)
+  TORCH_CHECK_VALUE(s.h + 2 * s.ph >= s.dh * (s.kh - 1) + 1 && s.w + 2 * s.pw >= s.dw * (s.kw - 1) + 1, op,
+                    ": a's spatial size ", sd == 2 ? at::IntArrayRef({s.h, s.w}) : at::IntArrayRef({s.w}),
+                    ", padded by ", padding, ", is smaller than the weight's dilated kernel ",
+                    sd == 2 ? at::IntArrayRef({s.dh * (s.kh - 1) + 1, s.dw * (s.kw - 1) + 1})
+                            : at::IntArrayRef({s.dw * (s.kw - 1) + 1}),
+                    " (weight of shape ", weight.sizes(), ", a of shape ", a.sizes(), ")");
   const int64_t eho = (s.h + 2 * s.ph - s.dh * (s.kh - 1) - 1) / s.sh + 1;
   const int64_t ewo = (s.w + 2 * s.pw - s.dw * (s.kw - 1) - 1) / s.sw + 1;
   TORCH_CHECK_VALUE(s.ho == eho && s.wo == ewo, op, ": b's spatial size must be the convolution's output size ",

@@ -8,6 +8,11 @@
 
 namespace ntkfast {
 
+// Appended to "topk_mask: scores[i] contains NaN" by the CPU kernel, the CUDA glue and (in the same
+// words) the Python reference: what the user can do about it. A NaN score is refused rather than
+// silently dropped or kept: it usually means the scores themselves went wrong (an overflow).
+constexpr const char* kNanHint = " where keep allows it: a NaN cannot be ranked (give it keep=False, or a number)";
+
 // float64 if any score is float64, else float32 (float16 and bfloat16 are compared in float32).
 inline at::ScalarType topk_common_dtype(at::TensorList scores) {
   bool any_double = false;

@@ -297,6 +297,69 @@ def test_conv3d_reference(device, dtype):
 
 
 # ---------------------------------------------------------------------------------------------
+# entries no window reads: NaN / inf there contribute nothing (issue 25)
+# ---------------------------------------------------------------------------------------------
+#
+# The op has no mask; what it must ignore, whatever they hold, are the input positions that no
+# window of the convolution reads (the rows and columns left over by the stride, the gaps a
+# dilation skips): the output and both gradients are those with zeros there, and finite, and the
+# input's gradient is exactly 0 there.
+
+BAD_VALUES = {"nan": float("nan"), "+inf": float("inf"), "-inf": float("-inf")}
+
+UNREAD_CASES = [  # N, C, O, K, size, kernel, stride, padding, dilation, groups
+    (2, 3, 4, 2, (8, 10), (2, 2), (3, 4), (0, 0), (1, 1), 1),   # stride leaves rows 2, 5 and more unread
+    (1, 4, 6, 3, (10, 9), (2, 3), (4, 2), (1, 0), (3, 2), 2),   # dilation gaps and a stride remainder
+    (2, 2, 2, 1, (11,), (3,), (4,), (1,), (2,), 1),            # 1-d
+    (1, 2, 4, 2, (7, 6, 8), (2, 1, 2), (3, 2, 3), (0, 0, 1), (2, 1, 1), 2),  # 3-d (the reference)
+]
+
+
+def _unread(size, k, s, p, dl):
+    """Boolean [*size]: the input positions no window reads."""
+    read = torch.ones((), dtype=torch.bool)
+    for axis, (n, kk, ss, pp, dd) in enumerate(zip(size, k, s, p, dl)):
+        out = (n + 2 * pp - dd * (kk - 1) - 1) // ss + 1
+        hit = torch.zeros(n, dtype=torch.bool)
+        for y in range(out):
+            for r in range(kk):
+                i = y * ss + r * dd - pp
+                if 0 <= i < n:
+                    hit[i] = True
+        read = read[..., None] & hit.reshape((1,) * axis + (n,))
+    return ~read
+
+
+@pytest.mark.parametrize("device,isa", _device_isa_cases() + [("cpu", None)], indirect=["isa"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("path", ["kernel", "reference"])
+@pytest.mark.parametrize("bad", sorted(BAD_VALUES))
+def test_non_finite_values_no_window_reads_contribute_nothing(device, isa, dtype, path, bad):
+    if path == "reference" and isa is not None:
+        pytest.skip("the reference has no instruction sets")
+    fn = conv_weight_grad_per_sample if path == "kernel" else conv_weight_grad_per_sample_reference
+    dev = kernel_device(device, FAMILY) if path == "kernel" else torch.device(device)
+    for case in UNREAD_CASES:
+        N, C, O, K, size, k, s, p, dl, groups = case
+        gen = seeded("unread", case, dtype)
+        x, go = _inputs(gen, N, C, O, K, size, k, s, p, dl, dtype, dev)
+        unread = _unread(size, k, s, p, dl).to(dev).expand(x.shape)
+        assert bool(unread.any()), case
+        finite = (1e3 * torch.randn(x.shape, generator=gen, dtype=torch.float64)).to(dev, dtype)
+        g = torch.randn((N, K, O, C // groups) + tuple(k), generator=gen, dtype=torch.float64).to(dev, dtype)
+        results = []
+        for xv in (x.masked_fill(unread, BAD_VALUES[bad]), x.masked_fill(unread, 0), torch.where(unread, finite, x)):
+            xl, gol = xv.clone().requires_grad_(), go.clone().requires_grad_()
+            out = fn(xl, gol, k, s, p, dl, groups)
+            results.append((out.detach(),) + torch.autograd.grad(out, (xl, gol), g))
+        for what, got, zero, fin in zip(("output", "grad_input", "grad_grad_output"), *results):
+            assert bool(torch.isfinite(got).all()), (case, what)
+            torch.testing.assert_close(got, zero, rtol=0, atol=0, msg=f"{case} {what}")
+            torch.testing.assert_close(got, fin, rtol=0, atol=0, msg=f"{case} {what} (finite values)")
+        assert bool((results[0][1][unread] == 0).all()), case
+
+
+# ---------------------------------------------------------------------------------------------
 # gradients
 # ---------------------------------------------------------------------------------------------
 
@@ -416,7 +479,7 @@ def test_bad_arguments(fn):
         with pytest.raises(ValueError, match=msg):
             fn(torch.randn(xs), torch.randn(gs), **kw)
     x, go = torch.randn(2, 4, 8, 8), torch.randn(2, 3, 6, 6, 6)
-    with pytest.raises(ValueError, match="input must be float32 or float64"):
+    with pytest.raises(ValueError, match="computes in float32 or float64 only, got torch.float16"):
         fn(x.half(), go.half(), 3)
     with pytest.raises(ValueError, match="grad_output has dtype torch.float64 but input has torch.float32"):
         fn(x, go.double(), 3)
@@ -445,7 +508,7 @@ def test_op_level_errors_are_value_errors():
         ((x, go, [3, 3], [1, 1], [0, 0], [1, 0], 1), "dilation must be >= 1"),
         ((x, go, [3, 3], [1, 1], [0, 0], [1, 1], 3), "must be a positive multiple of groups"),
         ((x, go.double(), *ok), "grad_output has dtype"),
-        ((x.half(), go.half(), *ok), "input must be float32 or float64"),
+        ((x.half(), go.half(), *ok), "computes in float32 or float64 only, got Half"),
         ((x[0], go, *ok), r"input must be \[N, C, H, W\]"),
         ((x, go[:1], *ok), "grad_output has 1 samples but input has 2"),
         ((x, go[:, :0], *ok), "at least one cotangent"),

@@ -309,8 +309,9 @@ def test_bad_arguments(fn):
     value_errors = [
         ((a1, b1, a2, b2, m), dict(mode="nope"), "mode must be one of"),
         ((a1, b1, a2, b2, m), dict(mode="diagonal"), "needs as many samples"),
-        ((a1.long(), b1, a2, b2, m), {}, "a1 must be float32 or float64"),
-        ((a1.half(), b1.half(), a2.half(), b2.half(), m.half()), {}, "a1 must be float32 or float64"),
+        ((a1.long(), b1, a2, b2, m), {}, "masked_gram computes in float32 or float64 only, got torch.int64"),
+        ((a1.half(), b1.half(), a2.half(), b2.half(), m.half()), {},
+         "masked_gram computes in float32 or float64 only, got torch.float16"),
         ((a1, b1.double(), a2, b2, m), {}, "b1 has dtype"),
         ((a1, b1, a2.double(), b2, m), {}, "a2 has dtype"),
         ((a1, b1, a2, b2, m.double()), {}, "mask has dtype"),
@@ -352,7 +353,7 @@ def test_op_level_errors_are_value_errors():
         op(a1, b1, a2, b2, m.T.contiguous(), "full")
     with pytest.raises(ValueError, match="b1 has dtype"):
         op(a1, b1.double(), a2, b2, m, "full")
-    with pytest.raises(ValueError, match="a1 must be float32 or float64"):
+    with pytest.raises(ValueError, match="masked_gram computes in float32 or float64 only, got Half"):
         op(a1.half(), b1.half(), a2.half(), b2.half(), m.half(), "full")
 
 
@@ -393,6 +394,95 @@ def test_extension_without_the_op_falls_back(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once only
         masked_gram(a1, b1, a2, b2, m, mode="trace")
+
+
+# ---------------------------------------------------------------------------------------------
+# pruned entries: NaN / inf under a zero mask (issue 25)
+# ---------------------------------------------------------------------------------------------
+#
+# A column c of the mask that is all zero means input feature c reaches no kept weight, a row o all
+# zero that output o has none: a1[:, c], a2[:, c], b1[:, :, o] and b2[:, :, o] are then multiplied
+# by zero mask entries only, and whatever they hold (NaN, +inf, -inf) must contribute nothing to
+# the result or to any gradient, on every path: it must equal the result with zeros (or any finite
+# values) there, and be finite.
+
+BAD = {"nan": float("nan"), "+inf": float("inf"), "-inf": float("-inf")}
+
+
+def _pruned_case(gen, n1, n2, c, k, o, dtype, device):
+    """Inputs with every third column and every fourth row of the mask zero (and scattered zeros
+    elsewhere), and the boolean index of those dead columns and rows."""
+    a1, b1, a2, b2, m = _inputs(gen, n1, n2, c, k, o, dtype, "cpu", 0.7)
+    dead_c = torch.zeros(c, dtype=torch.bool)
+    dead_o = torch.zeros(o, dtype=torch.bool)
+    dead_c[1::3] = True
+    dead_o[::4] = True
+    m[:, dead_c] = 0
+    m[dead_o] = 0
+    m[(~dead_o).nonzero()[0], (~dead_c).nonzero()[0]] = 1.5  # at least one kept entry
+    move = lambda t: t.to(device)  # noqa: E731
+    return tuple(map(move, (a1, b1, a2, b2, m))), dead_c.to(device), dead_o.to(device)
+
+
+def _fill_dead(a1, b1, a2, b2, dead_c, dead_o, value):
+    """Copies with ``value`` (a float, or a generator for random finite values) in the dead places."""
+    def fill(t, idx):
+        t = t.detach().clone()
+        if isinstance(value, torch.Generator):
+            t[idx] = (1e3 * torch.randn(t[idx].shape, generator=value, dtype=torch.float64)).to(t.dtype).to(t.device)
+        else:
+            t[idx] = value
+        return t
+    return (fill(a1, (slice(None), dead_c)), fill(b1, (slice(None), slice(None), dead_o)),
+            fill(a2, (slice(None), dead_c)), fill(b2, (slice(None), slice(None), dead_o)))
+
+
+def _equal(got, want, what):
+    assert got.shape == want.shape, what
+    assert bool(torch.isfinite(got).all()), f"{what}: not finite"
+    # exact, signed zeros aside (a zero mask entry may give -0.0 one way and +0.0 the other)
+    torch.testing.assert_close(got, want, rtol=0, atol=0, msg=what)
+
+
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("path", ["kernel-dense", "kernel-sparse", "reference"])
+@pytest.mark.parametrize("bad", sorted(BAD))
+def test_non_finite_values_under_a_zero_mask_contribute_nothing(device, dtype, path, bad, monkeypatch):
+    if path == "reference":
+        fn, dev = masked_gram_reference, torch.device(device)
+    else:
+        fn, dev = masked_gram, kernel_device(device, FAMILY)
+        monkeypatch.setenv("NTKFAST_MASKED_GRAM_PATH", path.split("-")[1])
+    for size in ((5, 7, 10, 3, 9), (33, 33, 40, 2, 20), (9, 41, 23, 1, 5)):
+        (a1, b1, a2, b2, m), dead_c, dead_o = _pruned_case(seeded("pruned", size, dtype), *size, dtype, dev)
+        poisoned = _fill_dead(a1, b1, a2, b2, dead_c, dead_o, BAD[bad])
+        zeros = _fill_dead(a1, b1, a2, b2, dead_c, dead_o, 0.0)
+        finite = _fill_dead(a1, b1, a2, b2, dead_c, dead_o, seeded("finite", size))
+        g = None
+        for mode in _modes_for(*size[:2]):
+            for sym in (False, True):
+                pick = (lambda t: (t[0], t[1], t[0], t[1])) if sym else (lambda t: t)
+                what = f"{size} {mode} sym={sym}"
+                leaves = [[x.clone().requires_grad_() for x in (pick(v)[:2] if sym else pick(v))]
+                          for v in (poisoned, zeros, finite)]
+                outs = [fn(*(ls * 2 if sym else ls), m, mode=mode) for ls in leaves]
+                _equal(outs[0], outs[1], what)
+                _equal(outs[0], outs[2], what + " (finite values)")
+                g = torch.randn(outs[0].shape, generator=seeded("g", size, mode), dtype=torch.float64).to(dev, dtype)
+                grads = [torch.autograd.grad(out, ls, g) for out, ls in zip(outs, leaves)]
+                for i, (u, v, w) in enumerate(zip(*grads)):
+                    _equal(u, v, f"{what}: gradient {i}")
+                    _equal(u, w, f"{what}: gradient {i} (finite values)")
+
+
+@pytest.mark.parametrize("fn", [masked_gram, masked_gram_reference])
+def test_an_all_zero_mask_gives_zeros_whatever_the_inputs(fn):
+    a1, b1, a2, b2, m = _inputs(seeded("all-zero"), 4, 5, 6, 2, 3, torch.float64, "cpu")
+    a1[0, 0], b2[1, 0, 2], a2[2, 3] = float("nan"), float("inf"), float("-inf")
+    for mode in ("full", "trace"):
+        out = fn(a1, b1, a2, b2, torch.zeros_like(m), mode=mode)
+        assert bool((out == 0).all()), mode
 
 
 # ---------------------------------------------------------------------------------------------

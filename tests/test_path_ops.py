@@ -208,6 +208,117 @@ def test_path_score_errors_name_the_argument():
             ops.path_score(w, a[:, :2], b)
 
 
+# ---------------------------------------------------------------------------------------------
+# pruned entries: NaN / inf under a zero mask (issue 25)
+# ---------------------------------------------------------------------------------------------
+#
+# A weight under a zero mask entry contributes nothing whatever it holds (g(w * 0) would be NaN for
+# an infinite w), and neither does what only pruned weights read: an input feature of path_chain
+# whose column of masks[0] is all zero; for path_score, an input channel (or feature) whose weights
+# are all pruned and an output whose weights are all pruned. The results must equal those with
+# zeros (or any finite values) there, and be finite; path_score is exactly 0 under a zero mask.
+
+BAD = {"nan": float("nan"), "+inf": float("inf"), "-inf": float("-inf")}
+
+
+def _poison(t, where, value, gen):
+    t = t.clone()
+    if value == "finite":
+        t[where] = (1e3 * torch.randn(t.shape, generator=gen, dtype=torch.float64)).to(t.device, t.dtype)[where]
+    else:
+        t[where] = value
+    return t
+
+
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("path", ["kernel", "reference"])
+@pytest.mark.parametrize("bad", sorted(BAD))
+def test_path_chain_ignores_non_finite_values_under_a_zero_mask(device, dtype, path, bad):
+    fn = ops.path_chain if path == "kernel" else ops.path_chain_reference
+    dev = kernel_device(device, FAMILY) if path == "kernel" else torch.device(device)
+    for widths, n in (([5, 3], 0), ([40, 33, 17, 2], 3), ([300, 70, 9], 1)):
+        gen = seeded("pruned-chain", widths, n, dtype)
+        ws, ms, bs, x = _chain(gen, widths, n, dtype, dev)
+        ms[0][:, ::3] = 0  # input features read by no kept weight
+        for m in ms:
+            m[0] = 1.0  # and at least one kept weight in each layer's first row
+            m[0, ::3] = 0
+        dead_in = (ms[0] == 0).all(0)
+        results = []
+        for value in (BAD[bad], 0.0, "finite"):
+            wv = [_poison(w, m == 0, value, gen) for w, m in zip(ws, ms)]
+            xv = _poison(x, (..., dead_in), value, gen)
+            results.append(fn(wv, xv, masks=ms, biases=bs, power=1 + len(widths) % 2))
+        for i, (f, b) in enumerate(zip(*results[0])):
+            assert bool(torch.isfinite(f).all()) and bool(torch.isfinite(b).all()), (widths, i)
+        for other in results[1:]:
+            for u, v in zip(results[0][0] + results[0][1], other[0] + other[1]):
+                torch.testing.assert_close(u, v, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("path", ["kernel", "reference"])
+@pytest.mark.parametrize("bad", sorted(BAD))
+def test_path_score_ignores_non_finite_values_under_a_zero_mask(device, dtype, path, bad):
+    fn = ops.path_score if path == "kernel" else ops.path_score_reference
+    dev = kernel_device(device, FAMILY) if path == "kernel" else torch.device(device)
+    cases = [(None,) + c for c in CONVS] + [("dense", 1, 30, 7), ("dense", 4, 50, 9)]
+    for case in cases:
+        gen = seeded("pruned-score", case, dtype)
+        if case[0] == "dense":
+            _, n, c, o = case
+            w = torch.randn(o, c, generator=gen, dtype=torch.float64).to(dev, dtype)
+            a = (torch.rand(n, c, generator=gen, dtype=torch.float64) + 0.1).to(dev, dtype)
+            b = (torch.rand(n, o, generator=gen, dtype=torch.float64) + 0.1).to(dev, dtype)
+            m = (torch.rand(w.shape, generator=gen) < 0.5).to(dev, dtype)
+            geo = {}
+            m[:, ::4] = 0
+            m[::3] = 0
+            dead_a = (..., (m == 0).all(0))
+        else:
+            n, c, o, size, k, s, p, d, groups = case[1:]
+            w, a, b, m = _conv_case(gen, n, c, o, size, k, s, p, d, groups, dtype, dev)
+            geo = dict(stride=s, padding=p, dilation=d, groups=groups)
+            m[::3] = 0
+            m[:, 0] = 0  # the first input channel of every group: read by pruned weights only
+            cg, og = c // groups, o // groups
+            dead_ch = torch.zeros(c, dtype=torch.bool, device=dev)
+            for gi in range(groups):
+                dead_ch[gi * cg: (gi + 1) * cg] = (m[gi * og: (gi + 1) * og] == 0).transpose(0, 1).reshape(cg, -1).all(1)
+            dead_a = (slice(None), dead_ch)
+        dead_b = (slice(None), (m == 0).reshape(m.shape[0], -1).all(1))
+        results = []
+        for value in (BAD[bad], 0.0, "finite"):
+            wv = _poison(w, m == 0, value, gen)
+            av = _poison(a, dead_a, value, gen)
+            bv = _poison(b, dead_b, value, gen)
+            results.append([fn(wv, av, bv, mask=m, weight_power=q, **geo) for q in (0, 1, 2)])
+        for q, (got, zero, finite) in enumerate(zip(*results)):
+            assert bool(torch.isfinite(got).all()), (case, q)
+            assert bool((got[m == 0] == 0).all()), (case, q)
+            torch.testing.assert_close(got, zero, rtol=0, atol=0)
+            # the kept entries see the pruned ones through nothing: the same bits, finite values there or not
+            torch.testing.assert_close(got, finite, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fn", [ops.path_score, ops.path_score_reference])
+def test_path_score_input_smaller_than_the_kernel_names_the_argument(fn):
+    w = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    a = torch.rand(2, 3, 3, 3, dtype=torch.float64)
+    b = torch.rand(2, 4, 1, 1, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"a: its spatial size \(3, 3\), padded by \(0, 0\), is smaller than the "
+                                         r"weight's dilated kernel \(5, 5\)"):
+        fn(w, a, b)
+    with pytest.raises(ValueError, match=r"a: its spatial size \(3,\), padded by \(1,\), is smaller than the "
+                                         r"weight's dilated kernel \(9,\) \(kernel \(5,\), dilation \(2,\);"):
+        fn(torch.randn(4, 3, 5, dtype=torch.float64), a[..., 0], b[..., 0], padding=1, dilation=2)
+    # one padded row more and it fits
+    out = fn(w, a, torch.rand(2, 4, 1, 1, dtype=torch.float64), padding=1)
+    assert out.shape == w.shape
+
+
 def test_fallback_without_kernel(monkeypatch):
     """With the kernel switched off, the wrappers give the references' results."""
     ws, ms, bs, x = _chain(seeded("fallback"), [5, 4, 3], 2, torch.float64, torch.device("cpu"))

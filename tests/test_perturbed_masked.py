@@ -330,6 +330,69 @@ def test_backward_op_output_mask(device):
     assert torch.equal(torch.ops.ntkfast.perturbed_masked_backward(gt, w, m, 0.1, ph, [True, True])[1], gm)
 
 
+# ---------------------------------------------------------------------------------------------
+# pruned entries: NaN / inf in weight where the mask is zero (issue 25)
+# ---------------------------------------------------------------------------------------------
+#
+# A weight under a zero mask entry contributes nothing, whatever it holds: out[:, i] is exactly 0
+# there (a select, not weight * 0, which is NaN for inf), grad_weight is exactly 0 there and the
+# other entries of both outputs and of grad_mask do not change. grad_mask at a pruned entry itself
+# is the derivative of the product at mask 0, sum over draws of g0 w + g1 (w + eps xi): what
+# un-pruning the entry would change, which does depend on its weight (and is not finite for a
+# weight that is not).
+
+BAD = {"nan": float("nan"), "+inf": float("inf"), "-inf": float("-inf")}
+
+
+def _pruned_inputs(gen, mask_shape, lead, dtype, device):
+    w, m = _inputs(gen, mask_shape, lead, dtype, device)
+    pruned = torch.rand(tuple(mask_shape), generator=gen) < 0.4
+    pruned.view(-1)[0] = True
+    pruned = pruned.to(device)
+    return w, m.masked_fill(pruned, 0), pruned
+
+
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("path", ["kernel", "reference"])
+@pytest.mark.parametrize("bad", sorted(BAD))
+def test_non_finite_weights_under_a_zero_mask_contribute_nothing(device, dtype, path, bad):
+    fn = perturbed_masked if path == "kernel" else perturbed_masked_reference
+    dev = kernel_device(device) if path == "kernel" else torch.device(device)
+    eps, seed, offset = 0.3, 9, 5
+    for mask_shape, lead in (((1,), ()), ((7,), ()), ((4, 10), (3,)), ((33,), (2, 2))):
+        gen = seeded("pruned", mask_shape, lead, dtype)
+        w, m, pruned = _pruned_inputs(gen, mask_shape, lead, dtype, dev)
+        where = pruned.expand(w.shape)
+        finite = (1e2 * torch.randn(w.shape, generator=gen, dtype=torch.float64)).to(device=dev, dtype=dtype)
+        versions = [w.masked_fill(where, BAD[bad]), w.masked_fill(where, 0), torch.where(where, finite, w)]
+        g = torch.randn((2,) + tuple(w.shape), generator=gen, dtype=torch.float64).to(device=dev, dtype=dtype)
+        outs, gws, gms = [], [], []
+        for v in versions:
+            wl, ml = v.clone().requires_grad_(), m.clone().requires_grad_()
+            out = fn(wl, ml, eps, seed, offset)
+            gw, gm = torch.autograd.grad(out, (wl, ml), g)
+            outs.append(out.detach())
+            gws.append(gw)
+            gms.append(gm)
+        what = f"{mask_shape} {lead}"
+        assert bool(torch.isfinite(outs[0]).all()), what
+        assert bool((outs[0][:, where] == 0).all()), what
+        assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2]), what
+        assert bool(torch.isfinite(gws[0]).all()), what
+        assert bool((gws[0][where] == 0).all()), what
+        assert torch.equal(gws[0], gws[1]) and torch.equal(gws[0], gws[2]), what
+        kept = ~pruned
+        assert bool(torch.isfinite(gms[0][kept]).all()), what
+        assert torch.equal(gms[0][kept], gms[1][kept]) and torch.equal(gms[0][kept], gms[2][kept]), what
+        # at a pruned entry: the product rule, with that entry's own (finite) weight
+        xi = philox_normal_reference((seed, offset), w.shape, dtype, dev).double()
+        v = versions[2].double()
+        want = (g[0].double() * v + g[1].double() * (v + eps * xi)).reshape(-1, *mask_shape).sum(0)
+        tol = dict(rtol=1e-2, atol=1.0) if dtype in (torch.float16, torch.bfloat16) else dict(rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(gms[2][pruned].double(), want[pruned], **tol)
+
+
 @needs_extension
 def test_writing_philox_before_backward_raises():
     w = torch.randn(4, 5, requires_grad=True)

@@ -133,9 +133,65 @@ def test_nan_raises_naming_tensor(fn):
         fn(s, 3)
     with pytest.raises(ValueError, match=r"'layer2.weight'.*contains NaN"):
         fn(s, 3, names=["layer1.weight", "layer2.weight"])
+    # and says what to do about it, in the same words on every path
+    with pytest.raises(ValueError, match=r"^topk_mask: scores\[1\] contains NaN where keep allows it: a NaN cannot "
+                                         r"be ranked \(give it keep=False, or a number\)$"):
+        fn(s, 3)
     keep = [torch.ones(10, dtype=torch.bool), torch.ones(5, dtype=torch.bool)]
     keep[1][3] = False  # a NaN where nothing can be kept is ignored
     assert sum(int(o.sum()) for o in fn(s, 3, keep)) == 3
+
+
+BAD = {"nan": float("nan"), "+inf": float("inf"), "-inf": float("-inf"), "mixed": None}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("path", ["kernel", "reference"])
+@pytest.mark.parametrize("bad", sorted(BAD))
+def test_non_finite_scores_where_keep_is_false_change_nothing(device, dtype, path, bad):
+    """Issue 25: an entry whose keep is False is never kept and takes no part in the selection,
+    whatever its score: NaN, +inf (which would otherwise win) or -inf give the same masks as zeros
+    or any finite values there, on the kernel and on the reference, global and layerwise, with and
+    without drop_ties."""
+    if path == "kernel" and not ops.extension_loaded():
+        pytest.skip("compiled extension not loaded")
+    glob, layer = (topk_mask, topk_mask_layerwise) if path == "kernel" else (topk_mask_reference,
+                                                                              topk_mask_layerwise_reference)
+    gen = torch.Generator().manual_seed(zlib.crc32(f"pruned{dtype}{bad}".encode()))
+    # the last size spans two of the CPU kernel's segments; the reference (a sort) need not be as large
+    sizes = [1, 37, 300, 66_000 if path == "kernel" else 3_000]
+    scores = [torch.randint(-20, 20, (n,), generator=gen).to(torch.float64) / 4 for n in sizes]  # ties too
+    keep = [torch.rand(n, generator=gen) < 0.6 for n in sizes]
+    keep[0][0] = False
+    def fill(value):
+        out = []
+        for s, kp in zip(scores, keep):
+            s = s.clone()
+            if value is None:  # a mix of the three
+                pick = torch.randint(0, 3, s.shape, generator=gen)
+                s[~kp] = torch.tensor([float("nan"), float("inf"), float("-inf")], dtype=s.dtype)[pick[~kp]]
+            elif isinstance(value, str):  # random finite values, far outside the kept range
+                s[~kp] = 1e3 * torch.randn(s.shape, generator=gen, dtype=s.dtype)[~kp]
+            else:
+                s[~kp] = value
+            out.append(s.to(device=device, dtype=dtype))
+        return out
+    poisoned, zeros, finite = fill(BAD[bad]), fill(0.0), fill("finite")
+    kp = [k.to(device) for k in keep]
+    alive = sum(int(k.sum()) for k in keep)
+    for drop in (False, True):
+        for k in (0, 17, alive // 2, alive):
+            got = glob(poisoned, k, kp, drop_ties=drop)
+            for other in (zeros, finite):
+                want = glob(other, k, kp, drop_ties=drop)
+                assert all(torch.equal(u, v) for u, v in zip(got, want)), (drop, k)
+            assert not any(bool((g & ~kk).any()) for g, kk in zip(got, kp))
+        ks = [min(3, int(k.sum())) for k in keep]
+        got = layer(poisoned, ks, kp, drop_ties=drop)
+        for other in (zeros, finite):
+            want = layer(other, ks, kp, drop_ties=drop)
+            assert all(torch.equal(u, v) for u, v in zip(got, want)), drop
 
 
 def test_layerwise_nan_names_tensor():

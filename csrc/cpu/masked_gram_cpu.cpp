@@ -28,6 +28,23 @@
 // (multi-threaded) or, for a sparse mask, the same micro-kernel vectorised over i; then a batched
 // BLAS product (diagonal) or one vectorised pass per row (diagonal_trace).
 //
+// Pruned entries (issue 25): mask[o, c] = 0 contributes nothing, whatever a1, a2, b1, b2 hold. In
+// the sums that is automatic for finite values, but a product with a zero mask entry is NaN for an
+// infinite one. The values that meet only zero mask entries are a1[:, c], a2[:, c] for a column c
+// of the mask that is all zero ("dead") and b1[:, :, o], b2[:, :, o] for a dead row o; they are
+// replaced by zeros by selects where they are read or repacked (no products with them remain), at
+// no cost when the mask has no dead row or column:
+// - a2 and b2 are repacked into panels anyway: dead columns / rows are written as zeros there;
+// - a1 (dense path) is read one scalar per column c: selected; the sparse path reads only the
+//   columns of nonzero mask entries;
+// - b1 rows of a task are copied, dead o zeroed, into a per-thread buffer (K * O per row, against
+//   N2 * O * (C + K^2) multiply-adds per row), only when the mask has a dead row;
+// - diagonal modes: a1 * a2 is a buffer (dead columns zeroed in it), b1 * Pd too (dead rows
+//   zeroed); diagonal_trace selects per o in its vector loop (a blend); diagonal's batched BLAS
+//   product reads b2 whole: finite values in its dead rows meet exact zeros in b1 * Pd, and only
+//   when the result is not finite and a dead row of b2 is not finite either is the product redone
+//   from a copy of b2 with its dead rows zeroed (N * K * O values).
+//
 // Environment overrides, for tests and measurements: NTKFAST_MASKED_GRAM_PATH=dense|sparse (default:
 // by density), NTKFAST_MASKED_GRAM_ISA=base|avx2|avx512 (never above what the CPU has).
 #include <torch/extension.h>
@@ -37,6 +54,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -181,7 +199,7 @@ struct Kernels {
   void (*trace_rows)(const T*, const T*, int64_t, int64_t, const T*, int64_t, int64_t, int64_t, T*, int64_t);
   void (*full_rows)(const T*, const T*, int64_t, int64_t, const T*, int64_t, int64_t, int64_t, T*, int64_t, T*,
                     int64_t);
-  T (*diag_trace_row)(const T*, const T*, const T*, int64_t, int64_t);
+  T (*diag_trace_row)(const T*, const T*, const T*, const T*, int64_t, int64_t);
   void (*scale_rows)(const T*, const T*, int64_t, int64_t, T*);
 };
 
@@ -238,16 +256,46 @@ std::unique_ptr<T[]> buffer(int64_t n) {
   return std::unique_ptr<T[]>(new T[static_cast<size_t>(std::max<int64_t>(n, 1))]);
 }
 
+// The mask's nonzeros, and which of its columns and rows hold any (live_c [C], live_o [O], 1 where
+// they do). One pass; the flags are computed without branches, as count_nonzero was.
+struct MaskScan {
+  int64_t nnz = 0;
+  std::vector<uint8_t> live_c, live_o;
+  bool dead_c = false, dead_o = false;  // some column / row is all zero
+};
+
+// One row: its nonzeros, OR-ed into live_c. __restrict: live_c is bytes, which may alias anything,
+// and without it the loop would reload the row after every store instead of being vectorised.
 template <typename T>
-int64_t count_nonzero(const T* x, int64_t n) {
+int64_t scan_row(const T* __restrict row, uint8_t* __restrict live_c, int64_t c) {
   int64_t nz = 0;
-  for (int64_t e = 0; e < n; ++e) nz += x[e] != T(0);
+  for (int64_t cc = 0; cc < c; ++cc) {
+    const bool live = row[cc] != T(0);
+    nz += live;
+    live_c[cc] |= static_cast<uint8_t>(live);
+  }
   return nz;
 }
 
-// XP[(p * C + c) * JT + q] = x[(p * JT + q) * C + c], zero past n rows: x [n, C] transposed in panels.
 template <typename T>
-std::unique_ptr<T[]> panels_of_rows(const T* x, int64_t n, int64_t c, int64_t jt) {
+MaskScan scan_mask(const T* mask, int64_t o_count, int64_t c) {
+  MaskScan sc;
+  sc.live_c.assign(static_cast<size_t>(c), 0);
+  sc.live_o.assign(static_cast<size_t>(o_count), 0);
+  for (int64_t o = 0; o < o_count; ++o) {
+    const int64_t nz = scan_row(mask + o * c, sc.live_c.data(), c);
+    sc.live_o[o] = nz != 0;
+    sc.nnz += nz;
+  }
+  sc.dead_c = std::find(sc.live_c.begin(), sc.live_c.end(), 0) != sc.live_c.end();
+  sc.dead_o = std::find(sc.live_o.begin(), sc.live_o.end(), 0) != sc.live_o.end();
+  return sc;
+}
+
+// XP[(p * C + c) * JT + q] = x[(p * JT + q) * C + c], zero past n rows: x [n, C] transposed in panels.
+// keep (nullptr: all): columns c with keep[c] == 0 are written as zeros, whatever x holds there.
+template <typename T>
+std::unique_ptr<T[]> panels_of_rows(const T* x, int64_t n, int64_t c, int64_t jt, const uint8_t* keep = nullptr) {
   const int64_t npan = (n + jt - 1) / jt;
   std::unique_ptr<T[]> xp = buffer<T>(npan * c * jt);
   at::parallel_for(0, npan, grain_for(c * jt), [&](int64_t begin, int64_t end) {
@@ -257,8 +305,9 @@ std::unique_ptr<T[]> panels_of_rows(const T* x, int64_t n, int64_t c, int64_t jt
       const T* src = x + p * jt * c;
       T* dst = xp.get() + p * c * jt;
       for (int64_t cc = 0; cc < c; ++cc) {
-        for (int64_t q = 0; q < rows; ++q) dst[cc * jt + q] = src[q * c + cc];
-        for (int64_t q = rows; q < jt; ++q) dst[cc * jt + q] = T(0);
+        const int64_t copied = keep == nullptr || keep[cc] ? rows : 0;
+        for (int64_t q = 0; q < copied; ++q) dst[cc * jt + q] = src[q * c + cc];
+        for (int64_t q = copied; q < jt; ++q) dst[cc * jt + q] = T(0);
       }
     }
   });
@@ -279,6 +328,9 @@ struct Problem {
   at::Tensor mask_t;  // mask and b2 as tensors, for the BLAS calls
   at::Tensor b2_t;
   int64_t n1, n2, c, k, o;
+  // 1 for the mask's columns / rows with a nonzero; nullptr when there is no dead one
+  const uint8_t* live_c;
+  const uint8_t* live_o;
 };
 
 // full and trace
@@ -288,8 +340,15 @@ void gram_pairs(const Problem<T>& pr, const Kernels<T>& kn, bool sparse, int64_t
   const int64_t jt = 2 * kn.lanes, ib = kn.ib;
   const int64_t n1 = pr.n1, n2 = pr.n2, c = pr.c, kc = pr.k, oc = pr.o;
   const int64_t npan = (n2 + jt - 1) / jt;
-  const std::unique_ptr<T[]> xp = panels_of_rows(pr.a2, n2, c, jt);
-  const std::unique_ptr<T[]> b2p = panels_of_rows(pr.b2, n2, kc * oc, jt);  // [panel][K * O][JT]
+  // dead columns of a2 and dead rows of b2 are repacked as zeros (see the top of the file)
+  std::vector<uint8_t> live_ko;
+  if (pr.live_o != nullptr) {
+    live_ko.resize(static_cast<size_t>(kc * oc));
+    for (int64_t k = 0; k < kc; ++k) std::copy(pr.live_o, pr.live_o + oc, live_ko.begin() + k * oc);
+  }
+  const std::unique_ptr<T[]> xp = panels_of_rows(pr.a2, n2, c, jt, pr.live_c);
+  const std::unique_ptr<T[]> b2p =
+      panels_of_rows(pr.b2, n2, kc * oc, jt, live_ko.empty() ? nullptr : live_ko.data());  // [panel][K * O][JT]
   Csr<T> csr;
   if (sparse) csr = to_csr(pr.mask, oc, c, nnz_mask);
   const int64_t nnz = sparse ? static_cast<int64_t>(csr.col.size()) : 0;
@@ -328,11 +387,25 @@ void gram_pairs(const Problem<T>& pr, const Kernels<T>& kn, bool sparse, int64_t
     const std::unique_ptr<T[]> s = buffer<T>(sparse ? nnz * ib : 0);
     const std::unique_ptr<T[]> at_blk = buffer<T>(sparse ? c * ib : 0);
     const std::unique_ptr<T[]> acc = buffer<T>(full ? jt * kc * kc : 0);
+    const std::unique_ptr<T[]> b1_live = buffer<T>(pr.live_o != nullptr ? ib * kc * oc : 0);
     const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
     for (int64_t t = next.fetch_add(1); t < ntasks; t = next.fetch_add(1)) {
       const Task task = tasks[t];
       const int64_t i0 = task.iblock * ib, ni = std::min(ib, n1 - i0);
       const int64_t panels = task.p1 - task.p0, jw = panels * jt, j0 = task.p0 * jt;
+      // the block's rows of b1 (row ii at b1_rows + ii * K * O), dead o zeroed when there are any
+      const T* b1_rows = pr.b1 + i0 * kc * oc;
+      if (pr.live_o != nullptr) {
+        for (int64_t e = 0; e < ni * kc; ++e) {
+          const T* src = b1_rows + e * oc;
+          T* dst = b1_live.get() + e * oc;
+          for (int64_t o = 0; o < oc; ++o) {
+            const T v = src[o];  // loaded unconditionally, so that the select can be a blend
+            dst[o] = pr.live_o[o] ? v : T(0);
+          }
+        }
+        b1_rows = b1_live.get();
+      }
       int64_t p_ii, p_o, p_panel;
       if (sparse) {
         for (int64_t ii = 0; ii < ib; ++ii) {  // the block's rows of a1, transposed (zero past N1)
@@ -356,7 +429,8 @@ void gram_pairs(const Problem<T>& pr, const Kernels<T>& kn, bool sparse, int64_t
         for (int64_t ii = 0; ii < ni; ++ii) {
           const T* a = pr.a1 + (i0 + ii) * c;
           for (int64_t cc = 0; cc < c; ++cc) {
-            const T scale = a[cc];
+            // a dead column: 0 (a select), so that the row of X is 0 * 0, whatever a1 holds
+            const T scale = pr.live_c == nullptr || pr.live_c[cc] ? a[cc] : T(0);
             T* dst = xt.get() + cc * jw;
             for (int64_t p = 0; p < panels; ++p) {
               const T* src = xp.get() + ((task.p0 + p) * c + cc) * jt;
@@ -374,11 +448,12 @@ void gram_pairs(const Problem<T>& pr, const Kernels<T>& kn, bool sparse, int64_t
         for (int64_t ii = 0; ii < ni; ++ii) {
           const int64_t i = i0 + ii;
           const T* pp = pbuf.get() + ii * p_ii + p * p_panel;
+          const T* b1i = b1_rows + ii * kc * oc;
           if (full) {
-            kn.full_rows(pr.b1 + i * kc * oc, pp, p_o, p_panel, bp, kc, oc, 1,
-                         out + (i * n2 + j0 + p * jt) * kc * kc, jcount, acc.get(), o_chunk);
+            kn.full_rows(b1i, pp, p_o, p_panel, bp, kc, oc, 1, out + (i * n2 + j0 + p * jt) * kc * kc, jcount,
+                         acc.get(), o_chunk);
           } else {
-            kn.trace_rows(pr.b1 + i * kc * oc, pp, p_o, p_panel, bp, kc, oc, 1, out + i * n2 + j0 + p * jt, jcount);
+            kn.trace_rows(b1i, pp, p_o, p_panel, bp, kc, oc, 1, out + i * n2 + j0 + p * jt, jcount);
           }
         }
       }
@@ -417,9 +492,20 @@ template <typename T>
 void gram_diagonal(const Problem<T>& pr, const Kernels<T>& kn, bool sparse, int64_t nnz_mask, bool full, T* out) {
   const int64_t n = pr.n1, c = pr.c, kc = pr.k, oc = pr.o;
   const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  // dead columns and rows, by index: zeroed in the buffers below
+  std::vector<int64_t> dead_cols, dead_rows;
+  for (int64_t cc = 0; pr.live_c != nullptr && cc < c; ++cc) {
+    if (!pr.live_c[cc]) dead_cols.push_back(cc);
+  }
+  for (int64_t o = 0; pr.live_o != nullptr && o < oc; ++o) {
+    if (!pr.live_o[o]) dead_rows.push_back(o);
+  }
   const std::unique_ptr<T[]> x = buffer<T>(n * c);
   at::parallel_for(0, n, grain_for(c), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) kn.scale_rows(pr.a1 + i * c, pr.a2 + i * c, 1, c, x.get() + i * c);
+    for (int64_t i = begin; i < end; ++i) {
+      kn.scale_rows(pr.a1 + i * c, pr.a2 + i * c, 1, c, x.get() + i * c);
+      for (const int64_t cc : dead_cols) x[i * c + cc] = T(0);
+    }
   });
   const std::unique_ptr<T[]> pd = buffer<T>(n * oc);  // Pd[i, o] = P[i, i, o]
   if (!sparse) {
@@ -447,16 +533,51 @@ void gram_diagonal(const Problem<T>& pr, const Kernels<T>& kn, bool sparse, int6
     const std::unique_ptr<T[]> r = buffer<T>(n * kc * oc);
     at::parallel_for(0, n, grain_for(kc * oc), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        kn.scale_rows(pr.b1 + i * kc * oc, pd.get() + i * oc, kc, oc, r.get() + i * kc * oc);
+        T* ri = r.get() + i * kc * oc;
+        kn.scale_rows(pr.b1 + i * kc * oc, pd.get() + i * oc, kc, oc, ri);
+        for (int64_t k = 0; k < kc; ++k) {
+          for (const int64_t o : dead_rows) ri[k * oc + o] = T(0);
+        }
       }
     });
+    // BLAS reads b2 whole, dead rows included, against r's zeros there: exact zeros as long as what
+    // b2 holds there is finite. Checked after the fact, on the output (n * K * K values, contiguous):
+    // only if it is not finite are b2's dead rows looked at, and only if one of those is not finite
+    // is the product redone from a copy of b2 with its dead rows zeroed (selected). Measured: a copy
+    // made whenever a row was dead about doubled this mode's time, a scan of b2's dead rows up
+    // front added some 15%; this check costs nothing measurable.
     at::Tensor out_t = at::from_blob(out, {n, kc, kc}, opts);
-    at::bmm_out(out_t, at::from_blob(r.get(), {n, kc, oc}, opts), pr.b2_t.transpose(1, 2));
+    const at::Tensor r_t = at::from_blob(r.get(), {n, kc, oc}, opts);
+    at::bmm_out(out_t, r_t, pr.b2_t.transpose(1, 2));
+    if (dead_rows.empty() || std::all_of(out, out + n * kc * kc, [](T v) { return std::isfinite(v); })) return;
+    bool dead_non_finite = false;
+    for (int64_t row = 0; row < n * kc && !dead_non_finite; ++row) {
+      for (const int64_t o : dead_rows) dead_non_finite |= !std::isfinite(pr.b2[row * oc + o]);
+    }
+    if (!dead_non_finite) return;  // the inputs the mask keeps are not finite: so is the result
+    at::Tensor b2_t = at::empty_like(pr.b2_t);
+    T* dst = b2_t.data_ptr<T>();
+    const uint8_t* live_o = pr.live_o;
+    at::parallel_for(0, n * kc, grain_for(oc), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const T* src = pr.b2 + row * oc;
+        T* d = dst + row * oc;
+        for (int64_t o = 0; o < oc; ++o) {
+          const T v = src[o];  // loaded unconditionally, so that the select can be a blend
+          d[o] = live_o[o] ? v : T(0);
+        }
+      }
+    });
+    at::bmm_out(out_t, r_t, b2_t.transpose(1, 2));
     return;
   }
+  // live as a T-valued 0/1 vector, for the vector loop's select
+  std::vector<T> live_t;
+  if (!dead_rows.empty()) live_t.assign(pr.live_o, pr.live_o + oc);
+  const T* live = live_t.empty() ? nullptr : live_t.data();
   at::parallel_for(0, n, grain_for(kc * oc), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      out[i] = kn.diag_trace_row(pr.b1 + i * kc * oc, pr.b2 + i * kc * oc, pd.get() + i * oc, kc, oc);
+      out[i] = kn.diag_trace_row(pr.b1 + i * kc * oc, pr.b2 + i * kc * oc, pd.get() + i * oc, live, kc, oc);
     }
   });
 }
@@ -479,11 +600,23 @@ at::Tensor masked_gram_cpu(const at::Tensor& a1, const at::Tensor& b1, const at:
   const Isa isa = chosen_isa();
   AT_DISPATCH_FLOATING_TYPES(a1.scalar_type(), "masked_gram_cpu", [&] {
     using T = scalar_t;
-    const Problem<T> pr{a1c.data_ptr<T>(), b1c.data_ptr<T>(), a2c.data_ptr<T>(), b2c.data_ptr<T>(),
-                        mc.data_ptr<T>(),  mc,                b2c,               sz.n1,
-                        sz.n2,             sz.c,              sz.k,              sz.o};
-    const int64_t nnz = count_nonzero(pr.mask, sz.o * sz.c);
-    if (nnz == 0) {
+    const MaskScan scan = scan_mask(mc.data_ptr<T>(), sz.o, sz.c);
+    const Problem<T> pr{a1c.data_ptr<T>(),
+                        b1c.data_ptr<T>(),
+                        a2c.data_ptr<T>(),
+                        b2c.data_ptr<T>(),
+                        mc.data_ptr<T>(),
+                        mc,
+                        b2c,
+                        sz.n1,
+                        sz.n2,
+                        sz.c,
+                        sz.k,
+                        sz.o,
+                        scan.dead_c ? scan.live_c.data() : nullptr,
+                        scan.dead_o ? scan.live_o.data() : nullptr};
+    const int64_t nnz = scan.nnz;
+    if (nnz == 0) {  // every entry pruned: exactly 0, whatever the inputs hold
       out.zero_();
       return;
     }

@@ -236,19 +236,24 @@ void full_rows(const T* b1i, const T* P, int64_t p_o, int64_t p_panel, const T* 
   }
 }
 
-// sum_o pd[o] sum_k b1i[k, o] b2i[k, o]
+// sum_o pd[o] sum_k b1i[k, o] b2i[k, o], over the o with live[o] != 0 (live: nullptr for all). A
+// dead o (a mask row of zeros: pd[o] = 0) is left out by a select (a blend), not multiplied by
+// pd[o] = 0: b1 and b2 may hold anything there, infinities included.
 template <typename T>
-T diag_trace_row(const T* b1i, const T* b2i, const T* pd, int64_t k_count, int64_t o_count) {
+T diag_trace_row(const T* b1i, const T* b2i, const T* pd, const T* live, int64_t k_count, int64_t o_count) {
   using Sv = Simd<T>;
-  typename Sv::vec acc = {};
+  using vec = typename Sv::vec;
+  vec acc = {};
   int64_t o = 0;
   for (; o + Sv::lanes <= o_count; o += Sv::lanes) {
-    typename Sv::vec d = {};
+    vec d = {};
     for (int64_t k = 0; k < k_count; ++k) d += vload(b1i + k * o_count + o) * vload(b2i + k * o_count + o);
-    acc += vload(pd + o) * d;
+    const vec term = vload(pd + o) * d;
+    acc += live == nullptr ? term : (vload(live + o) != vec{} ? term : vec{});
   }
   T s = hsum<T>(acc);
   for (; o < o_count; ++o) {
+    if (live != nullptr && live[o] == T(0)) continue;
     T d = 0;
     for (int64_t k = 0; k < k_count; ++k) d += b1i[k * o_count + o] * b2i[k * o_count + o];
     s += pd[o] * d;

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "../path_prepare.h"
+#include "../select.h"
 
 namespace ntkfast {
 namespace {
@@ -53,7 +54,9 @@ void chain_forward_layer(const T* w, const T* m, const T* bias, const T* a, T* o
       const T* wr = w + o * c_size;
       if (m != nullptr) {
         const T* mr = m + o * c_size;
-        for (int64_t c = 0; c < c_size; ++c) row[c] = path_g<T, P>(wr[c] * mr[c]);
+        // a select, not a product: a pruned weight is exactly 0 whatever it holds (kept_or_zero:
+        // a select that stays vectorised, see ../select.h)
+        for (int64_t c = 0; c < c_size; ++c) row[c] = kept_or_zero(mr[c] != T(0), path_g<T, P>(wr[c] * mr[c]));
       } else {
         for (int64_t c = 0; c < c_size; ++c) row[c] = path_g<T, P>(wr[c]);
       }
@@ -87,7 +90,7 @@ void chain_backward_layer(const T* w, const T* m, const T* b_out, T* b_in, int64
       const T* wr = w + o * c_size + c0;
       if (m != nullptr) {
         const T* mr = m + o * c_size + c0;
-        for (int64_t c = 0; c < width; ++c) z[c] += path_g<T, P>(wr[c] * mr[c]) * bo;
+        for (int64_t c = 0; c < width; ++c) z[c] += kept_or_zero(mr[c] != T(0), path_g<T, P>(wr[c] * mr[c]) * bo);
       } else {
         for (int64_t c = 0; c < width; ++c) z[c] += path_g<T, P>(wr[c]) * bo;
       }
@@ -127,7 +130,13 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> path_chain_cpu(
     fwd[l] = at::empty({input.size(0), outs[l]}, input.options());
     bwd[l] = at::empty({weights[l].size(1)}, input.options());
   }
-  const at::Tensor x = input.contiguous();
+  at::Tensor x = input.contiguous();
+  if (!masks.empty() && !at::isfinite(x).all().item<bool>()) {
+    // An input feature read only by pruned weights (its column of masks[0] all zero) contributes
+    // nothing: zeroed (a copy of the input, made only when it holds a NaN or infinity somewhere),
+    // since the first layer's sums would meet it as 0 * inf.
+    x = x.masked_fill(m[0].eq(0).all(0), 0);
+  }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "path_chain_cpu", [&] {
     if (power == 1) {
       chain_run<scalar_t, 1>(w, m, bias, x, fwd, bwd);
@@ -138,14 +147,16 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> path_chain_cpu(
   return {fwd, bwd};
 }
 
-// out[i] = |w[i]|^q * mask[i] * g[i] over a flat range.
+// out[i] = |w[i]|^q * mask[i] * g[i] over a flat range; exactly 0 where mask[i] is 0 (a select:
+// w or g may be infinite there, and only pruned entries read what G holds from a pruned channel).
 template <typename T>
 void score_epilogue(const T* w, const T* m, const T* g, T* out, int64_t numel, int64_t q) {
   at::parallel_for(0, numel, 1 << 15, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const T s = weight_pow(w[i], q) * g[i];
-      out[i] = m != nullptr ? s * m[i] : s;
+    if (m == nullptr) {
+      for (int64_t i = i0; i < i1; ++i) out[i] = weight_pow(w[i], q) * g[i];
+      return;
     }
+    for (int64_t i = i0; i < i1; ++i) out[i] = kept_or_zero(m[i] != T(0), weight_pow(w[i], q) * g[i] * m[i]);
   });
 }
 
@@ -160,7 +171,9 @@ void score_dense_single(const T* w, const T* m, const T* a, const T* b, T* out, 
       T* yr = out + o * c_size;
       if (m != nullptr) {
         const T* mr = m + o * c_size;
-        for (int64_t c = 0; c < c_size; ++c) yr[c] = weight_pow(wr[c], q) * mr[c] * (bo * a[c]);
+        for (int64_t c = 0; c < c_size; ++c) {
+          yr[c] = kept_or_zero(mr[c] != T(0), weight_pow(wr[c], q) * mr[c] * (bo * a[c]));  // as above
+        }
       } else {
         for (int64_t c = 0; c < c_size; ++c) yr[c] = weight_pow(wr[c], q) * (bo * a[c]);
       }

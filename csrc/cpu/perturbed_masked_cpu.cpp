@@ -21,6 +21,7 @@
 
 #include "../perturbed_masked_prepare.h"
 #include "../philox.h"
+#include "../select.h"
 
 namespace ntkfast {
 namespace {
@@ -116,8 +117,11 @@ at::Tensor perturbed_masked_cpu(const at::Tensor& weight, const at::Tensor& mask
         const A mk = static_cast<A>(mp[k]);
         const A xi = round_to<scalar_t>(z.next());
         const A shifted = round_to<scalar_t>(wi + round_to<scalar_t>(eps * xi));
-        clean[i] = static_cast<scalar_t>(wi * mk);
-        noisy[i] = static_cast<scalar_t>(shifted * mk);
+        // selects, not products: a weight under a zero mask entry gives exactly 0 whatever it
+        // holds (inf * 0 would be NaN); kept_or_zero: ../select.h
+        const bool kept = mk != A(0);
+        clean[i] = static_cast<scalar_t>(kept_or_zero(kept, wi * mk));
+        noisy[i] = static_cast<scalar_t>(kept_or_zero(kept, shifted * mk));
         if (++k == sz.mask_numel) k = 0;
       }
     });
@@ -126,7 +130,9 @@ at::Tensor perturbed_masked_cpu(const at::Tensor& weight, const at::Tensor& mask
 }
 
 // One pass over grad: each chunk of mask entries walks the leading draws in order, so grad_mask
-// sums over them in a fixed order (p = 0, 1, ...) whatever the thread count.
+// sums over them in a fixed order (p = 0, 1, ...) whatever the thread count. grad_mask is the
+// product's derivative everywhere, pruned entries included (what un-pruning would change: it
+// depends on the weight there); grad_weight is exactly 0 under a zero mask entry.
 std::tuple<at::Tensor, at::Tensor> perturbed_masked_backward_cpu(const at::Tensor& grad, const at::Tensor& weight,
                                                                  const at::Tensor& mask, double epsilon,
                                                                  const at::Tensor& philox,
@@ -161,7 +167,10 @@ std::tuple<at::Tensor, at::Tensor> perturbed_masked_backward_cpu(const at::Tenso
           for (int64_t k = begin; k < end; ++k) {
             const int64_t i = base + k;
             const A both = round_to<scalar_t>(static_cast<A>(g0[i]) + static_cast<A>(g1[i]));
-            gw[i] = static_cast<scalar_t>(both * static_cast<A>(mp[k]));
+            const A mk = static_cast<A>(mp[k]);
+            // exactly 0 under a zero mask entry (the output there is a constant 0), whatever grad
+            // holds; a select that keeps the loop vectorised (../select.h)
+            gw[i] = static_cast<scalar_t>(kept_or_zero(mk != A(0), both * mk));
           }
         }
         if (need_m) {

@@ -125,7 +125,7 @@ void select_topk(const Problem<scalar_t>& p, const std::vector<int64_t>& tensors
     });
     if (first) {
       for (int64_t s = 0; s < nseg; ++s) {
-        TORCH_CHECK_VALUE(!seg_has_nan[s], "topk_mask: scores[", segs[s].tensor, "] contains NaN");
+        TORCH_CHECK_VALUE(!seg_has_nan[s], "topk_mask: scores[", segs[s].tensor, "] contains NaN", kNanHint);
       }
       int64_t alive = 0;
       for (int64_t b = 0; b < buckets; ++b) alive += merged[b];

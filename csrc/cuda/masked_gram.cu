@@ -9,6 +9,12 @@
 //    the K x K outputs, b1[i, :, o], b2[j, :, o] and P staged in shared memory a run of o at a
 //    time (or read from global memory where K is too large for that); gram_trace_kernel (trace,
 //    diagonal_trace), one warp per row, lanes over o (coalesced), a shuffle reduction.
+// Pruned entries (issue 25): the glue passes live_c [C] and live_o [O], whether a column / row of the
+// mask has a nonzero. What only zero mask entries read (a1[:, c], a2[:, c] for a dead column c;
+// b1[:, :, o], b2[:, :, o] for a dead row o) must contribute nothing whatever it holds, and a product
+// with the zero would be NaN for an infinite value: dead columns are staged as zeros (a select while
+// staging, not in the inner loop), and the contraction skips dead o (a branch uniform across the
+// block in the full kernel; per lane in the trace kernel, where lanes are already over o).
 // Every index is 64-bit, and every kernel loops over its work with a grid stride, so grids stay
 // within the hardware's limits whatever N1 * N2. Neither the symmetry of a2 = a1, b2 = b1 nor the
 // sparsity of the mask is exploited here (the CPU kernel does both).
@@ -41,8 +47,9 @@ __device__ __forceinline__ void pair_of(int64_t r, int64_t n2, bool diagonal, in
 
 template <typename T>
 __global__ void __launch_bounds__(kPThreads)
-    gram_p_kernel(const T* __restrict__ a1, const T* __restrict__ a2, const T* __restrict__ mask, T* __restrict__ p,
-                  int64_t r0, int64_t rows, int64_t n2, int64_t c, int64_t o, bool diagonal) {
+    gram_p_kernel(const T* __restrict__ a1, const T* __restrict__ a2, const T* __restrict__ mask,
+                  const bool* __restrict__ live_c, T* __restrict__ p, int64_t r0, int64_t rows, int64_t n2, int64_t c,
+                  int64_t o, bool diagonal) {
   // +1: the transposed stores of a staging step fall in different banks
   __shared__ T xs[kTileK][kTile + 1];
   __shared__ T ms[kTileK][kTile + 1];
@@ -79,7 +86,8 @@ __global__ void __launch_bounds__(kPThreads)
         const int64_t col = c0 + cc;
         T x = T(0), m = T(0);
         if (col < c) {
-          if (rt + rr < rows) x = a1[row_a[rr] + col] * a2[row_b[rr] + col];
+          // a dead column stays 0: it would meet only zero mask entries, as 0 * inf = NaN
+          if (rt + rr < rows && live_c[col]) x = a1[row_a[rr] + col] * a2[row_b[rr] + col];
           if (ot + rr < o) m = mask[(ot + rr) * c + col];
         }
         xs[cc][rr] = x;
@@ -120,9 +128,9 @@ __global__ void __launch_bounds__(kPThreads)
 // launch, so the __syncthreads inside are reached by every thread.
 template <typename T>
 __global__ void __launch_bounds__(kFullThreads)
-    gram_full_kernel(const T* __restrict__ b1, const T* __restrict__ b2, const T* __restrict__ p, T* __restrict__ out,
-                     int64_t r0, int64_t rows, int64_t n2, int64_t k, int64_t o, int64_t ob, bool diagonal,
-                     bool staged) {
+    gram_full_kernel(const T* __restrict__ b1, const T* __restrict__ b2, const T* __restrict__ p,
+                     const bool* __restrict__ live_o, T* __restrict__ out, int64_t r0, int64_t rows, int64_t n2,
+                     int64_t k, int64_t o, int64_t ob, bool diagonal, bool staged) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* b1s = reinterpret_cast<T*>(smem_raw);
   const int64_t obp = ob + 1;
@@ -151,12 +159,14 @@ __global__ void __launch_bounds__(kFullThreads)
         for (int64_t o0 = 0; o0 < o; o0 += ob) {
           const int64_t w = o - o0 < ob ? o - o0 : ob;
           __syncthreads();  // the previous run of o is consumed
+          // a dead o is staged as zeros, P included (P there is 0 * whatever a1 a2 held), selected
           for (int64_t idx = t; idx < k * w; idx += kFullThreads) {
             const int64_t kq = idx / w, oq = idx - kq * w;
-            b1s[kq * obp + oq] = b1i[kq * o + o0 + oq];
-            b2s[kq * obp + oq] = b2j[kq * o + o0 + oq];
+            const bool live = live_o[o0 + oq];
+            b1s[kq * obp + oq] = live ? b1i[kq * o + o0 + oq] : T(0);
+            b2s[kq * obp + oq] = live ? b2j[kq * o + o0 + oq] : T(0);
           }
-          for (int64_t idx = t; idx < w; idx += kFullThreads) ps[idx] = pr[o0 + idx];
+          for (int64_t idx = t; idx < w; idx += kFullThreads) ps[idx] = live_o[o0 + idx] ? pr[o0 + idx] : T(0);
           __syncthreads();
 #pragma unroll
           for (int q = 0; q < kFullPerThread; ++q) {
@@ -175,7 +185,9 @@ __global__ void __launch_bounds__(kFullThreads)
           const T* x = b1i + ek[q] * o;
           const T* y = b2j + el[q] * o;
           T s = T(0);
-          for (int64_t oq = 0; oq < o; ++oq) s += x[oq] * y[oq] * pr[oq];
+          for (int64_t oq = 0; oq < o; ++oq) {
+            if (live_o[oq]) s += x[oq] * y[oq] * pr[oq];  // the same oq for every thread: no divergence
+          }
           acc[q] = s;
         }
       }
@@ -192,8 +204,8 @@ __global__ void __launch_bounds__(kFullThreads)
 template <typename T>
 __global__ void __launch_bounds__(32 * kTraceWarps)
     gram_trace_kernel(const T* __restrict__ b1, const T* __restrict__ b2, const T* __restrict__ p,
-                      T* __restrict__ out, int64_t r0, int64_t rows, int64_t n2, int64_t k, int64_t o,
-                      bool diagonal) {
+                      const bool* __restrict__ live_o, T* __restrict__ out, int64_t r0, int64_t rows, int64_t n2,
+                      int64_t k, int64_t o, bool diagonal) {
   const int lane = static_cast<int>(threadIdx.x % 32);
   const int64_t warp = threadIdx.x / 32;
   // rr is the same for the whole warp, so every lane takes part in the shuffles
@@ -205,6 +217,7 @@ __global__ void __launch_bounds__(32 * kTraceWarps)
     const T* pr = p + rr * o;
     T acc = T(0);
     for (int64_t oo = lane; oo < o; oo += 32) {
+      if (!live_o[oo]) continue;  // a dead o: left out, not multiplied by its zero P
       T d = T(0);
       for (int64_t kq = 0; kq < k; ++kq) d += b1i[kq * o + oo] * b2j[kq * o + oo];
       acc += pr[oo] * d;
@@ -220,9 +233,9 @@ unsigned blocks_for(int64_t work_items) {
 }
 
 template <typename T>
-cudaError_t launch_typed(const T* a1, const T* b1, const T* a2, const T* b2, const T* mask, T* out, T* workspace,
-                         int64_t workspace_rows, int64_t n1, int64_t n2, int64_t c, int64_t k, int64_t o,
-                         GramModeCode mode, cudaStream_t stream) {
+cudaError_t launch_typed(const T* a1, const T* b1, const T* a2, const T* b2, const T* mask, const bool* live_c,
+                         const bool* live_o, T* out, T* workspace, int64_t workspace_rows, int64_t n1, int64_t n2,
+                         int64_t c, int64_t k, int64_t o, GramModeCode mode, cudaStream_t stream) {
   const bool diagonal = mode == GramModeCode::kDiagonal || mode == GramModeCode::kDiagonalTrace;
   const bool full = mode == GramModeCode::kFull || mode == GramModeCode::kDiagonal;
   const int64_t per_row = full ? k * k : 1;
@@ -240,16 +253,16 @@ cudaError_t launch_typed(const T* a1, const T* b1, const T* a2, const T* b2, con
   for (int64_t r0 = 0; r0 < rows_total; r0 += workspace_rows) {
     const int64_t rows = std::min(workspace_rows, rows_total - r0);
     const int64_t tiles = ((rows + kTile - 1) / kTile) * ((o + kTile - 1) / kTile);
-    gram_p_kernel<T><<<blocks_for(tiles), kPThreads, 0, stream>>>(a1, a2, mask, workspace, r0, rows, n2, c, o,
-                                                                   diagonal);
+    gram_p_kernel<T><<<blocks_for(tiles), kPThreads, 0, stream>>>(a1, a2, mask, live_c, workspace, r0, rows, n2, c,
+                                                                   o, diagonal);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
     if (full) {
-      gram_full_kernel<T><<<blocks_for(rows), kFullThreads, smem, stream>>>(b1, b2, workspace, out, r0, rows, n2, k,
-                                                                            o, ob, diagonal, staged);
+      gram_full_kernel<T><<<blocks_for(rows), kFullThreads, smem, stream>>>(b1, b2, workspace, live_o, out, r0, rows,
+                                                                            n2, k, o, ob, diagonal, staged);
     } else {
       gram_trace_kernel<T><<<blocks_for((rows + kTraceWarps - 1) / kTraceWarps), 32 * kTraceWarps, 0, stream>>>(
-          b1, b2, workspace, out, r0, rows, n2, k, o, diagonal);
+          b1, b2, workspace, live_o, out, r0, rows, n2, k, o, diagonal);
     }
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
@@ -260,20 +273,24 @@ cudaError_t launch_typed(const T* a1, const T* b1, const T* a2, const T* b2, con
 }  // namespace
 
 cudaError_t masked_gram_launch(const void* a1, const void* b1, const void* a2, const void* b2, const void* mask,
-                               void* out, void* workspace, int64_t workspace_rows, int64_t n1, int64_t n2, int64_t c,
-                               int64_t k, int64_t o, GramModeCode mode, GramDtype dtype, cudaStream_t stream) {
+                               const bool* live_c, const bool* live_o, void* out, void* workspace,
+                               int64_t workspace_rows, int64_t n1, int64_t n2, int64_t c, int64_t k, int64_t o,
+                               GramModeCode mode, GramDtype dtype, cudaStream_t stream) {
   if (n1 < 0 || n2 < 0 || c < 0 || k < 0 || o < 0 || workspace_rows < 1) return cudaErrorInvalidValue;
+  if ((c > 0 && live_c == nullptr) || (o > 0 && live_o == nullptr)) return cudaErrorInvalidValue;
   const bool diagonal = mode == GramModeCode::kDiagonal || mode == GramModeCode::kDiagonalTrace;
   if (diagonal && n1 != n2) return cudaErrorInvalidValue;
   if (dtype == GramDtype::kFloat32) {
     return launch_typed(static_cast<const float*>(a1), static_cast<const float*>(b1), static_cast<const float*>(a2),
-                        static_cast<const float*>(b2), static_cast<const float*>(mask), static_cast<float*>(out),
-                        static_cast<float*>(workspace), workspace_rows, n1, n2, c, k, o, mode, stream);
+                        static_cast<const float*>(b2), static_cast<const float*>(mask), live_c, live_o,
+                        static_cast<float*>(out), static_cast<float*>(workspace), workspace_rows, n1, n2, c, k, o, mode,
+                        stream);
   }
   if (dtype == GramDtype::kFloat64) {
     return launch_typed(static_cast<const double*>(a1), static_cast<const double*>(b1), static_cast<const double*>(a2),
-                        static_cast<const double*>(b2), static_cast<const double*>(mask), static_cast<double*>(out),
-                        static_cast<double*>(workspace), workspace_rows, n1, n2, c, k, o, mode, stream);
+                        static_cast<const double*>(b2), static_cast<const double*>(mask), live_c, live_o,
+                        static_cast<double*>(out), static_cast<double*>(workspace), workspace_rows, n1, n2, c, k, o,
+                        mode, stream);
   }
   return cudaErrorInvalidValue;
 }

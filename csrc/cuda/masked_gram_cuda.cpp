@@ -27,12 +27,17 @@ at::Tensor masked_gram_cuda(const at::Tensor& a1, const at::Tensor& b1, const at
   if (out.numel() == 0) return out;
   const at::Tensor a1c = a1.contiguous(), b1c = b1.contiguous(), a2c = a2.contiguous(), b2c = b2.contiguous();
   const at::Tensor mc = mask.contiguous();
+  // which columns / rows of the mask have a nonzero: the kernels never multiply in what a dead one
+  // reads (one pass over the mask, no host sync)
+  const at::Tensor nonzero = mc.ne(0);
+  const at::Tensor live_c = nonzero.any(0).contiguous(), live_o = nonzero.any(1).contiguous();
   const int64_t rows_total = gram_is_diagonal(sz.mode) ? sz.n1 : sz.n1 * sz.n2;
   const int64_t rows = std::clamp<int64_t>(kWorkspaceElements / std::max<int64_t>(sz.o, 1), 1, rows_total);
   at::Tensor workspace = at::empty({rows, std::max<int64_t>(sz.o, 1)}, a1.options());
   const gpu::GramDtype dtype = a1.scalar_type() == at::kFloat ? gpu::GramDtype::kFloat32 : gpu::GramDtype::kFloat64;
   C10_CUDA_CHECK(gpu::masked_gram_launch(a1c.data_ptr(), b1c.data_ptr(), a2c.data_ptr(), b2c.data_ptr(), mc.data_ptr(),
-                                         out.data_ptr(), workspace.data_ptr(), rows, sz.n1, sz.n2, sz.c, sz.k, sz.o,
+                                         live_c.data_ptr<bool>(), live_o.data_ptr<bool>(), out.data_ptr(),
+                                         workspace.data_ptr(), rows, sz.n1, sz.n2, sz.c, sz.k, sz.o,
                                          static_cast<gpu::GramModeCode>(static_cast<int>(sz.mode)), dtype,
                                          c10::cuda::getCurrentCUDAStream(a1.device().index()).stream()));
   return out;

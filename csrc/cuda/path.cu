@@ -8,6 +8,10 @@
 //
 // path_score: dense, a thread per weight; convolution, a block per weight reducing over the
 // samples and output positions (shared-memory tree), then |w|^q * mask.
+//
+// Pruned weights (a zero mask entry) contribute nothing whatever they hold: every product with the
+// mask is a select, so a NaN or infinite weight there (or an input only pruned weights read) never
+// meets the zero as 0 * inf.
 #include <algorithm>
 #include "path.cuh"
 
@@ -71,8 +75,13 @@ __global__ void chain_step_kernel(StepArgs args) {
     const T* ai = a + i * c_size;
     T acc = 0;
     for (int64_t c = lane; c < c_size; c += 32) {
-      const T wc = mr != nullptr ? wr[c] * mr[c] : wr[c];
-      acc += path_g<T, P>(wc) * ai[c];
+      // a pruned weight's term is left out by a select (not g(w * 0) * a, NaN for an infinite w
+      // or a): neither it nor the input it would read contributes
+      if (mr != nullptr) {
+        acc += mr[c] != T(0) ? path_g<T, P>(wr[c] * mr[c]) * ai[c] : T(0);
+      } else {
+        acc += path_g<T, P>(wr[c]) * ai[c];
+      }
     }
     for (int off = 16; off > 0; off >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, off);
     if (lane == 0) out[i * args.fw_o + o] = acc + (bias != nullptr ? path_g<T, P>(bias[o]) : T(0));
@@ -87,8 +96,9 @@ __global__ void chain_step_kernel(StepArgs args) {
   T acc = 0;
   for (int64_t o = 0; o < args.bw_o; ++o) {
     const int64_t at = o * args.bw_c + c;
+    const bool kept = m == nullptr || m[at] != T(0);
     const T wc = m != nullptr ? w[at] * m[at] : w[at];
-    acc += path_g<T, P>(wc) * (g != nullptr ? g[o] : T(1));
+    acc += kept ? path_g<T, P>(wc) * (g != nullptr ? g[o] : T(1)) : T(0);  // a select, as in the forward
   }
   z[c] = acc;
 }
@@ -137,7 +147,7 @@ __global__ void score_dense_kernel(const T* w, const T* m, const T* a, const T* 
     T g = 0;
     for (int64_t i = 0; i < n; ++i) g += b[i * o_size + o] * a[i * c_size + c];
     const T s = weight_pow(w[idx], q) * g;
-    out[idx] = m != nullptr ? s * m[idx] : s;
+    out[idx] = m != nullptr ? (m[idx] != T(0) ? s * m[idx] : T(0)) : s;  // exactly 0 when pruned: a select
   }
 }
 
@@ -165,7 +175,7 @@ __global__ void score_conv_kernel(const T* w, const T* m, const T* a, const T* b
   }
   if (threadIdx.x == 0) {
     const T v = weight_pow(w[idx], q) * partial[0];
-    out[idx] = m != nullptr ? v * m[idx] : v;
+    out[idx] = m != nullptr ? (m[idx] != T(0) ? v * m[idx] : T(0)) : v;  // exactly 0 when pruned: a select
   }
 }
 

@@ -12,6 +12,10 @@
 // computes in that dtype, and with explicitly rounded multiplies and adds, since nvcc would
 // otherwise contract w + eps * xi into one fma with a single rounding.
 //
+// Pruned entries: under a zero mask entry both outputs and grad_weight are exactly 0 (selects, so a
+// NaN or infinite weight there changes nothing); grad_mask stays the product's derivative, which at
+// a pruned entry depends on its weight (what un-pruning it would change).
+//
 // The backward parallelises over mask entries and loops over the leading draws inside a thread,
 // so grad_mask is summed in a fixed order (draw 0, 1, ...) without atomics: deterministic, and the
 // same order as the CPU kernel.
@@ -146,8 +150,10 @@ __global__ void __launch_bounds__(kThreads)
         const A m = to_acc(mask[k]);
         const A xi = round_to<T>(z[q]);
         const A shifted = round_to<T>(add_rn(w, round_to<T>(mul_rn(eps, xi))));
-        out[i] = from_acc<T>(mul_rn(w, m));
-        out[n + i] = from_acc<T>(mul_rn(shifted, m));
+        // selects, not products: a weight under a zero mask entry gives exactly 0 whatever it holds
+        const bool kept = m != A(0);
+        out[i] = from_acc<T>(kept ? mul_rn(w, m) : A(0));
+        out[n + i] = from_acc<T>(kept ? mul_rn(shifted, m) : A(0));
       }
       if (++k == mask_numel) k = 0;
     }
@@ -185,7 +191,10 @@ __global__ void __launch_bounds__(kThreads)
         const int64_t i = i0 + q;
         const A g0 = to_acc(grad[i]);
         const A g1 = to_acc(grad[n + i]);
-        if (grad_weight != nullptr) grad_weight[i] = from_acc<T>(mul_rn(round_to<T>(add_rn(g0, g1)), m[q]));
+        // exactly 0 under a zero mask entry (the output there is a constant), whatever grad holds
+        if (grad_weight != nullptr) {
+          grad_weight[i] = from_acc<T>(m[q] != A(0) ? mul_rn(round_to<T>(add_rn(g0, g1)), m[q]) : A(0));
+        }
         if (grad_mask != nullptr) {
           const A w = to_acc(weight[i]);
           const A xi = round_to<T>(z[q]);

@@ -76,11 +76,11 @@ std::vector<int64_t> run_select(Prepared& pr, std::vector<int64_t> ks, bool laye
   };
   if (layerwise) {
     for (size_t i = 0; i < L; ++i) {
-      TORCH_CHECK_VALUE(!nan[i], "topk_mask: scores[", i, "] contains NaN");
+      TORCH_CHECK_VALUE(!nan[i], "topk_mask: scores[", i, "] contains NaN", kNanHint);
       check_k(i);
     }
   } else {
-    for (size_t i = 0; i < L; ++i) TORCH_CHECK_VALUE(!nan[i], "topk_mask: scores[", i, "] contains NaN");
+    for (size_t i = 0; i < L; ++i) TORCH_CHECK_VALUE(!nan[i], "topk_mask: scores[", i, "] contains NaN", kNanHint);
     check_k(0);
   }
   if (!write) return alive;

@@ -118,7 +118,10 @@ def _check_conv_wgrad_args(input, grad_output, kernel_size, stride, padding, dil
         raise ValueError(f"grad_output must be [N, K, O, *output size] ({d + 3} dimensions for a {d}-d input), "
                          f"got shape {tuple(grad_output.shape)}")
     if input.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"input must be float32 or float64, got {input.dtype}")
+        # named by its dtype, which a caller several layers up (an NTK of a float16 model) can act on
+        raise ValueError(f"conv_weight_grad_per_sample computes in float32 or float64 only, got {input.dtype} "
+                         f"inputs (the dtype of input, which grad_output must share); convert them, e.g. with "
+                         f".float()")
     if grad_output.dtype != input.dtype:
         raise ValueError(f"grad_output has dtype {grad_output.dtype} but input has {input.dtype}")
     if grad_output.device != input.device:

@@ -30,7 +30,10 @@ def _check_gram_args(a1, b1, a2, b2, mask, mode) -> None:
     if mode not in _GRAM_MODES:
         raise ValueError(f"mode must be one of {', '.join(map(repr, _GRAM_MODES))}, got {mode!r}")
     if a1.dtype not in _GRAM_DTYPES:
-        raise ValueError(f"a1 must be float32 or float64, got {a1.dtype}")
+        # named by its dtype, not by a1 alone: callers several layers up (an NTK of a float16 model)
+        # can act on the dtype, and every input must share it
+        raise ValueError(f"masked_gram computes in float32 or float64 only, got {a1.dtype} inputs (the dtype of "
+                         f"a1, which b1, a2, b2 and mask must share); convert them, e.g. with .float()")
     for name, t in named[1:]:
         if t.dtype != a1.dtype:
             raise ValueError(f"{name} has dtype {t.dtype} but a1 has {a1.dtype}")
@@ -80,6 +83,29 @@ def _gram_unmasked(a1, b1, a2, b2, mode: str) -> torch.Tensor:
     return (a1 * a2).sum(1) * (b1 * b2).sum((1, 2))
 
 
+def _gram_dead_zeroed(a1, b1, a2, b2, mask) -> tuple:
+    """a1, b1, a2, b2 with zeros where only zero mask entries read them: a1[:, c] and a2[:, c] for a
+    column c of the mask that is all zero, b1[:, :, o] and b2[:, :, o] for an all-zero row o.
+
+    The formula multiplies those entries by zero mask entries only, so they contribute nothing;
+    but in the GEMMs below they would meet the zeros as products (inf * 0 = NaN), and even finite
+    ones could overflow (a1 * a2, b1 * b2) before they do. Replaced by zeros (a select, not a
+    product), the result and the gradients of a1, b1, a2, b2 are exactly those with zeros there,
+    whatever they held; the gradient of the mask at those rows and columns is then 0 too.
+
+    Always four input-sized copies (N * C and N * K * O values, against the N1 * N2 * O * (C + K)
+    multiply-adds that follow), with no test for whether any row or column is dead: that test
+    would be a host sync on a GPU, and a data-dependent branch that tracing (torch.compile,
+    opcheck) cannot follow."""
+    zero = mask == 0
+    dead_c, dead_o = zero.all(0), zero.all(1)
+    a1_ = torch.where(dead_c, 0, a1)
+    a2_ = a1_ if a2 is a1 else torch.where(dead_c, 0, a2)
+    b1_ = torch.where(dead_o, 0, b1)
+    b2_ = b1_ if b2 is b1 else torch.where(dead_o, 0, b2)
+    return a1_, b1_, a2_, b2_
+
+
 def _gram_p_chunk(a, a2, mask) -> torch.Tensor:
     """P[i, j, o] = sum_c mask[o, c] a[i, c] a2[j, c] for the rows of a chunk: [ci, N2, O], one GEMM."""
     return (a[:, None, :] * a2[None]) @ mask.T
@@ -88,6 +114,7 @@ def _gram_p_chunk(a, a2, mask) -> torch.Tensor:
 def _gram_masked_math(a1, b1, a2, b2, mask, mode: str) -> torch.Tensor:
     n1, k, o = b1.shape
     n2 = b2.shape[0]
+    a1, b1, a2, b2 = _gram_dead_zeroed(a1, b1, a2, b2, mask)
     if mode.startswith("diagonal"):
         pd = (a1 * a2) @ mask.T  # [N, O]: P at i = j
         if mode == "diagonal":
@@ -118,6 +145,9 @@ def _gram_backward_math(grad, a1, b1, a2, b2, mask, mode: str, need) -> tuple:
     n1, k, o = b1.shape
     n2 = b2.shape[0]
     need_a = need[0] or need[2]
+    # the forward (kernel or reference) ignores what only zero mask entries read; so must its
+    # gradients: with zeros there, every product with a zero mask entry is an exact 0
+    a1, b1, a2, b2 = _gram_dead_zeroed(a1, b1, a2, b2, mask)
     ga1 = gb1 = ga2 = gb2 = None
     if mode.startswith("diagonal"):
         pd = (a1 * a2) @ mask.T
@@ -213,6 +243,11 @@ def masked_gram(a1: torch.Tensor, b1: torch.Tensor, a2: Optional[torch.Tensor] =
     ``mode``: ``"full"`` [N1, N2, K, K]; ``"trace"`` [N1, N2], the sum over k of full[:, :, k, k];
     ``"diagonal"`` [N1, K, K], full[i, i] (needs N1 == N2); ``"diagonal_trace"`` [N1].
 
+    A zero mask entry contributes nothing, and so does what only zero entries read: a1[:, c] and
+    a2[:, c] when column c of the mask is all zero, b1[:, :, o] and b2[:, :, o] when row o is. Their
+    values, NaN and infinities included, change neither the result nor the gradients (those
+    entries' gradients are exactly 0), on every path.
+
     float32 or float64, all on one device; runs the compiled kernel (CPU; CUDA where built), else
     :func:`masked_gram_reference`. On the CPU a mask with few nonzeros goes through a sparse path
     (cost proportional to its nonzeros instead of O * C). Differentiable with respect to a1, b1, a2
@@ -234,7 +269,9 @@ def masked_gram_reference(a1: torch.Tensor, b1: torch.Tensor, a2: Optional[torch
                           mode: str = "full") -> torch.Tensor:
     """:func:`masked_gram` in PyTorch ops: P[i, j, o] = sum_c mask[o, c] a1[i, c] a2[j, c] by one GEMM
     per chunk of rows i (intermediates of at most ~2**24 elements), then contracted with b1 and b2
-    by batched GEMMs. Differentiable by autograd in every input, mask included."""
+    by batched GEMMs. Differentiable by autograd in every input, mask included; the values only zero
+    mask entries read (see :func:`masked_gram`) are replaced by zeros first, so the gradient of the
+    mask is 0 on its all-zero rows and columns."""
     a2 = a1 if a2 is None else a2
     b2 = b1 if b2 is None else b2
     _check_gram_args(a1, b1, a2, b2, mask, mode)

@@ -71,6 +71,10 @@ def path_chain(weights, input: Optional[torch.Tensor] = None, *, masks=None, bia
     Returns ``(forward, backward)``: ``forward[l]`` = a_{l+1} = a_l g(W ⊙ M)ᵀ + g(bias), the sums
     at layer l's output ([O_l], or [N, O_l] for a batched input); ``backward[l]`` = the sums at
     layer l's input from an all-ones output, b_{l} = g(W_{l+1} ⊙ M_{l+1})ᵀ b_{l+1} ([C_l]).
+
+    A weight under a zero mask entry contributes nothing, whatever it holds (NaN and infinities
+    included), and neither does an input feature that only such weights read (its column of
+    ``masks[0]`` all zero): the sums are those with zeros there.
     """
     weights, input, masks, biases, power = _chain_args(weights, input, masks, biases, power)
     single = input.dim() == 1
@@ -98,7 +102,12 @@ def path_chain_reference(weights, input: Optional[torch.Tensor] = None, *, masks
 
 def _path_chain_reference(weights, x, masks, biases, power):
     g = _g(power)
-    gw = [g(w * masks[i]) if masks else g(w) for i, w in enumerate(weights)]
+    # selects, not products: a pruned weight is exactly 0 whatever it holds (g(inf * 0) is NaN)
+    gw = [g(torch.where(masks[i] != 0, w * masks[i], 0)) if masks else g(w) for i, w in enumerate(weights)]
+    if masks:
+        # an input feature that only pruned weights read contributes nothing either (its column of
+        # the first mask is all zero: in the product below it would meet those zeros as 0 * inf)
+        x = torch.where((masks[0] == 0).all(0), 0, x)
     fwd, a = [], x
     for w, b in zip(gw, biases):
         a = a @ w.t()
@@ -127,7 +136,17 @@ def _score_args(weight, a, b, mask, weight_power, stride, padding, dilation, gro
             raise ValueError(f"{name}: expected {sd} entries for a weight of shape {tuple(weight.shape)}, got {v}")
         return [int(i) for i in v]
 
-    return weight_power, tup(stride, "stride"), tup(padding, "padding"), tup(dilation, "dilation"), int(groups)
+    stride, padding, dilation = tup(stride, "stride"), tup(padding, "padding"), tup(dilation, "dilation")
+    if sd and isinstance(a, torch.Tensor) and a.dim() == weight.dim():
+        # checked here, naming the sizes: the kernels would otherwise compute a negative output size
+        # and torch's gradient a message about its own internals
+        size, kernel = tuple(a.shape[2:]), tuple(weight.shape[2:])
+        span = tuple(d * (k - 1) + 1 for k, d in zip(kernel, dilation))
+        if any(i + 2 * p < s for i, p, s in zip(size, padding, span)):
+            raise ValueError(f"a: its spatial size {size}, padded by {tuple(padding)}, is smaller than the weight's "
+                             f"dilated kernel {span} (kernel {kernel}, dilation {tuple(dilation)}; weight of shape "
+                             f"{tuple(weight.shape)}, a of shape {tuple(a.shape)})")
+    return weight_power, stride, padding, dilation, int(groups)
 
 
 def path_score(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, mask: Optional[torch.Tensor] = None,
@@ -139,7 +158,12 @@ def path_score(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, mask: 
     layer's input [N, C, (H,) W], b the gradient at its output [N, O, (Ho,) Wo]; ``stride``,
     ``padding`` (numbers), ``dilation`` and ``groups`` as for the layer). With a the forward path
     sums at the layer's input and b the backward ones at its output, ``weight_power`` 1 gives the
-    SynFlow score, 0 the path-kernel diagonal ∂R/∂g(θ) ⊙ m."""
+    SynFlow score, 0 the path-kernel diagonal ∂R/∂g(θ) ⊙ m.
+
+    The score is exactly 0 under a zero mask entry, whatever the weight, a or b hold there (a
+    select, not a product: inf * 0 would be NaN); values that only such entries read (a's channels
+    or features, b's outputs whose weights are all pruned) reach no other entry. An input ``a``
+    smaller than the dilated kernel (after padding) raises a ValueError naming both sizes."""
     weight_power, stride, padding, dilation, groups = _score_args(weight, a, b, mask, weight_power, stride, padding,
                                                                   dilation, groups)
     if FAMILY.use(weight.device):
@@ -167,4 +191,5 @@ def _path_score_reference(weight, a, b, mask, weight_power, stride, padding, dil
         grad = torch.nn.grad.conv2d_weight(a, weight.shape, b, stride, padding, dilation, groups)
     scale = weight.abs() ** weight_power if weight_power else torch.ones_like(weight)
     out = scale * grad
-    return out * mask if mask is not None else out
+    # a select: a pruned entry is exactly 0 even where |weight|^q or the gradient is not finite
+    return torch.where(mask != 0, out * mask, 0) if mask is not None else out

@@ -252,6 +252,12 @@ def perturbed_masked(weight: torch.Tensor, mask: torch.Tensor, epsilon: float, s
     and xi runs over all of weight. Differentiable with respect to ``weight`` and ``mask``
     (first order); ``mask`` need not be 0/1.
 
+    A weight under a zero mask entry contributes nothing, whatever it holds (NaN and infinities
+    included): both outputs are exactly 0 there (a select, not a product) and its weight gradient
+    is exactly 0. The mask's gradient at such an entry is still the derivative of the product,
+    ``sum over draws of grad[0] * w + grad[1] * (w + epsilon * xi)``: what un-pruning it would
+    change, which depends on its weight, and is not finite where that weight is not.
+
     The stream's start is given either as ``seed`` (int in [0, 2**64), negative int64 bit patterns
     accepted) and ``offset`` (int in [0, 2**62)), or as ``philox=``: an int64 tensor of shape [2]
     = (seed bits, offset) on weight's device. The kernels read that tensor on the device (no host
@@ -271,6 +277,8 @@ def perturbed_masked_reference(weight: torch.Tensor, mask: torch.Tensor, epsilon
                                offset: int = 0, *, philox: Optional[torch.Tensor] = None,
                                xi: Optional[torch.Tensor] = None) -> torch.Tensor:
     """:func:`perturbed_masked` in plain PyTorch ops, differentiable by autograd, with xi stored.
+    The products with the mask are selects with the kernels' gradients (``_MaskedProduct``), so a
+    zero mask entry gives exactly 0 whatever the weight holds, as in the kernels.
 
     ``xi=`` gives the perturbation itself (a tensor of weight's shape, dtype and device, e.g. one
     drawn elsewhere) instead of a seed or philox tensor."""
@@ -290,5 +298,35 @@ def perturbed_masked_reference(weight: torch.Tensor, mask: torch.Tensor, epsilon
     return _perturbed_masked_math(weight, mask, epsilon, xi)
 
 
+class _MaskedProduct(torch.autograd.Function):
+    """x * mask, mask broadcast over x's leading dimensions, as the kernels compute it: a select,
+    exactly 0 where mask is 0 whatever x holds there (x * 0 would be NaN for an infinite x).
+
+    Gradients, as the kernels': x's is grad * mask where mask != 0 and exactly 0 where it is 0 (the
+    output there is a constant); mask's is the derivative of the product, grad * x summed over the
+    leading dimensions, everywhere: at a pruned entry that is what un-pruning it would change, so it
+    does depend on x there (and is not finite where x is not). First order, as the kernels
+    promise: the backward is made of differentiable ops, but the second derivative of the weight's
+    gradient with respect to the mask at a zero entry is the select's (0), not the product's."""
+
+    @staticmethod
+    def forward(ctx, x, mask):
+        ctx.save_for_backward(x, mask)
+        return torch.where(mask != 0, x * mask, 0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, mask = ctx.saved_tensors
+        grad_x = grad_mask = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.where(mask != 0, grad * mask, 0)
+        if ctx.needs_input_grad[1]:
+            grad_mask = grad * x
+            lead = x.dim() - mask.dim()
+            if lead:
+                grad_mask = grad_mask.sum(tuple(range(lead)))
+        return grad_x, grad_mask
+
+
 def _perturbed_masked_math(weight, mask, epsilon: float, xi: torch.Tensor) -> torch.Tensor:
-    return torch.stack([weight * mask, (weight + epsilon * xi) * mask])
+    return torch.stack([_MaskedProduct.apply(weight, mask), _MaskedProduct.apply(weight + epsilon * xi, mask)])

@@ -12,6 +12,8 @@ import torch
 from .loader import Family
 
 FAMILY = Family("topk_mask", "topk_mask", "topk_mask_layerwise")
+# the kernels' words (csrc/topk_prepare.h, kNanHint), so that every path raises the same message
+_NAN_HINT = " where keep allows it: a NaN cannot be ranked (give it keep=False, or a number)"
 
 if FAMILY.defined:
 
@@ -82,12 +84,15 @@ def topk_mask(
 ) -> list:
     """Keep exactly the ``k`` highest scores across all tensors, without concatenating them.
 
-    Returns one bool tensor per score tensor. Entries whose ``keep`` is False are never kept.
-    Ties at the threshold are broken deterministically: among equal scores the entry with the
-    lowest flat position wins, where positions run through the tensors in list order and through
-    each tensor in row-major order. ``-0.0`` and ``+0.0`` tie. ``-inf``/``+inf`` are ordinary
-    values. A NaN in an entry that may be kept raises ValueError naming the tensor (``names``, if
-    given, label the tensors in messages); NaNs where keep is False are ignored. ``k`` larger than
+    Returns one bool tensor per score tensor. Entries whose ``keep`` is False are never kept and
+    take no part in the selection, whatever their score (NaN, ``+inf`` and ``-inf`` included): the
+    masks are those with any other values there. Ties at the threshold are broken
+    deterministically: among equal scores the entry with the lowest flat position wins, where
+    positions run through the tensors in list order and through each tensor in row-major order.
+    ``-0.0`` and ``+0.0`` tie. ``-inf``/``+inf`` are ordinary values where keep allows them. A NaN
+    in an entry that may be kept raises ValueError naming the tensor (``names``, if given, label
+    the tensors in messages): it cannot be ranked, and is refused rather than silently dropped,
+    since a NaN score usually means the scores went wrong. ``k`` larger than
     the number of entries that may be kept raises ValueError, or with ``clamp=True`` keeps all of
     them.
 
@@ -156,7 +161,7 @@ def topk_mask_reference(scores, k, keep=None, *, drop_ties=False, clamp=False, n
     if bool(nan.any()):
         first = int(torch.nonzero(nan)[0])
         i = next(j for j in range(len(scores)) if offsets[j] <= first < offsets[j + 1])
-        raise ValueError(f"topk_mask: {_label(i, names)} contains NaN")
+        raise ValueError(f"topk_mask: {_label(i, names)} contains NaN{_NAN_HINT}")
     n_alive = int(alive.sum())
     if clamp:
         k = min(k, n_alive)
