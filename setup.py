@@ -1,11 +1,13 @@
 """Build ntkfast and its compiled extension ntkfast._C.
 
 CppExtension always; CUDAExtension when PyTorch has CUDA and a toolkit is found, or FORCE_CUDA=1.
-FORCE_CPU=1 skips CUDA. Build with `pip install --no-build-isolation -e .` so the installed torch
-is the one compiled against.
+FORCE_CPU=1 skips CUDA. NTKFAST_EXTRA_CFLAGS and NTKFAST_EXTRA_LDFLAGS (split as a shell would) are
+appended to the C++ compile and link flags (.ci/sanitize_cpu.sh passes -fsanitize=... through them).
+Build with `pip install --no-build-isolation -e .` so the installed torch is the one compiled against.
 """
 import glob
 import os
+import shlex
 import sys
 
 from setuptools import find_packages, setup
@@ -69,12 +71,15 @@ def make_extension():
     cpu_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")) + glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     omp_c, omp_l = _openmp_flags()
+    # last, so that they win over the defaults (-O1 after -O3)
+    extra_c = shlex.split(os.environ.get("NTKFAST_EXTRA_CFLAGS", ""))
+    extra_l = shlex.split(os.environ.get("NTKFAST_EXTRA_LDFLAGS", ""))
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
     define_macros = [
         ("NTKFAST_VERSION", f'"{VERSION}"'),
         ("NTKFAST_TORCH_VERSION", f'"{torch.__version__}"'),
     ]
-    cxx = ["-O3", "-std=c++17"] + omp_c
+    cxx = ["-O3", "-std=c++17"] + omp_c + extra_c
     if with_cuda:
         define_macros += [("NTKFAST_WITH_CUDA", "1"), ("NTKFAST_CUDA_ARCHS", f'"{archs or "default"}"')]
         return CUDAExtension(
@@ -83,7 +88,7 @@ def make_extension():
             include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]},
-            extra_link_args=omp_l,
+            extra_link_args=omp_l + extra_l,
         )
     return CppExtension(
         "ntkfast._C",
@@ -91,7 +96,7 @@ def make_extension():
         include_dirs=[os.path.join(ROOT, "csrc")],
         define_macros=define_macros,
         extra_compile_args={"cxx": cxx},
-        extra_link_args=omp_l,
+        extra_link_args=omp_l + extra_l,
     )
 
 
