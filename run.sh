@@ -18,7 +18,7 @@ missing = []
 # torch only when absent: an installed torch that fails to import is the user's to mend, not ours to replace
 if importlib.util.find_spec("torch") is None:
     missing.append("torch==2.13.0")
-for mod in ("numpy", "pytest", "pybind11", "wheel"):
+for mod in ("numpy", "pytest", "pybind11", "wheel", "hypothesis"):
     if importlib.util.find_spec(mod) is None:
         missing.append(mod)
 try:
