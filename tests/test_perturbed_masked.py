@@ -438,6 +438,7 @@ def test_bad_arguments(fn):
         ((w, m.to("meta"), 0.1, 1), "mask is on meta"),
         ((w, m, float("nan"), 1), "epsilon must be finite"),
         ((w, m, float("inf"), 1), "epsilon must be finite"),
+        ((w, m, 10**400, 1), "epsilon must be finite"),  # was an OverflowError from float()
         ((w, m, 0.1, 2**64), "seed must be in"),
         ((w, m, 0.1, -(2**63) - 1), "seed must be in"),
         ((w, m, 0.1, 1, -1), "offset must be in"),
@@ -479,6 +480,11 @@ def test_philox_normal_bad_arguments():
         philox_normal(3, 1, -1)
     with pytest.raises(ValueError, match="offset must be in"):
         philox_normal_reference((1, 2**62), 3)
+    # more numbers than the stream's offsets reach: named, not an int64 overflow in the op schema
+    with pytest.raises(ValueError, match=r"size .* at most 2\*\*62"):
+        philox_normal(10**30, 1)
+    with pytest.raises(ValueError, match=r"size .* at most 2\*\*62"):
+        philox_normal_reference((1, 0), (2**31, 2**31))
 
 
 @needs_extension

@@ -219,6 +219,8 @@ def test_bad_arguments(fn):
         fn(s, 2, [torch.ones(4, 3, dtype=torch.bool)] * 2)
     with pytest.raises(ValueError, match="must be a floating tensor"):
         fn([torch.arange(5)], 2)
+    with pytest.raises(ValueError, match=r"scores\[0\] is a meta tensor"):  # was "item() ... on meta"
+        fn([torch.randn(5, device="meta")], 2)
     assert fn([], 0) == []
 
 

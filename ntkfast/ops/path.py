@@ -64,8 +64,9 @@ def path_chain(weights, input: Optional[torch.Tensor] = None, *, masks=None, bia
     """Path sums of a chain of dense layers with weights g(W_l ⊙ M_l), g = |·| (``power`` 1) or
     (·)² (``power`` 2), applied on the fly (no transformed copy of a weight is made).
 
-    ``weights``: [O_l, C_l] per layer, C_l = O_{l-1}; ``input``: the non-negative input, [C_0] or
-    [N, C_0] (default: ones); ``masks``: None or one per layer; ``biases``: None or one entry
+    ``weights``: [O_l, C_l] per layer, C_l = O_{l-1}; ``input``: [C_0] or [N, C_0] (default: ones;
+    path sums take a non-negative input, but the chain is linear in it, so any real values are
+    summed as given and not refused); ``masks``: None or one per layer; ``biases``: None or one entry
     (tensor or None) per layer, added as g(bias) to the forward sums.
 
     Returns ``(forward, backward)``: ``forward[l]`` = a_{l+1} = a_l g(W ⊙ M)ᵀ + g(bias), the sums

@@ -82,7 +82,10 @@ def _check_offset(offset) -> int:
 def _check_epsilon(epsilon) -> float:
     if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
         raise TypeError(f"epsilon must be a real number, got {type(epsilon).__name__}")
-    epsilon = float(epsilon)
+    try:
+        epsilon = float(epsilon)
+    except OverflowError:  # an int beyond any float, e.g. 10**400
+        raise ValueError(f"epsilon must be finite, got an int of {len(str(abs(int(epsilon))))} digits") from None
     if not math.isfinite(epsilon):
         raise ValueError(f"epsilon must be finite, got {epsilon}")
     return epsilon
@@ -97,6 +100,8 @@ def _check_size(size) -> tuple:
         raise TypeError(f"size must be an int or a sequence of ints, got {size!r}") from None
     if any(s < 0 for s in size):
         raise ValueError(f"size must not have negative entries, got {size}")
+    if math.prod(size) >= 2**62:  # beyond the stream's int64 offsets (and any memory)
+        raise ValueError(f"size {size} asks for {math.prod(size):.3g} numbers; at most 2**62 can be drawn")
     return size
 
 

@@ -41,6 +41,8 @@ def _check_topk_args(scores, keep, names) -> None:
     for i, s in enumerate(scores):
         if not s.is_floating_point():
             raise ValueError(f"{_label(i, names)} must be a floating tensor, got {s.dtype}")
+        if s.is_meta:  # a top-k needs values; the meta device has none
+            raise ValueError(f"{_label(i, names)} is a meta tensor, which holds no values to rank")
     if keep is not None:
         if len(keep) != len(scores):
             raise ValueError(f"keep has {len(keep)} tensors but scores has {len(scores)}")
