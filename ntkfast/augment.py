@@ -27,7 +27,7 @@ import torch
 
 from .core.checks import check_int
 
-__all__ = ["RandomCropFlip", "RandomResizedCropFlip", "for_dataset"]
+__all__ = ["RandomCropFlip", "RandomResizedCropFlip", "for_dataset", "get", "recipes"]
 
 
 def _check_batch(images: torch.Tensor) -> torch.Tensor:
@@ -189,20 +189,34 @@ class RandomResizedCropFlip:
         return _flip_where(out, flip)
 
 
-# The authors' training augmentation per dataset (NTK-SAP's Utils/load.py; Synaptic-Flow's CIFAR
-# pipeline is the same). MNIST-like sets train without augmentation there.
-_PRESETS = {
-    "cifar10": lambda: RandomCropFlip(padding=4),
-    "cifar100": lambda: RandomCropFlip(padding=4),
-    "tiny-imagenet": lambda: RandomResizedCropFlip(64, scale=(0.1, 1.0), ratio=(0.8, 1.25)),
-    "imagenet": lambda: RandomResizedCropFlip(224),
-    "mnist": lambda: None,
-    "fashion-mnist": lambda: None,
+# The authors' recipes by name, and which one NTK-SAP's Utils/load.py trains each dataset with
+# (Synaptic-Flow: the same for CIFAR; "pad4-crop-flip" for Tiny-ImageNet too). MNIST-like sets
+# train without augmentation there.
+_RECIPES = {
+    "pad4-crop-flip": lambda: RandomCropFlip(padding=4),
+    "ntksap-tiny-resized-crop-flip": lambda: RandomResizedCropFlip(64, scale=(0.1, 1.0), ratio=(0.8, 1.25)),
+    "resized-crop-flip-224": lambda: RandomResizedCropFlip(224),
 }
+_BY_DATASET = {"cifar10": "pad4-crop-flip", "cifar100": "pad4-crop-flip",
+               "tiny-imagenet": "ntksap-tiny-resized-crop-flip", "imagenet": "resized-crop-flip-224",
+               "mnist": None, "fashion-mnist": None}
+
+
+def recipes():
+    """The names :func:`get` knows."""
+    return sorted(_RECIPES)
+
+
+def get(name: str):
+    """A new augmentation of the recipe ``name`` (see :func:`recipes`)."""
+    if name not in _RECIPES:
+        raise ValueError(f"augment: unknown recipe {name!r}; known: {', '.join(recipes())}")
+    return _RECIPES[name]()
 
 
 def for_dataset(name: str):
     """The training augmentation the NTK-SAP authors use for dataset ``name`` (None: none)."""
-    if name not in _PRESETS:
-        raise ValueError(f"name: no augmentation preset for {name!r}; known: {', '.join(sorted(_PRESETS))}")
-    return _PRESETS[name]()
+    if name not in _BY_DATASET:
+        raise ValueError(f"name: no augmentation preset for {name!r}; known: {', '.join(sorted(_BY_DATASET))}")
+    recipe = _BY_DATASET[name]
+    return None if recipe is None else get(recipe)

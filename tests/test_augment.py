@@ -151,3 +151,10 @@ def test_bad_calls_are_named_and_leave_the_batch_alone():
     with pytest.raises(ValueError, match="^generator: expected a CPU torch.Generator"):
         A.RandomCropFlip(2)(x, 0)
     assert torch.equal(x, before)
+
+
+def test_recipes_by_name():
+    assert A.recipes() == ["ntksap-tiny-resized-crop-flip", "pad4-crop-flip", "resized-crop-flip-224"]
+    assert A.get("pad4-crop-flip").padding == 4
+    with pytest.raises(ValueError, match="^augment: unknown recipe 'crop'"):
+        A.get("crop")
