@@ -240,7 +240,8 @@ def _train_checkpoint(args, model, masks, result) -> dict:
     settings = {k: getattr(args, k) for k in ("dataset", "epochs", "optimizer", "lr", "batch_size", "seed",
                                               "max_batches", "masks", "init")}
     return {"format": _TRAIN_FORMAT, "model": args.model, "input_shape": list(model.input_shape),
-            "num_classes": int(model.num_classes), "masks": dict(masks) if masks is not None else {},
+            "num_classes": int(model.num_classes),
+            "masks": {n: m.cpu() for n, m in masks.items()} if masks is not None else {},
             "metadata": plain_data(masks.metadata) if masks is not None else {},
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "history": result.to_dict(), "settings": plain_data(settings)}

@@ -20,10 +20,9 @@ the same; the float rounding may differ.
 """
 from __future__ import annotations
 
-import math
+import dataclasses
 import numbers
 import time
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
 
@@ -286,15 +285,13 @@ def _restore_layout(model: nn.Module, layout: Mapping[str, tuple]) -> None:
                 t.grad = _restrided(t.grad, stride)
 
 
-# -- training ------------------------------------------------------------------------------------
-
 # -- optimiser and schedule -----------------------------------------------------------------------
 
 def _check_optimizer(optimizer, lr, momentum, weight_decay) -> None:
     if isinstance(optimizer, str):
         check_choice(optimizer, "optimizer", OPTIMIZERS)
         return
-    if not (isinstance(optimizer, torch.optim.Optimizer) or callable(optimizer)):
+    if isinstance(optimizer, nn.Module) or not (isinstance(optimizer, torch.optim.Optimizer) or callable(optimizer)):
         raise TypeError(f"optimizer: expected one of {', '.join(map(repr, OPTIMIZERS))}, a torch.optim.Optimizer, or a "
                         f"callable params -> optimizer, got {type(optimizer).__name__}")
     for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
