@@ -1,24 +1,63 @@
-"""ntkfast: fast NTK-based pruning at initialisation for PyTorch."""
+"""ntkfast: fast NTK-based pruning at initialisation for PyTorch.
+
+Every public name and subpackage is reachable from here (``ntkfast.prune``,
+``ntkfast.pathkernel.trace``, ...) and loaded on first use: ``import ntkfast`` itself imports
+neither torch nor the compiled extension, so that the ``ntkfast`` command answers ``--help`` at
+once and a program pays only for what it uses.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING
+
 from ._version import __version__
-from .ops import build_info
-from .masks import Masks, prunable_parameters
-from .prune import prune
-from .ntt import transfer, TransferResult
-from . import methods, ops, scores, ntt  # importing scores and ntt registers every built-in method
+
+if TYPE_CHECKING:  # what the names below resolve to, for type checkers and editors
+    from . import (connectivity, core, data, distributed, masks, methods, models, ntk, ntt, ops, pathkernel, plots,
+                   report, scores, study, training)
+    from .masks import Masks, prunable_parameters
+    from .ntt import TransferResult, transfer
+    from .ops import build_info
+    from .prune import prune
+    from .training import train
+
+#: public subpackages and modules, imported on first access as attributes
+_SUBMODULES = ("methods", "masks", "ops", "scores", "ntt", "ntk", "pathkernel", "connectivity", "models", "data",
+               "training", "study", "report", "distributed", "plots", "core")
+#: public functions and classes: the module each comes from
+_NAMES = {"Masks": "masks", "prunable_parameters": "masks", "prune": "prune", "transfer": "ntt",
+          "TransferResult": "ntt", "build_info": "ops", "train": "training"}
 
 __all__ = ["Masks", "prunable_parameters", "prune", "build_info", "methods", "ops", "scores", "ntt", "models", "data",
-           "train", "transfer", "TransferResult", "__version__"]
+           "train", "transfer", "TransferResult", "ntk", "pathkernel", "connectivity", "study", "report",
+           "distributed", "training", "__version__"]
 
 
-def __getattr__(name):
-    # The model zoo, the data readers and the trainer serve the CLI, tests and benchmarks; the
-    # library core does not need them, so they load on first use.
-    import importlib
-
-    if name in ("models", "data"):
+def __getattr__(name: str):
+    if name in _NAMES:
+        value = getattr(importlib.import_module(f".{_NAMES[name]}", __name__), name)
+        globals()[name] = value  # found directly from now on
+        return value
+    if name in _SUBMODULES:
         return importlib.import_module(f".{name}", __name__)
-    if name == "train":  # the function; its module is ntkfast.training
-        fn = importlib.import_module(".training", __name__).train
-        globals()["train"] = fn
-        return fn
     raise AttributeError(f"module 'ntkfast' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_SUBMODULES) | set(_NAMES))
+
+
+class _Package(types.ModuleType):
+    """The package's module type: importing the submodule ``ntkfast.prune`` binds it as the
+    package's attribute ``prune``, as every submodule import does; the package's ``prune`` is
+    the function of that name, whichever import comes first."""
+
+    def __setattr__(self, name, value):
+        if name == "prune" and isinstance(value, types.ModuleType) and hasattr(value, "prune"):
+            value = value.prune
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -1,4 +1,9 @@
-"""The `ntkfast` command: prune, transfer, train, study, report, methods, models, info."""
+"""The `ntkfast` command: prune, transfer, train, study, report, methods, models, info.
+
+Parsing imports nothing heavy (the method and model names come from :mod:`ntkfast._catalog`), so
+``ntkfast --help`` and ``ntkfast --version`` answer at once; each command imports torch and what
+it needs when it runs.
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,8 +11,37 @@ import json
 import sys
 import time
 
-from .distributed import is_main_process
-from .study import DEFAULT_ROUNDS as _ITERATIVE_DEFAULT_ROUNDS  # the authors' iterative schedules
+from ._catalog import BUILTIN_METHODS, ZOO_MODELS, model_key
+from ._version import __version__
+
+
+def _default_rounds(method: str) -> int:
+    """The pruning rounds of ``method`` when --rounds is not given: the authors' iterative schedules."""
+    from .study import DEFAULT_ROUNDS
+
+    return DEFAULT_ROUNDS.get(method, 1)
+
+
+def _out_file(path, name: str):
+    """An output file of the CLI, checked before the work; folders it needs may be missing if they
+    can be made (:func:`_make_folder_of` makes them before writing)."""
+    from .core.files import check_out_path
+
+    return check_out_path(path, name, missing_folders_ok=True)
+
+
+def _make_folder_of(path, name: str) -> None:
+    import os
+
+    from .core.files import make_folder
+
+    make_folder(os.path.dirname(os.path.abspath(path)), name)
+
+
+def _is_main_process() -> bool:
+    from .distributed import is_main_process
+
+    return is_main_process()
 
 
 def _option(text: str) -> tuple:
@@ -74,15 +108,13 @@ def cmd_prune(args) -> int:
 
     from . import methods, prune
 
-    from .core.files import check_out_path
-
     info = methods.get(args.method)
-    check_out_path(args.out, "--out")  # before the work: hours must not end in a traceback about a path
+    _out_file(args.out, "--out")  # before the work: hours must not end in a traceback about a path
     device = _checked_device(args)
     model = _build_model(args)
     if device is not None:
         model = model.to(device)
-    rounds = args.rounds if args.rounds is not None else _ITERATIVE_DEFAULT_ROUNDS.get(args.method, 1)
+    rounds = args.rounds if args.rounds is not None else _default_rounds(args.method)
     options = dict(args.option or [])
     for key in ("scope", "target_density"):
         if key in options:
@@ -110,7 +142,8 @@ def cmd_prune(args) -> int:
     print(masks.report())
     print(f"\nmethod {args.method}, {rounds} round(s), {args.scope} scope: density {masks.density:.6g} "
           f"(target {args.density}); scoring time {masks.metadata['score_seconds']:.3f} s, total {wall:.3f} s")
-    if args.out and is_main_process():
+    if args.out and _is_main_process():
+        _make_folder_of(args.out, "--out")
         masks.save(args.out)
         print(f"masks saved to {args.out}")
         if masks.learned_weights is not None:  # masks files hold masks only
@@ -126,13 +159,13 @@ def cmd_transfer(args) -> int:
     import torch
 
     from . import data as D
-    from .core.files import atomic_write, check_out_path, plain_data
+    from .core.files import atomic_write, plain_data
     from .ntt import transfer
 
     if args.steps is not None and args.epochs is not None:
         raise SystemExit("ntkfast: give --steps or --epochs, not both")
-    check_out_path(args.out, "--out")  # before the work: hours must not end in a traceback about a path
-    check_out_path(args.plot, "--plot")
+    _out_file(args.out, "--out")  # before the work: hours must not end in a traceback about a path
+    _out_file(args.plot, "--plot")
     device = _checked_device(args)
     model = _build_model(args)
     if device is not None:
@@ -157,19 +190,25 @@ def cmd_transfer(args) -> int:
               f"over {res.masks.metadata['steps']} steps ({h['seconds'][-1]:.1f} s)")
     print(res.masks.report())
     res.masks.metadata["model"] = args.model
-    if not is_main_process():  # under torchrun: rank 0 writes
+    if not _is_main_process():  # under torchrun: rank 0 writes
         return 0
     obj = {"format": _TRANSFER_FORMAT, "model": args.model, "input_shape": list(model.input_shape),
            "num_classes": model.num_classes, "masks": dict(res.masks), "metadata": plain_data(res.masks.metadata),
            "state_dict": {k: v.cpu() for k, v in res.state_dict.items()}, "history": plain_data(h)}
+    _make_folder_of(args.out, "--out")
     atomic_write(args.out, lambda f: torch.save(obj, f))
     print(f"masks and learned sparse weights saved to {args.out} (train them: ntkfast train --init {args.out} ...)")
     if args.plot:
         from .plots import plot_transfer_history
 
+        _make_folder_of(args.plot, "--plot")
         plot_transfer_history(h, args.plot, title=f"NTT {args.model}, density {args.density}")
         print(f"validation losses plotted to {args.plot}")
     return 0
+
+
+_TRAIN_FORMAT = "ntkfast.train/1"
+_INIT_FORMATS = {_TRANSFER_FORMAT: "`ntkfast transfer --out`", _TRAIN_FORMAT: "`ntkfast train --out`"}
 
 
 def _load_init(path):
@@ -178,24 +217,40 @@ def _load_init(path):
     from .core.files import check_in_path
 
     path = check_in_path(path, "--init")
+    what = "`ntkfast transfer --out` or `ntkfast train --out` file"
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # cut, corrupt, foreign, or asking to run code (weights_only refuses it)
         msg = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:200]
-        raise ValueError(f"--init: {path!r} is not a readable `ntkfast transfer --out` file "
-                         f"({type(e).__name__}: {msg})") from None
-    if not isinstance(obj, dict) or obj.get("format") != _TRANSFER_FORMAT:
-        raise ValueError(f"--init: {path!r} is not an `ntkfast transfer --out` file")
+        raise ValueError(f"--init: {path!r} is not a readable {what} ({type(e).__name__}: {msg})") from None
+    if not isinstance(obj, dict) or obj.get("format") not in _INIT_FORMATS:
+        raise ValueError(f"--init: {path!r} is not an {what}")
     bad = [k for k, kind in (("model", str), ("input_shape", list), ("num_classes", int), ("masks", dict),
                              ("state_dict", dict)) if not isinstance(obj.get(k), kind)]
     if bad:
-        raise ValueError(f"--init: {path!r} is a damaged `ntkfast transfer --out` file ({bad[0]} missing or wrong)")
+        raise ValueError(f"--init: {path!r} is a damaged {_INIT_FORMATS[obj['format']]} file ({bad[0]} missing or wrong)")
     return obj
+
+
+def _train_checkpoint(args, model, masks, result) -> dict:
+    """What `ntkfast train --out` saves: the trained weights, the masks they were trained under, the
+    history and the settings, as plain data torch.load(weights_only=True) reads (and --init takes)."""
+    from .core.files import plain_data
+
+    settings = {k: getattr(args, k) for k in ("dataset", "epochs", "optimizer", "lr", "batch_size", "seed",
+                                              "max_batches", "masks", "init")}
+    return {"format": _TRAIN_FORMAT, "model": args.model, "input_shape": list(model.input_shape),
+            "num_classes": int(model.num_classes),
+            "masks": {n: m.cpu() for n, m in masks.items()} if masks is not None else {},
+            "metadata": plain_data(masks.metadata) if masks is not None else {},
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "history": result.to_dict(), "settings": plain_data(settings)}
 
 
 def cmd_train(args) -> int:
     from . import Masks
     from . import data as D
+    from .core.files import atomic_write
     from .training import train
 
     init = None
@@ -205,7 +260,7 @@ def cmd_train(args) -> int:
         init = _load_init(args.init)
         if args.model is None:
             args.model = init["model"]
-        elif args.model != init["model"]:
+        elif model_key(args.model) != model_key(init["model"]):
             raise SystemExit(f"ntkfast: --init {args.init} holds a {init['model']}, not a {args.model}")
         if args.input_shape is None:
             args.input_shape = tuple(init["input_shape"])
@@ -216,6 +271,9 @@ def cmd_train(args) -> int:
         _fit_to_masks_file(args, masks)
     if args.model is None:
         args.model = "lenet300_100"
+    # before the work: the trained weights must not be lost to a path
+    _out_file(args.out, "--out")
+    _out_file(args.history_json, "--history-json")
     model = _build_model(args)
     if init is not None:
         try:
@@ -230,7 +288,7 @@ def cmd_train(args) -> int:
     if tuple(train_set.input_shape) != tuple(model.input_shape):
         raise SystemExit(f"ntkfast: --model {args.model} expects inputs {model.input_shape}, the dataset has "
                          f"{train_set.input_shape}; pass --input-shape")
-    if init is not None:
+    if init is not None and init["masks"]:
         masks = Masks(init["masks"], init.get("metadata", {}))
     if masks is not None:
         print(f"masks {args.masks or args.init}: density {masks.density:.6g} ({masks.metadata.get('method', '?')})")
@@ -241,6 +299,18 @@ def cmd_train(args) -> int:
         print(f"epoch {e + 1}: train loss {result.train_loss[e]:.4f}  test loss {result.test_loss[e]:.4f}  "
               f"test accuracy {result.test_accuracy[e]:.2%}")
     print(f"test accuracy: {result.final_test_accuracy:.2%}")
+    if args.out:
+        import torch
+
+        obj = _train_checkpoint(args, model, masks, result)
+        _make_folder_of(args.out, "--out")
+        atomic_write(args.out, lambda f: torch.save(obj, f))
+        print(f"trained weights, masks and history saved to {args.out} (train on from them: "
+              f"ntkfast train --init {args.out} ...)")
+    if args.history_json:
+        _make_folder_of(args.history_json, "--history-json")
+        atomic_write(args.history_json, lambda f: f.write(result.to_json() + "\n"), mode="w")
+        print(f"history saved to {args.history_json}")
     return 0
 
 
@@ -269,7 +339,9 @@ def _out_error(exc: OSError) -> int:
 def cmd_study(args) -> int:
     from .study import check_out, run_study
 
-    check_out(args.out, "--out")  # before the data loads, named as the user typed it
+    _out_file(args.out, "--out")  # before the data loads, named as the user typed it
+    _make_folder_of(args.out, "--out")  # the study appends to its file from the first cell on
+    check_out(args.out, "--out")  # an existing file must be a study's results
 
     def positive_int(text):
         try:
@@ -307,7 +379,12 @@ def cmd_report(args) -> int:
     from .core.files import check_out_dir
     from .report import write_report
 
-    check_out_dir(args.out, "--out")  # before reading the results, named as the user typed it
+    import os
+
+    from .core.files import make_folder
+
+    check_out_dir(args.out, "--out", missing_folders_ok=True)  # before reading the results, named as typed
+    make_folder(os.path.dirname(os.path.abspath(args.out)), "--out")  # the report makes the folder itself
     try:
         written = write_report(args.results, args.out, metric=args.metric, profile_density=args.profile_density,
                                plots=not args.no_plots)
@@ -320,19 +397,51 @@ def cmd_report(args) -> int:
     return 0
 
 
-def cmd_methods(args) -> int:
-    from . import methods
+#: method options the CLI sets through its own flags, not through -o
+_OPTIONS_BY_FLAG = {"dtype": "--float64", "input_shape": "--input-shape", "device": "--device"}
 
+
+def _cli_options(info) -> list:
+    """``KEY=DEFAULT`` for each option of a method that ``-o KEY=VALUE`` can set: those whose values
+    are Python literals (numbers, strings, True/False/None), not tensors, callables or the options
+    the CLI's own flags set."""
     import inspect
 
-    for name, desc in methods.available().items():
-        info = methods.get(name)
-        data = " (needs data)" if info.needs_data else ""
-        print(f"{name:16s} {desc}{data}")
-        opts = [f"{n}={p.default!r}" for n, p in inspect.signature(info.fn).parameters.items()
-                if p.kind is p.KEYWORD_ONLY and n not in ("data", "seed", "cache", "target_density", "scope", "process_group")]
+    out = []
+    for name, p in info.options().items():
+        if p.kind is p.VAR_KEYWORD or name in _OPTIONS_BY_FLAG:
+            continue
+        if p.annotation is p.empty:
+            settable = isinstance(p.default, (bool, int, float, str))  # an unannotated None may be anything
+        else:
+            words = inspect.formatannotation(p.annotation)
+            settable = not any(w in words for w in ("Tensor", "Callable", "Mapping", "Sequence", "Module"))
+        if settable:
+            out.append(f"{name}={p.default!r}")
+    return out
+
+
+def cmd_methods(args) -> int:
+    import shutil
+    import textwrap
+
+    from . import methods
+
+    rows = [(name, "yes" if (methods.get(name).needs_data or methods.get(name).raw_data) else "-", desc,
+             _cli_options(methods.get(name))) for name, desc in methods.available().items()]
+    w_name = max(len("METHOD"), *(len(r[0]) for r in rows)) + 2
+    w_data = len("DATA") + 2
+    indent = " " * (w_name + w_data)
+    width = max(60, shutil.get_terminal_size((100, 24)).columns)
+    wrap = textwrap.TextWrapper(width=width, initial_indent=indent, subsequent_indent=indent)
+    print(f"{'METHOD':<{w_name}}{'DATA':<{w_data}}DESCRIPTION")
+    for name, data, desc, opts in rows:
+        lines = wrap.wrap(desc)
+        print(f"{name:<{w_name}}{data:<{w_data}}{lines[0][len(indent):]}")
+        for line in lines[1:]:
+            print(line)
         if opts:
-            print(f"{'':16s}   options (-o KEY=VALUE): {', '.join(opts)}")
+            print("\n".join(wrap.wrap("options (-o KEY=VALUE): " + ", ".join(opts))))
     return 0
 
 
@@ -372,23 +481,34 @@ def _fit_to_masks_file(args, masks) -> None:
         args.num_classes = classes
 
 
+def _model_name(text: str) -> str:
+    """A zoo name as the zoo spells it ("ResNet-20" is resnet20); anything else as typed, for
+    argparse to refuse against the choices."""
+    return {model_key(n): n for n in ZOO_MODELS}.get(model_key(text), text)
+
+
 def _add_model_args(p, default_model):
-    p.add_argument("--model", default=default_model,
-                   help=f"model zoo name (default {default_model or 'lenet300_100, or the --init file'}; see `ntkfast models`)")
-    p.add_argument("--input-shape", type=_shape, default=None, help="input shape without batch, e.g. 3,32,32")
-    p.add_argument("--num-classes", type=int, default=None)
-    p.add_argument("--seed", type=_seed, default=0)
-    p.add_argument("--device", default=None, help="cpu (default) or cuda")
+    p.add_argument("--model", default=default_model, type=_model_name, choices=ZOO_MODELS, metavar="MODEL",
+                   help="zoo model: %(choices)s" + ("" if default_model else
+                                                   " (default: the one the --masks or --init file was made for, "
+                                                   "else lenet300_100)"))
+    p.add_argument("--input-shape", type=_shape, default=None,
+                   help="input shape without batch, e.g. 3,32,32 (default: the model's own)")
+    p.add_argument("--num-classes", type=int, default=None, help="number of classes (default: the model's own)")
+    p.add_argument("--seed", type=_seed, default=0, help="random seed (initialisation, pruning, shuffling)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _seed(text: str) -> int:
-    from .core.checks import check_seed
-
+    # core.checks.check_seed's range, without importing torch while parsing
     try:
-        return check_seed(int(text))
+        value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int in [-2**63, 2**64), got {text!r}") from None
+        value = None
+    if value is None or not -2**63 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"expected an int in [-2**63, 2**64), got {text!r}")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -414,87 +534,120 @@ def _seconds(text: str) -> float:
 def _add_dist_args(p):
     p.add_argument("--dist-timeout", type=_seconds, default=600.0,
                    help="under torchrun: seconds a process waits for the others in a collective before it "
-                        "stops with an error (default 600)")
+                        "stops with an error")
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse's parser, reporting a bad flag in the one line every other error gets (the usage is
     one `--help` away), exit status 2."""
 
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's help with each option's default after its text, where there is one to show: not
+    None (the text says what happens then), not a flag's False, not one the text already gives."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS \
+                or action.required or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="ntkfast", description="Fast NTK-based pruning at initialisation.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = _Parser(prog="ntkfast", description="Fast NTK-based pruning at initialisation.",
+                     epilog="`ntkfast COMMAND --help` gives the options of a command.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
 
     p = sub.add_parser("prune", help="prune a zoo model and print the per-layer density table")
     _add_model_args(p, "resnet20")
-    p.add_argument("--method", default="synflow", help="scorer (see `ntkfast methods`; default synflow)")
-    p.add_argument("--density", type=float, default=0.1, help="fraction of weights kept (default 0.1)")
-    p.add_argument("--rounds", type=int, default=None, help="pruning rounds (default 100 for synflow/iterative_snip, 20 for ntksap, else 1)")
-    p.add_argument("--schedule", default="exponential", choices=["exponential", "linear"])
-    p.add_argument("--scope", default="global", choices=["global", "layerwise"])
-    p.add_argument("--dataset", default=None, help="mnist, fashion-mnist or cifar10 (for data-based methods)")
-    p.add_argument("--data-dir", default=None)
+    p.add_argument("--method", default="synflow", choices=BUILTIN_METHODS, metavar="METHOD",
+                   help="pruning method: %(choices)s (see `ntkfast methods`)")
+    p.add_argument("--density", type=float, default=0.1, help="fraction of weights kept")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="pruning rounds (default: 100 for the synflow variants and iterative_snip, 20 for ntksap, "
+                        "else 1)")
+    p.add_argument("--schedule", default="exponential", choices=["exponential", "linear"],
+                   help="how the density falls over the rounds")
+    p.add_argument("--scope", default="global", choices=["global", "layerwise"],
+                   help="rank the weights of all layers together, or of each layer apart")
+    p.add_argument("--dataset", default=None, help="mnist, fashion-mnist or cifar10 (for data-based methods; "
+                                                   "default: a batch of Gaussian noise)")
+    p.add_argument("--data-dir", default=None, help="folder holding the dataset")
     p.add_argument("--batch-size", type=int, default=100, help="scoring batch for data-based methods")
     p.add_argument("--float64", action="store_true", help="score in float64")
     p.add_argument("-o", "--option", type=_option, action="append", metavar="KEY=VALUE",
                    help="an option of the method, repeatable (e.g. -o repeats=5 -o epsilon=0.01; see `ntkfast methods`)")
-    p.add_argument("--out", default=None, help="save the masks here (torch.save)")
+    p.add_argument("--out", default=None, help="save the masks here (torch.save); missing folders are made")
     _add_dist_args(p)
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("transfer", help="Neural Tangent Transfer: learn a sparse initialisation, label-free")
     _add_model_args(p, "lenet300_100")
     p.add_argument("--dataset", required=True, help="mnist, fashion-mnist or cifar10 (labels are not used)")
-    p.add_argument("--data-dir", required=True)
-    p.add_argument("--density", type=float, default=0.03, help="fraction of weights kept (default 0.03)")
-    p.add_argument("--epochs", type=float, default=None, help="NTT epochs (default 20, as the authors)")
+    p.add_argument("--data-dir", required=True, help="folder holding the dataset")
+    p.add_argument("--density", type=float, default=0.03, help="fraction of weights kept")
+    p.add_argument("--epochs", type=float, default=None, help="NTT epochs (default: 20, as the authors)")
     p.add_argument("--steps", type=int, default=None, help="NTT steps instead of --epochs")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lambda-ker", type=float, default=1e-3)
-    p.add_argument("--lambda-l2", type=float, default=None, help="default 1e-4 (MLP) or 1e-5 (CNN), as the authors")
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--mask-update-every", type=int, default=100, help="0: never re-select the mask")
-    p.add_argument("--init-mask", default="magnitude", choices=["magnitude", "logit_snip"])
-    p.add_argument("--scope", default="layerwise", choices=["layerwise", "global"])
-    p.add_argument("--kernel", default="sparse", choices=["sparse", "authors_code"])
+    p.add_argument("--batch-size", type=int, default=64, help="inputs per NTT step")
+    p.add_argument("--lambda-ker", type=float, default=1e-3, help="weight of the kernel distance in the loss")
+    p.add_argument("--lambda-l2", type=float, default=None,
+                   help="weight of the L2 penalty (default: 1e-4 for an MLP, 1e-5 for a CNN, as the authors)")
+    p.add_argument("--lr", type=float, default=5e-4, help="Adam's learning rate")
+    p.add_argument("--mask-update-every", type=int, default=100, help="steps between mask re-selections; 0: never")
+    p.add_argument("--init-mask", default="magnitude", choices=["magnitude", "logit_snip"], help="the first mask")
+    p.add_argument("--scope", default="layerwise", choices=["layerwise", "global"], help="how the mask is selected")
+    p.add_argument("--kernel", default="sparse", choices=["sparse", "authors_code"], help="the student's kernel")
     p.add_argument("--max-samples", type=_positive, default=None, help="use only the first N training images")
-    p.add_argument("--out", required=True, help="where to save masks, learned weights and history (torch.save)")
+    p.add_argument("--out", required=True, help="where to save masks, learned weights and history (torch.save); "
+                                                "missing folders are made")
     p.add_argument("--plot", default=None, help="also plot the validation losses to this PNG (needs matplotlib)")
     _add_dist_args(p)
     p.set_defaults(func=cmd_transfer)
 
     p = sub.add_parser("train", help="train a (pruned) zoo model and report test accuracy")
     _add_model_args(p, None)
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--data-dir", required=True)
+    p.add_argument("--dataset", required=True, help="mnist, fashion-mnist or cifar10")
+    p.add_argument("--data-dir", required=True, help="folder holding the dataset")
     p.add_argument("--masks", default=None, help="masks file from `ntkfast prune --out`")
-    p.add_argument("--init", default=None, help="start from `ntkfast transfer --out` (its weights and masks)")
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--init", default=None, help="start from the weights and masks of an `ntkfast transfer --out` "
+                                                "or `ntkfast train --out` file (with a fresh optimizer)")
+    p.add_argument("--epochs", type=int, default=2, help="passes over the training set")
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"], help="sgd has momentum 0.9")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: 0.1 for sgd, 1e-3 for adam)")
+    p.add_argument("--batch-size", type=int, default=128, help="training batch")
     p.add_argument("--max-batches", type=int, default=None, help="stop each epoch after this many batches")
+    p.add_argument("--out", default=None, help="save the trained weights, their masks and the history here "
+                                               "(torch.save; --init reads it back); missing folders are made")
+    p.add_argument("--history-json", default=None, metavar="FILE",
+                   help="also write the per-epoch history (losses, accuracies, lr, seconds) as JSON")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("study", help="prune, train and evaluate every (method, density, seed) cell; resumable")
-    p.add_argument("--model", required=True, help="model zoo name")
+    p.add_argument("--model", required=True, type=_model_name, choices=ZOO_MODELS, metavar="MODEL",
+                   help="zoo model: %(choices)s")
     p.add_argument("--dataset", required=True, help="mnist, fashion-mnist or cifar10")
-    p.add_argument("--data-dir", required=True)
-    p.add_argument("--methods", nargs="+", required=True, help="methods (see `ntkfast methods`; ntt too)")
+    p.add_argument("--data-dir", required=True, help="folder holding the dataset")
+    p.add_argument("--methods", nargs="+", required=True, choices=BUILTIN_METHODS, metavar="METHOD",
+                   help="pruning methods: %(choices)s (see `ntkfast methods`)")
     p.add_argument("--densities", nargs="+", type=float, required=True)
-    p.add_argument("--seeds", nargs="+", type=int, default=[0])
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
-    p.add_argument("--lr", type=float, default=None, help="default 0.1 (sgd) or 1e-3 (adam)")
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds, one cell each")
+    p.add_argument("--epochs", type=int, default=10, help="training epochs of each cell")
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"], help="the training optimizer")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: 0.1 for sgd, 1e-3 for adam)")
+    p.add_argument("--momentum", type=float, default=0.9, help="sgd's momentum")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="L2 penalty of the optimizer")
+    p.add_argument("--batch-size", type=int, default=128, help="training batch")
     p.add_argument("--lr-milestones", nargs="*", type=int, default=None, help="epochs after which lr is x0.1")
-    p.add_argument("--scope", default="global", choices=["global", "layerwise"])
+    p.add_argument("--scope", default="global", choices=["global", "layerwise"], help="the pruning scope")
     p.add_argument("--rounds", action="append", metavar="METHOD=N",
                    help="pruning rounds of a method (default: synflow* and iterative_snip 100, ntksap 20, else 1)")
     p.add_argument("--method-option", action="append", metavar="METHOD:KEY=VALUE",
@@ -505,22 +658,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batches", type=int, default=None, help="stop each epoch after this many batches")
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--out", required=True, help="JSON-lines results file (appended; finished cells are skipped)")
+    p.add_argument("--out", required=True, help="JSON-lines results file (appended; finished cells are skipped); "
+                                                "missing folders are made")
     p.add_argument("--claim-timeout", type=_seconds, default=600.0,
                    help="seconds after which a cell claimed by a process that stopped renewing its claim "
-                        "(a killed one on another machine) is run here instead (default 600)")
+                        "(a killed one on another machine) is run here instead")
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("report", help="markdown tables and PNG plots from `ntkfast study` results")
     p.add_argument("results", nargs="+", help="JSON-lines files from `ntkfast study`")
-    p.add_argument("--out", required=True, help="directory for report.md and the plots")
+    p.add_argument("--out", required=True, help="directory for report.md and the plots; missing folders are made")
     p.add_argument("--metric", default="final", choices=["final", "best"], help="test accuracy after the last epoch or the best epoch")
     p.add_argument("--profile-density", type=float, default=None,
                    help="density of the per-layer density plot (default: the middle one of the study)")
     p.add_argument("--no-plots", action="store_true", help="only the tables (no matplotlib needed)")
     p.set_defaults(func=cmd_report)
 
-    sub.add_parser("methods", help="list the pruning methods").set_defaults(func=cmd_methods)
+    sub.add_parser("methods", help="list the pruning methods and their -o options").set_defaults(func=cmd_methods)
     sub.add_parser("models", help="list the model zoo").set_defaults(func=cmd_models)
     sub.add_parser("info", help="how the extension was built").set_defaults(func=cmd_info)
     return parser
@@ -533,7 +687,10 @@ def _under_torchrun() -> bool:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version, a bad flag: argparse has said what it had to
+        return exc.code if isinstance(exc.code, int) else 2
     if not _under_torchrun():
         return _run(args)
     # torchrun: prune and transfer split their work over the processes; rank 0 alone prints and

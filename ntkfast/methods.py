@@ -24,6 +24,7 @@ from typing import Callable, Dict, FrozenSet, Mapping, Optional
 
 import torch
 
+from ._catalog import BUILTIN_METHODS
 from .core.concurrency import holds_model
 from .core.state import finite_weights
 
@@ -77,6 +78,7 @@ class MethodResult:
 
 
 _REGISTRY: Dict[str, MethodInfo] = {}
+_BUILTINS_LOADED = False
 
 
 def register(name: str, description: str, *, needs_data: bool = False, raw_data: bool = False,
@@ -105,7 +107,8 @@ def register(name: str, description: str, *, needs_data: bool = False, raw_data:
 
     def deco(fn):
         nonlocal takes
-        if name in _REGISTRY:
+        # a built-in's name is taken even before the built-ins load (on the registry's first use)
+        if name in _REGISTRY or (name in BUILTIN_METHODS and not fn.__module__.startswith("ntkfast.")):
             raise ValueError(f"a method named {name!r} is already registered")
         params = inspect.signature(fn).parameters
         if not declared:
@@ -159,7 +162,21 @@ def _checked_flags(fn: Callable) -> Callable:
     return run
 
 
+def _load_builtins() -> None:
+    """Register the built-in methods (the scorers and NTT) on the registry's first use, so that
+    ``import ntkfast`` stays light."""
+    global _BUILTINS_LOADED
+    if _BUILTINS_LOADED:
+        return
+    _BUILTINS_LOADED = True  # first: their modules register while they load
+    import importlib
+
+    for module in ("ntkfast.scores", "ntkfast.ntt"):
+        importlib.import_module(module)
+
+
 def get(name: str) -> MethodInfo:
+    _load_builtins()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -168,4 +185,5 @@ def get(name: str) -> MethodInfo:
 
 def available() -> Dict[str, str]:
     """name -> one-line description of every registered method."""
+    _load_builtins()
     return {n: i.description for n, i in sorted(_REGISTRY.items())}

@@ -20,19 +20,20 @@ the same; the float rounding may differ.
 """
 from __future__ import annotations
 
-import math
+import dataclasses
 import numbers
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
 from .core.checks import check_choice, check_device, check_int, check_mask, check_number, check_seed
 from .core.progress import Progress
+from .core.sources import BatchSource, as_source
 from .core.targets import model_device
 from .masks import parameter_name
 from .core.concurrency import holds_model
@@ -41,31 +42,59 @@ from .core.state import finite_model, scoring_mode
 __all__ = ["train", "evaluate", "TrainResult"]
 
 OPTIMIZERS = ("sgd", "adam")
+SCHEDULER_INTERVALS = ("epoch", "step")
 DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3}
 
 
 @dataclass
 class TrainResult:
-    """Per-epoch history of :func:`train` (losses are mean cross-entropies, accuracies in [0, 1]).
+    """The history of one :func:`train` run, one entry per epoch in each list.
 
-    The train metrics are running averages over the epoch's batches (in train mode). Without a
-    test set the test lists stay empty and ``final_test_accuracy`` is None.
+    Losses are mean cross-entropies, accuracies fractions in [0, 1]. The train metrics are running
+    averages over the epoch's batches (in train mode); the test metrics are measured after the
+    epoch (in eval mode). ``lr`` is the learning rate of the optimiser's first parameter group as
+    the epoch began; ``epoch_seconds`` the wall time of each epoch, evaluation included, and
+    ``seconds`` that of the whole run. Without a test set the test lists stay empty and
+    ``final_test_accuracy`` is None.
+
+    ``to_dict()`` gives plain lists and numbers, ``to_json()`` the same as JSON text, and
+    ``TrainResult.from_dict`` reads either back.
     """
 
     train_loss: List[float] = field(default_factory=list)
     train_accuracy: List[float] = field(default_factory=list)
     test_loss: List[float] = field(default_factory=list)
     test_accuracy: List[float] = field(default_factory=list)
+    lr: List[float] = field(default_factory=list)
+    epoch_seconds: List[float] = field(default_factory=list)
     final_test_accuracy: Optional[float] = None
     epochs: int = 0
     seconds: float = 0.0
 
+    @property
+    def best_test_accuracy(self) -> Optional[float]:
+        """The highest test accuracy of any epoch (None without a test set)."""
+        return max(self.test_accuracy) if self.test_accuracy else None
+
     def to_dict(self) -> dict:
-        return {
-            "train_loss": list(self.train_loss), "train_accuracy": list(self.train_accuracy),
-            "test_loss": list(self.test_loss), "test_accuracy": list(self.test_accuracy),
-            "final_test_accuracy": self.final_test_accuracy, "epochs": self.epochs, "seconds": self.seconds,
-        }
+        return dataclasses.asdict(self)  # copies: the dict does not share the lists
+
+    def to_json(self, indent: Optional[int] = 2) -> str:
+        import json
+
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "TrainResult":
+        """The history ``to_dict`` (or ``json.loads`` of ``to_json``) gave; keys it does not know
+        are refused by name, missing ones left at their defaults (histories of older versions)."""
+        if not isinstance(d, Mapping):
+            raise TypeError(f"d: expected a mapping, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"d: {unknown[0]!r} is not a field of TrainResult (its fields: {', '.join(sorted(known))})")
+        return cls(**{k: list(v) if isinstance(v, (list, tuple)) else v for k, v in d.items()})
 
 
 # -- argument checks -----------------------------------------------------------------------------
@@ -98,14 +127,8 @@ def _check_masks(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]]) 
 
 def _iterate(dataset, batch_size: int, shuffle: bool, seed: int, device, max_batches: Optional[int],
              channels_last: bool = False):
-    if hasattr(dataset, "batches") and callable(dataset.batches):
-        it = dataset.batches(batch_size, shuffle=shuffle, seed=seed, device=device)
-    else:
-        g = torch.Generator()
-        g.manual_seed(seed)
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=g if shuffle else None)
-        it = ((x.to(device), y.to(device)) for x, y in loader)
-    for i, (x, y) in enumerate(it):
+    source = as_source(dataset, "dataset")  # a BatchSource passes as it is, keeping its name
+    for i, (x, y) in enumerate(source.batches(batch_size, shuffle, seed, device)):
         if max_batches is not None and i >= max_batches:
             break
         if channels_last and x.dim() == 4:
@@ -113,23 +136,16 @@ def _iterate(dataset, batch_size: int, shuffle: bool, seed: int, device, max_bat
         yield x, y
 
 
-def _check_fits(model: nn.Module, dataset, name: str = "train_set") -> None:
-    """The model's forward on the first sample of ``dataset``, before the model is touched: a
-    dataset of another input shape or dtype, or with labels beyond the model's outputs, is refused
-    by name, not found failing in a later step."""
-    if isinstance(dataset, torch.Tensor) or not (hasattr(dataset, "batches") or hasattr(dataset, "__getitem__")):
-        raise ValueError(f"{name}: expected a dataset of (input, label) items (an ntkfast dataset or a "
-                         f"torch.utils.data.Dataset), got {type(dataset).__name__}")
-    try:
-        item = dataset[0]
-    except Exception:  # a dataset without indexing: the first step will tell
+def _check_fits(model: nn.Module, source: BatchSource) -> None:
+    """The model's forward on the first sample of ``source``, before the model is touched: data
+    of another input shape or dtype, or with labels beyond the model's outputs, is refused by
+    name, not found failing in a later step."""
+    name = source.name
+    first = source.first_sample()
+    if first is None:  # a dataset without indexing: the first step will tell
         return
-    if not (isinstance(item, (tuple, list)) and len(item) == 2):
-        raise ValueError(f"{name}: expected (input, label) items, got {type(item).__name__}")
-    x = item[0]
-    if not isinstance(x, torch.Tensor):
-        return
-    x = x.unsqueeze(0).to(model_device(model))
+    x, labels = first
+    x = x.to(model_device(model))
     if x.is_floating_point():
         p = next(model.parameters(), None)
         x = x.to(p.dtype) if p is not None and p.is_floating_point() else x
@@ -143,7 +159,8 @@ def _check_fits(model: nn.Module, dataset, name: str = "train_set") -> None:
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise ValueError(f"model: expected class scores [N, classes] from the forward, got "
                          f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
-    targets = getattr(dataset, "targets", None)  # the whole label set, where the dataset keeps one
+    # the whole label set where the dataset keeps one, else the labels of the first batch read
+    targets = source.targets if source.targets is not None else labels
     if isinstance(targets, torch.Tensor) and targets.numel():
         lo, hi = int(targets.min()), int(targets.max())
         if lo < 0 or hi >= out.shape[1]:
@@ -151,10 +168,14 @@ def _check_fits(model: nn.Module, dataset, name: str = "train_set") -> None:
                              "(a model made for another number of classes?)")
 
 
+def _epoch_seed(seed: int, epoch: int) -> int:
+    """The shuffling seed of one epoch of a dataset the trainer batches itself."""
+    return seed * 1_000_003 + epoch
+
+
 def _num_batches(dataset, batch_size: int, max_batches: Optional[int]) -> Optional[int]:
-    try:
-        n = math.ceil(len(dataset) / batch_size)
-    except TypeError:
+    n = as_source(dataset, "dataset").num_batches(batch_size)
+    if n is None:
         return max_batches
     return n if max_batches is None else min(n, max_batches)
 
@@ -162,13 +183,14 @@ def _num_batches(dataset, batch_size: int, max_batches: Optional[int]) -> Option
 @holds_model
 def evaluate(model: nn.Module, dataset, batch_size: int = 512, device=None,
              max_batches: Optional[int] = None) -> "tuple[float, float]":
-    """(mean cross-entropy, accuracy) of ``model`` in eval mode on ``dataset``. The model's
-    train/eval mode is restored afterwards."""
+    """(mean cross-entropy, accuracy) of ``model`` in eval mode on ``dataset`` (any data
+    :func:`train` takes as its test set). The model's train/eval mode is restored afterwards."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     batch_size = check_int(batch_size, "batch_size", lo=1)
     device = model_device(model) if device is None else check_device(device)
-    _check_fits(model, dataset, "dataset")
+    dataset = as_source(dataset, "dataset")
+    _check_fits(model, dataset)
     return _evaluate(model, dataset, batch_size, device, max_batches, channels_last=False)
 
 
@@ -186,7 +208,7 @@ def _evaluate(model, dataset, batch_size, device, max_batches, channels_last: bo
     finally:
         model.train(was_training)
     if n == 0:
-        raise ValueError("dataset gave no batches to evaluate")
+        raise ValueError(f"{as_source(dataset, 'dataset').name} gave no batches to evaluate")
     return total_loss / n, correct / n
 
 
@@ -221,7 +243,9 @@ def _runs_channels_last(model: nn.Module, train_set, device) -> bool:
     with torch.random.fork_rng(devices=[]):  # called for CPU training only
         try:
             _to_channels_last(model)
-            x, _ = next(iter(_iterate(train_set, 2, False, 0, device, 1, channels_last=True)))
+            # a collection of batches gives its own first batch, whatever its size
+            x = as_source(train_set, "train_set").first_batch(2, device)[0][:2]
+            x = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
             for mode in (True, False):
                 model.train(mode)
                 model(x)
@@ -261,19 +285,80 @@ def _restore_layout(model: nn.Module, layout: Mapping[str, tuple]) -> None:
                 t.grad = _restrided(t.grad, stride)
 
 
+# -- optimiser and schedule -----------------------------------------------------------------------
+
+def _check_optimizer(optimizer, lr, momentum, weight_decay) -> None:
+    if isinstance(optimizer, str):
+        check_choice(optimizer, "optimizer", OPTIMIZERS)
+        return
+    if isinstance(optimizer, nn.Module) or not (isinstance(optimizer, torch.optim.Optimizer) or callable(optimizer)):
+        raise TypeError(f"optimizer: expected one of {', '.join(map(repr, OPTIMIZERS))}, a torch.optim.Optimizer, or a "
+                        f"callable params -> optimizer, got {type(optimizer).__name__}")
+    for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
+        if value is not None:  # it would be silently ignored: the optimiser given carries its own
+            raise ValueError(f"{name}: applies to the named optimizers {OPTIMIZERS} only; set it on the optimizer "
+                             f"you pass (got {name}={value!r} with a {type(optimizer).__name__})")
+
+
+def _check_scheduler(scheduler, interval: str, milestones) -> None:
+    check_choice(interval, "scheduler_interval", SCHEDULER_INTERVALS)
+    if scheduler is None:
+        return
+    if milestones:
+        raise ValueError("lr_milestones: give lr_milestones or a scheduler, not both")
+    if not (isinstance(scheduler, LRScheduler) or callable(scheduler)):
+        raise TypeError(f"scheduler: expected a torch.optim.lr_scheduler.LRScheduler or a callable "
+                        f"optimizer -> scheduler, got {type(scheduler).__name__}")
+    if interval == "step" and isinstance(scheduler, ReduceLROnPlateau):
+        raise ValueError("scheduler_interval: ReduceLROnPlateau steps on an epoch's loss; use 'epoch'")
+
+
+def _make_optimizer(optimizer, model: nn.Module, lr, momentum, weight_decay) -> torch.optim.Optimizer:
+    """The optimiser to train with, checked to update only the model's parameters."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if optimizer == "sgd":
+        return torch.optim.SGD(trainable, lr=DEFAULT_LR["sgd"] if lr is None else lr,
+                               momentum=0.9 if momentum is None else momentum,
+                               weight_decay=weight_decay or 0.0)
+    if optimizer == "adam":
+        return torch.optim.Adam(trainable, lr=DEFAULT_LR["adam"] if lr is None else lr,
+                                weight_decay=weight_decay or 0.0)
+    opt = optimizer if isinstance(optimizer, torch.optim.Optimizer) else optimizer(trainable)
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise TypeError(f"optimizer: the callable returned a {type(opt).__name__}, not a torch.optim.Optimizer")
+    owned = {id(p) for p in model.parameters()}
+    foreign = sum(1 for g in opt.param_groups for p in g["params"] if id(p) not in owned)
+    if foreign:
+        raise ValueError(f"optimizer: it updates {foreign} tensor(s) that are not parameters of the model")
+    return opt
+
+
+def _make_scheduler(scheduler, opt: torch.optim.Optimizer, milestones, gamma: float):
+    if scheduler is None:
+        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=gamma) if milestones else None
+    sched = scheduler if isinstance(scheduler, LRScheduler) else scheduler(opt)
+    if not isinstance(sched, LRScheduler):
+        raise TypeError(f"scheduler: the callable returned a {type(sched).__name__}, not a "
+                        "torch.optim.lr_scheduler.LRScheduler")
+    if sched.optimizer is not opt:
+        raise ValueError("scheduler: it steps another optimizer than the one training uses; pass that optimizer "
+                         "as optimizer=, or pass a callable optimizer -> scheduler")
+    return sched
+
+
 # -- training ------------------------------------------------------------------------------------
 
 @holds_model
 def train(
     model: nn.Module,
     masks: Optional[Mapping[str, torch.Tensor]],
-    train_set: Dataset,
-    test_set: Optional[Dataset],
+    train_set,
+    test_set,
     epochs: int,
-    optimizer: str = "sgd",
+    optimizer: Union[str, torch.optim.Optimizer, Callable[..., torch.optim.Optimizer]] = "sgd",
     lr: Optional[float] = None,
-    momentum: float = 0.9,
-    weight_decay: float = 0.0,
+    momentum: Optional[float] = None,
+    weight_decay: Optional[float] = None,
     batch_size: int = 128,
     lr_milestones: Optional[Sequence[int]] = None,
     lr_gamma: float = 0.1,
@@ -281,46 +366,67 @@ def train(
     seed: int = 0,
     progress: bool = True,
     max_batches: Optional[int] = None,
+    scheduler=None,
+    scheduler_interval: str = "epoch",
 ) -> TrainResult:
     """Train ``model`` in place with cross-entropy, keeping its pruned weights at zero.
 
     Args:
-        model: the network; trained in place (moved to ``device`` if one is given).
+        model: the network; trained in place (moved to ``device`` if one is given). Its
+            train/eval mode and the memory layout of its tensors are restored afterwards.
         masks: name -> bool tensor (True = kept), names as in ``model.named_parameters()``
             (a ``<module>.weight`` mask also fits a ``weight_orig`` left by torch.nn.utils.prune);
             an :class:`ntkfast.Masks` works. None trains the dense network.
-        train_set, test_set: :class:`ntkfast.data.ImageDataset` / ``GaussianNoise`` (read through
-            their fast ``batches``) or any torch Dataset of ``(x, y)`` (read through a DataLoader).
-            ``test_set`` may be None (no evaluation).
+        train_set, test_set: the data, read once per epoch: an :class:`ntkfast.data.ImageDataset`
+            or ``GaussianNoise`` (read through their fast ``batches``), a torch ``Dataset`` of
+            ``(x, y)`` samples (read through a DataLoader of ``batch_size``, shuffled from
+            ``seed``), or any iterable of ``(inputs, labels)`` batches that starts afresh when
+            iterated again: a ``DataLoader``, a list of batches (read as they come: their batch
+            size and order are their own). A generator is refused (it would be empty after one
+            epoch). ``test_set`` may be None (no evaluation).
         epochs: number of passes over ``train_set``.
-        optimizer: "sgd" (with ``momentum``, Nesterov off) or "adam".
-        lr: learning rate; default 0.1 for sgd, 1e-3 for adam.
-        weight_decay: L2 penalty of the optimiser (applied to every parameter).
+        optimizer: "sgd" (with ``momentum``, Nesterov off) or "adam"; or your own optimiser: a
+            ``torch.optim.Optimizer`` over the model's parameters, or a callable taking the list
+            of the model's trainable parameters and returning one (``torch.optim.AdamW`` itself,
+            a ``functools.partial``, a lambda). ``lr``, ``momentum`` and ``weight_decay`` then
+            belong to it and are refused here.
+        lr: learning rate of a named optimizer; default 0.1 for sgd, 1e-3 for adam.
+        momentum: sgd's momentum, default 0.9.
+        weight_decay: L2 penalty of a named optimizer (applied to every parameter), default 0.
         lr_milestones, lr_gamma: multiply the learning rate by ``lr_gamma`` after each epoch
             listed in ``lr_milestones`` (torch's MultiStepLR, stepped per epoch).
         device: where to train; default the device of the model's parameters.
-        seed: seeds the shuffling and the global torch RNG during training (dropout, ...), which
-            is restored afterwards. Same seed, same inputs -> the same result, bit for bit, on CPU.
+        seed: seeds the shuffling and the global torch RNG during training (dropout, a
+            DataLoader's shuffling), which is restored afterwards. Same seed, same inputs -> the
+            same result, bit for bit, on CPU.
         progress: print one progress line per epoch to stderr.
         max_batches: at most this many batches per epoch, for training and for evaluation
             (quick runs and tests).
+        scheduler: instead of ``lr_milestones``, a learning-rate schedule: a
+            ``torch.optim.lr_scheduler`` instance made on the optimiser passed as ``optimizer``,
+            or a callable taking the optimiser training uses and returning one (this works with
+            a named optimizer too). ``ReduceLROnPlateau`` is stepped with the epoch's test loss
+            (its train loss without a test set).
+        scheduler_interval: "epoch" (step the scheduler after every epoch) or "step" (after every
+            optimiser step, for warm-up and one-cycle schedules).
 
     Returns:
-        a :class:`TrainResult`.
+        a :class:`TrainResult`: the per-epoch history.
     """
     # Every check happens before the model is touched.
-    check_choice(optimizer, "optimizer", OPTIMIZERS)
+    _check_optimizer(optimizer, lr, momentum, weight_decay)
     epochs = check_int(epochs, "epochs", lo=1)
     batch_size = check_int(batch_size, "batch_size", lo=1)
     max_batches = check_int(max_batches, "max_batches", lo=1, allow_none=True)
-    lr = DEFAULT_LR[optimizer] if lr is None else check_number(lr, "lr", lo=0.0, lo_open=True)
-    momentum = check_number(momentum, "momentum", lo=0.0)
-    weight_decay = check_number(weight_decay, "weight_decay", lo=0.0)
+    lr = check_number(lr, "lr", lo=0.0, lo_open=True, allow_none=True)
+    momentum = check_number(momentum, "momentum", lo=0.0, allow_none=True)
+    weight_decay = check_number(weight_decay, "weight_decay", lo=0.0, allow_none=True)
     lr_gamma = check_number(lr_gamma, "lr_gamma", lo=0.0, lo_open=True)
     if isinstance(lr_milestones, (str, bytes)) or not all(
             isinstance(m, numbers.Integral) and not isinstance(m, bool) and m >= 1 for m in (lr_milestones or [])):
         raise ValueError(f"lr_milestones: expected a sequence of epoch numbers >= 1, got {lr_milestones!r}")
     milestones = sorted(int(m) for m in (lr_milestones or []))
+    _check_scheduler(scheduler, scheduler_interval, milestones)
     seed = check_seed(seed)
     param_masks = _check_masks(model, masks)
     finite_model(model, masks or None)  # meta tensors, and NaN/inf where the masks keep weights, by name
@@ -331,19 +437,27 @@ def train(
         warnings.warn(f"train: the masks keep no weight of {len(empty)} tensor(s) ({', '.join(empty[:4])}"
                       f"{' ...' if len(empty) > 4 else ''}); no signal passes through them", RuntimeWarning,
                       stacklevel=3)
-    if hasattr(train_set, "__len__") and len(train_set) == 0:
+    train_set = as_source(train_set, "train_set")
+    if train_set.sized() and len(train_set) == 0:
         raise ValueError("train_set is empty")
+    if test_set is not None:
+        test_set = as_source(test_set, "test_set")
 
     if device is not None:
         device = check_device(device)
     _check_fits(model, train_set)
     if test_set is not None:
-        _check_fits(model, test_set, "test_set")
+        _check_fits(model, test_set)
+    # the user's own optimiser and schedule are built (and checked) before the model changes
+    opt = _make_optimizer(optimizer, model, lr, momentum, weight_decay)
+    sched = _make_scheduler(scheduler, opt, milestones, lr_gamma)
+    per_step = sched is not None and scheduler_interval == "step"
 
     if device is not None:
         model.to(device)
     device = model_device(model)
     layout = _layout_of(model)
+    was_training = model.training
     channels_last = _wants_channels_last(model, device) and _runs_channels_last(model, train_set, device)
     params = dict(model.named_parameters())
     # in the parameter's own layout, so that masking a gradient or a weight keeps that layout
@@ -352,13 +466,6 @@ def train(
     with torch.no_grad():
         for n, m in param_masks.items():  # masked_fill, not mul: a pruned NaN/inf becomes 0, not NaN
             params[n].masked_fill_(~m.to(params[n].device), 0)
-
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if optimizer == "sgd":
-        opt = torch.optim.SGD(trainable, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    else:
-        opt = torch.optim.Adam(trainable, lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=lr_gamma) if milestones else None
 
     hooks = [params[n].register_hook(lambda g, m=m: g * m) for n, m in mask_f.items() if params[n].requires_grad]
     result = TrainResult()
@@ -369,17 +476,21 @@ def train(
         with torch.random.fork_rng(devices=fork_devices):
             torch.manual_seed(seed)
             for epoch in range(epochs):
+                epoch_start = time.perf_counter()
+                result.lr.append(float(opt.param_groups[0]["lr"]))
                 model.train()
                 n = 0
                 loss_acc = torch.zeros((), device=device, dtype=torch.float64)
                 correct_acc = torch.zeros((), device=device, dtype=torch.int64)
-                for x, y in _iterate(train_set, batch_size, True, seed * 1_000_003 + epoch, device, max_batches,
+                for x, y in _iterate(train_set, batch_size, True, _epoch_seed(seed, epoch), device, max_batches,
                                      channels_last=channels_last):
                     out = model(x)
                     loss = F.cross_entropy(out, y)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
+                    if per_step:
+                        sched.step()
                     with torch.no_grad():
                         for name, m in mask_f.items():
                             params[name].mul_(m)
@@ -390,21 +501,30 @@ def train(
                     raise ValueError("train_set gave no batches")
                 result.train_loss.append(float(loss_acc) / n)
                 result.train_accuracy.append(int(correct_acc) / n)
-                if sched is not None:
-                    sched.step()
                 fields = {"epoch": epoch + 1, "loss": result.train_loss[-1], "acc": result.train_accuracy[-1]}
                 if test_set is not None:
                     tl, ta = _evaluate(model, test_set, batch_size, device, max_batches, channels_last)
                     result.test_loss.append(tl)
                     result.test_accuracy.append(ta)
                     fields.update(test_loss=tl, test_acc=ta)
+                if sched is not None and not per_step:
+                    _step_per_epoch(sched, result)
                 result.epochs = epoch + 1
+                result.epoch_seconds.append(time.perf_counter() - epoch_start)
                 bar.update(**fields)
     finally:
         for h in hooks:
             h.remove()
         _restore_layout(model, layout)
+        model.train(was_training)
         bar.close()
     result.seconds = time.perf_counter() - start
     result.final_test_accuracy = result.test_accuracy[-1] if result.test_accuracy else None
     return result
+
+
+def _step_per_epoch(sched, result: TrainResult) -> None:
+    if isinstance(sched, ReduceLROnPlateau):
+        sched.step(result.test_loss[-1] if result.test_loss else result.train_loss[-1])
+    else:
+        sched.step()

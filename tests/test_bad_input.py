@@ -353,6 +353,19 @@ CASES = [
          ValueError, "train_set"),
     Case("train", "shape", "images of another size", lambda w: ntkfast.train(w.model, None, _images(), None, 1, progress=False),
          ValueError, "train_set|model|input"),
+    Case("train", "wrong type", "a generator as train_set (one epoch only)", lambda w: ntkfast.train(w.model, None, (b for b in [w.batch]), None, 1, progress=False),
+         ValueError, "train_set"),
+    Case("train", "dtype", "batches with float labels", lambda w: ntkfast.train(w.model, None, [(w.batch[0], w.batch[1].float())], None, 1, progress=False),
+         ValueError, "train_set"),
+    Case("train", "wrong type", "an optimizer over another model's weights", lambda w: ntkfast.train(
+        w.model, None, [w.batch], None, 1, optimizer=torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1), progress=False), ValueError, "optimizer"),
+    Case("train", "wrong type", "an optimizer factory returning None", lambda w: ntkfast.train(
+        w.model, None, [w.batch], None, 1, optimizer=lambda params: None, progress=False), TypeError, "optimizer"),
+    Case("train", "wrong type", "a scheduler of another optimizer", lambda w: ntkfast.train(
+        w.model, None, [w.batch], None, 1, scheduler=torch.optim.lr_scheduler.StepLR(torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1), 1),
+        progress=False), ValueError, "scheduler"),
+    Case("train", "wrong type", "a string as scheduler", lambda w: ntkfast.train(w.model, None, [w.batch], None, 1, scheduler="cosine", progress=False),
+         TypeError, "scheduler"),
 ] + ([] if torch.cuda.is_available() else [
     Case("train", "device", "cuda without CUDA", lambda w: ntkfast.train(w.model, None, _images(), None, 1, device="cuda:0", progress=False),
          ValueError, "device"),

@@ -119,16 +119,36 @@ def test_a_folder_as_out_is_refused(tmp_path, monkeypatch, capsys):
         study.read_results(folder, name="results")
 
 
-def test_out_in_a_missing_folder_fails_before_the_data_loads(tmp_path, monkeypatch, capsys):
+def test_out_in_a_missing_folder_is_refused_by_the_library_and_made_by_the_cli(tmp_path, monkeypatch, capsys):
     out = tmp_path / "no" / "such" / "r.jsonl"
     loaded = []
-    monkeypatch.setattr(D, "load_dataset", lambda *a, **k: loaded.append(a) or _boom())
-    rc, err = _cli(capsys, ["study", "--model", "lenet300_100", "--dataset", "mnist", "--data-dir", "nowhere",
-                            "--methods", "random", "--densities", "0.1", "--out", str(out)])
-    assert rc == 2 and len(err) == 1 and err[0].startswith("ntkfast: error: --out: ") and "does not exist" in err[0]
+
+    def no_data(*a, **k):
+        loaded.append(a)
+        raise ValueError("no data here")
+
+    monkeypatch.setattr(D, "load_dataset", no_data)
     with pytest.raises(ValueError, match="^out: .*does not exist"):
         study.run_study("lenet300_100", "mnist", "nowhere", ["random"], [0.1], [0], out, progress=False)
     assert loaded == [] and not (tmp_path / "no").exists()
+    # the CLI makes the folders (mkdir -p) before the data loads
+    rc, err = _cli(capsys, ["study", "--model", "lenet300_100", "--dataset", "mnist", "--data-dir", "nowhere",
+                            "--methods", "random", "--densities", "0.1", "--out", str(out)])
+    assert rc == 2 and err == ["ntkfast: error: no data here"]
+    assert (tmp_path / "no" / "such").is_dir() and len(loaded) == 1
+
+
+def test_out_under_a_file_is_refused_before_the_data_loads(tmp_path, monkeypatch, capsys):
+    loaded = []
+    monkeypatch.setattr(D, "load_dataset", lambda *a, **k: loaded.append(a) or _boom())
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("mine")
+    rc, err = _cli(capsys, ["study", "--model", "lenet300_100", "--dataset", "mnist", "--data-dir", "nowhere",
+                            "--methods", "random", "--densities", "0.1", "--out", str(blocker / "sub" / "r.jsonl")])
+    assert rc == 2 and len(err) == 1 and err[0].startswith("ntkfast: error: --out: ") and "is not a folder" in err[0]
+    rc, err = _cli(capsys, ["report", "r.jsonl", "--out", str(blocker / "rep")])
+    assert rc == 2 and len(err) == 1 and err[0].startswith("ntkfast: error: --out: ") and "is not a folder" in err[0]
+    assert loaded == [] and blocker.read_text() == "mine"
 
 
 def test_an_unwritable_out_is_named(tmp_path, monkeypatch, capsys):
@@ -143,7 +163,7 @@ def test_an_unwritable_out_is_named(tmp_path, monkeypatch, capsys):
     assert rc == 2 and len(err) == 1 and "--out: " in err[0] and "permission denied" in err[0]
 
 
-def test_report_out_must_be_a_folder_in_an_existing_one(tmp_path, capsys):
+def test_report_out_must_be_a_folder(tmp_path, capsys):
     results = tmp_path / "r.jsonl"
     results.write_text(GOOD + "\n")
     target = tmp_path / "report.md"
@@ -153,9 +173,12 @@ def test_report_out_must_be_a_folder_in_an_existing_one(tmp_path, capsys):
     assert target.read_bytes() == b"my notes"
     with pytest.raises(ValueError, match="^out_dir: .* is a file"):
         report.write_report([results], target, plots=False)
-    rc, err = _cli(capsys, ["report", str(results), "--out", str(tmp_path / "a" / "b"), "--no-plots"])
-    assert rc == 2 and len(err) == 1 and "--out: " in err[0] and "does not exist" in err[0]
+    # in a folder that does not exist yet: the CLI makes it (the library refuses, as for a file)
+    with pytest.raises(ValueError, match="^out_dir: .*does not exist"):
+        report.write_report([results], tmp_path / "a" / "b", plots=False)
     assert not (tmp_path / "a").exists()
+    rc, err = _cli(capsys, ["report", str(results), "--out", str(tmp_path / "a" / "b"), "--no-plots"])
+    assert rc == 0 and (tmp_path / "a" / "b" / "report.md").is_file()
 
 
 @pytest.mark.parametrize("value", ["nan", "0", "1.5", "-0.1"])

@@ -132,6 +132,221 @@ def test_max_batches_and_lr_milestones():
         assert torch.allclose(p, q, atol=1e-7)
 
 
+# -- data, optimisers and schedules the user brings ----------------------------------------------
+
+def _images(n=48, classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return data.ImageDataset(torch.randint(0, 256, (n, 1, 6, 6), generator=g, dtype=torch.uint8),
+                             torch.randint(0, classes, (n,), generator=g), classes=[str(i) for i in range(classes)],
+                             mean=(0.5,), std=(0.25,))
+
+
+def _twins(shape=(1, 6, 6), k=3):
+    torch.manual_seed(0)
+    a = models.lenet300_100(shape, k)
+    b = models.lenet300_100(shape, k)
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+def _same_weights(a, b):
+    return all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_batches_given_as_they_come_train_as_the_dataset_they_came_from():
+    from torch.utils.data import DataLoader
+
+    epoch_seed = internal("training")._epoch_seed
+    ds = _images()
+    a, b = _twins()
+    masks = random_masks(a, 0.5)
+    ref = train(a, masks, ds, ds, epochs=1, batch_size=16, seed=5, progress=False)
+    # the very batches the trainer draws from the dataset, as a list; the test set as a DataLoader
+    batches = list(ds.batches(16, shuffle=True, seed=epoch_seed(5, 0)))
+    got = train(b, masks, batches, DataLoader(ds, batch_size=16), epochs=1, batch_size=16, seed=5, progress=False)
+    assert _same_weights(a, b)
+    assert got.train_loss == ref.train_loss and got.test_loss == ref.test_loss
+    assert got.test_accuracy == ref.test_accuracy
+
+
+def test_a_dataloader_over_a_tensor_dataset_trains_as_the_tensor_dataset():
+    from torch.utils.data import DataLoader
+
+    epoch_seed = internal("training")._epoch_seed
+    ds = _images()
+    tensors = TensorDataset(torch.stack([ds[i][0] for i in range(len(ds))]), ds.targets)
+    a, b = _twins()
+    train(a, None, tensors, None, epochs=1, batch_size=8, seed=2, progress=False)
+    loader = DataLoader(tensors, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(epoch_seed(2, 0)))
+    train(b, None, loader, None, epochs=1, batch_size=999, seed=2, progress=False)  # its own batch size
+    assert _same_weights(a, b)
+
+
+def test_a_dataloader_is_read_every_epoch_and_shuffles_from_seed():
+    from torch.utils.data import DataLoader
+
+    ds = _images()
+    loader = DataLoader(ds, batch_size=8, shuffle=True)  # no generator: it draws from the RNG train seeds
+    finals = []
+    for seed in (1, 1, 2):
+        a, _ = _twins()
+        res = train(a, None, loader, ds, epochs=3, seed=seed, progress=False)
+        assert len(res.train_loss) == len(res.test_loss) == 3
+        finals.append(a)
+    assert _same_weights(finals[0], finals[1]) and not _same_weights(finals[0], finals[2])
+
+
+def test_a_sized_collection_of_samples_is_batched_and_one_of_batches_read_as_it_is():
+    x, y = torch.randn(12, 1, 6, 6), torch.randint(0, 3, (12,))
+    samples = [(x[i], int(y[i])) for i in range(12)]  # single samples: batched here
+    a, _ = _twins()
+    res = train(a, None, samples, samples, epochs=1, batch_size=5, progress=False)
+    assert res.train_loss and res.test_accuracy
+    b, _ = _twins()
+    res = train(b, None, [(x, y)], None, epochs=2, max_batches=1, progress=False)  # one batch of 12
+    assert len(res.train_loss) == 2
+
+
+def test_a_user_optimizer_trains_as_the_named_one():
+    import functools
+
+    a, b = _twins()
+    masks = random_masks(a, 0.3)
+    train(a, masks, _images(), None, epochs=2, optimizer="adam", lr=1e-2, batch_size=16, progress=False)
+    opt = torch.optim.Adam(b.parameters(), lr=1e-2)
+    train(b, masks, _images(), None, epochs=2, optimizer=opt, batch_size=16, progress=False)
+    assert _same_weights(a, b)
+    assert opt.state  # the user's own optimiser made the steps
+    c, _ = _twins()
+    train(c, masks, _images(), None, epochs=2, optimizer=functools.partial(torch.optim.Adam, lr=1e-2),
+          batch_size=16, progress=False)
+    assert _same_weights(a, c)
+
+
+def test_a_user_optimizer_keeps_pruned_weights_at_zero():
+    a, _ = _twins()
+    masks = random_masks(a, 0.3)
+    opt = torch.optim.AdamW(a.parameters(), lr=1e-2, weight_decay=0.1)
+    train(a, masks, _images(), None, epochs=2, optimizer=opt, batch_size=16, progress=False)
+    params = dict(a.named_parameters())
+    for name, m in masks.items():
+        assert (params[name][~m] == 0).all() and (params[name][m] != 0).any(), name
+
+
+def test_schedulers_given_as_instance_or_callable_set_the_learning_rate():
+    from torch.optim.lr_scheduler import StepLR
+
+    a, _ = _twins()
+    opt = torch.optim.Adam(a.parameters(), lr=0.01)
+    res = train(a, None, _images(), None, epochs=3, optimizer=opt, scheduler=StepLR(opt, step_size=1, gamma=0.5),
+                progress=False)
+    assert res.lr == pytest.approx([0.01, 0.005, 0.0025])
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.00125)  # stepped after the last epoch too
+    b, _ = _twins()
+    res = train(b, None, _images(), None, epochs=2, optimizer="sgd", lr=0.1,
+                scheduler=lambda o: StepLR(o, step_size=1, gamma=0.1), progress=False)
+    assert res.lr == pytest.approx([0.1, 0.01])
+    c, _ = _twins()  # per optimiser step: 48 samples in batches of 16 are 3 steps an epoch
+    res = train(c, None, _images(), None, epochs=2, optimizer="sgd", lr=0.1, batch_size=16,
+                scheduler=lambda o: StepLR(o, step_size=1, gamma=0.5), scheduler_interval="step", progress=False)
+    assert res.lr == pytest.approx([0.1, 0.1 * 0.5 ** 3])
+
+
+def test_reduce_on_plateau_is_stepped_with_the_epochs_loss():
+    from torch.optim.lr_scheduler import ReduceLROnPlateau
+
+    a, _ = _twins()
+    ds = _images()
+    # a learning rate too small to move the loss: every epoch after the first is a plateau
+    res = train(a, None, ds, ds, epochs=3, optimizer="sgd", lr=1e-9, momentum=0.0,
+                scheduler=lambda o: ReduceLROnPlateau(o, factor=0.5, patience=0, eps=0), progress=False)
+    assert res.lr == pytest.approx([1e-9, 1e-9, 5e-10])
+
+
+def test_the_history_reads_back_from_its_json():
+    import json
+
+    ds = _images()
+    a, _ = _twins()
+    res = train(a, None, ds, ds, epochs=3, optimizer="adam", lr=3e-3, batch_size=16, progress=False)
+    assert len(res.lr) == len(res.epoch_seconds) == len(res.test_accuracy) == res.epochs == 3
+    assert all(t > 0 for t in res.epoch_seconds) and sum(res.epoch_seconds) <= res.seconds
+    assert res.best_test_accuracy == max(res.test_accuracy)
+    d = json.loads(res.to_json())
+    assert set(d) >= {"train_loss", "train_accuracy", "test_loss", "test_accuracy", "lr", "epoch_seconds",
+                      "final_test_accuracy", "epochs", "seconds"}
+    assert TrainResult.from_dict(d) == res
+    d["train_loss"].append(9.0)
+    assert len(res.train_loss) == 3  # to_dict copies
+    with pytest.raises(ValueError, match="^d: 'loss' is not a field"):
+        TrainResult.from_dict({"loss": [1.0]})
+
+
+def test_the_model_changes_only_as_training_intends():
+    a, _ = _twins()
+    masks = random_masks(a, 0.5)
+    a.eval()
+    frozen = {n: p.detach().clone() for n, p in a.named_parameters() if not n.startswith("classifier.4")}
+    last = a.classifier[4]
+    before = last.weight.detach().clone()
+    # an optimiser of the last layer only: the other layers keep their weights, pruned ones excepted
+    train(a, masks, _images(), None, epochs=1, optimizer=torch.optim.SGD(last.parameters(), lr=0.1),
+          batch_size=16, progress=False)
+    params = dict(a.named_parameters())
+    for n, p in frozen.items():
+        want = p.masked_fill(~masks[n], 0) if n in masks else p
+        assert torch.equal(params[n], want), n
+    assert not torch.equal(last.weight, before)
+    assert not any(m.training for m in a.modules())  # eval mode, as it came
+    # the gradient masks are gone: a later backward reaches pruned weights
+    x, y = _images()[0]
+    torch.nn.functional.cross_entropy(a(x.unsqueeze(0)), y.unsqueeze(0)).backward()
+    w = a.classifier[0].weight
+    assert (w.grad[~masks["classifier.0.weight"]] != 0).any()
+
+
+def test_evaluate_reads_any_data_train_takes():
+    from torch.utils.data import DataLoader
+
+    a, _ = _twins()
+    ds = _images()
+    want = evaluate(a, ds, batch_size=16)
+    assert evaluate(a, DataLoader(ds, batch_size=16)) == want
+    assert evaluate(a, list(ds.batches(16))) == want
+
+
+def test_bad_data_optimizers_and_schedulers_are_refused_by_name_before_the_model_changes():
+    from torch.optim.lr_scheduler import StepLR
+
+    a, other = _twins()
+    before = {k: v.clone() for k, v in a.state_dict().items()}
+    ds = _images()
+    x, y = ds.images.float(), ds.targets
+    cases = [
+        (dict(train_set=(b for b in [(x, y)])), ValueError, "^train_set: got a one-shot iterator"),
+        (dict(test_set=iter([(x, y)])), ValueError, "^test_set: got a one-shot iterator"),
+        (dict(train_set=[(x, y.float())]), ValueError, "^train_set batch 0: labels"),
+        (dict(train_set=[(x, y[:3])]), ValueError, "^train_set batch 0: .*batch sizes differ"),
+        (dict(train_set=[x]), ValueError, "^train_set"),
+        (dict(train_set={"x": x}), ValueError, "^train_set: expected"),
+        (dict(optimizer=42), TypeError, "^optimizer: expected"),
+        (dict(optimizer=lambda params: "adam"), TypeError, "^optimizer: the callable returned a str"),
+        (dict(optimizer=torch.optim.SGD(other.parameters(), lr=0.1)), ValueError, "^optimizer: it updates"),
+        (dict(optimizer=torch.optim.SGD(a.parameters(), lr=0.1), lr=0.1), ValueError, "^lr: "),
+        (dict(optimizer=torch.optim.Adam, weight_decay=0.1), ValueError, "^weight_decay: "),
+        (dict(scheduler="step"), TypeError, "^scheduler: expected"),
+        (dict(scheduler=lambda o: None), TypeError, "^scheduler: the callable returned"),
+        (dict(scheduler=StepLR(torch.optim.SGD(a.parameters(), lr=0.1), 1)), ValueError, "^scheduler: it steps another"),
+        (dict(scheduler=lambda o: StepLR(o, 1), lr_milestones=[1]), ValueError, "^lr_milestones: "),
+        (dict(scheduler=lambda o: StepLR(o, 1), scheduler_interval="batch"), ValueError, "^scheduler_interval: "),
+    ]
+    for kw, exc, match in cases:
+        kw = {"train_set": ds, "test_set": None, **kw}
+        with pytest.raises(exc, match=match):
+            train(a, None, kw.pop("train_set"), kw.pop("test_set"), 1, progress=False, **kw)
+        assert all(torch.equal(before[k], v) for k, v in a.state_dict().items()), match
+
+
 # -- memory layout -------------------------------------------------------------------------------
 
 def _train_conv(monkeypatch, channels_last, start_channels_last=False, name="lenet5"):

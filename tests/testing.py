@@ -76,7 +76,7 @@ INTERNALS = {
     "ntk_terms": ("ntkfast.ntk._terms", "the gathered convolution path below its density threshold"),
     "ntk_capture": ("ntkfast.ntk._capture", "the batched backward the transfer step uses"),
     "pathkernel_network": ("ntkfast.pathkernel._network", "how often the path network is built"),
-    "training": ("ntkfast.training", "the channels-last probe"),
+    "training": ("ntkfast.training", "the channels-last probe, and the shuffling seed of an epoch"),
     "transfer": ("ntkfast.ntt.transfer", "freeing memory between transfer steps"),
     "masked_gram": ("ntkfast.ops.masked_gram", "the reference's chunk size"),
 }

@@ -3,7 +3,10 @@
 Every writer goes through :func:`atomic_write`: the bytes land in a temporary file in the target's
 own folder (so the rename stays on one file system) and are renamed into place, so an
 interruption, a full disk or an error halfway leaves the old file as it was. :func:`check_out_path`
-runs before any work: a run of hours must not end in a traceback about its output path.
+runs before any work: a run of hours must not end in a traceback about its output path. The
+library refuses a missing folder, as ``open`` and ``torch.save`` do; the CLI's ``--out`` accepts
+one that can be made (``missing_folders_ok``) and makes it just before writing
+(:func:`make_folder`), so that a run that fails leaves no empty folders behind.
 """
 from __future__ import annotations
 
@@ -14,12 +17,14 @@ import tempfile
 from collections.abc import Mapping
 from typing import Callable, Iterator, Optional
 
-__all__ = ["atomic_write", "atomic_writer", "check_out_path", "check_out_dir", "plain_data", "read_prefix", "check_in_path"]
+__all__ = ["atomic_write", "atomic_writer", "check_out_path", "check_out_dir", "make_folder", "plain_data", "read_prefix",
+           "check_in_path"]
 
 
-def check_out_path(path, name: str, *, exists_ok: bool = True):
+def check_out_path(path, name: str, *, exists_ok: bool = True, missing_folders_ok: bool = False):
     """The output file ``path`` as a str, checked before the work: its folder exists and is
-    writable, and it is not a folder. ValueError naming ``name`` otherwise; nothing is created."""
+    writable (or, with ``missing_folders_ok``, can be made: see :func:`make_folder`), and it is
+    not a folder. ValueError naming ``name`` otherwise; nothing is created."""
     if path is None:
         return None
     try:
@@ -41,6 +46,9 @@ def check_out_path(path, name: str, *, exists_ok: bool = True):
         raise ValueError(f"{name}: {path!r} exists already")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
+        if missing_folders_ok:
+            _check_creatable(folder, name)
+            return path
         raise ValueError(f"{name}: the folder {folder!r} does not exist; create it first")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ValueError(f"{name}: cannot write in the folder {folder!r} (permission denied)")
@@ -49,9 +57,10 @@ def check_out_path(path, name: str, *, exists_ok: bool = True):
     return path
 
 
-def check_out_dir(path, name: str):
+def check_out_dir(path, name: str, *, missing_folders_ok: bool = False):
     """The output folder ``path`` as a str, checked before the work: it is a folder (or can be made
-    in an existing, writable parent). Nothing is created."""
+    in an existing, writable parent; with ``missing_folders_ok``, with its missing parents too).
+    Nothing is created."""
     if path is None:
         return None
     path = os.fspath(path)
@@ -63,10 +72,41 @@ def check_out_dir(path, name: str):
         return path
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
+        if missing_folders_ok:
+            _check_creatable(parent, name)
+            return path
         raise ValueError(f"{name}: the folder {parent!r} does not exist; create it first")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"{name}: cannot create {path!r} (permission denied)")
     return path
+
+
+def _check_creatable(folder: str, name: str) -> None:
+    """``folder`` can be made with its missing parents: the nearest part of the path that exists is
+    a writable folder. ValueError naming ``name`` otherwise."""
+    existing = folder
+    while not os.path.lexists(existing):  # lexists: a dangling link ends the walk, and is refused below
+        parent = os.path.dirname(existing)
+        if parent == existing:
+            break
+        existing = parent
+    if not os.path.isdir(existing):
+        raise ValueError(f"{name}: cannot create the folder {folder!r}: {existing!r} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{name}: cannot create the folder {folder!r} in {existing!r} (permission denied)")
+
+
+def make_folder(folder, name: str) -> None:
+    """``mkdir -p folder``: nothing to do where it exists; ValueError naming ``name`` where a part
+    of the path is a file, or the folder cannot be made (permissions, a read-only file system)."""
+    folder = os.path.abspath(os.fspath(folder))
+    if os.path.isdir(folder):
+        return
+    _check_creatable(folder, name)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"{name}: cannot create the folder {folder!r} ({exc.strerror or exc})") from None
 
 
 @contextlib.contextmanager

@@ -25,6 +25,7 @@ from typing import Callable, Dict, List
 
 from torch import nn
 
+from .._catalog import model_key as _key
 from ._base import ZooModel
 from .cifar_resnet import CifarResNet, resnet20, resnet32, resnet56
 from .imagenet_resnet import ImageNetResNet, resnet18, resnet50
@@ -50,10 +51,6 @@ _MODELS: Dict[str, Callable[..., nn.Module]] = {
     "resnet18": resnet18,
     "resnet50": resnet50,
 }
-
-
-def _key(name: str) -> str:
-    return name.lower().replace("-", "").replace("_", "")
 
 
 _BY_KEY = {_key(n): n for n in _MODELS}
