@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 from ._version import __version__
 
 if TYPE_CHECKING:  # what the names below resolve to, for type checkers and editors
-    from . import (connectivity, core, data, distributed, masks, methods, models, ntk, ntt, ops, pathkernel, plots,
-                   report, scores, study, training)
+    from . import (augment, connectivity, core, data, distributed, flops, masks, methods, models, ntk, ntt, ops,
+                   pathkernel, plots, presets, report, sanity, scores, study, training)
     from .masks import Masks, prunable_parameters
     from .ntt import TransferResult, transfer
     from .ops import build_info
@@ -25,14 +25,14 @@ if TYPE_CHECKING:  # what the names below resolve to, for type checkers and edit
 
 #: public subpackages and modules, imported on first access as attributes
 _SUBMODULES = ("methods", "masks", "ops", "scores", "ntt", "ntk", "pathkernel", "connectivity", "models", "data",
-               "training", "study", "report", "distributed", "plots", "core")
+               "training", "study", "report", "distributed", "plots", "core", "augment", "flops", "sanity", "presets")
 #: public functions and classes: the module each comes from
 _NAMES = {"Masks": "masks", "prunable_parameters": "masks", "prune": "prune", "transfer": "ntt",
           "TransferResult": "ntt", "build_info": "ops", "train": "training"}
 
 __all__ = ["Masks", "prunable_parameters", "prune", "build_info", "methods", "ops", "scores", "ntt", "models", "data",
            "train", "transfer", "TransferResult", "ntk", "pathkernel", "connectivity", "study", "report",
-           "distributed", "training", "__version__"]
+           "distributed", "training", "augment", "flops", "sanity", "presets", "__version__"]
 
 
 def __getattr__(name: str):
