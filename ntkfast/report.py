@@ -445,6 +445,12 @@ def _layer_bars(ax, means: dict, styles: dict, labels: Sequence[str], density: f
     ax.grid(True, axis="y", which="major", alpha=0.3)
 
 
+def _luminance(rgba) -> float:
+    """WCAG relative luminance; below 0.179 white text has the better contrast, above it black."""
+    lin = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgba[:3]]
+    return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+
+
 def _layer_heatmap(ax, means: dict, styles: dict, labels: Sequence[str]) -> None:
     """Methods down, layers across, the colour the density on a log scale, each cell labelled
     with its value; an emptied layer (0) is light grey, marked 0."""
@@ -463,9 +469,9 @@ def _layer_heatmap(ax, means: dict, styles: dict, labels: Sequence[str]) -> None
     for i in range(data.shape[0]):
         for j in range(data.shape[1]):
             v = data[i, j]
-            dark = np.isfinite(v) and v > 0 and norm(v) < 0.55
+            cell = cmap(norm(v)) if np.isfinite(v) and v > 0 else cmap.get_bad()
             ax.text(j, i, _fmt_percent(v), ha="center", va="center", fontsize=6.5,
-                    color="white" if dark else "black")
+                    color="white" if _luminance(cell) < 0.179 else "black")
     ax.set_xticks(range(len(labels)), [_plain(x) for x in labels], rotation=55, ha="right",
                   rotation_mode="anchor", fontsize=8)
     ax.set_yticks(range(len(means)), [styles[r].label for r in means], fontsize=8)
@@ -603,7 +609,6 @@ def write_report(paths: Sequence, out_dir, *, metric: str = "final", profile_den
                 files = figure_paths(stem, formats)
                 sections.append(_figure_markdown(what, files))
                 written += files
-            sections.append("")
     text = "\n".join(sections)
     atomic_write(md, lambda f: f.write(text.encode("utf-8")))
     return written
