@@ -257,7 +257,7 @@ def plot(out: dict, path: Optional[Path] = None, *, axes=None, formats=None):
             ax.set_title(f"{model_name(model)} / {dataset_name(dataset)}\n"
                          f"ρ = {rho:+.2f} (within a density {within:+.2f})", fontsize=9)
     if own:
-        handles, labels = {}, {}
+        handles = {}
         for a in fig.axes:
             for h, l in zip(*a.get_legend_handles_labels()):
                 handles.setdefault(l, h)

@@ -3,8 +3,11 @@
 Per study (one model, dataset and training protocol): a markdown table of test accuracy, mean ±
 standard deviation over seeds, methods down and densities across, the best mean of each density
 in bold; a plot of accuracy against the fraction of weights kept (log axis, sparser to the right,
-as in the SynFlow and NTK-SAP papers); and each method's per-layer densities at one density.
-matplotlib is needed only for the plots.
+as in the SynFlow and NTK-SAP papers; a zoomed second panel where methods crowd); and each
+method's per-layer densities at one density (grouped bars, or a heatmap for deep networks).
+matplotlib is needed only for the plots. Each method looks as :mod:`ntkfast.plot_style` says;
+every plotting function takes ``ax=`` and saves through :func:`ntkfast.plots.save_figure`
+(``formats=``).
 
 The records are checked as :func:`ntkfast.study.read_results` checks them, so a malformed one is
 an error naming its file and line. Text from the records (method names, options) is escaped for
@@ -25,8 +28,8 @@ from .core.checks import check_choice
 from .core.files import atomic_write, check_out_dir
 from .study import DEFAULT_ROUNDS, cell_key, read_results
 
-__all__ = ["group", "summarise", "markdown_table", "row_label", "display_label", "plot_accuracy", "plot_layer_densities",
-           "write_report", "REPORT_FORMATS"]
+__all__ = ["group", "summarise", "markdown_table", "row_label", "display_label", "plot_accuracy",
+           "plot_layer_densities", "write_report", "REPORT_FORMATS"]
 
 #: the files of each figure ``write_report`` makes: PNG (shown in report.md), PDF and SVG
 REPORT_FORMATS = ("png", "pdf", "svg")

@@ -93,7 +93,8 @@ def test_an_unknown_method_gets_a_fallback_style_that_is_stable_across_processes
 
 def test_display_names_of_models_datasets_and_layers():
     assert plot_style.model_name("lenet300_100") == "LeNet-300-100" and plot_style.model_name("mine") == "mine"
-    assert plot_style.dataset_name("fashion-mnist") == "Fashion-MNIST" and plot_style.dataset_name("cifar10") == "CIFAR-10"
+    assert plot_style.dataset_name("fashion-mnist") == "Fashion-MNIST"
+    assert plot_style.dataset_name("cifar10") == "CIFAR-10"
     assert plot_style.layer_labels(["features.0.weight", "features.3.weight", "classifier.0.weight",
                                     "classifier.2.weight"]) == ["conv1", "conv2", "fc1", "fc2"]
     assert plot_style.layer_labels(["conv.weight", "blocks.3.conv1.weight", "blocks.3.shortcut.0.weight",
