@@ -15,7 +15,8 @@ from typing import List, Mapping, Optional, Sequence, Tuple
 
 from .core.files import atomic_write, check_out_path
 
-__all__ = ["FORMATS", "DPI", "check_formats", "figure_paths", "save_figure", "plot_transfer_history"]
+__all__ = ["FORMATS", "DPI", "check_formats", "check_axes", "figure_paths", "save_figure", "spans_decades",
+           "plot_transfer_history"]
 
 #: the file formats a figure can be saved in
 FORMATS = ("png", "pdf", "svg", "eps")
