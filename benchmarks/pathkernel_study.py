@@ -14,7 +14,8 @@ correlation of the density alone with the loss, as the baseline tr Π has to bea
     python -m benchmarks.pathkernel_study --data-dir ../shared/data
 
 Results go to ``benchmarks/results/pathkernel-study.json`` after every run (an interrupted study
-resumes from them) and the plot to ``benchmarks/results/pathkernel-study.png``.
+resumes from them) and the plot to ``benchmarks/results/pathkernel-study.png`` (with ``.pdf`` and
+``.svg`` beside it; ``--formats``). ``--replot`` redraws the plot from the JSON alone.
 """
 from __future__ import annotations
 
@@ -213,41 +214,67 @@ def _groups(runs: List[dict]) -> Dict[tuple, List[dict]]:
     return groups
 
 
-def plot(out: dict, path: Path) -> None:
-    from ntkfast.plots import _pyplot
+def plot(out: dict, path: Optional[Path] = None, *, axes=None, formats=None):
+    """tr Π (top row) and λ_max(Π) (bottom row) at initialisation against the training loss after
+    one epoch, one column per (model, dataset); each method in its ntkfast.plot_style style, the
+    marker's size growing with the density. ``axes``: a 2 x columns grid of Axes to draw into;
+    ``path``: where to save the figure, as each of ``formats`` (ntkfast.plots.save_figure).
+    Returns the Figure."""
+    from ntkfast.plot_style import dataset_name, method_style, model_name
+    from ntkfast.plots import _pyplot, check_axes, save_figure
 
     plt = _pyplot()
     groups = _groups(out["runs"])
-    methods = sorted({r["method"] for r in out["runs"]})
-    colours = dict(zip(methods, plt.get_cmap("tab10").colors))
-    fig, axes = plt.subplots(2, len(groups), figsize=(4.0 * len(groups), 7.0), squeeze=False, constrained_layout=True)
+    methods = [m for m in ROUNDS if any(r["method"] == m for r in out["runs"])]
+    methods += sorted({r["method"] for r in out["runs"]} - set(methods))
+    own = axes is None
+    if own:
+        fig, grid = plt.subplots(2, len(groups), figsize=(3.6 * len(groups), 6.4), squeeze=False, layout="constrained")
+    else:
+        flat = check_axes(axes, "axes", 2 * len(groups))
+        grid = [flat[:len(groups)], flat[len(groups):]]
+        fig = flat[0].figure
     for col, ((model, dataset), runs) in enumerate(groups.items()):
         corr = out["correlations"].get(f"{model}/{dataset}", {})
         densities = sorted({r["density"] for r in runs})
         for row, (key, label) in enumerate((("trace", "tr Π"), ("lambda_max", "λ_max(Π)"))):
-            ax = axes[row][col]
-            for r in runs:
-                if r[key] <= 0:
-                    continue  # a collapsed network (no input-output path) has no place on a log axis
-                size = 18 + 60 * densities.index(r["density"]) / max(1, len(densities) - 1)
-                ax.scatter(r[key], r["train_loss_after"], s=size, color=colours[r["method"]], alpha=0.8,
-                           edgecolors="none", label=r["method"])
+            ax = grid[row][col]
+            for method in methods:
+                # a collapsed network (no input-output path) has no place on a log axis
+                mine = [r for r in runs if r["method"] == method and r[key] > 0]
+                if not mine:
+                    continue
+                style = method_style(method)
+                sizes = [16 + 56 * densities.index(r["density"]) / max(1, len(densities) - 1) for r in mine]
+                ax.scatter([r[key] for r in mine], [r["train_loss_after"] for r in mine], s=sizes, alpha=0.85,
+                           linewidths=0.8, **style.scatter_kwargs())
             ax.set_xscale("log")
-            ax.set_xlabel(f"{label} at initialisation")
-            ax.set_ylabel("training loss after 1 epoch")
+            ax.set_xlabel(f"{label} at initialisation (log scale)", fontsize=9)
+            ax.set_ylabel("training loss after 1 epoch", fontsize=9)
+            ax.grid(True, which="major", alpha=0.3)
             rho = corr.get(f"rho_{key}", float("nan"))
             within = corr.get(f"rho_{key}_within_density_mean", float("nan"))
-            ax.set_title(f"{model} / {dataset}\nρ = {rho:+.2f} (within density {within:+.2f})", fontsize=9)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    unique = dict(zip(labels, handles))
-    fig.legend(unique.values(), unique.keys(), loc="outside lower center", ncol=len(unique), fontsize=8)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+            ax.set_title(f"{model_name(model)} / {dataset_name(dataset)}\n"
+                         f"ρ = {rho:+.2f} (within a density {within:+.2f})", fontsize=9)
+    if own:
+        handles = {}
+        for a in fig.axes:
+            for h, l in zip(*a.get_legend_handles_labels()):
+                handles.setdefault(l, h)
+        legend = fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncol=len(handles),
+                            fontsize=8, frameon=False, title="marker size grows with the density", title_fontsize=8)
+        for h in legend.legend_handles:  # one size in the legend: there it names the method only
+            h.set_sizes([36])
+    if path is not None:
+        save_figure(fig, path, formats)
+        if own:
+            plt.close(fig)
+    return fig
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-dir", required=True)
+    p.add_argument("--data-dir", help="the datasets' folder (not needed with --replot)")
     p.add_argument("--models", nargs="+", default=list(PLAN), choices=list(PLAN))
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     p.add_argument("--seed", type=int, default=0)
@@ -255,11 +282,15 @@ def main(argv=None) -> int:
     p.add_argument("--fresh", action="store_true", help="ignore the finished runs in --out")
     p.add_argument("--out", default=str(RESULTS_DIR / "pathkernel-study.json"))
     p.add_argument("--plot", default=str(RESULTS_DIR / "pathkernel-study.png"))
+    p.add_argument("--formats", nargs="+", default=["png", "pdf", "svg"], help="files of the plot, beside each other")
+    p.add_argument("--replot", action="store_true", help="only plot the results already in --out (no runs)")
     args = p.parse_args(argv)
+    if not args.replot and not args.data_dir:
+        p.error("--data-dir is required (except with --replot)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = run(args)
-    plot(out, Path(args.plot))
+    out = json.loads(Path(args.out).read_text()) if args.replot else run(args)
+    plot(out, Path(args.plot), formats=args.formats)
     for name, c in out["correlations"].items():
         print(f"{name} (n={c['n']}): ρ(trΠ, loss) = {c['rho_trace']:+.3f} (p={c['p_trace']:.3g}), "
               f"ρ(λmax, loss) = {c['rho_lambda_max']:+.3f} (p={c['p_lambda_max']:.3g}), "

@@ -387,7 +387,7 @@ def cmd_report(args) -> int:
     make_folder(os.path.dirname(os.path.abspath(args.out)), "--out")  # the report makes the folder itself
     try:
         written = write_report(args.results, args.out, metric=args.metric, profile_density=args.profile_density,
-                               plots=not args.no_plots)
+                               plots=not args.no_plots, **({"formats": args.formats} if args.formats else {}))
     except ImportError as exc:
         raise SystemExit(f"ntkfast report: {exc}") from None
     except OSError as exc:
@@ -672,6 +672,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile-density", type=float, default=None,
                    help="density of the per-layer density plot (default: the middle one of the study)")
     p.add_argument("--no-plots", action="store_true", help="only the tables (no matplotlib needed)")
+    p.add_argument("--formats", nargs="+", choices=["png", "pdf", "svg", "eps"], default=None,
+                   help="the files of each plot, side by side (default: png pdf svg)")
     p.set_defaults(func=cmd_report)
 
     sub.add_parser("methods", help="list the pruning methods and their -o options").set_defaults(func=cmd_methods)

@@ -218,8 +218,8 @@ def test_report_labels_a_reduced_protocol_by_what_it_cut():
     capped = [{**r, "protocol": {**r["protocol"], "max_batches": 7}} for r in _fixed_records()]
     assert "REDUCED: at most 7 batches per epoch;" in report.markdown_table(capped)
     # the plots say it too, so that a PNG copied out of the report cannot pass for a full run
-    assert report._plot_title(reduced[0]) == "lenet300_100 / mnist, 20 epochs (REDUCED)"
-    assert report._plot_title(_fixed_records()[0]) == "lenet300_100 / mnist, 20 epochs"
+    assert report._plot_title(reduced[0]) == "LeNet-300-100 / MNIST, 20 epochs (REDUCED)"
+    assert report._plot_title(_fixed_records()[0]) == "LeNet-300-100 / MNIST, 20 epochs"
 
 
 def test_report_writes_markdown_and_plots(tmp_path):

@@ -256,7 +256,7 @@ def test_report_plots_a_dollar_in_a_name(tmp_path):
     results.write_text("".join(json.dumps(_record(method=m, density=d, layer_density={"$\\frac$": d})) + "\n"
                                for m in ("$\\frac{$", "random") for d in (0.1, 0.05)))
     written = report.write_report([results], tmp_path / "rep")
-    assert len(written) == 3 and all(p.stat().st_size > 1000 for p in written[1:])
+    assert len(written) == 1 + 2 * len(report.REPORT_FORMATS) and all(p.stat().st_size > 1000 for p in written[1:])
 
 
 def test_report_files_are_replaced_whole(tmp_path):
