@@ -436,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=None, help="pruning rounds (default 100 for synflow/iterative_snip, 20 for ntksap, else 1)")
     p.add_argument("--schedule", default="exponential", choices=["exponential", "linear"])
     p.add_argument("--scope", default="global", choices=["global", "layerwise"])
-    p.add_argument("--dataset", default=None, help="mnist, fashion-mnist or cifar10 (for data-based methods)")
+    p.add_argument("--dataset", default=None, help="mnist, fashion-mnist, cifar10, cifar100, svhn, tiny-imagenet, imagenet or imagefolder (for data-based methods)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--batch-size", type=int, default=100, help="scoring batch for data-based methods")
     p.add_argument("--float64", action="store_true", help="score in float64")
@@ -448,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("transfer", help="Neural Tangent Transfer: learn a sparse initialisation, label-free")
     _add_model_args(p, "lenet300_100")
-    p.add_argument("--dataset", required=True, help="mnist, fashion-mnist or cifar10 (labels are not used)")
+    p.add_argument("--dataset", required=True, help="mnist, fashion-mnist, cifar10, cifar100, svhn, tiny-imagenet, imagenet or imagefolder (labels are not used)")
     p.add_argument("--data-dir", required=True)
     p.add_argument("--density", type=float, default=0.03, help="fraction of weights kept (default 0.03)")
     p.add_argument("--epochs", type=float, default=None, help="NTT epochs (default 20, as the authors)")
@@ -482,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("study", help="prune, train and evaluate every (method, density, seed) cell; resumable")
     p.add_argument("--model", required=True, help="model zoo name")
-    p.add_argument("--dataset", required=True, help="mnist, fashion-mnist or cifar10")
+    p.add_argument("--dataset", required=True, help="mnist, fashion-mnist, cifar10, cifar100, svhn, tiny-imagenet, imagenet or imagefolder")
     p.add_argument("--data-dir", required=True)
     p.add_argument("--methods", nargs="+", required=True, help="methods (see `ntkfast methods`; ntt too)")
     p.add_argument("--densities", nargs="+", type=float, required=True)

@@ -1,26 +1,23 @@
 """Dataset readers for the original on-disk formats, and a Gaussian-noise dataset for the
 data-free methods. Nothing is downloaded.
 
-``load_dataset(name, root, train=True, normalize=True, **options)`` reads one split:
+``load_dataset(name, root, train=True, normalize=True, **options)`` reads one split of:
 
-=================  ================================================  ======================================
-name               files under ``root``                              returns
-=================  ================================================  ======================================
-``mnist``          IDX files (``mnist/``, torchvision's ``MNIST/raw``)  :class:`ImageDataset` 1x28x28
-``fashion-mnist``  IDX files (``fashion-mnist/``, ``FashionMNIST/raw``)  :class:`ImageDataset` 1x28x28
-``cifar10``        ``cifar-10-batches-py/``                          :class:`ImageDataset` 3x32x32
-``cifar100``       ``cifar-100-python/`` (option ``labels``)          :class:`ImageDataset` 3x32x32
-``svhn``           ``train_32x32.mat``, ``test_32x32.mat`` (scipy)   :class:`ImageDataset` 3x32x32
-``tiny-imagenet``  ``tiny-imagenet-200/`` (Pillow; ``cache_dir``)    :class:`ImageDataset` 3x64x64
-``imagenet``       ``train/<wnid>/``, ``val/<wnid>/`` (Pillow)        lazy :class:`ImageFolder` 3x224x224
-``imagefolder``    ``train/<class>/``, ``val/<class>/`` (Pillow)      lazy :class:`ImageFolder`
-=================  ================================================  ======================================
+- ``mnist``, ``fashion-mnist``: IDX files, 1x28x28 (:mod:`ntkfast.data.idx`);
+- ``cifar10``, ``cifar100``: the python pickles, 3x32x32; CIFAR-100's option ``labels="coarse"``
+  (:mod:`ntkfast.data.cifar`);
+- ``svhn``: ``train_32x32.mat`` / ``test_32x32.mat``, 3x32x32, needs scipy (:mod:`ntkfast.data.svhn`);
+- ``tiny-imagenet``: ``tiny-imagenet-200/``, 3x64x64, needs Pillow; option ``cache_dir``
+  (:mod:`ntkfast.data.tiny_imagenet`);
+- ``imagenet``, ``imagefolder``: ``train/<class>/`` and ``val/<class>/`` trees, decoded lazily,
+  need Pillow; options ``size``, ``crop``, ``num_workers`` (:mod:`ntkfast.data.imagefolder`).
 
-Each reader module documents its layout: :mod:`~ntkfast.data.idx`, :mod:`~ntkfast.data.cifar`,
-:mod:`~ntkfast.data.svhn`, :mod:`~ntkfast.data.tiny_imagenet`, :mod:`~ntkfast.data.imagefolder`.
-A missing, partial or mixed-up folder, an unreadable file or a label out of range raises
-FileNotFoundError or ValueError naming the dataset and the file or folder, before any image is
-decoded.
+The first five return an in-memory :class:`ImageDataset`, the last two a lazy
+:class:`ImageFolder` with the same interface. Each reader module documents its layout.
+
+A missing, partial or mixed-up folder, or a label out of range, raises FileNotFoundError or
+ValueError naming the dataset and the file or folder before any image is decoded. An unreadable
+image raises ValueError naming it when it is decoded: while loading, for the in-memory readers.
 """
 from __future__ import annotations
 

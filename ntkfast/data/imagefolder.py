@@ -69,7 +69,7 @@ def _scan(folder: Path, classes: Sequence[str], dataset: str, strict: bool) -> L
     return samples
 
 
-class ImageFolder(Dataset):
+class ImageFolder(Normalizing, Dataset):
     """A folder of class folders, decoded image by image when read.
 
     ``dataset[i]`` is ``(x, y)`` as for :class:`~ntkfast.data.ImageDataset`: ``x`` float32
@@ -175,7 +175,7 @@ class ImageFolder(Dataset):
         """Yield ``(x, y)`` batches as :meth:`ImageDataset.batches` does (the same seeded order),
         decoded by a DataLoader's worker processes and normalised after the move to ``device``."""
         order = [idx.tolist() for _, idx in _batch_slices(len(self), batch_size, shuffle, seed, drop_last)]
-        workers = self._workers()
+        workers = self._workers() if len(order) > 1 else 0  # one batch: not worth starting processes
         pin = device is not None and torch.device(device).type == "cuda"
         loader = DataLoader(self.raw, batch_sampler=order, num_workers=workers, pin_memory=pin)
         for imgs, y in loader:

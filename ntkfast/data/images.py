@@ -21,7 +21,7 @@ def require_pillow(dataset: str):
         from PIL import Image
     except ImportError:
         raise ImportError(f"{dataset}: reading its image files needs Pillow, which is not installed: "
-                          "pip install pillow (or pip install 'ntkfast[images]')") from None
+                          "pip install pillow") from None
     return Image
 
 
