@@ -300,7 +300,7 @@ def test_tiny_imagenet_greyscale_and_rgba_become_rgb(tmp_path):
 
 def _no_decoding(monkeypatch):
     calls = []
-    monkeypatch.setattr(tiny_mod, "decode_rgb", lambda *a, **k: calls.append(a) or pytest.fail("decoded"))
+    monkeypatch.setattr(tiny_mod, "decode_array", lambda *a, **k: calls.append(a) or pytest.fail("decoded"))
     return calls
 
 

@@ -103,7 +103,7 @@ class ImageFolder(Normalizing, Dataset):
         self.num_workers = check_int(num_workers, "num_workers", lo=0, allow_none=True)
         folder = root_dir(folder)
         if not folder.is_dir():
-            raise FileNotFoundError(f"root: {name}: the folder {str(folder)!r} does not exist")
+            raise FileNotFoundError(f"folder: {name}: {str(folder)!r} does not exist")
         require_pillow(name)
         self.folder, self.name, self.train = folder, name, train
         self.classes = list(classes) if classes is not None else _class_folders(folder, name)

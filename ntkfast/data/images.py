@@ -12,7 +12,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-__all__ = ["require_pillow", "decode_rgb"]
+__all__ = ["require_pillow", "decode_rgb", "decode_array"]
 
 
 def require_pillow(dataset: str):
@@ -42,17 +42,26 @@ def _center_crop(im, crop: int):
     return im.crop((left, top, left + crop, top + crop))
 
 
+def decode_array(path, dataset: str, size: Optional[int] = None, crop: Optional[int] = None,
+                 Image=None) -> np.ndarray:
+    """The image at ``path`` as a uint8 ``[H, W, 3]`` array; ``size`` and ``crop`` as for
+    :func:`decode_rgb`. ``Image``: Pillow's module, when the caller has it already."""
+    Image = Image or require_pillow(dataset)
+    try:
+        with Image.open(path) as im:
+            im.load()  # reads the whole file: a truncated one fails here
+            if im.mode != "RGB":
+                im = im.convert("RGB")
+            if size is not None:
+                im = _center_crop(_resize_shorter(im, size, Image.BILINEAR), crop or size)
+            return np.asarray(im, dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{dataset}: {path}: not a readable image ({type(e).__name__}: {e})") from None
+
+
 def decode_rgb(path, dataset: str, size: Optional[int] = None, crop: Optional[int] = None) -> torch.Tensor:
     """The image at ``path`` as a uint8 ``[3, H, W]`` tensor. With ``size``: its shorter side
     resized to ``size`` (bilinear, antialiased), then the centre ``crop`` x ``crop`` square
     (``crop`` defaults to ``size``)."""
-    Image = require_pillow(dataset)
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")  # reads the whole file: a truncated one fails here
-            if size is not None:
-                im = _center_crop(_resize_shorter(im, size, Image.BILINEAR), crop or size)
-            arr = np.array(im, dtype=np.uint8)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"{dataset}: {path}: not a readable image ({type(e).__name__}: {e})") from None
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+    arr = decode_array(path, dataset, size, crop)
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))

@@ -32,7 +32,7 @@ import torch
 from ..core.files import atomic_write, check_out_dir
 from ._paths import PathLike, find_dir, is_image_file, require_dir, require_file, root_dir
 from .datasets import ImageDataset
-from .images import decode_rgb, require_pillow
+from .images import decode_array, require_pillow
 from .stats import STATS
 
 __all__ = ["load_tiny_imagenet"]
@@ -172,14 +172,16 @@ def _read_cache(path: Path, fingerprint: str, n: int) -> Optional[Tuple[np.ndarr
 def _decode_all(samples: Samples) -> np.ndarray:
     out = np.empty((len(samples), 3, SIDE, SIDE), dtype=np.uint8)
 
+    Image = require_pillow(NAME)
+
     def work(start: int, stop: int) -> None:
         for i in range(start, stop):
             path = samples[i][0]
-            img = decode_rgb(path, NAME)
-            if img.shape != (3, SIDE, SIDE):
-                raise ValueError(f"{NAME}: {path}: a {img.shape[2]}x{img.shape[1]} image; Tiny-ImageNet's are "
+            img = decode_array(path, NAME, Image=Image)
+            if img.shape != (SIDE, SIDE, 3):
+                raise ValueError(f"{NAME}: {path}: a {img.shape[1]}x{img.shape[0]} image; Tiny-ImageNet's are "
                                  f"{SIDE}x{SIDE}")
-            out[i] = img.numpy()
+            out[i] = img.transpose(2, 0, 1)
 
     # Pillow releases the GIL while decoding, so threads decode in parallel
     workers = max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
