@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from ntkfast import data
-from ntkfast.data import imagefolder as imagefolder_mod
 from ntkfast.data import tiny_imagenet as tiny_mod
 
 PIL = pytest.importorskip("PIL")

@@ -25,6 +25,7 @@ import inspect
 from typing import List, Union
 
 from ._paths import PathLike
+# the private helpers and class-name lists stay importable from ntkfast.data, as before it was split
 from .cifar import _ArrayUnpickler, _cifar_batch, _unpickle, load_cifar10, load_cifar100  # noqa: F401
 from .datasets import (GaussianNoise, ImageDataset, _batch_order, _batch_slices, _subset_indices,  # noqa: F401
                        _take, mean_input)
