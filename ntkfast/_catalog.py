@@ -11,7 +11,7 @@ BUILTIN_METHODS = ("grasp", "iterative_snip", "magnitude", "ntksap", "ntt", "ran
 ZOO_MODELS = ("lenet300_100", "lenet5", "conv4", "vgg11", "vgg16", "vgg19", "resnet20", "resnet32", "resnet56",
               "resnet18", "resnet50")
 
-DATASETS = ("mnist", "fashion-mnist", "cifar10")
+DATASETS = ("mnist", "fashion-mnist", "cifar10", "cifar100", "svhn", "tiny-imagenet", "imagenet", "imagefolder")
 
 
 def model_key(name: str) -> str:

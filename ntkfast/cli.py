@@ -11,7 +11,7 @@ import json
 import sys
 import time
 
-from ._catalog import BUILTIN_METHODS, ZOO_MODELS, model_key
+from ._catalog import BUILTIN_METHODS, DATASETS, ZOO_MODELS, model_key
 from ._version import __version__
 
 
@@ -579,8 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the density falls over the rounds")
     p.add_argument("--scope", default="global", choices=["global", "layerwise"],
                    help="rank the weights of all layers together, or of each layer apart")
-    p.add_argument("--dataset", default=None, help="mnist, fashion-mnist or cifar10 (for data-based methods; "
-                                                   "default: a batch of Gaussian noise)")
+    p.add_argument("--dataset", default=None, choices=DATASETS, metavar="DATASET",
+                   help="for data-based methods: %(choices)s (default: a batch of Gaussian noise)")
     p.add_argument("--data-dir", default=None, help="folder holding the dataset")
     p.add_argument("--batch-size", type=int, default=100, help="scoring batch for data-based methods")
     p.add_argument("--float64", action="store_true", help="score in float64")
@@ -592,7 +592,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("transfer", help="Neural Tangent Transfer: learn a sparse initialisation, label-free")
     _add_model_args(p, "lenet300_100")
-    p.add_argument("--dataset", required=True, help="mnist, fashion-mnist or cifar10 (labels are not used)")
+    p.add_argument("--dataset", required=True, choices=DATASETS, metavar="DATASET",
+                   help="%(choices)s (labels are not used)")
     p.add_argument("--data-dir", required=True, help="folder holding the dataset")
     p.add_argument("--density", type=float, default=0.03, help="fraction of weights kept")
     p.add_argument("--epochs", type=float, default=None, help="NTT epochs (default: 20, as the authors)")
@@ -615,7 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a (pruned) zoo model and report test accuracy")
     _add_model_args(p, None)
-    p.add_argument("--dataset", required=True, help="mnist, fashion-mnist or cifar10")
+    p.add_argument("--dataset", required=True, choices=DATASETS, metavar="DATASET", help="%(choices)s")
     p.add_argument("--data-dir", required=True, help="folder holding the dataset")
     p.add_argument("--masks", default=None, help="masks file from `ntkfast prune --out`")
     p.add_argument("--init", default=None, help="start from the weights and masks of an `ntkfast transfer --out` "
@@ -634,7 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("study", help="prune, train and evaluate every (method, density, seed) cell; resumable")
     p.add_argument("--model", required=True, type=_model_name, choices=ZOO_MODELS, metavar="MODEL",
                    help="zoo model: %(choices)s")
-    p.add_argument("--dataset", required=True, help="mnist, fashion-mnist or cifar10")
+    p.add_argument("--dataset", required=True, choices=DATASETS, metavar="DATASET", help="%(choices)s")
     p.add_argument("--data-dir", required=True, help="folder holding the dataset")
     p.add_argument("--methods", nargs="+", required=True, choices=BUILTIN_METHODS, metavar="METHOD",
                    help="pruning methods: %(choices)s (see `ntkfast methods`)")

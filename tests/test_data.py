@@ -238,7 +238,7 @@ def test_corrupt_idx(tmp_path):
 
 def test_unknown_dataset():
     with pytest.raises(ValueError, match="dataset") as e:
-        data.load_dataset("imagenet", "/tmp")
+        data.load_dataset("coco", "/tmp")
     assert "mnist" in str(e.value)
 
 

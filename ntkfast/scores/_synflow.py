@@ -172,7 +172,7 @@ def mean_input(data) -> torch.Tensor:
     from .. import data as D
     from ..core.unlabelled import Unlabelled
 
-    if isinstance(data, D.ImageDataset):
+    if isinstance(data, (D.ImageDataset, D.ImageFolder)):
         return D.mean_input(data).double()
     source = Unlabelled(data)
     n = len(source)

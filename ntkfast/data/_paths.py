@@ -1,0 +1,105 @@
+"""Finding a dataset's files under the ``root`` the user gives, and errors that name what is
+missing and what the folder seems to hold instead."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import List, Sequence, Union
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+# the suffixes torchvision's ImageFolder accepts (compared case-insensitively)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def is_image_file(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def root_dir(root) -> Path:
+    """``root`` as a Path (``~`` expanded); a root of another type is refused by name."""
+    if isinstance(root, bytes):
+        root = os.fsdecode(root)
+    if not isinstance(root, (str, os.PathLike)):
+        raise ValueError(f"root: expected the directory holding the dataset files, got {type(root).__name__}")
+    return Path(os.path.expanduser(os.fspath(root)))
+
+
+# what each dataset's files look like, to tell a user who gave the wrong name which one they have
+_SIGNATURES = (
+    ("cifar10", ("cifar-10-batches-py", "data_batch_1")),
+    ("cifar100", ("cifar-100-python",)),
+    ("tiny-imagenet", ("tiny-imagenet-200", "wnids.txt")),
+    ("svhn", ("train_32x32.mat", "test_32x32.mat", "svhn/train_32x32.mat", "svhn/test_32x32.mat")),
+    ("mnist", ("mnist", "MNIST")),
+    ("fashion-mnist", ("fashion-mnist", "fashion_mnist", "FashionMNIST")),
+)
+
+
+def datasets_found(root: Path) -> List[str]:
+    """The dataset names whose files or folders sit directly under ``root``."""
+    found = []
+    try:
+        for name, marks in _SIGNATURES:
+            if any((root / m).exists() for m in marks):
+                found.append(name)
+    except OSError:
+        return []
+    return found
+
+
+def mixup_hint(root: Path, dataset: str) -> str:
+    """' (... holds <other> files: ...)' when ``root`` looks like another dataset's folder."""
+    other = [d for d in datasets_found(root) if d != dataset]
+    if not other:
+        return ""
+    return (f"; {str(root)!r} looks like the folder of {' and '.join(other)}, not {dataset}: "
+            f"is the dataset name right?")
+
+
+def find_file(root: Path, subdirs: Sequence[str], filename: str, dataset: str, compressed_ok: bool = True) -> Path:
+    """The first ``root/<subdir>/<filename>`` (or ``.gz`` when ``compressed_ok``) that is a file;
+    FileNotFoundError naming the dataset, the file and every path tried otherwise."""
+    tried = []
+    for sub in subdirs:
+        base = root / sub if sub else root
+        names = (filename, filename + ".gz") if compressed_ok else (filename,)
+        for name in names:
+            p = base / name
+            tried.append(str(p))
+            if p.is_file():
+                return p
+    if not root.is_dir():
+        raise FileNotFoundError(f"root: {dataset}: the folder {str(root)!r} does not exist (looking for {filename!r})")
+    raise FileNotFoundError(
+        f"root: {dataset} file {filename!r}{' (or .gz)' if compressed_ok else ''} not found under {str(root)!r}; "
+        f"tried: {', '.join(tried)}{mixup_hint(root, dataset)}")
+
+
+def find_dir(root: Path, candidates: Sequence[str], marker: str, dataset: str) -> Path:
+    """The first ``root/<candidate>`` holding ``marker`` (a file or folder); FileNotFoundError
+    naming the dataset and the paths tried otherwise."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"root: {dataset}: the folder {str(root)!r} does not exist")
+    tried = []
+    for sub in candidates:
+        base = root / sub if sub else root
+        tried.append(str(base / marker))
+        if (base / marker).exists():
+            return base
+    raise FileNotFoundError(f"root: {dataset}: {marker!r} not found under {str(root)!r}; tried: "
+                            f"{', '.join(tried)}{mixup_hint(root, dataset)}")
+
+
+def require_dir(path: Path, dataset: str, what: str) -> Path:
+    """``path`` if it is a folder; FileNotFoundError naming the dataset, ``what`` and the path."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"root: {dataset}: {what} folder {str(path)!r} not found (a partial copy of the dataset?)")
+    return path
+
+
+def require_file(path: Path, dataset: str, what: str) -> Path:
+    """``path`` if it is a file; FileNotFoundError naming the dataset, ``what`` and the path."""
+    if not path.is_file():
+        raise FileNotFoundError(f"root: {dataset}: {what} {str(path)!r} not found (a partial copy of the dataset?)")
+    return path
