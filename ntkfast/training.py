@@ -126,14 +126,42 @@ def _check_masks(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]]) 
 # -- batches -------------------------------------------------------------------------------------
 
 def _iterate(dataset, batch_size: int, shuffle: bool, seed: int, device, max_batches: Optional[int],
-             channels_last: bool = False):
+             channels_last: bool = False, augment=None):
     source = as_source(dataset, "dataset")  # a BatchSource passes as it is, keeping its name
-    for i, (x, y) in enumerate(source.batches(batch_size, shuffle, seed, device)):
+    for i, (x, y) in enumerate(source.batches(batch_size, shuffle, seed, device, augment=augment)):
         if max_batches is not None and i >= max_batches:
             break
         if channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         yield x, y
+
+
+def _check_augment(augment, source: BatchSource):
+    """``augment`` as a callable (images, generator) -> images, or None; refused by name where the
+    data does not hand raw pixels to it."""
+    if augment is None:
+        return None
+    from . import augment as A
+
+    if isinstance(augment, str):
+        if augment == "auto":
+            name = getattr(source.data, "name", "")
+            try:
+                augment = A.for_dataset(name)
+            except ValueError:
+                raise ValueError(f"augment: 'auto' knows no recipe for the dataset {name!r}; give a recipe "
+                                 f"({', '.join(A.recipes())}) or an augmentation") from None
+            if augment is None:
+                return None
+        else:
+            augment = A.get(augment)
+    if not callable(augment):
+        raise TypeError(f"augment: expected a recipe name, 'auto', a callable (images, generator) -> images "
+                        f"or None, got {type(augment).__name__}")
+    if not source.takes_augment():
+        raise ValueError(f"augment: {source.name} is not an ntkfast dataset of images; a DataLoader applies its "
+                         "own transforms (put them in its dataset)")
+    return augment
 
 
 def _check_fits(model: nn.Module, source: BatchSource) -> None:
@@ -368,6 +396,7 @@ def train(
     max_batches: Optional[int] = None,
     scheduler=None,
     scheduler_interval: str = "epoch",
+    augment=None,
 ) -> TrainResult:
     """Train ``model`` in place with cross-entropy, keeping its pruned weights at zero.
 
@@ -409,6 +438,11 @@ def train(
             (its train loss without a test set).
         scheduler_interval: "epoch" (step the scheduler after every epoch) or "step" (after every
             optimiser step, for warm-up and one-cycle schedules).
+        augment: training-time augmentation of an ntkfast dataset's batches, on the device, before
+            normalisation (:mod:`ntkfast.augment`): a recipe name (``"pad4-crop-flip"``, ...),
+            ``"auto"`` (the authors' recipe for the dataset's name, none for MNIST-like sets), an
+            augmentation object, or None (default: none). Seeded from ``seed`` and the epoch.
+            Data given as a DataLoader carries its own transforms and is refused with one.
 
     Returns:
         a :class:`TrainResult`: the per-epoch history.
@@ -442,6 +476,7 @@ def train(
         raise ValueError("train_set is empty")
     if test_set is not None:
         test_set = as_source(test_set, "test_set")
+    augment = _check_augment(augment, train_set)
 
     if device is not None:
         device = check_device(device)
@@ -483,7 +518,7 @@ def train(
                 loss_acc = torch.zeros((), device=device, dtype=torch.float64)
                 correct_acc = torch.zeros((), device=device, dtype=torch.int64)
                 for x, y in _iterate(train_set, batch_size, True, _epoch_seed(seed, epoch), device, max_batches,
-                                     channels_last=channels_last):
+                                     channels_last=channels_last, augment=augment):
                     out = model(x)
                     loss = F.cross_entropy(out, y)
                     opt.zero_grad(set_to_none=True)

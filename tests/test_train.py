@@ -576,3 +576,76 @@ def test_train_attribute_is_always_the_function():
     from ntkfast.training import train as the_function
 
     assert ntkfast.train is the_function  # the function, not the module ntkfast.training
+
+
+def _tiny_images(n=48, name="cifar10"):
+    g = torch.Generator().manual_seed(9)
+    return data.ImageDataset(torch.randint(0, 256, (n, 3, 16, 16), generator=g, dtype=torch.uint8),
+                             torch.randint(0, 10, (n,), generator=g), classes=[str(i) for i in range(10)],
+                             mean=(0.5,) * 3, std=(0.25,) * 3, name=name)
+
+
+def test_augmentation_applies_to_the_raw_batches_and_repeats_with_the_seed():
+    from ntkfast import augment
+
+    ds = _tiny_images()
+    seen = []
+
+    class Recording(augment.RandomCropFlip):
+        def __call__(self, images, generator):
+            assert images.dtype == torch.uint8  # raw pixels, before normalisation
+            out = super().__call__(images, generator)
+            seen.append(out.clone())
+            return out
+
+    finals = []
+    for seed in (1, 1, 2):
+        seen.clear()
+        torch.manual_seed(0)
+        model = models.get("conv4", input_shape=(3, 16, 16))
+        train(model, None, ds, None, epochs=2, batch_size=16, seed=seed, progress=False, augment=Recording(2))
+        assert len(seen) == 6  # 3 batches x 2 epochs, every one augmented
+        finals.append((model.state_dict(), [s.clone() for s in seen]))
+    (a, sa), (b, sb), (c, sc) = finals
+    assert all(torch.equal(a[k], b[k]) for k in a) and all(torch.equal(x, y) for x, y in zip(sa, sb))
+    assert not all(torch.equal(x, y) for x, y in zip(sa, sc))
+    assert not torch.equal(sa[0], sa[3])  # a new draw each epoch
+
+
+def test_augment_by_recipe_and_auto():
+    ds = _tiny_images()
+    for aug in ("pad4-crop-flip", "auto"):
+        torch.manual_seed(0)
+        model = models.get("conv4", input_shape=(3, 16, 16))
+        plain = models.get("conv4", input_shape=(3, 16, 16))
+        plain.load_state_dict(model.state_dict())
+        train(model, None, ds, None, epochs=1, batch_size=16, progress=False, augment=aug)
+        train(plain, None, ds, None, epochs=1, batch_size=16, progress=False)
+        assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), plain.parameters()))
+    # MNIST-like sets train without augmentation in the authors' code: "auto" is then none
+    mnist_like = _tiny_images(name="mnist")
+    torch.manual_seed(0)
+    m1 = models.get("conv4", input_shape=(3, 16, 16))
+    m2 = models.get("conv4", input_shape=(3, 16, 16))
+    m2.load_state_dict(m1.state_dict())
+    train(m1, None, mnist_like, None, epochs=1, batch_size=16, progress=False, augment="auto")
+    train(m2, None, mnist_like, None, epochs=1, batch_size=16, progress=False)
+    assert all(torch.equal(p, q) for p, q in zip(m1.parameters(), m2.parameters()))
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"augment": "crop"}, ValueError, "^augment: unknown recipe"),
+    ({"augment": 3}, TypeError, "^augment: expected"),
+    ({"augment": "auto", "name": "weird"}, ValueError, "^augment: 'auto' knows no recipe"),
+    ({"augment": "pad4-crop-flip", "loader": True}, ValueError, "^augment: .* DataLoader"),
+])
+def test_bad_augment_is_named_before_the_model_changes(kwargs, error, match):
+    ds = _tiny_images(name=kwargs.get("name", "cifar10"))
+    if kwargs.get("loader"):
+        ds = torch.utils.data.DataLoader(TensorDataset(torch.randn(8, 3, 16, 16), torch.zeros(8, dtype=torch.long)),
+                                         batch_size=4)
+    model = models.get("conv4", input_shape=(3, 16, 16))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(error, match=match):
+        train(model, None, ds, None, epochs=1, progress=False, augment=kwargs["augment"])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

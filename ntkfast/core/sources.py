@@ -90,10 +90,13 @@ class BatchSource:
         t = getattr(self.data, "targets", None) if self.kind != "batches" else None
         return t if isinstance(t, torch.Tensor) else None
 
-    def batches(self, batch_size: int, shuffle: bool, seed: int, device) -> Iterator[Batch]:
+    def batches(self, batch_size: int, shuffle: bool, seed: int, device, augment=None) -> Iterator[Batch]:
         """One epoch of checked batches on ``device``. ``batch_size``, ``shuffle`` and ``seed``
-        apply to the datasets; a collection of batches is read as it is."""
-        if self.kind == "ntkfast":
+        apply to the datasets; a collection of batches is read as it is. ``augment``: only for
+        the datasets that take it (:meth:`takes_augment`)."""
+        if augment is not None:
+            it = self.data.batches(batch_size, shuffle=shuffle, seed=seed, device=device, augment=augment)
+        elif self.kind == "ntkfast":
             it = self.data.batches(batch_size, shuffle=shuffle, seed=seed, device=device)
         elif self.kind == "batches":
             it = iter(self.data)
@@ -105,6 +108,13 @@ class BatchSource:
         for i, item in enumerate(it):
             x, y = check_batch(item, f"{self.name} batch {i}")
             yield x.to(device), y.to(device)
+
+    def takes_augment(self) -> bool:
+        """Whether batched augmentation applies: a dataset whose ``batches`` hands it raw pixels."""
+        import inspect
+
+        fn = getattr(self.data, "batches", None) if self.kind == "ntkfast" else None
+        return fn is not None and "augment" in inspect.signature(fn).parameters
 
     def first_sample(self) -> Optional[Batch]:
         """The first input with a batch dimension of 1, and its label(s), to try the model on

@@ -146,10 +146,16 @@ class ImageDataset(Normalizing, Dataset):
                             train=self.train)
 
     def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
-                device=None) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+                device=None, augment=None) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         """Yield ``(x, y)`` batches of whole tensors. ``shuffle`` draws one permutation from a
         generator seeded with ``seed`` (the global RNG is not touched). With ``device``, the
-        uint8 batch is moved there before conversion."""
+        uint8 batch is moved there before conversion. ``augment`` (see :mod:`ntkfast.augment`):
+        called on each uint8 batch where it lies, before normalisation, with a CPU generator
+        seeded from ``seed`` (a stream apart from the shuffle's), so an epoch repeats exactly."""
+        gen = None
+        if augment is not None:
+            # an odd multiplier mixes the seed so that the crops do not reuse the permutation's draws
+            gen = torch.Generator().manual_seed((seed * 0x9E3779B97F4A7C15 + 1) % 2**64)
         for start, idx in _batch_slices(len(self), batch_size, shuffle, seed, drop_last):
             if shuffle:
                 imgs, y = _take(self.images, idx), _take(self.targets, idx)
@@ -157,6 +163,8 @@ class ImageDataset(Normalizing, Dataset):
                 imgs, y = self.images[start:start + batch_size], self.targets[start:start + batch_size]
             if device is not None:
                 imgs, y = imgs.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if augment is not None:
+                imgs = augment(imgs, gen)
             yield self.transform(imgs), y
 
     def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
