@@ -1,4 +1,9 @@
 """ntkfast: fast NTK-based pruning at initialisation for PyTorch."""
+import logging as _logging
+
+# a library's convention: its messages go nowhere until the application configures logging
+_logging.getLogger(__name__).addHandler(_logging.NullHandler())
+
 from ._version import __version__
 from .ops import build_info
 from .masks import Masks, prunable_parameters

@@ -20,6 +20,7 @@ the same; the float rounding may differ.
 """
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 import time
@@ -32,13 +33,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .core.checks import check_choice, check_device, check_int, check_mask, check_number, check_seed
-from .core.progress import Progress
+from .core.progress import check_progress, format_value, progress_bar
 from .core.targets import model_device
 from .masks import parameter_name
 from .core.concurrency import holds_model
 from .core.state import finite_model, scoring_mode
 
 __all__ = ["train", "evaluate", "TrainResult"]
+
+_log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("sgd", "adam")
 DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3}
@@ -111,6 +114,22 @@ def _iterate(dataset, batch_size: int, shuffle: bool, seed: int, device, max_bat
         if channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         yield x, y
+
+
+def _steps_per_epoch(dataset, batch_size: int, max_batches: Optional[int]) -> Optional[int]:
+    """The batches an epoch of ``_iterate`` gives (for the step bar), None where unknown."""
+    try:
+        if hasattr(dataset, "num_batches"):
+            steps = dataset.num_batches(batch_size)
+        elif isinstance(dataset, DataLoader):
+            steps = len(dataset)
+        else:
+            steps = math.ceil(len(dataset) / batch_size)
+    except TypeError:  # a dataset without a length
+        steps = None
+    if max_batches is not None:
+        steps = max_batches if steps is None else min(steps, max_batches)
+    return steps
 
 
 def _check_fits(model: nn.Module, dataset, name: str = "train_set") -> None:
@@ -279,7 +298,7 @@ def train(
     lr_gamma: float = 0.1,
     device=None,
     seed: int = 0,
-    progress: bool = True,
+    progress: Optional[bool] = None,
     max_batches: Optional[int] = None,
 ) -> TrainResult:
     """Train ``model`` in place with cross-entropy, keeping its pruned weights at zero.
@@ -301,7 +320,11 @@ def train(
         device: where to train; default the device of the model's parameters.
         seed: seeds the shuffling and the global torch RNG during training (dropout, ...), which
             is restored afterwards. Same seed, same inputs -> the same result, bit for bit, on CPU.
-        progress: print one progress line per epoch to stderr.
+        progress: a bar of the epochs (loss, accuracy, rate, ETA) and, inside it, one of the
+            current epoch's steps. None (default): on a terminal at once, elsewhere only once the
+            training has run a couple of seconds; True: always; False: none. Each epoch's
+            summary is also logged (``logging.getLogger("ntkfast")``: INFO with
+            ``progress=False``, DEBUG otherwise).
         max_batches: at most this many batches per epoch, for training and for evaluation
             (quick runs and tests).
 
@@ -322,6 +345,7 @@ def train(
         raise ValueError(f"lr_milestones: expected a sequence of epoch numbers >= 1, got {lr_milestones!r}")
     milestones = sorted(int(m) for m in (lr_milestones or []))
     seed = check_seed(seed)
+    check_progress(progress)
     param_masks = _check_masks(model, masks)
     finite_model(model, masks or None)  # meta tensors, and NaN/inf where the masks keep weights, by name
     empty = [n for n, m in param_masks.items() if m.numel() and not bool(m.any())]
@@ -362,7 +386,8 @@ def train(
 
     hooks = [params[n].register_hook(lambda g, m=m: g * m) for n, m in mask_f.items() if params[n].requires_grad]
     result = TrainResult()
-    bar = Progress(total=epochs, desc="train", enabled=progress)
+    bar = progress_bar(epochs, "train", progress=progress, unit="epoch")
+    steps = _steps_per_epoch(train_set, batch_size, max_batches)
     fork_devices = [device] if device.type == "cuda" else []
     start = time.perf_counter()
     try:
@@ -373,6 +398,7 @@ def train(
                 n = 0
                 loss_acc = torch.zeros((), device=device, dtype=torch.float64)
                 correct_acc = torch.zeros((), device=device, dtype=torch.int64)
+                step_bar = progress_bar(steps, f"epoch {epoch + 1}", progress=progress, unit="step")
                 for x, y in _iterate(train_set, batch_size, True, seed * 1_000_003 + epoch, device, max_batches,
                                      channels_last=channels_last):
                     out = model(x)
@@ -386,6 +412,8 @@ def train(
                         loss_acc += loss.detach().to(torch.float64) * y.shape[0]
                         correct_acc += (out.detach().argmax(1) == y).sum()
                     n += y.shape[0]
+                    step_bar.update(1)
+                step_bar.close()
                 if n == 0:
                     raise ValueError("train_set gave no batches")
                 result.train_loss.append(float(loss_acc) / n)
@@ -399,7 +427,9 @@ def train(
                     result.test_accuracy.append(ta)
                     fields.update(test_loss=tl, test_acc=ta)
                 result.epochs = epoch + 1
-                bar.update(**fields)
+                bar.update(1, **fields)
+                _log.log(logging.INFO if bar.silenced else logging.DEBUG, "train: %s",
+                         " ".join(f"{k}={format_value(v)}" for k, v in fields.items()))
     finally:
         for h in hooks:
             h.remove()
