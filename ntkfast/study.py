@@ -774,7 +774,8 @@ def run_study(model: str, dataset: str, data_dir, methods: Sequence[str], densit
                  _label(head), format_value(result["final_test_accuracy"]))
 
     claims = _Claims(out, claim_timeout)
-    bar = progress_bar(len(todo), "study", progress=progress, unit="cell")
+    # nothing to run, nothing to show (a bar of 0 cells would still print its line)
+    bar = progress_bar(len(todo), "study", progress=progress if todo else False, unit="cell")
     try:
         _run_cells(todo, out, done, run, claims, bar)
     finally:

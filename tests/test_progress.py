@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch import nn
 
-import ntkfast
 from ntkfast import prune, transfer
 from ntkfast.core import progress
 from ntkfast.core.progress import check_progress, env_disabled, progress_bar

@@ -26,7 +26,7 @@ import logging
 import os
 import sys
 import threading
-from typing import List, Optional
+from typing import Optional
 
 __all__ = ["AUTO_DELAY", "LOG_INTERVAL", "check_progress", "env_disabled", "progress_bar", "Bar",
            "BarSafeHandler", "format_value"]
@@ -119,15 +119,18 @@ class Bar:
         if self._closed:
             return
         stack = _stack()
-        while self in stack:
+        if self not in stack:  # closed from another thread than the one that opened it
+            self._finish()
+            return
+        while True:
             inner = stack.pop()
-            inner._closed = True
-            inner._bar.close()
+            inner._finish()
+            if inner is self:
+                return
 
-    @property
-    def n(self) -> int:
-        """Steps done so far."""
-        return self._bar.n
+    def _finish(self) -> None:
+        self._closed = True
+        self._bar.close()
 
     def __enter__(self) -> "Bar":
         return self
