@@ -42,6 +42,7 @@ INIT_MASKS = ("magnitude", "logit_snip")
 _SCOPES = ("layerwise", "global")
 
 _log = logging.getLogger(__name__)
+
 _LOGIT_SNIP_SAMPLES = 128  # the authors score the first 128 training inputs
 
 
