@@ -8,9 +8,13 @@ once and a program pays only for what it uses.
 from __future__ import annotations
 
 import importlib
+import logging as _logging
 import sys
 import types
 from typing import TYPE_CHECKING
+
+# a library's convention: its messages go nowhere until the application configures logging
+_logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
 from ._version import __version__
 

@@ -7,6 +7,7 @@ it needs when it runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -689,11 +690,38 @@ def _under_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+@contextlib.contextmanager
+def _library_messages(quiet: bool):
+    """The library's messages (the "ntkfast" logger) on stderr above any progress bar while a
+    command runs: INFO and up, or only warnings with --quiet. Restored afterwards, for a caller
+    of main() in the same process."""
+    import logging
+
+    from .core.progress import BarSafeHandler
+
+    log = logging.getLogger("ntkfast")
+    handler = BarSafeHandler()
+    handler.setFormatter(logging.Formatter("ntkfast: %(message)s"))
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+
+
 def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help, --version, a bad flag: argparse has said what it had to
         return exc.code if isinstance(exc.code, int) else 2
+    with _library_messages(getattr(args, "quiet", False)):
+        return _dispatch(args)
+
+
+def _dispatch(args) -> int:
     if not _under_torchrun():
         return _run(args)
     # torchrun: prune and transfer split their work over the processes; rank 0 alone prints and

@@ -1,6 +1,7 @@
 """The pruning loop: score, threshold, repeat over a density schedule."""
 from __future__ import annotations
 
+import logging
 import time
 import warnings
 from typing import Iterator, Mapping, Optional
@@ -14,6 +15,9 @@ from ._version import __version__
 from .core.targets import mask_buffer_name
 from .masks import Masks, prunable_parameters, round_density, threshold, unpruned_weights
 from .core.concurrency import holds_model
+from .core.progress import check_progress, progress_bar
+
+_log = logging.getLogger(__name__)
 
 _SCHEDULES = ("exponential", "linear")
 _SCOPES = ("global", "layerwise")
@@ -120,7 +124,7 @@ def prune(
     scope: str = "global",
     data=None,
     seed: int = 0,
-    progress: bool = True,
+    progress: Optional[bool] = None,
     masks: Optional[Mapping[str, torch.Tensor]] = None,
     include_bias: bool = False,
     include_norm: bool = False,
@@ -143,6 +147,10 @@ def prune(
     (their count, and every weight tied at the threshold pruned), see
     :func:`ntkfast.masks.threshold`.
 
+    ``progress``: a bar of the rounds with their rate, ETA and density; None (default) shows it
+    on a terminal, elsewhere only once the pruning has run a couple of seconds; False never (see
+    :mod:`ntkfast.core.progress`).
+
     The model is never changed: apply the result with ``masks.apply(model)``. A layer that loses
     every weight is reported by name (``on_empty_layer``: "warn", "error" or "ignore").
 
@@ -162,6 +170,7 @@ def prune(
     check_choice(on_empty_layer, "on_empty_layer", _ON_EMPTY)
     check_choice(keep_rule, "keep_rule", ("exact", "authors"))
     seed = check_seed(seed)
+    check_progress(progress)
     supplied = [k for k in _SUPPLIED if k in method_options]
     if supplied:
         raise ValueError(f"{supplied[0]}: set by prune() itself (its density schedule and scope), not a method option")
@@ -206,8 +215,6 @@ def prune(
             shard.check_same("data", {f"batch {i} {part}": t for i, batch in enumerate(data)
                                       for part, t in zip(("inputs", "targets"), batch)})
 
-    from .core.progress import Progress
-
     # the loop's values a method declared it takes (ntkfast.methods): the scope, a per-run cache
     # for work that does not change between rounds, and the process group (every method has one:
     # methods.register gives it to those whose work does not split)
@@ -222,7 +229,7 @@ def prune(
     # a method that runs once gets the seed as given (prune(..., "ntt", seed=s) is transfer(..., seed=s));
     # iterative ones a seed per round drawn from it
     seeds = [seed] if info.single_shot else _round_seeds(seed, rounds)
-    bar = Progress(rounds, desc=f"prune {method}", enabled=progress and shard.rank == 0)
+    bar = progress_bar(rounds, f"prune {method}", progress=progress, active=shard.rank == 0, unit="round")
     score_s = 0.0
     learned = None
     try:
@@ -238,8 +245,9 @@ def prune(
                 if set(out) != set(current):
                     raise RuntimeError(f"scorer {method!r} returned scores for {sorted(out)}, expected {sorted(current)}")
                 current = Masks(threshold(out, d, keep=current, scope=scope, keep_rule=keep_rule))
-            if progress:
-                bar.update(density=f"{current.density:.4g}", score_s=f"{score_s:.2f}")
+            bar.update(1, density=current.density)
+            _log.debug("prune %s: round %d of %d, density %.4g, %.2f s scoring", method, t, rounds,
+                       current.density, score_s)
     finally:
         bar.close()
 

@@ -36,6 +36,7 @@ import datetime as _dt
 import errno
 import hashlib
 import json
+import logging
 import os
 import socket
 import threading
@@ -48,6 +49,7 @@ import torch
 
 from .core.checks import check_choice, check_number
 from .core.files import check_out_path
+from .core.progress import check_progress, format_value, progress_bar
 
 try:
     import fcntl
@@ -55,6 +57,8 @@ except ImportError:  # Windows: no advisory locks; an append is still one O_APPE
     fcntl = None
 
 __all__ = ["DEFAULT_ROUNDS", "run_study", "read_results", "check_out", "cell_key"]
+
+_log = logging.getLogger(__name__)
 
 # each method's authors' iterative schedule (SynFlow and its L2 / Dist variants, iterative SNIP:
 # 100 rounds; NTK-SAP: 20); every other method scores once
@@ -521,12 +525,13 @@ def _prune_data(train_set, n: int, seed: int):
 
 
 def prune_cell(model_name: str, method: str, density: float, seed: int, rounds: int, options: dict,
-               train_set, protocol: dict, device, start_masks=None):
+               train_set, protocol: dict, device, start_masks=None, progress: Optional[bool] = None):
     """(network, masks) of one study cell before training: the network the cell's seed draws,
     pruned as the cell prunes it (NTT: its transferred weights loaded). The same arguments give
     the same masks, so analyses of a finished study can rebuild them without storing them.
     ``start_masks`` (score-based methods only) prunes from those masks instead of the full
-    network, for ablations of a cell."""
+    network, for ablations of a cell. ``progress``: as :func:`ntkfast.prune`'s (inside a study,
+    an inner bar of the study's)."""
     from . import methods, models, prune
 
     torch.manual_seed(seed)
@@ -543,20 +548,21 @@ def prune_cell(model_name: str, method: str, density: float, seed: int, rounds: 
     elif info.needs_data:
         data = _prune_data(train_set, protocol["prune_samples"], seed)
     masks = prune(net, method, density, rounds=rounds, scope=scope, data=data, seed=seed, masks=start_masks,
-                  progress=False, on_empty_layer="ignore", **options)
+                  progress=progress, on_empty_layer="ignore", **options)
     if masks.learned_weights is not None:  # a method that learned weights with its mask: train from both
         net.load_state_dict(masks.learned_weights)
     return net, masks
 
 
-def train_cell(net, masks, train_set, test_set, protocol: dict, seed: int, device):
-    """Train a pruned cell's network by the study's protocol (:func:`ntkfast.training.train`)."""
+def train_cell(net, masks, train_set, test_set, protocol: dict, seed: int, device, progress: Optional[bool] = None):
+    """Train a pruned cell's network by the study's protocol (:func:`ntkfast.training.train`;
+    ``progress`` as its)."""
     from .training import train
 
     return train(net, masks, train_set, test_set, protocol["epochs"], optimizer=protocol["optimizer"],
                  lr=protocol["lr"], momentum=protocol["momentum"], weight_decay=protocol["weight_decay"],
                  batch_size=protocol["batch_size"], lr_milestones=protocol["lr_milestones"] or None,
-                 device=device, seed=seed, progress=False, max_batches=protocol["max_batches"])
+                 device=device, seed=seed, progress=progress, max_batches=protocol["max_batches"])
 
 
 def _connectivity_fields(net, masks) -> dict:
@@ -575,6 +581,7 @@ def _connectivity_fields(net, masks) -> dict:
 def _run_cell(model_name: str, method: str, density: float, seed: int, rounds: int, options: dict,
               train_set, test_set, protocol: dict, device) -> dict:
     t0 = time.perf_counter()
+    # progress left to the default: the cell's bars are inner bars of the study's, silenced with it
     net, masks = prune_cell(model_name, method, density, seed, rounds, options, train_set, protocol, device)
     prune_s = time.perf_counter() - t0
     res = train_cell(net, masks, train_set, test_set, protocol, seed, device)
@@ -640,7 +647,7 @@ def run_study(model: str, dataset: str, data_dir, methods: Sequence[str], densit
               rounds: Optional[Mapping[str, int]] = None, method_options: Optional[Mapping[str, dict]] = None,
               prune_samples: Optional[int] = None, train_subset: Optional[int] = None,
               test_subset: Optional[int] = None, max_batches: Optional[int] = None, device=None,
-              progress: bool = True, datasets=None, claim_timeout: float = 600.0) -> List[dict]:
+              progress: Optional[bool] = None, datasets=None, claim_timeout: float = 600.0) -> List[dict]:
     """Run every (method, density, seed) cell not yet in ``out`` and append its record there.
 
     Per cell: a fresh ``model`` initialised with ``torch.manual_seed(seed)`` (so every method of one
@@ -657,11 +664,15 @@ def run_study(model: str, dataset: str, data_dir, methods: Sequence[str], densit
 
     ``out`` is checked before any work (see :func:`check_out`). Processes sharing it run each
     cell once; one cell claimed by a process gone silent is taken over after ``claim_timeout``
-    seconds (see the module's notes), and this call returns once every cell is in the file."""
+    seconds (see the module's notes), and this call returns once every cell is in the file.
+
+    ``progress``: a bar of the cells (rate, ETA, the last accuracy) with, below it, the running
+    cell's pruning and training once they have run a couple of seconds. None (default) shows the
+    cells' bar on a terminal at once, elsewhere once the study has run a couple of seconds; False
+    shows none (each finished cell is then logged at INFO on ``logging.getLogger("ntkfast")``)."""
     from . import models
     from . import methods as _methods
     from .core.machine import machine_info
-    from .core.progress import Progress
     from ._version import __version__
     from .training import DEFAULT_LR, OPTIMIZERS
 
@@ -708,6 +719,7 @@ def run_study(model: str, dataset: str, data_dir, methods: Sequence[str], densit
         raise ValueError(f"device: {device} asked, but torch.cuda.is_available() is False")
 
     claim_timeout = check_number(claim_timeout, "claim_timeout", lo=0.0, lo_open=True)
+    check_progress(progress)
     # the output file before the work: a wrong path or a file that is not a study's fails now,
     # not after the data loads (or hours later), and is left as it was
     out = Path(check_out(out))
@@ -745,9 +757,9 @@ def run_study(model: str, dataset: str, data_dir, methods: Sequence[str], densit
                 cells.append(head)
     todo = [c for c in cells if cell_key(c) not in done]
     machine = machine_info(device)
-    bar = Progress(len(todo), desc="study", enabled=progress)
-    if progress and len(todo) < len(cells):
-        bar.write(f"study: {len(cells) - len(todo)} of {len(cells)} cells already in {out}; running the other {len(todo)}")
+    if len(todo) < len(cells):
+        _log.info("study: %d of %d cells already in %s; running the other %d", len(cells) - len(todo), len(cells),
+                  out, len(todo))
 
     def run(head):
         bar.update(0, cell=_label(head))
@@ -758,8 +770,12 @@ def run_study(model: str, dataset: str, data_dir, methods: Sequence[str], densit
         _append(out, record)
         done[cell_key(record)] = json.loads(json.dumps(record, default=str))
         bar.update(1, acc=result["final_test_accuracy"])
+        _log.log(logging.INFO if bar.silenced else logging.DEBUG, "study: %s done, final test accuracy %s",
+                 _label(head), format_value(result["final_test_accuracy"]))
 
     claims = _Claims(out, claim_timeout)
+    # nothing to run, nothing to show (a bar of 0 cells would still print its line)
+    bar = progress_bar(len(todo), "study", progress=progress if todo else False, unit="cell")
     try:
         _run_cells(todo, out, done, run, claims, bar)
     finally:

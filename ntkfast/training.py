@@ -21,6 +21,7 @@ the same; the float rounding may differ.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import numbers
 import time
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
 from .core.checks import check_choice, check_device, check_int, check_mask, check_number, check_seed
-from .core.progress import Progress
+from .core.progress import check_progress, format_value, progress_bar
 from .core.sources import BatchSource, as_source
 from .core.targets import model_device
 from .masks import parameter_name
@@ -40,6 +41,8 @@ from .core.concurrency import holds_model
 from .core.state import finite_model, scoring_mode
 
 __all__ = ["train", "evaluate", "TrainResult"]
+
+_log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULER_INTERVALS = ("epoch", "step")
@@ -134,6 +137,14 @@ def _iterate(dataset, batch_size: int, shuffle: bool, seed: int, device, max_bat
         if channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         yield x, y
+
+
+def _steps_per_epoch(source: BatchSource, batch_size: int, max_batches: Optional[int]) -> Optional[int]:
+    """The batches an epoch of ``_iterate`` gives (for the step bar), None where unknown."""
+    steps = source.num_batches(batch_size)
+    if max_batches is not None:
+        steps = max_batches if steps is None else min(steps, max_batches)
+    return steps
 
 
 def _check_augment(augment, source: BatchSource):
@@ -392,7 +403,7 @@ def train(
     lr_gamma: float = 0.1,
     device=None,
     seed: int = 0,
-    progress: bool = True,
+    progress: Optional[bool] = None,
     max_batches: Optional[int] = None,
     scheduler=None,
     scheduler_interval: str = "epoch",
@@ -428,7 +439,11 @@ def train(
         seed: seeds the shuffling and the global torch RNG during training (dropout, a
             DataLoader's shuffling), which is restored afterwards. Same seed, same inputs -> the
             same result, bit for bit, on CPU.
-        progress: print one progress line per epoch to stderr.
+        progress: a bar of the epochs (loss, accuracy, rate, ETA) and, inside it, one of the
+            current epoch's steps. None (default): on a terminal at once, elsewhere only once the
+            training has run a couple of seconds; True: always; False: none. Each epoch's
+            summary is also logged (``logging.getLogger("ntkfast")``: INFO with
+            ``progress=False``, DEBUG otherwise).
         max_batches: at most this many batches per epoch, for training and for evaluation
             (quick runs and tests).
         scheduler: instead of ``lr_milestones``, a learning-rate schedule: a
@@ -462,6 +477,7 @@ def train(
     milestones = sorted(int(m) for m in (lr_milestones or []))
     _check_scheduler(scheduler, scheduler_interval, milestones)
     seed = check_seed(seed)
+    check_progress(progress)
     param_masks = _check_masks(model, masks)
     finite_model(model, masks or None)  # meta tensors, and NaN/inf where the masks keep weights, by name
     empty = [n for n, m in param_masks.items() if m.numel() and not bool(m.any())]
@@ -504,7 +520,8 @@ def train(
 
     hooks = [params[n].register_hook(lambda g, m=m: g * m) for n, m in mask_f.items() if params[n].requires_grad]
     result = TrainResult()
-    bar = Progress(total=epochs, desc="train", enabled=progress)
+    bar = progress_bar(epochs, "train", progress=progress, unit="epoch")
+    steps = _steps_per_epoch(train_set, batch_size, max_batches)
     fork_devices = [device] if device.type == "cuda" else []
     start = time.perf_counter()
     try:
@@ -517,6 +534,7 @@ def train(
                 n = 0
                 loss_acc = torch.zeros((), device=device, dtype=torch.float64)
                 correct_acc = torch.zeros((), device=device, dtype=torch.int64)
+                step_bar = progress_bar(steps, f"epoch {epoch + 1}", progress=progress, unit="step")
                 for x, y in _iterate(train_set, batch_size, True, _epoch_seed(seed, epoch), device, max_batches,
                                      channels_last=channels_last, augment=augment):
                     out = model(x)
@@ -532,6 +550,8 @@ def train(
                         loss_acc += loss.detach().to(torch.float64) * y.shape[0]
                         correct_acc += (out.detach().argmax(1) == y).sum()
                     n += y.shape[0]
+                    step_bar.update(1)
+                step_bar.close()
                 if n == 0:
                     raise ValueError("train_set gave no batches")
                 result.train_loss.append(float(loss_acc) / n)
@@ -546,7 +566,9 @@ def train(
                     _step_per_epoch(sched, result)
                 result.epochs = epoch + 1
                 result.epoch_seconds.append(time.perf_counter() - epoch_start)
-                bar.update(**fields)
+                bar.update(1, **fields)
+                _log.log(logging.INFO if bar.silenced else logging.DEBUG, "train: %s",
+                         " ".join(f"{k}={format_value(v)}" for k, v in fields.items()))
     finally:
         for h in hooks:
             h.remove()

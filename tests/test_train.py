@@ -1,12 +1,11 @@
-"""The trainer: masks hold, accuracy, errors, determinism; and the progress printer."""
-import io
+"""The trainer: masks hold, accuracy, errors, determinism; and its progress bars and log."""
+import logging
 
 import pytest
 import torch
 from torch.utils.data import TensorDataset
 
 from ntkfast import Masks, data, models, prunable_parameters
-from ntkfast.core.progress import Progress
 from ntkfast.training import TrainResult, evaluate, train
 
 from testing import devices, internal
@@ -528,43 +527,36 @@ def test_errors_checked_before_touching_the_model():
 
 # -- progress ------------------------------------------------------------------------------------
 
-def test_train_prints_progress(capsys):
+def test_train_progress_bar_and_log(capsys, caplog, monkeypatch):
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
     model = models.lenet300_100((1, 4, 4), 2)
-    train(model, None, noise((1, 4, 4), 16, k=2), noise((1, 4, 4), 8, k=2), epochs=2)
+    train(model, None, noise((1, 4, 4), 16, k=2), noise((1, 4, 4), 8, k=2), epochs=2, progress=True)
     err = capsys.readouterr().err
-    assert "epoch=1" in err and "epoch=2" in err and "test_acc=" in err
-    train(model, None, noise((1, 4, 4), 16, k=2), None, epochs=1, progress=False)
+    assert "train: 100%" in err and "2/2" in err and "epoch=2" in err and "test_acc=" in err
+    assert "epoch/s" in err or "s/epoch" in err  # the rate
+    # auto, to a stream that is not a terminal: a short training prints nothing
+    train(model, None, noise((1, 4, 4), 16, k=2), None, epochs=1)
     assert capsys.readouterr().err == ""
+    # no bar: nothing printed, and each epoch's summary logged at INFO instead
+    with caplog.at_level(logging.INFO, logger="ntkfast"):
+        train(model, None, noise((1, 4, 4), 16, k=2), None, epochs=2, progress=False)
+    assert capsys.readouterr().err == ""
+    epochs = [r for r in caplog.records if r.name == "ntkfast.training"]
+    assert [r.levelno for r in epochs] == [logging.INFO] * 2
+    assert "epoch=1" in epochs[0].getMessage() and "loss=" in epochs[0].getMessage()
+    with pytest.raises(TypeError, match="^progress: expected None"):
+        train(model, None, noise((1, 4, 4), 16, k=2), None, epochs=1, progress="yes")
 
 
-class FakeTTY(io.StringIO):
-    def isatty(self):
-        return True
+def test_train_shows_the_steps_of_an_epoch(capsys, monkeypatch):
+    from ntkfast.core import progress
 
-
-def test_progress_lines_and_tty():
-    out = io.StringIO()
-    bar = Progress(total=3, desc="prune", stream=out)
-    for i in range(3):
-        bar.update(density=0.5 ** i, round=i)
-    bar.close()
-    lines = out.getvalue().splitlines()
-    assert len(lines) == 3 and lines[0].startswith("prune [1/3] density=1 round=0")
-    assert "[3/3]" in lines[2] and "density=0.25" in lines[2]
-
-    tty = FakeTTY()
-    with Progress(total=2, desc="x", stream=tty, min_interval=0) as bar:
-        bar.update(loss=1.0)
-        bar.write("note")
-        bar.update(loss=0.5)
-    text = tty.getvalue()
-    assert text.count("\r") >= 2 and "note\n" in text and text.endswith("\n")
-
-    quiet = io.StringIO()
-    bar = Progress(total=2, stream=quiet, enabled=False)
-    bar.update(a=1)
-    bar.close()
-    assert quiet.getvalue() == ""
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    monkeypatch.setattr(progress, "AUTO_DELAY", 0.0)  # as if every step took long
+    train(models.lenet300_100((1, 4, 4), 2), None, noise((1, 4, 4), 16, k=2), None, epochs=1, batch_size=4,
+          progress=True)
+    err = capsys.readouterr().err
+    assert "epoch 1:" in err and "/4 [" in err and ("step/s" in err or "s/step" in err)
 
 
 # -- from a review of the whole package ------------------------------------------------------------

@@ -1,7 +1,7 @@
 """What every method and loop of ntkfast stands on: argument checks (``checks``), the prunable
 targets and the ``_orig`` / ``_mask`` re-parametrisation (``targets``), functional state and model
 copies (``state``), batches and unlabelled inputs (``batches``, ``unlabelled``), numerics
-(``numerics``), the machine's description (``machine``), the progress line (``progress``), the
+(``numerics``), the machine's description (``machine``), the progress bars (``progress``), the
 locks that make public calls thread-safe (``concurrency``) and how files are written and checked
 (``files``).
 Nothing here imports anything else of the package but ``ntkfast.core`` itself."""

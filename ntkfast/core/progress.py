@@ -1,23 +1,52 @@
-"""A tiny progress printer for long loops (training epochs, pruning rounds).
+"""Progress bars for ntkfast's long loops (tqdm), and the rule that decides when one shows.
 
-No dependencies. Writes to stderr (or a given stream). On a terminal it redraws one line with a
-carriage return; elsewhere (logs, pipes, CI) it prints one line per update so nothing is lost.
+Every ``progress=`` option of ntkfast takes None (the default), True or False:
 
-    bar = Progress(total=10, desc="train")
-    for epoch in range(10):
-        ...
-        bar.update(loss=0.123, acc=0.97)
-    bar.close()
+- ``None`` (auto): on a terminal the bar shows from the start; elsewhere (a log file, CI, a
+  notebook) only once the work has run :data:`AUTO_DELAY` seconds, so a short call prints nothing.
+- ``True``: the bar shows from the start, wherever stderr goes.
+- ``False``: no bar, nor any bar of the work it runs (the scorer's NTK blocks, say).
 
-``Progress`` is also a context manager (``with Progress(...) as bar:``), closing itself on exit.
+``TQDM_DISABLE=1`` in the environment silences every bar whatever the option, read each time a
+bar is made. A bar opened while another ntkfast bar is open (a training's steps inside its
+epochs, a study cell's pruning) is an inner bar: it shows only once its own work has run
+:data:`AUTO_DELAY` seconds and is cleared when done, so the outer bar stays readable.
+
+    with progress_bar(10, "train", progress=None) as bar:
+        for epoch in range(10):
+            ...
+            bar.update(1, loss=0.123, acc=0.97)
+
+Outside a terminal or notebook a bar redraws at most every :data:`LOG_INTERVAL` seconds, and every
+bar sits on one line (a log has no cursor to move between lines).
 """
 from __future__ import annotations
 
+import logging
+import os
 import sys
-import time
-from typing import Optional, TextIO
+import threading
+from typing import Optional
 
-__all__ = ["Progress", "format_value"]
+__all__ = ["AUTO_DELAY", "LOG_INTERVAL", "check_progress", "env_disabled", "progress_bar", "Bar",
+           "BarSafeHandler", "format_value"]
+
+AUTO_DELAY = 2.0
+"""Seconds of work before an auto (or inner) bar appears."""
+
+LOG_INTERVAL = 10.0
+"""Least seconds between two redraws of a bar written to a log (not a terminal or notebook)."""
+
+# per thread: the open ntkfast bars, innermost last. An inner bar inherits the silence of the
+# one around it (prune(progress=False) also silences the NTK it computes), and closing a bar
+# closes any inner bar an exception left open.
+_open = threading.local()
+
+
+def _stack() -> list:
+    if not hasattr(_open, "bars"):
+        _open.bars = []
+    return _open.bars
 
 
 def format_value(value) -> str:
@@ -29,114 +58,121 @@ def format_value(value) -> str:
     return str(value)
 
 
-def _format_seconds(seconds: float) -> str:
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h:d}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+def check_progress(value, name: str = "progress") -> Optional[bool]:
+    """``value`` if it is None, True or False; a TypeError naming ``name`` otherwise."""
+    if value is None or isinstance(value, bool):
+        return value
+    raise TypeError(f"{name}: expected None (auto), True or False, got {value!r}")
 
 
-class Progress:
-    """Count steps towards ``total`` and show ``desc [done/total] field=value ... elapsed``.
+def env_disabled() -> bool:
+    """Whether ``TQDM_DISABLE`` asks for no bars (any value but "", "0", "false", "no", "off")."""
+    return os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false", "no", "off")
 
-    Args:
-        total: the number of steps expected (None: unknown, only the count is shown).
-        desc: a label at the start of the line.
-        enabled: False makes every method a no-op (for ``progress=False`` options).
-        stream: where to write; default ``sys.stderr`` (looked up when the object is made).
-        min_interval: on a terminal, the least number of seconds between two redraws (the last
-            step is always drawn). Ignored when the stream is not a terminal.
-    """
 
-    def __init__(
-        self,
-        total: Optional[int] = None,
-        desc: str = "",
-        enabled: bool = True,
-        stream: Optional[TextIO] = None,
-        min_interval: float = 0.1,
-    ):
-        self.total = total
-        self.desc = desc
-        self.enabled = bool(enabled)
-        self.stream = stream if stream is not None else sys.stderr
-        self.min_interval = float(min_interval)
-        self.count = 0
-        self.fields: dict = {}
-        self._start = time.perf_counter()
-        self._last_draw = float("-inf")
-        self._line_len = 0
-        self._dirty = False  # a tty line is on screen without its final newline
+def _tqdm_class():
+    # imported here: a bar is made once per call of the long functions, and ``import ntkfast``
+    # stays free of it
+    from tqdm.auto import tqdm
+
+    return tqdm
+
+
+def _in_notebook() -> bool:
+    import tqdm.autonotebook
+    import tqdm.std
+
+    return tqdm.autonotebook.tqdm is not tqdm.std.tqdm
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+class Bar:
+    """One progress bar: ``update(n, **fields)`` advances it by ``n`` steps and shows the fields
+    after the rate and ETA; ``close()`` (or leaving a ``with`` block) ends it. A silenced bar
+    does nothing. Made by :func:`progress_bar`."""
+
+    def __init__(self, tqdm_bar, silenced: bool):
+        self._bar = tqdm_bar
+        self.silenced = silenced
         self._closed = False
-        try:
-            self._tty = bool(self.stream.isatty())
-        except (AttributeError, ValueError):
-            self._tty = False
+        self._fields: dict = {}
 
-    # -- public ----------------------------------------------------------------------------------
     def update(self, n: int = 1, **fields) -> None:
-        """Advance by ``n`` steps (0 to only change fields) and show the given fields."""
-        if not self.enabled or self._closed:
-            return
-        self.count += n
-        self.fields.update(fields)
-        now = time.perf_counter()
-        finished = self.total is not None and self.count >= self.total
-        if self._tty and not finished and now - self._last_draw < self.min_interval:
-            return
-        if not self._tty and not finished and self.total:
-            # a log gets about 20 lines however long the loop (100 pruning rounds, say)
-            step = max(1, self.total // 20)
-            if self.count // step == (self.count - n) // step and self.count > n:
-                return  # no multiple of step crossed (updates may advance by more than one)
-        self._last_draw = now
-        self._draw(self.line())
-
-    def write(self, message: str) -> None:
-        """Print a message on its own line without breaking the progress line."""
-        if not self.enabled:
-            return
-        if self._tty and self._dirty:
-            self.stream.write("\r" + " " * self._line_len + "\r")
-            self._dirty = False
-            self._line_len = 0
-        self.stream.write(message + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        """Finish the line (on a terminal) and stop printing."""
+        """Advance by ``n`` steps (0 to only change fields); a field keeps its last value until
+        given again."""
         if self._closed:
             return
+        if fields:
+            self._fields.update(fields)
+            # no refresh here: a refresh would draw a bar still inside its delay
+            self._bar.set_postfix({k: format_value(v) for k, v in self._fields.items()}, refresh=False)
+        self._bar.update(n)
+
+    def close(self) -> None:
+        """End the bar, and any inner bar still open."""
+        if self._closed:
+            return
+        stack = _stack()
+        if self not in stack:  # closed from another thread than the one that opened it
+            self._finish()
+            return
+        while True:
+            inner = stack.pop()
+            inner._finish()
+            if inner is self:
+                return
+
+    def _finish(self) -> None:
         self._closed = True
-        if self.enabled and self._tty and self._dirty:
-            self.stream.write("\n")
-            self.stream.flush()
-            self._dirty = False
+        self._bar.close()
 
-    def line(self) -> str:
-        """The current progress text (without newline)."""
-        parts = []
-        if self.desc:
-            parts.append(self.desc)
-        parts.append(f"[{self.count}/{self.total}]" if self.total is not None else f"[{self.count}]")
-        parts.extend(f"{k}={format_value(v)}" for k, v in self.fields.items())
-        parts.append(_format_seconds(time.perf_counter() - self._start))
-        return " ".join(parts)
-
-    # -- context manager -------------------------------------------------------------------------
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> "Bar":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # -- internals -------------------------------------------------------------------------------
-    def _draw(self, text: str) -> None:
-        if self._tty:
-            pad = max(self._line_len - len(text), 0)
-            self.stream.write("\r" + text + " " * pad)
-            self._line_len = len(text)
-            self._dirty = True
-        else:
-            self.stream.write(text + "\n")
-        self.stream.flush()
+
+def progress_bar(total: Optional[int], desc: str, *, progress: Optional[bool] = None, active: bool = True,
+                 inner: bool = False, unit: str = "it", initial: int = 0) -> Bar:
+    """A :class:`Bar` of ``total`` steps (None: unknown) labelled ``desc``, shown as ``progress``
+    asks (see the module's notes). ``active=False`` silences it (a process other than rank 0);
+    ``inner=True`` makes it an inner bar even when no ntkfast bar is open (work that runs often
+    inside a user's loop, such as the empirical NTK's blocks). Close it (or use ``with``)."""
+    progress = check_progress(progress)
+    stack = _stack()
+    nested = bool(stack) or inner
+    silenced = progress is False or not active or env_disabled() or (bool(stack) and stack[-1].silenced)
+    stream = sys.stderr
+    terminal = _is_terminal(stream)
+    notebook = _in_notebook()
+    shows_at_once = progress is True or (progress is None and terminal)
+    options = dict(
+        total=total, desc=desc, unit=unit, initial=initial, file=stream, disable=silenced,
+        delay=0.0 if shows_at_once and not nested else AUTO_DELAY,
+        leave=not nested, dynamic_ncols=terminal,
+        mininterval=0.1 if terminal or notebook else LOG_INTERVAL,
+    )
+    if not (terminal or notebook):
+        options["position"] = 0  # in a log, a cursor movement between lines is only noise
+    bar = Bar(_tqdm_class()(**options), silenced)
+    stack.append(bar)
+    return bar
+
+
+class BarSafeHandler(logging.Handler):
+    """A logging handler that prints each message on its own line of stderr, above any progress
+    bar rather than through it (the CLI installs one on the "ntkfast" logger)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            # stderr looked up now: it may have been replaced since the handler was made
+            _tqdm_class().write(self.format(record), file=sys.stderr)
+        except Exception:  # logging's convention: a failing handler reports, never raises
+            self.handleError(record)

@@ -10,6 +10,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from ..core.checks import check_bytes
+from ..core.progress import progress_bar
 from ._capture import Capture, _Untappable, capture
 from ._layers import RULES, whole_model_terms
 from ._plan import Plan, build_plan
@@ -218,33 +219,47 @@ def _assemble(engine: Engine, x1, x2, sym: bool, mode: str, N1, N2, K, nc, kc, p
         out = torch.zeros(N1, K, K, dtype=dtype, device=device)
     else:
         out = torch.zeros(N1, dtype=dtype, device=device)
-    for bi, (i0, i1) in enumerate(s1):
-        for ki, (k0, k1) in enumerate(kcs):
-            cap1 = engine.capture(x1[i0:i1], range(k0, k1))
-            if mode.startswith("diagonal"):
-                pairs = [(bi, (i0, i1), kj, kr) for kj, kr in enumerate(kcs) if mode == "diagonal" or kj == ki]
-            else:
-                pairs = [(bj, sr, kj, kr) for bj, sr in enumerate(s2) for kj, kr in enumerate(kcs)
-                         if (mode == "full" or kj == ki) and not (sym and (bj, kj) < (bi, ki))]
-            for bj, (j0, j1), kj, (l0, l1) in pairs:
-                if sym and (bj, kj) == (bi, ki):
-                    cap2 = cap1
-                else:
-                    cap2 = engine.capture(x2[j0:j1], range(l0, l1))
-                blk = engine.block(cap1, cap2, mode, paths)
-                if mode == "full":
-                    out[i0:i1, j0:j1, k0:k1, l0:l1] = blk
-                    if sym and (bj, kj) != (bi, ki):
-                        out[j0:j1, i0:i1, l0:l1, k0:k1] = blk.permute(1, 0, 3, 2)
-                elif mode == "trace":
-                    out[i0:i1, j0:j1] += blk
-                    if sym and bj != bi:
-                        out[j0:j1, i0:i1] += blk.T
-                elif mode == "diagonal":
-                    out[i0:i1, k0:k1, l0:l1] = blk
-                else:
-                    out[i0:i1] += blk
+
+    def pairs_of(bi, i, ki):
+        if mode.startswith("diagonal"):
+            return [(bi, i, kj, kr) for kj, kr in enumerate(kcs) if mode == "diagonal" or kj == ki]
+        return [(bj, sr, kj, kr) for bj, sr in enumerate(s2) for kj, kr in enumerate(kcs)
+                if (mode == "full" or kj == ki) and not (sym and (bj, kj) < (bi, ki))]
+
+    blocks = sum(len(pairs_of(bi, i, ki)) for bi, i in enumerate(s1) for ki in range(len(kcs)))
+    # an inner bar: shown only when the blocks take a while (a scorer computes many small kernels)
+    with progress_bar(blocks, "NTK blocks", inner=True, unit="block") as bar:
+        for bi, (i0, i1) in enumerate(s1):
+            for ki, (k0, k1) in enumerate(kcs):
+                cap1 = engine.capture(x1[i0:i1], range(k0, k1))
+                for bj, (j0, j1), kj, (l0, l1) in pairs_of(bi, (i0, i1), ki):
+                    _block_into(out, engine, cap1, x2, sym, mode, paths, bi, ki, (i0, i1), (k0, k1), bj, kj,
+                                (j0, j1), (l0, l1))
+                    bar.update(1)
     return out
+
+
+def _block_into(out, engine, cap1, x2, sym, mode, paths, bi, ki, rows, outs, bj, kj, cols, outs2) -> None:
+    """Compute the block of rows x cols (outputs outs x outs2) and write it, with its mirror image
+    where the kernel is symmetric, into ``out``."""
+    (i0, i1), (k0, k1), (j0, j1), (l0, l1) = rows, outs, cols, outs2
+    if sym and (bj, kj) == (bi, ki):
+        cap2 = cap1
+    else:
+        cap2 = engine.capture(x2[j0:j1], range(l0, l1))
+    blk = engine.block(cap1, cap2, mode, paths)
+    if mode == "full":
+        out[i0:i1, j0:j1, k0:k1, l0:l1] = blk
+        if sym and (bj, kj) != (bi, ki):
+            out[j0:j1, i0:i1, l0:l1, k0:k1] = blk.permute(1, 0, 3, 2)
+    elif mode == "trace":
+        out[i0:i1, j0:j1] += blk
+        if sym and bj != bi:
+            out[j0:j1, i0:i1] += blk.T
+    elif mode == "diagonal":
+        out[i0:i1, k0:k1, l0:l1] = blk
+    else:
+        out[i0:i1] += blk
 
 
 def per_sample_jacobian_impl(model, x, *, masks, params, create_graph) -> "OrderedDict[str, torch.Tensor]":

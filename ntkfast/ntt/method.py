@@ -46,8 +46,9 @@ def ntt(
     if masks is not None and not all(bool(m.all()) for m in masks.values()):
         raise ValueError("masks: NTT learns its mask from the dense model; it cannot continue from a pruned one "
                          "(use rounds=1 and no start masks or prune hooks)")
+    # progress=None: the transfer's bar is an inner bar of prune()'s, silenced with it
     res = transfer(model, target_density, data, steps=steps, epochs=epochs, batch_size=batch_size,
                    lambda_ker=lambda_ker, lambda_l2=lambda_l2, lr=lr, mask_update_every=mask_update_every,
-                   init_mask=init_mask, scope=scope, seed=seed, progress=False, validation=validation, log_every=log_every,
+                   init_mask=init_mask, scope=scope, seed=seed, progress=None, validation=validation, log_every=log_every,
                    kernel=kernel, process_group=process_group)
     return MethodResult(masks=res.masks, weights=res.state_dict, info={"history": res.history})

@@ -15,6 +15,7 @@ weights (pruned entries keep their stale values and may come back), except in th
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import time
 from collections import OrderedDict
@@ -32,12 +33,16 @@ from ..ntk import empirical_ntk
 from . import _checkpoint as _ckpt
 from ..core.concurrency import holds_model
 from ..core.state import finite_model
+from ..core.progress import check_progress, progress_bar
 
 __all__ = ["transfer", "transfer_loss", "TransferResult", "KERNELS", "INIT_MASKS"]
 
 KERNELS = ("sparse", "authors_code")
 INIT_MASKS = ("magnitude", "logit_snip")
 _SCOPES = ("layerwise", "global")
+
+_log = logging.getLogger(__name__)
+
 _LOGIT_SNIP_SAMPLES = 128  # the authors score the first 128 training inputs
 
 
@@ -232,7 +237,7 @@ def transfer(
     init_mask: str = "magnitude",
     scope: str = "layerwise",
     seed: int = 0,
-    progress: bool = True,
+    progress: Optional[bool] = None,
     callback: Optional[Callable[[dict], Optional[bool]]] = None,
     validation=None,
     log_every: int = 100,
@@ -267,7 +272,10 @@ def transfer(
             first 128 training inputs).
         scope: "layerwise" (each tensor keeps the density) or "global".
         seed: the order of the batches.
-        progress: print progress (every ``log_every`` steps) to stderr.
+        progress: a bar of the steps (rate, ETA, the step's loss and the last validation's).
+            None (default): on a terminal at once, elsewhere only once the transfer has run a
+            couple of seconds; True: always; False: none. Each validation is also logged
+            (``logging.getLogger("ntkfast")``: INFO with ``progress=False``, DEBUG otherwise).
         callback: called after every step with a dict: step, loss, kernel_distance,
             target_distance, l2; "masks" (the mask the step trained with), "student" (the
             student module; read it, do not change it), "masks_updated" (the mask is re-selected
@@ -316,6 +324,7 @@ def transfer(
     if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
         raise ValueError(f"checkpoint: expected a file path or None, got {type(checkpoint).__name__}")
     seed = check_seed(seed)
+    check_progress(progress)
     check_choice(init_mask, "init_mask", INIT_MASKS)
     check_choice(scope, "scope", _SCOPES)
     check_choice(kernel, "kernel", KERNELS)
@@ -412,8 +421,6 @@ def transfer(
         pending.clear()
         return rec
 
-    from ..core.progress import Progress
-
     learned = [p for p in student.parameters() if p.requires_grad]
     like = [p.detach() for p in learned]
     optimizer = torch.optim.Adam(learned, lr=lr)
@@ -441,22 +448,31 @@ def transfer(
         shard.run(lambda: write_checkpoint() if shard.rank == 0 else None)
 
     def write_checkpoint():
+        _log.debug("transfer: checkpoint at step %d written to %s", step, checkpoint)
         _ckpt.save(checkpoint, {
             "fingerprint": expected, "step": step, "epoch": epoch, "in_epoch": in_epoch,
             "student": student.state_dict(), "optimizer": optimizer.state_dict(),
             "masks": OrderedDict((n, m.cpu()) for n, m in masks.items()), "history": history,
             "pending": list(pending), "elapsed": time.perf_counter() - t_start})
 
-    bar = Progress(total, desc="transfer", enabled=progress and shard.rank == 0)
-    shown = step
-    if step == 0:
-        first = validate(0)
-        if first is not None:
-            bar.update(0, val_loss=first["loss"], ker=first["kernel_distance"], target=first["target_distance"])
-    else:
-        bar.update(step, resumed_at=step)
+    if step and shard.rank == 0:
+        _log.info("transfer: resuming from %s at step %d of %d", checkpoint, step, total)
+    bar = progress_bar(total, "transfer", progress=progress, active=shard.rank == 0, unit="step", initial=step)
+    # rank 0 alone reports; at INFO where no bar is wanted
+    log_level = None if shard.rank else logging.INFO if bar.silenced else logging.DEBUG
+
+    def report(rec):
+        bar.update(0, val_loss=rec["loss"], ker=rec["kernel_distance"], target=rec["target_distance"])
+        if log_level is not None:
+            _log.log(log_level, "transfer: step %d of %d: validation loss %.4g (kernel %.4g, target %.4g)",
+                     rec["step"], total, rec["loss"], rec["kernel_distance"], rec["target_distance"])
+
     last_update_limit = total - (mask_update_every or 0)
     try:
+        if step == 0:
+            first = validate(0)
+            if first is not None:
+                report(first)
         while step < total and not stopped:
             for xb in source.epoch(train_idx, batch_size, (seed * 100_003 + epoch) % 2**63, skip=in_epoch):
                 in_epoch += 1
@@ -480,6 +496,7 @@ def transfer(
                 optimizer.step()
                 step += 1
                 pending.append(loss)
+                bar.update(1, loss=loss)
                 update = bool(mask_update_every) and step % mask_update_every == 0 and step < last_update_limit
                 info = {"step": step, "loss": loss, "kernel_distance": ker, "target_distance": target, "l2": l2,
                         "masks_updated": update, "masks": masks, "student": student}
@@ -488,12 +505,9 @@ def transfer(
                 if step % log_every == 0 or step == total:
                     _release_free_memory()
                     rec = validate(step)
-                    fields = {"train_loss": loss}
                     if rec is not None:
                         info["validation"] = rec
-                        fields.update(val_loss=rec["loss"], ker=rec["kernel_distance"], target=rec["target_distance"])
-                    bar.update(step - shown, **fields)  # one line per log, not per step
-                    shown = step
+                        report(rec)
                 if callback is not None and _callback_stops(shard, callback, info):
                     stopped = True  # and the mask stays the one the student was trained with
                 if update and not stopped:
