@@ -135,7 +135,7 @@ def cmd_prune(args) -> int:
         data = (x.to(args.device or "cpu"), y.to(args.device or "cpu"))
     t0 = time.perf_counter()
     masks = prune(model, args.method, args.density, rounds=rounds, schedule=args.schedule, scope=args.scope,
-                  data=data, seed=args.seed, progress=not args.quiet, **options)
+                  data=data, seed=args.seed, progress=False if args.quiet else None, **options)
     wall = time.perf_counter() - t0
     # what `ntkfast train --masks` needs to rebuild the same network
     masks.metadata.update(model=args.model, input_shape=list(model.input_shape),
@@ -182,7 +182,7 @@ def cmd_transfer(args) -> int:
     res = transfer(model, args.density, train_set, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
                    lambda_ker=args.lambda_ker, lambda_l2=lambda_l2, lr=args.lr,
                    mask_update_every=None if args.mask_update_every == 0 else args.mask_update_every,
-                   init_mask=args.init_mask, scope=args.scope, seed=args.seed, progress=not args.quiet,
+                   init_mask=args.init_mask, scope=args.scope, seed=args.seed, progress=False if args.quiet else None,
                    kernel=args.kernel)
     h = res.history
     if h["step"]:
@@ -294,7 +294,7 @@ def cmd_train(args) -> int:
     if masks is not None:
         print(f"masks {args.masks or args.init}: density {masks.density:.6g} ({masks.metadata.get('method', '?')})")
     result = train(model, masks, train_set, test_set, args.epochs, optimizer=args.optimizer, lr=args.lr,
-                   batch_size=args.batch_size, device=args.device, seed=args.seed, progress=not args.quiet,
+                   batch_size=args.batch_size, device=args.device, seed=args.seed, progress=False if args.quiet else None,
                    max_batches=args.max_batches)
     for e in range(len(result.test_accuracy)):
         print(f"epoch {e + 1}: train loss {result.train_loss[e]:.4f}  test loss {result.test_loss[e]:.4f}  "
@@ -364,7 +364,7 @@ def cmd_study(args) -> int:
             scope=args.scope, rounds=_method_settings(args.rounds, "--rounds", positive_int),
             method_options=_method_settings(args.method_option, "--method-option", option),
             prune_samples=args.prune_samples, train_subset=args.train_subset, test_subset=args.test_subset,
-            max_batches=args.max_batches, device=args.device, progress=not args.quiet,
+            max_batches=args.max_batches, device=args.device, progress=False if args.quiet else None,
             claim_timeout=args.claim_timeout)
     except OSError as exc:
         return _out_error(exc)
