@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .core.checks import check_choice
+from .core.options import Metric, choices
 from .core.files import atomic_write, check_out_dir
 from .study import DEFAULT_ROUNDS, cell_key, read_results
 
 __all__ = ["group", "summarise", "markdown_table", "plot_accuracy", "plot_layer_densities", "write_report"]
 
-_METRICS = {"final": "final_test_accuracy", "best": "best_test_accuracy"}
+_METRICS = dict(zip(choices(Metric), ("final_test_accuracy", "best_test_accuracy")))
 
 
 def group(records: Sequence[dict]) -> "Dict[Tuple[str, str, str], List[dict]]":
@@ -64,12 +65,12 @@ def row_label(record: dict) -> str:
     return label
 
 
-def _metric_key(metric: str) -> str:
+def _metric_key(metric: Metric) -> str:
     check_choice(metric, "metric", _METRICS)
     return _METRICS[metric]
 
 
-def summarise(records: Sequence[dict], metric: str = "final") -> "Dict[str, Dict[float, Tuple[float, float, int]]]":
+def summarise(records: Sequence[dict], metric: Metric = "final") -> "Dict[str, Dict[float, Tuple[float, float, int]]]":
     """row (:func:`row_label`) -> density -> (mean, sample std (0 for one seed), number of seeds)
     of the accuracy."""
     key = _metric_key(metric)
@@ -110,7 +111,7 @@ def _protocol_line(records: Sequence[dict]) -> str:
     return "; ".join(parts)
 
 
-def markdown_table(records: Sequence[dict], metric: str = "final") -> str:
+def markdown_table(records: Sequence[dict], metric: Metric = "final") -> str:
     """One study's table: test accuracy (%) mean ± std over seeds; best mean per density in bold."""
     records = _unique(records)
     stats = summarise(records, metric)
@@ -162,7 +163,7 @@ def _slug(*parts) -> str:
     return slug.lstrip(".")
 
 
-def plot_accuracy(records: Sequence[dict], path, metric: str = "final") -> None:
+def plot_accuracy(records: Sequence[dict], path, metric: Metric = "final") -> None:
     """Accuracy against the percentage of weights kept, log axis, sparser to the right."""
     from .plots import _pyplot
 
@@ -234,7 +235,7 @@ def _finish(plt, fig, ax, title: str, path) -> None:
         plt.close(fig)
 
 
-def write_report(paths: Sequence, out_dir, *, metric: str = "final", profile_density: Optional[float] = None,
+def write_report(paths: Sequence, out_dir, *, metric: Metric = "final", profile_density: Optional[float] = None,
                  plots: bool = True) -> List[Path]:
     """``report.md`` (every study's table) and, with ``plots``, its two PNGs per study, in
     ``out_dir`` (a folder, made if missing in an existing folder). Returns the files written."""

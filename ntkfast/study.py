@@ -47,6 +47,7 @@ from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from .core.checks import check_choice, check_number
+from .core.options import Optimizer, Scope, choices
 from .core.files import check_out_path
 
 try:
@@ -634,9 +635,9 @@ def _check_method_options(method: str, options: dict) -> None:
 
 
 def run_study(model: str, dataset: str, data_dir, methods: Sequence[str], densities: Sequence[float],
-              seeds: Sequence[int], out, *, epochs: int = 10, optimizer: str = "sgd", lr: Optional[float] = None,
+              seeds: Sequence[int], out, *, epochs: int = 10, optimizer: Optimizer = "sgd", lr: Optional[float] = None,
               momentum: float = 0.9, weight_decay: float = 0.0, batch_size: int = 128,
-              lr_milestones: Optional[Sequence[int]] = None, scope: str = "global",
+              lr_milestones: Optional[Sequence[int]] = None, scope: Scope = "global",
               rounds: Optional[Mapping[str, int]] = None, method_options: Optional[Mapping[str, dict]] = None,
               prune_samples: Optional[int] = None, train_subset: Optional[int] = None,
               test_subset: Optional[int] = None, max_batches: Optional[int] = None, device=None,
@@ -688,8 +689,7 @@ def run_study(model: str, dataset: str, data_dir, methods: Sequence[str], densit
         if m != "ntt":
             _check_method_options(m, opts)
     check_choice(optimizer, "optimizer", OPTIMIZERS)
-    if scope not in ("global", "layerwise"):
-        raise ValueError(f"scope must be 'global' or 'layerwise', got {scope!r}")
+    check_choice(scope, "scope", choices(Scope))
     for name, v in (("epochs", epochs), ("batch_size", batch_size), ("prune_samples", prune_samples),
                     ("train_subset", train_subset), ("test_subset", test_subset), ("max_batches", max_batches)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):

@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .core.checks import check_choice, check_device, check_int, check_mask, check_number, check_seed
+from .core.options import Optimizer, choices
 from .core.progress import Progress
 from .core.targets import model_device
 from .masks import parameter_name
@@ -40,7 +41,7 @@ from .core.state import finite_model, scoring_mode
 
 __all__ = ["train", "evaluate", "TrainResult"]
 
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = choices(Optimizer)
 DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3}
 
 
@@ -270,7 +271,7 @@ def train(
     train_set: Dataset,
     test_set: Optional[Dataset],
     epochs: int,
-    optimizer: str = "sgd",
+    optimizer: Optimizer = "sgd",
     lr: Optional[float] = None,
     momentum: float = 0.9,
     weight_decay: float = 0.0,
