@@ -9,8 +9,9 @@ A method is a function ``fn(model, masks=None, *, data=None, seed=0, **options)`
   group its work is split over; a method that does not take it is run on every process and rank
   0's result is broadcast) and ``"exclude"`` (the names of the weights kept dense, see
   :mod:`ntkfast.core.exclude`; a method returning scores that does not take it is given it by
-  :func:`register`, which drops those weights from its scores; one returning masks must take it
-  to be run with ``exclude=``, and keep those weights as its start masks have them).
+  :func:`register`, which drops those weights from its scores; a scorer that takes it returns
+  no scores for them; one returning masks must take it to be run with ``exclude=``, and keep
+  those weights as its start masks have them).
 - ``returns``: ``"scores"`` (one score per prunable weight; the loop thresholds them at each
   round's density) or ``"masks"`` (a :class:`MethodResult`: the masks it chose and, for a method
   that also learns weights such as Neural Tangent Transfer, those weights).
