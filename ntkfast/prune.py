@@ -62,7 +62,7 @@ def _check_start_masks(masks: Mapping, start: Masks) -> Masks:
 def _existing_masks(model: nn.Module, masks: Masks) -> Masks:
     """``masks`` AND the ``<attr>_mask`` buffers the model already carries (torch.nn.utils.prune
     hooks, or masked layers in the authors' style), so weights pruned there never come back."""
-    buffers = dict(model.named_buffers())
+    buffers = {plain_name(n): b for n, b in model.named_buffers()}  # a compiled submodule's too
     out = {}
     for name, m in masks.items():
         bname = mask_buffer_name(buffers, name, m.shape)

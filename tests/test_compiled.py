@@ -110,14 +110,28 @@ def test_the_trainer_takes_either_model_with_either_key_style(model_kind, key_st
     assert all(not torch.equal(after[n].detach()[masks[n]], before[n][masks[n]]) for n in NAMES)  # kept ones trained
 
 
-def test_a_compiled_submodule():
+def _nested():
     inner = nn.Sequential(nn.Linear(12, 20), nn.ReLU())
-    net = nn.Sequential(torch.compile(inner, backend="eager"), nn.Linear(20, 4))
+    return nn.Sequential(torch.compile(inner, backend="eager"), nn.Linear(20, 4)), inner
+
+
+def test_a_compiled_submodule():
+    net, inner = _nested()
     assert list(ntkfast.prunable_parameters(net)) == ["0.0.weight", "1.weight"]
     masks = prune(net, "snip", 0.5, data=(X, Y), progress=False)
     assert list(masks) == ["0.0.weight", "1.weight"]
     masks.apply(net)
     assert bool((inner[0].weight.detach()[~masks["0.0.weight"]] == 0).all())
+    # hooks registered through the compiled submodule are read back, and respected by prune
+    masks.to_prune_hooks(net)
+    assert Masks.from_model(net) == masks
+    again = prune(net, "magnitude", 0.2, on_empty_layer="ignore", progress=False)
+    assert all(not bool((again[n] & ~masks[n]).any()) for n in masks)
+    other, inner2 = _nested()
+    ntkfast.train(other, masks, TensorDataset(X, Y), None, epochs=1, batch_size=8, progress=False)
+    assert bool((inner2[0].weight.detach()[~masks["0.0.weight"]] == 0).all())
+    res = ntkfast.transfer(_nested()[0], 0.3, X, steps=1, batch_size=8, validation=0, progress=False)
+    assert list(res.masks) == ["0.0.weight", "1.weight"] and "0.0.weight" in res.state_dict
 
 
 def test_transfer_of_a_compiled_model():

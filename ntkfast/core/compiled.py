@@ -13,7 +13,7 @@ from typing import Dict, Iterable
 
 from torch import nn
 
-__all__ = ["plain_name", "unwrap", "is_compiled", "real_names"]
+__all__ = ["plain_name", "unwrap", "is_compiled", "real_names", "without_compiled_submodules"]
 
 _SEGMENT = "_orig_mod"
 
@@ -31,6 +31,22 @@ def unwrap(module):
     while is_compiled(module):
         module = module._modules[_SEGMENT]
     return module
+
+
+def without_compiled_submodules(model: nn.Module) -> nn.Module:
+    """``model`` itself, or, where a module inside it is compiled on its own, a copy with the
+    original modules in their places: for code that looks its tensors up by their original
+    names throughout (the model given is never changed)."""
+    if not any(is_compiled(m) for m in model.modules()):
+        return model
+    import copy
+
+    dup = copy.deepcopy(model)
+    for parent in list(dup.modules()):
+        for name, child in list(parent._modules.items()):
+            if child is not None and is_compiled(child):
+                parent._modules[name] = unwrap(child)
+    return dup
 
 
 def plain_name(name: str) -> str:

@@ -25,7 +25,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..core.checks import check_choice, check_int, check_number, check_seed
-from ..core.compiled import unwrap
+from ..core.compiled import unwrap, without_compiled_submodules
 from ..core.exclude import ExcludeSpec, resolve_exclude
 from ..core.options import InitMask, Scope, TransferKernel, choices
 from ..core.unlabelled import Unlabelled, split_validation, total_steps
@@ -305,7 +305,8 @@ def transfer(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    model = unwrap(model)  # a torch.compile'd model: its original module, whose names the masks take
+    # a torch.compile'd model (or submodule): the original modules, whose names the masks take
+    model = without_compiled_submodules(unwrap(model))
     density = check_number(density, "density", lo=0.0, lo_open=True)
     if density > 1.0:
         raise ValueError(f"density: expected a fraction in (0, 1], got {density!r}")
