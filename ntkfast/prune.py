@@ -203,7 +203,8 @@ def prune(
     shard = resolve_shard(process_group)
     current = _existing_masks(model, Masks.ones(model, include_bias=include_bias, include_norm=include_norm))
     excluded = resolve_exclude(model, exclude, list(current))
-    scored = [n for n in current if n not in set(excluded)]
+    dense = frozenset(excluded)
+    scored = [n for n in current if n not in dense]
     if not scored:
         raise ValueError(f"exclude: keeps every prunable weight dense ({', '.join(excluded[:6])}"
                          f"{' ...' if len(excluded) > 6 else ''}); nothing is left to prune")
