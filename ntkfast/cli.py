@@ -104,6 +104,17 @@ def _labelled_batch(args, model):
     return next(iter(noise.batches(args.batch_size)))
 
 
+def _dense_layers(args, model):
+    """``--exclude`` and ``--dense-classifier`` as the ``exclude=`` of prune and transfer (None
+    when neither is given)."""
+    from .masks import last_linear
+
+    names = list(args.exclude or [])
+    if args.dense_classifier:
+        names.append(last_linear(model))
+    return names or None
+
+
 def cmd_prune(args) -> int:
     import torch
 
@@ -135,14 +146,16 @@ def cmd_prune(args) -> int:
         data = (x.to(args.device or "cpu"), y.to(args.device or "cpu"))
     t0 = time.perf_counter()
     masks = prune(model, args.method, args.density, rounds=rounds, schedule=args.schedule, scope=args.scope,
-                  data=data, seed=args.seed, progress=False if args.quiet else None, **options)
+                  data=data, seed=args.seed, progress=False if args.quiet else None, exclude=_dense_layers(args, model), **options)
     wall = time.perf_counter() - t0
     # what `ntkfast train --masks` needs to rebuild the same network
     masks.metadata.update(model=args.model, input_shape=list(model.input_shape),
                           num_classes=int(getattr(model, "num_classes", 0) or 0) or None)
     print(masks.report())
-    print(f"\nmethod {args.method}, {rounds} round(s), {args.scope} scope: density {masks.density:.6g} "
-          f"(target {args.density}); scoring time {masks.metadata['score_seconds']:.3f} s, total {wall:.3f} s")
+    dense = (f" of the pruned weights; {masks.density:.6g} counting the {len(masks.excluded)} excluded tensor(s) as "
+             "kept" if masks.excluded else "")
+    print(f"\nmethod {args.method}, {rounds} round(s), {args.scope} scope: density {masks.pruned_density:.6g} "
+          f"(target {args.density}){dense}; scoring time {masks.metadata['score_seconds']:.3f} s, total {wall:.3f} s")
     if args.out and _is_main_process():
         _make_folder_of(args.out, "--out")
         masks.save(args.out)
@@ -183,7 +196,7 @@ def cmd_transfer(args) -> int:
                    lambda_ker=args.lambda_ker, lambda_l2=lambda_l2, lr=args.lr,
                    mask_update_every=None if args.mask_update_every == 0 else args.mask_update_every,
                    init_mask=args.init_mask, scope=args.scope, seed=args.seed, progress=False if args.quiet else None,
-                   kernel=args.kernel)
+                   kernel=args.kernel, exclude=_dense_layers(args, model))
     h = res.history
     if h["step"]:
         print(f"validation: kernel distance {h['kernel_distance'][0]:.6g} -> {h['kernel_distance'][-1]:.6g}, "
@@ -365,7 +378,7 @@ def cmd_study(args) -> int:
             method_options=_method_settings(args.method_option, "--method-option", option),
             prune_samples=args.prune_samples, train_subset=args.train_subset, test_subset=args.test_subset,
             max_batches=args.max_batches, device=args.device, progress=False if args.quiet else None,
-            claim_timeout=args.claim_timeout)
+            claim_timeout=args.claim_timeout, exclude=args.exclude, dense_classifier=args.dense_classifier)
     except OSError as exc:
         return _out_error(exc)
     for r in records:
@@ -532,6 +545,15 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _add_exclude_args(p):
+    p.add_argument("--exclude", action="append", metavar="NAME", default=None,
+                   help="keep this layer dense (a module or weight name such as fc or fc.weight, or a pattern "
+                        "such as 'classifier.*'); repeatable. The density is then that of the other weights")
+    p.add_argument("--dense-classifier", action="store_true",
+                   help="keep the model's classifier (its last Linear layer) dense, as Synaptic-Flow's "
+                        "--dense-classifier")
+
+
 def _add_dist_args(p):
     p.add_argument("--dist-timeout", type=_seconds, default=600.0,
                    help="under torchrun: seconds a process waits for the others in a collective before it "
@@ -588,6 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--option", type=_option, action="append", metavar="KEY=VALUE",
                    help="an option of the method, repeatable (e.g. -o repeats=5 -o epsilon=0.01; see `ntkfast methods`)")
     p.add_argument("--out", default=None, help="save the masks here (torch.save); missing folders are made")
+    _add_exclude_args(p)
     _add_dist_args(p)
     p.set_defaults(func=cmd_prune)
 
@@ -612,6 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="where to save masks, learned weights and history (torch.save); "
                                                 "missing folders are made")
     p.add_argument("--plot", default=None, help="also plot the validation losses to this PNG (needs matplotlib)")
+    _add_exclude_args(p)
     _add_dist_args(p)
     p.set_defaults(func=cmd_transfer)
 
@@ -665,6 +689,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--claim-timeout", type=_seconds, default=600.0,
                    help="seconds after which a cell claimed by a process that stopped renewing its claim "
                         "(a killed one on another machine) is run here instead")
+    _add_exclude_args(p)
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("report", help="markdown tables and PNG plots from `ntkfast study` results")

@@ -11,29 +11,43 @@ from torch import nn
 
 from .core.checks import check_choice, check_mask
 from .core.files import atomic_write, check_in_path, check_out_path, plain_data
+from .core.compiled import plain_name, unwrap
+from .core.exclude import last_linear
+from .core.options import KeepRule, Schedule, Scope, choices
 from .core.targets import module_param, parameter_name, prunable_parameters, unpruned_weights
 from .ops import topk_mask, topk_mask_layerwise
 
-__all__ = ["Masks", "prunable_parameters", "unpruned_weights", "parameter_name", "density_schedule", "round_density", "n_keep",
-           "n_keep_authors", "threshold"]
+__all__ = ["Masks", "prunable_parameters", "unpruned_weights", "parameter_name", "last_linear", "density_schedule",
+           "round_density", "n_keep", "n_keep_authors", "threshold"]
 
 
 class Masks(Mapping[str, torch.Tensor]):
     """An ordered mapping name -> bool tensor (True = kept), with metadata.
 
     Names are those of ``model.named_parameters()``; the order is the prunable order of the model.
+    For a model compiled with ``torch.compile`` they are the original module's names: a
+    ``_orig_mod.`` in a given name is dropped, and the masks apply to the compiled model and to
+    the plain one alike.
+
+    A mask may cover only some of a model's weights: the others are left as they are.
+    ``metadata["exclude"]`` (set by :func:`ntkfast.prune` and :func:`ntkfast.transfer`) lists the
+    weights kept dense by ``exclude=``: they count as kept in :attr:`density` and are marked in
+    :meth:`report`; :attr:`pruned_density` is the density over the other tensors.
     """
 
     def __init__(self, masks: Mapping[str, torch.Tensor], metadata: Optional[dict] = None):
         self._m: "OrderedDict[str, torch.Tensor]" = OrderedDict()
         if not isinstance(masks, Mapping):
             raise TypeError(f"masks: expected a mapping name -> bool tensor, got {type(masks).__name__}")
-        for name, m in masks.items():
-            if not isinstance(name, str):
-                raise TypeError(f"masks: names must be str, got {type(name).__name__} {name!r}")
+        for given, m in masks.items():
+            if not isinstance(given, str):
+                raise TypeError(f"masks: names must be str, got {type(given).__name__} {given!r}")
             if not isinstance(m, torch.Tensor):
-                raise TypeError(f"masks[{name!r}] must be a tensor, got {type(m).__name__}")
-            self._m[name] = check_mask(m, f"masks[{name!r}]")
+                raise TypeError(f"masks[{given!r}] must be a tensor, got {type(m).__name__}")
+            name = plain_name(given)  # a torch.compile'd model's _orig_mod.<name>: one key for both
+            if name in self._m:
+                raise ValueError(f"masks: {given!r} and another key name the same weight {name!r}")
+            self._m[name] = check_mask(m, f"masks[{given!r}]")
         self.metadata: dict = dict(metadata or {})
         # set by methods that learn weights with their masks (NTT): a state dict of the whole model,
         # to load before training; None for score-based methods. Not saved by save().
@@ -72,9 +86,10 @@ class Masks(Mapping[str, torch.Tensor]):
 
     @classmethod
     def from_model(cls, model: nn.Module) -> "Masks":
-        """Read the ``<attr>_mask`` buffers that torch.nn.utils.prune (or to_prune_hooks) registered."""
+        """Read the ``<attr>_mask`` buffers that torch.nn.utils.prune (or to_prune_hooks) registered.
+        Keyed by the original module's names for a ``torch.compile``'d model."""
         out = OrderedDict()
-        for mname, module in model.named_modules():
+        for mname, module in unwrap(model).named_modules():
             for bname, buf in module._buffers.items():
                 if buf is None or not bname.endswith("_mask"):
                     continue
@@ -110,9 +125,26 @@ class Masks(Mapping[str, torch.Tensor]):
 
     @property
     def density(self) -> float:
-        """Fraction of prunable weights kept, over all tensors."""
+        """Fraction of prunable weights kept, over all tensors (those kept dense by ``exclude=``
+        included, every weight of them kept)."""
         n = self.numel
         return self.kept / n if n else 1.0
+
+    @property
+    def excluded(self) -> tuple:
+        """Names of the tensors that ``exclude=`` kept dense (``metadata["exclude"]``)."""
+        names = self.metadata.get("exclude") or ()
+        return tuple(n for n in names if isinstance(n, str) and n in self._m)
+
+    @property
+    def pruned_density(self) -> float:
+        """Fraction kept of the weights that were pruned: every tensor but the :attr:`excluded`
+        ones. The density ``prune(..., exclude=...)`` reaches; equal to :attr:`density` when
+        nothing is excluded."""
+        skip = set(self.excluded)
+        rest = [m for n, m in self._m.items() if n not in skip]
+        n = sum(m.numel() for m in rest)
+        return sum(int(m.sum()) for m in rest) / n if n else 1.0
 
     def layer_density(self) -> "OrderedDict[str, float]":
         return OrderedDict((n, (float(m.sum()) / m.numel()) if m.numel() else 1.0) for n, m in self._m.items())
@@ -122,23 +154,32 @@ class Masks(Mapping[str, torch.Tensor]):
         return [n for n, m in self._m.items() if m.numel() and not bool(m.any())]
 
     def report(self) -> str:
-        """A per-layer table: name, shape, kept / total, density."""
+        """A per-layer table: name, shape, kept / total, density. Tensors kept dense by
+        ``exclude=`` are marked "(excluded)" and count as kept in the total; a last row gives the
+        density of the pruned tensors alone."""
+        skip = set(self.excluded)
         rows = [("layer", "shape", "kept", "total", "density")]
         for n, m in self._m.items():
             k = int(m.sum())
-            rows.append((n, "x".join(map(str, m.shape)), str(k), str(m.numel()), f"{k / max(m.numel(), 1):.4%}"))
+            rows.append((f"{n} (excluded)" if n in skip else n, "x".join(map(str, m.shape)), str(k), str(m.numel()),
+                         f"{k / max(m.numel(), 1):.4%}"))
         rows.append(("total", "", str(self.kept), str(self.numel), f"{self.density:.4%}"))
+        if skip:
+            rest = [m for n, m in self._m.items() if n not in skip]
+            kept, numel = sum(int(m.sum()) for m in rest), sum(m.numel() for m in rest)
+            rows.append(("pruned (not excluded)", "", str(kept), str(numel), f"{self.pruned_density:.4%}"))
         widths = [max(len(r[c]) for r in rows) for c in range(5)]
         lines = []
         for i, r in enumerate(rows):
             cells = [r[0].ljust(widths[0]), r[1].ljust(widths[1])] + [r[c].rjust(widths[c]) for c in (2, 3, 4)]
             lines.append("  ".join(cells))
-            if i == 0 or i == len(rows) - 2:
+            if i == 0 or i == len(rows) - (3 if skip else 2):
                 lines.append("  ".join("-" * w for w in widths))
         return "\n".join(lines)
 
     # -- applying to a model ---------------------------------------------------------------------
     def _check_model(self, model: nn.Module) -> Dict[str, torch.Tensor]:
+        model = unwrap(model)  # a compiled model's weights are its original module's
         params = {}
         for name, m in self._m.items():
             module_name, _, attr = name.rpartition(".")
@@ -169,9 +210,10 @@ class Masks(Mapping[str, torch.Tensor]):
         import torch.nn.utils.prune as tprune
 
         self._check_model(model)
+        root = unwrap(model)
         for name, m in self._m.items():
             module_name, _, attr = name.rpartition(".")
-            module = model.get_submodule(module_name) if module_name else model
+            module = unwrap(root.get_submodule(module_name) if module_name else root)
             p = module_param(module, attr)
             tprune.custom_from_mask(module, attr, m.to(device=p.device, dtype=p.dtype))
         return model
@@ -227,17 +269,18 @@ class Masks(Mapping[str, torch.Tensor]):
         raise ValueError(f"path: {os.fspath(path)!r} does not hold ntkfast masks")
 
 
-def round_density(density: float, t: int, rounds: int, schedule: str = "exponential") -> float:
+def round_density(density: float, t: int, rounds: int, schedule: Schedule = "exponential") -> float:
     """Target density of round ``t`` of ``rounds`` (1-based): exponential d_t = d^(t/T), linear
     d_t = 1 - (1 - d) t / T."""
     if schedule == "exponential":
         return density ** (t / rounds)
     if schedule == "linear":
         return 1.0 - (1.0 - density) * t / rounds
-    raise ValueError(f"schedule must be 'exponential' or 'linear', got {schedule!r}")
+    check_choice(schedule, "schedule", choices(Schedule))
+    raise AssertionError(f"schedule {schedule!r} has no formula")
 
 
-def density_schedule(density: float, rounds: int, schedule: str = "exponential") -> list:
+def density_schedule(density: float, rounds: int, schedule: Schedule = "exponential") -> list:
     """Target densities d_1..d_T (see :func:`round_density`)."""
     return [round_density(density, t, rounds, schedule) for t in range(1, rounds + 1)]
 
@@ -247,7 +290,7 @@ def n_keep(density: float, numel: int) -> int:
     return max(0, min(numel, int(math.floor(density * numel + 0.5))))
 
 
-_KEEP_RULES = ("exact", "authors")
+_KEEP_RULES = choices(KeepRule)
 
 
 def n_keep_authors(density: float, numel: int) -> int:
@@ -260,8 +303,8 @@ def threshold(
     density: float,
     *,
     keep: Optional[Mapping[str, torch.Tensor]] = None,
-    scope: str = "global",
-    keep_rule: str = "exact",
+    scope: Scope = "global",
+    keep_rule: KeepRule = "exact",
 ) -> "OrderedDict[str, torch.Tensor]":
     """Masks keeping the highest scores, over all tensors (``scope="global"``) or per tensor
     ("layerwise"). Entries whose keep is False never come back.
@@ -275,8 +318,7 @@ def threshold(
     one instead of by their own score, so when k reaches the number alive all of them stay.
     """
     check_choice(keep_rule, "keep_rule", _KEEP_RULES)
-    if scope not in ("global", "layerwise"):
-        raise ValueError(f"scope must be 'global' or 'layerwise', got {scope!r}")
+    check_choice(scope, "scope", choices(Scope))
     names = list(scores.keys())
     s = [scores[n].detach() for n in names]
     kp = [keep[n].to(s[i].device) for i, n in enumerate(names)] if keep is not None else None

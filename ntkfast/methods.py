@@ -5,9 +5,13 @@ A method is a function ``fn(model, masks=None, *, data=None, seed=0, **options)`
 
 - ``takes``: which of the loop's own values it receives, by keyword: ``"scope"`` (global or
   layerwise), ``"target_density"`` (the round's density), ``"cache"`` (a dict kept across the
-  rounds of one run, for work that does not change between rounds) and ``"process_group"`` (the
+  rounds of one run, for work that does not change between rounds), ``"process_group"`` (the
   group its work is split over; a method that does not take it is run on every process and rank
-  0's result is broadcast).
+  0's result is broadcast) and ``"exclude"`` (the names of the weights kept dense, see
+  :mod:`ntkfast.core.exclude`; a method returning scores that does not take it is given it by
+  :func:`register`, which drops those weights from its scores; a scorer that takes it returns
+  no scores for them; one returning masks must take it to be run with ``exclude=``, and keep
+  those weights as its start masks have them).
 - ``returns``: ``"scores"`` (one score per prunable weight; the loop thresholds them at each
   round's density) or ``"masks"`` (a :class:`MethodResult`: the masks it chose and, for a method
   that also learns weights such as Neural Tangent Transfer, those weights).
@@ -15,6 +19,9 @@ A method is a function ``fn(model, masks=None, *, data=None, seed=0, **options)`
   dataset) and ``single_shot`` (it runs once, from the dense model: no rounds, no start masks).
 
 The loop (:func:`ntkfast.prune`) reads these declarations; nothing probes a method's signature.
+
+Every registered method may be called on a ``torch.compile``'d model: it runs on the original
+module, and its scores or masks are keyed by the original names.
 """
 from __future__ import annotations
 
@@ -25,13 +32,14 @@ from typing import Callable, Dict, FrozenSet, Mapping, Optional
 import torch
 
 from ._catalog import BUILTIN_METHODS
+from .core.compiled import plain_name, unwrap
 from .core.concurrency import holds_model
 from .core.state import finite_weights
 
 __all__ = ["MethodInfo", "MethodResult", "register", "get", "available", "LOOP_VALUES"]
 
 #: what the loop can hand a method, by keyword
-LOOP_VALUES = ("scope", "target_density", "cache", "process_group")
+LOOP_VALUES = ("scope", "target_density", "cache", "process_group", "exclude")
 _RETURNS = ("scores", "masks")
 
 
@@ -134,12 +142,63 @@ def register(name: str, description: str, *, needs_data: bool = False, raw_data:
             run = replicated(fn)
         # a method swaps tensors into the model for its forward passes: one call per model at a time
         # and computes on a model whose pruned NaN/inf entries read as 0 (refused where kept)
-        run = holds_model(finite_weights(_checked_flags(run), weights_only=not runs_network))
+        run = finite_weights(_checked_flags(run), weights_only=not runs_network)
+        given = set()
+        if returns == "scores" and "exclude" not in takes:
+            run = _excluding(run)
+            given.add("exclude")
+        run = holds_model(_on_original_module(run))
         _REGISTRY[name] = MethodInfo(name, run, description, needs_data, raw_data, single_shot,
-                                     takes | {"process_group"}, returns)
+                                     takes | {"process_group"} | given, returns)
         return run
 
     return deco
+
+
+def _on_original_module(fn: Callable) -> Callable:
+    """``fn`` run on the original module of a ``torch.compile``'d model: scorers evaluate the
+    network functionally, and the masks are keyed by the original names."""
+    import functools
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if args:
+            args = (unwrap(args[0]),) + args[1:]
+        elif "model" in kwargs:
+            kwargs["model"] = unwrap(kwargs["model"])
+        return fn(*args, **kwargs)
+
+    return run
+
+
+def _excluding(fn: Callable) -> Callable:
+    """A scorer taking ``exclude=`` (see :mod:`ntkfast.core.exclude`): it scores the whole
+    network as before, and the weights ``exclude`` picks are left out of the scores it returns,
+    so that thresholding them leaves those weights as they were."""
+    import functools
+    from collections import OrderedDict
+
+    from .core.exclude import resolve_exclude
+    from .core.targets import prunable_parameters
+
+    @functools.wraps(fn)
+    def run(model, masks=None, *args, exclude=None, **kwargs):
+        if exclude is None or not isinstance(model, torch.nn.Module) or not (masks is None or isinstance(masks, Mapping)):
+            return fn(model, masks, *args, **kwargs)  # the scorer's own checks name a bad model or masks
+        names = [plain_name(n) for n in masks] if masks is not None else list(prunable_parameters(model))
+        dropped = set(resolve_exclude(model, exclude, names))
+        if dropped and dropped.issuperset(names):
+            raise ValueError(f"exclude: keeps every scored weight dense ({', '.join(sorted(dropped)[:6])}); "
+                             "nothing is left to score")
+        scores = fn(model, masks, *args, **kwargs)
+        return OrderedDict((n, s) for n, s in scores.items() if n not in dropped)
+
+    sig = inspect.signature(fn)
+    params = list(sig.parameters.values())
+    at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
+    params.insert(at, inspect.Parameter("exclude", inspect.Parameter.KEYWORD_ONLY, default=None))
+    run.__signature__ = sig.replace(parameters=params)
+    return run
 
 
 def _checked_flags(fn: Callable) -> Callable:

@@ -12,6 +12,9 @@ from torch import nn
 from .core.checks import check_choice, check_density, check_int, check_mask, check_seed
 from . import methods as _methods
 from ._version import __version__
+from .core.compiled import plain_name, unwrap
+from .core.exclude import ExcludeSpec, resolve_exclude
+from .core.options import KeepRule, OnEmptyLayer, Schedule, Scope, choices
 from .core.targets import mask_buffer_name
 from .masks import Masks, prunable_parameters, round_density, threshold, unpruned_weights
 from .core.concurrency import holds_model
@@ -19,9 +22,9 @@ from .core.progress import check_progress, progress_bar
 
 _log = logging.getLogger(__name__)
 
-_SCHEDULES = ("exponential", "linear")
-_SCOPES = ("global", "layerwise")
-_ON_EMPTY = ("warn", "error", "ignore")
+_SCHEDULES = choices(Schedule)
+_SCOPES = choices(Scope)
+_ON_EMPTY = choices(OnEmptyLayer)
 
 
 class LayerCollapseError(RuntimeError):
@@ -34,25 +37,36 @@ _SUPPLIED = ("target_density",)
 
 
 def _check_start_masks(masks: Mapping, start: Masks) -> Masks:
+    """The start masks: ``masks`` where given (any subset of the prunable weights, keyed by the
+    original names or a compiled model's), ``start`` (all kept) for the weights it leaves out."""
     if not isinstance(masks, Mapping):
         raise ValueError(f"masks must be a mapping name -> bool tensor, got {type(masks).__name__}")
-    if set(masks.keys()) != set(start.keys()):
-        missing = sorted(set(start) - set(masks))
-        extra = sorted(set(masks) - set(start))
-        raise ValueError(f"masks: names do not match the model's prunable weights (missing {missing}, unexpected {extra})")
+    given = {}
+    for key in masks:
+        name = plain_name(key) if isinstance(key, str) else key
+        if name not in start:
+            raise ValueError(f"masks: {key!r} is not a prunable weight of the model (those are "
+                             f"{', '.join(list(start)[:6])}{' ...' if len(start) > 6 else ''})")
+        if name in given:
+            raise ValueError(f"masks: {key!r} and another key name the same weight {name!r}")
+        given[name] = key
     out = {}
     for name in start:
-        m = masks[name]
+        if name not in given:
+            out[name] = start[name].clone()
+            continue
+        key = given[name]
+        m = masks[key]
         if not isinstance(m, torch.Tensor) or m.shape != start[name].shape:
-            raise ValueError(f"masks[{name!r}] must be a tensor of shape {tuple(start[name].shape)}")
-        out[name] = check_mask(m, f"masks[{name!r}]").to(device=start[name].device).clone()
+            raise ValueError(f"masks[{key!r}] must be a tensor of shape {tuple(start[name].shape)}")
+        out[name] = check_mask(m, f"masks[{key!r}]").to(device=start[name].device).clone()
     return Masks(out)
 
 
 def _existing_masks(model: nn.Module, masks: Masks) -> Masks:
     """``masks`` AND the ``<attr>_mask`` buffers the model already carries (torch.nn.utils.prune
     hooks, or masked layers in the authors' style), so weights pruned there never come back."""
-    buffers = dict(model.named_buffers())
+    buffers = {plain_name(n): b for n, b in model.named_buffers()}  # a compiled submodule's too
     out = {}
     for name, m in masks.items():
         bname = mask_buffer_name(buffers, name, m.shape)
@@ -120,16 +134,17 @@ def prune(
     density: float,
     *,
     rounds: int = 1,
-    schedule: str = "exponential",
-    scope: str = "global",
+    schedule: Schedule = "exponential",
+    scope: Scope = "global",
     data=None,
     seed: int = 0,
     progress: Optional[bool] = None,
     masks: Optional[Mapping[str, torch.Tensor]] = None,
+    exclude: Optional[ExcludeSpec] = None,
     include_bias: bool = False,
     include_norm: bool = False,
-    on_empty_layer: str = "warn",
-    keep_rule: str = "exact",
+    on_empty_layer: OnEmptyLayer = "warn",
+    keep_rule: KeepRule = "exact",
     process_group=None,
     **method_options,
 ) -> Masks:
@@ -140,7 +155,23 @@ def prune(
     d_t = 1 - (1 - density) t / rounds; ``scope`` "global" thresholds all weights at once,
     "layerwise" each tensor. Pruned weights never come back. ``data`` is a labelled batch
     ``(inputs, targets)`` or an iterable of them, for the methods that need one. ``masks`` starts
-    from existing masks. Extra keyword arguments go to the scorer (``ntkfast methods`` lists them).
+    from existing masks (any subset of the prunable weights; those left out start with every
+    weight kept). Extra keyword arguments go to the scorer (``ntkfast methods`` lists them).
+
+    ``exclude`` keeps layers dense, as Synaptic-Flow's ``--dense-classifier`` and torch-pruning's
+    ``ignored_layers`` do: layer or weight names (shell patterns such as ``"classifier.*"``
+    allowed), module types (``nn.Linear``), modules of the model, a predicate
+    ``f(name, module) -> bool``, or a list of these (see :mod:`ntkfast.core.exclude`; a name that
+    picks nothing is refused). The method still runs the whole network, excluded layers included;
+    their masks are left as the start masks have them (all kept by default). ``density`` is the
+    fraction kept of the *other* weights, as in the Synaptic-Flow and NTK-SAP code, where a dense
+    layer is not among the masked parameters at all. The result holds every prunable weight, the
+    excluded ones too: ``masks.density`` counts them as kept, ``masks.pruned_density`` is the
+    density over the pruned weights, and ``masks.metadata["exclude"]`` names them.
+    :func:`ntkfast.masks.last_linear` names the classifier of most networks.
+
+    A model compiled with ``torch.compile`` is pruned as its original module, and the masks are
+    keyed by the original names: they apply to the compiled model and to the plain one.
 
     ``keep_rule="exact"`` keeps exactly round(d_t * numel) weights each round (ties broken by
     position); ``"authors"`` reproduces the Synaptic-Flow / NTK-SAP masking step bit for bit
@@ -162,13 +193,14 @@ def prune(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model = unwrap(model)  # a torch.compile'd model: its original module, whose names the masks take
     info = _methods.get(method)
     density = check_density(density)
     rounds = check_int(rounds, "rounds", lo=1)
     check_choice(schedule, "schedule", _SCHEDULES)
     check_choice(scope, "scope", _SCOPES)
     check_choice(on_empty_layer, "on_empty_layer", _ON_EMPTY)
-    check_choice(keep_rule, "keep_rule", ("exact", "authors"))
+    check_choice(keep_rule, "keep_rule", choices(KeepRule))
     seed = check_seed(seed)
     check_progress(progress)
     supplied = [k for k in _SUPPLIED if k in method_options]
@@ -179,6 +211,14 @@ def prune(
 
     shard = resolve_shard(process_group)
     current = _existing_masks(model, Masks.ones(model, include_bias=include_bias, include_norm=include_norm))
+    excluded = resolve_exclude(model, exclude, list(current))
+    dense = frozenset(excluded)
+    scored = [n for n in current if n not in dense]
+    if not scored:
+        raise ValueError(f"exclude: keeps every prunable weight dense ({', '.join(excluded[:6])}"
+                         f"{' ...' if len(excluded) > 6 else ''}); nothing is left to prune")
+    if excluded and info.returns == "masks" and "exclude" not in info.takes:
+        raise ValueError(f"exclude: method {method!r} chooses its own masks and does not take exclude")
     left = unpruned_weights(model, prunable_parameters(model, include_bias=include_bias, include_norm=include_norm))
     if left:
         listed = ", ".join(f"{n} ({t})" for n, t in list(left.items())[:8]) + (" ..." if len(left) > 8 else "")
@@ -224,6 +264,8 @@ def prune(
     if "cache" in info.takes and "cache" not in run_options:
         run_options["cache"] = {}
     run_options["process_group"] = process_group
+    if excluded:  # every method takes it (methods.register): scores only for the other weights
+        run_options["exclude"] = list(excluded)
 
     densities = (round_density(density, t, rounds, schedule) for t in range(1, rounds + 1))
     # a method that runs once gets the seed as given (prune(..., "ntt", seed=s) is transfer(..., seed=s));
@@ -240,11 +282,14 @@ def prune(
             out = info.fn(model, current, data=data, seed=s, **run_options)
             score_s += time.perf_counter() - t0
             if info.returns == "masks":
-                current, learned = _method_masks(method, out, current)
+                chosen, learned = _method_masks(method, out, current)
+                current = Masks({n: current[n] if n in excluded else m for n, m in chosen.items()})
             else:
-                if set(out) != set(current):
-                    raise RuntimeError(f"scorer {method!r} returned scores for {sorted(out)}, expected {sorted(current)}")
-                current = Masks(threshold(out, d, keep=current, scope=scope, keep_rule=keep_rule))
+                if set(out) != set(scored):
+                    raise RuntimeError(f"scorer {method!r} returned scores for {sorted(out)}, expected {sorted(scored)}")
+                # the density is of the scored weights: the excluded ones are not in the count
+                new = threshold(out, d, keep={n: current[n] for n in scored}, scope=scope, keep_rule=keep_rule)
+                current = Masks({n: new.get(n, m) for n, m in current.items()})
             bar.update(1, density=current.density)
             _log.debug("prune %s: round %d of %d, density %.4g, %.2f s scoring", method, t, rounds,
                        current.density, score_s)
@@ -265,6 +310,8 @@ def prune(
         "options": {k: v for k, v in method_options.items() if isinstance(v, (int, float, str, bool, type(None)))},
         "processes": shard.size,
     }
+    if excluded:
+        current.metadata["exclude"] = list(excluded)
     if shard.split:
         shard.check_same("prune: the resulting masks", current)
     empty = current.empty_layers()

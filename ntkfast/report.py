@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .core.checks import check_choice
+from .core.options import Metric, choices
 from .core.files import atomic_write, check_out_dir
 from .study import DEFAULT_ROUNDS, cell_key, read_results
 
@@ -34,7 +35,7 @@ __all__ = ["group", "summarise", "markdown_table", "row_label", "display_label",
 #: the files of each figure ``write_report`` makes: PNG (shown in report.md), PDF and SVG
 REPORT_FORMATS = ("png", "pdf", "svg")
 
-_METRICS = {"final": "final_test_accuracy", "best": "best_test_accuracy"}
+_METRICS = dict(zip(choices(Metric), ("final_test_accuracy", "best_test_accuracy")))
 
 
 def group(records: Sequence[dict]) -> "Dict[Tuple[str, str, str], List[dict]]":
@@ -81,12 +82,12 @@ def row_label(record: dict) -> str:
     return label
 
 
-def _metric_key(metric: str) -> str:
+def _metric_key(metric: Metric) -> str:
     check_choice(metric, "metric", _METRICS)
     return _METRICS[metric]
 
 
-def summarise(records: Sequence[dict], metric: str = "final") -> "Dict[str, Dict[float, Tuple[float, float, int]]]":
+def summarise(records: Sequence[dict], metric: Metric = "final") -> "Dict[str, Dict[float, Tuple[float, float, int]]]":
     """row (:func:`row_label`) -> density -> (mean, sample std (0 for one seed), number of seeds)
     of the accuracy."""
     key = _metric_key(metric)
@@ -127,7 +128,7 @@ def _protocol_line(records: Sequence[dict]) -> str:
     return "; ".join(parts)
 
 
-def markdown_table(records: Sequence[dict], metric: str = "final") -> str:
+def markdown_table(records: Sequence[dict], metric: Metric = "final") -> str:
     """One study's table: test accuracy (%) mean ± std over seeds; best mean per density in bold."""
     records = _unique(records)
     stats = summarise(records, metric)
@@ -324,7 +325,7 @@ def _check_paths(path, formats) -> None:
             check_out_path(p, "path")
 
 
-def plot_accuracy(records: Sequence[dict], path=None, metric: str = "final", *, ax=None, zoom: Optional[bool] = None,
+def plot_accuracy(records: Sequence[dict], path=None, metric: Metric = "final", *, ax=None, zoom: Optional[bool] = None,
                   zoom_ax=None, formats=None, legend: bool = True):
     """Accuracy against the percentage of weights kept (log axis, sparser to the right), one line
     per method (mean ± std over seeds), each in its :mod:`ntkfast.plot_style` style.
@@ -558,7 +559,7 @@ def _plot_title(record: dict) -> str:
     return title + (" (REDUCED)" if _is_reduced(p) else "")
 
 
-def write_report(paths: Sequence, out_dir, *, metric: str = "final", profile_density: Optional[float] = None,
+def write_report(paths: Sequence, out_dir, *, metric: Metric = "final", profile_density: Optional[float] = None,
                  plots: bool = True, formats=REPORT_FORMATS) -> List[Path]:
     """``report.md`` (every study's table) and, with ``plots``, its two figures per study, each
     saved in every one of ``formats`` (default PNG, which ``report.md`` shows, PDF and SVG for a

@@ -48,6 +48,7 @@ from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from .core.checks import check_choice, check_number
+from .core.options import Optimizer, Scope, choices
 from .core.files import check_out_path
 from .core.progress import check_progress, format_value, progress_bar
 
@@ -548,7 +549,7 @@ def prune_cell(model_name: str, method: str, density: float, seed: int, rounds: 
     elif info.needs_data:
         data = _prune_data(train_set, protocol["prune_samples"], seed)
     masks = prune(net, method, density, rounds=rounds, scope=scope, data=data, seed=seed, masks=start_masks,
-                  progress=progress, on_empty_layer="ignore", **options)
+                  exclude=protocol.get("exclude") or None, progress=progress, on_empty_layer="ignore", **options)
     if masks.learned_weights is not None:  # a method that learned weights with its mask: train from both
         net.load_state_dict(masks.learned_weights)
     return net, masks
@@ -589,7 +590,9 @@ def _run_cell(model_name: str, method: str, density: float, seed: int, rounds: i
         "final_test_accuracy": res.final_test_accuracy,
         "best_test_accuracy": max(res.test_accuracy) if res.test_accuracy else None,
         "test_accuracy": res.test_accuracy, "train_loss": res.train_loss,
-        "achieved_density": masks.density, "layer_density": dict(masks.layer_density()),
+        # of the pruned weights, the number the cell's density promises (the same as masks.density
+        # unless the study keeps layers dense)
+        "achieved_density": masks.pruned_density, "layer_density": dict(masks.layer_density()),
         "empty_layers": masks.empty_layers(), **_connectivity_fields(net, masks),
         "prune_seconds": prune_s, "train_seconds": res.seconds,
     }
@@ -597,7 +600,7 @@ def _run_cell(model_name: str, method: str, density: float, seed: int, rounds: i
 
 # set by the study itself for every cell, so not a method option
 _RESERVED = {"seed", "scope", "rounds", "schedule", "data", "progress", "masks", "density", "target_density",
-             "on_empty_layer", "model", "cache", "callback", "checkpoint", "checkpoint_every"}
+             "on_empty_layer", "model", "cache", "callback", "checkpoint", "checkpoint_every", "exclude"}
 _NTT_RESERVED = (_RESERVED - {"scope"})
 
 
@@ -628,6 +631,20 @@ def _ntt_options(model: torch.nn.Module, options: dict) -> dict:
     return out
 
 
+def _dense_names(model_name: str, train_set, exclude, dense_classifier: bool) -> List[str]:
+    """The mask names of the weights the study keeps dense, resolved on the model the cells prune
+    (a name that picks nothing is refused here, before any cell runs)."""
+    from . import models
+    from .core.exclude import last_linear, resolve_exclude
+    from .masks import prunable_parameters
+
+    if not exclude and not dense_classifier:
+        return []
+    net = models.get(model_name, input_shape=tuple(train_set.input_shape), num_classes=train_set.num_classes)
+    wanted = list(exclude or []) + ([last_linear(net)] if dense_classifier else [])
+    return list(resolve_exclude(net, wanted, list(prunable_parameters(net))))
+
+
 def _check_method_options(method: str, options: dict) -> None:
     from . import methods as _methods
 
@@ -641,13 +658,14 @@ def _check_method_options(method: str, options: dict) -> None:
 
 
 def run_study(model: str, dataset: str, data_dir, methods: Sequence[str], densities: Sequence[float],
-              seeds: Sequence[int], out, *, epochs: int = 10, optimizer: str = "sgd", lr: Optional[float] = None,
+              seeds: Sequence[int], out, *, epochs: int = 10, optimizer: Optimizer = "sgd", lr: Optional[float] = None,
               momentum: float = 0.9, weight_decay: float = 0.0, batch_size: int = 128,
-              lr_milestones: Optional[Sequence[int]] = None, scope: str = "global",
+              lr_milestones: Optional[Sequence[int]] = None, scope: Scope = "global",
               rounds: Optional[Mapping[str, int]] = None, method_options: Optional[Mapping[str, dict]] = None,
               prune_samples: Optional[int] = None, train_subset: Optional[int] = None,
               test_subset: Optional[int] = None, max_batches: Optional[int] = None, device=None,
-              progress: Optional[bool] = None, datasets=None, claim_timeout: float = 600.0) -> List[dict]:
+              progress: Optional[bool] = None, datasets=None, claim_timeout: float = 600.0,
+              exclude: Optional[Sequence[str]] = None, dense_classifier: bool = False) -> List[dict]:
     """Run every (method, density, seed) cell not yet in ``out`` and append its record there.
 
     Per cell: a fresh ``model`` initialised with ``torch.manual_seed(seed)`` (so every method of one
@@ -661,6 +679,12 @@ def run_study(model: str, dataset: str, data_dir, methods: Sequence[str], densit
     such). ``datasets``: an already loaded ``(train_set, test_set)`` instead of ``dataset`` and
     ``data_dir`` (``dataset`` is then only the label). Returns the records of the requested cells
     (earlier and new).
+
+    ``exclude`` (layer or weight names, patterns allowed, see :func:`ntkfast.prune`) and
+    ``dense_classifier`` (the model's last Linear, :func:`ntkfast.masks.last_linear`) keep layers
+    dense in every cell; the density is then that of the other weights. They are resolved against
+    the model before any cell runs and recorded in the protocol as the weights' names, so a study
+    with other dense layers is another protocol.
 
     ``out`` is checked before any work (see :func:`check_out`). Processes sharing it run each
     cell once; one cell claimed by a process gone silent is taken over after ``claim_timeout``
@@ -699,8 +723,7 @@ def run_study(model: str, dataset: str, data_dir, methods: Sequence[str], densit
         if m != "ntt":
             _check_method_options(m, opts)
     check_choice(optimizer, "optimizer", OPTIMIZERS)
-    if scope not in ("global", "layerwise"):
-        raise ValueError(f"scope must be 'global' or 'layerwise', got {scope!r}")
+    check_choice(scope, "scope", choices(Scope))
     for name, v in (("epochs", epochs), ("batch_size", batch_size), ("prune_samples", prune_samples),
                     ("train_subset", train_subset), ("test_subset", test_subset), ("max_batches", max_batches)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -720,6 +743,11 @@ def run_study(model: str, dataset: str, data_dir, methods: Sequence[str], densit
 
     claim_timeout = check_number(claim_timeout, "claim_timeout", lo=0.0, lo_open=True)
     check_progress(progress)
+    if exclude is not None and (isinstance(exclude, (str, bytes)) or not isinstance(exclude, Sequence)
+                                or not all(isinstance(e, str) for e in exclude)):
+        raise ValueError(f"exclude: expected a list of layer names (a study records them), got {exclude!r}")
+    if not isinstance(dense_classifier, bool):
+        raise ValueError(f"dense_classifier: expected True or False, got {dense_classifier!r}")
     # the output file before the work: a wrong path or a file that is not a study's fails now,
     # not after the data loads (or hours later), and is left as it was
     out = Path(check_out(out))
@@ -742,6 +770,9 @@ def run_study(model: str, dataset: str, data_dir, methods: Sequence[str], densit
                          prune_samples=prune_samples or 10 * train_set.num_classes, train_subset=train_subset,
                          test_subset=test_subset, max_batches=max_batches)
 
+    dense = _dense_names(model, train_set, exclude, dense_classifier)
+    if dense:  # only then: studies made before exclude= existed keep their cells
+        protocol["exclude"] = dense
     done = {cell_key(r): r for r in existing}
     if "ntt" in methods:
         ntt_options = _ntt_options(models.get(model, input_shape=tuple(train_set.input_shape),

@@ -33,6 +33,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
 from .core.checks import check_choice, check_device, check_int, check_mask, check_number, check_seed
+from .core.options import Optimizer, choices
 from .core.progress import check_progress, format_value, progress_bar
 from .core.sources import BatchSource, as_source
 from .core.targets import model_device
@@ -44,7 +45,7 @@ __all__ = ["train", "evaluate", "TrainResult"]
 
 _log = logging.getLogger(__name__)
 
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = choices(Optimizer)
 SCHEDULER_INTERVALS = ("epoch", "step")
 DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3}
 
@@ -394,7 +395,7 @@ def train(
     train_set,
     test_set,
     epochs: int,
-    optimizer: Union[str, torch.optim.Optimizer, Callable[..., torch.optim.Optimizer]] = "sgd",
+    optimizer: Union[Optimizer, torch.optim.Optimizer, Callable[..., torch.optim.Optimizer]] = "sgd",
     lr: Optional[float] = None,
     momentum: Optional[float] = None,
     weight_decay: Optional[float] = None,

@@ -137,7 +137,7 @@ def test_schedules():
     assert exp[-1] == pytest.approx(0.01) and all(a > b for a, b in zip(exp, exp[1:]))
     assert exp[49] == pytest.approx(0.1)
     assert density_schedule(0.2, 4, "linear") == pytest.approx([0.8, 0.6, 0.4, 0.2])
-    with pytest.raises(ValueError, match="schedule must be"):
+    with pytest.raises(ValueError, match="^schedule: expected one of"):
         density_schedule(0.5, 3, "cosine")
 
 
@@ -159,7 +159,7 @@ def test_threshold_global_layerwise_and_keep():
     # fewer alive than k: keep all alive, nothing comes back
     g3 = threshold(scores, 0.9, keep=keep)
     assert not g3["a"].any() and bool(g3["b"].all())
-    with pytest.raises(ValueError, match="scope must be"):
+    with pytest.raises(ValueError, match="^scope: expected one of"):
         threshold(scores, 0.5, scope="per-channel")
 
 

@@ -13,9 +13,10 @@ def _net():
 
 
 def test_builtin_methods_declare_what_they_take_and_return():
-    expect = {"ntksap": {"cache", "process_group"}, "synflow": {"cache", "process_group"},
-              "snip": {"process_group"}, "random": {"process_group"},
-              "ntt": {"target_density", "scope", "process_group"}}
+    # every scorer is given exclude by register(); NTT, which chooses its masks, takes it itself
+    expect = {"ntksap": {"cache", "process_group", "exclude"}, "synflow": {"cache", "process_group", "exclude"},
+              "snip": {"process_group", "exclude"}, "random": {"process_group", "exclude"},
+              "ntt": {"target_density", "scope", "process_group", "exclude"}}
     for name, takes in expect.items():
         assert methods.get(name).takes == takes, name
     assert methods.get("ntt").returns == "masks" and methods.get("ntt").single_shot
@@ -102,7 +103,7 @@ def test_scorers_written_before_the_contract_still_register_and_run():
         def legacy(model, masks=None, alpha=1.0, *, data=None, seed=0, cache=None):
             return {n: torch.rand(m.shape) * alpha for n, m in masks.items()}
 
-    assert methods.get("_t_legacy").takes == {"cache", "process_group"}
+    assert methods.get("_t_legacy").takes == {"cache", "process_group", "exclude"}
     got = ntkfast.prune(_net(), "_t_legacy", 0.5, alpha=2.0, progress=False)
     assert abs(got.density - 0.5) < 0.05
     with pytest.raises(ValueError, match="beta: not an option of method '_t_legacy' .its options: alpha"):

@@ -126,7 +126,8 @@ def test_method_options_forwarded_and_checked():
     (dict(on_empty_layer="explode"), "on_empty_layer: expected one of"),
     (dict(seed=1.5), "seed: expected an int"),
     (dict(keep_rule="paper"), "keep_rule: expected one of"),
-    (dict(masks={"x": torch.ones(2, dtype=torch.bool)}), "masks: names do not match"),
+    (dict(masks={"x": torch.ones(2, dtype=torch.bool)}), "masks: .x. is not a prunable weight of the model"),
+    (dict(exclude="4.wieght"), "exclude: .4.wieght. names no prunable weight"),
     (dict(data=(torch.randn(4, 1, 28, 28), torch.zeros(4, dtype=torch.long))), "data: inputs of shape"),
     (dict(data=(torch.randn(4, 3, 6, 6), torch.full((4,), 10))), "data: targets must lie in"),
 ])

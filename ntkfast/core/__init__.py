@@ -2,6 +2,7 @@
 targets and the ``_orig`` / ``_mask`` re-parametrisation (``targets``), functional state and model
 copies (``state``), batches and unlabelled inputs (``batches``, ``unlabelled``), numerics
 (``numerics``), the machine's description (``machine``), the progress bars (``progress``), the
-locks that make public calls thread-safe (``concurrency``) and how files are written and checked
-(``files``).
+locks that make public calls thread-safe (``concurrency``), how files are written and checked
+(``files``), which weights ``exclude=`` keeps dense (``exclude``), the names of ``torch.compile``'d
+models (``compiled``) and the Literal types of the string options (``options``).
 Nothing here imports anything else of the package but ``ntkfast.core`` itself."""

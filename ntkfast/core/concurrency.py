@@ -26,6 +26,8 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from .compiled import unwrap
+
 __all__ = ["model_lock", "holds_model", "GLOBAL_RNG_LOCK", "seeded_global_rng"]
 
 _LOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
@@ -56,7 +58,8 @@ def holds_model(fn: Callable) -> Callable:
         model = args[0] if args else kwargs.get(first)
         if not isinstance(model, torch.nn.Module):
             return fn(*args, **kwargs)
-        with model_lock(model):
+        # a torch.compile'd model shares its original module's tensors: one lock for both
+        with model_lock(unwrap(model)):
             return fn(*args, **kwargs)
 
     locked.__ntkfast_holds_model__ = True

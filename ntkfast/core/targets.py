@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .checks import check_mask
+from .compiled import plain_name, real_names, unwrap
 
 __all__ = ["prunable_parameters", "unpruned_weights", "parameter_name", "module_param", "attribute_name", "mask_buffer_name",
            "Target", "resolve_targets", "resolve_dtype", "model_device", "finish"]
@@ -34,7 +35,8 @@ _NORM = (
 
 def module_param(module: nn.Module, attr: str):
     """The tensor a mask for ``module.<attr>`` applies to: the parameter itself, or ``<attr>_orig``
-    when torch.nn.utils.prune has re-parametrised it."""
+    when torch.nn.utils.prune has re-parametrised it (of the original module, for a compiled one)."""
+    module = unwrap(module)
     p = module._parameters.get(attr)
     if p is None:
         p = module._parameters.get(attr + "_orig")
@@ -50,6 +52,7 @@ def prunable_parameters(
     ``include_bias`` adds those modules' biases; ``include_norm`` adds the affine weights of
     normalisation layers (and their biases with ``include_bias``). Where torch.nn.utils.prune has
     re-parametrised a weight, the key stays ``<module>.weight`` and the tensor is ``weight_orig``.
+    Keys are the original module's names for a ``torch.compile``'d model (no ``_orig_mod.``).
     """
     out: "OrderedDict[str, nn.Parameter]" = OrderedDict()
     seen = set()
@@ -64,7 +67,7 @@ def prunable_parameters(
             if p is None or id(p) in seen:
                 continue
             seen.add(id(p))
-            out[f"{mname}.{attr}" if mname else attr] = p
+            out[plain_name(f"{mname}.{attr}" if mname else attr)] = p
     return out
 
 
@@ -77,17 +80,18 @@ def unpruned_weights(model: nn.Module, prunable: Mapping[str, torch.Tensor]) -> 
     for mname, module in model.named_modules():
         for pname, p in module.named_parameters(recurse=False):
             if p is not None and p.dim() >= 2 and id(p) not in chosen:
-                out[f"{mname}.{pname}" if mname else pname] = type(module).__name__
+                out[plain_name(f"{mname}.{pname}" if mname else pname)] = type(module).__name__
     return out
 
 
 def parameter_name(model: nn.Module, mask_name: str) -> str:
-    """The name in ``model.named_parameters()`` of the tensor that mask ``mask_name`` applies to."""
-    names = dict(model.named_parameters())
-    if mask_name in names:
-        return mask_name
-    if mask_name + "_orig" in names:
-        return mask_name + "_orig"
+    """The name in ``model.named_parameters()`` of the tensor that mask ``mask_name`` applies to;
+    a model compiled with ``torch.compile`` and its original module take masks keyed either way."""
+    real = real_names(n for n, _ in model.named_parameters())
+    name = plain_name(mask_name)
+    for candidate in (name, name + "_orig"):
+        if candidate in real:
+            return real[candidate]
     raise KeyError(f"model has no parameter for mask {mask_name!r}")
 
 
@@ -149,21 +153,25 @@ def resolve_targets(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]
         raise ValueError("masks: empty; nothing to score")
     named_params = dict(model.named_parameters())
     named_buffers = dict(model.named_buffers())
+    real = real_names(named_params)
     out: "OrderedDict[str, Target]" = OrderedDict()
-    for name, m in masks.items():
-        if name in named_params:
-            pname = name
-        elif name + "_orig" in named_params:
-            pname = name + "_orig"
+    for given, m in masks.items():
+        name = plain_name(given)  # masks of a compiled model and of its original module are one
+        if name in out:
+            raise ValueError(f"masks: {given!r} and another key name the same weight {name!r}")
+        if name in real:
+            pname = real[name]
+        elif name + "_orig" in real:
+            pname = real[name + "_orig"]
         else:
-            raise ValueError(f"masks: the model has no parameter for mask {name!r}")
+            raise ValueError(f"masks: the model has no parameter for mask {given!r}")
         p = named_params[pname]
         if not isinstance(m, torch.Tensor):
             raise ValueError(f"masks[{name!r}]: expected a tensor, got {type(m).__name__}")
         if tuple(m.shape) != tuple(p.shape):
             raise ValueError(f"masks[{name!r}]: shape {tuple(m.shape)} but the parameter has shape {tuple(p.shape)}")
         mask = check_mask(m, f"masks[{name!r}]").to(device=p.device)
-        bname = mask_buffer_name(named_buffers, name, p.shape)
+        bname = mask_buffer_name(named_buffers, attribute_name(pname), p.shape)
         if bname is not None:
             mask = mask & check_mask(named_buffers[bname], f"model: buffer {bname}").to(p.device)
         out[name] = Target(name, pname, p, mask, bname)

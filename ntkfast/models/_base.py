@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..core.checks import check_choice, check_int
+from ..core.options import ZooInit, choices
 
 # Standard deviation of a standard normal truncated to (-2, 2): JAX/Keras divide by it so that
 # their "truncated normal" variance-scaling initialisers reach the intended variance.
@@ -136,16 +137,16 @@ def reset_batchnorm_(module: nn.Module) -> None:
         module.reset_running_stats()
 
 
-_INITS = ("synflow", "ntksap")
+_INITS = choices(ZooInit)
 
 
-def check_init(init: str) -> str:
+def check_init(init: ZooInit) -> str:
     check_choice(init, "init", _INITS)
     return init
 
 
 @torch.no_grad()
-def kaiming_reinit_(model: nn.Module, init: str) -> None:
+def kaiming_reinit_(model: nn.Module, init: ZooInit) -> None:
     """The Synaptic-Flow / NTK-SAP CIFAR initialisation: Kaiming-normal (fan-in) weights of every
     Conv2d and Linear, BatchNorm weight 1 and bias 0; conv/linear biases zero with
     ``init="synflow"``, PyTorch's default uniform with ``init="ntksap"`` (NTK-SAP leaves them)."""

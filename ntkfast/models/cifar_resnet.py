@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..core.checks import check_int
+from ..core.options import ZooInit
 from ._base import ZooModel, check_image_shape, check_init, check_num_classes, kaiming_reinit_
 
 __all__ = ["CifarResNet", "BasicBlock", "resnet20", "resnet32", "resnet56"]
@@ -63,7 +64,7 @@ class CifarResNet(ZooModel):
     """ResNet-(6D+2) for CIFAR (He et al., 2016, section 4.2) in the open_lth/Synaptic-Flow form."""
 
     def __init__(self, depth: int, input_shape: Sequence[int] = (3, 32, 32), num_classes: int = 10, *,
-                 width: int = 16, init: str = "synflow"):
+                 width: int = 16, init: ZooInit = "synflow"):
         c, _, _ = check_image_shape(input_shape, f"resnet{depth}")
         check_num_classes(num_classes)
         init = check_init(init)
@@ -99,18 +100,18 @@ class CifarResNet(ZooModel):
 
 
 def resnet20(input_shape: Sequence[int] = (3, 32, 32), num_classes: int = 10, *, width: int = 16,
-             init: str = "synflow") -> CifarResNet:
+             init: ZooInit = "synflow") -> CifarResNet:
     """ResNet-20 for CIFAR (3 blocks per stage): 272,474 parameters for 10 classes."""
     return CifarResNet(20, input_shape, num_classes, width=width, init=init)
 
 
 def resnet32(input_shape: Sequence[int] = (3, 32, 32), num_classes: int = 10, *, width: int = 16,
-             init: str = "synflow") -> CifarResNet:
+             init: ZooInit = "synflow") -> CifarResNet:
     """ResNet-32 for CIFAR (5 blocks per stage): 466,906 parameters for 10 classes."""
     return CifarResNet(32, input_shape, num_classes, width=width, init=init)
 
 
 def resnet56(input_shape: Sequence[int] = (3, 32, 32), num_classes: int = 10, *, width: int = 16,
-             init: str = "synflow") -> CifarResNet:
+             init: ZooInit = "synflow") -> CifarResNet:
     """ResNet-56 for CIFAR (9 blocks per stage): 855,770 parameters for 10 classes."""
     return CifarResNet(56, input_shape, num_classes, width=width, init=init)

@@ -29,6 +29,7 @@ from typing import List, Optional, Sequence, Type, Union
 import torch
 from torch import nn
 
+from ..core.options import ZooInit
 from ._base import ZooModel, check_image_shape, check_init, check_num_classes, param, reset_batchnorm_, torch_default_
 
 __all__ = ["ImageNetResNet", "BasicBlock", "Bottleneck", "resnet18", "resnet50"]
@@ -88,7 +89,7 @@ class ImageNetResNet(ZooModel):
 
     def __init__(self, block: Type[Union[BasicBlock, Bottleneck]], layers: List[int],
                  input_shape: Sequence[int] = (3, 224, 224), num_classes: int = 1000, *,
-                 init: str = "synflow", name: str = "resnet"):
+                 init: ZooInit = "synflow", name: str = "resnet"):
         c, _, _ = check_image_shape(input_shape, name)
         check_num_classes(num_classes)
         init = check_init(init)
@@ -141,12 +142,12 @@ class ImageNetResNet(ZooModel):
 
 
 def resnet18(input_shape: Sequence[int] = (3, 224, 224), num_classes: int = 1000, *,
-             init: str = "synflow") -> ImageNetResNet:
+             init: ZooInit = "synflow") -> ImageNetResNet:
     """ResNet-18, ImageNet layout (BasicBlocks 2-2-2-2): 11.69M parameters for 1000 classes."""
     return ImageNetResNet(BasicBlock, [2, 2, 2, 2], input_shape, num_classes, init=init, name="resnet18")
 
 
 def resnet50(input_shape: Sequence[int] = (3, 224, 224), num_classes: int = 1000, *,
-             init: str = "synflow") -> ImageNetResNet:
+             init: ZooInit = "synflow") -> ImageNetResNet:
     """ResNet-50, ImageNet layout (Bottlenecks 3-4-6-3): 25.56M parameters for 1000 classes."""
     return ImageNetResNet(Bottleneck, [3, 4, 6, 3], input_shape, num_classes, init=init, name="resnet50")

@@ -24,6 +24,7 @@ from typing import List, Sequence, Union
 import torch
 from torch import nn
 
+from ..core.options import ZooInit
 from ._base import (ZooModel, check_image_shape, check_init, check_num_classes, kaiming_reinit_,
                     too_small)
 
@@ -56,7 +57,7 @@ class VGG(ZooModel):
     """VGG for small images: conv blocks and max-pools per ``plan``, global average pool, Linear."""
 
     def __init__(self, plan: List[Union[int, str]], input_shape: Sequence[int] = (3, 32, 32),
-                 num_classes: int = 10, *, batch_norm: bool = True, init: str = "synflow", name: str = "vgg"):
+                 num_classes: int = 10, *, batch_norm: bool = True, init: ZooInit = "synflow", name: str = "vgg"):
         c, h, w = check_image_shape(input_shape, name)
         check_num_classes(num_classes)
         init = check_init(init)
@@ -91,18 +92,18 @@ class VGG(ZooModel):
 
 
 def vgg11(input_shape: Sequence[int] = (3, 32, 32), num_classes: int = 10, *, batch_norm: bool = True,
-          init: str = "synflow") -> VGG:
+          init: ZooInit = "synflow") -> VGG:
     """VGG-11 (CIFAR layout, BatchNorm by default): 9.23M parameters for 10 classes."""
     return VGG(PLANS[11], input_shape, num_classes, batch_norm=batch_norm, init=init, name="vgg11")
 
 
 def vgg16(input_shape: Sequence[int] = (3, 32, 32), num_classes: int = 10, *, batch_norm: bool = True,
-          init: str = "synflow") -> VGG:
+          init: ZooInit = "synflow") -> VGG:
     """VGG-16 (CIFAR layout, BatchNorm by default): 14.73M parameters for 10 classes."""
     return VGG(PLANS[16], input_shape, num_classes, batch_norm=batch_norm, init=init, name="vgg16")
 
 
 def vgg19(input_shape: Sequence[int] = (3, 32, 32), num_classes: int = 10, *, batch_norm: bool = True,
-          init: str = "synflow") -> VGG:
+          init: ZooInit = "synflow") -> VGG:
     """VGG-19 (CIFAR layout, BatchNorm by default): 20.04M parameters for 10 classes."""
     return VGG(PLANS[19], input_shape, num_classes, batch_norm=batch_norm, init=init, name="vgg19")

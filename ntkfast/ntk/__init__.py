@@ -17,6 +17,7 @@ from ._sharded import sharded_ntk
 from ._spectrum import NTKSpectrum, ntk_spectrum_impl
 from ._trace import ntk_trace_impl
 from ..core.concurrency import holds_model
+from ..core.options import NTKMode, SpectrumMethod, TraceMethod
 from ..core.state import finite_weights
 
 __all__ = ["empirical_ntk", "per_sample_jacobian", "ntk_trace", "ntk_spectrum", "NTKSpectrum"]
@@ -25,7 +26,7 @@ __all__ = ["empirical_ntk", "per_sample_jacobian", "ntk_trace", "ntk_spectrum", 
 @holds_model
 @finite_weights
 def empirical_ntk(model: torch.nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor] = None, *, masks=None,
-                  mode: str = "full", params=None, memory_budget: Optional[int] = None,
+                  mode: NTKMode = "full", params=None, memory_budget: Optional[int] = None,
                   create_graph: bool = False, explain: bool = False, process_group=None, gather: bool = True):
     """The empirical NTK of ``model`` between the samples of ``x1`` and ``x2`` (default ``x1``).
 
@@ -74,7 +75,7 @@ def per_sample_jacobian(model: torch.nn.Module, x: torch.Tensor, *, masks=None, 
 
 @holds_model
 @finite_weights
-def ntk_trace(model: torch.nn.Module, x: torch.Tensor, *, masks=None, method: str = "exact", params=None,
+def ntk_trace(model: torch.nn.Module, x: torch.Tensor, *, masks=None, method: TraceMethod = "exact", params=None,
               n_probes: int = 64, epsilon: float = 1e-3, seed: Optional[int] = None,
               memory_budget: Optional[int] = None) -> torch.Tensor:
     """tr Θ(x, x) = Σ_i Σ_k ||∂f_k(x_i)/∂θ||².
@@ -90,7 +91,7 @@ def ntk_trace(model: torch.nn.Module, x: torch.Tensor, *, masks=None, method: st
 @holds_model
 @finite_weights
 def ntk_spectrum(model: torch.nn.Module, x: torch.Tensor, *, masks=None, k: Optional[int] = None, params=None,
-                 method: str = "auto", memory_budget: Optional[int] = None, steps: Optional[int] = None,
+                 method: SpectrumMethod = "auto", memory_budget: Optional[int] = None, steps: Optional[int] = None,
                  seed: Optional[int] = None) -> NTKSpectrum:
     """Eigenvalues (descending) of the (N·K)×(N·K) kernel and its condition number.
 

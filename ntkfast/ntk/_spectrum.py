@@ -7,6 +7,7 @@ from typing import NamedTuple
 import torch
 
 from ..core.checks import check_int
+from ..core.options import SpectrumMethod, choices
 from ..core.numerics import lanczos
 from ._empirical import _default_budget, check_batch, empirical_ntk_impl, forward_of
 from ._plan import build_plan
@@ -28,8 +29,8 @@ def _condition(top: float, bottom: float) -> float:
 
 
 def ntk_spectrum_impl(model, x, *, masks, k, params, method, memory_budget, steps, seed) -> NTKSpectrum:
-    if method not in ("auto", "dense", "lanczos"):
-        raise ValueError(f"method: expected 'auto', 'dense' or 'lanczos', got {method!r}")
+    if method not in choices(SpectrumMethod):
+        raise ValueError(f"method: expected one of {', '.join(map(repr, choices(SpectrumMethod)))}, got {method!r}")
     k = check_int(k, "k", lo=1, allow_none=True)
     check_batch(x, "x")
     plan = build_plan(model, params, masks)

@@ -21,7 +21,9 @@ import torch
 
 from . import _kernels
 
-MODES = ("full", "trace", "diagonal", "diagonal_trace")
+from ..core.options import NTKMode, choices
+
+MODES = choices(NTKMode)
 # Elements of the largest temporary a chunked contraction may build (8 bytes each in float64).
 _CHUNK_ELEMENTS = 1 << 25
 

@@ -8,7 +8,9 @@ from ._empirical import check_batch, empirical_ntk_impl, forward_of
 from ._plan import build_plan
 from ._products import Linearised
 
-METHODS = ("exact", "hutchinson", "finite_difference")
+from ..core.options import TraceMethod, choices
+
+METHODS = choices(TraceMethod)
 
 
 def ntk_trace_impl(model, x, *, masks, method, params, n_probes, epsilon, seed, memory_budget):

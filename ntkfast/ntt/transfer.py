@@ -26,6 +26,9 @@ from torch import nn
 from torch.func import functional_call
 
 from ..core.checks import check_choice, check_int, check_number, check_seed
+from ..core.compiled import unwrap, without_compiled_submodules
+from ..core.exclude import ExcludeSpec, resolve_exclude
+from ..core.options import InitMask, Scope, TransferKernel, choices
 from ..core.unlabelled import Unlabelled, split_validation, total_steps
 from ..distributed import Shard, resolve as resolve_shard
 from ..masks import Masks, prunable_parameters, threshold
@@ -37,9 +40,9 @@ from ..core.progress import check_progress, progress_bar
 
 __all__ = ["transfer", "transfer_loss", "TransferResult", "KERNELS", "INIT_MASKS"]
 
-KERNELS = ("sparse", "authors_code")
-INIT_MASKS = ("magnitude", "logit_snip")
-_SCOPES = ("layerwise", "global")
+KERNELS = choices(TransferKernel)
+INIT_MASKS = choices(InitMask)
+_SCOPES = choices(Scope)
 
 _log = logging.getLogger(__name__)
 
@@ -109,7 +112,7 @@ def teacher_targets(teacher: nn.Module, x: torch.Tensor, params=None,
 
 def transfer_loss(student: nn.Module, masks: Mapping[str, torch.Tensor], x: torch.Tensor,
                   teacher_out: torch.Tensor, teacher_ntk: torch.Tensor, *, density: float,
-                  lambda_ker: float = 1e-3, lambda_l2: float = 1e-4, kernel: str = "sparse",
+                  lambda_ker: float = 1e-3, lambda_l2: float = 1e-4, kernel: TransferKernel = "sparse",
                   create_graph: bool = True,
                   part: Optional[Tuple[int, int]] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """The NTT loss of ``student`` (weights W ⊙ masks) on the batch ``x`` against the teacher's
@@ -153,7 +156,7 @@ def transfer_loss(student: nn.Module, masks: Mapping[str, torch.Tensor], x: torc
     return loss, {"kernel_distance": ker, "target_distance": target, "l2": l2}
 
 
-def select_masks(weights: Mapping[str, torch.Tensor], density: float, scope: str) -> Masks:
+def select_masks(weights: Mapping[str, torch.Tensor], density: float, scope: Scope) -> Masks:
     """Keep the round(density · n) largest |W| (per tensor, or over all of them)."""
     return Masks(threshold({n: w.detach().abs() for n, w in weights.items()}, density, scope=scope))
 
@@ -234,17 +237,18 @@ def transfer(
     lambda_l2: float = 1e-4,
     lr: float = 5e-4,
     mask_update_every: Optional[int] = 100,
-    init_mask: str = "magnitude",
-    scope: str = "layerwise",
+    init_mask: InitMask = "magnitude",
+    scope: Scope = "layerwise",
     seed: int = 0,
     progress: Optional[bool] = None,
     callback: Optional[Callable[[dict], Optional[bool]]] = None,
     validation=None,
     log_every: int = 100,
-    kernel: str = "sparse",
+    kernel: TransferKernel = "sparse",
     checkpoint=None,
     checkpoint_every: Optional[int] = None,
     process_group=None,
+    exclude: Optional[ExcludeSpec] = None,
 ) -> TransferResult:
     """Neural Tangent Transfer: a sparse student of ``model`` whose outputs and empirical NTK
     mimic the dense ``model``'s, learned without labels.
@@ -298,6 +302,10 @@ def transfer(
             steps and the result is the single-process one up to floating-point summation order.
             Every process passes the same model and data (checked); rank 0 alone prints and writes
             the checkpoint (which every process must be able to read to resume).
+        exclude: weights the student keeps dense: names, module types, modules or a predicate, as
+            for :func:`ntkfast.prune`. They are trained like the others (and count in the L2 term)
+            but never masked; ``density`` is the fraction kept of the other prunable weights, and
+            the masks returned hold the excluded ones all kept (``masks.metadata["exclude"]``).
 
     Returns:
         a :class:`TransferResult`: ``(masks, state_dict)`` (the learned weights, zero where
@@ -305,6 +313,8 @@ def transfer(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    # a torch.compile'd model (or submodule): the original modules, whose names the masks take
+    model = without_compiled_submodules(unwrap(model))
     density = check_number(density, "density", lo=0.0, lo_open=True)
     if density > 1.0:
         raise ValueError(f"density: expected a fraction in (0, 1], got {density!r}")
@@ -338,10 +348,15 @@ def transfer(
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("model: no parameter requires grad, so the student has nothing to learn")
-    names = list(prunable_parameters(model))
-    if not names:
+    every_name = list(prunable_parameters(model))
+    if not every_name:
         raise ValueError("model: no prunable weights (Linear or Conv modules) to mask")
-    frozen = [n for n in names if n not in trainable]
+    excluded = resolve_exclude(model, exclude, every_name)
+    names = [n for n in every_name if n not in excluded]  # the masked ones
+    if not names:
+        raise ValueError(f"exclude: keeps every prunable weight dense ({', '.join(excluded[:6])}); "
+                         "nothing is left to mask")
+    frozen = [n for n in every_name if n not in trainable]
     if frozen and kernel == "authors_code":
         raise ValueError(f"kernel: 'authors_code' differentiates every masked weight, but {frozen[0]!r} is frozen; "
                          "use kernel='sparse' or unfreeze it")
@@ -385,13 +400,17 @@ def transfer(
         p.requires_grad_(False)
     student = copy.deepcopy(model).eval()  # keeps the user's requires_grad: frozen stays frozen
     sparams = dict(student.named_parameters())
+    dense = {n: torch.ones_like(sparams[n], dtype=torch.bool) for n in excluded}
+
+    def with_dense(chosen: Mapping[str, torch.Tensor]) -> Masks:
+        """Every prunable weight's mask, in the model's order: the excluded ones all kept."""
+        return Masks(OrderedDict((n, chosen[n].to(device) if n in chosen else dense[n]) for n in every_name))
 
     if init_mask == "magnitude":
-        masks = select_masks({n: sparams[n] for n in names}, density, scope)
+        masks = with_dense(select_masks({n: sparams[n] for n in names}, density, scope))
     else:
         snip_x = prepare(source.take(train_idx[:_LOGIT_SNIP_SAMPLES]))
-        masks = logit_snip_masks(student, names, snip_x, density, scope)  # = the teacher, differentiable
-    masks = Masks(OrderedDict((n, m.to(device)) for n, m in masks.items()))
+        masks = with_dense(logit_snip_masks(student, names, snip_x, density, scope))  # = the teacher, differentiable
 
     if val_x is not None:
         val_t_out, val_t_ntk = teacher_targets(teacher, val_x, trainable, part=part)
@@ -428,6 +447,8 @@ def transfer(
     if checkpoint is not None:
         settings = dict(opts, steps=total, batch_size=batch_size, lr=lr, mask_update_every=mask_update_every,
                         init_mask=init_mask, scope=scope, seed=seed, log_every=log_every)
+        if excluded:  # (only then: checkpoints made before exclude= existed still resume)
+            settings["exclude"] = list(excluded)
         expected = _ckpt.fingerprint(teacher, settings, source.take(train_idx[:batch_size]), n_train, val_x)
         saved = shard.run(lambda: _ckpt.load(checkpoint, expected))
         if shard.split:  # every process must resume from the same point (a file they all read)
@@ -511,7 +532,7 @@ def transfer(
                 if callback is not None and _callback_stops(shard, callback, info):
                     stopped = True  # and the mask stays the one the student was trained with
                 if update and not stopped:
-                    masks = select_masks({n: sparams[n] for n in names}, density, scope)
+                    masks = with_dense(select_masks({n: sparams[n] for n in names}, density, scope))
                 if stopped or step >= total:
                     break
                 if checkpoint is not None and step % every == 0:
@@ -533,5 +554,6 @@ def transfer(
         "method": "ntt", "density": density, "scope": scope, "init_mask": init_mask, "steps": step,
         "batch_size": batch_size, "lambda_ker": lambda_ker, "lambda_l2": lambda_l2, "lr": lr,
         "mask_update_every": mask_update_every, "seed": seed, "kernel": kernel,
+        **({"exclude": list(excluded)} if excluded else {}),
     })
     return TransferResult(out_masks, state, history)

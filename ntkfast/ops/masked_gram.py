@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 
+from ..core.options import GramMode, choices
 from .loader import Family
 
 #
@@ -14,7 +15,7 @@ from .loader import Family
 # Every formula below goes through P[i, j, o] = sum_c mask[o, c] a1[i, c] a2[j, c], computed a chunk
 # of rows i at a time so that no intermediate grows past _GRAM_CHUNK_ELEMENTS.
 
-_GRAM_MODES = ("full", "trace", "diagonal", "diagonal_trace")
+_GRAM_MODES = choices(GramMode)
 _GRAM_DTYPES = (torch.float32, torch.float64)
 _GRAM_CHUNK_ELEMENTS = 2**24
 FAMILY = Family("masked_gram", "masked_gram")
@@ -229,7 +230,7 @@ if FAMILY.defined:
 
 def masked_gram(a1: torch.Tensor, b1: torch.Tensor, a2: Optional[torch.Tensor] = None,
                 b2: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None, *,
-                mode: str = "full") -> torch.Tensor:
+                mode: GramMode = "full") -> torch.Tensor:
     """The NTK block of a masked dense layer ``y = (W * mask) a``, weights W [O, C]:
 
         full[i, j, k, l] = sum_{o, c} mask[o, c] b1[i, k, o] b2[j, l, o] a1[i, c] a2[j, c]
@@ -266,7 +267,7 @@ def masked_gram(a1: torch.Tensor, b1: torch.Tensor, a2: Optional[torch.Tensor] =
 
 def masked_gram_reference(a1: torch.Tensor, b1: torch.Tensor, a2: Optional[torch.Tensor] = None,
                           b2: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None, *,
-                          mode: str = "full") -> torch.Tensor:
+                          mode: GramMode = "full") -> torch.Tensor:
     """:func:`masked_gram` in PyTorch ops: P[i, j, o] = sum_c mask[o, c] a1[i, c] a2[j, c] by one GEMM
     per chunk of rows i (intermediates of at most ~2**24 elements), then contracted with b1 and b2
     by batched GEMMs. Differentiable by autograd in every input, mask included; the values only zero
