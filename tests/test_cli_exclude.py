@@ -45,7 +45,7 @@ def test_prune_refuses_an_unknown_layer_in_one_line_before_any_work(tmp_path, ca
 
 def test_transfer_dense_classifier(tmp_path, capsys, noise_data):
     out = tmp_path / "t.pt"
-    rc = main(["transfer", "--model", "lenet300_100", "--dataset", "noise", "--data-dir", str(tmp_path),
+    rc = main(["transfer", "--model", "lenet300_100", "--dataset", "mnist", "--data-dir", str(tmp_path),
                "--density", "0.1", "--steps", "2", "--batch-size", "16", "--quiet", "--dense-classifier",
                "--out", str(out)])
     assert rc == 0, capsys.readouterr().err
@@ -57,7 +57,7 @@ def test_transfer_dense_classifier(tmp_path, capsys, noise_data):
 
 def test_study_records_the_dense_layers_in_its_protocol(tmp_path, capsys, noise_data):
     out = tmp_path / "r.jsonl"
-    rc = main(["study", "--model", "lenet300_100", "--dataset", "noise", "--data-dir", str(tmp_path), "--methods",
+    rc = main(["study", "--model", "lenet300_100", "--dataset", "mnist", "--data-dir", str(tmp_path), "--methods",
                "magnitude", "--densities", "0.1", "--epochs", "1", "--max-batches", "1", "--quiet",
                "--dense-classifier", "--exclude", "classifier.0.weight", "--out", str(out)])
     assert rc == 0, capsys.readouterr().err
@@ -65,7 +65,7 @@ def test_study_records_the_dense_layers_in_its_protocol(tmp_path, capsys, noise_
     assert rec["protocol"]["exclude"] == ["classifier.0.weight", "classifier.4.weight"]
     assert rec["layer_density"]["classifier.4.weight"] == 1.0 and rec["layer_density"]["classifier.0.weight"] == 1.0
     assert rec["achieved_density"] == pytest.approx(0.1)  # of the pruned weights, as the cell's density
-    rc = main(["study", "--model", "lenet300_100", "--dataset", "noise", "--data-dir", str(tmp_path), "--methods",
+    rc = main(["study", "--model", "lenet300_100", "--dataset", "mnist", "--data-dir", str(tmp_path), "--methods",
                "magnitude", "--densities", "0.1", "--quiet", "--exclude", "fc9", "--out", str(tmp_path / "b.jsonl")])
     assert rc == 2 and "exclude: 'fc9' names no prunable weight" in capsys.readouterr().err
 

@@ -38,8 +38,11 @@ def _annotated():
         while hasattr(target, "__wrapped__"):
             target = target.__wrapped__
         for p, h in hints.items():
-            if h in ALIASES:
-                out[f"{target.__module__}.{target.__qualname__}:{p}"] = h
+            # a Literal alone, or inside a Union (train's optimizer: a name, an instance or a factory)
+            found = [h] if h in ALIASES else [a for a in typing.get_args(h) if a in ALIASES] \
+                if typing.get_origin(h) is typing.Union else []
+            if found:
+                out[f"{target.__module__}.{target.__qualname__}:{p}"] = found[0]
     return out
 
 
