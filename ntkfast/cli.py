@@ -156,6 +156,12 @@ def cmd_prune(args) -> int:
              "kept" if masks.excluded else "")
     print(f"\nmethod {args.method}, {rounds} round(s), {args.scope} scope: density {masks.pruned_density:.6g} "
           f"(target {args.density}){dense}; scoring time {masks.metadata['score_seconds']:.3f} s, total {wall:.3f} s")
+    from .flops import count_flops
+
+    flops = count_flops(model, masks=dict(masks.items()))
+    masks.metadata["flops_fraction"] = flops.fraction
+    print(f"remaining FLOPs: {flops.fraction:.4%} of {flops.total:,} multiply-accumulates per sample "
+          "(the Synaptic-Flow / NTK-SAP count)")
     if args.out and _is_main_process():
         _make_folder_of(args.out, "--out")
         masks.save(args.out)
@@ -598,7 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=None,
                    help="pruning rounds (default: 100 for the synflow variants and iterative_snip, 20 for ntksap, "
                         "else 1)")
-    p.add_argument("--schedule", default="exponential", choices=["exponential", "linear"],
+    p.add_argument("--schedule", default="exponential", choices=["exponential", "linear", "expinv"],
                    help="how the density falls over the rounds")
     p.add_argument("--scope", default="global", choices=["global", "layerwise"],
                    help="rank the weights of all layers together, or of each layer apart")

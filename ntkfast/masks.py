@@ -271,11 +271,14 @@ class Masks(Mapping[str, torch.Tensor]):
 
 def round_density(density: float, t: int, rounds: int, schedule: Schedule = "exponential") -> float:
     """Target density of round ``t`` of ``rounds`` (1-based): exponential d_t = d^(t/T), linear
-    d_t = 1 - (1 - d) t / T."""
+    d_t = 1 - (1 - d) t / T, or NTK-SAP's expinv d_t = 1 - (1 - d)^(T/t) (its prune.py), which
+    prunes less than the exponential schedule in the early rounds and reaches d at t = T."""
     if schedule == "exponential":
         return density ** (t / rounds)
     if schedule == "linear":
         return 1.0 - (1.0 - density) * t / rounds
+    if schedule == "expinv":
+        return 1.0 - (1.0 - density) ** (rounds / t)
     check_choice(schedule, "schedule", choices(Schedule))
     raise AssertionError(f"schedule {schedule!r} has no formula")
 

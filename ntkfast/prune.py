@@ -146,6 +146,7 @@ def prune(
     on_empty_layer: OnEmptyLayer = "warn",
     keep_rule: KeepRule = "exact",
     process_group=None,
+    invert: bool = False,
     **method_options,
 ) -> Masks:
     """Prune ``model`` to ``density`` (fraction of prunable weights kept) with a registered scorer.
@@ -178,6 +179,12 @@ def prune(
     (their count, and every weight tied at the threshold pruned), see
     :func:`ntkfast.masks.threshold`.
 
+    ``invert=True`` is the inverted-scores sanity check (Frankle et al. 2021; ``--invert`` of the
+    NTK-SAP and Synaptic-Flow code): each round keeps the *lowest*-scoring weights. The authors
+    rank by 1/score, which for the positive scores of SNIP, SynFlow, NTK-SAP and magnitude is the
+    same order as ours, -score; for GraSP's signed scores we keep the lowest, where 1/score would
+    rank each sign apart. See also :mod:`ntkfast.sanity`.
+
     ``progress``: a bar of the rounds with their rate, ETA and density; None (default) shows it
     on a terminal, elsewhere only once the pruning has run a couple of seconds; False never (see
     :mod:`ntkfast.core.progress`).
@@ -203,6 +210,10 @@ def prune(
     check_choice(keep_rule, "keep_rule", choices(KeepRule))
     seed = check_seed(seed)
     check_progress(progress)
+    if not isinstance(invert, bool):
+        raise TypeError(f"invert: expected True or False, got {type(invert).__name__}")
+    if invert and info.returns == "masks":
+        raise ValueError(f"invert: {method} chooses its masks itself; it has no scores to invert")
     supplied = [k for k in _SUPPLIED if k in method_options]
     if supplied:
         raise ValueError(f"{supplied[0]}: set by prune() itself (its density schedule and scope), not a method option")
@@ -287,6 +298,8 @@ def prune(
             else:
                 if set(out) != set(scored):
                     raise RuntimeError(f"scorer {method!r} returned scores for {sorted(out)}, expected {sorted(scored)}")
+                if invert:  # the sanity check: rank from the bottom (pruned ones stay pruned: keep=)
+                    out = {n: -v for n, v in out.items()}
                 # the density is of the scored weights: the excluded ones are not in the count
                 new = threshold(out, d, keep={n: current[n] for n in scored}, scope=scope, keep_rule=keep_rule)
                 current = Masks({n: new.get(n, m) for n, m in current.items()})
@@ -312,6 +325,8 @@ def prune(
     }
     if excluded:
         current.metadata["exclude"] = list(excluded)
+    if invert:
+        current.metadata["invert"] = True
     if shard.split:
         shard.check_same("prune: the resulting masks", current)
     empty = current.empty_layers()

@@ -579,6 +579,15 @@ def _connectivity_fields(net, masks) -> dict:
             "live_units": {n: [c.live_units[n], c.units[n]] for n in c.units}}
 
 
+def _flops_fraction(net, masks) -> Optional[float]:
+    from .flops import count_flops
+
+    try:
+        return count_flops(net, masks=dict(masks.items())).fraction
+    except ValueError:  # a model count_flops cannot run on the meta device: the record goes without
+        return None
+
+
 def _run_cell(model_name: str, method: str, density: float, seed: int, rounds: int, options: dict,
               train_set, test_set, protocol: dict, device) -> dict:
     t0 = time.perf_counter()
@@ -590,6 +599,9 @@ def _run_cell(model_name: str, method: str, density: float, seed: int, rounds: i
         "final_test_accuracy": res.final_test_accuracy,
         "best_test_accuracy": max(res.test_accuracy) if res.test_accuracy else None,
         "test_accuracy": res.test_accuracy, "train_loss": res.train_loss,
+        "final_test_top5_accuracy": res.test_top5_accuracy[-1] if res.test_top5_accuracy else None,
+        # what the masks leave of one forward's multiply-accumulates (the authors' FLOPs rule)
+        "flops_fraction": _flops_fraction(net, masks),
         # of the pruned weights, the number the cell's density promises (the same as masks.density
         # unless the study keeps layers dense)
         "achieved_density": masks.pruned_density, "layer_density": dict(masks.layer_density()),

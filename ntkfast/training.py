@@ -59,7 +59,8 @@ class TrainResult:
     epoch (in eval mode). ``lr`` is the learning rate of the optimiser's first parameter group as
     the epoch began; ``epoch_seconds`` the wall time of each epoch, evaluation included, and
     ``seconds`` that of the whole run. Without a test set the test lists stay empty and
-    ``final_test_accuracy`` is None.
+    ``final_test_accuracy`` is None. ``test_top5_accuracy``: a label among the five highest
+    outputs (NTK-SAP reports it for ImageNet; with fewer than five classes it is 1).
 
     ``to_dict()`` gives plain lists and numbers, ``to_json()`` the same as JSON text, and
     ``TrainResult.from_dict`` reads either back.
@@ -69,6 +70,7 @@ class TrainResult:
     train_accuracy: List[float] = field(default_factory=list)
     test_loss: List[float] = field(default_factory=list)
     test_accuracy: List[float] = field(default_factory=list)
+    test_top5_accuracy: List[float] = field(default_factory=list)
     lr: List[float] = field(default_factory=list)
     epoch_seconds: List[float] = field(default_factory=list)
     final_test_accuracy: Optional[float] = None
@@ -222,34 +224,40 @@ def _num_batches(dataset, batch_size: int, max_batches: Optional[int]) -> Option
 
 @holds_model
 def evaluate(model: nn.Module, dataset, batch_size: int = 512, device=None,
-             max_batches: Optional[int] = None) -> "tuple[float, float]":
+             max_batches: Optional[int] = None, *, top5: bool = False) -> tuple:
     """(mean cross-entropy, accuracy) of ``model`` in eval mode on ``dataset`` (any data
-    :func:`train` takes as its test set). The model's train/eval mode is restored afterwards."""
+    :func:`train` takes as its test set); with ``top5=True`` also the top-5 accuracy, as a third
+    item. The model's train/eval mode is restored afterwards."""
+    if not isinstance(top5, bool):
+        raise TypeError(f"top5: expected True or False, got {type(top5).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     batch_size = check_int(batch_size, "batch_size", lo=1)
     device = model_device(model) if device is None else check_device(device)
     dataset = as_source(dataset, "dataset")
     _check_fits(model, dataset)
-    return _evaluate(model, dataset, batch_size, device, max_batches, channels_last=False)
+    loss, acc, acc5 = _evaluate(model, dataset, batch_size, device, max_batches, channels_last=False)
+    return (loss, acc, acc5) if top5 else (loss, acc)
 
 
 @torch.no_grad()
 def _evaluate(model, dataset, batch_size, device, max_batches, channels_last: bool):
     was_training = model.training
     model.eval()
-    total_loss, correct, n = 0.0, 0, 0
+    total_loss, correct, correct5, n = 0.0, 0, 0, 0
     try:
         for x, y in _iterate(dataset, batch_size, False, 0, device, max_batches, channels_last=channels_last):
             out = model(x)
             total_loss += float(F.cross_entropy(out, y, reduction="sum"))
             correct += int((out.argmax(1) == y).sum())
+            top = out.topk(min(5, out.shape[1]), dim=1).indices  # the authors' topk(5) count
+            correct5 += int((top == y.unsqueeze(1)).any(1).sum())
             n += y.shape[0]
     finally:
         model.train(was_training)
     if n == 0:
         raise ValueError(f"{as_source(dataset, 'dataset').name} gave no batches to evaluate")
-    return total_loss / n, correct / n
+    return total_loss / n, correct / n, correct5 / n
 
 
 def _wants_channels_last(model: nn.Module, device) -> bool:
@@ -559,9 +567,10 @@ def train(
                 result.train_accuracy.append(int(correct_acc) / n)
                 fields = {"epoch": epoch + 1, "loss": result.train_loss[-1], "acc": result.train_accuracy[-1]}
                 if test_set is not None:
-                    tl, ta = _evaluate(model, test_set, batch_size, device, max_batches, channels_last)
+                    tl, ta, ta5 = _evaluate(model, test_set, batch_size, device, max_batches, channels_last)
                     result.test_loss.append(tl)
                     result.test_accuracy.append(ta)
+                    result.test_top5_accuracy.append(ta5)
                     fields.update(test_loss=tl, test_acc=ta)
                 if sched is not None and not per_step:
                     _step_per_epoch(sched, result)

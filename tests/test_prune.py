@@ -53,7 +53,7 @@ def same(model, snap):
             flags == now[2])
 
 
-@pytest.mark.parametrize("schedule", ["exponential", "linear"])
+@pytest.mark.parametrize("schedule", ["exponential", "linear", "expinv"])
 @pytest.mark.parametrize("scope", ["global", "layerwise"])
 def test_rounds_hit_exact_densities_and_nest(schedule, scope):
     model = net()
@@ -75,6 +75,16 @@ def test_rounds_hit_exact_densities_and_nest(schedule, scope):
     assert same(model, snap)
     assert isinstance(masks, Masks) and masks.metadata["method"] == "_test_recording"
     assert masks.metadata["rounds"] == 5 and masks.metadata["scope"] == scope and masks.metadata["version"]
+
+
+def test_expinv_is_ntksaps_schedule():
+    # NTK-SAP's prune.py: sparse = 1 - (1 - sparsity) ** (epochs / (epoch + 1)), epoch 0-based
+    T, d = 20, 0.8 ** 10
+    want = [1.0 - (1.0 - d) ** (T / (e + 1)) for e in range(T)]
+    assert density_schedule(d, T, "expinv") == pytest.approx(want, rel=1e-15)
+    assert density_schedule(d, T, "expinv")[-1] == pytest.approx(d, rel=1e-15)
+    # it prunes less than the exponential schedule at first
+    assert density_schedule(d, T, "expinv")[0] > density_schedule(d, T, "exponential")[0]
 
 
 def test_seed_reproduces_bit_for_bit_and_differs():

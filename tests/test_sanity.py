@@ -54,3 +54,25 @@ def test_bad_input_is_named():
         shuffle_layerwise({"w": torch.ones(3, dtype=torch.bool)}, seed=2**64)
     with pytest.raises(ValueError, match="^model: no module has reset_parameters"):
         reinitialize(nn.Sequential(nn.ReLU()), {})
+
+
+@pytest.mark.parametrize("rounds", [1, 3])
+def test_inverted_magnitude_keeps_the_smallest_weights(rounds):
+    model = models.get("lenet300_100")
+    masks = prune(model, "magnitude", 0.1, rounds=rounds, invert=True, scope="layerwise", progress=False)
+    assert masks.metadata["invert"] is True
+    for name, p in model.named_parameters():
+        if name in masks.keys():
+            m = masks[name]
+            kept, gone = p.detach().abs()[m], p.detach().abs()[~m]
+            assert kept.max() <= gone.min()  # every kept weight is no larger than any pruned one
+    normal = prune(model, "magnitude", 0.1, scope="layerwise", progress=False)
+    assert all(int(masks[n].sum()) == int(normal[n].sum()) for n in masks.keys())
+
+
+def test_invert_is_refused_where_there_are_no_scores_and_checked():
+    model = models.get("lenet300_100")
+    with pytest.raises(ValueError, match="^invert: ntt chooses its masks itself"):
+        prune(model, "ntt", 0.1, invert=True, data=torch.randn(8, 1, 28, 28), progress=False)
+    with pytest.raises(TypeError, match="^invert: expected True or False"):
+        prune(model, "magnitude", 0.1, invert="yes", progress=False)

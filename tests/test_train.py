@@ -641,3 +641,26 @@ def test_bad_augment_is_named_before_the_model_changes(kwargs, error, match):
     with pytest.raises(error, match=match):
         train(model, None, ds, None, epochs=1, progress=False, augment=kwargs["augment"])
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_top5_counts_a_label_among_the_five_highest_outputs():
+    from torch import nn
+
+    class Fixed(nn.Module):  # outputs 0..9 rising: class 9 first, then 8, 7, 6, 5
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(()))
+
+        def forward(self, x):
+            return torch.arange(10.0).expand(x.shape[0], 10) + self.w
+
+    y = torch.tensor([9, 5, 4, 0, 7, 6])
+    batches = [(torch.zeros(6, 2), y)]
+    loss, acc, acc5 = evaluate(Fixed(), batches, top5=True)
+    assert acc == pytest.approx(1 / 6) and acc5 == pytest.approx(4 / 6)
+    assert len(evaluate(Fixed(), batches)) == 2
+    result = train(Fixed(), None, batches, batches, epochs=2, optimizer="sgd", lr=0.1, progress=False)
+    assert result.test_top5_accuracy == pytest.approx([4 / 6, 4 / 6])
+    assert TrainResult.from_dict(result.to_dict()).test_top5_accuracy == result.test_top5_accuracy
+    with pytest.raises(TypeError, match="^top5"):
+        evaluate(Fixed(), batches, top5=1)

@@ -12,7 +12,7 @@ __all__ = ["Schedule", "Scope", "KeepRule", "OnEmptyLayer", "Optimizer", "NTKMod
            "InitMask", "TransferKernel", "ZooInit", "Metric", "choices"]
 
 #: how the density falls over the rounds of :func:`ntkfast.prune`
-Schedule = Literal["exponential", "linear"]
+Schedule = Literal["exponential", "linear", "expinv"]
 #: thresholding over all prunable weights at once, or each tensor on its own
 Scope = Literal["global", "layerwise"]
 #: how many weights a threshold keeps (see :func:`ntkfast.masks.threshold`)
