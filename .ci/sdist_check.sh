@@ -6,7 +6,10 @@
 #   bash .ci/sdist_check.sh
 # Environment: PYTHON (default python3): the interpreter whose packages (torch) the install sees;
 # FORCE_CPU (default 1): the extension is built CPU-only, as on a machine without a CUDA toolkit
-# (FORCE_CPU=0 lets setup.py build the CUDA kernels where it finds a toolkit); MAX_JOBS.
+# (FORCE_CPU=0 lets setup.py build the CUDA kernels where it finds a toolkit); MAX_JOBS;
+# NTKFAST_EXTRA_CFLAGS (default -O0): what is checked here is that the sdist builds and loads, not
+# how fast its kernels run, and an unoptimised build takes a fraction of the time (the checkout's
+# own -O3 build is CI's first step).
 # Leaves nothing behind: the copy of the tree, the sdist and the environment live in one temporary
 # directory, removed on exit (NTKFAST_SDIST_KEEP=1 keeps it and prints its path).
 set -euo pipefail
@@ -60,6 +63,7 @@ VPY=$VENV/bin/python
 # --- install from the sdist, outside the checkout: the extension is compiled here
 t0=$SECONDS
 (cd "$WORK/elsewhere" && FORCE_CPU=${FORCE_CPU:-1} MAX_JOBS=${MAX_JOBS:-$(nproc)} \
+    NTKFAST_EXTRA_CFLAGS=${NTKFAST_EXTRA_CFLAGS--O0} \
     "$VPY" -m pip install --no-build-isolation --no-deps --no-cache-dir "$SDIST" >"$WORK/install.log" 2>&1) \
     || { tail -n 60 "$WORK/install.log" >&2; fail "pip install of the sdist failed"; }
 echo "sdist_check: installed (extension compiled) in $((SECONDS - t0)) s"
