@@ -10,7 +10,7 @@ import os
 import shlex
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from build_checks import choose_cxx  # noqa: E402
@@ -100,14 +100,9 @@ def make_extension():
     )
 
 
+# Name, version, dependencies, the console script and package data are in pyproject.toml's [project]
+# table; only the extension, whose sources depend on the machine, is declared here.
 setup(
-    name="ntkfast",
-    version=VERSION,
-    description="Fast NTK-based pruning at initialisation for PyTorch (NTK-SAP, Neural Tangent Transfer, Path Kernel)",
-    packages=find_packages(include=["ntkfast", "ntkfast.*"]),
-    python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy"],
     ext_modules=[make_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    entry_points={"console_scripts": ["ntkfast=ntkfast.cli:main"]},
 )

@@ -21,7 +21,7 @@ def require_pillow(dataset: str):
         from PIL import Image
     except ImportError:
         raise ImportError(f"{dataset}: reading its image files needs Pillow, which is not installed: "
-                          "pip install pillow") from None
+                          "pip install pillow, or the extra: pip install ntkfast[images]") from None
     return Image
 
 

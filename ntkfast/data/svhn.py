@@ -25,7 +25,7 @@ def _loadmat():
         from scipy.io import loadmat
     except ImportError:
         raise ImportError(f"{NAME}: reading its .mat files needs scipy, which is not installed: "
-                          "pip install scipy") from None
+                          "pip install scipy, or the extra: pip install ntkfast[svhn]") from None
     return loadmat
 
 
