@@ -20,7 +20,7 @@ from ._version import __version__
 
 if TYPE_CHECKING:  # what the names below resolve to, for type checkers and editors
     from . import (augment, connectivity, core, data, distributed, flops, masks, methods, models, ntk, ntt, ops,
-                   pathkernel, plots, presets, report, sanity, scores, study, training)
+                   pathkernel, plots, presets, report, reproduce, sanity, scores, study, training)
     from .masks import Masks, prunable_parameters
     from .ntt import TransferResult, transfer
     from .ops import build_info
@@ -29,14 +29,14 @@ if TYPE_CHECKING:  # what the names below resolve to, for type checkers and edit
 
 #: public subpackages and modules, imported on first access as attributes
 _SUBMODULES = ("methods", "masks", "ops", "scores", "ntt", "ntk", "pathkernel", "connectivity", "models", "data",
-               "training", "study", "report", "distributed", "plots", "core", "augment", "flops", "sanity", "presets")
+               "training", "study", "report", "distributed", "plots", "core", "augment", "flops", "sanity", "presets", "reproduce")
 #: public functions and classes: the module each comes from
 _NAMES = {"Masks": "masks", "prunable_parameters": "masks", "prune": "prune", "transfer": "ntt",
           "TransferResult": "ntt", "build_info": "ops", "train": "training"}
 
 __all__ = ["Masks", "prunable_parameters", "prune", "build_info", "methods", "ops", "scores", "ntt", "models", "data",
            "train", "transfer", "TransferResult", "ntk", "pathkernel", "connectivity", "study", "report",
-           "distributed", "training", "augment", "flops", "sanity", "presets", "__version__"]
+           "distributed", "training", "augment", "flops", "sanity", "presets", "reproduce", "__version__"]
 
 
 def __getattr__(name: str):

@@ -222,7 +222,10 @@ def cmd_transfer(args) -> int:
         from .plots import plot_transfer_history
 
         _make_folder_of(args.plot, "--plot")
-        plot_transfer_history(h, args.plot, title=f"NTT {args.model}, density {args.density}")
+        from .plot_style import dataset_name, model_name
+
+        plot_transfer_history(h, args.plot, title=f"NTT: {model_name(args.model)} on {dataset_name(args.dataset)}, "
+                                                  f"{args.density:.3g} of the weights kept")
         print(f"validation losses plotted to {args.plot}")
     return 0
 
@@ -392,6 +395,19 @@ def cmd_study(args) -> int:
         print(f"{r['method']:>16s}  density {r['density']:<7g} seed {r['seed']}  "
               f"test accuracy {r['final_test_accuracy']:.2%} (best {best})")
     print(f"{len(records)} cells in {args.out}; tables and plots: ntkfast report {args.out} --out DIR")
+    return 0
+
+
+def cmd_reproduce(args) -> int:
+    from .reproduce import compare, format_comparison, reproduce
+
+    _checked_device(args)
+    reduced = any(v is not None for v in (args.epochs, args.train_subset, args.test_subset, args.max_batches))
+    records = reproduce(args.preset, args.data_dir, args.out, methods=args.methods, densities=args.densities,
+                        seeds=args.seeds, epochs=args.epochs, budget_s=args.budget_s, device=args.device,
+                        progress=False if args.quiet else None, train_subset=args.train_subset,
+                        test_subset=args.test_subset, max_batches=args.max_batches)
+    print(format_comparison(compare(records, args.preset), args.preset, reduced=reduced))
     return 0
 
 
@@ -698,7 +714,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_exclude_args(p)
     p.set_defaults(func=cmd_study)
 
-    p = sub.add_parser("report", help="markdown tables and PNG plots from `ntkfast study` results")
+    p = sub.add_parser("report", help="markdown tables and figures (PNG, PDF, SVG) from `ntkfast study` results")
     p.add_argument("results", nargs="+", help="JSON-lines files from `ntkfast study`")
     p.add_argument("--out", required=True, help="directory for report.md and the plots; missing folders are made")
     p.add_argument("--metric", default="final", choices=["final", "best"], help="test accuracy after the last epoch or the best epoch")
@@ -708,6 +724,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--formats", nargs="+", choices=["png", "pdf", "svg", "eps"], default=None,
                    help="the files of each plot, side by side (default: png pdf svg)")
     p.set_defaults(func=cmd_report)
+
+    from .presets import available as _preset_names  # torch-free: a table of numbers
+
+    p = sub.add_parser("reproduce", help="run a paper's setting (a preset) and compare with its published numbers")
+    p.add_argument("preset", choices=_preset_names(), metavar="PRESET", help="%(choices)s")
+    p.add_argument("--data-dir", required=True, help="folder holding the preset's dataset")
+    p.add_argument("--out", required=True, help="the study file (JSON lines), resumed like `ntkfast study`")
+    p.add_argument("--methods", nargs="+", default=None, help="a part of the preset's methods (default: all)")
+    p.add_argument("--densities", nargs="+", type=float, default=None, help="a part of its density grid")
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds (default: the preset's)")
+    p.add_argument("--epochs", type=_positive, default=None, help="fewer epochs than the paper: a reduced run")
+    p.add_argument("--train-subset", type=_positive, default=None, help="train on the first N images (reduced)")
+    p.add_argument("--test-subset", type=_positive, default=None, help="test on the first N images (reduced)")
+    p.add_argument("--max-batches", type=_positive, default=None, help="at most N batches per epoch (reduced)")
+    p.add_argument("--budget-s", type=_seconds, default=None,
+                   help="start no cell that the cells timed so far say would end after this many seconds")
+    p.add_argument("--device", default=None, help="cpu (default) or cuda")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_reproduce)
 
     sub.add_parser("methods", help="list the pruning methods and their -o options").set_defaults(func=cmd_methods)
     sub.add_parser("models", help="list the model zoo").set_defaults(func=cmd_models)
@@ -786,6 +821,11 @@ def _dispatch(args) -> int:
 def _run(args) -> int:
     try:
         return args.func(args)
+    except BrokenPipeError:  # `ntkfast methods | head`: the reader left; say nothing more to it
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush cannot fail again
+        return 141
     except (ValueError, OSError) as exc:  # a bad argument or file, a full disk: one line, no traceback
         print(f"ntkfast: error: {exc}", file=sys.stderr)
         return 2

@@ -560,9 +560,19 @@ def train_cell(net, masks, train_set, test_set, protocol: dict, seed: int, devic
     ``progress`` as its)."""
     from .training import train
 
-    return train(net, masks, train_set, test_set, protocol["epochs"], optimizer=protocol["optimizer"],
-                 lr=protocol["lr"], momentum=protocol["momentum"], weight_decay=protocol["weight_decay"],
+    if protocol.get("nesterov"):  # the named "sgd" has no Nesterov switch: the optimiser, made here
+        import functools
+
+        import torch
+
+        opt = dict(optimizer=functools.partial(torch.optim.SGD, lr=protocol["lr"], momentum=protocol["momentum"],
+                                               weight_decay=protocol["weight_decay"], nesterov=True))
+    else:
+        opt = dict(optimizer=protocol["optimizer"], lr=protocol["lr"], momentum=protocol["momentum"],
+                   weight_decay=protocol["weight_decay"])
+    return train(net, masks, train_set, test_set, protocol["epochs"], **opt,
                  batch_size=protocol["batch_size"], lr_milestones=protocol["lr_milestones"] or None,
+                 lr_gamma=protocol.get("lr_gamma", 0.1), augment=protocol.get("augment"),
                  device=device, seed=seed, progress=progress, max_batches=protocol["max_batches"])
 
 
@@ -677,8 +687,14 @@ def run_study(model: str, dataset: str, data_dir, methods: Sequence[str], densit
               prune_samples: Optional[int] = None, train_subset: Optional[int] = None,
               test_subset: Optional[int] = None, max_batches: Optional[int] = None, device=None,
               progress: Optional[bool] = None, datasets=None, claim_timeout: float = 600.0,
-              exclude: Optional[Sequence[str]] = None, dense_classifier: bool = False) -> List[dict]:
+              exclude: Optional[Sequence[str]] = None, dense_classifier: bool = False,
+              nesterov: bool = False, lr_gamma: float = 0.1, augment: Optional[str] = None) -> List[dict]:
     """Run every (method, density, seed) cell not yet in ``out`` and append its record there.
+
+    ``nesterov`` (SGD's Nesterov momentum), ``lr_gamma`` (the factor at each of
+    ``lr_milestones``) and ``augment`` (a recipe of :mod:`ntkfast.augment`) are part of the
+    training protocol; they enter the records only where they differ from the defaults, so
+    studies written before they existed resume.
 
     Per cell: a fresh ``model`` initialised with ``torch.manual_seed(seed)`` (so every method of one
     seed prunes the same network), pruned by ``method`` to ``density`` (``rounds[method]`` rounds,
@@ -755,6 +771,15 @@ def run_study(model: str, dataset: str, data_dir, methods: Sequence[str], densit
 
     claim_timeout = check_number(claim_timeout, "claim_timeout", lo=0.0, lo_open=True)
     check_progress(progress)
+    if not isinstance(nesterov, bool):
+        raise ValueError(f"nesterov: expected True or False, got {nesterov!r}")
+    if nesterov and optimizer != "sgd":
+        raise ValueError(f"nesterov: Nesterov momentum is SGD's; the optimizer is {optimizer!r}")
+    lr_gamma = check_number(lr_gamma, "lr_gamma", lo=0.0, lo_open=True)
+    if augment is not None:
+        from . import augment as _augment
+
+        _augment.get(augment)  # an unknown recipe is named now, before any cell runs
     if exclude is not None and (isinstance(exclude, (str, bytes)) or not isinstance(exclude, Sequence)
                                 or not all(isinstance(e, str) for e in exclude)):
         raise ValueError(f"exclude: expected a list of layer names (a study records them), got {exclude!r}")
@@ -782,6 +807,13 @@ def run_study(model: str, dataset: str, data_dir, methods: Sequence[str], densit
                          prune_samples=prune_samples or 10 * train_set.num_classes, train_subset=train_subset,
                          test_subset=test_subset, max_batches=max_batches)
 
+    # recorded only where not the default: the cells of older studies keep their keys
+    if nesterov:
+        protocol["nesterov"] = True
+    if lr_gamma != 0.1:
+        protocol["lr_gamma"] = lr_gamma
+    if augment is not None:
+        protocol["augment"] = augment
     dense = _dense_names(model, train_set, exclude, dense_classifier)
     if dense:  # only then: studies made before exclude= existed keep their cells
         protocol["exclude"] = dense

@@ -294,3 +294,13 @@ def test_methods_lists_aligned_columns_and_only_the_options_the_cli_can_set(caps
     for not_settable in ("dtype", "input_shape", "device", "init_fn", "inputs=", "weight_samples", "perturbations",
                          "input_mean", "validation"):
         assert not_settable not in text.split("DESCRIPTION", 1)[1], not_settable
+
+
+def test_a_closed_pipe_ends_quietly():
+    import subprocess
+    import sys
+
+    # `ntkfast methods | head -1`: the reader leaves after one line; no error line, no traceback
+    proc = subprocess.run(f"{sys.executable} -m ntkfast methods | head -1", shell=True, capture_output=True,
+                          text=True, timeout=120, cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    assert proc.stdout.startswith("METHOD") and "Error" not in proc.stderr and "error" not in proc.stderr

@@ -1,0 +1,97 @@
+"""reproduce: a preset's cells through the study, the budget, and the comparison with the paper."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from ntkfast import data as D
+from ntkfast import presets
+from ntkfast.cli import main
+from ntkfast.reproduce import compare, format_comparison, reproduce
+
+
+def _mnist_like(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return D.ImageDataset(torch.randint(0, 256, (n, 1, 28, 28), generator=g, dtype=torch.uint8),
+                          torch.randint(0, 10, (n,), generator=g), classes=[str(i) for i in range(10)],
+                          mean=(0.13,), std=(0.31,), name="mnist")
+
+
+SETS = (_mnist_like(64, 1), _mnist_like(32, 2))
+
+
+def _small_synflow_preset():
+    # Synaptic-Flow's protocol (Nesterov SGD, pad-and-crop augmentation) on a net that runs in a second
+    return dataclasses.replace(presets.get("synflow-vgg16-cifar10"), model="lenet300_100", dataset="mnist")
+
+
+def test_cells_run_through_the_study_with_the_presets_protocol(tmp_path):
+    out = tmp_path / "r.jsonl"
+    p = _small_synflow_preset()
+    recs = reproduce(p, None, out, methods=["random", "magnitude"], densities=[0.1], seeds=[0, 1], epochs=1,
+                     max_batches=2, datasets=SETS, progress=False)
+    assert sorted((r["method"], r["seed"]) for r in recs) == [("magnitude", 0), ("magnitude", 1), ("random", 0),
+                                                               ("random", 1)]
+    proto = recs[0]["protocol"]
+    assert proto["nesterov"] is True and proto["augment"] == "pad4-crop-flip" and proto["epochs"] == 1
+    assert proto["lr_milestones"] == [] and proto["weight_decay"] == pytest.approx(1e-4)
+    lines = out.read_text().splitlines()
+    assert len(lines) == 4
+    # resumed: nothing runs again
+    again = reproduce(p, None, out, methods=["random", "magnitude"], densities=[0.1], seeds=[0, 1], epochs=1,
+                      max_batches=2, datasets=SETS, progress=False)
+    assert len(again) == 4 and out.read_text().splitlines() == lines
+    rows = compare(again, p)
+    assert [(r.method, r.seeds) for r in rows] == [("magnitude", 2), ("random", 2)]
+    for r in rows:
+        assert r.published == pytest.approx(p.published[r.method][0.1])
+        assert r.difference == pytest.approx(r.ours - r.published)
+        assert (r.z is None) == (not r.ours_std)
+    text = format_comparison(rows, p, reduced=True)
+    assert "a reduced run" in text and "| random | 0.1 | 2 |" in text
+
+
+def test_the_budget_stops_between_cells_and_refuses_what_cannot_fit(tmp_path):
+    out = tmp_path / "r.jsonl"
+    p = presets.get("ntt-lenet300_100-mnist")
+    recs = reproduce(p, None, out, methods=["random"], seeds=[0, 1, 2], epochs=1, max_batches=1, datasets=SETS,
+                     progress=False, budget_s=1e-6)
+    assert len(recs) == 1  # the first cell always runs; it then says no other fits
+    before = out.read_bytes()
+    with pytest.raises(ValueError, match="^budget_s: .* less than one cell"):
+        reproduce(p, None, out, methods=["random"], seeds=[1], epochs=1, max_batches=1, datasets=SETS,
+                  progress=False, budget_s=1e-6)
+    assert out.read_bytes() == before
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"methods": ["snip"]}, "^methods: 'snip' is not in the preset's grid"),
+    ({"densities": [0.5]}, "^densities: 0.5 is not in the preset's grid"),
+    ({"seeds": ["a"]}, "^seeds: expected ints"),
+    ({"epochs": 0}, "^epochs: expected a positive int"),
+    ({"budget_s": -1}, "^budget_s: expected a positive number"),
+])
+def test_bad_choices_are_named_before_any_work(tmp_path, kwargs, match):
+    out = tmp_path / "r.jsonl"
+    with pytest.raises(ValueError, match=match):
+        reproduce("ntt-lenet300_100-mnist", None, out, datasets=SETS, progress=False, **kwargs)
+    assert not out.exists()
+
+
+def test_an_unknown_preset_is_named(tmp_path):
+    with pytest.raises(ValueError, match="^preset: unknown 'nope'"):
+        reproduce("nope", None, tmp_path / "r.jsonl")
+
+
+def test_cli_runs_a_reduced_preset_and_prints_the_comparison(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(D, "load_dataset", lambda name, root, train=True, **kw: SETS[0] if train else SETS[1])
+    out = tmp_path / "r.jsonl"
+    rc = main(["reproduce", "ntt-lenet300_100-mnist", "--data-dir", str(tmp_path), "--out", str(out),
+               "--methods", "random", "--seeds", "0", "--epochs", "1", "--max-batches", "1", "--quiet"])
+    text = capsys.readouterr().out
+    assert rc == 0 and "| random | 0.03 | 1 |" in text and "93.15" in text and "a reduced run" in text
+    assert json.loads(out.read_text().splitlines()[0])["method"] == "random"
+    assert main(["reproduce", "nope", "--data-dir", ".", "--out", str(out)]) == 2
