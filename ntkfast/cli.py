@@ -399,14 +399,19 @@ def cmd_study(args) -> int:
 
 
 def cmd_reproduce(args) -> int:
+    from .presets import get
     from .reproduce import compare, format_comparison, reproduce
 
     _checked_device(args)
-    reduced = any(v is not None for v in (args.epochs, args.train_subset, args.test_subset, args.max_batches))
-    records = reproduce(args.preset, args.data_dir, args.out, methods=args.methods, densities=args.densities,
-                        seeds=args.seeds, epochs=args.epochs, budget_s=args.budget_s, device=args.device,
-                        progress=False if args.quiet else None, train_subset=args.train_subset,
-                        test_subset=args.test_subset, max_batches=args.max_batches)
+    reduced = (args.epochs not in (None, get(args.preset).epochs)
+               or any(v is not None for v in (args.train_subset, args.test_subset, args.max_batches)))
+    try:
+        records = reproduce(args.preset, args.data_dir, args.out, methods=args.methods, densities=args.densities,
+                            seeds=args.seeds, epochs=args.epochs, budget_s=args.budget_s, device=args.device,
+                            progress=False if args.quiet else None, train_subset=args.train_subset,
+                            test_subset=args.test_subset, max_batches=args.max_batches)
+    except ImportError as exc:  # a reader's optional dependency (Pillow, scipy)
+        raise SystemExit(f"ntkfast reproduce: {exc}") from None
     print(format_comparison(compare(records, args.preset), args.preset, reduced=reduced))
     return 0
 

@@ -12,8 +12,10 @@ multiply-accumulates it takes part in (not x2), and a pruned tensor is charged i
 
 Pooling, activations, residual additions and attention products carry no parameter and are not
 counted (as there). Parameters of other modules are listed in ``uncounted`` rather than guessed.
-The forward runs on a copy of the model on the meta device: no arithmetic, no memory, and the
-user's model (BatchNorm statistics included) is not touched.
+The forward runs on a copy of the model moved to the meta device: no arithmetic, and the
+user's model (BatchNorm statistics included) is not touched (the copy briefly takes the model's
+memory again before it moves). A weight used twice (a module called twice, a tied weight) is
+charged each use, where the authors' counter keeps one call per module.
 """
 from __future__ import annotations
 
@@ -90,7 +92,13 @@ def count_flops(model: nn.Module, input_shape=None, masks: Optional[Mapping[str,
         if input_shape is None:
             raise ValueError("input_shape: the model has no input_shape attribute; give the shape of one sample")
     shape = check_shape(input_shape, "input_shape")
+    from .core.compiled import plain_name, unwrap
+
+    model = unwrap(model)  # a torch.compile'd model: its original module, whose names masks take
     params = dict(model.named_parameters())
+    # every name a shared parameter goes by -> the one named_parameters() reports
+    alias = {n: next(k for k, v in params.items() if v is p)
+             for n, p in model.named_parameters(remove_duplicate=False)}
     kept: Dict[str, float] = {}
     if masks is not None:
         items = masks.items() if isinstance(masks, Mapping) else None
@@ -98,13 +106,20 @@ def count_flops(model: nn.Module, input_shape=None, masks: Optional[Mapping[str,
             raise TypeError(f"masks: expected a mapping of parameter name -> mask, got {type(masks).__name__}")
         for name, m in items:
             m = check_mask(m, f"masks[{name!r}]")
+            name = plain_name(name)
             if name not in params:
                 raise ValueError(f"masks: the model has no parameter {name!r}")
             if tuple(m.shape) != tuple(params[name].shape):
                 raise ValueError(f"masks[{name!r}]: shape {tuple(m.shape)} but the parameter is {tuple(params[name].shape)}")
             kept[name] = float(m.sum()) / m.numel() if m.numel() else 1.0
 
-    ghost = copy.deepcopy(model).to("meta")  # shapes only; the user's model runs nothing
+    try:
+        ghost = copy.deepcopy(model).to("meta")  # shapes only; the user's model runs nothing
+    except RuntimeError as exc:  # e.g. torch.nn.utils.prune's computed weights cannot be copied
+        raise ValueError(f"model: count_flops works on a copy, and this model cannot be copied "
+                         f"({str(exc).splitlines()[0][:160]}); count the plain model and pass the masks") from None
+    floating = next((p for p in model.parameters() if p.is_floating_point()), None)
+    dtype = floating.dtype if floating is not None else torch.float32  # a float64 model takes float64 inputs
     counts: "OrderedDict[str, int]" = OrderedDict()
     seen = set()
 
@@ -115,14 +130,18 @@ def count_flops(model: nn.Module, input_shape=None, masks: Optional[Mapping[str,
             for attr, n in _module_counts(module, args[0], out).items():
                 p = getattr(module, attr, None)
                 if isinstance(p, nn.Parameter):
-                    name = f"{prefix}.{attr}" if prefix else attr
-                    counts[name] = counts.get(name, 0) + int(n)  # a module called twice counts twice
+                    name = alias.get(f"{prefix}.{attr}" if prefix else attr)
+                    if name is None:
+                        continue
+                    # a module called twice, or a weight shared by two, counts every use (the
+                    # authors' counter keeps one call per module)
+                    counts[name] = counts.get(name, 0) + int(n)
                     seen.add(name)
         return record
 
     handles = [m.register_forward_hook(hook(n)) for n, m in ghost.named_modules()]
     try:
-        ghost(torch.zeros((1, *shape), device="meta"))
+        ghost(torch.zeros((1, *shape), device="meta", dtype=dtype))
     except Exception as exc:
         raise ValueError(f"input_shape: the model's forward fails on one sample of shape {shape} "
                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None

@@ -272,7 +272,8 @@ class Masks(Mapping[str, torch.Tensor]):
 def round_density(density: float, t: int, rounds: int, schedule: Schedule = "exponential") -> float:
     """Target density of round ``t`` of ``rounds`` (1-based): exponential d_t = d^(t/T), linear
     d_t = 1 - (1 - d) t / T, or NTK-SAP's expinv d_t = 1 - (1 - d)^(T/t) (its prune.py), which
-    prunes less than the exponential schedule in the early rounds and reaches d at t = T."""
+    reaches d at t = T by another path: at high sparsity it prunes more in the first rounds than
+    the exponential schedule does, at low sparsity less."""
     if schedule == "exponential":
         return density ** (t / rounds)
     if schedule == "linear":

@@ -14,6 +14,7 @@ top-1 fractions in [0, 1].
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Tuple
 
@@ -27,7 +28,8 @@ _NTT = "fmi-basel/neural-tangent-transfer@238afd81"
 @dataclass(frozen=True)
 class Preset:
     """One published setting. ``published``: method -> {density: top-1 accuracy} (means over the
-    authors' runs); ``published_spread``: the same shape, the spread of their runs where known."""
+    authors' runs). The data-based scorers see 10 samples per class (both codebases' prune set);
+    every preset prunes with the exponential schedule, the default of both codebases."""
 
     name: str
     paper: str
@@ -50,11 +52,8 @@ class Preset:
     scope: str = "global"
     rounds: Mapping[str, int] = field(default_factory=dict)
     method_options: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
-    prune_samples_per_class: Optional[int] = 10
-    schedule: str = "exponential"
     seeds: Tuple[int, ...] = (0, 1, 2)
     published: Mapping[str, Mapping[float, float]] = field(default_factory=dict)
-    published_spread: Mapping[str, Mapping[float, float]] = field(default_factory=dict)
     published_metric: str = ""
     sources: Tuple[str, ...] = ()
     notes: str = ""
@@ -83,7 +82,9 @@ def _ntksap_cifar10() -> Preset:
         densities=_ntksap_densities(),
         epochs=160, optimizer="sgd", lr=0.1, momentum=0.9, nesterov=False, weight_decay=1e-4, batch_size=128,
         lr_milestones=(80, 120), lr_gamma=0.1, augment="pad4-crop-flip",
-        rounds={"ntksap": 20, "synflow": 20, "iterative_snip": 20},
+        # T=20 is run.sh's for NTK-SAP; the script sets no T for the other pruners, so they get
+        # their own codebases' iterative defaults (SynFlow's 100; iterative SNIP's 100 here)
+        rounds={"ntksap": 20, "synflow": 100, "iterative_snip": 100},
         method_options={"ntksap": {"repeats": 5, "epsilon": 0.01}, **_NTKSAP_TRAIN_MODE},
         sources=(f"{_NTKSAP}:scripts/run.sh l.4-20 (optimizer, lr, drops, wd, epochs, T=20, R=5, train mode)",
                  f"{_NTKSAP}:main.py l.45, l.67, l.69, l.95 (drop rate 0.1, 10 samples per class, "
@@ -156,7 +157,7 @@ def _ntt(name, model, published, l2) -> Preset:
         lr_milestones=(), lr_gamma=1.0, augment=None, scope="layerwise",
         method_options={"ntt": {"epochs": 20, "batch_size": 64, "lr": 5e-4, "mask_update_every": 100,
                                 "lambda_ker": 1e-3, "lambda_l2": l2}},
-        prune_samples_per_class=None, seeds=(0, 1), published=published,
+        seeds=(0, 1), published=published,
         published_metric="test top-1 of the notebook's last logged line (run 2 of 2)",
         sources=(f"{_NTT}:notebooks/ntt_demo_{'mlp' if model == 'lenet300_100' else 'cnn'}.ipynb "
                  "(settings and printed accuracies)",),
@@ -182,9 +183,14 @@ _PRESETS = {
                                               "Synaptic-Flow (Tanaka et al., NeurIPS 2020), Fig. 6"),
     "synflow-vgg16-cifar100": lambda: _synflow("synflow-vgg16-cifar100", "vgg16", "cifar100", "pad4-crop-flip",
                                                _SF_VGG16_C100, "Synaptic-Flow (Tanaka et al., NeurIPS 2020), Fig. 6"),
-    "synflow-resnet18-tiny-imagenet": lambda: _synflow("synflow-resnet18-tiny-imagenet", "resnet18",
-                                                       "tiny-imagenet", "pad4-crop-flip", _SF_RESNET18_TINY,
-                                                       "Synaptic-Flow (Tanaka et al., NeurIPS 2020), Fig. 6"),
+    # Synaptic-Flow's Tiny-ImageNet ResNet-18 (Models/tinyimagenet_resnet.py: a 3x3 stride-1 stem,
+    # no max-pool) is not ntkfast's resnet18 (the ImageNet layout), so its figures are not set
+    # beside ours: the protocol is kept, the published numbers are left out until the zoo has it
+    "synflow-resnet18-tiny-imagenet": lambda: dataclasses.replace(
+        _synflow("synflow-resnet18-tiny-imagenet", "resnet18", "tiny-imagenet", "pad4-crop-flip", {},
+                 "Synaptic-Flow (Tanaka et al., NeurIPS 2020), Fig. 6"),
+        notes="Synaptic-Flow trains its CIFAR-style ResNet-18 (3x3 stem, no max-pool) on Tiny-ImageNet; ntkfast's "
+              "resnet18 has the ImageNet stem, so the published figures (in _SF_RESNET18_TINY) are not compared."),
     "ntt-lenet300_100-mnist": lambda: _ntt("ntt-lenet300_100-mnist", "lenet300_100",
                                            {"ntt": {0.03: 0.9646}, "random": {0.03: 0.9315}}, 1e-4),
     "ntt-lenet5-mnist": lambda: _ntt("ntt-lenet5-mnist", "lenet5", {"ntt": {0.03: 0.9817}, "random": {0.03: 0.9702}},

@@ -60,14 +60,15 @@ def _short(v) -> str:
 
 
 def _same_density(a: float, b) -> bool:
-    return isinstance(b, (int, float)) and not isinstance(b, bool) and math.isclose(a, float(b), rel_tol=1e-6)
+    # the grids' points lie 20% or more apart, so a value as printed (4 digits) finds its point
+    return isinstance(b, (int, float)) and not isinstance(b, bool) and math.isclose(a, float(b), rel_tol=1e-3)
 
 
 def _study_kwargs(p: "_presets.Preset", epochs: Optional[int], device, progress, train_subset,
                   test_subset, max_batches, datasets) -> dict:
     return dict(
         epochs=epochs or p.epochs, optimizer=p.optimizer, lr=p.lr,
-        momentum=p.momentum if p.optimizer == "sgd" else 0.9, weight_decay=p.weight_decay,
+        momentum=p.momentum if p.optimizer == "sgd" else 0.0, weight_decay=p.weight_decay,
         batch_size=p.batch_size, lr_milestones=[m for m in p.lr_milestones if m < (epochs or p.epochs)],
         scope=p.scope, nesterov=p.nesterov, lr_gamma=p.lr_gamma, augment=p.augment,
         prune_samples=None,  # run_study's default: 10 per class, the authors' prune set (NTT reads its own data)
@@ -131,8 +132,10 @@ def reproduce(preset, data_dir, out, *, methods: Optional[Sequence[str]] = None,
     longest = 0.0
     if budget_s is not None and Path(out).exists():
         # what an earlier cell of this preset took says whether even one fits
+        same = dict(epochs=epochs or p.epochs, train_subset=train_subset, max_batches=max_batches)
         past = [r.get("prune_seconds", 0) + r.get("train_seconds", 0) for r in read_results(out)
-                if r.get("model") == p.model and r.get("method") in methods]
+                if r.get("model") == p.model and r.get("dataset") == p.dataset and r.get("method") in methods
+                and all(r["protocol"].get(k) == v for k, v in same.items())]
         if past and min(past) > budget_s:
             raise ValueError(f"budget_s: {budget_s:g} s is less than one cell of this setting took before "
                              f"({min(past):.0f} s); give more or reduce the run (epochs=, train_subset=)")
@@ -155,7 +158,8 @@ def compare(records: Sequence[dict], preset) -> List[Comparison]:
     for m in p.methods:
         for d in p.densities:
             accs = [float(r["final_test_accuracy"]) for r in records
-                    if r.get("method") == m and _same_density(d, r.get("density")) and r.get("model") == p.model]
+                    if r.get("method") == m and _same_density(d, r.get("density")) and r.get("model") == p.model
+                    and r.get("dataset") == p.dataset]
             if not accs:
                 continue
             mean = sum(accs) / len(accs)

@@ -775,6 +775,8 @@ def run_study(model: str, dataset: str, data_dir, methods: Sequence[str], densit
         raise ValueError(f"nesterov: expected True or False, got {nesterov!r}")
     if nesterov and optimizer != "sgd":
         raise ValueError(f"nesterov: Nesterov momentum is SGD's; the optimizer is {optimizer!r}")
+    if nesterov and not momentum > 0:
+        raise ValueError(f"nesterov: needs a momentum above 0, got momentum={momentum!r}")
     lr_gamma = check_number(lr_gamma, "lr_gamma", lo=0.0, lo_open=True)
     if augment is not None:
         from . import augment as _augment
@@ -813,6 +815,10 @@ def run_study(model: str, dataset: str, data_dir, methods: Sequence[str], densit
     if lr_gamma != 0.1:
         protocol["lr_gamma"] = lr_gamma
     if augment is not None:
+        from .core.sources import as_source
+        from .training import _check_augment
+
+        _check_augment(augment, as_source(train_set, "train_set"))  # this dataset takes it: now, not after a cell
         protocol["augment"] = augment
     dense = _dense_names(model, train_set, exclude, dense_classifier)
     if dense:  # only then: studies made before exclude= existed keep their cells

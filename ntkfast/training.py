@@ -70,12 +70,12 @@ class TrainResult:
     train_accuracy: List[float] = field(default_factory=list)
     test_loss: List[float] = field(default_factory=list)
     test_accuracy: List[float] = field(default_factory=list)
-    test_top5_accuracy: List[float] = field(default_factory=list)
     lr: List[float] = field(default_factory=list)
     epoch_seconds: List[float] = field(default_factory=list)
     final_test_accuracy: Optional[float] = None
     epochs: int = 0
     seconds: float = 0.0
+    test_top5_accuracy: List[float] = field(default_factory=list)  # last: positional callers keep working
 
     @property
     def best_test_accuracy(self) -> Optional[float]:
@@ -173,8 +173,19 @@ def _check_augment(augment, source: BatchSource):
         raise TypeError(f"augment: expected a recipe name, 'auto', a callable (images, generator) -> images "
                         f"or None, got {type(augment).__name__}")
     if not source.takes_augment():
+        if source.kind == "ntkfast":
+            raise ValueError(f"augment: {source.name}'s batches take no batched augmentation (a lazy image "
+                             "folder decodes each image on its own: give per-image transforms to its DataLoader)")
         raise ValueError(f"augment: {source.name} is not an ntkfast dataset of images; a DataLoader applies its "
                          "own transforms (put them in its dataset)")
+    images = getattr(source.data, "images", None)
+    if isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[0]:
+        # one small batch through it now: a recipe made for other image sizes would otherwise train on
+        # 64x64 crops and test on 32x32 images without a word (adaptive pooling runs either)
+        out = augment(images[:2], torch.Generator().manual_seed(0))
+        if tuple(out.shape[1:]) != tuple(images.shape[1:]):
+            raise ValueError(f"augment: it turns {source.name}'s {'x'.join(map(str, images.shape[1:]))} images into "
+                             f"{'x'.join(map(str, out.shape[1:]))}; pick the recipe for this dataset ('auto')")
     return augment
 
 

@@ -67,3 +67,33 @@ def test_linear_over_tokens_counts_every_position():
 def test_bad_input_is_named(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call(nn.Sequential(nn.Linear(6, 4)))
+
+
+def test_float64_tied_and_compiled_models():
+    double = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+    assert count_flops(double, (6,)).total == 6 * 4 + 4 + 4 * 2 + 2
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4, bias=False)
+            self.b = nn.Linear(4, 4, bias=False)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    assert dict(count_flops(Tied(), (4,)).per_param) == {"a.weight": 32}
+    plain = nn.Sequential(nn.Linear(6, 4))
+    compiled = torch.compile(plain, backend="eager")
+    fc = count_flops(compiled, (6,), {"0.weight": torch.zeros(4, 6, dtype=torch.bool)})
+    assert fc.remaining == 4 and fc.total == 28
+
+
+def test_a_model_that_cannot_be_copied_is_named():
+    import torch.nn.utils.prune as tprune
+
+    model = nn.Sequential(nn.Linear(6, 4))
+    tprune.random_unstructured(model[0], "weight", 0.5)
+    with pytest.raises(ValueError, match="^model: count_flops works on a copy"):
+        count_flops(model, (6,))

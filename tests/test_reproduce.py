@@ -95,3 +95,22 @@ def test_cli_runs_a_reduced_preset_and_prints_the_comparison(tmp_path, capsys, m
     assert rc == 0 and "| random | 0.03 | 1 |" in text and "93.15" in text and "a reduced run" in text
     assert json.loads(out.read_text().splitlines()[0])["method"] == "random"
     assert main(["reproduce", "nope", "--data-dir", ".", "--out", str(out)]) == 2
+
+
+def test_densities_as_printed_find_their_grid_point(tmp_path):
+    p = presets.get("ntksap-resnet20-cifar10")
+    from ntkfast.reproduce import _pick, _same_density
+
+    assert _pick("densities", [0.2621, 0.01801], p.densities, _same_density) == [0.8 ** 6, 0.8 ** 18]
+
+
+def test_nesterov_needs_momentum(tmp_path):
+    from ntkfast.study import run_study
+
+    with pytest.raises(ValueError, match="^nesterov: needs a momentum above 0"):
+        run_study("lenet300_100", "mnist", None, ["random"], [0.5], [0], tmp_path / "r.jsonl", nesterov=True,
+                  momentum=0.0, datasets=SETS, progress=False)
+    with pytest.raises(ValueError, match="^augment: it turns"):
+        run_study("lenet300_100", "mnist", None, ["random"], [0.5], [0], tmp_path / "r.jsonl",
+                  augment="resized-crop-flip-224", datasets=SETS, progress=False)
+    assert not (tmp_path / "r.jsonl").exists() or not (tmp_path / "r.jsonl").read_text()
