@@ -403,6 +403,16 @@ def cmd_reproduce(args) -> int:
     from .reproduce import compare, format_comparison, reproduce
 
     _checked_device(args)
+    if args.plot:  # before the work: a plot path that cannot be written fails now, not after hours
+        import importlib.util
+
+        from .core.files import check_out_path
+        from .plots import figure_paths
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise SystemExit("ntkfast reproduce: --plot needs matplotlib (pip install matplotlib)")
+        for path in figure_paths(args.plot, _PLOT_FORMATS):
+            check_out_path(path, "--plot", missing_folders_ok=True)
     reduced = (args.epochs not in (None, get(args.preset).epochs)
                or any(v is not None for v in (args.train_subset, args.test_subset, args.max_batches)))
     try:
@@ -412,8 +422,23 @@ def cmd_reproduce(args) -> int:
                             test_subset=args.test_subset, max_batches=args.max_batches)
     except ImportError as exc:  # a reader's optional dependency (Pillow, scipy)
         raise SystemExit(f"ntkfast reproduce: {exc}") from None
-    print(format_comparison(compare(records, args.preset), args.preset, reduced=reduced))
+    rows = compare(records, args.preset)
+    print(format_comparison(rows, args.preset, reduced=reduced))
+    if args.plot and rows:
+        from .plots import figure_paths
+        from .reproduce import plot_comparison
+
+        _make_folder_of(args.plot, "--plot")
+        try:
+            plot_comparison(rows, args.preset, args.plot, formats=_PLOT_FORMATS)
+        except ImportError as exc:
+            raise SystemExit(f"ntkfast reproduce: {exc}") from None
+        for path in figure_paths(args.plot, _PLOT_FORMATS):
+            print(path)
     return 0
+
+
+_PLOT_FORMATS = ("png", "pdf", "svg")
 
 
 def cmd_report(args) -> int:
@@ -746,6 +771,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-s", type=_seconds, default=None,
                    help="start no cell that the cells timed so far say would end after this many seconds")
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
+    p.add_argument("--plot", default=None, help="also plot ours against the published numbers (PNG, PDF and "
+                                                 "SVG beside this path; needs matplotlib)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_reproduce)
 

@@ -19,7 +19,7 @@ from typing import List, Optional, Sequence
 
 from . import presets as _presets
 
-__all__ = ["reproduce", "compare", "Comparison", "format_comparison"]
+__all__ = ["reproduce", "compare", "Comparison", "format_comparison", "plot_comparison"]
 
 
 @dataclass(frozen=True)
@@ -186,3 +186,38 @@ def format_comparison(rows: Sequence[Comparison], preset, reduced: bool = False)
     if p.published_metric:
         lines += ["", f"Published: {p.published_metric}."]
     return "\n".join(lines)
+
+
+def plot_comparison(rows: Sequence[Comparison], preset, path=None, *, ax=None, formats=None):
+    """Ours (markers, with the seeds' standard deviation as error bars) against the published
+    figures (the same colour, dashed, hollow markers) per method, accuracy against the percentage
+    of weights kept on a log axis, sparser to the right. Draws into ``ax`` when given; saves to
+    ``path`` (see :func:`ntkfast.plots.save_figure`, ``formats``) when given. Returns the Figure."""
+    from .plot_style import dataset_name, method_style, model_name
+    from .plots import _pyplot, save_figure
+
+    p = _presets.get(preset) if isinstance(preset, str) else preset
+    if ax is not None and not hasattr(ax, "errorbar"):
+        raise TypeError(f"ax: expected a matplotlib Axes, got {type(ax).__name__}")
+    plt = _pyplot()
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6.4, 4.2), constrained_layout=True)
+    for m in dict.fromkeys(r.method for r in rows):
+        st = method_style(m)
+        mine = sorted((r for r in rows if r.method == m), key=lambda r: -r.density)
+        ax.errorbar([100 * r.density for r in mine], [100 * r.ours for r in mine],
+                    yerr=[100 * (r.ours_std or 0.0) for r in mine], color=st.color, marker=st.marker,
+                    linestyle=st.linestyle, markersize=5, capsize=2, label=f"{st.label} (ours)")
+        pub = sorted(p.published.get(m, {}).items(), key=lambda kv: -kv[0])
+        if pub:
+            ax.plot([100 * d for d, _ in pub], [100 * a for _, a in pub], color=st.color, marker=st.marker,
+                    markerfacecolor="none", linestyle="--", linewidth=1, alpha=0.8, label=f"{st.label} (published)")
+    ax.set_xscale("log")
+    ax.invert_xaxis()
+    ax.set_xlabel("weights remaining (%)")
+    ax.set_ylabel("test accuracy, top-1 (%)")
+    ax.set_title(f"{model_name(p.model)} on {dataset_name(p.dataset)}: ours and {p.paper.split(' (')[0]}", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    if path is not None:
+        save_figure(fig, path, formats)
+    return fig

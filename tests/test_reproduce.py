@@ -114,3 +114,28 @@ def test_nesterov_needs_momentum(tmp_path):
         run_study("lenet300_100", "mnist", None, ["random"], [0.5], [0], tmp_path / "r.jsonl",
                   augment="resized-crop-flip-224", datasets=SETS, progress=False)
     assert not (tmp_path / "r.jsonl").exists() or not (tmp_path / "r.jsonl").read_text()
+
+
+def test_the_comparison_plot(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from ntkfast.reproduce import Comparison, plot_comparison
+
+    p = _small_synflow_preset()
+    rows = [Comparison("synflow", 0.1, 2, 0.9, 0.01, 0.9326, 0.9 - 0.9326, -3.26),
+            Comparison("random", 0.1, 1, 0.88, None, 0.9115, 0.88 - 0.9115, None)]
+    fig = plot_comparison(rows, p, tmp_path / "cmp.png", formats=("png", "pdf"))
+    assert (tmp_path / "cmp.png").stat().st_size > 0 and (tmp_path / "cmp.pdf").stat().st_size > 0
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert "SynFlow (ours)" in labels and "SynFlow (published)" in labels and "Random (published)" in labels
+    import matplotlib.pyplot as plt
+
+    _, ax = plt.subplots()
+    assert plot_comparison(rows, p, ax=ax) is ax.figure  # draws into the given axes, writes nothing
+    with pytest.raises(TypeError, match="^ax: expected a matplotlib Axes"):
+        plot_comparison(rows, p, ax="left")
+    # the CLI checks --plot before the work: a folder given as the path is refused, nothing runs
+    out = tmp_path / "r.jsonl"
+    (tmp_path / "adir.png").mkdir()
+    rc = main(["reproduce", "ntt-lenet300_100-mnist", "--data-dir", str(tmp_path), "--out", str(out),
+               "--plot", str(tmp_path / "adir.png"), "--quiet"])
+    assert rc == 2 and "--plot" in capsys.readouterr().err and not out.exists()
