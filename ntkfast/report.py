@@ -338,7 +338,7 @@ def plot_accuracy(records: Sequence[dict], path=None, metric: Metric = "final", 
     and the zoomed panel is drawn only into a ``zoom_ax`` you give). ``path``: where to save the
     figure, as each of ``formats`` (:func:`ntkfast.plots.save_figure`); nothing is written
     without it; a figure made here is closed once saved. Returns the matplotlib Figure."""
-    from .plots import _pyplot, check_axes, save_figure
+    from .plots import _pyplot, check_axes
 
     _metric_key(metric)
     _check_zoom(zoom)
@@ -383,12 +383,21 @@ def plot_accuracy(records: Sequence[dict], path=None, metric: Metric = "final", 
         _density_axis(zoom_ax, ticks)
         zoom_ax.set_ylabel("difference from the best method (points)")
         zoom_ax.set_title(f"zoom: the methods within {100 * depth:.2g} points of the best", fontsize=10)
+    return _legend_and_save(plt, fig, ax, own=own, legend=legend, ncol=5 if depth is not None else 3, path=path,
+                            formats=formats)
+
+
+def _legend_and_save(plt, fig, ax, *, own: bool, legend: bool, ncol: int, path, formats):
+    """The end of a plotting function: the legend (below a figure of our own, beside the caller's
+    axes), then the files when a path is given; a figure of our own is closed once saved."""
     if legend:
         if own:
-            _own_figure_legend(fig, ax, ncol=5 if depth is not None else 3)
+            _own_figure_legend(fig, ax, ncol=ncol)
         else:
             _axes_legend(ax)
     if path is not None:
+        from .plots import save_figure
+
         save_figure(fig, path, formats)
         if own:
             plt.close(fig)
@@ -494,7 +503,7 @@ def plot_layer_densities(records: Sequence[dict], path=None, density: Optional[f
 
     ``ax``, ``path``, ``formats`` and ``legend`` as in :func:`plot_accuracy`. Returns the Figure."""
     from .plot_style import layer_labels
-    from .plots import _pyplot, check_axes, save_figure
+    from .plots import _pyplot, check_axes
 
     check_choice(kind, "kind", ("auto", "bars", "heatmap"))
     records = _unique(records)
@@ -533,16 +542,8 @@ def plot_layer_densities(records: Sequence[dict], path=None, density: Optional[f
         _layer_heatmap(ax, means, styles, labels)
     ax.set_xlabel("layer (network order)")
     ax.set_title(_plain(f"{_plot_title(chosen[0])}: per-layer density at {100 * density:g}% overall"), fontsize=10)
-    if legend and kind == "bars":
-        if own:
-            _own_figure_legend(fig, ax, ncol=5)
-        else:
-            _axes_legend(ax)
-    if path is not None:
-        save_figure(fig, path, formats)
-        if own:
-            plt.close(fig)
-    return fig
+    return _legend_and_save(plt, fig, ax, own=own, legend=legend and kind == "bars", ncol=5, path=path,
+                            formats=formats)
 
 
 def _is_reduced(protocol: dict) -> bool:

@@ -194,12 +194,12 @@ def plot_comparison(rows: Sequence[Comparison], preset, path=None, *, ax=None, f
     of weights kept on a log axis, sparser to the right. Draws into ``ax`` when given; saves to
     ``path`` (see :func:`ntkfast.plots.save_figure`, ``formats``) when given. Returns the Figure."""
     from .plot_style import dataset_name, method_style, model_name
-    from .plots import _pyplot, save_figure
+    from .plots import _pyplot, check_axes, save_figure
 
     p = _presets.get(preset) if isinstance(preset, str) else preset
-    if ax is not None and not hasattr(ax, "errorbar"):
-        raise TypeError(f"ax: expected a matplotlib Axes, got {type(ax).__name__}")
     plt = _pyplot()
+    if ax is not None:
+        check_axes(ax)
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6.4, 4.2), constrained_layout=True)
     for m in dict.fromkeys(r.method for r in rows):
         st = method_style(m)

@@ -22,20 +22,14 @@ from typing import Iterator, Optional, Tuple
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from .batches import _describe
+
 __all__ = ["BatchSource", "as_source", "check_batch"]
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
 
 _WANTED = ("a dataset of (input, label) samples, or an iterable of (inputs, labels) batches that can be "
            "read again each epoch (a DataLoader, a list)")
-
-
-def _describe(obj) -> str:
-    if isinstance(obj, torch.Tensor):
-        return f"a tensor of shape {tuple(obj.shape)}"
-    if isinstance(obj, (tuple, list)):
-        return f"a {type(obj).__name__} of {len(obj)} item(s)"
-    return f"a {type(obj).__name__}"
 
 
 def check_batch(item, where: str) -> Batch:

@@ -65,8 +65,9 @@ def _subset_indices(n_or_indices, length: int) -> torch.Tensor:
 
 
 class Normalizing:
-    """uint8 images to the float32 inputs a dataset's items are: scaled to [0, 1] and, when
-    ``normalize``, normalised per channel with ``mean`` and ``std``."""
+    """What the two image datasets (in memory and read from a folder) share: uint8 images to the
+    float32 inputs their items are (scaled to [0, 1] and, when ``normalize``, normalised per
+    channel with ``mean`` and ``std``), and the counts of their batches and classes."""
 
     def _init_normalizing(self, mean: Sequence[float], std: Sequence[float], normalize: bool, channels: int) -> None:
         if len(mean) != channels or len(std) != channels:
@@ -85,6 +86,13 @@ class Normalizing:
         if self.normalize:
             x = x.sub_(self._mean.to(x.device)).div_(self._std.to(x.device))
         return x
+
+    def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
+        batch_size = check_int(batch_size, "batch_size", lo=1)
+        return len(self) // batch_size if drop_last else math.ceil(len(self) / batch_size)
+
+    def class_counts(self) -> List[int]:
+        return torch.bincount(self.targets, minlength=self.num_classes).tolist()
 
 
 class ImageDataset(Normalizing, Dataset):
@@ -166,13 +174,6 @@ class ImageDataset(Normalizing, Dataset):
             if augment is not None:
                 imgs = augment(imgs, gen)
             yield self.transform(imgs), y
-
-    def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
-        batch_size = check_int(batch_size, "batch_size", lo=1)
-        return len(self) // batch_size if drop_last else math.ceil(len(self) / batch_size)
-
-    def class_counts(self) -> List[int]:
-        return torch.bincount(self.targets, minlength=self.num_classes).tolist()
 
 
 class GaussianNoise(Dataset):

@@ -19,7 +19,6 @@ is the authors' evaluation transform for ImageNet.
 """
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple
@@ -182,13 +181,6 @@ class ImageFolder(Normalizing, Dataset):
             if device is not None:
                 imgs, y = imgs.to(device, non_blocking=True), y.to(device, non_blocking=True)
             yield self.transform(imgs), y
-
-    def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
-        batch_size = check_int(batch_size, "batch_size", lo=1)
-        return len(self) // batch_size if drop_last else math.ceil(len(self) / batch_size)
-
-    def class_counts(self) -> List[int]:
-        return torch.bincount(self.targets, minlength=self.num_classes).tolist()
 
     def mean_image(self) -> torch.Tensor:
         """The mean image ``[3, H, W]`` in [0, 1], not normalised (every image is decoded)."""
