@@ -33,9 +33,10 @@ from torch import nn
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
 from .core.checks import check_choice, check_device, check_int, check_mask, check_number, check_seed
-from .core.options import Optimizer, choices
+from .core.options import Amp, Optimizer, choices
 from .core.progress import check_progress, format_value, progress_bar
 from .core.sources import BatchSource, as_source
+from .core.train_engine import Engine, autocast, check_engine, compiled, device_flags, resident_source
 from .core.targets import model_device
 from .masks import parameter_name
 from .core.concurrency import holds_model
@@ -60,7 +61,9 @@ class TrainResult:
     the epoch began; ``epoch_seconds`` the wall time of each epoch, evaluation included, and
     ``seconds`` that of the whole run. Without a test set the test lists stay empty and
     ``final_test_accuracy`` is None. ``test_top5_accuracy``: a label among the five highest
-    outputs (NTK-SAP reports it for ImageNet; with fewer than five classes it is 1).
+    outputs (NTK-SAP reports it for ImageNet; with fewer than five classes it is 1). ``engine``:
+    how the steps ran where that is not plain full precision (``amp``, ``tf32``, ``compile``,
+    ``resident``, ``channels_last``; see :mod:`ntkfast.core.train_engine`), empty otherwise.
 
     ``to_dict()`` gives plain lists and numbers, ``to_json()`` the same as JSON text, and
     ``TrainResult.from_dict`` reads either back.
@@ -75,7 +78,8 @@ class TrainResult:
     final_test_accuracy: Optional[float] = None
     epochs: int = 0
     seconds: float = 0.0
-    test_top5_accuracy: List[float] = field(default_factory=list)  # last: positional callers keep working
+    test_top5_accuracy: List[float] = field(default_factory=list)  # after the first nine: positional callers keep working
+    engine: Dict[str, object] = field(default_factory=dict)
 
     @property
     def best_test_accuracy(self) -> Optional[float]:
@@ -132,11 +136,14 @@ def _check_masks(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]]) 
 # -- batches -------------------------------------------------------------------------------------
 
 def _iterate(dataset, batch_size: int, shuffle: bool, seed: int, device, max_batches: Optional[int],
-             channels_last: bool = False, augment=None):
+             channels_last: bool = False, augment=None, dtype: Optional[torch.dtype] = None):
+    """The batches of one epoch; floating inputs in ``dtype`` (the model's) where given."""
     source = as_source(dataset, "dataset")  # a BatchSource passes as it is, keeping its name
     for i, (x, y) in enumerate(source.batches(batch_size, shuffle, seed, device, augment=augment)):
         if max_batches is not None and i >= max_batches:
             break
+        if dtype is not None and x.is_floating_point() and x.dtype != dtype:
+            x = x.to(dtype)
         if channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         yield x, y
@@ -221,6 +228,12 @@ def _check_fits(model: nn.Module, source: BatchSource) -> None:
                              "(a model made for another number of classes?)")
 
 
+def _float_dtype(model: nn.Module) -> Optional[torch.dtype]:
+    """The dtype of the model's first floating parameter: what its inputs are cast to (an image
+    dataset gives float32; a float64 model takes them in float64)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
 def _epoch_seed(seed: int, epoch: int) -> int:
     """The shuffling seed of one epoch of a dataset the trainer batches itself."""
     return seed * 1_000_003 + epoch
@@ -252,27 +265,40 @@ def evaluate(model: nn.Module, dataset, batch_size: int = 512, device=None,
 
 
 @torch.no_grad()
-def _evaluate(model, dataset, batch_size, device, max_batches, channels_last: bool):
+def _evaluate(model, dataset, batch_size, device, max_batches, channels_last: bool, forward=None,
+              engine: Engine = Engine()):
+    """(mean loss, accuracy, top-5 accuracy); ``forward``: what to call (a compiled model)."""
     was_training = model.training
     model.eval()
-    total_loss, correct, correct5, n = 0.0, 0, 0, 0
+    forward = model if forward is None else forward
+    # summed on the device, read once: a float() per batch would wait for the GPU at every batch
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    correct5 = torch.zeros((), dtype=torch.int64, device=device)
+    n = 0
     try:
-        for x, y in _iterate(dataset, batch_size, False, 0, device, max_batches, channels_last=channels_last):
-            out = model(x)
-            total_loss += float(F.cross_entropy(out, y, reduction="sum"))
-            correct += int((out.argmax(1) == y).sum())
+        for x, y in _iterate(dataset, batch_size, False, 0, device, max_batches, channels_last=channels_last,
+                             dtype=_float_dtype(model)):
+            with autocast(engine, torch.device(device)):
+                out = forward(x)
+            out = out.float() if out.dtype in (torch.bfloat16, torch.float16) else out
+            total_loss += F.cross_entropy(out, y, reduction="sum").to(torch.float64)
+            correct += (out.argmax(1) == y).sum()
             top = out.topk(min(5, out.shape[1]), dim=1).indices  # the authors' topk(5) count
-            correct5 += int((top == y.unsqueeze(1)).any(1).sum())
+            correct5 += (top == y.unsqueeze(1)).any(1).sum()
             n += y.shape[0]
     finally:
         model.train(was_training)
     if n == 0:
         raise ValueError(f"{as_source(dataset, 'dataset').name} gave no batches to evaluate")
-    return total_loss / n, correct / n, correct5 / n
+    return float(total_loss) / n, int(correct) / n, int(correct5) / n
 
 
-def _wants_channels_last(model: nn.Module, device) -> bool:
-    # Measured on CPU only (oneDNN); on CUDA the best layout depends on dtype and cuDNN's choice.
+def _wants_channels_last(model: nn.Module, device, asked: Optional[bool] = None) -> bool:
+    # Automatic on CPU only, where it was measured (oneDNN); on CUDA the best layout depends on the
+    # dtype and cuDNN's choice, so it is the user's (channels_last=True: with bf16 tensor cores).
+    if asked is not None:
+        return asked and any(isinstance(m, nn.Conv2d) for m in model.modules())
     return torch.device(device).type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
@@ -299,7 +325,7 @@ def _runs_channels_last(model: nn.Module, train_set, device) -> bool:
     buffers = {n: b.clone() for n, b in model.named_buffers()}
     was_training = model.training
     ok = True
-    with torch.random.fork_rng(devices=[]):  # called for CPU training only
+    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
         try:
             _to_channels_last(model)
             # a collection of batches gives its own first batch, whatever its size
@@ -428,6 +454,12 @@ def train(
     scheduler=None,
     scheduler_interval: str = "epoch",
     augment=None,
+    *,
+    amp: Optional[Amp] = None,
+    tf32: bool = False,
+    compile: Union[bool, str] = False,
+    resident: Optional[bool] = None,
+    channels_last: Optional[bool] = None,
 ) -> TrainResult:
     """Train ``model`` in place with cross-entropy, keeping its pruned weights at zero.
 
@@ -478,6 +510,18 @@ def train(
             ``"auto"`` (the authors' recipe for the dataset's name, none for MNIST-like sets), an
             augmentation object, or None (default: none). Seeded from ``seed`` and the epoch.
             Data given as a DataLoader carries its own transforms and is refused with one.
+        amp: "bf16" runs the forward and loss under bfloat16 autocast (the weights and the
+            optimiser stay in their dtype); None (default): full precision.
+        tf32: allow TF32 tensor cores in CUDA matmuls and convolutions (default False: PyTorch's
+            own default allows it in cuDNN convolutions; here float32 is float32 unless asked).
+        compile: run the forward through ``torch.compile`` (True: its default backend; a string:
+            that backend, e.g. "aot_eager"). Off by default.
+        resident: move an in-memory ntkfast image dataset to the device once, so batches are cut,
+            augmented and normalised there (None: on CUDA; False: copy each batch from the host).
+        channels_last: train a 2-D convolutional network in the channels-last layout (None:
+            on CPU, where it was measured faster, when the forward runs so; True: on any device).
+        Every setting that is on is named in the result's ``engine`` (see
+        :mod:`ntkfast.core.train_engine`).
 
     Returns:
         a :class:`TrainResult`: the per-epoch history.
@@ -498,6 +542,9 @@ def train(
     _check_scheduler(scheduler, scheduler_interval, milestones)
     seed = check_seed(seed)
     check_progress(progress)
+    engine = check_engine(amp, tf32, compile, resident)
+    if channels_last is not None and not isinstance(channels_last, bool):
+        raise TypeError(f"channels_last: expected True, False or None, got {type(channels_last).__name__}")
     param_masks = _check_masks(model, masks)
     finite_model(model, masks or None)  # meta tensors, and NaN/inf where the masks keep weights, by name
     empty = [n for n, m in param_masks.items() if m.numel() and not bool(m.any())]
@@ -527,9 +574,14 @@ def train(
     if device is not None:
         model.to(device)
     device = model_device(model)
+    train_set, on_device = resident_source(train_set, device, engine)
+    if test_set is not None:
+        test_set, _ = resident_source(test_set, device, engine)
     layout = _layout_of(model)
     was_training = model.training
-    channels_last = _wants_channels_last(model, device) and _runs_channels_last(model, train_set, device)
+    channels_last = _wants_channels_last(model, device, channels_last) and _runs_channels_last(model, train_set, device)
+    forward = compiled(model, engine)
+    dtype = _float_dtype(model)
     params = dict(model.named_parameters())
     # in the parameter's own layout, so that masking a gradient or a weight keeps that layout
     mask_f = {n: torch.empty_like(params[n]).copy_(m) for n, m in param_masks.items()}
@@ -544,8 +596,9 @@ def train(
     steps = _steps_per_epoch(train_set, batch_size, max_batches)
     fork_devices = [device] if device.type == "cuda" else []
     start = time.perf_counter()
+    result.engine = engine.record(device, on_device, channels_last)
     try:
-        with torch.random.fork_rng(devices=fork_devices):
+        with torch.random.fork_rng(devices=fork_devices), device_flags(engine, device):
             torch.manual_seed(seed)
             for epoch in range(epochs):
                 epoch_start = time.perf_counter()
@@ -556,9 +609,10 @@ def train(
                 correct_acc = torch.zeros((), device=device, dtype=torch.int64)
                 step_bar = progress_bar(steps, f"epoch {epoch + 1}", progress=progress, unit="step")
                 for x, y in _iterate(train_set, batch_size, True, _epoch_seed(seed, epoch), device, max_batches,
-                                     channels_last=channels_last, augment=augment):
-                    out = model(x)
-                    loss = F.cross_entropy(out, y)
+                                     channels_last=channels_last, augment=augment, dtype=dtype):
+                    with autocast(engine, device):
+                        out = forward(x)
+                        loss = F.cross_entropy(out, y)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -578,7 +632,8 @@ def train(
                 result.train_accuracy.append(int(correct_acc) / n)
                 fields = {"epoch": epoch + 1, "loss": result.train_loss[-1], "acc": result.train_accuracy[-1]}
                 if test_set is not None:
-                    tl, ta, ta5 = _evaluate(model, test_set, batch_size, device, max_batches, channels_last)
+                    tl, ta, ta5 = _evaluate(model, test_set, batch_size, device, max_batches, channels_last,
+                                            forward, engine)
                     result.test_loss.append(tl)
                     result.test_accuracy.append(ta)
                     result.test_top5_accuracy.append(ta5)

@@ -14,7 +14,7 @@ from ntkfast.core.options import choices
 from testing import mlp
 
 ALIASES = [getattr(options, n) for n in options.__all__ if n != "choices"]
-MODULES = ["ntkfast", "ntkfast.masks", "ntkfast.prune", "ntkfast.training", "ntkfast.study", "ntkfast.ntt",
+MODULES = ["ntkfast", "ntkfast.masks", "ntkfast.prune", "ntkfast.training", "ntkfast.training_grouped", "ntkfast.study", "ntkfast.ntt",
            "ntkfast.ntt.transfer", "ntkfast.ntk", "ntkfast.ops", "ntkfast.ops.masked_gram", "ntkfast.report",
            "ntkfast.models", "ntkfast.scores"]
 BAD = "zz-not-an-option"
@@ -110,6 +110,13 @@ CALLS = {
     "ntkfast.training.train:optimizer":
         lambda v: __import__("ntkfast").train(mlp(), None, TensorDataset(X, torch.zeros(6, dtype=torch.long)), None,
                                               1, optimizer=v, progress=False),
+    "ntkfast.training.train:amp":
+        lambda v: __import__("ntkfast").train(mlp(), None, TensorDataset(X, torch.zeros(6, dtype=torch.long)), None,
+                                              1, amp=v, progress=False),
+    **{f"ntkfast.training_grouped.train_grouped:{p}":
+        (lambda v, p=p: importlib.import_module("ntkfast.training_grouped").train_grouped(
+            [mlp(0), mlp(1)], [None, None], TensorDataset(X, torch.zeros(6, dtype=torch.long)), None, 1,
+            progress=False, **{p: v})) for p in ("optimizer", "amp")},
     "ntkfast.study.run_study:optimizer": lambda v: _study(optimizer=v),
     "ntkfast.study.run_study:scope": lambda v: _study(scope=v),
     "ntkfast.report.summarise:metric": _report("summarise"),

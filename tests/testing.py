@@ -70,7 +70,7 @@ class AuthorsLinear(nn.Linear):
 INTERNALS = {
     "ntksap_engine": ("ntkfast.scores._ntksap._engine", "the grouped pass, pass sizing and the CUDA-graph check"),
     "ntksap_graph": ("ntkfast.scores._ntksap._graph", "the captured pass body, run eagerly on the CPU"),
-    "ntksap_grouped": ("ntkfast.scores._ntksap._grouped", "the grouped network and its convolution layouts"),
+    "ntksap_grouped": ("ntkfast.core.grouped", "the grouped network and its convolution layouts"),
     "ntksap_draws": ("ntkfast.scores._ntksap._draws", "the draws a pass is fed"),
     "ntk_empirical": ("ntkfast.ntk._empirical", "the chunk planner under a small memory budget"),
     "ntk_terms": ("ntkfast.ntk._terms", "the gathered convolution path below its density threshold"),

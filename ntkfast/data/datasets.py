@@ -27,10 +27,13 @@ def _batch_order(n: int, shuffle: bool, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
-def _batch_slices(n: int, batch_size, shuffle: bool, seed: int, drop_last: bool):
-    """(start, indices) of each batch over n items, in a seeded order when shuffling."""
+def _batch_slices(n: int, batch_size, shuffle: bool, seed: int, drop_last: bool, device=None):
+    """(start, indices) of each batch over n items, in a seeded order when shuffling (drawn on the
+    CPU, so the order is the same on every device; moved to ``device`` once, not per batch)."""
     batch_size = check_int(batch_size, "batch_size", lo=1)
     order = _batch_order(n, shuffle, seed)
+    if device is not None and torch.device(device).type != "cpu":
+        order = order.to(device)
     stop = n - n % batch_size if drop_last else n
     for start in range(0, stop, batch_size):
         yield start, order[start:start + batch_size]
@@ -153,6 +156,19 @@ class ImageDataset(Normalizing, Dataset):
                             mean=self.mean, std=self.std, normalize=self.normalize, name=self.name,
                             train=self.train)
 
+    def to(self, device) -> "ImageDataset":
+        """The dataset with its uint8 images and labels on ``device`` (itself where they already lie
+        there): its batches are then cut, augmented and normalised there, with no copy from the
+        host per step. CIFAR-10's 50,000 images take 150 MB of device memory."""
+        device = torch.device(device)
+        if self.images.device == device and self.targets.device == device:
+            return self
+        out = ImageDataset.__new__(ImageDataset)
+        out.__dict__.update(self.__dict__)
+        out.images, out.targets = self.images.to(device), self.targets.to(device)
+        out._mean, out._std = self._mean.to(device), self._std.to(device)
+        return out
+
     def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
                 device=None, augment=None) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         """Yield ``(x, y)`` batches of whole tensors. ``shuffle`` draws one permutation from a
@@ -164,7 +180,7 @@ class ImageDataset(Normalizing, Dataset):
         if augment is not None:
             # an odd multiplier mixes the seed so that the crops do not reuse the permutation's draws
             gen = torch.Generator().manual_seed((seed * 0x9E3779B97F4A7C15 + 1) % 2**64)
-        for start, idx in _batch_slices(len(self), batch_size, shuffle, seed, drop_last):
+        for start, idx in _batch_slices(len(self), batch_size, shuffle, seed, drop_last, self.images.device):
             if shuffle:
                 imgs, y = _take(self.images, idx), _take(self.targets, idx)
             else:

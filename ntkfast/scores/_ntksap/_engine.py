@@ -3,7 +3,7 @@
 S(m) = | d/dm sum over pieces || f(Z; theta_i * m) - f(Z; (theta_i + eps xi_i) * m) ||^2 | * [m != 0]
 
 The fast engines evaluate a private copy of the model whose layers take stacked weight sets
-(:class:`~ntkfast.scores._ntksap._grouped.GroupedNetwork`): "grouped" puts both branches of every piece of a
+(:class:`~ntkfast.core.grouped.GroupedNetwork`): "grouped" puts both branches of every piece of a
 pass into one call (2P weight sets, group-stacked; the GPU path, optionally replayed from a CUDA
 graph), "sequential" runs the two branches of one piece as two plain calls (the CPU path). Both
 build the effective weights of each layer with the fused ``ops.perturbed_masked`` kernel (xi
@@ -27,7 +27,7 @@ from ...methods import register
 from ...core.batches import resolve_input_shape
 from ...core.targets import attribute_name, finish, mask_buffer_name, model_device, resolve_dtype, resolve_targets
 from ...core.state import functional_forward
-from ._grouped import BatchNormPlan, GroupedNetwork, NotGroupable
+from ...core.grouped import BatchNormPlan, GroupedNetwork, NotGroupable
 from ._draws import Draws, InitFailed, check_explicit, piece_list
 from ._reference import reference_scores
 

@@ -17,7 +17,7 @@ from typing import Dict, List
 import torch
 
 from ... import ops
-from ._grouped import BatchNormPlan, GroupedNetwork
+from ...core.grouped import BatchNormPlan, GroupedNetwork
 
 __all__ = ["GraphedPass", "graphed_pass", "disable"]
 

@@ -34,8 +34,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from ...core.state import cast_copy
-from ...core.targets import attribute_name
+from .state import cast_copy
+from .targets import attribute_name
 
 __all__ = ["GroupedNetwork", "BatchNormPlan", "NotGroupable"]
 
@@ -57,6 +57,12 @@ class BatchNormPlan:
       no gradient through them); the mean and unbiased variance are recorded in ``stats``. This is
       the authors' separate statistics pass.
     - "stored": every group g uses ``stats[layer]`` of group ``g % P`` (recorded before).
+    - "train": training, as ``F.batch_norm`` in train mode does it for each group on its own: the
+      biased statistics of the group's own input, with gradient through them, and the running
+      statistics ``running[layer]`` (``[G, C]`` mean and variance, updated in place with the
+      module's momentum, unbiased variance) and ``tracked[layer]`` (batches counted) moved on.
+      After training, ``BatchNormPlan("stored", G, stats=running)`` evaluates every group with
+      its own running statistics (eval mode).
     BatchNorm layers without running statistics (``track_running_stats=False``) always normalise
     each group by its own biased batch statistics, with gradient, as PyTorch does in eval mode.
     """
@@ -64,6 +70,8 @@ class BatchNormPlan:
     mode: str = "single_pass"
     pieces: int = 1
     stats: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    running: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    tracked: Dict[str, int] = field(default_factory=dict)
 
 
 class _Context:
@@ -203,7 +211,7 @@ class _BN(_Leaf):
         m: _BatchNorm = self.module
         ctx, G = self.ctx, self.ctx.groups
         plan = ctx.bn
-        if G == 1 and m.track_running_stats:
+        if G == 1 and m.track_running_stats and plan.mode != "train":
             return self._single(x, m, plan)
         xg = _per_group(x, ctx)  # [G, B, C, *S]
         S = xg.dim() - 3
@@ -218,7 +226,10 @@ class _BN(_Leaf):
             var, mean = torch.var_mean(xg, dim=red, unbiased=False, keepdim=True)
             y = (xg - mean) * torch.rsqrt(var + m.eps)
             return (y * _channel_view(w, G, S) + _channel_view(b, G, S)).reshape(x.shape)
-        if plan.mode == "record":
+        if plan.mode == "train":
+            var, mean = torch.var_mean(xg, dim=red, unbiased=False)
+            self._update_running(plan, m, mean.detach(), var.detach(), xg.numel() // (G * C))
+        elif plan.mode == "record":
             with torch.no_grad():
                 var_b, mean = torch.var_mean(xg, dim=red, unbiased=False)
                 n = xg.numel() // (G * C)
@@ -238,6 +249,15 @@ class _BN(_Leaf):
         shift = b - mean * scale
         return torch.addcmul(_channel_view(shift, G, S), xg, _channel_view(scale, G, S)).reshape(x.shape)
 
+
+    @torch.no_grad()
+    def _update_running(self, plan, m, mean, var_b, n):
+        """PyTorch's running-statistics update, per group (momentum None: the cumulative mean)."""
+        running_mean, running_var = plan.running[self.name]
+        tracked = plan.tracked[self.name] = plan.tracked.get(self.name, 0) + 1
+        f = 1.0 / tracked if m.momentum is None else m.momentum
+        running_mean.lerp_(mean.to(running_mean.dtype), f)
+        running_var.lerp_((var_b * (n / max(n - 1, 1))).to(running_var.dtype), f)
 
     def _single(self, x, m, plan):
         """One group: PyTorch's own batch_norm, the very arithmetic of the authors' code."""
