@@ -206,6 +206,7 @@ def train_grouped(
     amp: Optional[Amp] = None,
     tf32: bool = False,
     resident: Optional[bool] = None,
+    stacked: Optional[bool] = None,
 ) -> List[TrainResult]:
     """Train ``models[k]`` with ``masks[k]`` for every k, all in one stacked network; returns one
     :class:`~ntkfast.training.TrainResult` per model, in order.
@@ -218,6 +219,12 @@ def train_grouped(
     Each model's weights and BatchNorm statistics are written back when training ends (an error
     midway leaves every model as it was); the models stay on their own device, ``device``
     (default: theirs) is where the training runs.
+
+    ``stacked``: run the K networks as one stacked network (True) or one after the other with
+    :func:`~ntkfast.training.train` (False; the same results). None (default): stacked on CUDA,
+    where small networks leave the GPU idle; one after the other on the CPU, where the arithmetic
+    is the same either way and the stacked pass measured 0.5-0.7x (``benchmarks/bench_fast_train.py``:
+    the per-network convolutions and the concatenations of their outputs).
     """
     models = _check_models(models)
     with contextlib.ExitStack() as held:
@@ -225,12 +232,12 @@ def train_grouped(
             held.enter_context(model_lock(m))
         return _checked_train(models, masks, train_set, test_set, epochs, optimizer, lr, momentum, weight_decay,
                               batch_size, lr_milestones, lr_gamma, device, seed, progress, max_batches, scheduler,
-                              scheduler_interval, augment, amp, tf32, resident)
+                              scheduler_interval, augment, amp, tf32, resident, stacked)
 
 
 def _checked_train(models, masks, train_set, test_set, epochs, optimizer, lr, momentum, weight_decay, batch_size,
                    lr_milestones, lr_gamma, device, seed, progress, max_batches, scheduler, scheduler_interval,
-                   augment, amp, tf32, resident) -> List[TrainResult]:
+                   augment, amp, tf32, resident, stacked) -> List[TrainResult]:
     K = len(models)
     if isinstance(masks, Mapping) or not isinstance(masks, Sequence) or len(masks) != K:
         raise ValueError(f"masks: expected a list of {K} masks (a mapping or None per model), got "
@@ -273,9 +280,13 @@ def _checked_train(models, masks, train_set, test_set, epochs, optimizer, lr, mo
     if test_source is not None:
         _check_fits(models[0], test_source)
 
-    why = _why_not_grouped(models)
+    if stacked is not None and not isinstance(stacked, bool):
+        raise TypeError(f"stacked: expected True, False or None, got {type(stacked).__name__}")
+    if stacked is None:
+        stacked = device.type == "cuda"
+    why = _why_not_grouped(models) if stacked else None
     net = None
-    if why is None:
+    if stacked and why is None:
         try:
             dtype = next(p.dtype for p in models[0].parameters() if p.is_floating_point())
             net = GroupedNetwork(models[0], dtype=dtype, device=device)
@@ -285,7 +296,8 @@ def _checked_train(models, masks, train_set, test_set, epochs, optimizer, lr, mo
             why = str(exc)
     if why is not None:
         warnings.warn(f"train_grouped: {type(models[0]).__name__} cannot run as one stacked network ({why}); "
-                      f"training the {K} models one after the other", RuntimeWarning, stacklevel=2)
+                      f"training the {K} models one after the other", RuntimeWarning, stacklevel=3)
+    if not stacked or why is not None:
         kw = dict(epochs=epochs, optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,
                   batch_size=batch_size, lr_milestones=lr_milestones, lr_gamma=lr_gamma, device=device, seed=seed,
                   progress=progress, max_batches=max_batches, scheduler=scheduler,

@@ -50,7 +50,7 @@ def _same_as_separate(name, shape, train_set, test_set, masks_of, device="cpu", 
     nets = _nets(name, shape, 3, device=device)
     masks = masks_of(nets)
     alone = [copy.deepcopy(n) for n in nets]
-    got = train_grouped(nets, masks, train_set, test_set, progress=False, **kw)
+    got = train_grouped(nets, masks, train_set, test_set, progress=False, stacked=True, **kw)
     want = [train(n, m, train_set, test_set, progress=False, channels_last=False, **kw) for n, m in zip(alone, masks)]
     for k, (g, w) in enumerate(zip(got, want)):
         assert _state_diff(nets[k], alone[k]) < 1e-10, k
@@ -105,7 +105,7 @@ def test_reparametrised_model_falls_back_to_one_after_another():
 
     nets, alone = reparametrised(), reparametrised()  # (a pruned module's computed weight refuses deepcopy)
     with pytest.warns(RuntimeWarning, match="weight_orig.*one after the other"):
-        got = train_grouped(nets, [None, None], train_set, None, epochs=1, batch_size=8, progress=False)
+        got = train_grouped(nets, [None, None], train_set, None, epochs=1, batch_size=8, progress=False, stacked=True)
     want = [train(n, None, train_set, None, epochs=1, batch_size=8, progress=False) for n in alone]
     assert [g.train_loss for g in got] == [w.train_loss for w in want]
     assert "grouped" not in got[0].engine
@@ -129,6 +129,7 @@ def test_bad_arguments_are_named_and_leave_the_models_untouched():
          TypeError, "scheduler: give a callable"),
         (dict(amp="fp8"), ValueError, "amp: expected one of 'bf16'"),
         (dict(epochs=0), ValueError, "epochs"),
+        (dict(stacked="yes"), TypeError, "stacked: expected True, False or None"),
     ]
     for kw, exc, match in cases:
         args = dict(models=nets, masks=[None, None], train_set=train_set, test_set=None, epochs=1, progress=False)
@@ -157,9 +158,19 @@ def test_an_error_midway_leaves_every_model_as_it_was():
     before = [copy.deepcopy(n.state_dict()) for n in nets]
     ds = torch.utils.data.TensorDataset(torch.randn(32, 4), torch.randint(0, 3, (32,)))
     with pytest.raises(RuntimeError, match="broken on purpose"):
-        train_grouped(nets, [None, None], ds, None, epochs=2, batch_size=4, progress=False)
+        train_grouped(nets, [None, None], ds, None, epochs=2, batch_size=4, progress=False, stacked=True)
     for n, b in zip(nets, before):
         assert all(torch.equal(v, b[k]) for k, v in n.state_dict().items())
+
+
+def test_on_the_cpu_by_default_one_after_another_with_the_same_results():
+    train_set = data.GaussianNoise((1, 28, 28), 40, num_classes=10, seed=1)
+    nets, again = _nets("lenet300_100", (1, 28, 28), 2), _nets("lenet300_100", (1, 28, 28), 2)
+    by_default = train_grouped(nets, [None, None], train_set, None, epochs=1, batch_size=8, progress=False)
+    stacked = train_grouped(again, [None, None], train_set, None, epochs=1, batch_size=8, progress=False, stacked=True)
+    assert "grouped" not in by_default[0].engine and stacked[0].engine["grouped"] == 2
+    assert [r.train_loss[0] for r in by_default] == pytest.approx([r.train_loss[0] for r in stacked], abs=1e-12)
+    assert max(_state_diff(a, b) for a, b in zip(nets, again)) < 1e-12
 
 
 # -- train()'s engine settings --------------------------------------------------------------------

@@ -227,6 +227,8 @@ class _BN(_Leaf):
             y = (xg - mean) * torch.rsqrt(var + m.eps)
             return (y * _channel_view(w, G, S) + _channel_view(b, G, S)).reshape(x.shape)
         if plan.mode == "train":
+            if not x.is_cuda:
+                return self._train_per_group(x, m, plan, w, b)
             var, mean = torch.var_mean(xg, dim=red, unbiased=False)
             self._update_running(plan, m, mean.detach(), var.detach(), xg.numel() // (G * C))
         elif plan.mode == "record":
@@ -249,6 +251,19 @@ class _BN(_Leaf):
         shift = b - mean * scale
         return torch.addcmul(_channel_view(shift, G, S), xg, _channel_view(scale, G, S)).reshape(x.shape)
 
+
+    def _train_per_group(self, x, m, plan, w, b):
+        """Train mode on the CPU: PyTorch's own batch_norm on each group's row block (oneDNN's
+        kernel, measured several times faster there than the stacked reduction), each updating
+        its group's row of the running statistics in place."""
+        G = self.ctx.groups
+        running_mean, running_var = plan.running[self.name]
+        tracked = plan.tracked[self.name] = plan.tracked.get(self.name, 0) + 1
+        momentum = 1.0 / tracked if m.momentum is None else m.momentum
+        xs = x.split(x.shape[0] // G)
+        outs = [F.batch_norm(xs[g], running_mean[g], running_var[g], w[g], b[g], True, momentum, m.eps)
+                for g in range(G)]
+        return torch.cat(outs, 0)
 
     @torch.no_grad()
     def _update_running(self, plan, m, mean, var_b, n):
