@@ -233,7 +233,7 @@ def test_resident_dataset_gives_the_batches_of_the_host_copy(device):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="TF32 flags act on CUDA only")
-def test_tf32_is_off_during_training_unless_asked_and_restored():
+def test_tf32_is_off_during_cuda_training_unless_asked_and_restored():
     seen = []
 
     class Spy(nn.Module):

@@ -53,6 +53,10 @@ STAGES = {
         "benchmarks/common.py", "benchmarks/bench_ntksap.py", "benchmarks/bench_ntk.py",
         "benchmarks/bench_ntt.py", "benchmarks/bench_pathkernel.py", "benchmarks/bench_synflow.py",
         "benchmarks/bench_train.py"]),
+    5: ("trainer", _KERNELS + [
+        "benchmarks/common.py", "benchmarks/bench_fast_train.py", "ntkfast/training.py",
+        "ntkfast/training_grouped.py", "ntkfast/core/grouped.py", "ntkfast/core/train_engine.py",
+        "ntkfast/augment.py", "ntkfast/data/datasets.py"]),
 }
 
 
