@@ -7,7 +7,9 @@ whole cells. :func:`compare` reads the records back and sets each cell's mean ac
 beside the published figure, the difference also in units of the seeds' spread.
 
 A reduced run (``epochs``, ``train_subset``, ``max_batches`` below the preset's) is recorded as
-such in the protocol, and :func:`compare` says so: it is not the paper's protocol.
+such in the protocol, and :func:`compare` says so: it is not the paper's protocol. Fewer epochs
+keep the schedule's shape: the learning-rate drops move to the same fractions of the run
+(:func:`scaled_milestones`).
 """
 from __future__ import annotations
 
@@ -64,12 +66,21 @@ def _same_density(a: float, b) -> bool:
     return isinstance(b, (int, float)) and not isinstance(b, bool) and math.isclose(a, float(b), rel_tol=1e-3)
 
 
+def scaled_milestones(milestones: Sequence[int], epochs: int, run_epochs: int) -> List[int]:
+    """The preset's learning-rate drops for a run of ``run_epochs`` instead of ``epochs``: at the
+    same fractions of the run (rounded), so a reduced run keeps the schedule's shape rather than
+    training at the first rate throughout; drops that fall on or past the last epoch are dropped."""
+    if run_epochs >= epochs:
+        return [m for m in milestones if m < run_epochs]
+    return [m for m in sorted({max(1, round(m * run_epochs / epochs)) for m in milestones}) if m < run_epochs]
+
+
 def _study_kwargs(p: "_presets.Preset", epochs: Optional[int], device, progress, train_subset,
                   test_subset, max_batches, datasets) -> dict:
     return dict(
         epochs=epochs or p.epochs, optimizer=p.optimizer, lr=p.lr,
         momentum=p.momentum if p.optimizer == "sgd" else 0.0, weight_decay=p.weight_decay,
-        batch_size=p.batch_size, lr_milestones=[m for m in p.lr_milestones if m < (epochs or p.epochs)],
+        batch_size=p.batch_size, lr_milestones=scaled_milestones(p.lr_milestones, p.epochs, epochs or p.epochs),
         scope=p.scope, nesterov=p.nesterov, lr_gamma=p.lr_gamma, augment=p.augment,
         prune_samples=None,  # run_study's default: 10 per class, the authors' prune set (NTT reads its own data)
         train_subset=train_subset, test_subset=test_subset, max_batches=max_batches, device=device,

@@ -28,6 +28,17 @@ def _small_synflow_preset():
     return dataclasses.replace(presets.get("synflow-vgg16-cifar10"), model="lenet300_100", dataset="mnist")
 
 
+def test_a_reduced_run_keeps_the_schedules_shape():
+    from ntkfast.reproduce import scaled_milestones
+
+    assert scaled_milestones([80, 120], 160, 10) == [5, 8]  # NTK-SAP's drops at 1/2 and 3/4 of the run
+    assert scaled_milestones([80, 120], 160, 160) == [80, 120]
+    assert scaled_milestones([80, 120], 160, 100) == [50, 75]
+    assert scaled_milestones([80, 120], 160, 2) == [1]  # both land on epoch 1: one drop
+    assert scaled_milestones([80, 120], 160, 1) == []
+    assert scaled_milestones([], 160, 10) == []
+
+
 def test_cells_run_through_the_study_with_the_presets_protocol(tmp_path):
     out = tmp_path / "r.jsonl"
     p = _small_synflow_preset()
