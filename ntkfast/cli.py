@@ -317,7 +317,7 @@ def cmd_train(args) -> int:
         print(f"masks {args.masks or args.init}: density {masks.density:.6g} ({masks.metadata.get('method', '?')})")
     result = train(model, masks, train_set, test_set, args.epochs, optimizer=args.optimizer, lr=args.lr,
                    batch_size=args.batch_size, device=args.device, seed=args.seed, progress=False if args.quiet else None,
-                   max_batches=args.max_batches)
+                   max_batches=args.max_batches, **_engine_of(args))
     for e in range(len(result.test_accuracy)):
         print(f"epoch {e + 1}: train loss {result.train_loss[e]:.4f}  test loss {result.test_loss[e]:.4f}  "
               f"test accuracy {result.test_accuracy[e]:.2%}")
@@ -387,7 +387,8 @@ def cmd_study(args) -> int:
             method_options=_method_settings(args.method_option, "--method-option", option),
             prune_samples=args.prune_samples, train_subset=args.train_subset, test_subset=args.test_subset,
             max_batches=args.max_batches, device=args.device, progress=False if args.quiet else None,
-            claim_timeout=args.claim_timeout, exclude=args.exclude, dense_classifier=args.dense_classifier)
+            claim_timeout=args.claim_timeout, exclude=args.exclude, dense_classifier=args.dense_classifier,
+            engine=_engine_of(args) or None)
     except OSError as exc:
         return _out_error(exc)
     for r in records:
@@ -419,7 +420,8 @@ def cmd_reproduce(args) -> int:
         records = reproduce(args.preset, args.data_dir, args.out, methods=args.methods, densities=args.densities,
                             seeds=args.seeds, epochs=args.epochs, budget_s=args.budget_s, device=args.device,
                             progress=False if args.quiet else None, train_subset=args.train_subset,
-                            test_subset=args.test_subset, max_batches=args.max_batches)
+                            test_subset=args.test_subset, max_batches=args.max_batches,
+                            engine=_engine_of(args) or None)
     except ImportError as exc:  # a reader's optional dependency (Pillow, scipy)
         raise SystemExit(f"ntkfast reproduce: {exc}") from None
     rows = compare(records, args.preset)
@@ -636,6 +638,30 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def _add_engine_args(p) -> None:
+    """How the training steps run (ntkfast.training.train's engine arguments)."""
+    g = p.add_argument_group("how training runs (named in the results where on)")
+    g.add_argument("--amp", default=None, choices=["bf16"], help="the forward in bfloat16 autocast")
+    g.add_argument("--tf32", action="store_true", help="allow TF32 tensor cores on CUDA (default: float32 is float32)")
+    g.add_argument("--compile", nargs="?", const=True, default=False, metavar="BACKEND",
+                   help="the forward through torch.compile (optionally with this backend, e.g. aot_eager)")
+    g.add_argument("--channels-last", dest="channels_last", action="store_true", default=None,
+                   help="channels-last layout on any device (default: on the CPU only)")
+    g.add_argument("--no-resident", dest="resident", action="store_false", default=None,
+                   help="copy each batch from the host instead of keeping the dataset on the GPU")
+
+
+def _engine_of(args) -> dict:
+    """The engine arguments given on the command line (none: an empty dict)."""
+    out = {}
+    for name, default in (("amp", None), ("tf32", False), ("compile", False), ("channels_last", None),
+                          ("resident", None)):
+        value = getattr(args, name, default)
+        if value != default:
+            out[name] = value
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ntkfast", description="Fast NTK-based pruning at initialisation.",
                      epilog="`ntkfast COMMAND --help` gives the options of a command.")
@@ -707,6 +733,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                "(torch.save; --init reads it back); missing folders are made")
     p.add_argument("--history-json", default=None, metavar="FILE",
                    help="also write the per-epoch history (losses, accuracies, lr, seconds) as JSON")
+    _add_engine_args(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("study", help="prune, train and evaluate every (method, density, seed) cell; resumable")
@@ -742,6 +769,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds after which a cell claimed by a process that stopped renewing its claim "
                         "(a killed one on another machine) is run here instead")
     _add_exclude_args(p)
+    _add_engine_args(p)
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("report", help="markdown tables and figures (PNG, PDF, SVG) from `ntkfast study` results")
@@ -774,6 +802,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, help="also plot ours against the published numbers (PNG, PDF and "
                                                  "SVG beside this path; needs matplotlib)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_engine_args(p)
     p.set_defaults(func=cmd_reproduce)
 
     sub.add_parser("methods", help="list the pruning methods and their -o options").set_defaults(func=cmd_methods)

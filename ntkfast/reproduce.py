@@ -91,7 +91,8 @@ def reproduce(preset, data_dir, out, *, methods: Optional[Sequence[str]] = None,
               densities: Optional[Sequence[float]] = None, seeds: Optional[Sequence[int]] = None,
               epochs: Optional[int] = None, budget_s: Optional[float] = None, device=None,
               progress: Optional[bool] = None, train_subset: Optional[int] = None,
-              test_subset: Optional[int] = None, max_batches: Optional[int] = None, datasets=None) -> List[dict]:
+              test_subset: Optional[int] = None, max_batches: Optional[int] = None, datasets=None,
+              engine: Optional[dict] = None) -> List[dict]:
     """Prune and train the cells of ``preset`` (a name or a :class:`~ntkfast.presets.Preset`)
     not yet in the study file ``out``; returns the records of the chosen cells that are there.
 
@@ -101,7 +102,9 @@ def reproduce(preset, data_dir, out, *, methods: Optional[Sequence[str]] = None,
     cell the cells timed so far say would not end within that many seconds of the start (the
     first cell always runs, unless ``out`` already holds a cell of this setting whose time says it
     cannot fit: then nothing runs and ValueError names the budget). ``datasets``: an already
-    loaded ``(train, test)`` pair instead of reading ``data_dir``."""
+    loaded ``(train, test)`` pair instead of reading ``data_dir``. ``engine``: how the training
+    steps run (``amp``, ``tf32``, ``compile``, ``channels_last``, ``resident``; see
+    :func:`ntkfast.study.run_study`), named in each record where on."""
     from .study import read_results, run_study
 
     p = _presets.get(preset) if isinstance(preset, str) else preset
@@ -117,6 +120,9 @@ def reproduce(preset, data_dir, out, *, methods: Optional[Sequence[str]] = None,
     if budget_s is not None and (isinstance(budget_s, bool) or not isinstance(budget_s, (int, float))
                                  or not budget_s > 0 or not math.isfinite(budget_s)):
         raise ValueError(f"budget_s: expected a positive number of seconds, got {budget_s!r}")
+    from .study import _check_engine_options
+
+    engine = _check_engine_options(engine) or None  # named now, before any data is read
     if datasets is None:
         # once for every cell (a Tiny-ImageNet decode takes minutes), after the output file is
         # checked, so a wrong --out fails before any reading
@@ -126,6 +132,7 @@ def reproduce(preset, data_dir, out, *, methods: Optional[Sequence[str]] = None,
         check_out(out)
         datasets = (D.load_dataset(p.dataset, data_dir, train=True), D.load_dataset(p.dataset, data_dir, train=False))
     kwargs = _study_kwargs(p, epochs, device, progress, train_subset, test_subset, max_batches, datasets)
+    kwargs["engine"] = engine
 
     def cells():
         for seed in seeds:  # seed-major: a stopped run leaves whole seeds of the grid behind it

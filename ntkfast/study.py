@@ -555,9 +555,33 @@ def prune_cell(model_name: str, method: str, density: float, seed: int, rounds: 
     return net, masks
 
 
-def train_cell(net, masks, train_set, test_set, protocol: dict, seed: int, device, progress: Optional[bool] = None):
+ENGINE_OPTIONS = ("amp", "tf32", "compile", "channels_last", "resident")
+
+
+def _check_engine_options(engine) -> dict:
+    """``engine`` as a dict of train()'s engine arguments, each checked now (before any cell)."""
+    if engine is None:
+        return {}
+    if not isinstance(engine, Mapping):
+        raise TypeError(f"engine: expected a mapping of {', '.join(ENGINE_OPTIONS)}, got {type(engine).__name__}")
+    unknown = sorted(set(engine) - set(ENGINE_OPTIONS))
+    if unknown:
+        raise ValueError(f"engine: {unknown[0]!r} is not one of {', '.join(ENGINE_OPTIONS)}")
+    from .core.train_engine import check_engine
+
+    e = dict(engine)
+    check_engine(e.get("amp"), e.get("tf32", False), e.get("compile", False), e.get("resident"))
+    cl = e.get("channels_last")
+    if cl is not None and not isinstance(cl, bool):
+        raise TypeError(f"engine: channels_last: expected True, False or None, got {type(cl).__name__}")
+    return e
+
+
+def train_cell(net, masks, train_set, test_set, protocol: dict, seed: int, device, progress: Optional[bool] = None,
+               engine: Optional[Mapping] = None):
     """Train a pruned cell's network by the study's protocol (:func:`ntkfast.training.train`;
-    ``progress`` as its)."""
+    ``progress`` as its; ``engine``: its keyword arguments ``amp``, ``tf32``, ``compile``,
+    ``channels_last``, ``resident``)."""
     from .training import train
 
     if protocol.get("nesterov"):  # the named "sgd" has no Nesterov switch: the optimiser, made here
@@ -573,7 +597,8 @@ def train_cell(net, masks, train_set, test_set, protocol: dict, seed: int, devic
     return train(net, masks, train_set, test_set, protocol["epochs"], **opt,
                  batch_size=protocol["batch_size"], lr_milestones=protocol["lr_milestones"] or None,
                  lr_gamma=protocol.get("lr_gamma", 0.1), augment=protocol.get("augment"),
-                 device=device, seed=seed, progress=progress, max_batches=protocol["max_batches"])
+                 device=device, seed=seed, progress=progress, max_batches=protocol["max_batches"],
+                 **dict(engine or {}))
 
 
 def _connectivity_fields(net, masks) -> dict:
@@ -599,12 +624,14 @@ def _flops_fraction(net, masks) -> Optional[float]:
 
 
 def _run_cell(model_name: str, method: str, density: float, seed: int, rounds: int, options: dict,
-              train_set, test_set, protocol: dict, device) -> dict:
+              train_set, test_set, protocol: dict, device, engine: Optional[Mapping] = None) -> dict:
     t0 = time.perf_counter()
     # progress left to the default: the cell's bars are inner bars of the study's, silenced with it
     net, masks = prune_cell(model_name, method, density, seed, rounds, options, train_set, protocol, device)
     prune_s = time.perf_counter() - t0
-    res = train_cell(net, masks, train_set, test_set, protocol, seed, device)
+    res = train_cell(net, masks, train_set, test_set, protocol, seed, device, engine=engine)
+    # how the steps ran, where not plain full precision (bf16 autocast changes the numbers a little)
+    extra = {"engine": res.engine} if res.engine else {}
     return {
         "final_test_accuracy": res.final_test_accuracy,
         "best_test_accuracy": max(res.test_accuracy) if res.test_accuracy else None,
@@ -616,7 +643,7 @@ def _run_cell(model_name: str, method: str, density: float, seed: int, rounds: i
         # unless the study keeps layers dense)
         "achieved_density": masks.pruned_density, "layer_density": dict(masks.layer_density()),
         "empty_layers": masks.empty_layers(), **_connectivity_fields(net, masks),
-        "prune_seconds": prune_s, "train_seconds": res.seconds,
+        "prune_seconds": prune_s, "train_seconds": res.seconds, **extra,
     }
 
 
@@ -688,13 +715,18 @@ def run_study(model: str, dataset: str, data_dir, methods: Sequence[str], densit
               test_subset: Optional[int] = None, max_batches: Optional[int] = None, device=None,
               progress: Optional[bool] = None, datasets=None, claim_timeout: float = 600.0,
               exclude: Optional[Sequence[str]] = None, dense_classifier: bool = False,
-              nesterov: bool = False, lr_gamma: float = 0.1, augment: Optional[str] = None) -> List[dict]:
+              nesterov: bool = False, lr_gamma: float = 0.1, augment: Optional[str] = None,
+              engine: Optional[Mapping] = None) -> List[dict]:
     """Run every (method, density, seed) cell not yet in ``out`` and append its record there.
 
     ``nesterov`` (SGD's Nesterov momentum), ``lr_gamma`` (the factor at each of
     ``lr_milestones``) and ``augment`` (a recipe of :mod:`ntkfast.augment`) are part of the
     training protocol; they enter the records only where they differ from the defaults, so
     studies written before they existed resume.
+
+    ``engine``: how the training steps run, not part of the protocol (a study resumes across
+    them): :func:`ntkfast.training.train`'s keyword arguments ``amp``, ``tf32``, ``compile``,
+    ``channels_last``, ``resident``. Each cell's record names the ones that were on (``engine``).
 
     Per cell: a fresh ``model`` initialised with ``torch.manual_seed(seed)`` (so every method of one
     seed prunes the same network), pruned by ``method`` to ``density`` (``rounds[method]`` rounds,
@@ -778,6 +810,7 @@ def run_study(model: str, dataset: str, data_dir, methods: Sequence[str], densit
     if nesterov and not momentum > 0:
         raise ValueError(f"nesterov: needs a momentum above 0, got momentum={momentum!r}")
     lr_gamma = check_number(lr_gamma, "lr_gamma", lo=0.0, lo_open=True)
+    engine = _check_engine_options(engine)
     if augment is not None:
         from . import augment as _augment
 
@@ -845,7 +878,7 @@ def run_study(model: str, dataset: str, data_dir, methods: Sequence[str], densit
     def run(head):
         bar.update(0, cell=_label(head))
         result = _run_cell(model, head["method"], head["density"], head["seed"], head["rounds"], head["options"],
-                           train_set, test_set, protocol, device)
+                           train_set, test_set, protocol, device, engine)
         record = {**head, **result, "machine": machine, "ntkfast": __version__,
                   "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
         _append(out, record)

@@ -349,8 +349,6 @@ def test_bad_data_optimizers_and_schedulers_are_refused_by_name_before_the_model
 # -- memory layout -------------------------------------------------------------------------------
 
 def _train_conv(monkeypatch, channels_last, start_channels_last=False, name="lenet5"):
-    training = internal("training")
-    monkeypatch.setattr(training, "_wants_channels_last", lambda model, device: channels_last)
     torch.manual_seed(0)
     shape = (1, 16, 16) if name == "lenet5" else (3, 8, 8)
     model = models.get(name, input_shape=shape, num_classes=3).double()
@@ -359,7 +357,8 @@ def _train_conv(monkeypatch, channels_last, start_channels_last=False, name="len
     masks = random_masks(model, 0.4)
     x = torch.randn(40, *shape, dtype=torch.float64)
     ds = TensorDataset(x, torch.randint(0, 3, (40,)))
-    result = train(model, masks, ds, ds, epochs=2, optimizer="adam", lr=1e-2, batch_size=8, progress=False)
+    result = train(model, masks, ds, ds, epochs=2, optimizer="adam", lr=1e-2, batch_size=8, progress=False,
+                   channels_last=channels_last)
     return model, masks, result
 
 
@@ -409,7 +408,7 @@ def test_a_model_that_cannot_run_channels_last_trains_as_it_is():
     ref.load_state_dict(init)
     training = internal("training")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(training, "_wants_channels_last", lambda model, device: False)
+        mp.setattr(training, "_wants_channels_last", lambda model, device, asked=None: False)
         ref_res = train(ref, masks, ds, ds, epochs=2, optimizer="adam", lr=1e-2, batch_size=8, progress=False)
     assert res.test_accuracy == ref_res.test_accuracy
     for p, q in zip(model.parameters(), ref.parameters()):

@@ -252,3 +252,53 @@ def test_tf32_is_off_during_cuda_training_unless_asked_and_restored():
     train(Spy().cuda(), None, ds, None, epochs=1, batch_size=4, progress=False, tf32=True)
     assert seen[-1] == (True, True)
     assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+
+
+# -- the engine through the study, reproduce and the command line ---------------------------------
+
+def _mnist_like(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return data.ImageDataset(torch.randint(0, 256, (n, 1, 28, 28), generator=g, dtype=torch.uint8),
+                             torch.randint(0, 10, (n,), generator=g), classes=[str(i) for i in range(10)],
+                             mean=(0.13,), std=(0.31,), name="mnist")
+
+
+def test_study_records_the_engine_that_was_on_and_checks_it_first(tmp_path):
+    from ntkfast.study import run_study
+
+    sets = (_mnist_like(48, 1), _mnist_like(16, 2))
+    out = tmp_path / "s.jsonl"
+    recs = run_study("lenet300_100", "mnist", None, ["random"], [0.5], [0], out, epochs=1, max_batches=2,
+                     datasets=sets, progress=False, engine={"amp": "bf16", "compile": "aot_eager"})
+    assert recs[0]["engine"] == {"amp": "bf16", "compile": "aot_eager"}
+    plain = run_study("lenet300_100", "mnist", None, ["random"], [0.5], [0], tmp_path / "p.jsonl", epochs=1,
+                      max_batches=2, datasets=sets, progress=False)
+    assert "engine" not in plain[0]
+    for engine, exc, match in [({"amp": "fp16"}, ValueError, "amp: expected one of 'bf16'"),
+                               ({"warp": True}, ValueError, "engine: 'warp' is not one of"),
+                               ("bf16", TypeError, "engine: expected a mapping")]:
+        bad = tmp_path / "bad.jsonl"
+        with pytest.raises(exc, match=match):
+            run_study("lenet300_100", "mnist", None, ["random"], [0.5], [0], bad, epochs=1, datasets=sets,
+                      progress=False, engine=engine)
+        assert not bad.exists()
+
+
+def test_reproduce_names_a_bad_engine_before_reading_data(tmp_path):
+    from ntkfast.reproduce import reproduce
+
+    with pytest.raises(ValueError, match="amp: expected one of 'bf16'"):
+        reproduce("ntt-lenet5-mnist", tmp_path / "no-data-here", tmp_path / "r.jsonl", engine={"amp": "fp16"})
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_cli_train_passes_the_engine_flags_and_saves_them_in_the_history(data_dir, tmp_path):
+    import json
+
+    from ntkfast.cli import main
+
+    history = tmp_path / "h.json"
+    assert main(["train", "--model", "lenet300_100", "--dataset", "mnist", "--data-dir", str(data_dir), "--epochs",
+                 "1", "--max-batches", "2", "--quiet", "--amp", "bf16", "--compile", "aot_eager",
+                 "--history-json", str(history)]) == 0
+    assert json.loads(history.read_text())["engine"] == {"amp": "bf16", "compile": "aot_eager"}
