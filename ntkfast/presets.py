@@ -112,8 +112,10 @@ def _synflow(name, model, dataset, augment, published, paper) -> Preset:
         methods=("synflow", "snip", "grasp", "magnitude", "random"), densities=_synflow_densities(),
         epochs=160, optimizer="sgd", lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4, batch_size=128,
         lr_milestones=(60, 120), lr_gamma=0.1, augment=augment,
-        rounds={"synflow": 100}, published=published, published_metric="top-1, mean of 3 runs (final or best "
-                                                                        "epoch: not recorded)",
+        rounds={"synflow": 100},
+        # Synaptic-Flow's --prune-train-mode defaults to False: SNIP and GraSP score in eval mode
+        method_options={"snip": {"bn": "eval"}, "grasp": {"bn": "eval"}},
+        published=published, published_metric="top-1, mean of 3 runs (final or best epoch: not recorded)",
         sources=(f"{_SYNFLOW}:Results/data/0520_2020_cifar100_lottery_vgg16_bn/args.json (protocol)",
                  f"{_SYNFLOW}:Utils/load.py l.181 ('momentum' is SGD 0.9 with Nesterov)",
                  f"{_SYNFLOW}:Results/data/Accuracy_CompRatio/*.npy (published accuracies, 3 runs)"),

@@ -676,6 +676,10 @@ def _ntt_options(model: torch.nn.Module, options: dict) -> dict:
         out.setdefault("epochs", NTT_DEFAULT_EPOCHS)
     conv = any(isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)) for m in model.modules())
     out.setdefault("lambda_l2", 1e-5 if conv else 1e-4)  # the authors' MLP / CNN settings
+    from .core.batchnorm import batchnorm_layers
+
+    if batchnorm_layers(model):  # recorded: cells written when NTT's default was "eval" are not these
+        out.setdefault("bn", "calibrate")
     out.setdefault("scope", "layerwise")  # the authors'
     return out
 
@@ -782,6 +786,13 @@ def run_study(model: str, dataset: str, data_dir, methods: Sequence[str], densit
     for m, opts in method_options.items():
         if m != "ntt":
             _check_method_options(m, opts)
+    # recorded with each cell: results written when these scorers' default was "eval" (options
+    # without it) are not resumed as cells of the "train" default
+    from .core.batchnorm import DEFAULT_SCORING_BN
+
+    for m in ("snip", "iterative_snip", "grasp"):
+        if m in methods and not {"bn", "train_mode"} & set(method_options.get(m, {})):
+            method_options.setdefault(m, {})["bn"] = DEFAULT_SCORING_BN
     check_choice(optimizer, "optimizer", OPTIMIZERS)
     check_choice(scope, "scope", choices(Scope))
     for name, v in (("epochs", epochs), ("batch_size", batch_size), ("prune_samples", prune_samples),

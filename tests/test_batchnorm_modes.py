@@ -98,8 +98,30 @@ def test_bad_settings_are_named():
 def test_prune_passes_bn_to_the_scorer():
     net, batches = _bn_net(), _batches()
     a = prune(net, "snip", 0.3, data=batches, bn="calibrate", progress=False)
-    b = prune(_calibrated_by_torch(net, batches), "snip", 0.3, data=batches, progress=False)
+    b = prune(_calibrated_by_torch(net, batches), "snip", 0.3, data=batches, bn="eval", progress=False)
     assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+@pytest.mark.parametrize("method", ["snip", "iterative_snip", "grasp"])
+def test_the_scorers_default_is_train_mode(method):
+    """bn='train' is the measured default; train_mode=False (the older spelling) still means eval."""
+    net, batches = _bn_net(), _batches()
+    fn = getattr(scores, method)
+    default, train, ev = fn(net, data=batches), fn(net, data=batches, bn="train"), fn(net, data=batches, bn="eval")
+    assert all(torch.equal(default[n], train[n]) for n in default)
+    assert any(not torch.equal(default[n], ev[n]) for n in default)
+    old = fn(net, data=batches, train_mode=False)
+    assert all(torch.equal(old[n], ev[n]) for n in old)
+    with pytest.raises(ValueError, match="bn: 'train' contradicts train_mode=False"):
+        fn(net, data=batches, bn="train", train_mode=False)
+
+
+def test_train_mode_refuses_a_batch_of_one_by_name():
+    net = _bn_net()
+    one = (torch.randn(1, 3, 8, 8, dtype=torch.float64), torch.tensor([1]))
+    with pytest.raises(ValueError, match="data: a batch of one sample cannot be scored with bn='train'"):
+        scores.snip(net, data=one)
+    scores.snip(net, data=one, bn="eval")  # and the other modes take it
 
 
 def test_ntt_calibrate_sets_the_teacher_and_student_statistics():
@@ -113,8 +135,20 @@ def test_ntt_calibrate_sets_the_teacher_and_student_statistics():
     for k in ("1.running_mean", "4.running_var"):
         torch.testing.assert_close(res.state_dict[k], oracle[k], rtol=1e-12, atol=1e-15)
     assert res.masks.metadata["bn"] == "calibrate"
-    plain = transfer(net, 0.5, x, steps=2, batch_size=8, validation=0, progress=False)
+    default = transfer(net, 0.5, x, steps=2, batch_size=8, validation=0, progress=False)
+    assert all(torch.equal(default.state_dict[k], res.state_dict[k]) for k in res.state_dict)  # calibrate
+    plain = transfer(net, 0.5, x, steps=2, batch_size=8, bn="eval", validation=0, progress=False)
     assert torch.equal(plain.state_dict["1.running_mean"], torch.zeros(6, dtype=torch.float64))
     assert "bn" not in plain.masks.metadata
     after, _ = _state(net)
     assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_ntt_without_batchnorm_records_eval_whatever_the_mode():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    x = torch.randn(32, 12, dtype=torch.float64)
+    a = transfer(net, 0.5, x, steps=2, batch_size=8, validation=0, progress=False)
+    b = transfer(net, 0.5, x, steps=2, batch_size=8, bn="calibrate", validation=0, progress=False)
+    assert "bn" not in a.masks.metadata and "bn" not in b.masks.metadata
+    assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)

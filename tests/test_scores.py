@@ -252,8 +252,10 @@ def test_iterative_snip_formula(case, gen):
     builder, in_shape, model, masks = build_case(case, gen)
     data = batches(in_shape, 2, gen=gen)
     am = authors_copy(model, masks, lambda: builder(MLinear))
+    expect = snip_by_mask_leaves(am, data, train_mode=True, iterative=True)  # the default, bn="train"
+    assert_scores_close(scores.iterative_snip(model, masks, data=data), expect)
     expect = snip_by_mask_leaves(am, data, iterative=True)
-    got = scores.iterative_snip(model, masks, data=data)
+    got = scores.iterative_snip(model, masks, data=data, bn="eval")
     assert_scores_close(got, expect)
     # direct formula on the plain model: |theta * m * dL/dW| at W = theta * m, normalised
     net = copy.deepcopy(model).eval()
@@ -299,9 +301,10 @@ def test_grasp_explicit_hessian(gen):
         assert bool((got[n][~mk] == 0).all())
 
 
-def grasp_authors(am, data, temp=200.0, eps=1e-10):
-    """The authors' GraSP on masked layers: autograd.grad twice, then .backward() of g . grad."""
-    net = copy.deepcopy(am).eval()
+def grasp_authors(am, data, temp=200.0, eps=1e-10, train_mode=False):
+    """The authors' GraSP on masked layers: autograd.grad twice, then .backward() of g . grad (their
+    code leaves the network in train mode)."""
+    net = copy.deepcopy(am).train(train_mode)
     ps = list(prunable_parameters(net).values())
     stopped = 0
     for x, y in data:
@@ -320,8 +323,11 @@ def test_grasp_matches_authors_on_cnn(gen):
     data = batches(in_shape, 2, gen=gen)
     am = authors_copy(model, masks, lambda: builder(MLinear))
     expect = grasp_authors(am, data)
+    assert_scores_close(scores.grasp(model, masks, data=data, bn="eval"), expect, rtol=1e-7, atol=1e-13)
+    assert_scores_close(scores.grasp(am, data=data, bn="eval"), expect, rtol=1e-7, atol=1e-13)
+    # the default, train mode, as the authors' code runs it
+    expect = grasp_authors(am, data, train_mode=True)
     assert_scores_close(scores.grasp(model, masks, data=data), expect, rtol=1e-7, atol=1e-13)
-    assert_scores_close(scores.grasp(am, data=data), expect, rtol=1e-7, atol=1e-13)
 
 
 # -- the model is never changed -----------------------------------------------------------------------------

@@ -38,14 +38,14 @@ def ntt(
     log_every: int = 100,
     process_group=None,
     exclude=None,
-    bn: BNMode = "eval",
+    bn: Optional[BNMode] = None,
 ) -> MethodResult:
     """Runs :func:`ntkfast.transfer` at the run's density and scope (prune() passes them), seeded
     with ``seed`` as given. ``data`` reaches it as the user gave it (a dataset works) and is used
     without its labels. It starts from the dense model only: start masks, a second round or prune
     hooks are refused. ``process_group``: the transfer's steps are split over its processes (see
     :func:`ntkfast.transfer`). ``exclude``: weights the student keeps dense (see
-    :func:`ntkfast.transfer`). ``bn``: "eval" or "calibrate" (see :func:`ntkfast.transfer`)."""
+    :func:`ntkfast.transfer`). ``bn``: "calibrate" (default where the model has BatchNorm) or "eval" (see :func:`ntkfast.transfer`)."""
     if target_density is None:
         raise ValueError("target_density: NTT needs the density it learns a mask for (prune() passes it)")
     if masks is not None and not all(bool(m.all()) for m in masks.values()):

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..core.batchnorm import BN_MODES, BNMode, calibrate_module
+from ..core.batchnorm import BN_MODES, BNMode, batchnorm_layers, calibrate_module
 from ..core.checks import check_choice, check_int, check_number, check_seed
 from ..core.compiled import unwrap, without_compiled_submodules
 from ..core.exclude import ExcludeSpec, resolve_exclude
@@ -251,7 +251,7 @@ def transfer(
     checkpoint_every: Optional[int] = None,
     process_group=None,
     exclude: Optional[ExcludeSpec] = None,
-    bn: BNMode = "eval",
+    bn: Optional[BNMode] = None,
 ) -> TransferResult:
     """Neural Tangent Transfer: a sparse student of ``model`` whose outputs and empirical NTK
     mimic the dense ``model``'s, learned without labels.
@@ -293,12 +293,14 @@ def transfer(
             authors' validation batch) when the data has at least 4 batches, else a quarter.
         log_every: steps between validation evaluations (the authors: 100).
         kernel: "sparse" or "authors_code", see :func:`transfer_loss`.
-        bn: the BatchNorm statistics of teacher and student: "eval" (default: the running
-            statistics as they are; a fresh network's are (0, 1)) or "calibrate" (set, in the
-            copies, to the mean statistics of the first 16 training batches before the transfer
-            starts, so the teacher's kernel is that of a normalised network; see
-            :mod:`ntkfast.core.batchnorm`). "train" is refused: in train mode a sample's output
-            depends on the rest of its batch, and the per-sample NTK is not defined.
+        bn: the BatchNorm statistics of teacher and student: "calibrate" (default on a network
+            with BatchNorm: set, in the copies, to the mean statistics of the first 16 training
+            batches before the transfer starts, so the teacher's kernel is that of a normalised
+            network) or "eval" (the running statistics as they are; a fresh network's are
+            (0, 1), and on ResNet-20 the kernel term then outweighs the output term ~50,000-fold,
+            against ~30-fold calibrated: benchmarks/ntt_batchnorm_terms.py). "train" is refused:
+            in train mode a sample's output depends on the rest of its batch, and the per-sample
+            NTK is not defined. Without BatchNorm layers both mean the same and "eval" is recorded.
         checkpoint: a file path. The transfer's whole state (student, Adam, mask, position in
             the data, history) is written there every ``checkpoint_every`` steps and at the end;
             when the file exists, the transfer resumes from it and gives the same result as an
@@ -350,7 +352,10 @@ def transfer(
     if bn == "train":
         raise ValueError("bn: 'train' is not supported by NTT (in train mode a sample's output depends on the rest of "
                          "its batch, so the per-sample NTK is not defined); use 'eval' or 'calibrate'")
-    check_choice(bn, "bn", BN_MODES)
+    if bn is not None:
+        check_choice(bn, "bn", BN_MODES)
+    # the mode a checkpoint and the result record: what actually ran
+    bn = ("calibrate" if bn in (None, "calibrate") else "eval") if batchnorm_layers(model) else "eval"
     if callback is not None and not callable(callback):
         raise ValueError(f"callback: expected a callable or None, got {type(callback).__name__}")
     device, dtype = _model_info(model)

@@ -12,7 +12,7 @@ from ..methods import register
 from ..core.checks import check_number
 from ..core.batches import as_batches, cast_input, shard_batches
 from ..core.numerics import all_finite, cross_entropy, divide_by_total, grad_dict, with_float64_fallback
-from ..core.batchnorm import BNMode, bn_setting, calibrate_batchnorm
+from ..core.batchnorm import BNMode, bn_setting, calibrate_batchnorm, check_train_batches
 from ..core.state import functional_forward, leaves, masked, state_copy, substitute
 from ..core.targets import finish, model_device, resolve_targets
 
@@ -27,7 +27,7 @@ def grasp(
     seed: int = 0,
     dtype=None,
     input_shape=None,
-    train_mode: bool = False,
+    train_mode: Optional[bool] = None,
     bn: Optional[BNMode] = None,
     temperature: float = 200.0,
     eps: float = 1e-10,
@@ -45,6 +45,8 @@ def grasp(
     eps = check_number(eps, "eps", lo=0.0)
     shard = resolve_shard(process_group)
     train_mode, calibrate = bn_setting(bn, train_mode, shard)
+    if train_mode:
+        check_train_batches(model, (b[0] for b in batches))
     items = shard_batches(batches, shard, train_mode)
 
     def compute(dt):

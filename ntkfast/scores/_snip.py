@@ -11,7 +11,7 @@ from ..distributed import resolve as resolve_shard
 from ..methods import register
 from ..core.batches import as_batches, cast_input, shard_batches
 from ..core.numerics import all_finite, cross_entropy, divide_by_total, grad_dict, with_float64_fallback
-from ..core.batchnorm import BNMode, bn_setting, calibrate_batchnorm
+from ..core.batchnorm import BNMode, bn_setting, calibrate_batchnorm, check_train_batches
 from ..core.state import functional_forward, leaves, masked, state_copy, substitute
 from ..core.targets import finish, model_device, resolve_targets
 
@@ -46,7 +46,7 @@ def snip(
     seed: int = 0,
     dtype=None,
     input_shape=None,
-    train_mode: bool = False,
+    train_mode: Optional[bool] = None,
     bn: Optional[BNMode] = None,
     process_group=None,
 ) -> "OrderedDict[str, torch.Tensor]":
@@ -54,14 +54,18 @@ def snip(
     computes with theta * m and L is the mean cross-entropy of a batch, summed over the batches of
     ``data``; i.e. S = |theta * dL/d(theta * m)| (pruned entries get the sensitivity of their stored
     weight). Normalised by the sum of all scores (left as is when that sum is 0). ``bn``: the
-    BatchNorm statistics, "eval" (default), "train" (the same as ``train_mode=True``) or "calibrate"
-    (see :mod:`ntkfast.core.batchnorm`). ``seed`` and ``input_shape`` are ignored. ``process_group``: the batches (or
+    BatchNorm statistics, "train" (default: each batch's own, as GraSP's code and the NTK-SAP
+    authors score; measured best), "eval" (the running statistics; Synaptic-Flow's protocol) or
+    "calibrate" (see :mod:`ntkfast.core.batchnorm`); ``train_mode=True`` / ``False`` is the older
+    spelling of "train" / "eval". ``seed`` and ``input_shape`` are ignored. ``process_group``: the batches (or
     their rows) are split over its processes and the gradients all-reduced (see
     :mod:`ntkfast.distributed`)."""
     targets = resolve_targets(model, masks)
     batches = as_batches(data, "data", device=model_device(model))
     shard = resolve_shard(process_group)
     train_mode, calibrate = bn_setting(bn, train_mode, shard)
+    if train_mode:
+        check_train_batches(model, (b[0] for b in batches))
     items = shard_batches(batches, shard, train_mode)
 
     def compute(dt):
@@ -94,7 +98,7 @@ def iterative_snip(
     seed: int = 0,
     dtype=None,
     input_shape=None,
-    train_mode: bool = False,
+    train_mode: Optional[bool] = None,
     bn: Optional[BNMode] = None,
     process_group=None,
 ) -> "OrderedDict[str, torch.Tensor]":
@@ -106,6 +110,8 @@ def iterative_snip(
     batches = as_batches(data, "data", device=model_device(model))
     shard = resolve_shard(process_group)
     train_mode, calibrate = bn_setting(bn, train_mode, shard)
+    if train_mode:
+        check_train_batches(model, (b[0] for b in batches))
     items = shard_batches(batches, shard, train_mode)
 
     def compute(dt):
