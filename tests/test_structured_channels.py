@@ -143,6 +143,28 @@ def test_cat_joins_labels_end_to_end_and_sums_tie():
     assert dead_rows(masks["c.weight"]) == dead_rows(masks["d.weight"])
 
 
+class DenseCat(nn.Module):
+    """The input concatenated with a convolution's channels (DenseNet's pattern), then read."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.head = nn.Conv2d(9, 4, 1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.head(torch.cat([x, torch.relu(self.conv(x))], dim=1)).amax((2, 3)))
+
+
+def test_cat_with_the_input_keeps_the_layer_prunable():
+    model = DenseCat()
+    x = torch.randn(2, 3, 4, 4)
+    assert {g.layers for g in channel_groups(model, x)} == {("conv",), ("head",)}
+    masks = channel_masks(model, random_scores(model, "dense"), 0.6, example_inputs=x, scope="layerwise")
+    dead = dead_rows(masks["conv.weight"])
+    assert dead and dead_inputs(masks["head.weight"]) == {3 + c for c in dead}
+
+
 class Depthwise(nn.Module):
     def __init__(self):
         super().__init__()
@@ -351,9 +373,18 @@ def test_bad_input_is_named_and_leaves_model_and_masks_alone(r20):
     assert unchanged(r20, snap) and keep == kept
 
 
+class Assigned(Rolled):
+    def forward(self, x):
+        y = self.conv(x)
+        y[:, 0] = 0
+        return self.fc(y.mean((2, 3)))
+
+
 def test_models_the_trace_cannot_follow_are_named():
     with pytest.raises(ChannelTraceError, match=r"^model: cannot follow the channels of Rolled through roll"):
         channel_groups(Rolled(), torch.randn(2, 3, 4, 4))
+    with pytest.raises(ChannelTraceError, match=r"^model: cannot follow the channels of Assigned through an assignment"):
+        channel_groups(Assigned(), torch.randn(2, 3, 4, 4))
     grouped = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
     with pytest.raises(ValueError, match=r"^model: 0 is a grouped convolution \(groups=2"):
         channel_groups(grouped, torch.randn(2, 4, 5, 5))

@@ -213,6 +213,9 @@ class _Tracer(TorchFunctionMode):
         if name == "__get__":  # a property: x.data passes the values, x.T moves the channel axis
             prop = getattr(getattr(func, "__self__", None), "__name__", "property")
             name = "pass" if prop in _PASS_PROPERTIES else f"the property .{prop}"
+        if name == "setitem":  # x[:, i] = v: channel indices shift once channels are cut
+            self.unknown("an assignment into a slice", ins, None)
+            return out
         if not outs or name in _FRESH:
             return out
         self.propagate(name, args, kwargs, ins, outs)
@@ -221,6 +224,9 @@ class _Tracer(TorchFunctionMode):
     def propagate(self, name: str, args, kwargs, ins, outs) -> None:
         result = outs[0]
         first, lab = ins[0]
+        if name in _CAT:  # before the opaque rule: an opaque part of a cat along the channels is only pinned
+            self.set_label(result, self.cat(args, kwargs, ins, result))
+            return
         if any(lab.axis is None for _, lab in ins):
             for _, other in ins:
                 self.pin(other)
@@ -228,10 +234,9 @@ class _Tracer(TorchFunctionMode):
             return
         if name in _BINARY:
             self.set_label(result, self.elementwise(name, [(t, lab) for t, lab in ins], result))
-        elif name in _CAT:
-            self.set_label(result, self.cat(args, kwargs, ins, result))
         elif name in _PASS or name == "pass":
-            if not (args and args[0] is first):  # the labelled tensor is not the one acted on
+            acted_on = args[0] if args else kwargs.get("input")
+            if acted_on is not first:  # the labelled tensor is not the one acted on
                 self.unknown(name, ins, result)
             elif result.dim() == first.dim() and result.shape[lab.axis] == first.shape[lab.axis]:
                 self.set_label(result, lab)
@@ -260,7 +265,8 @@ class _Tracer(TorchFunctionMode):
         for _, lab in ins:
             if lab.ids is not None and not self.uf.pinned(lab.ids):
                 self.fail(f"{what} (on a tensor of shape {tuple(ins[0][0].shape)})")
-        self.set_label(result, _OPAQUE)
+        if result is not None:
+            self.set_label(result, _OPAQUE)
 
     def elementwise(self, name, ins, result) -> Optional[_Label]:
         axis, ids = None, None
@@ -284,7 +290,15 @@ class _Tracer(TorchFunctionMode):
         dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
         dim = int(dim) % result.dim()
         labs = [self.label(t) for t in tensors]
-        axes = {lab.axis for lab in labs if lab is not None}
+        axes = {lab.axis for lab in labs if lab is not None and lab.axis is not None}
+        if len(axes) == 1 and dim in axes:
+            # along the channel axis an opaque part is a run of pinned channels like any unlabelled one
+            labs = [None if lab is not None and lab.axis is None else lab for lab in labs]
+        elif any(lab is not None and lab.axis is None for lab in labs):
+            for lab in labs:
+                if lab is not None:
+                    self.pin(lab)
+            return _OPAQUE
         if len(axes) != 1:
             self.unknown("cat of tensors whose channels lie on different axes", ins, result)
             return _OPAQUE
