@@ -280,6 +280,12 @@ def test_layers_left_out_of_the_scores_keep_their_channels(r20):
     assert dead_inputs(masks["blocks.4.conv2.weight"]) == dead_rows(masks["blocks.4.conv1.weight"])
 
 
+def test_keep_naming_some_layers_still_gives_masks_for_all(r20):
+    masks = channel_masks(r20, random_scores(r20, "some"), 0.5, keep={"fc.weight": torch.ones(10, 64, dtype=torch.bool)})
+    assert list(masks) == list(ntkfast.prunable_parameters(r20))
+    assert dead_inputs(masks["fc.weight"]) == dead_rows(masks["blocks.8.conv2.weight"])
+
+
 def test_start_masks_are_kept_and_dead_channels_stay_dead(r20):
     scores = random_scores(r20, "keep")
     first = channel_masks(r20, scores, 0.7)
@@ -392,6 +398,8 @@ def test_models_the_trace_cannot_follow_are_named():
         channel_groups(nn.Sequential(nn.BatchNorm1d(3)), torch.randn(2, 3))
     with pytest.raises(ValueError, match=r"^example_inputs: Sequential has no input_shape"):
         channel_groups(mlp())
+    with pytest.raises(ValueError, match=r"^example_inputs: the forward of Sequential fails on inputs of shape \(2, 5\)"):
+        channel_groups(mlp(), torch.randn(2, 5))
 
 
 def test_export_without_torch_pruning_says_how_to_install(monkeypatch, r20):

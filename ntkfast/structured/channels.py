@@ -141,15 +141,19 @@ class ChannelPlan:
             return OrderedDict((n, torch.ones(self.params[n].shape, dtype=torch.bool)) for n in self.params if n in names)
         if not isinstance(keep, Mapping):
             raise TypeError(f"keep: expected a mapping name -> bool tensor (e.g. ntkfast.Masks), got {type(keep).__name__}")
-        out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+        given_masks: Dict[str, torch.Tensor] = {}
         for given, m in keep.items():
             name = plain_name(given) if isinstance(given, str) else given
             if name not in self.params:
                 raise ValueError(f"keep: {given!r} is not a prunable weight of {self.model_name}")
             if not isinstance(m, torch.Tensor) or tuple(m.shape) != tuple(self.params[name].shape):
                 raise ValueError(f"keep[{given!r}]: expected a mask of shape {tuple(self.params[name].shape)}")
-            out[name] = check_mask(m, f"keep[{given!r}]").cpu()
-        return out
+            given_masks[name] = check_mask(m, f"keep[{given!r}]").cpu()
+        # every layer's weight is in the result, so that the readers of a pruned channel lose
+        # their slices even where keep did not name them
+        names = set(given_masks) | set(self.layer_of_weight) | set(scored)
+        return OrderedDict((n, given_masks[n] if n in given_masks else torch.ones(self.params[n].shape, dtype=torch.bool))
+                           for n in self.params if n in names)
 
     # -- selection ---------------------------------------------------------------------------------
     def select(self, scores: Mapping[str, torch.Tensor], density: float, *, keep=None,
@@ -384,8 +388,8 @@ def channel_masks(model: nn.Module, scores: Mapping[str, torch.Tensor], density:
     input slices that read pruned channels.
 
     ``keep``: start masks (pruned entries stay pruned; a channel all of whose filters are
-    pruned there counts as pruned). The result holds the names of ``keep`` (default: every
-    Conv/Linear weight of the model and the other names of ``scores``): biases and the
+    pruned there counts as pruned). The result holds every Conv/Linear weight of the model and
+    the other names of ``keep`` and ``scores``: biases and the
     weights of BatchNorm/InstanceNorm modules, where present, are pruned with their channel.
 
     ``example_inputs``: a batch the model accepts, for the one forward that finds the ties

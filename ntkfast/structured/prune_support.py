@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..core.checks import check_choice
+from ..core.targets import model_device
 from .channels import _AGGREGATES, ChannelPlan
 
 __all__ = ["STRUCTURES", "channel_plan_for"]
@@ -36,5 +37,7 @@ def channel_plan_for(model: nn.Module, structure: Optional[str], aggregate: str,
     if data is not None:  # prune has made it a list of (inputs, targets) by now
         first = data[0][0]
         inputs = first[:2] if isinstance(first, torch.Tensor) and first.dim() > 0 else first
+        if isinstance(inputs, torch.Tensor):  # a data-free method's batches stay where the user put them
+            inputs = inputs.to(model_device(model))
     # layers kept dense by exclude= get no scores: the plan keeps their channels (and the ones tied to them)
     return ChannelPlan(model, inputs, aggregate=aggregate)

@@ -450,7 +450,14 @@ def trace_channels(model: nn.Module, example_inputs) -> ChannelGraph:
             with tracer:
                 for x in _tensors(inputs, []):
                     tracer.set_label(x, _OPAQUE)
-                out = model(*inputs)
+                try:
+                    out = model(*inputs)
+                except ChannelTraceError:
+                    raise
+                except Exception as exc:
+                    shapes = [tuple(x.shape) for x in _tensors(inputs, [])]
+                    raise ValueError(f"example_inputs: the forward of {model_name} fails on inputs of shape "
+                                     f"{', '.join(map(str, shapes))}: {type(exc).__name__}: {exc}") from None
             for t in _tensors(out, []):  # what reaches the output is kept: the logits, above all
                 lab = tracer.label(t)
                 if lab is not None:
