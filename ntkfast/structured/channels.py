@@ -84,7 +84,7 @@ class _Layer(NamedTuple):
     name: str            # the weight's mask name, <layer>.weight
     out_units: np.ndarray
     in_units: np.ndarray  # -1: not a prunable channel (and every input of a depthwise filter)
-    counts: np.ndarray    # kept weights per (output, input) pair, from the start masks
+    counts: np.ndarray    # kept weights per (output, input) pair, from the start masks (float32)
 
 
 class ChannelPlan:
@@ -199,7 +199,10 @@ class ChannelPlan:
             for lay in layers:
                 ao = (lay.out_units < 0) | on[np.maximum(lay.out_units, 0)]
                 ai = (lay.in_units < 0) | on[np.maximum(lay.in_units, 0)]
-                kept += int(lay.counts[np.ix_(ao, ai)].sum())
+                # float32 row sums are exact (a row holds far fewer than 2**24 weights); the
+                # total is summed in float64, exact too
+                rows = lay.counts @ ai.astype(np.float32)
+                kept += int(round(float(ao.astype(np.float64) @ rows.astype(np.float64))))
             return kept / total if total else 1.0
 
         if scope == "global":
@@ -229,11 +232,12 @@ class ChannelPlan:
         if m is None:
             m = torch.ones(shape, dtype=torch.bool)
         if layer in self.graph.depthwise:  # its one input per filter is tied to the filter itself
-            counts = m.reshape(shape[0], 1, -1).sum(-1).numpy()
+            counts = m.reshape(shape[0], 1, -1).sum(-1)
             in_units = np.full(1, -1, dtype=np.int64)
         else:
-            counts = m.numpy() if m.dim() == 2 else m.reshape(shape[0], shape[1], -1).sum(-1).numpy()
+            counts = m if m.dim() == 2 else m.reshape(shape[0], shape[1], -1).sum(-1)
             in_units = self.graph.in_units[layer]
+        counts = counts.to(torch.float32).numpy()
         return _Layer(weight, self.graph.out_units[layer], in_units, counts)
 
     def _aggregate(self, ranked, keep, aggregate: str, n_units: int) -> np.ndarray:
