@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal, Tuple, get_args
 
-__all__ = ["Schedule", "Scope", "KeepRule", "OnEmptyLayer", "Optimizer", "Amp", "NTKMode", "TraceMethod", "SpectrumMethod", "GramMode",
+__all__ = ["Schedule", "Scope", "KeepRule", "OnEmptyLayer", "Optimizer", "Amp", "BNMode", "NTKMode", "TraceMethod", "SpectrumMethod", "GramMode",
            "InitMask", "TransferKernel", "ZooInit", "Metric", "choices"]
 
 #: how the density falls over the rounds of :func:`ntkfast.prune`
@@ -21,6 +21,8 @@ KeepRule = Literal["exact", "authors"]
 OnEmptyLayer = Literal["warn", "error", "ignore"]
 #: the optimizers of :func:`ntkfast.train` and the study
 Optimizer = Literal["sgd", "adam"]
+#: the BatchNorm statistics a data-based scorer evaluates with (see :mod:`ntkfast.core.batchnorm`)
+BNMode = Literal["eval", "train", "calibrate"]
 #: the reduced precisions :func:`ntkfast.train` can run its forward in (autocast)
 Amp = Literal["bf16"]
 #: the shapes of :func:`ntkfast.ntk.empirical_ntk`
