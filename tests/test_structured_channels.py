@@ -259,6 +259,44 @@ def test_global_density_steps_are_single_channels():
     assert channel_masks(model, scores, 0.6, example_inputs=x).metadata["achieved_density"] == pytest.approx(12 / 18)
 
 
+class SmallRes(nn.Module):
+    """A stem, one residual block (each conv with its BatchNorm) and a classifier: 8 + 6 channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.conv1, self.bn1 = nn.Conv2d(8, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)
+        self.conv2, self.bn2 = nn.Conv2d(6, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.stem(x)))
+        x = torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("scope", ["global", "layerwise"])
+def test_every_target_gets_the_nearest_reachable_density_and_reachable_ones_exactly(scope):
+    torch.manual_seed(0)
+    model, x = SmallRes(), torch.randn(2, 3, 6, 6)
+    scores = random_scores(model, ("sweep", scope))
+    got = {}
+    for t in np.linspace(0.02, 1.0, 99).tolist():
+        try:
+            masks = channel_masks(model, scores, t, scope=scope, example_inputs=x)
+        except ValueError as e:  # below what one channel per layer keeps
+            assert str(e).startswith("density: ")
+            continue
+        got[t] = masks.metadata["achieved_density"]
+        assert got[t] == masks.kept / masks.numel  # the figure reported is the masks' own
+    reachable = set(got.values())
+    assert len(reachable) >= 5
+    for t, a in got.items():  # no density reached anywhere in the sweep is nearer
+        assert abs(a - t) <= min(abs(r - t) for r in reachable) + 1e-12, (t, a)
+    for r in reachable:  # a reachable target is hit exactly
+        assert channel_masks(model, scores, r, scope=scope, example_inputs=x).metadata["achieved_density"] == r
+
+
 def test_no_layer_is_emptied_and_a_too_low_density_is_named(r20):
     scores = random_scores(r20, "low")
     scores["blocks.3.conv1.weight"] = torch.zeros_like(scores["blocks.3.conv1.weight"])  # the lowest of all
@@ -323,6 +361,35 @@ def test_prune_with_exclude_and_data_traces_with_the_data():
     assert dead_rows(masks["2.weight"])
     assert masks.metadata["exclude"] == ["0.weight"]
     assert masks.pruned_density == pytest.approx(masks.metadata["achieved_density"])
+
+
+def test_prune_and_channel_masks_leave_grads_flags_and_weights_alone():
+    torch.manual_seed(0)
+    model, x, y = SmallRes(), torch.randn(4, 3, 6, 6), torch.randint(0, 3, (4,))
+    nn.functional.cross_entropy(model(x), y).backward()  # every parameter holds a .grad
+    model.bn1.eval()  # mixed train/eval flags
+    model.stem.weight.requires_grad_(False)
+
+    def snapshot():
+        return (state(model), {n: (p.grad.clone(), p.requires_grad) for n, p in model.named_parameters()})
+
+    before = snapshot()
+
+    def untouched():
+        after = snapshot()
+        return (unchanged(model, before[0]) and after[1].keys() == before[1].keys()
+                and all(torch.equal(g, before[1][n][0]) and r == before[1][n][1] for n, (g, r) in after[1].items()))
+
+    with pytest.raises(ValueError, match=r"^data: structure='channel' traces the channel ties of SmallRes"):
+        prune(model, "magnitude", 0.5, structure="channel", progress=False)  # nothing to trace with
+    assert untouched()
+    model.input_shape = (3, 6, 6)  # what the zoo's models carry: the trace's random inputs
+    for method, kwargs in (("magnitude", {}), ("snip", dict(data=(x, y))), ("synflow", dict(rounds=2))):
+        masks = prune(model, method, 0.5, structure="channel", progress=False, **kwargs)
+        assert masks.metadata["structure"] == "channel" and dead_rows(masks["conv1.weight"]) | dead_rows(masks["stem.weight"])
+        assert untouched(), method
+    channel_masks(model, random_scores(model), 0.5, example_inputs=x)
+    assert untouched()
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -125,3 +125,60 @@ def test_masks_that_are_not_channel_masks_are_refused():
     conv1[2] = False  # its reader, blocks.1.conv2, still uses channel 2
     with pytest.raises(ValueError, match=r"^masks: blocks\.1\.conv2 keeps weights on its inputs \[2\]"):
         export_torch_pruning(model, ntkfast.Masks({**ones, "blocks.1.conv1.weight": conv1}), x)
+
+
+def test_float64_export_cuts_the_channels_and_computes_what_the_masked_model_does():
+    torch.manual_seed(0)
+    model = resnet20().double()
+    x = torch.randn(6, 3, 32, 32, generator=seeded("f64"), dtype=torch.float64)
+    with torch.no_grad():  # BatchNorm statistics that are not the identity
+        for _ in range(2):
+            model(x)
+    model(x).sum().backward()  # every parameter holds a .grad
+    model.eval()
+    model.blocks[4].train()  # mixed flags, which the export must neither change nor copy wrongly
+    model.conv.weight.requires_grad_(False)
+    masks = channel_masks(model, random_scores(model, "f64"), 0.3, aggregate="max")
+    before = ({k: v.clone() for k, v in model.state_dict().items()},
+              {n: (p.grad.clone(), p.requires_grad) for n, p in model.named_parameters()},
+              {n: m.training for n, m in model.named_modules()})
+
+    small = export_torch_pruning(model, masks, x[:1])
+
+    assert all(torch.equal(v, before[0][k]) for k, v in model.state_dict().items())
+    assert all(torch.equal(p.grad, before[1][n][0]) and p.requires_grad == before[1][n][1]
+               for n, p in model.named_parameters())
+    assert {n: m.training for n, m in model.named_modules()} == before[2]
+    assert {n: m.training for n, m in small.named_modules()} == before[2]
+    assert {n: p.requires_grad for n, p in small.named_parameters()} == {n: r for n, (_, r) in before[1].items()}
+    # every layer is physically as wide as the channels its masks keep, and reads only kept ones
+    cut = 0
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            w, mask = small.get_submodule(name).weight, masks[f"{name}.weight"]
+            rows = mask.reshape(mask.shape[0], -1).any(1)
+            cols = mask.transpose(0, 1).reshape(mask.shape[1], -1).any(1)
+            assert w.dtype == torch.float64 and w.shape[:2] == (int(rows.sum()), int(cols.sum())), name
+            cut += int((~rows).sum())
+    assert cut > 100
+    masked = masks.apply(copy.deepcopy(model)).eval()
+    small.eval()
+    with torch.no_grad():
+        want, got = masked(x), small(x)
+    assert got.dtype == torch.float64 and got.shape == want.shape == (6, 10)
+    assert torch.allclose(got, want, atol=1e-12, rtol=0), (got - want).abs().max()
+
+
+def test_export_refuses_what_it_cannot_use_by_name():
+    torch.manual_seed(0)
+    model = resnet20().eval()
+    masks = channel_masks(model, random_scores(model, "bad"), 0.5)
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(TypeError, match=r"^example_inputs: expected a tensor or a tuple of tensors"):
+        export_torch_pruning(model, masks, [x])
+    with pytest.raises(TypeError, match=r"^model must be a torch.nn.Module"):
+        export_torch_pruning(masks, masks, x)
+    with pytest.raises(ValueError, match=r"^model: has no module 'blocks.9.conv1'"):
+        export_torch_pruning(model, ntkfast.Masks({**masks, "blocks.9.conv1.weight": masks["blocks.8.conv1.weight"]}), x)
+    with pytest.raises(ValueError, match=r"^masks\['fc.weight'\] has shape \(10, 3\)"):
+        export_torch_pruning(model, ntkfast.Masks({**masks, "fc.weight": torch.ones(10, 3, dtype=torch.bool)}), x)

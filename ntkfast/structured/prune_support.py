@@ -8,8 +8,10 @@ import torch
 from torch import nn
 
 from ..core.checks import check_choice
+from ..core.compiled import unwrap
 from ..core.targets import model_device
 from .channels import _AGGREGATES, ChannelPlan
+from .trace import ChannelTraceError
 
 __all__ = ["STRUCTURES", "channel_plan_for"]
 
@@ -40,4 +42,18 @@ def channel_plan_for(model: nn.Module, structure: Optional[str], aggregate: str,
         if isinstance(inputs, torch.Tensor):  # a data-free method's batches stay where the user put them
             inputs = inputs.to(model_device(model))
     # layers kept dense by exclude= get no scores: the plan keeps their channels (and the ones tied to them)
-    return ChannelPlan(model, inputs, aggregate=aggregate)
+    try:
+        return ChannelPlan(model, inputs, aggregate=aggregate)
+    except ChannelTraceError:
+        raise
+    except ValueError as exc:  # prune has no example_inputs: name what it takes instead
+        message = str(exc)
+        if not message.startswith("example_inputs: "):
+            raise
+        if inputs is not None:
+            raise ValueError("data: " + message[len("example_inputs: "):]) from None
+        if getattr(unwrap(model), "input_shape", None) is None:
+            raise ValueError(f"data: structure='channel' traces the channel ties of {type(unwrap(model)).__name__} "
+                             f"with one forward, and method {method!r} was given no data and the model has no "
+                             "input_shape; pass data=(inputs, targets)") from None
+        raise ValueError("model.input_shape: " + message[len("example_inputs: "):]) from None
