@@ -127,6 +127,12 @@ if ! "$PY" -c "import matplotlib" 2>/dev/null; then
   "$PY" -m pip install -q --retries 0 --timeout 10 --upgrade-strategy only-if-needed matplotlib >&2 \
     || echo "run.sh: matplotlib not installed; the plot test will be skipped" >&2
 fi
+# optional (ntkfast.structured's export): the same; looked up without importing it (it imports torch)
+if ! "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch_pruning') is None)" 2>/dev/null; then
+  # --no-deps: it needs only torch and numpy, which are here; pip must not fetch another torch
+  "$PY" -m pip install -q --retries 0 --timeout 10 --no-deps torch-pruning >&2 \
+    || echo "run.sh: torch-pruning not installed; the channel export tests will be skipped" >&2
+fi
 if [ -n "$stale" ]; then
   echo "run.sh: building the extension ($stale)" >&2
   if ! "$PY" -m pip install -q --no-build-isolation --no-deps -e . >&2; then

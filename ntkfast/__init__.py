@@ -20,7 +20,8 @@ from ._version import __version__
 
 if TYPE_CHECKING:  # what the names below resolve to, for type checkers and editors
     from . import (augment, connectivity, core, data, distributed, flops, masks, methods, models, ntk, ntt, ops,
-                   pathkernel, plots, presets, report, reproduce, sanity, scores, study, training, training_grouped)
+                   pathkernel, plots, presets, report, reproduce, sanity, scores, structured, study, training,
+                   training_grouped)
     from .masks import Masks, prunable_parameters
     from .ntt import TransferResult, transfer
     from .ops import build_info
@@ -31,7 +32,7 @@ if TYPE_CHECKING:  # what the names below resolve to, for type checkers and edit
 #: public subpackages and modules, imported on first access as attributes
 _SUBMODULES = ("methods", "masks", "ops", "scores", "ntt", "ntk", "pathkernel", "connectivity", "models", "data",
                "training", "study", "report", "distributed", "plots", "core", "augment", "flops", "sanity", "presets", "reproduce",
-               "training_grouped")
+               "training_grouped", "structured")
 #: public functions and classes: the module each comes from
 _NAMES = {"Masks": "masks", "prunable_parameters": "masks", "prune": "prune", "transfer": "ntt",
           "TransferResult": "ntt", "build_info": "ops", "train": "training",
@@ -39,7 +40,8 @@ _NAMES = {"Masks": "masks", "prunable_parameters": "masks", "prune": "prune", "t
 
 __all__ = ["Masks", "prunable_parameters", "prune", "build_info", "methods", "ops", "scores", "ntt", "models", "data",
            "train", "train_grouped", "transfer", "TransferResult", "ntk", "pathkernel", "connectivity", "study", "report",
-           "distributed", "training", "augment", "flops", "sanity", "presets", "reproduce", "training_grouped", "__version__"]
+           "distributed", "training", "augment", "flops", "sanity", "presets", "reproduce", "training_grouped", "structured",
+           "__version__"]
 
 
 def __getattr__(name: str):

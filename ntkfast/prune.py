@@ -147,6 +147,8 @@ def prune(
     keep_rule: KeepRule = "exact",
     process_group=None,
     invert: bool = False,
+    structure: Optional[str] = None,
+    channel_aggregate: str = "sum",
     **method_options,
 ) -> Masks:
     """Prune ``model`` to ``density`` (fraction of prunable weights kept) with a registered scorer.
@@ -197,6 +199,17 @@ def prune(
     student data-parallel) split it over the group's processes; the others compute on every
     process and rank 0's scores are broadcast. Every process must pass the same model, masks and data
     (checked) and ends with the same masks. See :mod:`ntkfast.distributed`.
+
+    ``structure="channel"``: whole output channels (filters) of the Conv/Linear layers kept or
+    pruned, channels that must go together (a convolution and the layers summed with it in a
+    residual block) together, each round ranking channels by ``channel_aggregate`` ("sum",
+    "mean", "l2", "max") of their weights' scores; see :func:`ntkfast.structured.channel_masks`.
+    ``density`` is then the fraction of the Conv/Linear weights kept, pruned channels' filters and
+    the input slices that read them counted; whole channels reach it in steps, and
+    ``masks.metadata["achieved_density"]`` reports where they land. The classifier's outputs are
+    never pruned. The model is traced once with the first batch of ``data`` (or random inputs of
+    ``model.input_shape``). :func:`ntkfast.structured.export_torch_pruning` removes the pruned
+    channels physically.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -266,6 +279,15 @@ def prune(
             shard.check_same("data", {f"batch {i} {part}": t for i, batch in enumerate(data)
                                       for part, t in zip(("inputs", "targets"), batch)})
 
+    # -- structure="channel": whole channels (ntkfast.structured) ---------------------------------
+    channel_plan = None
+    if structure is not None or channel_aggregate != "sum":
+        from .structured.prune_support import channel_plan_for
+
+        channel_plan = channel_plan_for(model, structure, channel_aggregate, method=method, info=info,
+                                        keep_rule=keep_rule, data=data)
+    # -------------------------------------------------------------------------------------------
+
     # the loop's values a method declared it takes (ntkfast.methods): the scope, a per-run cache
     # for work that does not change between rounds, and the process group (every method has one:
     # methods.register gives it to those whose work does not split)
@@ -298,10 +320,13 @@ def prune(
             else:
                 if set(out) != set(scored):
                     raise RuntimeError(f"scorer {method!r} returned scores for {sorted(out)}, expected {sorted(scored)}")
-                if invert:  # the sanity check: rank from the bottom (pruned ones stay pruned: keep=)
-                    out = {n: -v for n, v in out.items()}
-                # the density is of the scored weights: the excluded ones are not in the count
-                new = threshold(out, d, keep={n: current[n] for n in scored}, scope=scope, keep_rule=keep_rule)
+                if channel_plan is not None:  # structure="channel": the plan ranks (and inverts) whole channels
+                    new = channel_plan.select(out, d, keep=current, scope=scope, invert=invert)
+                else:
+                    if invert:  # the sanity check: rank from the bottom (pruned ones stay pruned: keep=)
+                        out = {n: -v for n, v in out.items()}
+                    # the density is of the scored weights: the excluded ones are not in the count
+                    new = threshold(out, d, keep={n: current[n] for n in scored}, scope=scope, keep_rule=keep_rule)
                 current = Masks({n: new.get(n, m) for n, m in current.items()})
             bar.update(1, density=current.density)
             _log.debug("prune %s: round %d of %d, density %.4g, %.2f s scoring", method, t, rounds,
@@ -327,6 +352,8 @@ def prune(
         current.metadata["exclude"] = list(excluded)
     if invert:
         current.metadata["invert"] = True
+    if channel_plan is not None:  # structure="channel"
+        current.metadata.update(channel_plan.last_metadata)
     if shard.split:
         shard.check_same("prune: the resulting masks", current)
     empty = current.empty_layers()

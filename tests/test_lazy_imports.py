@@ -8,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 SUBPACKAGES = ("methods", "masks", "ops", "scores", "ntt", "ntk", "pathkernel", "connectivity", "models", "data",
-               "training", "study", "report", "distributed", "plots", "core")
+               "training", "study", "report", "distributed", "plots", "core", "structured")
 
 
 def _run(code: str) -> str:
