@@ -36,6 +36,21 @@ def test_prune_defaults_need_no_dataset(capsys):
     assert "blocks." in text and "method synflow, 2 round(s), global scope" in text and "density 0.1" in text
 
 
+def test_prune_with_a_structure(tmp_path, capsys):
+    out = tmp_path / "nm.pt"
+    rc = main(["prune", "--model", "lenet300_100", "--method", "magnitude", "--structure", "2:4", "--out", str(out),
+               "--quiet"])
+    text = capsys.readouterr().out
+    assert rc == 0 and "2:4 structure: density 0.5 (target 0.5)" in text
+    m = Masks.load(out)
+    assert m.metadata["structure"] == "2:4" and m.density == 0.5
+    for name, mask in m.items():
+        assert bool((mask.reshape(mask.shape[0], -1, 4).sum(-1) == 2).all()), name
+    assert main(["prune", "--model", "lenet300_100", "--method", "magnitude", "--structure", "2:4", "--density",
+                 "0.1", "--quiet"]) == 2  # a density other than N/M is refused
+    assert "density: 0.1, but structure '2:4'" in capsys.readouterr().err
+
+
 def test_prune_ntksap_with_options(tmp_path, capsys):
     out = tmp_path / "ntksap.pt"
     rc = main(["prune", "--model", "lenet300_100", "--method", "ntksap", "--density", "0.2", "--quiet",

@@ -225,6 +225,7 @@ def test_bad_arguments(fn):
 def test_kernel_checks_match_wrapper():
     """The op called directly (as torch.compile or C++ would) refuses what the wrapper refuses, in
     the same words."""
+    kernel_device("cpu", FAMILY)
     op = torch.ops.ntkfast.nm_mask
     s = torch.randn(3, 8)
     for args, msg in [((s, 1, 0, None), "m must be >= 1"), ((s, 5, 4, None), r"n must lie in \[1, m=4\]"),
@@ -254,14 +255,16 @@ def test_opcheck(device):
 @needs_extension
 def test_independent_of_thread_count():
     gen = seeded("threads")
-    s = torch.randint(0, 5, (512, 1024), generator=gen).float()
-    keep = torch.rand(s.shape, generator=gen) < 0.5
+    cases = []
+    for n, m in NM:  # many parallel tasks each
+        s = torch.randint(0, 5, (256, 8 * m), generator=gen).float()
+        cases.append((s, n, m, torch.rand(s.shape, generator=gen) < 0.5))
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = [nm_mask(s, n, m, keep) for n, m in NM]
+        one = [nm_mask(*c) for c in cases]
         torch.set_num_threads(max(2, threads))
-        many = [nm_mask(s, n, m, keep) for n, m in NM]
+        many = [nm_mask(*c) for c in cases]
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(one, many))

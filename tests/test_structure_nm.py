@@ -174,7 +174,7 @@ def test_prune_2_4(method, make, rounds):
 @pytest.mark.parametrize("layout", ["channels", "flat"])
 def test_prune_other_structures(structure, layout):
     n, m = parse_structure(structure)
-    masks = prune(convnet(), "magnitude", None, structure=structure, nm_layout=layout, progress=False)
+    masks = prune(convnet(stem=8), "magnitude", None, structure=structure, nm_layout=layout, progress=False)
     assert_nm(masks, n, m, layout)
     assert math.isclose(masks.density, n / m)
 
