@@ -101,6 +101,11 @@ CALLS = {
     "ntkfast.ntt.transfer.transfer_loss:kernel":
         lambda v: importlib.import_module("ntkfast.ntt.transfer").transfer_loss(None, {}, X, None, None, density=0.5,
                                                                                  kernel=v),
+    "ntkfast.ntt.method.ntt:bn": lambda v: methods.get("ntt").fn(mlp(), data=X, target_density=0.5, bn=v),
+    "ntkfast.ntt.transfer.transfer:bn": lambda v: _transfer(bn=v),
+    **{f"ntkfast.scores.{mod}.{fn}:bn": (lambda v, fn=fn: getattr(__import__("ntkfast.scores").scores, fn)(
+        mlp(), data=(X, torch.zeros(6, dtype=torch.long)), bn=v))
+       for mod, fn in (("_snip", "snip"), ("_snip", "iterative_snip"), ("_grasp", "grasp"))},
     "ntkfast.ntt.method.ntt:init_mask": lambda v: methods.get("ntt").fn(mlp(), data=X, target_density=0.5, init_mask=v),
     "ntkfast.ntt.method.ntt:kernel": lambda v: methods.get("ntt").fn(mlp(), data=X, target_density=0.5, kernel=v),
     "ntkfast.ntt.method.ntt:scope": lambda v: methods.get("ntt").fn(mlp(), data=X, target_density=0.5, scope=v),

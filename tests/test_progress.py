@@ -223,7 +223,7 @@ def test_the_cli_prints_the_library_messages_unless_quiet(capsys):
 def test_a_resumed_cli_study_says_so_on_stderr(tmp_path, monkeypatch, capsys):
     from ntkfast import cli, study
 
-    def fake_cell(model, method, density, seed, rounds, options, train_set, test_set, protocol, device):
+    def fake_cell(model, method, density, seed, rounds, options, train_set, test_set, protocol, device, engine=None):
         return {"final_test_accuracy": 0.5, "best_test_accuracy": 0.5, "test_accuracy": [0.5], "train_loss": [1.0],
                 "achieved_density": density, "layer_density": {"a.weight": density}, "empty_layers": [],
                 "prune_seconds": 0.0, "train_seconds": 0.1}

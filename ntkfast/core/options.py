@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal, Tuple, get_args
 
-__all__ = ["Schedule", "Scope", "KeepRule", "OnEmptyLayer", "NmLayout", "OnIndivisible", "Optimizer", "Amp", "NTKMode", "TraceMethod", "SpectrumMethod", "GramMode",
+__all__ = ["Schedule", "Scope", "KeepRule", "OnEmptyLayer", "NmLayout", "OnIndivisible", "Optimizer", "Amp", "BNMode", "NTKMode", "TraceMethod", "SpectrumMethod", "GramMode",
            "InitMask", "TransferKernel", "ZooInit", "Metric", "choices"]
 
 #: how the density falls over the rounds of :func:`ntkfast.prune`
@@ -27,6 +27,8 @@ NmLayout = Literal["channels", "flat"]
 OnIndivisible = Literal["error", "unstructured"]
 #: the optimizers of :func:`ntkfast.train` and the study
 Optimizer = Literal["sgd", "adam"]
+#: the BatchNorm statistics a data-based scorer evaluates with (see :mod:`ntkfast.core.batchnorm`)
+BNMode = Literal["eval", "train", "calibrate"]
 #: the reduced precisions :func:`ntkfast.train` can run its forward in (autocast)
 Amp = Literal["bf16"]
 #: the shapes of :func:`ntkfast.ntk.empirical_ntk`

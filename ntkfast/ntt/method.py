@@ -8,6 +8,7 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
+from ..core.batchnorm import BNMode
 from ..core.options import InitMask, Scope, TransferKernel
 from ..methods import MethodResult, register
 from .transfer import transfer
@@ -37,13 +38,14 @@ def ntt(
     log_every: int = 100,
     process_group=None,
     exclude=None,
+    bn: BNMode = "eval",
 ) -> MethodResult:
     """Runs :func:`ntkfast.transfer` at the run's density and scope (prune() passes them), seeded
     with ``seed`` as given. ``data`` reaches it as the user gave it (a dataset works) and is used
     without its labels. It starts from the dense model only: start masks, a second round or prune
     hooks are refused. ``process_group``: the transfer's steps are split over its processes (see
     :func:`ntkfast.transfer`). ``exclude``: weights the student keeps dense (see
-    :func:`ntkfast.transfer`)."""
+    :func:`ntkfast.transfer`). ``bn``: "eval" or "calibrate" (see :func:`ntkfast.transfer`)."""
     if target_density is None:
         raise ValueError("target_density: NTT needs the density it learns a mask for (prune() passes it)")
     if masks is not None and not all(bool(m.all()) for m in masks.values()):
@@ -53,5 +55,5 @@ def ntt(
     res = transfer(model, target_density, data, steps=steps, epochs=epochs, batch_size=batch_size,
                    lambda_ker=lambda_ker, lambda_l2=lambda_l2, lr=lr, mask_update_every=mask_update_every,
                    init_mask=init_mask, scope=scope, seed=seed, progress=None, validation=validation, log_every=log_every,
-                   kernel=kernel, process_group=process_group, exclude=exclude)
+                   kernel=kernel, process_group=process_group, exclude=exclude, bn=bn)
     return MethodResult(masks=res.masks, weights=res.state_dict, info={"history": res.history})

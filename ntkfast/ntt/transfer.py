@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from ..core.batchnorm import BN_MODES, BNMode, calibrate_module
 from ..core.checks import check_choice, check_int, check_number, check_seed
 from ..core.compiled import unwrap, without_compiled_submodules
 from ..core.exclude import ExcludeSpec, resolve_exclude
@@ -47,6 +48,7 @@ _SCOPES = choices(Scope)
 _log = logging.getLogger(__name__)
 
 _LOGIT_SNIP_SAMPLES = 128  # the authors score the first 128 training inputs
+_CALIBRATION_BATCHES = 16  # bn="calibrate": the training batches whose mean statistics BatchNorm takes
 
 
 class TransferResult(tuple):
@@ -249,14 +251,15 @@ def transfer(
     checkpoint_every: Optional[int] = None,
     process_group=None,
     exclude: Optional[ExcludeSpec] = None,
+    bn: BNMode = "eval",
 ) -> TransferResult:
     """Neural Tangent Transfer: a sparse student of ``model`` whose outputs and empirical NTK
     mimic the dense ``model``'s, learned without labels.
 
     Args:
         model: the teacher (dense, frozen; used as given). The student starts from its weights.
-            Both are run in eval mode (BatchNorm on its running statistics, dropout off); the
-            user's model is not changed. The trainable parameters (requires_grad) are learned and
+            Both are run in eval mode (BatchNorm on its running statistics, dropout off; see
+            ``bn``); the user's model is not changed. The trainable parameters (requires_grad) are learned and
             span both NTKs; frozen ones stay as they are.
         density: fraction of the prunable weights (Linear and Conv weights) kept, in (0, 1].
             Biases are never masked; they and any other parameter are trained.
@@ -290,6 +293,12 @@ def transfer(
             authors' validation batch) when the data has at least 4 batches, else a quarter.
         log_every: steps between validation evaluations (the authors: 100).
         kernel: "sparse" or "authors_code", see :func:`transfer_loss`.
+        bn: the BatchNorm statistics of teacher and student: "eval" (default: the running
+            statistics as they are; a fresh network's are (0, 1)) or "calibrate" (set, in the
+            copies, to the mean statistics of the first 16 training batches before the transfer
+            starts, so the teacher's kernel is that of a normalised network; see
+            :mod:`ntkfast.core.batchnorm`). "train" is refused: in train mode a sample's output
+            depends on the rest of its batch, and the per-sample NTK is not defined.
         checkpoint: a file path. The transfer's whole state (student, Adam, mask, position in
             the data, history) is written there every ``checkpoint_every`` steps and at the end;
             when the file exists, the transfer resumes from it and gives the same result as an
@@ -338,6 +347,10 @@ def transfer(
     check_choice(init_mask, "init_mask", INIT_MASKS)
     check_choice(scope, "scope", _SCOPES)
     check_choice(kernel, "kernel", KERNELS)
+    if bn == "train":
+        raise ValueError("bn: 'train' is not supported by NTT (in train mode a sample's output depends on the rest of "
+                         "its batch, so the per-sample NTK is not defined); use 'eval' or 'calibrate'")
+    check_choice(bn, "bn", BN_MODES)
     if callback is not None and not callable(callback):
         raise ValueError(f"callback: expected a callable or None, got {type(callback).__name__}")
     device, dtype = _model_info(model)
@@ -399,6 +412,11 @@ def transfer(
     for p in teacher.parameters():
         p.requires_grad_(False)
     student = copy.deepcopy(model).eval()  # keeps the user's requires_grad: frozen stays frozen
+    if bn == "calibrate":
+        calibration = [prepare(source.take(train_idx[i:i + batch_size]))
+                       for i in range(0, min(n_train, _CALIBRATION_BATCHES * batch_size), batch_size)]
+        calibrate_module(teacher, calibration)
+        calibrate_module(student, calibration)
     sparams = dict(student.named_parameters())
     dense = {n: torch.ones_like(sparams[n], dtype=torch.bool) for n in excluded}
 
@@ -449,6 +467,8 @@ def transfer(
                         init_mask=init_mask, scope=scope, seed=seed, log_every=log_every)
         if excluded:  # (only then: checkpoints made before exclude= existed still resume)
             settings["exclude"] = list(excluded)
+        if bn != "eval":
+            settings["bn"] = bn
         expected = _ckpt.fingerprint(teacher, settings, source.take(train_idx[:batch_size]), n_train, val_x)
         saved = shard.run(lambda: _ckpt.load(checkpoint, expected))
         if shard.split:  # every process must resume from the same point (a file they all read)
@@ -554,6 +574,6 @@ def transfer(
         "method": "ntt", "density": density, "scope": scope, "init_mask": init_mask, "steps": step,
         "batch_size": batch_size, "lambda_ker": lambda_ker, "lambda_l2": lambda_l2, "lr": lr,
         "mask_update_every": mask_update_every, "seed": seed, "kernel": kernel,
-        **({"exclude": list(excluded)} if excluded else {}),
+        **({"exclude": list(excluded)} if excluded else {}), **({"bn": bn} if bn != "eval" else {}),
     })
     return TransferResult(out_masks, state, history)

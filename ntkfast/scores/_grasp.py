@@ -12,6 +12,7 @@ from ..methods import register
 from ..core.checks import check_number
 from ..core.batches import as_batches, cast_input, shard_batches
 from ..core.numerics import all_finite, cross_entropy, divide_by_total, grad_dict, with_float64_fallback
+from ..core.batchnorm import BNMode, bn_setting, calibrate_batchnorm
 from ..core.state import functional_forward, leaves, masked, state_copy, substitute
 from ..core.targets import finish, model_device, resolve_targets
 
@@ -27,6 +28,7 @@ def grasp(
     dtype=None,
     input_shape=None,
     train_mode: bool = False,
+    bn: Optional[BNMode] = None,
     temperature: float = 200.0,
     eps: float = 1e-10,
     process_group=None,
@@ -34,7 +36,7 @@ def grasp(
     """GraSP: with L_b = mean cross-entropy of f(x_b)/temperature on batch b of ``data`` and the
     network computing with theta * m, g = sum_b dL_b/dtheta (a constant), Hg = sum_b d(g . dL_b/dtheta)/dtheta,
     S = theta * Hg (signed: the lowest scores are pruned), divided by |sum S| + eps. Gradients are
-    w.r.t. the raw stored weights, so pruned entries score 0. Eval mode unless ``train_mode``.
+    w.r.t. the raw stored weights, so pruned entries score 0. ``bn`` as for :func:`~ntkfast.scores.snip`.
     ``process_group``: the batches (or their rows) are split over its processes; g and Hg are each
     all-reduced (see :mod:`ntkfast.distributed`)."""
     targets = resolve_targets(model, masks)
@@ -42,10 +44,13 @@ def grasp(
     temperature = check_number(temperature, "temperature", lo=0.0, lo_open=True)
     eps = check_number(eps, "eps", lo=0.0)
     shard = resolve_shard(process_group)
+    train_mode, calibrate = bn_setting(bn, train_mode, shard)
     items = shard_batches(batches, shard, train_mode)
 
     def compute(dt):
         state = shard.run(lambda: state_copy(model, dt))  # agreed on: it can run out of memory
+        if calibrate:
+            calibrate_batchnorm(model, state, (cast_input(x, dt) for x, _, _ in items))
         theta = leaves(state, targets)
         finite = True
 

@@ -11,6 +11,7 @@ from ..distributed import resolve as resolve_shard
 from ..methods import register
 from ..core.batches import as_batches, cast_input, shard_batches
 from ..core.numerics import all_finite, cross_entropy, divide_by_total, grad_dict, with_float64_fallback
+from ..core.batchnorm import BNMode, bn_setting, calibrate_batchnorm
 from ..core.state import functional_forward, leaves, masked, state_copy, substitute
 from ..core.targets import finish, model_device, resolve_targets
 
@@ -46,22 +47,27 @@ def snip(
     dtype=None,
     input_shape=None,
     train_mode: bool = False,
+    bn: Optional[BNMode] = None,
     process_group=None,
 ) -> "OrderedDict[str, torch.Tensor]":
     """SNIP connection sensitivity: S = |dL/dm| evaluated at the current masks m, where the network
     computes with theta * m and L is the mean cross-entropy of a batch, summed over the batches of
     ``data``; i.e. S = |theta * dL/d(theta * m)| (pruned entries get the sensitivity of their stored
-    weight). Normalised by the sum of all scores (left as is when that sum is 0). Eval mode unless
-    ``train_mode``. ``seed`` and ``input_shape`` are ignored. ``process_group``: the batches (or
+    weight). Normalised by the sum of all scores (left as is when that sum is 0). ``bn``: the
+    BatchNorm statistics, "eval" (default), "train" (the same as ``train_mode=True``) or "calibrate"
+    (see :mod:`ntkfast.core.batchnorm`). ``seed`` and ``input_shape`` are ignored. ``process_group``: the batches (or
     their rows) are split over its processes and the gradients all-reduced (see
     :mod:`ntkfast.distributed`)."""
     targets = resolve_targets(model, masks)
     batches = as_batches(data, "data", device=model_device(model))
     shard = resolve_shard(process_group)
+    train_mode, calibrate = bn_setting(bn, train_mode, shard)
     items = shard_batches(batches, shard, train_mode)
 
     def compute(dt):
         state = shard.run(lambda: state_copy(model, dt))  # agreed on: it can run out of memory
+        if calibrate:
+            calibrate_batchnorm(model, state, (cast_input(x, dt) for x, _, _ in items))
         theta = OrderedDict((n, state[t.param_name]) for n, t in targets.items())
         m = OrderedDict((n, t.mask_as(dt).requires_grad_(True)) for n, t in targets.items())
         grads, finite = _summed_loss_grads(
@@ -89,19 +95,23 @@ def iterative_snip(
     dtype=None,
     input_shape=None,
     train_mode: bool = False,
+    bn: Optional[BNMode] = None,
     process_group=None,
 ) -> "OrderedDict[str, torch.Tensor]":
     """Iterative SNIP as in NTK-SAP's code: S = |theta * dL/dtheta| where the network computes with
     theta * m, so dL/dtheta = m * dL/d(theta * m) and pruned entries score 0; L is the mean
     cross-entropy, summed over the batches of ``data``. Normalised by the sum of all scores. Meant for
-    the iterative schedule. Eval mode unless ``train_mode``. ``process_group`` as for :func:`snip`."""
+    the iterative schedule. ``bn`` and ``process_group`` as for :func:`snip`."""
     targets = resolve_targets(model, masks)
     batches = as_batches(data, "data", device=model_device(model))
     shard = resolve_shard(process_group)
+    train_mode, calibrate = bn_setting(bn, train_mode, shard)
     items = shard_batches(batches, shard, train_mode)
 
     def compute(dt):
         state = shard.run(lambda: state_copy(model, dt))  # agreed on: it can run out of memory
+        if calibrate:
+            calibrate_batchnorm(model, state, (cast_input(x, dt) for x, _, _ in items))
         theta = leaves(state, targets)
         grads, finite = _summed_loss_grads(
             model, targets, items, state, theta, lambda th: masked(th, targets), train_mode, shard
