@@ -678,7 +678,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="synflow", choices=BUILTIN_METHODS, metavar="METHOD",
                    help="pruning method: %(choices)s (see `ntkfast methods`)")
     p.add_argument("--density", type=float, default=None,
-                   help="fraction of weights kept (default 0.1; with --structure N:M it is N/M)")
+                   help="fraction of weights kept; with --structure N:M it is N/M (default: 0.1)")
     p.add_argument("--rounds", type=int, default=None,
                    help="pruning rounds (default: 100 for the synflow variants and iterative_snip, 20 for ntksap, "
                         "else 1)")

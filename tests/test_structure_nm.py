@@ -26,6 +26,11 @@ def _nm_recording(model, masks, *, data=None, seed=0):
     return {n: torch.randn(m.shape, generator=g) for n, m in masks.items()}
 
 
+@scores.register("_test_nm_constant", "test-only: every score 1.0 (all tied)")
+def _nm_constant(model, masks, *, data=None, seed=0):
+    return {n: torch.ones(m.shape) for n, m in masks.items()}
+
+
 def mlp16(seed=0):
     """Every input dimension a multiple of 8: 16 -> 32 -> 24 -> 8."""
     torch.manual_seed(seed)
@@ -70,7 +75,7 @@ def test_parse_structure():
     for bad in ("2/4", "2:", "a:b", "2:4:8", "-1:4", "2.0:4"):
         with pytest.raises(ValueError, match="^structure: expected 'N:M'"):
             parse_structure(bad)
-    for bad in ("0:4", "5:4"):
+    for bad in ("0:4", "5:4", "3:2", "0:0"):
         with pytest.raises(ValueError, match="needs 1 <= N <= M"):
             parse_structure(bad)
     with pytest.raises(TypeError, match="^structure: expected a string"):
@@ -106,6 +111,24 @@ def test_nm_masks_exact_on_every_shape(n, m, layout):
         for k in shapes:
             want = nm_mask_reference(groups(sc[k], m, layout), n, m)
             assert torch.equal(groups(out[k], m, layout), want), k
+
+
+@pytest.mark.parametrize("layout", ["channels", "flat"])
+def test_all_equal_scores_still_keep_exactly_n(layout):
+    # every score tied: each group keeps its first n (the lower index in the group), still exactly n
+    sc = {"linear": torch.ones(6, 16), "conv": torch.zeros(4, 8, 3, 3), "pointwise": torch.full((5, 12, 1, 1), 7.0)}
+    for n, m in [(2, 4), (1, 4), (3, 4), (4, 8)]:
+        if any(nm_misfit(v.shape, m, layout) for v in sc.values()):
+            continue
+        out = nm_masks(sc, n, m, layout=layout)
+        assert_nm(out, n, m, layout)
+        for k in sc:
+            want = torch.zeros(m, dtype=torch.bool)
+            want[:n] = True
+            assert bool((groups(out[k], m, layout) == want).all()), k
+    masks = prune(convnet(stem=8), "_test_nm_constant", None, structure="2:4", nm_layout=layout, rounds=3,
+                  progress=False)
+    assert_nm(masks, 2, 4, layout)
 
 
 def test_channels_layout_by_hand():
@@ -278,8 +301,10 @@ def test_prune_refusals():
         prune(model, "magnitude", 0.3, structure="2:4", progress=False)
     with pytest.raises(ValueError, match="^density"):  # None needs a structure
         prune(model, "magnitude", None, progress=False)
-    with pytest.raises(ValueError, match="^structure: expected 'N:M'"):
-        prune(model, "magnitude", None, structure="2-4", progress=False)
+    for bad, msg in [("2-4", "expected 'N:M'"), ("a:b", "expected 'N:M'"), ("3:2", "needs 1 <= N <= M"),
+                     ("0:4", "needs 1 <= N <= M")]:
+        with pytest.raises(ValueError, match=f"^structure: .*{msg}"):
+            prune(model, "magnitude", None, structure=bad, progress=False)
     with pytest.raises(ValueError, match="^keep_rule: 'authors'"):
         prune(model, "magnitude", None, structure="2:4", keep_rule="authors", progress=False)
     with pytest.raises(ValueError, match="^structure: ntt chooses its masks itself"):
