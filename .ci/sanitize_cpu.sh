@@ -25,7 +25,7 @@ for lib in "$ASAN_RT" "$STDCXX"; do  # -print-file-name answers the bare name wh
 done
 
 # The op test files: between them they call every op's CPU kernel, forward and backward.
-TESTS=(tests/test_topk_mask.py tests/test_perturbed_masked.py tests/test_masked_gram.py
+TESTS=(tests/test_topk_mask.py tests/test_nm_mask.py tests/test_perturbed_masked.py tests/test_masked_gram.py
        tests/test_conv_weight_grad_per_sample.py tests/test_path_ops.py)
 # Left out by default, to fit a CI budget: none of them is needed to reach a line of csrc/ that the
 # rest does not reach (gcov over the whole run: 1280 of 1280 lines), and they took more than half the

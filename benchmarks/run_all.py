@@ -22,6 +22,7 @@ from .common import QUICK_DIR, REPO_ROOT, RESULTS_DIR, regenerate_readme
 
 SUITES = {
     "topk_mask": "benchmarks.bench_topk_mask",
+    "nm_mask": "benchmarks.bench_nm_mask",
     "synflow": "benchmarks.bench_synflow",
     "perturbed_masked": "benchmarks.bench_perturbed_masked",
     "ntksap": "benchmarks.bench_ntksap",

@@ -19,6 +19,13 @@ TORCH_LIBRARY(ntkfast, m) {
   m.def("topk_mask(Tensor[] scores, int k, Tensor[]? keep, bool drop_ties=False, bool clamp=False) -> Tensor[]");
   // The same, with one k per tensor.
   m.def("topk_mask_layerwise(Tensor[] scores, int[] ks, Tensor[]? keep, bool drop_ties=False, bool clamp=False) -> Tensor[]");
+  // N:M semi-structured selection: in every group of m consecutive entries along the last dimension
+  // (groups never straddle two rows: that size must be a multiple of m), keep the n highest scores
+  // whose keep is True (ties: the lower index in the group first); a group with fewer than n such
+  // entries keeps all of them. 1 <= n <= m. scores: any floating dtype (float16 and bfloat16 compared
+  // in float32), at least one dimension; keep: bool, scores' shape, or None (all). A NaN where keep is
+  // True raises. Returns a contiguous bool tensor of scores' shape.
+  m.def("nm_mask(Tensor scores, int n, int m, Tensor? keep) -> Tensor");
 
   // Counter-based normal numbers (csrc/philox.h). philox: int64 [2] = (seed bits, offset) on the
   // device where the work happens, read there (no host sync: capturable in a CUDA graph, and

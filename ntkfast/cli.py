@@ -144,9 +144,14 @@ def cmd_prune(args) -> int:
     elif info.needs_data or args.dataset:
         x, y = _labelled_batch(args, model)
         data = (x.to(args.device or "cpu"), y.to(args.device or "cpu"))
+    # a structure fixes the density (N/M): the 0.1 default would contradict it
+    nm = args.structure is not None and args.structure != "channel"
+    density = args.density if args.density is not None else (None if nm else 0.1)
     t0 = time.perf_counter()
-    masks = prune(model, args.method, args.density, rounds=rounds, schedule=args.schedule, scope=args.scope,
-                  data=data, seed=args.seed, progress=False if args.quiet else None, exclude=_dense_layers(args, model), **options)
+    masks = prune(model, args.method, density, rounds=rounds, schedule=args.schedule, scope=args.scope,
+                  data=data, seed=args.seed, progress=False if args.quiet else None, exclude=_dense_layers(args, model),
+                  structure=args.structure, nm_layout=args.nm_layout, on_indivisible=args.on_indivisible,
+                  channel_aggregate=args.channel_aggregate, **options)
     wall = time.perf_counter() - t0
     # what `ntkfast train --masks` needs to rebuild the same network
     masks.metadata.update(model=args.model, input_shape=list(model.input_shape),
@@ -154,8 +159,10 @@ def cmd_prune(args) -> int:
     print(masks.report())
     dense = (f" of the pruned weights; {masks.density:.6g} counting the {len(masks.excluded)} excluded tensor(s) as "
              "kept" if masks.excluded else "")
-    print(f"\nmethod {args.method}, {rounds} round(s), {args.scope} scope: density {masks.pruned_density:.6g} "
-          f"(target {args.density}){dense}; scoring time {masks.metadata['score_seconds']:.3f} s, total {wall:.3f} s")
+    shape = f", {args.structure} structure" if args.structure else ""
+    print(f"\nmethod {args.method}, {rounds} round(s), {args.scope} scope{shape}: density {masks.pruned_density:.6g} "
+          f"(target {masks.metadata['density']:.6g}){dense}; scoring time {masks.metadata['score_seconds']:.3f} s, "
+          f"total {wall:.3f} s")
     from .flops import count_flops
 
     flops = count_flops(model, masks=dict(masks.items()))
@@ -672,10 +679,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p, "resnet20")
     p.add_argument("--method", default="synflow", choices=BUILTIN_METHODS, metavar="METHOD",
                    help="pruning method: %(choices)s (see `ntkfast methods`)")
-    p.add_argument("--density", type=float, default=0.1, help="fraction of weights kept")
+    p.add_argument("--density", type=float, default=None,
+                   help="fraction of weights kept; with --structure N:M it is N/M (default: 0.1)")
     p.add_argument("--rounds", type=int, default=None,
                    help="pruning rounds (default: 100 for the synflow variants and iterative_snip, 20 for ntksap, "
                         "else 1)")
+    p.add_argument("--structure", default=None, metavar="N:M|channel",
+                   help="N:M semi-structured masks, e.g. 2:4: N kept in every M consecutive weights along each "
+                        "weight's input dimension; or 'channel': whole output channels, tied ones together")
+    p.add_argument("--channel-aggregate", default="sum", choices=["sum", "mean", "l2", "max"],
+                   help="with --structure channel: how a channel's weight scores are combined to rank it")
+    p.add_argument("--nm-layout", default="channels", choices=["channels", "flat"],
+                   help="where N:M groups run in a convolution: along the input channels at each kernel position "
+                        "(TensorRT's layout), or along weight.reshape(out, -1)")
+    p.add_argument("--on-indivisible", default="error", choices=["error", "unstructured"],
+                   help="a layer whose input dimension is not a multiple of M: refuse (default), or prune it "
+                        "without the structure")
     p.add_argument("--schedule", default="exponential", choices=["exponential", "linear", "expinv"],
                    help="how the density falls over the rounds")
     p.add_argument("--scope", default="global", choices=["global", "layerwise"],

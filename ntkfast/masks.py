@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
+import re
 from collections import OrderedDict
-from typing import Dict, Iterator, Mapping, Optional
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -13,12 +15,12 @@ from .core.checks import check_choice, check_mask
 from .core.files import atomic_write, check_in_path, check_out_path, plain_data
 from .core.compiled import plain_name, unwrap
 from .core.exclude import last_linear
-from .core.options import KeepRule, Schedule, Scope, choices
+from .core.options import KeepRule, NmLayout, Schedule, Scope, choices
 from .core.targets import module_param, parameter_name, prunable_parameters, unpruned_weights
-from .ops import topk_mask, topk_mask_layerwise
+from .ops import nm_mask, topk_mask, topk_mask_layerwise
 
 __all__ = ["Masks", "prunable_parameters", "unpruned_weights", "parameter_name", "last_linear", "density_schedule",
-           "round_density", "n_keep", "n_keep_authors", "threshold"]
+           "round_density", "n_keep", "n_keep_authors", "threshold", "nm_masks", "nm_misfit", "parse_structure"]
 
 
 class Masks(Mapping[str, torch.Tensor]):
@@ -337,3 +339,166 @@ def threshold(
                                        names=names)
     return OrderedDict(zip(names, out))
 
+
+
+# -- N:M semi-structured masks ------------------------------------------------------------------
+
+_NM_LAYOUTS = choices(NmLayout)
+
+
+def parse_structure(structure) -> Tuple[int, int]:
+    """``(n, m)`` of an N:M structure written ``"N:M"`` (``"2:4"``: 2 kept in every 4), with
+    ``1 <= N <= M``."""
+    if not isinstance(structure, str):
+        raise TypeError(f"structure: expected a string 'N:M' such as '2:4', got {type(structure).__name__}")
+    found = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", structure)
+    if found is None:
+        raise ValueError(f"structure: expected 'N:M' with whole numbers N and M, such as '2:4' (or, in prune, "
+                         f"'channel'), got {structure!r}")
+    n, m = int(found.group(1)), int(found.group(2))
+    if not 1 <= n <= m:
+        raise ValueError(f"structure: {structure!r} needs 1 <= N <= M")
+    return n, m
+
+
+def _nm_view(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """``t`` with the dimension the groups run along last (a view where one exists)."""
+    if t.dim() >= 3:
+        return t.movedim(1, -1) if layout == "channels" else t.reshape(t.shape[0], -1)
+    return t
+
+
+def _nm_unview(mask: torch.Tensor, shape: torch.Size, layout: str) -> torch.Tensor:
+    if len(shape) >= 3 and layout == "channels":
+        return mask.movedim(-1, 1).contiguous()
+    return mask.reshape(shape)
+
+
+def nm_misfit(shape: Sequence[int], m: int, layout: NmLayout = "channels") -> Optional[str]:
+    """Why groups of ``m`` do not fit a weight of this shape (the length they run along, in
+    words), or None when they fit. See :func:`nm_masks` for the layout."""
+    check_choice(layout, "layout", _NM_LAYOUTS)
+    shape = tuple(int(d) for d in shape)
+    if len(shape) == 0:
+        return "a 0-d tensor has no dimension for the groups to run along"
+    if len(shape) == 1:
+        length, what = shape[0], f"{shape[0]} entries"
+    elif len(shape) == 2:
+        length, what = shape[1], f"{shape[1]} inputs"
+    elif layout == "channels":
+        length, what = shape[1], f"{shape[1]} input channels"
+    else:
+        length = math.prod(shape[1:])
+        what = f"{length} = {shape[1]} input channels x {math.prod(shape[2:])} kernel positions"
+    return None if length % m == 0 else f"shape {shape}: {what}, not a multiple of {m}"
+
+
+def nm_masks(
+    scores: Mapping[str, torch.Tensor],
+    n: int,
+    m: int,
+    *,
+    keep: Optional[Mapping[str, torch.Tensor]] = None,
+    layout: NmLayout = "channels",
+) -> "OrderedDict[str, torch.Tensor]":
+    """N:M semi-structured masks: in every group of ``m`` consecutive weights along a weight's
+    input dimension, keep the ``n`` highest-scoring (``n=2, m=4``: 2:4 sparsity).
+
+    Where the groups run:
+
+    - a Linear weight ``[out, in]``: along ``in``, each row apart: the layout
+      ``torch.sparse.to_sparse_semi_structured`` and cuSPARSELt take for the weight of ``x @ W.T``;
+    - a convolution weight ``[out, in, *kernel]``: ``layout="channels"`` (default) along the input
+      channels at each kernel position and output channel, i.e. the weight seen as
+      ``[out, *kernel, in]``: the layout TensorRT's sparse convolutions require and NVIDIA's ASP
+      produces (channels-last implicit GEMM). ``layout="flat"``: along the flattened
+      ``in * prod(kernel)`` of ``weight.reshape(out, -1)``, the matrix a convolution written as
+      ``F.unfold`` + matmul multiplies (and what ``to_sparse_semi_structured`` would be given);
+    - a 1-D tensor (a bias or norm weight, with ``include_bias`` / ``include_norm``): along it.
+
+    That length must be a multiple of ``m``; a weight where it is not is refused with ValueError
+    naming every such weight, before any work.
+
+    Each group keeps its ``n`` highest scores among the entries ``keep`` allows (entries whose keep
+    is False never come back and take no part, whatever their score); a group with fewer than ``n``
+    such entries keeps all it has, so the masks have at most ``n`` per group and exactly ``n``
+    wherever ``keep`` leaves ``n`` or more (always, without ``keep``). Ties go to the lower index in
+    the group; a NaN score where keep allows it raises ValueError naming the weight. The selection
+    is :func:`ntkfast.ops.nm_mask`, one call per tensor. Returns name -> bool mask, in the order of
+    ``scores``, each shaped like its scores and contiguous.
+    """
+    if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in (n, m)):
+        raise TypeError(f"n, m: expected ints, got {type(n).__name__} and {type(m).__name__}")
+    n, m = int(n), int(m)
+    if not 1 <= n <= m:
+        raise ValueError(f"n, m: need 1 <= n <= m, got n={n}, m={m}")
+    check_choice(layout, "layout", _NM_LAYOUTS)
+    if not isinstance(scores, Mapping):
+        raise TypeError(f"scores: expected a mapping name -> tensor, got {type(scores).__name__}")
+    misfits = [f"{name!r} ({why})" for name, s in scores.items()
+               if (why := nm_misfit(s.shape, m, layout)) is not None]
+    if misfits:
+        raise ValueError(f"nm_masks: {n}:{m} groups run along each weight's input dimension ({layout} layout), whose "
+                         f"length must be a multiple of {m}; not so for {', '.join(misfits)}")
+    if keep is not None:
+        missing = [name for name in scores if name not in keep]
+        if missing:
+            raise ValueError(f"keep: has no mask for {', '.join(map(repr, missing))}")
+    out = OrderedDict()
+    for name, s in scores.items():
+        kp = None
+        if keep is not None:
+            kp = keep[name].to(s.device)
+            if kp.shape != s.shape:
+                raise ValueError(f"keep[{name!r}] has shape {tuple(kp.shape)} but the scores have {tuple(s.shape)}")
+            kp = _nm_view(kp, layout)
+        out[name] = _nm_unview(nm_mask(_nm_view(s.detach(), layout), n, m, kp, name=name), s.shape, layout)
+    return out
+
+
+def _nm_short_groups(mask: torch.Tensor, n: int, m: int, layout: NmLayout) -> int:
+    """How many groups of ``mask`` keep fewer than ``n``."""
+    return int((_nm_view(mask, layout).reshape(-1, m).sum(1) < n).sum())
+
+
+def _nm_round(
+    scores: Mapping[str, torch.Tensor],
+    density: float,
+    n: int,
+    m: int,
+    *,
+    keep: Mapping[str, torch.Tensor],
+    structured: List[str],
+    scope: Scope,
+    layout: NmLayout,
+    last: bool,
+) -> "OrderedDict[str, torch.Tensor]":
+    """One round of :func:`ntkfast.prune` with an N:M structure, to ``density``. The ``structured``
+    tensors keep their N:M selection (the floor) every round: the last round exactly that, an
+    earlier one the floor plus the highest-scoring other alive entries up to the round's density,
+    over all structured tensors (global) or per tensor. No group ever falls below ``n`` alive, so
+    the last round can take ``n`` from each. The other tensors (those the structure does not fit)
+    are thresholded among themselves, as an ordinary round would, so that they too end at
+    ``density``."""
+    names = list(scores)
+    out = {}
+    if structured:
+        floor = nm_masks({k: scores[k] for k in structured}, n, m, keep={k: keep[k] for k in structured},
+                         layout=layout)
+        if last:
+            out.update(floor)
+        else:
+            s = [scores[k].detach() for k in structured]
+            rest = [keep[k].to(x.device) & ~floor[k] for k, x in zip(structured, s)]
+            taken = [int(floor[k].sum()) for k in structured]
+            if scope == "global":
+                fill = topk_mask(s, max(0, n_keep(density, sum(x.numel() for x in s)) - sum(taken)), rest,
+                                 clamp=True, names=structured)
+            else:
+                fill = topk_mask_layerwise(s, [max(0, n_keep(density, x.numel()) - t) for x, t in zip(s, taken)],
+                                           rest, clamp=True, names=structured)
+            out.update((k, f | floor[k]) for k, f in zip(structured, fill))
+    loose = [k for k in names if k not in out]
+    if loose:
+        out.update(threshold({k: scores[k] for k in loose}, density, keep={k: keep[k] for k in loose}, scope=scope))
+    return OrderedDict((k, out[k]) for k in names)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 import warnings
 from typing import Iterator, Mapping, Optional
@@ -14,9 +15,10 @@ from . import methods as _methods
 from ._version import __version__
 from .core.compiled import plain_name, unwrap
 from .core.exclude import ExcludeSpec, resolve_exclude
-from .core.options import KeepRule, OnEmptyLayer, Schedule, Scope, choices
+from .core.options import KeepRule, NmLayout, OnEmptyLayer, OnIndivisible, Schedule, Scope, choices
 from .core.targets import mask_buffer_name
-from .masks import Masks, prunable_parameters, round_density, threshold, unpruned_weights
+from .masks import (Masks, _nm_round, _nm_short_groups, nm_misfit, parse_structure, prunable_parameters,
+                    round_density, threshold, unpruned_weights)
 from .core.concurrency import holds_model
 from .core.progress import check_progress, progress_bar
 
@@ -25,6 +27,8 @@ _log = logging.getLogger(__name__)
 _SCHEDULES = choices(Schedule)
 _SCOPES = choices(Scope)
 _ON_EMPTY = choices(OnEmptyLayer)
+_NM_LAYOUTS = choices(NmLayout)
+_ON_INDIVISIBLE = choices(OnIndivisible)
 
 
 class LayerCollapseError(RuntimeError):
@@ -116,6 +120,19 @@ def _method_masks(method: str, result, current: Masks):
     return out, getattr(result, "weights", None)
 
 
+def _structured_density(density, structure: str, n: int, m: int) -> float:
+    """The density of an N:M structure, N/M: ``density`` may be None or N/M itself, nothing else
+    (a different number would be overridden silently, or mean a structure the user did not ask
+    for)."""
+    if density is None:
+        return n / m
+    density = check_density(density)
+    if not math.isclose(density, n / m, rel_tol=1e-9, abs_tol=1e-12):
+        raise ValueError(f"density: {density:g}, but structure {structure!r} keeps {n} of every {m} weights, a density "
+                         f"of {n / m:g}; pass density=None (or {n / m:g})")
+    return n / m
+
+
 def _round_seeds(seed: int, rounds: int) -> Iterator[int]:
     """The seed of each round, drawn as the rounds go (the CPU generator's stream is the same in
     blocks as at once): memory stays flat however many rounds are asked for."""
@@ -131,7 +148,7 @@ def _round_seeds(seed: int, rounds: int) -> Iterator[int]:
 def prune(
     model: nn.Module,
     method: str,
-    density: float,
+    density: Optional[float],
     *,
     rounds: int = 1,
     schedule: Schedule = "exponential",
@@ -149,6 +166,8 @@ def prune(
     invert: bool = False,
     structure: Optional[str] = None,
     channel_aggregate: str = "sum",
+    nm_layout: NmLayout = "channels",
+    on_indivisible: OnIndivisible = "error",
     **method_options,
 ) -> Masks:
     """Prune ``model`` to ``density`` (fraction of prunable weights kept) with a registered scorer.
@@ -187,6 +206,26 @@ def prune(
     same order as ours, -score; for GraSP's signed scores we keep the lowest, where 1/score would
     rank each sign apart. See also :mod:`ntkfast.sanity`.
 
+    ``structure="N:M"`` (e.g. ``"2:4"``) makes the masks N:M semi-structured: exactly N kept in
+    every group of M consecutive weights along each weight's input dimension (where the groups run,
+    and ``nm_layout`` for convolutions: :func:`ntkfast.masks.nm_masks`). The density of the pruned
+    weights is then N/M by construction: pass ``density=None`` or N/M itself; any other value is
+    refused rather than silently overridden. With ``rounds > 1`` each round still rescores and
+    prunes along the schedule toward N/M, but never below N alive weights in any group: a round
+    keeps every group's N best and then the best of the rest up to the round's density (over all
+    structured layers or per layer, as ``scope`` says); the last round keeps exactly the N best of
+    each group. So the result is exactly N:M whatever the schedule, while the scores still respond to
+    the earlier pruning, which is what iterative methods are for. ``scope`` cannot change the
+    structure, since each group's selection is its own: with one round it changes nothing, with
+    several it decides where the earlier rounds prune. A weight whose input dimension is not a
+    multiple of M is named in a ValueError before any scoring (``on_indivisible="error"``); with
+    ``on_indivisible="unstructured"`` it is pruned without the structure, to the same density N/M
+    along the same schedule (thresholded as ``scope`` says among such weights alone), and named in
+    ``masks.metadata["unstructured"]``. ``exclude`` keeps weights dense as usual. Refused with a
+    structure: ``keep_rule="authors"`` (a tie rule with no N:M form) and methods that choose their
+    own masks. Start masks (``masks=``, or the model's mask buffers) that leave a group fewer than
+    N weights leave it fewer than N kept, with a warning naming the weights.
+
     ``progress``: a bar of the rounds with their rate, ETA and density; None (default) shows it
     on a terminal, elsewhere only once the pruning has run a couple of seconds; False never (see
     :mod:`ntkfast.core.progress`).
@@ -215,7 +254,14 @@ def prune(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model = unwrap(model)  # a torch.compile'd model: its original module, whose names the masks take
     info = _methods.get(method)
-    density = check_density(density)
+    check_choice(nm_layout, "nm_layout", _NM_LAYOUTS)
+    check_choice(on_indivisible, "on_indivisible", _ON_INDIVISIBLE)
+    # "channel" is ntkfast.structured's; any other structure is read as N:M
+    nm = parse_structure(structure) if structure is not None and structure != "channel" else None
+    if nm is None and (nm_layout != "channels" or on_indivisible != "error"):
+        raise ValueError(f"{'nm_layout' if nm_layout != 'channels' else 'on_indivisible'}: applies to an N:M "
+                         f"structure, and structure is {structure!r}")
+    density = _structured_density(density, structure, *nm) if nm is not None else check_density(density)
     rounds = check_int(rounds, "rounds", lo=1)
     check_choice(schedule, "schedule", _SCHEDULES)
     check_choice(scope, "scope", _SCOPES)
@@ -227,6 +273,11 @@ def prune(
         raise TypeError(f"invert: expected True or False, got {type(invert).__name__}")
     if invert and info.returns == "masks":
         raise ValueError(f"invert: {method} chooses its masks itself; it has no scores to invert")
+    if nm is not None and info.returns == "masks":
+        raise ValueError(f"structure: {method} chooses its masks itself; it has no scores to select N:M from")
+    if nm is not None and keep_rule == "authors":
+        raise ValueError("keep_rule: 'authors' reproduces the Synaptic-Flow / NTK-SAP masking step, which has no N:M "
+                         "form; use keep_rule='exact' with a structure")
     supplied = [k for k in _SUPPLIED if k in method_options]
     if supplied:
         raise ValueError(f"{supplied[0]}: set by prune() itself (its density schedule and scope), not a method option")
@@ -241,6 +292,16 @@ def prune(
     if not scored:
         raise ValueError(f"exclude: keeps every prunable weight dense ({', '.join(excluded[:6])}"
                          f"{' ...' if len(excluded) > 6 else ''}); nothing is left to prune")
+    structured = list(scored)
+    if nm is not None:
+        misfits = {k: why for k in scored if (why := nm_misfit(current[k].shape, nm[1], nm_layout)) is not None}
+        if misfits and on_indivisible == "error":
+            listed = ", ".join(f"{k!r} ({why})" for k, why in misfits.items())
+            raise ValueError(f"structure: {structure} groups run along each weight's input dimension ({nm_layout} "
+                             f"layout), whose length must be a multiple of {nm[1]}; not so for {listed}. Keep them "
+                             f"dense with exclude={list(misfits)!r}, or prune them without the structure with "
+                             "on_indivisible='unstructured'")
+        structured = [k for k in scored if k not in misfits]
     if excluded and info.returns == "masks" and "exclude" not in info.takes:
         raise ValueError(f"exclude: method {method!r} chooses its own masks and does not take exclude")
     left = unpruned_weights(model, prunable_parameters(model, include_bias=include_bias, include_norm=include_norm))
@@ -281,10 +342,10 @@ def prune(
 
     # -- structure="channel": whole channels (ntkfast.structured) ---------------------------------
     channel_plan = None
-    if structure is not None or channel_aggregate != "sum":
+    if structure == "channel" or channel_aggregate != "sum":
         from .structured.prune_support import channel_plan_for
 
-        channel_plan = channel_plan_for(model, structure, channel_aggregate, method=method, info=info,
+        channel_plan = channel_plan_for(model, None if nm else structure, channel_aggregate, method=method, info=info,
                                         keep_rule=keep_rule, data=data)
     # -------------------------------------------------------------------------------------------
 
@@ -326,7 +387,12 @@ def prune(
                     if invert:  # the sanity check: rank from the bottom (pruned ones stay pruned: keep=)
                         out = {n: -v for n, v in out.items()}
                     # the density is of the scored weights: the excluded ones are not in the count
-                    new = threshold(out, d, keep={n: current[n] for n in scored}, scope=scope, keep_rule=keep_rule)
+                    alive = {n: current[n] for n in scored}
+                    if nm is not None:
+                        new = _nm_round(out, d, *nm, keep=alive, structured=structured, scope=scope,
+                                        layout=nm_layout, last=t == rounds)
+                    else:
+                        new = threshold(out, d, keep=alive, scope=scope, keep_rule=keep_rule)
                 current = Masks({n: new.get(n, m) for n, m in current.items()})
             bar.update(1, density=current.density)
             _log.debug("prune %s: round %d of %d, density %.4g, %.2f s scoring", method, t, rounds,
@@ -354,8 +420,19 @@ def prune(
         current.metadata["invert"] = True
     if channel_plan is not None:  # structure="channel"
         current.metadata.update(channel_plan.last_metadata)
+    if nm is not None:
+        current.metadata.update(structure=f"{nm[0]}:{nm[1]}", nm_layout=nm_layout)
+        loose = [k for k in scored if k not in structured]
+        if loose:
+            current.metadata["unstructured"] = loose
     if shard.split:
         shard.check_same("prune: the resulting masks", current)
+    if nm is not None:
+        short = [k for k in structured if _nm_short_groups(current[k], *nm, nm_layout)]
+        if short:
+            warnings.warn(f"prune: some {nm[0]}:{nm[1]} groups of {', '.join(short)} keep fewer than {nm[0]} weights: the "
+                          f"start masks (masks=, or the model's mask buffers) left them fewer than {nm[0]} that may be "
+                          "kept", RuntimeWarning, stacklevel=2)
     empty = current.empty_layers()
     if empty and on_empty_layer != "ignore":
         msg = f"prune: {len(empty)} layer(s) lost all their weights: {', '.join(empty)}"

@@ -520,11 +520,11 @@ def train(
             augmented and normalised there (None: on CUDA; False: copy each batch from the host).
         channels_last: train a 2-D convolutional network in the channels-last layout (None:
             on CPU, where it was measured faster, when the forward runs so; True: on any device).
-        Every setting that is on is named in the result's ``engine`` (see
-        :mod:`ntkfast.core.train_engine`).
 
     Returns:
-        a :class:`TrainResult`: the per-epoch history.
+        a :class:`TrainResult`: the per-epoch history. Every engine setting that is on (``amp``,
+        ``tf32``, ``compile``, ``resident``, ``channels_last``) is named in its ``engine`` (see
+        :mod:`ntkfast.core.train_engine`).
     """
     # Every check happens before the model is touched.
     _check_optimizer(optimizer, lr, momentum, weight_decay)

@@ -36,6 +36,21 @@ def test_prune_defaults_need_no_dataset(capsys):
     assert "blocks." in text and "method synflow, 2 round(s), global scope" in text and "density 0.1" in text
 
 
+def test_prune_with_a_structure(tmp_path, capsys):
+    out = tmp_path / "nm.pt"
+    rc = main(["prune", "--model", "lenet300_100", "--method", "magnitude", "--structure", "2:4", "--out", str(out),
+               "--quiet"])
+    text = capsys.readouterr().out
+    assert rc == 0 and "2:4 structure: density 0.5 (target 0.5)" in text
+    m = Masks.load(out)
+    assert m.metadata["structure"] == "2:4" and m.density == 0.5
+    for name, mask in m.items():
+        assert bool((mask.reshape(mask.shape[0], -1, 4).sum(-1) == 2).all()), name
+    assert main(["prune", "--model", "lenet300_100", "--method", "magnitude", "--structure", "2:4", "--density",
+                 "0.1", "--quiet"]) == 2  # a density other than N/M is refused
+    assert "density: 0.1, but structure '2:4'" in capsys.readouterr().err
+
+
 def test_prune_ntksap_with_options(tmp_path, capsys):
     out = tmp_path / "ntksap.pt"
     rc = main(["prune", "--model", "lenet300_100", "--method", "ntksap", "--density", "0.2", "--quiet",
@@ -304,3 +319,20 @@ def test_a_closed_pipe_ends_quietly():
     proc = subprocess.run(f"{sys.executable} -m ntkfast methods | head -1", shell=True, capture_output=True,
                           text=True, timeout=120, cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
     assert proc.stdout.startswith("METHOD") and "Error" not in proc.stderr and "error" not in proc.stderr
+
+
+def test_prune_with_channel_structure(tmp_path, capsys):
+    out = tmp_path / "channels.pt"
+    rc = main(["prune", "--model", "resnet20", "--method", "magnitude", "--structure", "channel", "--density", "0.5",
+               "--channel-aggregate", "l2", "--out", str(out), "--quiet"])
+    text = capsys.readouterr().out
+    assert rc == 0 and "channel structure" in text
+    m = Masks.load(out)
+    for name, mask in m.items():  # whole channels: a pruned filter is all zero, the kept ones read the same inputs
+        rows = mask.reshape(mask.shape[0], -1)
+        kept = rows[rows.any(1)]
+        assert len(kept) and bool((kept == kept[0]).all()), name
+    assert abs(m.pruned_density - 0.5) < 0.05
+    assert main(["prune", "--model", "lenet300_100", "--method", "magnitude", "--channel-aggregate", "max",
+                 "--quiet"]) == 2  # an aggregate without the channel structure is refused
+    assert "channel_aggregate" in capsys.readouterr().err

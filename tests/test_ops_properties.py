@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E
 from ntkfast import ops  # noqa: E402
 from ntkfast.ops.conv_weight_grad_per_sample import FAMILY as CONV_FAMILY  # noqa: E402
 from ntkfast.ops.masked_gram import FAMILY as GRAM_FAMILY  # noqa: E402
+from ntkfast.ops.nm_mask import FAMILY as NM_FAMILY  # noqa: E402
 from ntkfast.ops.path import FAMILY as PATH_FAMILY  # noqa: E402
 from ntkfast.ops.perturbed_masked import FAMILY as PERTURBED_FAMILY  # noqa: E402
 from ntkfast.ops.topk_mask import FAMILY as TOPK_FAMILY  # noqa: E402
@@ -106,6 +107,37 @@ def test_topk_mask_matches_reference(data):
     got = ops.topk_mask_layerwise(scores, ks, keep, drop_ties=drop)
     want = ops.topk_mask_layerwise_reference(scores, ks, keep, drop_ties=drop)
     assert all(torch.equal(u, v) for u, v in zip(got, want))
+
+
+# ---------------------------------------------------------------------------------------------
+# nm_mask
+# ---------------------------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(data=st.data())
+def test_nm_mask_matches_reference(data):
+    _require(NM_FAMILY)
+    gen = _gen(data)
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16]), label="dtype")
+    # the unrolled m (2, 4, 8, 16), the generic pair count (m <= 32) and the partial selection above
+    m = data.draw(st.sampled_from([1, 2, 3, 4, 8, 16, 24, 32, 40]), label="m")
+    n = data.draw(st.integers(1, m), label="n")
+    lead = data.draw(st.lists(SMALL, min_size=0, max_size=2), label="lead")
+    shape = tuple(lead) + (m * data.draw(SMALL, label="groups per row"),)
+    ties = data.draw(st.booleans(), label="ties")
+    s = torch.randint(-2, 3, shape, generator=gen).double() if ties else torch.randn(shape, generator=gen,
+                                                                                     dtype=torch.float64)
+    keep = None
+    if data.draw(st.booleans(), label="with keep"):
+        keep = _keep(gen, shape, data.draw(DENSITIES, label="density"))
+        s[~keep] = torch.tensor(BAD, dtype=torch.float64)[torch.randint(0, 3, shape, generator=gen)][~keep]
+    scores = _layout(s.to(dtype), data.draw(LAYOUTS, label="layout"))
+    got = ops.nm_mask(scores, n, m, keep)
+    assert torch.equal(got, ops.nm_mask_reference(scores, n, m, keep))
+    per_group = got.reshape(-1, m).sum(1)
+    want = torch.full_like(per_group, n) if keep is None else keep.reshape(-1, m).sum(1).clamp(max=n)
+    assert torch.equal(per_group, want)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -85,7 +85,11 @@ CALLS = {
     "ntkfast.masks.round_density:schedule": lambda v: __import__("ntkfast").masks.round_density(0.5, 1, 2, v),
     "ntkfast.masks.threshold:keep_rule": lambda v: __import__("ntkfast").masks.threshold({"a": X}, 0.5, keep_rule=v),
     "ntkfast.masks.threshold:scope": lambda v: __import__("ntkfast").masks.threshold({"a": X}, 0.5, scope=v),
+    "ntkfast.masks.nm_masks:layout": lambda v: __import__("ntkfast").masks.nm_masks({"a": X}, 2, 4, layout=v),
+    "ntkfast.masks.nm_misfit:layout": lambda v: __import__("ntkfast").masks.nm_misfit((4, 8), 4, v),
     "ntkfast.prune.prune:keep_rule": lambda v: _prune(keep_rule=v),
+    "ntkfast.prune.prune:nm_layout": lambda v: _prune(nm_layout=v),
+    "ntkfast.prune.prune:on_indivisible": lambda v: _prune(on_indivisible=v),
     "ntkfast.prune.prune:on_empty_layer": lambda v: _prune(on_empty_layer=v),
     "ntkfast.prune.prune:schedule": lambda v: _prune(schedule=v),
     "ntkfast.prune.prune:scope": lambda v: _prune(scope=v),
@@ -170,6 +174,8 @@ def test_the_module_tuples_are_the_types_values():
     tmod = importlib.import_module("ntkfast.ntt.transfer")
     assert prune_mod._SCHEDULES == choices(options.Schedule) and prune_mod._SCOPES == choices(options.Scope)
     assert prune_mod._ON_EMPTY == choices(options.OnEmptyLayer) and masks._KEEP_RULES == choices(options.KeepRule)
+    assert prune_mod._NM_LAYOUTS == masks._NM_LAYOUTS == choices(options.NmLayout)
+    assert prune_mod._ON_INDIVISIBLE == choices(options.OnIndivisible)
     assert training.OPTIMIZERS == choices(options.Optimizer)
     assert _terms.MODES == choices(options.NTKMode) and _trace.METHODS == choices(options.TraceMethod)
     assert tmod.KERNELS == choices(options.TransferKernel) and tmod.INIT_MASKS == choices(options.InitMask)
@@ -180,7 +186,8 @@ def test_the_cli_offers_the_same_values():
     from ntkfast.cli import build_parser
 
     types = {"--schedule": options.Schedule, "--scope": options.Scope, "--optimizer": options.Optimizer,
-             "--init-mask": options.InitMask, "--kernel": options.TransferKernel, "--metric": options.Metric}
+             "--init-mask": options.InitMask, "--kernel": options.TransferKernel, "--metric": options.Metric,
+             "--nm-layout": options.NmLayout, "--on-indivisible": options.OnIndivisible}
     seen = set()
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     for command, parser in sub.choices.items():

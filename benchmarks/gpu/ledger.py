@@ -38,14 +38,14 @@ _KERNELS = ["csrc/**/*", "setup.py", "ntkfast/**/*.py"]
 STAGES = {
     1: ("build-kernels", _KERNELS + [
         "benchmarks/gpu/check_cuda_registrations.py", "benchmarks/gpu/smoke_ops.py",
-        "benchmarks/gpu/op_cases.py", "tests/conftest.py", "tests/testing.py", "tests/test_topk_mask*.py",
+        "benchmarks/gpu/op_cases.py", "tests/conftest.py", "tests/testing.py", "tests/test_topk_mask*.py", "tests/test_nm_mask.py",
         "tests/test_perturbed_masked.py", "tests/test_masked_gram.py", "tests/test_conv_weight_grad_per_sample.py",
         "tests/test_path_ops.py"]),
     2: ("sanitizer-paths", _KERNELS + [
         "benchmarks/gpu/sanitize_ops.py", "benchmarks/gpu/op_cases.py",
         "tests/*.py"]),
     3: ("kernel-benchmarks", _KERNELS + [
-        "benchmarks/common.py", "benchmarks/bench_topk_mask.py",
+        "benchmarks/common.py", "benchmarks/bench_topk_mask.py", "benchmarks/bench_nm_mask.py",
         "benchmarks/bench_perturbed_masked.py", "benchmarks/bench_masked_gram.py",
         "benchmarks/bench_conv_weight_grad_per_sample.py", "benchmarks/bench_pathkernel.py",
         "benchmarks/bench_synflow.py"]),

@@ -20,7 +20,7 @@ ALL_FLOAT = (F16, BF16, F32, F64)
 F32_F64 = (F32, F64)
 
 #: ops that have no backward of their own (not differentiable, or integer-valued)
-NO_BACKWARD = {"topk_mask", "topk_mask_layerwise", "philox_normal", "path_chain", "path_score"}
+NO_BACKWARD = {"topk_mask", "topk_mask_layerwise", "nm_mask", "philox_normal", "path_chain", "path_score"}
 
 
 @dataclass
@@ -91,6 +91,20 @@ def _topk_layer_run(drop_ties):
     def run(x):
         ks = [s.numel() // 4 for s in x["scores"]]
         return list(torch.ops.ntkfast.topk_mask_layerwise(x["scores"], ks, x["keep"], drop_ties, False))
+    return run
+
+
+def _nm_inputs(g, dtype):
+    # 2-d and 4-d scores over several 256-thread blocks, ties (a coarse grid), a keep mask
+    shapes = [(67, 96), (5, 3, 2, 32)]
+    scores = [(torch.randn(*s, generator=g, dtype=F64) * 4).round().to(dtype) for s in shapes]
+    keep = [torch.rand(*s, generator=g) < 0.8 for s in shapes]
+    return {"scores": scores, "keep": keep}
+
+
+def _nm_run(n, m, with_keep):
+    def run(x):
+        return [torch.ops.ntkfast.nm_mask(s, n, m, kp if with_keep else None) for s, kp in zip(x["scores"], x["keep"])]
     return run
 
 
@@ -243,6 +257,10 @@ def all_cases() -> list:
             tag = "drop_ties" if drop else "exact_k"
             cases.append(Case("topk_mask", tag, dt, "forward", _topk_inputs, _topk_run(drop), exact=True))
             cases.append(Case("topk_mask_layerwise", tag, dt, "forward", _topk_inputs, _topk_layer_run(drop),
+                              exact=True))
+        # m = 4 and 16: unrolled kernels; 3:32 the generic loop, and with keep
+        for n, m, kp in ((2, 4, False), (2, 4, True), (5, 16, True), (3, 32, True)):
+            cases.append(Case("nm_mask", f"{n}:{m}{',keep' if kp else ''}", dt, "forward", _nm_inputs, _nm_run(n, m, kp),
                               exact=True))
         cases.append(Case("philox_normal", "3x1031", dt, "forward", lambda g, d: {"philox": _philox(g)},
                           _philox_normal_run(dt)))

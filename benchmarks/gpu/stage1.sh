@@ -16,6 +16,6 @@ else
   step smoke 90 "$PY" benchmarks/gpu/smoke_ops.py --device cuda --junit "$WORK/smoke.xml"
 fi
 pytest_step op-tests-cuda 200 -m "not slow" -k cuda \
-  tests/test_topk_mask.py tests/test_topk_mask_cuda.py tests/test_perturbed_masked.py tests/test_masked_gram.py \
+  tests/test_topk_mask.py tests/test_topk_mask_cuda.py tests/test_nm_mask.py tests/test_perturbed_masked.py tests/test_masked_gram.py \
   tests/test_conv_weight_grad_per_sample.py tests/test_path_ops.py
 stage_end; exit $?

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal, Tuple, get_args
 
-__all__ = ["Schedule", "Scope", "KeepRule", "OnEmptyLayer", "Optimizer", "Amp", "BNMode", "NTKMode", "TraceMethod", "SpectrumMethod", "GramMode",
+__all__ = ["Schedule", "Scope", "KeepRule", "OnEmptyLayer", "NmLayout", "OnIndivisible", "Optimizer", "Amp", "BNMode", "NTKMode", "TraceMethod", "SpectrumMethod", "GramMode",
            "InitMask", "TransferKernel", "ZooInit", "Metric", "choices"]
 
 #: how the density falls over the rounds of :func:`ntkfast.prune`
@@ -19,6 +19,12 @@ Scope = Literal["global", "layerwise"]
 KeepRule = Literal["exact", "authors"]
 #: what :func:`ntkfast.prune` does when a layer loses every weight
 OnEmptyLayer = Literal["warn", "error", "ignore"]
+#: how N:M groups run through a convolution's weight [out, in, *kernel]: along the input channels
+#: at each kernel position (TensorRT's and NVIDIA ASP's layout), or along the flattened in * kernel
+#: of ``weight.reshape(out, -1)`` (see :func:`ntkfast.masks.nm_masks`)
+NmLayout = Literal["channels", "flat"]
+#: what :func:`ntkfast.prune` does with a layer an N:M structure does not fit
+OnIndivisible = Literal["error", "unstructured"]
 #: the optimizers of :func:`ntkfast.train` and the study
 Optimizer = Literal["sgd", "adam"]
 #: the BatchNorm statistics a data-based scorer evaluates with (see :mod:`ntkfast.core.batchnorm`)

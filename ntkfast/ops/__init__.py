@@ -2,6 +2,7 @@
 pure-PyTorch reference, which runs where the extension or a device's kernels are missing.
 
 - :mod:`~ntkfast.ops.topk_mask`: ``topk_mask``, ``topk_mask_layerwise``
+- :mod:`~ntkfast.ops.nm_mask`: ``nm_mask`` (N:M semi-structured selection)
 - :mod:`~ntkfast.ops.perturbed_masked`: ``philox_normal``, ``perturbed_masked``
 - :mod:`~ntkfast.ops.masked_gram`: ``masked_gram``
 - :mod:`~ntkfast.ops.conv_weight_grad_per_sample`: ``conv_weight_grad_per_sample``
@@ -10,6 +11,7 @@ pure-PyTorch reference, which runs where the extension or a device's kernels are
 """
 from .loader import build_info, cuda_kernels, extension_loaded
 from .topk_mask import topk_mask, topk_mask_layerwise, topk_mask_reference, topk_mask_layerwise_reference
+from .nm_mask import nm_mask, nm_mask_reference
 from .perturbed_masked import (philox_normal, philox_normal_reference, philox_words_reference, perturbed_masked,
                                perturbed_masked_reference)
 from .masked_gram import masked_gram, masked_gram_reference
@@ -24,6 +26,8 @@ __all__ = [
     "topk_mask_layerwise",
     "topk_mask_reference",
     "topk_mask_layerwise_reference",
+    "nm_mask",
+    "nm_mask_reference",
     "philox_normal",
     "philox_normal_reference",
     "philox_words_reference",
