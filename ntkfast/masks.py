@@ -77,12 +77,13 @@ class Masks(Mapping[str, torch.Tensor]):
 
     # -- construction ----------------------------------------------------------------------------
     @classmethod
-    def ones(cls, model: nn.Module, *, include_bias: bool = False, include_norm: bool = False) -> "Masks":
-        params = prunable_parameters(model, include_bias=include_bias, include_norm=include_norm)
+    def ones(cls, model: nn.Module, *, include_bias: bool = False, include_norm: bool = False,
+             include=None) -> "Masks":
+        params = prunable_parameters(model, include_bias=include_bias, include_norm=include_norm, include=include)
         if not params:
             raise ValueError(
                 "model: no prunable weights found (expected Linear or Conv1d/2d/3d modules, "
-                f"or include_norm=True); model is {type(model).__name__}"
+                f"or include_norm=True, or include=); model is {type(model).__name__}"
             )
         return cls({n: torch.ones_like(p, dtype=torch.bool) for n, p in params.items()})
 

@@ -160,6 +160,7 @@ def prune(
     exclude: Optional[ExcludeSpec] = None,
     include_bias: bool = False,
     include_norm: bool = False,
+    include: Optional[ExcludeSpec] = None,
     on_empty_layer: OnEmptyLayer = "warn",
     keep_rule: KeepRule = "exact",
     process_group=None,
@@ -191,6 +192,14 @@ def prune(
     excluded ones too: ``masks.density`` counts them as kept, ``masks.pruned_density`` is the
     density over the pruned weights, and ``masks.metadata["exclude"]`` names them.
     :func:`ntkfast.masks.last_linear` names the classifier of most networks.
+
+    ``include`` makes weights prunable that are not by default: an ``nn.Embedding``'s table, a
+    ``ConvTranspose``'s weight, an RNN/LSTM/GRU's ``weight_ih_l*`` / ``weight_hh_l*``,
+    ``nn.MultiheadAttention``'s fused ``in_proj_weight`` (one mask over its q, k and v rows), any
+    parameter of two or more dimensions; picked as ``exclude`` picks (names, patterns, module
+    types, modules, a predicate). They are then scored and pruned like the rest
+    (``masks.metadata["include"]`` names them). ``exclude`` acts after ``include``: a weight
+    picked by both stays dense. Methods that choose their own masks (NTT) refuse ``include``.
 
     A model compiled with ``torch.compile`` is pruned as its original module, and the masks are
     keyed by the original names: they apply to the compiled model and to the plain one.
@@ -285,7 +294,14 @@ def prune(
     from .distributed import resolve as resolve_shard
 
     shard = resolve_shard(process_group)
-    current = _existing_masks(model, Masks.ones(model, include_bias=include_bias, include_norm=include_norm))
+    if include is not None and info.returns == "masks":
+        raise ValueError(f"include: method {method!r} chooses its own masks over the Linear and Conv weights; it does "
+                         "not take include")
+    prunable = prunable_parameters(model, include_bias=include_bias, include_norm=include_norm, include=include)
+    included = [n for n in prunable
+                if n not in prunable_parameters(model, include_bias=include_bias, include_norm=include_norm)]
+    current = _existing_masks(model, Masks.ones(model, include_bias=include_bias, include_norm=include_norm,
+                                                include=include))
     excluded = resolve_exclude(model, exclude, list(current))
     dense = frozenset(excluded)
     scored = [n for n in current if n not in dense]
@@ -304,11 +320,12 @@ def prune(
         structured = [k for k in scored if k not in misfits]
     if excluded and info.returns == "masks" and "exclude" not in info.takes:
         raise ValueError(f"exclude: method {method!r} chooses its own masks and does not take exclude")
-    left = unpruned_weights(model, prunable_parameters(model, include_bias=include_bias, include_norm=include_norm))
+    left = unpruned_weights(model, prunable)
     if left:
         listed = ", ".join(f"{n} ({t})" for n, t in list(left.items())[:8]) + (" ..." if len(left) > 8 else "")
         warnings.warn(f"prune: {len(left)} weight tensor(s) of layers ntkfast does not prune stay dense: {listed}. "
-                      "Prunable are the weights of Linear and Conv1d/2d/3d modules (and their subclasses).",
+                      "Prunable are the weights of Linear and Conv1d/2d/3d modules (and their subclasses); "
+                      "include= adds others.",
                       RuntimeWarning, stacklevel=2)
     if info.single_shot and (rounds > 1 or masks is not None):
         # such a method (NTT) learns its mask in one go from the dense model: refuse before it runs
@@ -416,6 +433,8 @@ def prune(
     }
     if excluded:
         current.metadata["exclude"] = list(excluded)
+    if included:
+        current.metadata["include"] = included
     if invert:
         current.metadata["invert"] = True
     if channel_plan is not None:  # structure="channel"

@@ -26,7 +26,7 @@ from torch import nn
 
 from .compiled import plain_name, unwrap
 
-__all__ = ["ExcludeSpec", "resolve_exclude", "last_linear", "describe"]
+__all__ = ["ExcludeSpec", "resolve_exclude", "resolve_spec", "last_linear", "describe"]
 
 #: what ``exclude=`` takes (see the module's text)
 ExcludeSpec = Union[str, Type[nn.Module], nn.Module, Callable[[str, nn.Module], bool],
@@ -75,16 +75,22 @@ def _name_matches(pattern: str, mask_names: Sequence[str]) -> List[str]:
             or _owner_name(n).startswith(pattern + ".")]
 
 
-def _check_flag(value, entry, name: str) -> bool:
+def _check_flag(value, entry, name: str, arg: str) -> bool:
     if isinstance(value, bool) or type(value).__name__ == "bool_":  # numpy's bool passes
         return bool(value)
-    raise TypeError(f"exclude: {describe(entry)} returned {value!r} for {name!r}; expected True or False")
+    raise TypeError(f"{arg}: {describe(entry)} returned {value!r} for {name!r}; expected True or False")
 
 
 def resolve_exclude(model: nn.Module, exclude, names: Sequence[str]) -> Tuple[str, ...]:
     """The names among ``names`` (mask names of ``model``'s prunable weights) that ``exclude``
     picks, in the order of ``names``; () for None. TypeError naming ``exclude`` for an entry of
     another kind, ValueError for one that picks no weight (with the nearest names, for a typo)."""
+    return resolve_spec(model, exclude, names, "exclude", "prunable weight")
+
+
+def resolve_spec(model: nn.Module, exclude, names: Sequence[str], arg: str, noun: str) -> Tuple[str, ...]:
+    """:func:`resolve_exclude` for any argument of that form (``include=`` too): the names among
+    ``names`` it picks; messages name ``arg`` and call the candidates ``noun``."""
     if exclude is None:
         return ()
     model = unwrap(model)
@@ -101,33 +107,33 @@ def resolve_exclude(model: nn.Module, exclude, names: Sequence[str]) -> Tuple[st
     for entry in _entries(exclude):
         if isinstance(entry, str):
             if not entry.strip():
-                raise ValueError("exclude: an empty name; give a layer name such as 'fc3' or 'fc3.weight'")
+                raise ValueError(f"{arg}: an empty name; give a layer name such as 'fc3' or 'fc3.weight'")
             hit = _name_matches(entry.strip(), names)
             if not hit:
                 near = difflib.get_close_matches(entry, names + sorted({_owner_name(n) for n in names} - {""}), n=3)
                 hint = f"; did you mean {', '.join(map(repr, near))}?" if near else \
-                    f"; its prunable weights: {', '.join(names[:6])}{' ...' if len(names) > 6 else ''}"
-                raise ValueError(f"exclude: {entry!r} names no prunable weight of the model{hint}")
+                    f"; its {noun}s: {', '.join(names[:6])}{' ...' if len(names) > 6 else ''}"
+                raise ValueError(f"{arg}: {entry!r} names no {noun} of the model{hint}")
         elif isinstance(entry, type):
             if not issubclass(entry, nn.Module):
-                raise TypeError(f"exclude: expected {_EXPECTED}; got the type {entry.__name__}, which is not a module type")
+                raise TypeError(f"{arg}: expected {_EXPECTED}; got the type {entry.__name__}, which is not a module type")
             hit = [n for n in names if isinstance(owner(n), entry)]
             if not hit:
-                raise ValueError(f"exclude: the model has no prunable weight in a {entry.__name__} module")
+                raise ValueError(f"{arg}: the model has no {noun} in a {entry.__name__} module")
         elif isinstance(entry, nn.Module):
             inside = {id(m) for m in unwrap(entry).modules()}
             if not any(m is unwrap(entry) for m in model.modules()):
-                raise ValueError(f"exclude: {describe(entry)} is not a module of the model")
+                raise ValueError(f"{arg}: {describe(entry)} is not a module of the model")
             hit = [n for n in names if id(owner(n)) in inside]
             if not hit:
-                raise ValueError(f"exclude: {describe(entry)} ({type(unwrap(entry)).__name__}) holds no prunable weight")
+                raise ValueError(f"{arg}: {describe(entry)} ({type(unwrap(entry)).__name__}) holds no {noun}")
         elif callable(entry):
-            hit = [n for n in names if _check_flag(entry(n, owner(n)), entry, n)]
+            hit = [n for n in names if _check_flag(entry(n, owner(n)), entry, n, arg)]
             if not hit:
-                raise ValueError(f"exclude: {describe(entry)} picks no prunable weight (it returned False for all "
+                raise ValueError(f"{arg}: {describe(entry)} picks no {noun} (it returned False for all "
                                  f"{len(names)})")
         else:
-            raise TypeError(f"exclude: expected {_EXPECTED}; got {type(entry).__name__} {entry!r}")
+            raise TypeError(f"{arg}: expected {_EXPECTED}; got {type(entry).__name__} {entry!r}")
         chosen.update(hit)
     return tuple(n for n in names if n in chosen)
 

@@ -44,13 +44,17 @@ def module_param(module: nn.Module, attr: str):
 
 
 def prunable_parameters(
-    model: nn.Module, *, include_bias: bool = False, include_norm: bool = False
+    model: nn.Module, *, include_bias: bool = False, include_norm: bool = False, include=None
 ) -> "OrderedDict[str, nn.Parameter]":
     """Prunable tensors of ``model``, keyed by their names as in ``model.named_parameters()``.
 
     By default: the ``weight`` of every Linear and Conv1d/2d/3d module (subclasses included).
     ``include_bias`` adds those modules' biases; ``include_norm`` adds the affine weights of
-    normalisation layers (and their biases with ``include_bias``). Where torch.nn.utils.prune has
+    normalisation layers (and their biases with ``include_bias``). ``include`` adds other weight
+    tensors of two or more dimensions (embeddings, transposed convolutions, the ``weight_ih_l*`` /
+    ``weight_hh_l*`` of recurrent layers, ``nn.MultiheadAttention``'s fused ``in_proj_weight``...),
+    picked as ``exclude=`` picks (names or patterns, module types, modules, a predicate, a list;
+    see :mod:`ntkfast.core.exclude`); every entry must pick one. Where torch.nn.utils.prune has
     re-parametrised a weight, the key stays ``<module>.weight`` and the tensor is ``weight_orig``.
     Keys are the original module's names for a ``torch.compile``'d model (no ``_orig_mod.``).
     """
@@ -68,6 +72,32 @@ def prunable_parameters(
                 continue
             seen.add(id(p))
             out[plain_name(f"{mname}.{attr}" if mname else attr)] = p
+    if include is None:
+        return out
+    return _with_included(model, out, include)
+
+
+def _weight_tensors(model: nn.Module) -> "OrderedDict[str, nn.Parameter]":
+    """Every parameter of two or more dimensions, in module order, keyed as masks are (a
+    torch.nn.utils.prune ``<attr>_orig`` under ``<attr>``), each tensor once."""
+    out: "OrderedDict[str, nn.Parameter]" = OrderedDict()
+    seen = set()
+    for mname, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if p is None or p.dim() < 2 or id(p) in seen:
+                continue
+            seen.add(id(p))
+            out[plain_name(attribute_name(f"{mname}.{pname}" if mname else pname))] = p
+    return out
+
+
+def _with_included(model: nn.Module, default: "OrderedDict[str, nn.Parameter]", include):
+    from .exclude import resolve_spec
+
+    every = _weight_tensors(model)
+    picked = set(resolve_spec(model, include, list(every), "include", "weight tensor"))
+    out = OrderedDict((n, p) for n, p in every.items() if n in default or n in picked)
+    out.update((n, p) for n, p in default.items() if n not in out)  # biases and norms (1-D), in their order
     return out
 
 

@@ -6,6 +6,7 @@ from typing import Mapping, Optional
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..distributed import resolve as resolve_shard
 from ..methods import register
@@ -78,7 +79,10 @@ def grasp(
         def hessian_gradient():
             hg = OrderedDict((n, torch.zeros_like(t)) for n, t in theta.items())
             for x, y, w in items:
-                gr = grad_dict(loss(x, y, w), theta, create_graph=True)
+                # attention's fused kernels (flash, memory-efficient) have no second derivative:
+                # the math kernel computes the same attention with one
+                with sdpa_kernel([SDPBackend.MATH]):
+                    gr = grad_dict(loss(x, y, w), theta, create_graph=True)
                 z = sum((g[n] * gr[n]).sum() for n in theta)
                 for n, h in grad_dict(z, theta).items():
                     hg[n] += h

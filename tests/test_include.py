@@ -1,0 +1,170 @@
+"""include=: weights that are not prunable by default (embeddings, transposed convolutions,
+recurrent weights, MultiheadAttention's fused in_proj_weight) scored and pruned on request, with
+exclude= acting after it; scores against plain autograd in float64."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ntkfast
+from ntkfast import Masks, scores
+from ntkfast.masks import prunable_parameters
+
+
+class Tokens(nn.Module):
+    """Token ids -> embedding -> one transformer encoder layer -> mean -> classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(30, 8)
+        self.enc = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(self.enc(self.emb(x)).mean(1))
+
+
+class Recurrent(nn.Module):
+    def __init__(self, cell=nn.LSTM):
+        super().__init__()
+        self.rnn = cell(4, 6, batch_first=True)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc(self.rnn(x)[0][:, -1])
+
+
+class Upsampler(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(2, 4, 3, stride=2)
+        self.fc = nn.Linear(4 * 9 * 9, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.up(x)).flatten(1))
+
+
+def _case(name):
+    g = torch.Generator().manual_seed(1)
+    torch.manual_seed(0)
+    if name == "tokens":
+        net, x, inc = Tokens(), torch.randint(0, 30, (6, 5), generator=g), [nn.Embedding, nn.MultiheadAttention]
+    elif name == "lstm":
+        net, x, inc = Recurrent(), torch.randn(6, 5, 4, generator=g), nn.LSTM
+    elif name == "gru":
+        net, x, inc = Recurrent(nn.GRU), torch.randn(6, 5, 4, generator=g), "rnn.weight_*"
+    else:
+        net, x, inc = Upsampler(), torch.randn(6, 2, 4, 4, generator=g), nn.ConvTranspose2d
+    net = net.double()
+    if x.is_floating_point():
+        x = x.double()
+    return net, (x, torch.randint(0, 3, (6,), generator=g)), inc
+
+
+def test_include_picks_the_weights_named():
+    net, _, _ = _case("tokens")
+    assert list(prunable_parameters(net)) == ["enc.self_attn.out_proj.weight", "enc.linear1.weight",
+                                              "enc.linear2.weight", "fc.weight"]
+    got = list(prunable_parameters(net, include=[nn.Embedding, "enc.self_attn.in_proj_weight"]))
+    assert got == ["emb.weight", "enc.self_attn.in_proj_weight", "enc.self_attn.out_proj.weight", "enc.linear1.weight",
+                   "enc.linear2.weight", "fc.weight"]
+    lstm, _, _ = _case("lstm")
+    assert list(prunable_parameters(lstm, include=nn.LSTM)) == ["rnn.weight_ih_l0", "rnn.weight_hh_l0", "fc.weight"]
+    assert list(prunable_parameters(lstm, include=lambda n, m: n.endswith("hh_l0"))) == ["rnn.weight_hh_l0", "fc.weight"]
+
+
+@pytest.mark.parametrize("bad,err,msg", [
+    ("embed", ValueError, r"^include: 'embed' names no weight tensor of the model; did you mean 'emb'"),
+    (nn.GRU, ValueError, r"^include: the model has no weight tensor in a GRU module"),
+    (3, TypeError, r"^include: expected a layer name"),
+])
+def test_a_bad_include_is_named_and_nothing_changes(bad, err, msg):
+    net, data, _ = _case("tokens")
+    before = copy.deepcopy(net.state_dict())
+    with pytest.raises(err, match=msg):
+        ntkfast.prune(net, "magnitude", 0.5, include=bad, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+
+
+def test_exclude_acts_after_include():
+    net, data, _ = _case("tokens")
+    masks = ntkfast.prune(net, "magnitude", 0.5, include=[nn.Embedding, nn.MultiheadAttention], exclude="emb",
+                          progress=False)
+    assert masks.metadata["include"] == ["emb.weight", "enc.self_attn.in_proj_weight"]
+    assert masks.metadata["exclude"] == ["emb.weight"] and bool(masks["emb.weight"].all())
+    assert not masks["enc.self_attn.in_proj_weight"].all()
+
+
+def test_ntt_refuses_include():
+    net, data, _ = _case("lstm")
+    with pytest.raises(ValueError, match=r"^include: method 'ntt' chooses its own masks"):
+        ntkfast.prune(net, "ntt", 0.5, data=data[0], include=nn.LSTM, progress=False)
+
+
+@pytest.mark.parametrize("case", ["tokens", "lstm", "gru", "convT"])
+@pytest.mark.parametrize("method", ["random", "magnitude", "snip", "iterative_snip", "grasp", "synflow"])
+def test_every_scorer_prunes_included_weights(case, method):
+    net, data, inc = _case(case)
+    if method == "synflow" and case == "tokens":
+        with pytest.raises(ValueError, match="takes token ids"):  # no real-valued all-ones input exists
+            ntkfast.prune(net, method, 0.3, include=inc, progress=False)
+        return
+    before = copy.deepcopy(net.state_dict())
+    flags = [m.training for m in net.modules()]
+    kw = {"data": data} if method in ("snip", "iterative_snip", "grasp") else {}
+    if method == "synflow":
+        kw["input_shape"] = tuple(data[0].shape[1:])
+    masks = ntkfast.prune(net, method, 0.3, include=inc, rounds=2 if method in ("iterative_snip", "synflow") else 1,
+                          progress=False, on_empty_layer="ignore", **kw)
+    extra = masks.metadata["include"]
+    assert extra and all(n in masks for n in extra)
+    assert abs(masks.density - 0.3) < 0.01
+    assert any(not masks[n].all() for n in extra)  # the included weights take part in the ranking
+    # the user's model untouched; the masks apply and round-trip through torch.nn.utils.prune
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    assert flags == [m.training for m in net.modules()] and all(p.grad is None for p in net.parameters())
+    hooked = masks.to_prune_hooks(copy.deepcopy(net))
+    back = Masks.from_model(hooked)
+    assert all(torch.equal(back[n], masks[n]) for n in masks)
+
+
+def _plain_grad(net, data, names, create_graph=False):
+    params = dict(net.named_parameters())
+    loss = F.cross_entropy(net(data[0]), data[1])
+    return dict(zip(names, torch.autograd.grad(loss, [params[n] for n in names], create_graph=create_graph)))
+
+
+@pytest.mark.parametrize("case", ["tokens", "lstm", "convT"])
+def test_snip_on_included_weights_is_plain_autograd(case):
+    net, data, inc = _case(case)
+    names = list(prunable_parameters(net, include=inc))
+    got = scores.snip(net, {n: torch.ones_like(p, dtype=torch.bool) for n, p in prunable_parameters(
+        net, include=inc).items()}, data=data, bn="eval")
+    grads = _plain_grad(net.eval(), data, names)
+    params = dict(net.named_parameters())
+    raw = {n: (params[n] * grads[n]).abs() for n in names}
+    total = sum(v.sum() for v in raw.values())
+    for n in names:
+        torch.testing.assert_close(got[n], raw[n] / total, rtol=1e-10, atol=1e-14)
+
+
+def test_grasp_through_attention_is_the_explicit_hessian_product():
+    """GraSP's second derivative through nn.MultiheadAttention (whose fused CPU kernel has none)."""
+    net, data, inc = _case("tokens")
+    net.eval()
+    names = list(prunable_parameters(net, include=inc))
+    params = dict(net.named_parameters())
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        loss = F.cross_entropy(net(data[0]) / 200.0, data[1])
+        g = torch.autograd.grad(loss, [params[n] for n in names], create_graph=True)
+        z = sum((gi.detach() * gi).sum() for gi in g)
+        hg = torch.autograd.grad(z, [params[n] for n in names])
+    raw = {n: params[n].detach() * h for n, h in zip(names, hg)}
+    total = sum(v.sum() for v in raw.values()).abs() + 1e-10
+    got = scores.grasp(net, {n: torch.ones_like(params[n], dtype=torch.bool) for n in names}, data=data, bn="eval")
+    for n in names:
+        torch.testing.assert_close(got[n], raw[n] / total, rtol=1e-8, atol=1e-14)
