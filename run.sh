@@ -133,6 +133,11 @@ if ! "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('to
   "$PY" -m pip install -q --retries 0 --timeout 10 --no-deps torch-pruning >&2 \
     || echo "run.sh: torch-pruning not installed; the channel export tests will be skipped" >&2
 fi
+# optional (the Hugging Face model tests): pure Python, and it does not depend on torch
+if ! "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('transformers') is None)" 2>/dev/null; then
+  "$PY" -m pip install -q --retries 0 --timeout 10 --upgrade-strategy only-if-needed transformers >&2 \
+    || echo "run.sh: transformers not installed; the Hugging Face model tests will be skipped" >&2
+fi
 if [ -n "$stale" ]; then
   echo "run.sh: building the extension ($stale)" >&2
   if ! "$PY" -m pip install -q --no-build-isolation --no-deps -e . >&2; then

@@ -9,7 +9,7 @@ BUILTIN_METHODS = ("grasp", "iterative_snip", "magnitude", "ntksap", "ntt", "ran
                    "synflow_dist", "synflow_l2", "synflow_l2_dist", "synflow_l2_squared")
 
 ZOO_MODELS = ("lenet300_100", "lenet5", "conv4", "vgg11", "vgg16", "vgg19", "resnet20", "resnet32", "resnet56",
-              "resnet18", "resnet50")
+              "resnet18", "resnet50", "vit", "lstm")
 
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "cifar100", "svhn", "tiny-imagenet", "imagenet", "imagefolder")
 

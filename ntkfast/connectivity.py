@@ -36,7 +36,7 @@ from torch.overrides import TorchFunctionMode
 from .masks import Masks, parameter_name
 from .core.checks import check_shape
 from .core.concurrency import holds_model
-from .core.state import scoring_mode
+from .core.state import output_tensor, scoring_mode
 
 __all__ = ["Connectivity", "connectivity"]
 
@@ -170,7 +170,7 @@ def connectivity(model: nn.Module, masks: Mapping[str, torch.Tensor], *,
     try:
         # scoring_mode restores every module's own flag (a BatchNorm left in eval in a model in train)
         with scoring_mode(model, False), torch.enable_grad(), _PathMode():
-            out = functional_call(model, unit, (x,))
+            out = output_tensor(functional_call(model, unit, (x,)))
     except RuntimeError as e:  # shape mismatches surface here; the model's own message says where
         raise ValueError(f"input_shape {input_shape}: the model's forward failed on one sample of it: {e}") from e
     if not isinstance(out, torch.Tensor):

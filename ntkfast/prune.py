@@ -16,6 +16,7 @@ from ._version import __version__
 from .core.compiled import plain_name, unwrap
 from .core.exclude import ExcludeSpec, resolve_exclude
 from .core.options import KeepRule, NmLayout, OnEmptyLayer, OnIndivisible, Schedule, Scope, choices
+from .core.state import output_tensor
 from .core.targets import mask_buffer_name
 from .masks import (Masks, _nm_round, _nm_short_groups, nm_misfit, parse_structure, prunable_parameters,
                     round_density, threshold, unpruned_weights)
@@ -91,14 +92,17 @@ def _check_data_fits(model: nn.Module, batches) -> None:
     finally:
         for m, t in flags.items():
             m.training = t
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        out = out[0]
-    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+    out = output_tensor(out)
+    # per-sample classes [N, classes], or per-position ones [N, T, classes] with targets [N, T]
+    sequence = isinstance(out, torch.Tensor) and out.dim() == 3 and y.dim() == 2 and out.shape[1] == y.shape[1]
+    if not isinstance(out, torch.Tensor) or (out.dim() != 2 and not sequence):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(f"data: the model's output for these inputs is {shape}, expected a tensor [N, classes]")
+        raise ValueError(f"data: the model's output for these inputs is {shape}, expected a tensor [N, classes] (or "
+                         "[N, T, classes] with targets [N, T])")
+    classes = out.shape[-1]
     for xb, yb in batches:
-        if yb.numel() and (int(yb.min()) < 0 or int(yb.max()) >= out.shape[1]):
-            raise ValueError(f"data: targets must lie in [0, {out.shape[1]}), got range [{int(yb.min())}, {int(yb.max())}]")
+        if yb.numel() and (int(yb.min()) < 0 or int(yb.max()) >= classes):
+            raise ValueError(f"data: targets must lie in [0, {classes}), got range [{int(yb.min())}, {int(yb.max())}]")
 
 
 def _method_masks(method: str, result, current: Masks):

@@ -10,7 +10,7 @@ from ntkfast.masks import Masks
 
 from testing import devices
 
-SMALL = ["lenet300_100", "lenet5", "conv4", "vgg11", "vgg16", "vgg19", "resnet20", "resnet32", "resnet56"]
+SMALL = ["lenet300_100", "lenet5", "conv4", "vgg11", "vgg16", "vgg19", "resnet20", "resnet32", "resnet56", "vit", "lstm"]
 
 DEFAULTS = {
     "lenet300_100": ((1, 28, 28), 10),
@@ -24,6 +24,8 @@ DEFAULTS = {
     "resnet56": ((3, 32, 32), 10),
     "resnet18": ((3, 224, 224), 1000),
     "resnet50": ((3, 224, 224), 1000),
+    "vit": ((3, 32, 32), 10),
+    "lstm": ((1, 28, 28), 10),
 }
 
 
@@ -90,6 +92,8 @@ def test_default_shapes(name):
     ("vgg16", (3, 64, 48), 100),
     ("resnet56", (1, 20, 24), 2),
     ("resnet18", (3, 64, 64), 10),
+    ("vit", (1, 28, 28), 10),
+    ("lstm", (3, 8, 8), 4),
 ])
 def test_other_shapes(name, shape, k):
     torch.manual_seed(0)
@@ -125,6 +129,8 @@ def test_forward_backward_on_device(device):
     ("resnet56", 855_770),        # ~0.85M
     ("vgg16", 14_728_266),        # ~14.7M (BatchNorm, one 512->10 classifier)
     ("resnet18", 11_689_512),     # torchvision's count
+    ("vit", 811_146),
+    ("lstm", 81_674),             # nn.LSTM(28, 128) with one bias per gate (its two add up) + Linear(128, 10)
 ])
 def test_parameter_counts(name, expected):
     assert n_params(models.get(name)) == expected

@@ -34,7 +34,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from .state import cast_copy
+from .state import cast_copy, output_tensor
 from .targets import attribute_name
 
 __all__ = ["GroupedNetwork", "BatchNormPlan", "NotGroupable"]
@@ -466,8 +466,7 @@ class GroupedNetwork:
             out = self.net(x)
         finally:
             ctx.values = {}
-        if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-            out = out[0]
+        out = output_tensor(out)
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"model: expected the forward to return a tensor, got {type(out).__name__}")
         return out

@@ -16,7 +16,11 @@ __all__ = ["cross_entropy", "grad_dict", "all_finite", "remember_float64", "with
 
 
 def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy, as nn.CrossEntropyLoss() in the authors' code."""
+    """Mean cross-entropy, as nn.CrossEntropyLoss() in the authors' code. Sequence outputs
+    (logits [N, T, classes], a language model's, with targets [N, T]) take the mean over every
+    position, classes on the last dimension as Hugging Face models give them."""
+    if logits.dim() == 3 and y.dim() == 2:
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
     return F.cross_entropy(logits, y)
 
 

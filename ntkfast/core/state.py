@@ -112,16 +112,28 @@ def scoring_mode(model: nn.Module, train_mode: bool = False) -> Iterator[nn.Modu
             d.update(attrs)
 
 
+def output_tensor(out):
+    """The tensor a model's forward stands for: the output itself, the ``logits`` of a Hugging
+    Face ``ModelOutput`` (or of any mapping or object holding a ``logits`` tensor), or the first
+    element of a tuple or list. Anything else is returned as is, for the caller to name."""
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    return out
+
+
 def functional_forward(
     model: nn.Module, state: Mapping[str, torch.Tensor], x, *, train_mode: bool = False
 ) -> torch.Tensor:
     """``model(x)`` computed with ``state`` in place of its parameters and buffers, in eval mode
     (train mode with ``train_mode=True``; BatchNorm then updates the copies in ``state``, not the
-    model). Returns the output tensor (the first element of a tuple/list output)."""
+    model). Returns the output tensor (see :func:`output_tensor`)."""
     with scoring_mode(model, train_mode):
-        out = torch.func.functional_call(model, dict(state), (x,))
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        out = out[0]
+        out = output_tensor(torch.func.functional_call(model, dict(state), (x,)))
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"model: expected the forward to return a tensor, got {type(out).__name__}")
     return out

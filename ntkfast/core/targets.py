@@ -60,6 +60,9 @@ def prunable_parameters(
     """
     out: "OrderedDict[str, nn.Parameter]" = OrderedDict()
     seen = set()
+    # a tied weight (a language model's output layer sharing the embedding table) is keyed by its
+    # first name in named_parameters(), the one masks and optimisers see
+    canonical = {id(p): n for n, p in model.named_parameters()}
     for mname, module in model.named_modules():
         attrs = []
         if isinstance(module, _CONV_LINEAR):
@@ -71,7 +74,8 @@ def prunable_parameters(
             if p is None or id(p) in seen:
                 continue
             seen.add(id(p))
-            out[plain_name(f"{mname}.{attr}" if mname else attr)] = p
+            name = canonical.get(id(p))
+            out[plain_name(attribute_name(name) if name else (f"{mname}.{attr}" if mname else attr))] = p
     if include is None:
         return out
     return _with_included(model, out, include)

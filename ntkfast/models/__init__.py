@@ -3,8 +3,8 @@
 Every constructor is ``f(input_shape=<default>, num_classes=<default>, **options) -> nn.Module``
 and returns a model with ``input_shape`` (no batch dimension), ``num_classes`` and
 ``reinitialize()`` (re-draw all parameters in place from the global torch RNG). Models are made
-of plain ``nn.Conv2d`` / ``nn.Linear`` / ``nn.BatchNorm2d`` modules, so
-:func:`ntkfast.prunable_parameters` finds their weights.
+of plain ``nn.Conv2d`` / ``nn.Linear`` / ``nn.BatchNorm2d`` / ``nn.LayerNorm`` modules (the ViT's
+attention and the LSTM's gates too), so :func:`ntkfast.prunable_parameters` finds their weights.
 
 ========================  ==================  ============================================
 name                      default input       follows
@@ -15,6 +15,8 @@ conv4                     (3, 32, 32), 10     NTT code
 vgg11, vgg16, vgg19       (3, 32, 32), 10     Synaptic-Flow / NTK-SAP ``lottery_vgg.py`` (BN)
 resnet20, resnet32, 56    (3, 32, 32), 10     Synaptic-Flow / NTK-SAP ``lottery_resnet.py``
 resnet18, resnet50        (3, 224, 224), 1000 Synaptic-Flow / NTK-SAP ``imagenet_resnet.py``
+vit                       (3, 32, 32), 10     ViT (Dosovitskiy et al.), 4x4 patches, timm's init
+lstm                      (1, 28, 28), 10     an LSTM over image rows, ``nn.LSTM``'s init
 ========================  ==================  ============================================
 
 ``get(name, **kwargs)`` builds a model by name; ``available()`` lists the names.
@@ -30,12 +32,13 @@ from ._base import ZooModel
 from .cifar_resnet import CifarResNet, resnet20, resnet32, resnet56
 from .imagenet_resnet import ImageNetResNet, resnet18, resnet50
 from .ntt import NTTNet, conv4, lenet5, lenet300_100
+from .sequence import LSTMClassifier, ViT, lstm, vit
 from .vgg import VGG, vgg11, vgg16, vgg19
 
 __all__ = [
-    "get", "available", "ZooModel", "NTTNet", "VGG", "CifarResNet", "ImageNetResNet",
+    "get", "available", "ZooModel", "NTTNet", "VGG", "CifarResNet", "ImageNetResNet", "ViT", "LSTMClassifier",
     "lenet300_100", "lenet5", "conv4", "vgg11", "vgg16", "vgg19",
-    "resnet20", "resnet32", "resnet56", "resnet18", "resnet50",
+    "resnet20", "resnet32", "resnet56", "resnet18", "resnet50", "vit", "lstm",
 ]
 
 _MODELS: Dict[str, Callable[..., nn.Module]] = {
@@ -50,6 +53,8 @@ _MODELS: Dict[str, Callable[..., nn.Module]] = {
     "resnet56": resnet56,
     "resnet18": resnet18,
     "resnet50": resnet50,
+    "vit": vit,
+    "lstm": lstm,
 }
 
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from ..core.state import output_tensor
 from ._plan import Plan
 
 
@@ -35,7 +36,7 @@ class Capture:
 
 
 def model_outputs(model, plan: Plan, x: torch.Tensor) -> torch.Tensor:
-    out = functional_call(model, plan.forward_values, (x,))
+    out = output_tensor(functional_call(model, plan.forward_values, (x,)))
     if not isinstance(out, torch.Tensor):
         raise ValueError(f"model: the NTK needs a tensor output, got {type(out).__name__}")
     if out.dim() == 0 or out.shape[0] != x.shape[0]:
@@ -72,24 +73,32 @@ def capture(model, plan: Plan, x: torch.Tensor, ks: Sequence[int], *, create_gra
             h.remove()
     K = f.shape[1]
     taps = [(name, i, y) for name in names for i, (_, _, y) in enumerate(pending[name])]
+    # a call whose output depends on nothing that requires grad (an RNN's recurrent layer applied
+    # to its zero initial state) has cotangent 0 for every output, and autograd refuses to be asked
+    live = [i for i, (_, _, y) in enumerate(taps) if y.requires_grad]
+    tensors = [taps[i][2] for i in live]
     grads: List[List[torch.Tensor]] = [[] for _ in taps]
-    tensors = [y for _, _, y in taps]
     batched = None
-    if tensors:
-        with torch.enable_grad():
-            batched = (_batched_backward(f, tensors, list(ks), create_graph)
-                       if len(ks) > 1 and not (create_graph and _has_convolution(model)) else None)
-            if batched is not None:
-                # kept whole ([kk, *y.shape]): unbinding and re-stacking would copy every cotangent
-                for slot, gi, y in zip(grads, batched, tensors):
-                    slot.append(gi if gi is not None else torch.zeros((len(ks),) + tuple(y.shape), dtype=y.dtype,
-                                                                     device=y.device))
-            else:
-                for k in ks:
-                    g = torch.autograd.grad(f[:, k].sum(), tensors, retain_graph=True, create_graph=create_graph,
-                                            allow_unused=True)
-                    for slot, gi, y in zip(grads, g, tensors):
-                        slot.append(torch.zeros_like(y) if gi is None else gi)
+    with torch.enable_grad():
+        batched = (_batched_backward(f, tensors, list(ks), create_graph)
+                   if tensors and len(ks) > 1 and not (create_graph and _has_convolution(model)) else None)
+        if batched is not None:
+            # kept whole ([kk, *y.shape]): unbinding and re-stacking would copy every cotangent
+            for i, gi in zip(live, batched):
+                grads[i].append(gi)
+        elif tensors:
+            for k in ks:
+                g = torch.autograd.grad(f[:, k].sum(), tensors, retain_graph=True, create_graph=create_graph,
+                                        allow_unused=True)
+                for i, gi in zip(live, g):
+                    grads[i].append(gi)
+    for i, (_, _, y) in enumerate(taps):
+        if batched is not None:
+            if not grads[i] or grads[i][0] is None:
+                grads[i] = [torch.zeros((len(ks),) + tuple(y.shape), dtype=y.dtype, device=y.device)]
+        else:
+            grads[i] = [torch.zeros_like(y) if gi is None else gi for gi in grads[i]] or \
+                [torch.zeros_like(y) for _ in ks]
     calls: Dict[str, List[Call]] = {name: [] for name in names}
     for (name, i, _), slot in zip(taps, grads):
         a, version, _ = pending[name][i]

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, jacrev, vjp, vmap
 
+from ..core.state import output_tensor
 from . import _kernels
 from ._capture import Call, Capture
 from ._plan import ModuleRule, ParamEntry, Plan
@@ -190,7 +191,7 @@ def whole_model_terms(model, plan: Plan, cap: Capture) -> Dict[str, object]:
     def single(v, x_i):
         eff = dict(fixed)
         eff.update({k: (t if masks[k] is None else t * masks[k]) for k, t in v.items()})
-        out = functional_call(model, eff, (x_i.unsqueeze(0),))
+        out = output_tensor(functional_call(model, eff, (x_i.unsqueeze(0),)))
         return out.reshape(-1).index_select(0, ks)
 
     try:

@@ -7,6 +7,7 @@ from typing import Dict
 import torch
 from torch.func import functional_call, jvp, vjp, vmap
 
+from ..core.state import output_tensor
 from ._capture import model_outputs
 from ._plan import Plan
 
@@ -23,7 +24,7 @@ class Linearised:
     def f(self, v: Dict[str, torch.Tensor]) -> torch.Tensor:
         eff = dict(self.fixed)
         eff.update({n: (t if self.masks[n] is None else t * self.masks[n]) for n, t in v.items()})
-        out = functional_call(self.model, eff, (self.x,))
+        out = output_tensor(functional_call(self.model, eff, (self.x,)))
         return out.reshape(out.shape[0], -1)
 
     def outputs(self) -> torch.Tensor:

@@ -24,6 +24,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..core.batchnorm import BN_MODES, BNMode, batchnorm_layers, calibrate_module
 from ..core.checks import check_choice, check_int, check_number, check_seed
@@ -36,7 +37,7 @@ from ..masks import Masks, prunable_parameters, threshold
 from ..ntk import empirical_ntk
 from . import _checkpoint as _ckpt
 from ..core.concurrency import holds_model
-from ..core.state import finite_model
+from ..core.state import finite_model, output_tensor
 from ..core.progress import check_progress, progress_bar
 
 __all__ = ["transfer", "transfer_loss", "TransferResult", "KERNELS", "INIT_MASKS"]
@@ -75,6 +76,7 @@ class TransferResult(tuple):
 
 
 def _flat_outputs(out: torch.Tensor, n: int) -> torch.Tensor:
+    out = output_tensor(out)
     if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != n:
         raise ValueError(f"model: expected an output tensor with a batch dimension of {n}, got "
                          f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
@@ -528,7 +530,9 @@ def transfer(
 
                 def local():
                     t_out, t_ntk = teacher_targets(teacher, xb, trainable, part=part)
-                    with torch.enable_grad():
+                    # the loss holds the student's NTK, so its gradient is a second derivative: attention
+                    # on PyTorch's math kernel, as the fused kernels have none
+                    with torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):
                         loss, parts = transfer_loss(student, masks, xb, t_out, t_ntk, part=part, **opts)
                         grads = (torch.autograd.grad(loss, learned, allow_unused=True) if loss.requires_grad
                                  else [None] * len(learned))

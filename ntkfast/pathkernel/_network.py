@@ -149,7 +149,11 @@ class PathNetwork:
                 x = self.x.clone().requires_grad_(True)  # so that every layer's output is in the graph
                 out = self.run(weights, x)
                 outputs = [y for n in self.targets for _, y in taps[n]]
-                grads = torch.autograd.grad(out.sum(), outputs, allow_unused=True) if outputs else []
+                # a call on nothing that requires grad (an RNN's recurrent layer on its zero
+                # initial state) reaches R with path sum 0; autograd refuses to be asked about it
+                live = [y for y in outputs if y.requires_grad]
+                found = iter(torch.autograd.grad(out.sum(), live, allow_unused=True) if live else [])
+                grads = [next(found) if y.requires_grad else None for y in outputs]
         finally:
             for h in handles:
                 h.remove()

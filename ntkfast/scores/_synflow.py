@@ -26,7 +26,7 @@ from ..methods import register
 from ..pathkernel import PathNetwork
 from ..core.batches import resolve_input_shape
 from ..core.numerics import grad_dict, remember_float64, with_float64_fallback
-from ..core.state import functional_forward, private_copy, state_copy, substitute
+from ..core.state import functional_forward, output_tensor, private_copy, state_copy, substitute
 from ..core.targets import finish, model_device, resolve_targets
 
 
@@ -91,9 +91,7 @@ def synflow(
             )
         try:
             if prepared is not None:
-                out = dup(x)
-                if isinstance(out, (tuple, list)) and out:
-                    out = out[0]
+                out = output_tensor(dup(x))
                 if not isinstance(out, torch.Tensor):
                     raise TypeError(f"model: expected the forward to return a tensor, got {type(out).__name__}")
             else:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ...core.state import cast_copy
+from ...core.state import cast_copy, output_tensor
 from ...core.targets import Target
 from ._draws import Draws
 
@@ -40,10 +40,7 @@ def _load(net: nn.Module, theta: Mapping[str, torch.Tensor]) -> None:
 
 
 def _call(net: nn.Module, weights: Dict[str, torch.Tensor], z: torch.Tensor) -> torch.Tensor:
-    out = torch.func.functional_call(net, weights, (z,))
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    return out
+    return output_tensor(torch.func.functional_call(net, weights, (z,)))
 
 
 def reference_scores(model: nn.Module, targets: Mapping[str, Target], draws: Draws, epsilon: float,
