@@ -52,7 +52,7 @@ def test_next_stage_is_the_first_without_a_pass_for_the_current_hash(fake_repo):
     assert ledger.next_stage(entries) == 2
     assert ledger.next_stage(entries, first=3) == 3
     entries += [_entry(2, "passed", "stale"), _entry(3, "passed", hashes[3]), _entry(4, "passed", hashes[4]),
-                _entry(5, "passed", hashes[5])]
+                _entry(5, "passed", hashes[5]), _entry(6, "passed", hashes[6])]
     assert ledger.next_stage(entries) == 2
     entries.append(_entry(2, "passed", hashes[2]))
     assert ledger.next_stage(entries) == "done"

@@ -57,6 +57,9 @@ STAGES = {
         "benchmarks/common.py", "benchmarks/bench_fast_train.py", "ntkfast/training.py",
         "ntkfast/training_grouped.py", "ntkfast/core/grouped.py", "ntkfast/core/train_engine.py",
         "ntkfast/augment.py", "ntkfast/data/datasets.py"]),
+    6: ("semi-structured", _KERNELS + [
+        "benchmarks/common.py", "benchmarks/bench_semi_structured.py", "tests/test_semi_structured.py",
+        "ntkfast/structured/semi_structured.py", "ntkfast/models/sequence.py"]),
 }
 
 

@@ -8,13 +8,15 @@
 
 :func:`channel_masks` turns any per-weight scores into channel masks; :func:`channel_groups` lists
 the tied channels it finds (:mod:`ntkfast.structured.trace`); :func:`export_torch_pruning` cuts the
-pruned channels out with Torch-Pruning. See "Structured masks: channels" in docs/pruning.md.
+pruned channels out with Torch-Pruning. :func:`to_semi_structured` stores 2:4-masked Linear weights
+in PyTorch's semi-structured sparse format (CUDA). See "Structured masks" in docs/pruning.md.
 """
 from __future__ import annotations
 
 from .channels import Aggregate, ChannelGroup, ChannelPlan, channel_groups, channel_masks
 from .export import export_torch_pruning
+from .semi_structured import check_two_four, to_semi_structured
 from .trace import ChannelTraceError
 
-__all__ = ["channel_masks", "channel_groups", "export_torch_pruning", "ChannelGroup", "ChannelPlan",
-           "ChannelTraceError", "Aggregate"]
+__all__ = ["channel_masks", "channel_groups", "export_torch_pruning", "to_semi_structured", "check_two_four",
+           "ChannelGroup", "ChannelPlan", "ChannelTraceError", "Aggregate"]
