@@ -2,7 +2,8 @@
 
 Each cell prunes a fresh network with ``prune(..., structure="N:M")`` (the method's own rounds:
 100 for SynFlow, 20 for NTK-SAP, 1 for the others), trains it with the study's LeNet-300-100 /
-MNIST protocol (Adam, lr 1e-3, batch 128) for a few epochs, and records the final test accuracy.
+MNIST protocol (Adam, lr 1e-3, batch 128; any zoo model and dataset with --model, --dataset)
+for a few epochs, and records the final test accuracy.
 The dense network, trained the same way with the same seeds, is the reference the loss is counted
 from. Cells are appended to ``--out`` as JSON lines, so an interrupted run resumes.
 
@@ -24,22 +25,23 @@ import torch
 ROUNDS = {"synflow": 100, "ntksap": 20}
 
 
-def _cell(method, structure, seed, epochs, train_set, test_set, scoring_batch):
+def _cell(method, structure, seed, epochs, train_set, test_set, scoring_batch, model_name="lenet300_100",
+          exclude=None):
     import ntkfast
     from ntkfast import models
 
     torch.manual_seed(seed)
-    model = models.lenet300_100()
+    model = models.get(model_name, input_shape=tuple(train_set.input_shape), num_classes=train_set.num_classes)
     t0 = time.perf_counter()
     masks = None
     if method != "dense":
         masks = ntkfast.prune(model, method, None, structure=structure, rounds=ROUNDS.get(method, 1),
                               data=scoring_batch if method in ("snip", "grasp", "iterative_snip") else None,
-                              seed=seed, progress=False)
+                              seed=seed, progress=False, exclude=exclude)
     prune_s = time.perf_counter() - t0
     res = ntkfast.train(model, masks, train_set, test_set, epochs=epochs, optimizer="adam", lr=1e-3,
                         batch_size=128, seed=seed, progress=False)
-    return {"method": method, "structure": structure if method != "dense" else None, "seed": seed,
+    return {"model": model_name, "method": method, "structure": structure if method != "dense" else None, "seed": seed,
             "epochs": epochs, "final_test_accuracy": res.final_test_accuracy,
             "density": None if masks is None else masks.pruned_density, "prune_seconds": prune_s}
 
@@ -71,11 +73,14 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", nargs="+", default=["magnitude", "random", "snip", "synflow", "ntksap"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--model", default="lenet300_100")
+    ap.add_argument("--dataset", default="mnist")
+    ap.add_argument("--exclude", nargs="*", default=None, help="layers kept dense (e.g. a stem whose inputs fit no M)")
     args = ap.parse_args(argv)
     from ntkfast import data
 
-    train_set = data.load_dataset("mnist", args.data_dir, train=True)
-    test_set = data.load_dataset("mnist", args.data_dir, train=False)
+    train_set = data.load_dataset(args.dataset, args.data_dir, train=True)
+    test_set = data.load_dataset(args.dataset, args.data_dir, train=False)
     g = torch.Generator().manual_seed(0)
     idx = torch.randperm(len(train_set), generator=g)[:100].tolist()
     scoring_batch = (torch.stack([train_set[i][0] for i in idx]), torch.tensor([int(train_set[i][1]) for i in idx]))
@@ -94,7 +99,7 @@ def main(argv=None) -> int:
         key = (method, structure, seed, args.epochs)
         if key in done:
             continue
-        r = _cell(method, structure, seed, args.epochs, train_set, test_set, scoring_batch)
+        r = _cell(method, structure, seed, args.epochs, train_set, test_set, scoring_batch, args.model, args.exclude)
         r["machine"] = machine
         done[key] = r
         with open(args.out, "a") as f:

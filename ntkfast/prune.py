@@ -79,6 +79,34 @@ def _existing_masks(model: nn.Module, masks: Masks) -> Masks:
     return Masks(out)
 
 
+def _fused_in_proj(model: nn.Module, names) -> list:
+    """The names among ``names`` of nn.MultiheadAttention's fused q/k/v weights."""
+    mods = dict(unwrap(model).named_modules())
+    return [n for n in names if n.endswith(".in_proj_weight") and
+            isinstance(mods.get(n[: -len(".in_proj_weight")]), nn.MultiheadAttention)]
+
+
+def _split_qkv(tensors: Mapping[str, torch.Tensor], fused) -> dict:
+    """``tensors`` with each fused q/k/v weight in ``fused`` as three entries ``<name>[q]``, ``[k]``,
+    ``[v]`` (its row blocks), in place of the one, the order otherwise kept."""
+    if not fused:
+        return dict(tensors)
+    out = {}
+    for n, t in tensors.items():
+        if n in fused:
+            out.update({f"{n}[{part}]": rows for part, rows in zip("qkv", t.chunk(3, 0))})
+        else:
+            out[n] = t
+    return out
+
+
+def _merge_qkv(tensors: Mapping[str, torch.Tensor], fused) -> dict:
+    out = {n: t for n, t in tensors.items() if not n.endswith(("[q]", "[k]", "[v]"))}
+    for n in fused:
+        out[n] = torch.cat([tensors[f"{n}[{part}]"] for part in "qkv"], 0)
+    return out
+
+
 def _check_data_fits(model: nn.Module, batches) -> None:
     """One no-grad eval-mode forward of a single example, so a wrong input shape fails here, named."""
     x, y = batches[0]
@@ -165,6 +193,7 @@ def prune(
     include_bias: bool = False,
     include_norm: bool = False,
     include: Optional[ExcludeSpec] = None,
+    split_qkv: bool = False,
     on_empty_layer: OnEmptyLayer = "warn",
     keep_rule: KeepRule = "exact",
     process_group=None,
@@ -204,6 +233,9 @@ def prune(
     types, modules, a predicate). They are then scored and pruned like the rest
     (``masks.metadata["include"]`` names them). ``exclude`` acts after ``include``: a weight
     picked by both stays dense. Methods that choose their own masks (NTT) refuse ``include``.
+    ``split_qkv=True`` ranks the query, key and value rows of each included ``in_proj_weight`` as
+    three layers (a layerwise scope prunes each to the density; emptied ones are named
+    ``<name>[q]``, ``[k]``, ``[v]``); the default treats the fused tensor as one layer.
 
     A model compiled with ``torch.compile`` is pruned as its original module, and the masks are
     keyed by the original names: they apply to the compiled model and to the plain one.
@@ -312,6 +344,14 @@ def prune(
     if not scored:
         raise ValueError(f"exclude: keeps every prunable weight dense ({', '.join(excluded[:6])}"
                          f"{' ...' if len(excluded) > 6 else ''}); nothing is left to prune")
+    if not isinstance(split_qkv, bool):
+        raise ValueError(f"split_qkv: expected True or False, got {split_qkv!r}")
+    fused = _fused_in_proj(model, scored) if split_qkv else []
+    if split_qkv and not fused:
+        raise ValueError("split_qkv: no nn.MultiheadAttention in_proj_weight is pruned (include it with "
+                         "include=nn.MultiheadAttention)")
+    if fused and structure is not None:
+        raise ValueError(f"split_qkv: applies to unstructured masks, and structure is {structure!r}")
     structured = list(scored)
     if nm is not None:
         misfits = {k: why for k in scored if (why := nm_misfit(current[k].shape, nm[1], nm_layout)) is not None}
@@ -413,7 +453,8 @@ def prune(
                         new = _nm_round(out, d, *nm, keep=alive, structured=structured, scope=scope,
                                         layout=nm_layout, last=t == rounds)
                     else:
-                        new = threshold(out, d, keep=alive, scope=scope, keep_rule=keep_rule)
+                        new = _merge_qkv(threshold(_split_qkv(out, fused), d, keep=_split_qkv(alive, fused),
+                                                   scope=scope, keep_rule=keep_rule), fused)
                 current = Masks({n: new.get(n, m) for n, m in current.items()})
             bar.update(1, density=current.density)
             _log.debug("prune %s: round %d of %d, density %.4g, %.2f s scoring", method, t, rounds,
@@ -439,6 +480,8 @@ def prune(
         current.metadata["exclude"] = list(excluded)
     if included:
         current.metadata["include"] = included
+    if fused:
+        current.metadata["split_qkv"] = True
     if invert:
         current.metadata["invert"] = True
     if channel_plan is not None:  # structure="channel"
@@ -457,6 +500,8 @@ def prune(
                           f"start masks (masks=, or the model's mask buffers) left them fewer than {nm[0]} that may be "
                           "kept", RuntimeWarning, stacklevel=2)
     empty = current.empty_layers()
+    empty += [f"{n}[{part}]" for n in fused if n not in empty
+              for part, rows in zip("qkv", current[n].chunk(3, 0)) if not rows.any()]
     if empty and on_empty_layer != "ignore":
         msg = f"prune: {len(empty)} layer(s) lost all their weights: {', '.join(empty)}"
         if on_empty_layer == "error":

@@ -381,7 +381,7 @@ class _DictNet(nn.Module):
         self.input_shape = (IN,)
 
     def forward(self, x):
-        return {"logits": self.fc(x)}
+        return {"scores": self.fc(x)}  # a mapping with no "logits" (those are taken: Hugging Face's outputs)
 
     def reinitialize(self):
         self.fc.reset_parameters()

@@ -168,3 +168,41 @@ def test_grasp_through_attention_is_the_explicit_hessian_product():
     got = scores.grasp(net, {n: torch.ones_like(params[n], dtype=torch.bool) for n in names}, data=data, bn="eval")
     for n in names:
         torch.testing.assert_close(got[n], raw[n] / total, rtol=1e-8, atol=1e-14)
+
+
+def test_split_qkv_ranks_query_key_and_value_as_three_layers():
+    net, data, _ = _case("tokens")
+    name = "enc.self_attn.in_proj_weight"
+    kw = dict(data=data, include=nn.MultiheadAttention, scope="layerwise", progress=False)
+    with torch.no_grad():  # make the value rows much larger, so that one fused ranking would favour them
+        dict(net.named_parameters())[name][16:].mul_(50)
+    fused = ntkfast.prune(net, "magnitude", 0.25, **kw)
+    split = ntkfast.prune(net, "magnitude", 0.25, split_qkv=True, **kw)
+    assert split.metadata["split_qkv"] is True and "split_qkv" not in fused.metadata
+    kept_fused = [int(r.sum()) for r in fused[name].chunk(3, 0)]
+    kept_split = [int(r.sum()) for r in split[name].chunk(3, 0)]
+    assert kept_split == [16, 16, 16]  # a quarter of each 8x8 block
+    assert kept_fused == [0, 0, 48]  # the fused ranking takes only v
+    for n in split:  # the other layers are pruned as before
+        if n != name:
+            assert torch.equal(split[n], fused[n]), n
+
+
+def test_split_qkv_needs_a_fused_weight_and_no_structure():
+    net, data, _ = _case("tokens")
+    with pytest.raises(ValueError, match="^split_qkv: no nn.MultiheadAttention in_proj_weight is pruned"):
+        ntkfast.prune(net, "magnitude", 0.5, split_qkv=True, progress=False)
+    with pytest.raises(ValueError, match="^split_qkv: applies to unstructured masks"):
+        ntkfast.prune(net, "magnitude", None, include=nn.MultiheadAttention, split_qkv=True, structure="2:4",
+                      progress=False)
+    with pytest.raises(ValueError, match="^split_qkv: expected True or False"):
+        ntkfast.prune(net, "magnitude", 0.5, include=nn.MultiheadAttention, split_qkv="yes", progress=False)
+
+
+def test_split_qkv_names_an_emptied_block():
+    net, data, _ = _case("tokens")
+    name = "enc.self_attn.in_proj_weight"
+    with torch.no_grad():
+        dict(net.named_parameters())[name][:8].mul_(1e-6)  # the query rows score lowest of everything
+    with pytest.warns(RuntimeWarning, match=r"enc\.self_attn\.in_proj_weight\[q\]"):
+        ntkfast.prune(net, "magnitude", 0.5, include=nn.MultiheadAttention, split_qkv=True, progress=False)
