@@ -108,14 +108,13 @@ def test_ntt_refuses_include():
 def test_every_scorer_prunes_included_weights(case, method):
     net, data, inc = _case(case)
     if method == "synflow" and case == "tokens":
-        with pytest.raises(ValueError, match="takes token ids"):  # no real-valued all-ones input exists
-            ntkfast.prune(net, method, 0.3, include=inc, progress=False)
-        return
+        with pytest.raises(ValueError, match="takes token ids"):  # asked not to feed every token
+            ntkfast.prune(net, method, 0.3, include=inc, token_input="refuse", input_shape=(5,), progress=False)
     before = copy.deepcopy(net.state_dict())
     flags = [m.training for m in net.modules()]
     kw = {"data": data} if method in ("snip", "iterative_snip", "grasp") else {}
     if method == "synflow":
-        kw["input_shape"] = tuple(data[0].shape[1:])
+        kw["input_shape"] = tuple(data[0].shape[1:])  # token ids: every token at once (token_input="all")
     masks = ntkfast.prune(net, method, 0.3, include=inc, rounds=2 if method in ("iterative_snip", "synflow") else 1,
                           progress=False, on_empty_layer="ignore", **kw)
     extra = masks.metadata["include"]
@@ -206,3 +205,28 @@ def test_split_qkv_names_an_emptied_block():
         dict(net.named_parameters())[name][:8].mul_(1e-6)  # the query rows score lowest of everything
     with pytest.warns(RuntimeWarning, match=r"enc\.self_attn\.in_proj_weight\[q\]"):
         ntkfast.prune(net, "magnitude", 0.5, include=nn.MultiheadAttention, split_qkv=True, progress=False)
+
+
+def test_synflow_feeds_an_embedding_every_token_at_once():
+    """token_input="all": the embedding is a Linear layer on a one-hot vector, fed all ones."""
+
+    class Tok(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc = nn.Embedding(6, 3), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.fc(self.emb(x)).mean(1)
+
+    torch.manual_seed(0)
+    net = Tok().double()
+    ones = {n: torch.ones_like(p, dtype=torch.bool) for n, p in net.named_parameters() if p.dim() == 2}
+    got = scores.synflow(net, ones, input_shape=(4,))
+    e = net.emb.weight.detach().abs().requires_grad_(True)
+    w = net.fc.weight.detach().abs().requires_grad_(True)
+    r = (w @ (torch.ones(6, dtype=torch.float64) @ e) + net.fc.bias.detach().abs()).sum()
+    ge, gw = torch.autograd.grad(r, [e, w])
+    torch.testing.assert_close(got["emb.weight"], (e * ge).detach(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(got["fc.weight"], (w * gw).detach(), rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="^token_input: expected one of 'all', 'refuse'"):
+        scores.synflow(net, ones, input_shape=(4,), token_input="some")

@@ -51,7 +51,7 @@ def gpt2():
 
 
 # what a method cannot do with token ids, by the reason it gives
-TOKEN_REFUSALS = {"synflow": "takes token ids", "synflow_l2": "takes token ids", "synflow_l2_squared": "takes token ids",
+TOKEN_REFUSALS = {"synflow_l2": "takes token ids", "synflow_l2_squared": "takes token ids",
                   "synflow_dist": "takes token ids", "synflow_l2_dist": "takes token ids",
                   "ntksap": "takes token ids", "ntt": "expected a floating-point input"}
 

@@ -17,7 +17,7 @@ import math
 import warnings
 
 from collections import OrderedDict
-from typing import Mapping, Optional
+from typing import Literal, Mapping, Optional
 
 import torch
 from torch import nn
@@ -25,12 +25,15 @@ from torch import nn
 from ..methods import register
 from ..pathkernel import PathNetwork
 from ..core.batches import resolve_input_shape
+from ..core.checks import check_choice
 from ..core.numerics import grad_dict, remember_float64, with_float64_fallback
 from ..core.state import functional_forward, output_tensor, private_copy, state_copy, substitute
 from ..core.targets import finish, model_device, resolve_targets
 
 
 _TOKEN_LAYERS = (nn.Embedding, nn.EmbeddingBag)
+_TOKEN_INPUTS = ("all", "refuse")
+TokenInput = Literal["all", "refuse"]
 
 
 def _check_continuous_input(model: nn.Module, scorer: str) -> None:
@@ -54,6 +57,7 @@ def synflow(
     input_shape=None,
     train_mode: bool = False,
     cache: Optional[dict] = None,
+    token_input: TokenInput = "all",
 ) -> "OrderedDict[str, torch.Tensor]":
     """SynFlow: every parameter and buffer is replaced by its absolute value (BatchNorm running
     statistics included, as the authors' |state_dict|), the masked network (|theta| * m) in eval mode
@@ -65,8 +69,19 @@ def synflow(
     else the shape of ``data``'s inputs. ``dtype=torch.float64`` computes in double; a float32
     computation that overflows (deep networks) is redone in float64 with a warning. ``cache``: a
     dict kept across calls on the same, unchanged model (the pruning loop passes one), in which the
-    |state| network is built once instead of every call. ``seed`` is ignored."""
-    _check_continuous_input(model, "synflow")
+    |state| network is built once instead of every call. ``seed`` is ignored.
+
+    ``token_input``: what a layer taking token ids (``nn.Embedding``) is fed. "all" (default):
+    every token at once, so the layer outputs the sum of its rows at every position. An
+    embedding is a Linear layer on a one-hot vector, and this is that layer's all-ones input,
+    which is what SynFlow feeds every other layer. The input is then token ids of ``input_shape``
+    (e.g. ``(sequence length,)``); position and token-type tables get the same treatment.
+    "refuse" raises ValueError naming the layer instead."""
+    check_choice(token_input, "token_input", _TOKEN_INPUTS)
+    kinds = {type(m) for m in model.modules() if isinstance(m, _TOKEN_LAYERS)}
+    tokens = token_input == "all" and kinds == {nn.Embedding}  # an EmbeddingBag is still refused
+    if not tokens:
+        _check_continuous_input(model, "synflow")
     targets = resolve_targets(model, masks)
     shape = resolve_input_shape(model, input_shape, data)
     device = model_device(model)
@@ -75,7 +90,8 @@ def synflow(
         # The scored weights' effective value W = |theta| * m is the leaf itself. The authors
         # differentiate w.r.t. the raw weight, dR/dtheta = m * dR/dW, and |theta * m * dR/dW| =
         # |W * dR/dW| exactly (m is 0 or 1).
-        x = torch.ones((1,) + tuple(shape), dtype=dt, device=device)
+        x = (torch.zeros((1,) + tuple(shape), dtype=torch.long, device=device) if tokens
+             else torch.ones((1,) + tuple(shape), dtype=dt, device=device))
         prepared = _prepared(model, targets, dt, train_mode, cache)
         if prepared is not None:
             dup, slots, absw = prepared
@@ -89,6 +105,7 @@ def synflow(
             w = OrderedDict(
                 (n, t.param.detach().to(dt).abs().mul_(t.mask).requires_grad_(True)) for n, t in targets.items()
             )
+        hooks = _every_token(prepared[0] if prepared is not None else model) if tokens else []
         try:
             if prepared is not None:
                 out = output_tensor(dup(x))
@@ -101,6 +118,9 @@ def synflow(
         except RuntimeError as exc:  # shape mismatches surface as RuntimeError from the first layer that sees them
             raise ValueError(f"input_shape: the forward failed for an input of shape {tuple(shape)} "
                              f"(a wrong input_shape?): {exc}") from exc
+        finally:
+            for h in hooks:
+                h.remove()
         r = out.sum()
         grads = grad_dict(r, w)
         scores = OrderedDict((n, (w[n].detach() * g).abs_()) for n, g in grads.items())
@@ -124,6 +144,16 @@ def synflow(
             remember_float64(cache, "synflow", first)
             result = result64
     return finish(result, targets)
+
+
+def _every_token(net: nn.Module) -> list:
+    """Forward hooks making every nn.Embedding of ``net`` output the sum of its rows (the weight
+    it computes with, so |theta| * m under SynFlow's substitution) at every position it is asked
+    for: all tokens present at once."""
+    def all_rows(module, args, out):
+        return module.weight.sum(0).to(out.dtype).expand_as(out)
+
+    return [m.register_forward_hook(all_rows) for m in net.modules() if type(m) is nn.Embedding]
 
 
 def _prepared(model, targets, dt, train_mode, cache):
