@@ -333,11 +333,14 @@ def prune(
     if include is not None and info.returns == "masks":
         raise ValueError(f"include: method {method!r} chooses its own masks over the Linear and Conv weights; it does "
                          "not take include")
-    prunable = prunable_parameters(model, include_bias=include_bias, include_norm=include_norm, include=include)
-    included = [n for n in prunable
-                if n not in prunable_parameters(model, include_bias=include_bias, include_norm=include_norm)]
     current = _existing_masks(model, Masks.ones(model, include_bias=include_bias, include_norm=include_norm,
                                                 include=include))
+    prunable = prunable_parameters(model, include_bias=include_bias, include_norm=include_norm, include=include)
+    if include is None:
+        included = []
+    else:
+        default = set(prunable_parameters(model, include_bias=include_bias, include_norm=include_norm))
+        included = [n for n in prunable if n not in default]
     excluded = resolve_exclude(model, exclude, list(current))
     dense = frozenset(excluded)
     scored = [n for n in current if n not in dense]

@@ -786,13 +786,6 @@ def run_study(model: str, dataset: str, data_dir, methods: Sequence[str], densit
     for m, opts in method_options.items():
         if m != "ntt":
             _check_method_options(m, opts)
-    # recorded with each cell: results written when these scorers' default was "eval" (options
-    # without it) are not resumed as cells of the "train" default
-    from .core.batchnorm import DEFAULT_SCORING_BN
-
-    for m in ("snip", "iterative_snip", "grasp"):
-        if m in methods and not {"bn", "train_mode"} & set(method_options.get(m, {})):
-            method_options.setdefault(m, {})["bn"] = DEFAULT_SCORING_BN
     check_choice(optimizer, "optimizer", OPTIMIZERS)
     check_choice(scope, "scope", choices(Scope))
     for name, v in (("epochs", epochs), ("batch_size", batch_size), ("prune_samples", prune_samples),
@@ -868,9 +861,19 @@ def run_study(model: str, dataset: str, data_dir, methods: Sequence[str], densit
     if dense:  # only then: studies made before exclude= existed keep their cells
         protocol["exclude"] = dense
     done = {cell_key(r): r for r in existing}
+    bn_scorers = [m for m in ("snip", "iterative_snip", "grasp") if m in methods]
+    if "ntt" in methods or bn_scorers:
+        built = models.get(model, input_shape=tuple(train_set.input_shape), num_classes=train_set.num_classes)
     if "ntt" in methods:
-        ntt_options = _ntt_options(models.get(model, input_shape=tuple(train_set.input_shape),
-                                              num_classes=train_set.num_classes), method_options.get("ntt", {}))
+        ntt_options = _ntt_options(built, method_options.get("ntt", {}))
+    from .core.batchnorm import batchnorm_layers
+
+    if bn_scorers and batchnorm_layers(built):
+        # recorded with each cell: results written when these scorers' default was "eval" (options
+        # without it) are not resumed as cells of the "train" default
+        for m in bn_scorers:
+            if not {"bn", "train_mode"} & set(method_options.get(m, {})):
+                method_options.setdefault(m, {})["bn"] = "train"
     cells = []
     for seed in seeds:
         for density in densities:

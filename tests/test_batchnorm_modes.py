@@ -89,7 +89,7 @@ def test_bad_settings_are_named():
     with pytest.raises(ValueError, match="bn: 'eval' contradicts train_mode=True"):
         scores.snip(net, data=batches, bn="eval", train_mode=True)
     with pytest.raises(ValueError, match="bn: 'calibrate' is not supported over a process group"):
-        bn_setting("calibrate", False, SimpleNamespace(size=2))
+        bn_setting("calibrate", False, SimpleNamespace(size=2), _bn_net())
     with pytest.raises(ValueError, match="bn: 'train' is not supported by NTT"):
         transfer(net, 0.5, torch.randn(16, 3, 8, 8, dtype=torch.float64), steps=1, batch_size=4, bn="train",
                  progress=False)
@@ -152,3 +152,13 @@ def test_ntt_without_batchnorm_records_eval_whatever_the_mode():
     b = transfer(net, 0.5, x, steps=2, batch_size=8, bn="calibrate", validation=0, progress=False)
     assert "bn" not in a.masks.metadata and "bn" not in b.masks.metadata
     assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
+
+
+@pytest.mark.parametrize("method", ["snip", "grasp"])
+def test_without_batchnorm_the_default_is_eval_so_dropout_stays_off(method):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3)).double()
+    data = (torch.randn(8, 12, dtype=torch.float64), torch.randint(0, 3, (8,)))
+    fn = getattr(scores, method)
+    a, b, ev = fn(net, data=data), fn(net, data=data), fn(net, data=data, bn="eval")
+    assert all(torch.equal(a[n], b[n]) and torch.equal(a[n], ev[n]) for n in a)

@@ -230,3 +230,25 @@ def test_synflow_feeds_an_embedding_every_token_at_once():
     torch.testing.assert_close(got["fc.weight"], (w * gw).detach(), rtol=1e-12, atol=0)
     with pytest.raises(ValueError, match="^token_input: expected one of 'all', 'refuse'"):
         scores.synflow(net, ones, input_shape=(4,), token_input="some")
+
+
+def test_a_tied_weight_is_picked_by_any_of_its_names():
+    """GPT-2's layout: the output layer shares the embedding table, keyed once (its first name),
+    and still excluded by the classifier's name, module, type or a predicate."""
+    from ntkfast.masks import last_linear
+
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.body, self.head = nn.Embedding(10, 8), nn.Linear(8, 8), nn.Linear(8, 10, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, x):
+            return self.head(torch.relu(self.body(self.emb(x)))).mean(1)
+
+    torch.manual_seed(0)
+    net = LM()
+    assert list(prunable_parameters(net)) == ["body.weight", "emb.weight"]
+    for entry in ("head", last_linear(net), net.head, lambda name, module: name.startswith("head.")):
+        masks = ntkfast.prune(net, "magnitude", 0.5, exclude=entry, progress=False)
+        assert masks.metadata["exclude"] == ["emb.weight"], entry

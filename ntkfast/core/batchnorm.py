@@ -9,7 +9,9 @@ dwarfs its output term. Three choices:
 - "eval": the running statistics as they are (Synaptic-Flow's default);
 - "train": each batch normalised by its own statistics, with gradient through them (NTK-SAP's
   ``--prune-train-mode``, which its scripts pass to every pruner but SynFlow; GraSP's own code);
-  the default of SNIP, iterative SNIP and GraSP, measured best of the three (DEFAULT_SCORING_BN);
+  the default of SNIP, iterative SNIP and GraSP on a network with BatchNorm, measured best of the
+  three (DEFAULT_SCORING_BN); without BatchNorm their default is "eval" (train mode would only
+  switch dropout on);
 - "calibrate": a few train-mode passes over the scoring data without gradient set the running
   statistics of the scorer's private copy to their mean over those batches (cumulative average,
   not the momentum's), then eval mode: the normalisation of "train" with fixed statistics, so a
@@ -29,7 +31,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .options import BNMode, choices
 from .state import functional_forward
 
-__all__ = ["BNMode", "BN_MODES", "DEFAULT_SCORING_BN", "check_train_batches", "resolve_bn", "bn_setting", "calibrate_batchnorm", "calibrate_module", "batchnorm_layers"]
+__all__ = ["BNMode", "BN_MODES", "DEFAULT_SCORING_BN", "default_bn", "check_train_batches", "resolve_bn", "bn_setting", "calibrate_batchnorm", "calibrate_module", "batchnorm_layers"]
 
 BN_MODES = choices(BNMode)
 # SNIP, iterative SNIP and GraSP score with batch statistics unless told otherwise: in the reduced
@@ -137,11 +139,18 @@ def check_train_batches(model: nn.Module, inputs: Iterable[torch.Tensor]) -> Non
                              "2 samples, or bn='calibrate' or 'eval'")
 
 
-def bn_setting(bn: Optional[str], train_mode: Optional[bool], shard) -> Tuple[bool, bool]:
-    """:func:`resolve_bn` for a scorer that may run over a process group: "calibrate" is refused
-    there (each process would set the statistics from its own share of the data, and the ranks
-    would score different networks)."""
-    train_mode, calibrate = resolve_bn(bn, train_mode)
+def default_bn(model: nn.Module) -> str:
+    """The scorers' mode when none is asked: "train" on a network with BatchNorm (the measured
+    default), "eval" on one without, where train mode would only switch dropout on and make the
+    scores random."""
+    return DEFAULT_SCORING_BN if batchnorm_layers(model) else "eval"
+
+
+def bn_setting(bn: Optional[str], train_mode: Optional[bool], shard, model: nn.Module) -> Tuple[bool, bool]:
+    """:func:`resolve_bn` for a scorer that may run over a process group, with
+    :func:`default_bn` of ``model``: "calibrate" is refused over a group (each process would set
+    the statistics from its own share of the data, and the ranks would score different networks)."""
+    train_mode, calibrate = resolve_bn(bn, train_mode, default_bn(model))
     if calibrate and getattr(shard, "size", 1) > 1:
         raise ValueError("bn: 'calibrate' is not supported over a process group (each process would calibrate on its "
                          "own share of the data); use 'train' or 'eval'")

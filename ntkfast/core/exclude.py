@@ -103,12 +103,20 @@ def resolve_spec(model: nn.Module, exclude, names: Sequence[str], arg: str, noun
             owners[n] = unwrap(model.get_submodule(mname)) if mname else model
         return owners[n]
 
+    # a tied tensor (GPT-2's output layer sharing the embedding table) is keyed by one name, and
+    # may be picked by any of its names, owners and their types
+    also = _other_names(model, names)
+
+    def forms(n: str) -> List[str]:
+        return [n] + also.get(n, [])
+
     chosen = set()
     for entry in _entries(exclude):
         if isinstance(entry, str):
             if not entry.strip():
                 raise ValueError(f"{arg}: an empty name; give a layer name such as 'fc3' or 'fc3.weight'")
-            hit = _name_matches(entry.strip(), names)
+            aliases = {a: n for n in names for a in also.get(n, [])}
+            hit = list(dict.fromkeys(aliases.get(h, h) for h in _name_matches(entry.strip(), names + list(aliases))))
             if not hit:
                 near = difflib.get_close_matches(entry, names + sorted({_owner_name(n) for n in names} - {""}), n=3)
                 hint = f"; did you mean {', '.join(map(repr, near))}?" if near else \
@@ -117,18 +125,18 @@ def resolve_spec(model: nn.Module, exclude, names: Sequence[str], arg: str, noun
         elif isinstance(entry, type):
             if not issubclass(entry, nn.Module):
                 raise TypeError(f"{arg}: expected {_EXPECTED}; got the type {entry.__name__}, which is not a module type")
-            hit = [n for n in names if isinstance(owner(n), entry)]
+            hit = [n for n in names if any(isinstance(owner(f), entry) for f in forms(n))]
             if not hit:
                 raise ValueError(f"{arg}: the model has no {noun} in a {entry.__name__} module")
         elif isinstance(entry, nn.Module):
             inside = {id(m) for m in unwrap(entry).modules()}
             if not any(m is unwrap(entry) for m in model.modules()):
                 raise ValueError(f"{arg}: {describe(entry)} is not a module of the model")
-            hit = [n for n in names if id(owner(n)) in inside]
+            hit = [n for n in names if any(id(owner(f)) in inside for f in forms(n))]
             if not hit:
                 raise ValueError(f"{arg}: {describe(entry)} ({type(unwrap(entry)).__name__}) holds no {noun}")
         elif callable(entry):
-            hit = [n for n in names if _check_flag(entry(n, owner(n)), entry, n, arg)]
+            hit = [n for n in names if any(_check_flag(entry(f, owner(f)), entry, f, arg) for f in forms(n))]
             if not hit:
                 raise ValueError(f"{arg}: {describe(entry)} picks no {noun} (it returned False for all "
                                  f"{len(names)})")
@@ -136,6 +144,21 @@ def resolve_spec(model: nn.Module, exclude, names: Sequence[str], arg: str, noun
             raise TypeError(f"{arg}: expected {_EXPECTED}; got {type(entry).__name__} {entry!r}")
         chosen.update(hit)
     return tuple(n for n in names if n in chosen)
+
+
+def _other_names(model: nn.Module, names: Sequence[str]) -> dict:
+    """name -> the tensor's other names in the model (tied parameters), for the names that have any."""
+    ids: dict = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        n = plain_name(n[: -len("_orig")] if n.endswith("_orig") else n)
+        ids.setdefault(id(p), []).append(n)
+    out = {}
+    for group in ids.values():
+        if len(group) > 1:
+            for n in group:
+                if n in names:
+                    out[n] = [a for a in group if a != n]
+    return out
 
 
 def last_linear(model: nn.Module) -> str:

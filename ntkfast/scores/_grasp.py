@@ -45,7 +45,7 @@ def grasp(
     temperature = check_number(temperature, "temperature", lo=0.0, lo_open=True)
     eps = check_number(eps, "eps", lo=0.0)
     shard = resolve_shard(process_group)
-    train_mode, calibrate = bn_setting(bn, train_mode, shard)
+    train_mode, calibrate = bn_setting(bn, train_mode, shard, model)
     if train_mode:
         check_train_batches(model, (b[0] for b in batches))
     items = shard_batches(batches, shard, train_mode)

@@ -54,8 +54,9 @@ def snip(
     computes with theta * m and L is the mean cross-entropy of a batch, summed over the batches of
     ``data``; i.e. S = |theta * dL/d(theta * m)| (pruned entries get the sensitivity of their stored
     weight). Normalised by the sum of all scores (left as is when that sum is 0). ``bn``: the
-    BatchNorm statistics, "train" (default: each batch's own, as GraSP's code and the NTK-SAP
-    authors score; measured best), "eval" (the running statistics; Synaptic-Flow's protocol) or
+    BatchNorm statistics, "train" (default on a network with BatchNorm: each batch's own, as
+    GraSP's code and the NTK-SAP authors score; measured best; without BatchNorm the default is
+    "eval", so dropout stays off), "eval" (the running statistics; Synaptic-Flow's protocol) or
     "calibrate" (see :mod:`ntkfast.core.batchnorm`); ``train_mode=True`` / ``False`` is the older
     spelling of "train" / "eval". ``seed`` and ``input_shape`` are ignored. ``process_group``: the batches (or
     their rows) are split over its processes and the gradients all-reduced (see
@@ -63,7 +64,7 @@ def snip(
     targets = resolve_targets(model, masks)
     batches = as_batches(data, "data", device=model_device(model))
     shard = resolve_shard(process_group)
-    train_mode, calibrate = bn_setting(bn, train_mode, shard)
+    train_mode, calibrate = bn_setting(bn, train_mode, shard, model)
     if train_mode:
         check_train_batches(model, (b[0] for b in batches))
     items = shard_batches(batches, shard, train_mode)
@@ -109,7 +110,7 @@ def iterative_snip(
     targets = resolve_targets(model, masks)
     batches = as_batches(data, "data", device=model_device(model))
     shard = resolve_shard(process_group)
-    train_mode, calibrate = bn_setting(bn, train_mode, shard)
+    train_mode, calibrate = bn_setting(bn, train_mode, shard, model)
     if train_mode:
         check_train_batches(model, (b[0] for b in batches))
     items = shard_batches(batches, shard, train_mode)

@@ -129,7 +129,9 @@ class Draws:
 
     def z(self, i: int) -> torch.Tensor:
         if self.inputs is not None:
-            return self.inputs[i].detach().to(self.device, self.dtype)
+            z = self.inputs[i].detach()
+            # token ids stay integers (an Embedding takes them); real inputs take the scoring dtype
+            return z.to(self.device, self.dtype) if z.is_floating_point() else z.to(self.device)
         return self._drawn(i)[1]
 
     # -- xi ---------------------------------------------------------------------------------------
@@ -162,10 +164,15 @@ def check_explicit(model: nn.Module, targets: Mapping[str, Target], inputs, weig
         n = len(val)
     if inputs is not None:
         first = None
+        # token ids (integers) for a model that embeds them; real-valued inputs otherwise
+        tokens = any(isinstance(m, nn.Embedding) for m in model.modules())
         for k, z in enumerate(inputs):
-            if not isinstance(z, torch.Tensor) or not z.is_floating_point() or z.dim() < 2:
-                raise ValueError(f"inputs[{k}]: expected a floating tensor [B, ...], got "
-                                 f"{type(z).__name__ if not isinstance(z, torch.Tensor) else tuple(z.shape)}")
+            real = isinstance(z, torch.Tensor) and (z.is_floating_point() or (tokens and z.dtype in (torch.int64,
+                                                                                                       torch.int32)))
+            if not real or z.dim() < 2:
+                raise ValueError(f"inputs[{k}]: expected a floating tensor [B, ...]"
+                                 f"{' or token ids' if tokens else ''}, got "
+                                 f"{type(z).__name__ if not isinstance(z, torch.Tensor) else (tuple(z.shape), z.dtype)}")
             if first is None:
                 first = tuple(z.shape)
             elif tuple(z.shape) != first:
