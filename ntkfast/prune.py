@@ -81,7 +81,7 @@ def _existing_masks(model: nn.Module, masks: Masks) -> Masks:
 
 def _fused_in_proj(model: nn.Module, names) -> list:
     """The names among ``names`` of nn.MultiheadAttention's fused q/k/v weights."""
-    mods = dict(unwrap(model).named_modules())
+    mods = {plain_name(n): m for n, m in unwrap(model).named_modules()}  # a compiled submodule's too
     return [n for n in names if n.endswith(".in_proj_weight") and
             isinstance(mods.get(n[: -len(".in_proj_weight")]), nn.MultiheadAttention)]
 
@@ -121,13 +121,18 @@ def _check_data_fits(model: nn.Module, batches) -> None:
         for m, t in flags.items():
             m.training = t
     out = output_tensor(out)
-    # per-sample classes [N, classes], or per-position ones [N, T, classes] with targets [N, T]
-    sequence = isinstance(out, torch.Tensor) and out.dim() == 3 and y.dim() == 2 and out.shape[1] == y.shape[1]
-    if not isinstance(out, torch.Tensor) or (out.dim() != 2 and not sequence):
+    # per-sample classes [N, classes], or per-position ones with targets [N, T]: [N, T, classes]
+    # (Hugging Face's) or [N, classes, T] (PyTorch's cross_entropy layout)
+    sequence = isinstance(out, torch.Tensor) and out.dim() == 3 and y.dim() == 2
+    last = sequence and out.shape[1] == y.shape[1]
+    if not isinstance(out, torch.Tensor) or (out.dim() != 2 and not (last or (sequence and out.shape[2] == y.shape[1]))):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"data: the model's output for these inputs is {shape}, expected a tensor [N, classes] (or "
                          "[N, T, classes] with targets [N, T])")
-    classes = out.shape[-1]
+    if last and out.shape[2] == y.shape[1]:
+        raise ValueError(f"data: the model's output {tuple(out.shape)} with targets {tuple(y.shape)} can be read two "
+                         "ways (classes last or second); use a sequence length other than the number of classes")
+    classes = out.shape[-1] if last else out.shape[1]
     for xb, yb in batches:
         if yb.numel() and (int(yb.min()) < 0 or int(yb.max()) >= classes):
             raise ValueError(f"data: targets must lie in [0, {classes}), got range [{int(yb.min())}, {int(yb.max())}]")
@@ -353,6 +358,9 @@ def prune(
     if split_qkv and not fused:
         raise ValueError("split_qkv: no nn.MultiheadAttention in_proj_weight is pruned (include it with "
                          "include=nn.MultiheadAttention)")
+    if include is not None and structure == "channel":
+        raise ValueError("include: structure='channel' ranks the output channels of Conv and Linear layers; the "
+                         "weights include= adds have none it traces")
     if fused and structure is not None:
         raise ValueError(f"split_qkv: applies to unstructured masks, and structure is {structure!r}")
     structured = list(scored)

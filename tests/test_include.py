@@ -252,3 +252,32 @@ def test_a_tied_weight_is_picked_by_any_of_its_names():
     for entry in ("head", last_linear(net), net.head, lambda name, module: name.startswith("head.")):
         masks = ntkfast.prune(net, "magnitude", 0.5, exclude=entry, progress=False)
         assert masks.metadata["exclude"] == ["emb.weight"], entry
+
+
+def test_sequence_logits_in_either_layout_and_an_ambiguous_one_refused():
+    from ntkfast.core.numerics import cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 4, (2, 5), generator=g)
+    hf = torch.randn(2, 5, 4, generator=g, dtype=torch.float64)  # [N, T, classes]
+    torch.testing.assert_close(cross_entropy(hf, y), F.cross_entropy(hf.transpose(1, 2), y))
+    torch.testing.assert_close(cross_entropy(hf.transpose(1, 2), y), F.cross_entropy(hf.transpose(1, 2), y))
+    with pytest.raises(ValueError, match="^data: logits of shape \\(2, 4, 4\\) with targets \\(2, 4\\) can be read"):
+        cross_entropy(torch.randn(2, 4, 4), torch.randint(0, 4, (2, 4)))
+
+
+def test_include_with_channel_structure_and_synflow_on_an_inner_embedding_are_named():
+    net, data, inc = _case("tokens")
+    with pytest.raises(ValueError, match="^include: structure='channel' ranks the output channels"):
+        ntkfast.prune(net, "magnitude", 0.5, include=inc, structure="channel", progress=False)
+
+    class Conditioned(nn.Module):  # a real-valued input, and an embedding the input never reaches
+        def __init__(self):
+            super().__init__()
+            self.fc, self.cls = nn.Linear(4, 3), nn.Embedding(3, 3)
+
+        def forward(self, x):
+            return self.fc(x) + self.cls(torch.zeros(x.shape[0], dtype=torch.long))
+
+    with pytest.raises(ValueError, match="^model: synflow fed token ids .* for the Embedding 'cls'"):
+        scores.synflow(Conditioned(), input_shape=(4,))

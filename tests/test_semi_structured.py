@@ -49,3 +49,11 @@ def test_the_copy_computes_what_the_masked_model_computes(dtype):
     x = torch.randn(128, 256, device="cuda", dtype=dtype)
     torch.testing.assert_close(fast(x), masked(x), rtol=2e-2, atol=2e-2)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_pruning_hooks_are_refused_by_name():
+    model = nn.Sequential(nn.Linear(64, 64))
+    masks = ntkfast.prune(model, "magnitude", None, structure="2:4", progress=False)
+    masks.to_prune_hooks(model)
+    with pytest.raises(ValueError, match="^model: '0.weight_orig' is re-parametrised by torch.nn.utils.prune"):
+        to_semi_structured(model, masks)

@@ -18,9 +18,16 @@ __all__ = ["cross_entropy", "grad_dict", "all_finite", "remember_float64", "with
 def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy, as nn.CrossEntropyLoss() in the authors' code. Sequence outputs
     (logits [N, T, classes], a language model's, with targets [N, T]) take the mean over every
-    position, classes on the last dimension as Hugging Face models give them."""
+    position, classes on the last dimension as Hugging Face models give them; PyTorch's
+    [N, classes, T] is read as PyTorch reads it, and a shape that could be either is refused."""
     if logits.dim() == 3 and y.dim() == 2:
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        last, middle = logits.shape[1] == y.shape[1], logits.shape[2] == y.shape[1]
+        if last and middle:
+            raise ValueError(f"data: logits of shape {tuple(logits.shape)} with targets {tuple(y.shape)} can be read "
+                             "two ways (classes last, as Hugging Face gives them, or second, as PyTorch's "
+                             "cross_entropy takes them); use a sequence length other than the number of classes")
+        if last:
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
     return F.cross_entropy(logits, y)
 
 

@@ -116,6 +116,12 @@ def synflow(
         except torch.OutOfMemoryError:
             raise
         except RuntimeError as exc:  # shape mismatches surface as RuntimeError from the first layer that sees them
+            if tokens:  # e.g. an Embedding inside a model whose input is real-valued
+                emb = next(n for n, m in model.named_modules() if type(m) is nn.Embedding)
+                raise ValueError(f"model: synflow fed token ids of shape {tuple(shape)} (token_input='all', for the "
+                                 f"Embedding {emb!r}) and the forward failed on them; if the model's input is not "
+                                 "token ids, SynFlow's all-ones input cannot reach that embedding: use a data-based "
+                                 f"method ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
             raise ValueError(f"input_shape: the forward failed for an input of shape {tuple(shape)} "
                              f"(a wrong input_shape?): {exc}") from exc
         finally:

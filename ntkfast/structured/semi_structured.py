@@ -19,6 +19,7 @@ from typing import Dict, Mapping, Tuple
 import torch
 from torch import nn
 
+from ..core.compiled import unwrap
 from ..core.targets import prunable_parameters
 
 __all__ = ["check_two_four", "to_semi_structured"]
@@ -50,12 +51,19 @@ def to_semi_structured(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> T
     The copy computes what the masked model computes, up to the sparse kernels' rounding.
 
     ValueError naming ``model`` when it is not on a CUDA device of compute capability 8.0 or more
-    or its Linear weights are not float16 / bfloat16; naming ``masks`` when no weight can be
-    converted or a mask does not belong to the model. ``model`` and ``masks`` are not changed."""
+    or carries torch.nn.utils.prune hooks; naming ``masks`` when no weight can be converted (a
+    weight that is not float16 / bfloat16 is left dense and named) or a mask does not belong to
+    the model. ``model`` and ``masks`` are not changed; a compiled model's original module is
+    copied."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(masks, Mapping) or not masks:
         raise ValueError("masks: expected a non-empty mapping of weight name -> bool mask")
+    model = unwrap(model)  # a torch.compile'd model: its original module is copied (compile the copy again)
+    hooked = [n for n, _ in model.named_parameters() if n.endswith("_orig")]
+    if hooked:
+        raise ValueError(f"model: {hooked[0]!r} is re-parametrised by torch.nn.utils.prune; make the pruning permanent "
+                         "first (torch.nn.utils.prune.remove), the masks stay what they are")
     weights = prunable_parameters(model)
     unknown = sorted(set(masks) - set(dict(model.named_parameters())) - set(weights))
     if unknown:
@@ -68,7 +76,10 @@ def to_semi_structured(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> T
         raise ValueError(f"model: semi-structured sparse weights need compute capability 8.0 or more, "
                          f"{torch.cuda.get_device_name(device)} has {torch.cuda.get_device_capability(device)}")
     why = check_two_four({n: m for n, m in masks.items() if n in linears})
-    dense = {n: "not an nn.Linear weight" for n in masks if n not in linears}
+    subclassed = {f"{n}.weight": type(mod).__name__ for n, mod in model.named_modules()
+                  if isinstance(mod, nn.Linear) and type(mod) is not nn.Linear}
+    dense = {n: (f"a Linear subclass ({subclassed[n]}) whose owner may read its weight directly" if n in subclassed
+                 else "not an nn.Linear weight") for n in masks if n not in linears}
     for n, reason in why.items():
         w = dict(model.named_parameters())[n]
         if not reason and w.dtype not in _DTYPES:
