@@ -54,6 +54,10 @@ def capture(model, plan: Plan, x: torch.Tensor, ks: Sequence[int], *, create_gra
             if (not isinstance(output, torch.Tensor) or len(args) != 1 or kwargs
                     or not isinstance(args[0], torch.Tensor)):
                 raise _Untappable(name)
+            # A call on constants (a buffer, an RNN's zero initial state) gives an output outside the
+            # graph; as a leaf of its own it still gets its d f / d output.
+            if not output.requires_grad:
+                output = output.detach().requires_grad_(True)
             # The clone keeps the tapped tensor out of reach of later in-place ops (ReLU(inplace),
             # out += shortcut), which would otherwise change what d f / d output refers to.
             pending[name].append((args[0], args[0]._version, output))
@@ -73,9 +77,7 @@ def capture(model, plan: Plan, x: torch.Tensor, ks: Sequence[int], *, create_gra
             h.remove()
     K = f.shape[1]
     taps = [(name, i, y) for name in names for i, (_, _, y) in enumerate(pending[name])]
-    # a call whose output depends on nothing that requires grad (an RNN's recurrent layer applied
-    # to its zero initial state) has cotangent 0 for every output, and autograd refuses to be asked
-    live = [i for i, (_, _, y) in enumerate(taps) if y.requires_grad]
+    live = [i for i, (_, _, y) in enumerate(taps) if y.requires_grad]  # all of them (see tap)
     tensors = [taps[i][2] for i in live]
     grads: List[List[torch.Tensor]] = [[] for _ in taps]
     batched = None

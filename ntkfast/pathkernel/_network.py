@@ -136,8 +136,14 @@ class PathNetwork:
 
         def tap(names):
             def hook(module, args, output):
+                # a call on constants (an RNN's zero initial state, a buffer) gives an output outside
+                # the graph: as a leaf of its own it still gets its path sum dR/d(output)
+                fresh = not output.requires_grad
+                if fresh:
+                    output = output.detach().requires_grad_(True)
                 for n in names:
                     taps[n].append((args[0], output))
+                return output.clone() if fresh else None
             return hook
 
         handles = []
@@ -149,9 +155,7 @@ class PathNetwork:
                 x = self.x.clone().requires_grad_(True)  # so that every layer's output is in the graph
                 out = self.run(weights, x)
                 outputs = [y for n in self.targets for _, y in taps[n]]
-                # a call on nothing that requires grad (an RNN's recurrent layer on its zero
-                # initial state) reaches R with path sum 0; autograd refuses to be asked about it
-                live = [y for y in outputs if y.requires_grad]
+                live = [y for y in outputs if y.requires_grad]  # all of them (see tap)
                 found = iter(torch.autograd.grad(out.sum(), live, allow_unused=True) if live else [])
                 grads = [next(found) if y.requires_grad else None for y in outputs]
         finally:
