@@ -366,6 +366,14 @@ def prune(
     structured = list(scored)
     if nm is not None:
         misfits = {k: why for k in scored if (why := nm_misfit(current[k].shape, nm[1], nm_layout)) is not None}
+        # a weight include= added (an embedding table, transformers' Conv1D stored [in, out]): where
+        # its input dimension lies is not known, so N:M groups along dimension 1 could run across outputs
+        mods = {plain_name(n): m for n, m in unwrap(model).named_modules()}
+        for k in scored:
+            owner = mods.get(k.rpartition(".")[0])
+            if (k not in misfits and current[k].dim() >= 2 and k.endswith(".weight")
+                    and not isinstance(owner, (nn.Linear, nn.modules.conv._ConvNd))):
+                misfits[k] = f"{type(owner).__name__} weight: N:M cannot tell which dimension is its input"
         if misfits and on_indivisible == "error":
             listed = ", ".join(f"{k!r} ({why})" for k, why in misfits.items())
             raise ValueError(f"structure: {structure} groups run along each weight's input dimension ({nm_layout} "

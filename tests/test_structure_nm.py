@@ -348,3 +348,16 @@ def test_nm_options_need_an_nm_structure():
         prune(model, "magnitude", 0.5, on_indivisible="unstructured", progress=False)
     with pytest.raises(ValueError, match="^channel_aggregate: ranks whole channels"):
         prune(model, "magnitude", None, structure="2:4", channel_aggregate="max", progress=False)
+
+
+def test_an_included_weight_of_another_layout_is_not_given_groups():
+    """include= can add weights whose input dimension is not dimension 1 (an embedding table;
+    transformers' Conv1D, stored [in, out]): N:M refuses them by name, or prunes them unstructured."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(16, 8), nn.Flatten(), nn.Linear(8 * 4, 4))
+    with pytest.raises(ValueError, match=r"^structure: 2:4 .*'0\.weight' \(Embedding weight: N:M cannot tell"):
+        prune(model, "magnitude", None, structure="2:4", include=nn.Embedding, progress=False)
+    masks = prune(model, "magnitude", None, structure="2:4", include=nn.Embedding, on_indivisible="unstructured",
+                  progress=False)
+    assert masks.metadata["unstructured"] == ["0.weight"]
+    assert bool((masks["2.weight"].reshape(4, -1, 4).sum(-1) == 2).all())
