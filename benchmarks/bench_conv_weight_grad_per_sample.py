@@ -25,7 +25,7 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
-from .common import Case, Suite, main as suite_main, rel_err_norm
+from .common import Case, Suite, main as suite_main, rel_err_norm, seed_option
 
 N, K = 64, 10
 # name, C, O, image size, kernel, stride, padding
@@ -101,8 +101,7 @@ def make_cases(args) -> List[Case]:
     return [_make_case(layer, dt, peer, args.quick, args.seed) for peer in PEERS for dt in DTYPES for layer in LAYERS]
 
 
-def _add_args(p):
-    p.add_argument("--seed", type=int, default=0, help="seed of the inputs (default 0)")
+_SEED_ARGS, _SEED_ARGV = seed_option("the inputs")
 
 
 SUITE = Suite(
@@ -112,8 +111,8 @@ SUITE = Suite(
          "samples and cotangents of vjp of F.conv2d w.r.t. the weight",
     ours="ntkfast.ops.conv_weight_grad_per_sample (implicit im2col)",
     make_cases=make_cases,
-    add_args=_add_args,
-    option_argv=lambda args: ["--seed", str(args.seed)] if args.seed != 0 else [],
+    add_args=_SEED_ARGS,
+    option_argv=_SEED_ARGV,
     default_runs=5,
     quick_runs=2,
 )

@@ -21,7 +21,7 @@ from typing import List
 
 import torch
 
-from .common import Case, Suite, main as suite_main, rel_err_norm
+from .common import Case, Suite, main as suite_main, rel_err_norm, seed_option
 
 N = 256
 K = 10
@@ -83,8 +83,7 @@ def make_cases(args) -> List[Case]:
     return cases
 
 
-def _add_args(p):
-    p.add_argument("--seed", type=int, default=0, help="seed of the inputs (default 0)")
+_SEED_ARGS, _SEED_ARGV = seed_option("the inputs")
 
 
 SUITE = Suite(
@@ -93,8 +92,8 @@ SUITE = Suite(
     peer="ntkfast.ops.masked_gram_reference: (a1[i] * a2[j]) @ mask^T per chunk of rows, batched matmuls with b",
     ours="ntkfast.ops.masked_gram (compiled kernel)",
     make_cases=make_cases,
-    add_args=_add_args,
-    option_argv=lambda args: ["--seed", str(args.seed)] if args.seed != 0 else [],
+    add_args=_SEED_ARGS,
+    option_argv=_SEED_ARGV,
     default_runs=5,
     quick_runs=2,
 )

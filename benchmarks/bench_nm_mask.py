@@ -30,7 +30,7 @@ from typing import List, Optional
 import torch
 
 from .bench_topk_mask import resnet50_weight_shapes
-from .common import Case, Suite, compare_masks, main as suite_main
+from .common import Case, Suite, compare_masks, main as suite_main, seed_option
 
 
 def resnet50_rows(width_div: int = 1) -> List[tuple]:
@@ -137,8 +137,7 @@ def make_cases(args) -> List[Case]:
     ]
 
 
-def _add_args(p):
-    p.add_argument("--seed", type=int, default=0, help="seed of the random scores (default 0)")
+_SEED_ARGS, _SEED_ARGV = seed_option("the random scores")
 
 
 SUITE = Suite(
@@ -147,8 +146,8 @@ SUITE = Suite(
     peer="per tensor: reshape(-1, m).topk(n, dim=1) + scatter_ into a bool mask (forbidden entries -inf, then & keep)",
     ours="ntkfast.ops.nm_mask(scores, n, m, keep), per tensor",
     make_cases=make_cases,
-    add_args=_add_args,
-    option_argv=lambda args: ["--seed", str(args.seed)] if args.seed != 0 else [],
+    add_args=_SEED_ARGS,
+    option_argv=_SEED_ARGV,
     default_runs=5,
     quick_runs=2,
 )

@@ -29,7 +29,7 @@ from typing import List
 import torch
 from torch import nn
 
-from .common import Case, Suite, main as suite_main, rel_err_norm
+from .common import Case, Suite, main as suite_main, rel_err_norm, seed_option
 
 EPSILON = 0.01
 MODELS = ("resnet20", "vgg16")
@@ -114,8 +114,7 @@ def make_cases(args) -> List[Case]:
     return [_make_case(name, p, args.quick, args.seed) for name in MODELS for p in DRAWS]
 
 
-def _add_args(p):
-    p.add_argument("--seed", type=int, default=0, help="seed of the inputs and of the Philox stream (default 0)")
+_SEED_ARGS, _SEED_ARGV = seed_option("the inputs and of the Philox stream")
 
 
 SUITE = Suite(
@@ -124,8 +123,8 @@ SUITE = Suite(
     peer="torch.randn_like stored xi, w * m and (w + eps * xi) * m per layer, torch.autograd.grad",
     ours="ntkfast.ops.perturbed_masked(w, m, eps, seed, offset) per layer, torch.autograd.grad",
     make_cases=make_cases,
-    add_args=_add_args,
-    option_argv=lambda args: ["--seed", str(args.seed)] if args.seed != 0 else [],
+    add_args=_SEED_ARGS,
+    option_argv=_SEED_ARGV,
     default_runs=5,
     quick_runs=2,
 )

@@ -23,7 +23,7 @@ from typing import List, Optional
 
 import torch
 
-from .common import Case, Suite, compare_masks, main as suite_main
+from .common import Case, Suite, compare_masks, main as suite_main, seed_option
 
 # ----------------------------------------------------------------------------------------------
 # ResNet-50's prunable weights, derived from the architecture (no model is built)
@@ -157,8 +157,7 @@ def make_cases(args) -> List[Case]:
     return cases
 
 
-def _add_args(p):
-    p.add_argument("--seed", type=int, default=0, help="seed of the random scores (default 0)")
+_SEED_ARGS, _SEED_ARGV = seed_option("the random scores")
 
 
 SUITE = Suite(
@@ -167,8 +166,8 @@ SUITE = Suite(
     peer="torch.cat + torch.kthvalue, then score > threshold per tensor (the Synaptic-Flow authors' masking)",
     ours="ntkfast.ops.topk_mask(scores, k, keep)",
     make_cases=make_cases,
-    add_args=_add_args,
-    option_argv=lambda args: ["--seed", str(args.seed)] if args.seed != 0 else [],
+    add_args=_SEED_ARGS,
+    option_argv=_SEED_ARGV,
     default_runs=5,
     quick_runs=2,
 )

@@ -288,6 +288,15 @@ class Suite:
     quick_runs: int = 2
 
 
+def seed_option(what: str):
+    """``(add_args, option_argv)`` of a suite whose one option is ``--seed`` (default 0), the seed
+    of ``what``; the reproduce command names it only when it is not the default."""
+    def add_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--seed", type=int, default=0, help=f"seed of {what} (default 0)")
+
+    return add_args, lambda args: ["--seed", str(args.seed)] if args.seed != 0 else []
+
+
 def base_parser(suite: Suite) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"python -m {suite.module}", description=f"{suite.name}: ntkfast vs {suite.peer}")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
