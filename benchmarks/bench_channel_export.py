@@ -1,5 +1,6 @@
 """Forward time of a channel-pruned ResNet-20 cut down with Torch-Pruning, against the dense
-network and the masked one (same shapes, pruned weights zero), on one device.
+network and the masked one (same shapes, pruned weights zero), on one device, and against the
+floor of each (its convolution and linear calls alone, ``benchmarks/floor.py``).
 
 Channel masks only pay off once the channels are gone: a masked network runs every zero, so it
 should cost what the dense one does, and the exported one (``export_torch_pruning``) should cost
@@ -29,6 +30,7 @@ from pathlib import Path
 import torch
 
 from .common import RESULTS_DIR, machine_info
+from .floor import layer_calls, network_s
 
 
 def _count(model) -> int:
@@ -37,20 +39,8 @@ def _count(model) -> int:
 
 def _macs(model, x) -> int:
     """Multiply-adds of the conv and linear layers for one batch (what channel removal cuts)."""
-    total = 0
-
-    def hook(module, args, out):
-        nonlocal total
-        w = module.weight
-        per_output = w[0].numel() if isinstance(module, torch.nn.Conv2d) else w.shape[1]
-        total += out.numel() * per_output
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
-    with torch.no_grad():
-        model(x)
-    for h in handles:
-        h.remove()
-    return total
+    return sum(y.numel() * (m.weight[0].numel() if isinstance(m, torch.nn.Conv2d) else m.weight.shape[1])
+               for m, _, y, _ in layer_calls(model, x))
 
 
 def run(density: float, scope: str, batches, repeats: int, inner: int, method: str, seed: int) -> dict:
@@ -86,7 +76,12 @@ def run(density: float, scope: str, batches, repeats: int, inner: int, method: s
                         m(x)
                     times[name].append((time.perf_counter() - t0) / inner)
         med = {k: statistics.median(v) for k, v in times.items()}
+        # the convolution and linear calls alone, timed one by one: the rest (BatchNorm, ReLU, the
+        # residual sums, Python) is overhead that fusing could remove
+        floor = {k: network_s(models[k], x, input_grad=False, weight_grad=False)["seconds"] for k in ("dense", "exported")}
         cases.append({
+            "floor_forward_ms": {k: round(v * 1e3, 3) for k, v in floor.items()},
+            "over_floor": {k: round(med[k] / floor[k], 3) for k in floor},
             "batch": batch,
             "median_forward_ms": {k: round(v * 1e3, 3) for k, v in med.items()},
             "all_forward_ms": {k: [round(t * 1e3, 3) for t in v] for k, v in times.items()},

@@ -25,7 +25,8 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
-from .common import Case, Suite, main as suite_main, rel_err_norm, seed_option
+from .common import Case, Suite, rel_err_norm
+from .floor import macs_s, record, traffic_s
 
 N, K = 64, 10
 # name, C, O, image size, kernel, stride, padding
@@ -93,29 +94,27 @@ def _make_case(layer, dtype_name: str, peer: str, quick: bool, seed: int) -> Cas
     def compare(st, peer_out, ours_out):
         return {"rel_err": rel_err_norm([peer_out], [ours_out])}
 
+    def floor(st):
+        # every entry of the per-sample, per-output weight gradient is a sum over the output
+        # positions: the multiply-adds of the batch's weight gradient, K times, and the result written once
+        macs = n * K * O * C * k * k * out * out
+        out_bytes = params["output_numel"] * st["x"].element_size()
+        compute, write = macs_s(macs, dtype, st["x"].device), traffic_s(out_bytes, st["x"].device)
+        return record(compute + write, "the multiply-adds at the best matrix-product rate, and writing the result",
+                      compute_s=compute, write_s=write)
+
     return Case(name=f"{name}-{dtype_name}-{peer}", params=params, setup=setup,
-                peer=peer_reference if peer == "ref" else peer_func, ours=ours, compare=compare)
+                peer=peer_reference if peer == "ref" else peer_func, ours=ours, compare=compare, floor=floor)
 
 
 def make_cases(args) -> List[Case]:
     return [_make_case(layer, dt, peer, args.quick, args.seed) for peer in PEERS for dt in DTYPES for layer in LAYERS]
 
 
-_SEED_ARGS, _SEED_ARGV = seed_option("the inputs")
-
-
-SUITE = Suite(
-    name="conv_weight_grad_per_sample",
-    module="benchmarks.bench_conv_weight_grad_per_sample",
-    peer="case suffix -ref: conv_weight_grad_per_sample_reference (F.unfold + matmul); -func: torch.func vmap over "
-         "samples and cotangents of vjp of F.conv2d w.r.t. the weight",
-    ours="ntkfast.ops.conv_weight_grad_per_sample (implicit im2col)",
-    make_cases=make_cases,
-    add_args=_SEED_ARGS,
-    option_argv=_SEED_ARGV,
-    default_runs=5,
-    quick_runs=2,
-)
+SUITE = Suite("conv_weight_grad_per_sample", make_cases, seed="the inputs",
+              peer="case suffix -ref: conv_weight_grad_per_sample_reference (F.unfold + matmul); -func: torch.func vmap over "
+                   "samples and cotangents of vjp of F.conv2d w.r.t. the weight",
+              ours="ntkfast.ops.conv_weight_grad_per_sample (implicit im2col)")
 
 if __name__ == "__main__":
-    sys.exit(suite_main(SUITE))
+    sys.exit(SUITE.main())

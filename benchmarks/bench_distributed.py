@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from .common import RESULTS_DIR, machine_info, regenerate_readme
+from .floor import ntksap_floor
 
 SUITE = "distributed"
 
@@ -119,6 +120,12 @@ def main(argv=None) -> int:
             masks.setdefault(name, res["masks"])
             print(f"run {run + 1}/{args.runs}  {name:28s} {res['seconds']:8.2f} s  peak {res['peak_mb']:.0f} MB",
                   flush=True)
+    # the same work's floor with every core in this one process: splitting it can only approach it
+    from ntkfast import models
+
+    torch.manual_seed(params["seed"])
+    floor = ntksap_floor(models.get(params["model"], num_classes=params["classes"]).to(args.device), params["batch"],
+                         params["rounds"] * params["repeats"], stats_pass=True)
     info = machine_info(torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu"))
     machine = info.get("gpu") or f"{info.get('cpu', '?')} ({cores} cores)"
     command = "python -m benchmarks.bench_distributed " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -139,6 +146,9 @@ def main(argv=None) -> int:
             "ours": "ntkfast.prune split over processes (torch.distributed; pieces in blocks, one all-reduce per round)",
             "peer_s": peer_s, "ours_s": statistics.median(times[ours]),
             "ratio": peer_s / statistics.median(times[ours]) if peer_s else None,
+            "floor_s": floor["floor_s"], "floor_what": floor["floor_what"],
+            "ours_over_floor": statistics.median(times[ours]) / floor["floor_s"],
+            "peer_over_floor": peer_s / floor["floor_s"] if peer_s else None,
             "peer_times_s": times.get(peer), "ours_times_s": times[ours],
             "peer_peak_mb": max(peaks[peer]) if peer else None, "ours_peak_mb": max(peaks[ours]),
             "rel_err": diff / numel, "identical": diff == 0, "diff_entries": diff, "n_runs": args.runs,

@@ -32,7 +32,8 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
-from .common import Case, Suite, main as suite_main
+from .common import Case, Suite
+from .floor import training_floor
 
 N_IMAGES = 50_000
 BATCH = 128
@@ -149,6 +150,11 @@ def _compare_loss(st, peer_out, ours_out):
     return {"rel_err": float(((a - b).abs() / a.abs()).max())}
 
 
+def _floor(st):
+    x = torch.randn(BATCH, 3, 32, 32, device=st["device"])
+    return training_floor(st["nets"][0], x, st["steps"], networks=len(st["nets"]), optimizer="sgd")
+
+
 def make_cases(args) -> List[Case]:
     cuda = torch.device(args.device).type == "cuda"
     steps = -(-N_IMAGES // BATCH) if cuda and not args.quick else (2 if args.quick else CPU_STEPS)
@@ -160,29 +166,21 @@ def make_cases(args) -> List[Case]:
                           params={"model": "resnet20", "batch": BATCH, "steps": steps, "density": DENSITY,
                                   "amp": amp, "channels_last": cl, "augment": "pad4-crop-flip"},
                           setup=lambda d, s=steps: _state(d, s, 1), prepare=_prepare, peer=_dataloader_loop,
-                          ours=_ours_epoch(amp, cl), compare=_compare_loss))
+                          ours=_ours_epoch(amp, cl), compare=_compare_loss, floor=_floor))
     for k in ((8,) if cuda else (4,)):
         cases.append(Case(name=f"grouped-K{k}-resnet20-B{BATCH}-{what}",
                           params={"model": "resnet20", "batch": BATCH, "steps": steps, "density": DENSITY, "K": k},
                           setup=lambda d, s=steps, k=k: _state(d, s, k), prepare=_prepare, peer=_sequential,
-                          ours=_grouped, compare=_compare_loss))
+                          ours=_grouped, compare=_compare_loss, floor=_floor))
     return cases
 
 
-SUITE = Suite(
-    name="fast_train",
-    module="benchmarks.bench_fast_train",
-    peer="epoch-*: a DataLoader loop with per-image host augmentation; grouped-*: K train() runs one after another",
-    ours="epoch-*: ntkfast.training.train (batched device augmentation, resident data on CUDA); "
-         "grouped-*: ntkfast.training_grouped.train_grouped",
-    make_cases=make_cases,
-    default_runs=3,
-    quick_runs=1,
-)
+SUITE = Suite("fast_train", make_cases, runs=(3, 1),
+              peer="epoch-*: a DataLoader loop with per-image host augmentation; grouped-*: K train() runs one after another",
+              ours="epoch-*: ntkfast.training.train (batched device augmentation, resident data on CUDA); "
+                   "grouped-*: ntkfast.training_grouped.train_grouped")
 
-
-def main(argv=None) -> int:
-    return suite_main(SUITE, argv)
+main = SUITE.main
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ from typing import List
 
 import torch
 
-from .common import Case, Suite, main as suite_main, rel_err_norm, seed_option
+from .common import Case, Suite, rel_err_norm
+from .floor import macs_s, record
 
 N = 256
 K = 10
@@ -68,7 +69,17 @@ def _make_case(c: int, o: int, dtype_name: str, mode: str, density: float, self_
         return {"rel_err": rel_err_norm([peer_out], [ours_out]),
                 "mask_nonzero_fraction": float((st["mask"] != 0).double().mean())}
 
-    return Case(name=name, params=params, setup=setup, peer=peer, ours=ours, compare=compare)
+    def floor(st):
+        # pairs of samples that must be formed (the kernel halves a self Gram by symmetry), each
+        # needing the mask's nonzero entries once, then the product with b1 and b2 per output pair
+        n1, n2 = st["a1"].shape[0], st["a2"].shape[0]
+        pairs = n1 if mode.startswith("diagonal") else (n1 * (n1 + 1) // 2 if self_gram else n1 * n2)
+        outer = K * K if mode in ("full", "diagonal") else K
+        macs = pairs * (int((st["mask"] != 0).sum()) + outer * st["mask"].shape[0])
+        return record(macs_s(macs, dtype, st["a1"].device), "the multiply-adds of the nonzero mask entries per pair "
+                      "of samples and of the output contraction, at the best matrix-product rate", macs=macs)
+
+    return Case(name=name, params=params, setup=setup, peer=peer, ours=ours, compare=compare, floor=floor)
 
 
 def make_cases(args) -> List[Case]:
@@ -83,20 +94,9 @@ def make_cases(args) -> List[Case]:
     return cases
 
 
-_SEED_ARGS, _SEED_ARGV = seed_option("the inputs")
-
-
-SUITE = Suite(
-    name="masked_gram",
-    module="benchmarks.bench_masked_gram",
-    peer="ntkfast.ops.masked_gram_reference: (a1[i] * a2[j]) @ mask^T per chunk of rows, batched matmuls with b",
-    ours="ntkfast.ops.masked_gram (compiled kernel)",
-    make_cases=make_cases,
-    add_args=_SEED_ARGS,
-    option_argv=_SEED_ARGV,
-    default_runs=5,
-    quick_runs=2,
-)
+SUITE = Suite("masked_gram", make_cases, seed="the inputs",
+              peer="ntkfast.ops.masked_gram_reference: (a1[i] * a2[j]) @ mask^T per chunk of rows, batched matmuls with b",
+              ours="ntkfast.ops.masked_gram (compiled kernel)")
 
 if __name__ == "__main__":
-    sys.exit(suite_main(SUITE))
+    sys.exit(SUITE.main())

@@ -30,7 +30,8 @@ from typing import List, Optional
 import torch
 
 from .bench_topk_mask import resnet50_weight_shapes
-from .common import Case, Suite, compare_masks, main as suite_main, seed_option
+from .common import Case, Suite, compare_masks
+from .floor import selection_floor
 
 
 def resnet50_rows(width_div: int = 1) -> List[tuple]:
@@ -123,7 +124,8 @@ def _make_case(name: str, net: str, dtype: torch.dtype, n: int, m: int, keep_den
                 torch.equal(g, kp.reshape(-1, m).sum(1).clamp(max=n)) for g, kp in zip(per_group, st["keep"]))
         return out
 
-    return Case(name=name, params=params, setup=setup, prepare=prepare, peer=peer_nm, ours=ours_nm, compare=compare)
+    return Case(name=name, params=params, setup=setup, prepare=prepare, peer=peer_nm, ours=ours_nm, compare=compare,
+                floor=lambda st: selection_floor(st["scores"], st["keep"]))
 
 
 def make_cases(args) -> List[Case]:
@@ -137,20 +139,9 @@ def make_cases(args) -> List[Case]:
     ]
 
 
-_SEED_ARGS, _SEED_ARGV = seed_option("the random scores")
-
-
-SUITE = Suite(
-    name="nm_mask",
-    module="benchmarks.bench_nm_mask",
-    peer="per tensor: reshape(-1, m).topk(n, dim=1) + scatter_ into a bool mask (forbidden entries -inf, then & keep)",
-    ours="ntkfast.ops.nm_mask(scores, n, m, keep), per tensor",
-    make_cases=make_cases,
-    add_args=_SEED_ARGS,
-    option_argv=_SEED_ARGV,
-    default_runs=5,
-    quick_runs=2,
-)
+SUITE = Suite("nm_mask", make_cases, seed="the random scores",
+              peer="per tensor: reshape(-1, m).topk(n, dim=1) + scatter_ into a bool mask (forbidden entries -inf, then & keep)",
+              ours="ntkfast.ops.nm_mask(scores, n, m, keep), per tensor")
 
 if __name__ == "__main__":
-    sys.exit(suite_main(SUITE))
+    sys.exit(SUITE.main())

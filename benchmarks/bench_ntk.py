@@ -30,6 +30,7 @@ import torch
 
 from .common import (QUICK_DIR, RESULTS_DIR, Case, Suite, device_tag, machine_info, machine_string, main as suite_main,
                      measure_peak, ntkfast_build, resolve_device, time_once, write_results)
+from .floor import ntk_floor
 
 LIMIT_BYTES = 24 << 30
 WORKLOADS = [("lenet300_100", "full", 256), ("lenet300_100", "trace", 1024), ("lenet5", "full", 64),
@@ -118,7 +119,7 @@ def _make_case(model_name: str, mode: str, n: int, quick: bool, device_name: str
         return {"ntk_vector_products": nvp}
 
     return Case(name=f"{model_name}-{mode}-N{n}", params=params, setup=setup, peer=_peer_jac, ours=_ours,
-                compare=compare, checks=checks)
+                compare=compare, checks=checks, floor=lambda st: ntk_floor(st["model"], st["x"], classes))
 
 
 def make_cases(args) -> List[Case]:
@@ -195,16 +196,9 @@ def _add_args(p):
     p.add_argument("--no-beyond", action="store_true", help="skip the case torch.func cannot hold in 24 GiB")
 
 
-SUITE = Suite(
-    name="ntk",
-    module="benchmarks.bench_ntk",
-    peer="torch.func Jacobian contraction (tutorial method 1); method 2 (NTK-vector products) attempted in a 24 GiB child",
-    ours="ntkfast.ntk.empirical_ntk",
-    make_cases=make_cases,
-    add_args=_add_args,
-    default_runs=3,
-    quick_runs=1,
-)
+SUITE = Suite("ntk", make_cases, runs=(3, 1), add_args=_add_args,
+              peer="torch.func Jacobian contraction (tutorial method 1); method 2 (NTK-vector products) attempted in a 24 GiB child",
+              ours="ntkfast.ntk.empirical_ntk")
 
 
 def main(argv=None) -> int:

@@ -22,7 +22,8 @@ from typing import List
 
 import torch
 
-from .common import Case, Suite, compare_masks, main as suite_main, rel_err_norm
+from .common import Case, Suite, compare_masks, rel_err_norm
+from .floor import ntksap_floor
 
 
 def _model(name: str, classes: int, device, seed: int):
@@ -69,7 +70,8 @@ def _prune_case(args, bn_stats: str) -> Case:
                 "score_check": "round-1 scores on the same draws, ||ours - reference|| / ||reference||"}
 
     return Case(name=name, params=params, setup=setup, prepare=prepare,
-                peer=lambda m: run(m, "reference"), ours=lambda m: run(m, "ours"), compare=compare, checks=checks)
+                peer=lambda m: run(m, "reference"), ours=lambda m: run(m, "ours"), compare=compare, checks=checks,
+                floor=lambda st: ntksap_floor(st["model"], batch, rounds * repeats, stats_pass=bn_stats == "authors"))
 
 
 def _round_case(args) -> Case:
@@ -95,7 +97,8 @@ def _round_case(args) -> Case:
                 "score_check": "||ours - reference|| / ||reference|| over all scores, same draws"}
 
     return Case(name=f"vgg16-c{classes}-round", params=params, setup=setup, prepare=prepare,
-                peer=lambda m: run(m, "reference"), ours=lambda m: run(m, "auto"), compare=compare)
+                peer=lambda m: run(m, "reference"), ours=lambda m: run(m, "auto"), compare=compare,
+                floor=lambda st: ntksap_floor(st["model"], batch, repeats, stats_pass=True))
 
 
 def make_cases(args) -> List[Case]:
@@ -110,18 +113,10 @@ def _option_argv(args) -> List[str]:
     return ["--seed", str(args.seed)] if args.seed != 0 else []
 
 
-SUITE = Suite(
-    name="ntksap",
-    module="benchmarks.bench_ntksap",
-    peer='the authors\' loop (ntkfast engine="reference": two model copies, a train-mode statistics pass '
-         "and two eval passes plus one backward per batch), same draws",
-    ours='ntkfast.prune(model, "ntksap", ...) / ntkfast.scores.ntksap(model, ...) with the default engine',
-    make_cases=make_cases,
-    add_args=_add_args,
-    option_argv=_option_argv,
-    default_runs=3,
-    quick_runs=1,
-)
+SUITE = Suite("ntksap", make_cases, runs=(3, 1), add_args=_add_args, option_argv=_option_argv,
+              peer='the authors\' loop (ntkfast engine="reference": two model copies, a train-mode statistics pass '
+                   "and two eval passes plus one backward per batch), same draws",
+              ours='ntkfast.prune(model, "ntksap", ...) / ntkfast.scores.ntksap(model, ...) with the default engine')
 
 if __name__ == "__main__":
-    sys.exit(suite_main(SUITE))
+    sys.exit(SUITE.main())

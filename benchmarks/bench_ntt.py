@@ -17,7 +17,8 @@ from typing import List
 
 import torch
 
-from .common import Case, Suite, main as suite_main
+from .common import Case, Suite
+from .floor import ntt_floor
 
 WORKLOADS = [("lenet300_100", 64), ("lenet5", 64), ("resnet20", 64)]
 OPTIONS = dict(density=0.03, lambda_ker=1e-3, lambda_l2=1e-4)
@@ -70,26 +71,19 @@ def _make_case(model_name: str, batch: int, quick: bool) -> Case:
     batch = 8 if quick else batch
     params = {"model": model_name, "batch": batch, "dtype": "float32", "outputs": 10, **OPTIONS}
     return Case(name=f"{model_name}-step-B{batch}", params=params, setup=lambda d: _state(model_name, batch, d),
-                peer=_peer, ours=_ours, compare=_compare)
+                peer=_peer, ours=_ours, compare=_compare,
+                floor=lambda st: ntt_floor(st["teacher"], st["student"], st["x"], params["outputs"]))
 
 
 def make_cases(args) -> List[Case]:
     return [_make_case(m, b, args.quick) for m, b in WORKLOADS]
 
 
-SUITE = Suite(
-    name="ntt",
-    module="benchmarks.bench_ntt",
-    peer="the same NTT step in torch.func (vmap(jacrev) Jacobians, einsum, torch.func.grad)",
-    ours="ntkfast.ntt.transfer_loss + backward",
-    make_cases=make_cases,
-    default_runs=5,
-    quick_runs=2,
-)
+SUITE = Suite("ntt", make_cases,
+              peer="the same NTT step in torch.func (vmap(jacrev) Jacobians, einsum, torch.func.grad)",
+              ours="ntkfast.ntt.transfer_loss + backward")
 
-
-def main(argv=None) -> int:
-    return suite_main(SUITE, argv)
+main = SUITE.main
 
 
 if __name__ == "__main__":

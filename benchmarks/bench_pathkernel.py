@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from .bench_synflow import peer_synflow, peer_synflow_scores, prunable_layers
-from .common import Case, Suite, compare_masks, main as suite_main
+from .common import Case, Suite, compare_masks
+from .floor import path_floor
 
 TRACE_MODELS = ("resnet20", "vgg16", "resnet50")
 SYNFLOW_MODELS = ("resnet20", "vgg16")
@@ -80,7 +81,8 @@ def _trace_case(model_name: str, dtype: torch.dtype) -> Case:
         return {"rel_err": abs(ours_out - peer_out) / abs(peer_out), "trace": ours_out}
 
     return Case(name=f"trace-{model_name}", params=params, setup=setup, prepare=lambda st: (st["model"],),
-                peer=peer_trace, ours=ours_trace, compare=compare)
+                peer=peer_trace, ours=ours_trace, compare=compare,
+                floor=lambda st: path_floor(st["model"], select=False))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,7 +128,7 @@ def _synflow_case(model_name: str, dtype: torch.dtype, rounds: int, density: flo
     return Case(name=f"synflow_l2-{model_name}-r{rounds}", params=params, setup=setup,
                 prepare=lambda st: (copy.deepcopy(st["model"]),),
                 peer=lambda m: peer_synflow_l2(m, density, rounds), ours=lambda m: ours_synflow_l2(m, density, rounds),
-                compare=compare)
+                compare=compare, floor=lambda st: path_floor(st["model"], rounds))
 
 
 def make_cases(args) -> List[Case]:
@@ -156,18 +158,10 @@ def _option_argv(args) -> List[str]:
     return out
 
 
-SUITE = Suite(
-    name="pathkernel",
-    module="benchmarks.bench_pathkernel",
-    peer="the authors' way: tr Π from a squared model copy, ones input, backward, sum of gradients; iterative "
-         "SynFlow-L2 as the Synaptic-Flow loop (state-dict abs_, ones, backward, cat + kthvalue) with |θ|·SynFlow",
-    ours="ntkfast.pathkernel.trace; ntkfast.prune(model, 'synflow_l2', ..., keep_rule='authors')",
-    make_cases=make_cases,
-    add_args=_add_args,
-    option_argv=_option_argv,
-    default_runs=3,
-    quick_runs=1,
-)
+SUITE = Suite("pathkernel", make_cases, runs=(3, 1), add_args=_add_args, option_argv=_option_argv,
+              peer="the authors' way: tr Π from a squared model copy, ones input, backward, sum of gradients; iterative "
+                   "SynFlow-L2 as the Synaptic-Flow loop (state-dict abs_, ones, backward, cat + kthvalue) with |θ|·SynFlow",
+              ours="ntkfast.pathkernel.trace; ntkfast.prune(model, 'synflow_l2', ..., keep_rule='authors')")
 
 if __name__ == "__main__":
-    sys.exit(suite_main(SUITE))
+    sys.exit(SUITE.main())

@@ -29,7 +29,8 @@ from typing import List
 import torch
 from torch import nn
 
-from .common import Case, Suite, main as suite_main, rel_err_norm, seed_option
+from .common import Case, Suite, rel_err_norm
+from .floor import record, tensor_bytes, traffic_s
 
 EPSILON = 0.01
 MODELS = ("resnet20", "vgg16")
@@ -106,28 +107,25 @@ def _make_case(model_name: str, draws: int, quick: bool, seed: int) -> Case:
         out["rel_err"] = rel_err_norm(matched, list(ours_out[0]) + list(ours_out[1]))
         return out
 
+    def floor(st):
+        # forward: read w and m, write both perturbed copies; backward: read the two cotangents,
+        # write the gradients of w and m (the noise is regenerated, never stored)
+        w_bytes, m_bytes = tensor_bytes(st["w"]), tensor_bytes(st["m"])
+        moved = w_bytes + m_bytes + 2 * w_bytes + 2 * w_bytes + w_bytes + m_bytes
+        return record(traffic_s(moved, st["w"][0].device), "every tensor the op and its gradient read or write, "
+                      "moved once at the copy bandwidth", bytes=moved)
+
     return Case(name=f"{model_name}-P{draws}", params=params, setup=setup, peer=peer_perturbed, ours=ours_perturbed,
-                compare=compare)
+                compare=compare, floor=floor)
 
 
 def make_cases(args) -> List[Case]:
     return [_make_case(name, p, args.quick, args.seed) for name in MODELS for p in DRAWS]
 
 
-_SEED_ARGS, _SEED_ARGV = seed_option("the inputs and of the Philox stream")
-
-
-SUITE = Suite(
-    name="perturbed_masked",
-    module="benchmarks.bench_perturbed_masked",
-    peer="torch.randn_like stored xi, w * m and (w + eps * xi) * m per layer, torch.autograd.grad",
-    ours="ntkfast.ops.perturbed_masked(w, m, eps, seed, offset) per layer, torch.autograd.grad",
-    make_cases=make_cases,
-    add_args=_SEED_ARGS,
-    option_argv=_SEED_ARGV,
-    default_runs=5,
-    quick_runs=2,
-)
+SUITE = Suite("perturbed_masked", make_cases, seed="the inputs and of the Philox stream",
+              peer="torch.randn_like stored xi, w * m and (w + eps * xi) * m per layer, torch.autograd.grad",
+              ours="ntkfast.ops.perturbed_masked(w, m, eps, seed, offset) per layer, torch.autograd.grad")
 
 if __name__ == "__main__":
-    sys.exit(suite_main(SUITE))
+    sys.exit(SUITE.main())

@@ -32,7 +32,8 @@ from typing import List
 import torch
 from torch import nn
 
-from .common import Case, Suite, compare_masks, main as suite_main, rel_err_norm
+from .common import Case, Suite, compare_masks, rel_err_norm
+from .floor import path_floor
 
 INPUT_SHAPE = (3, 32, 32)  # CIFAR
 NUM_CLASSES = 10
@@ -202,7 +203,7 @@ def _make_case(model_name: str, args) -> Case:
                 "score_check": "round-1 SynFlow scores, ||ours - peer|| / ||peer||"}
 
     return Case(name=f"{model_name}-r{rounds}-d{density}", params=params, setup=setup, prepare=prepare, peer=peer,
-                ours=ours, compare=compare, checks=checks)
+                ours=ours, compare=compare, checks=checks, floor=lambda st: path_floor(st["model"], rounds))
 
 
 def make_cases(args) -> List[Case]:
@@ -238,18 +239,10 @@ def _option_argv(args) -> List[str]:
     return out
 
 
-SUITE = Suite(
-    name="synflow",
-    module="benchmarks.bench_synflow",
-    peer="plain-PyTorch iterative SynFlow in the authors' style (state-dict abs_ in place, ones input, "
-         "backward, torch.cat + torch.kthvalue per round, where(score <= thr, 0, 1), weight.mul_(mask))",
-    ours='ntkfast.prune(model, "synflow", density, rounds=rounds, keep_rule="authors", progress=False)',
-    make_cases=make_cases,
-    add_args=_add_args,
-    option_argv=_option_argv,
-    default_runs=3,
-    quick_runs=1,
-)
+SUITE = Suite("synflow", make_cases, runs=(3, 1), add_args=_add_args, option_argv=_option_argv,
+              peer="plain-PyTorch iterative SynFlow in the authors' style (state-dict abs_ in place, ones input, "
+                   "backward, torch.cat + torch.kthvalue per round, where(score <= thr, 0, 1), weight.mul_(mask))",
+              ours='ntkfast.prune(model, "synflow", density, rounds=rounds, keep_rule="authors", progress=False)')
 
 if __name__ == "__main__":
-    sys.exit(suite_main(SUITE))
+    sys.exit(SUITE.main())

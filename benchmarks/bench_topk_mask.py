@@ -23,7 +23,8 @@ from typing import List, Optional
 
 import torch
 
-from .common import Case, Suite, compare_masks, main as suite_main, seed_option
+from .common import Case, Suite, compare_masks
+from .floor import selection_floor
 
 # ----------------------------------------------------------------------------------------------
 # ResNet-50's prunable weights, derived from the architecture (no model is built)
@@ -143,7 +144,8 @@ def _make_case(name: str, dtype: torch.dtype, density: float, keep_density: Opti
         return out
 
     return Case(name=name, params=params, setup=setup, prepare=prepare, peer=peer_topk_mask, ours=ours_topk_mask,
-                compare=compare)
+                compare=compare,
+                floor=lambda st: selection_floor(st["scores"], st["keep"]))
 
 
 def make_cases(args) -> List[Case]:
@@ -157,20 +159,9 @@ def make_cases(args) -> List[Case]:
     return cases
 
 
-_SEED_ARGS, _SEED_ARGV = seed_option("the random scores")
-
-
-SUITE = Suite(
-    name="topk_mask",
-    module="benchmarks.bench_topk_mask",
-    peer="torch.cat + torch.kthvalue, then score > threshold per tensor (the Synaptic-Flow authors' masking)",
-    ours="ntkfast.ops.topk_mask(scores, k, keep)",
-    make_cases=make_cases,
-    add_args=_SEED_ARGS,
-    option_argv=_SEED_ARGV,
-    default_runs=5,
-    quick_runs=2,
-)
+SUITE = Suite("topk_mask", make_cases, seed="the random scores",
+              peer="torch.cat + torch.kthvalue, then score > threshold per tensor (the Synaptic-Flow authors' masking)",
+              ours="ntkfast.ops.topk_mask(scores, k, keep)")
 
 if __name__ == "__main__":
-    sys.exit(suite_main(SUITE))
+    sys.exit(SUITE.main())

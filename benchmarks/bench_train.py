@@ -18,7 +18,8 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
-from .common import Case, Suite, main as suite_main
+from .common import Case, Suite
+from .floor import training_floor
 
 # (model, input shape, batch): the zoo's LeNet-5 and ResNet-20 at the study's batch sizes, and an MLP
 WORKLOADS = [("lenet5", (1, 28, 28), 64), ("lenet5", (1, 28, 28), 128), ("resnet20", (3, 32, 32), 128),
@@ -92,7 +93,8 @@ def _make_case(model_name, shape, batch, quick, steps=None) -> Case:
     name = f"{model_name}-B{batch}-" + ("epoch" if epoch and not quick else f"{steps}steps")
     return Case(name=name, params=params,
                 setup=lambda d: _state(model_name, shape, batch, steps, d),
-                prepare=_prepare, peer=_peer, ours=_ours, compare=_compare)
+                prepare=_prepare, peer=_peer, ours=_ours, compare=_compare,
+                floor=lambda st: training_floor(st["model"], st["batches"][0][0], steps))
 
 
 def make_cases(args) -> List[Case]:
@@ -107,19 +109,11 @@ def make_cases(args) -> List[Case]:
     return cases
 
 
-SUITE = Suite(
-    name="train",
-    module="benchmarks.bench_train",
-    peer="a plain PyTorch masked Adam loop in the NCHW layout over the same batches",
-    ours="ntkfast.training.train (channels-last on CPU for 2-D convolutional networks)",
-    make_cases=make_cases,
-    default_runs=5,
-    quick_runs=2,
-)
+SUITE = Suite("train", make_cases,
+              peer="a plain PyTorch masked Adam loop in the NCHW layout over the same batches",
+              ours="ntkfast.training.train (channels-last on CPU for 2-D convolutional networks)")
 
-
-def main(argv=None) -> int:
-    return suite_main(SUITE, argv)
+main = SUITE.main
 
 
 if __name__ == "__main__":

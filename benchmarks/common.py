@@ -261,7 +261,9 @@ class Case:
     prepare(state) -> tuple      per-call arguments (e.g. a fresh deepcopy of a model), untimed;
     peer(*args), ours(*args)     the two computations, timed;
     compare(state, peer_out, ours_out) -> dict   at least rel_err (and identical, for masks);
-    checks(state) -> dict        optional extra untimed checks whose fields go into the record.
+    checks(state) -> dict        optional extra untimed checks whose fields go into the record;
+    floor(state) -> dict         the least work any exact method must do, timed alone
+                                 (benchmarks.floor.record: floor_s, floor_what, floor_parts).
     """
 
     name: str
@@ -272,29 +274,47 @@ class Case:
     compare: Callable[[Any, Any, Any], dict]
     prepare: Callable[[Any], tuple] = field(default=lambda state: (state,))
     checks: Optional[Callable[[Any], dict]] = None
+    floor: Optional[Callable[[Any], dict]] = None
 
 
 @dataclass
 class Suite:
-    name: str  # results file prefix and the "suite" field, e.g. "topk_mask"
-    module: str  # e.g. "benchmarks.bench_topk_mask"
-    peer: str  # what the peer is, in words
-    ours: str  # what ntkfast runs, in words
+    """A benchmark suite. ``name`` is the results file prefix and the "suite" field; ``peer`` and
+    ``ours`` say in words what the two sides run. ``seed`` names what a ``--seed`` option seeds
+    (no such option when None); ``add_args`` adds other options and ``option_argv`` gives back
+    those that change the work, for the reproduce command and the memory child. ``runs``: timed
+    runs per side by default and with --quick."""
+
+    name: str
     make_cases: Callable[[argparse.Namespace], List[Case]]
+    peer: str
+    ours: str
+    seed: Optional[str] = None
     add_args: Optional[Callable[[argparse.ArgumentParser], None]] = None
-    # suite options that change the work, as argv, for the reproduce command and the memory child
     option_argv: Callable[[argparse.Namespace], List[str]] = field(default=lambda args: [])
-    default_runs: int = 5
-    quick_runs: int = 2
+    runs: tuple = (5, 2)
 
+    @property
+    def module(self) -> str:
+        """The suite's module as ``python -m`` names it (``__main__`` when run as a script)."""
+        mod = sys.modules.get(self.make_cases.__module__)
+        spec = getattr(mod, "__spec__", None)
+        return spec.name if spec is not None else self.make_cases.__module__
 
-def seed_option(what: str):
-    """``(add_args, option_argv)`` of a suite whose one option is ``--seed`` (default 0), the seed
-    of ``what``; the reproduce command names it only when it is not the default."""
-    def add_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--seed", type=int, default=0, help=f"seed of {what} (default 0)")
+    @property
+    def default_runs(self) -> int:
+        return self.runs[0]
 
-    return add_args, lambda args: ["--seed", str(args.seed)] if args.seed != 0 else []
+    @property
+    def quick_runs(self) -> int:
+        return self.runs[1]
+
+    def argv_of(self, args: argparse.Namespace) -> List[str]:
+        seed = ["--seed", str(args.seed)] if self.seed is not None and args.seed != 0 else []
+        return seed + list(self.option_argv(args))
+
+    def main(self, argv: Optional[Sequence[str]] = None) -> int:
+        return main(self, argv)
 
 
 def base_parser(suite: Suite) -> argparse.ArgumentParser:
@@ -317,6 +337,8 @@ def base_parser(suite: Suite) -> argparse.ArgumentParser:
                    help="allow TF32 in cuBLAS and cuDNN (default off: float32 means float32; the JSON records it)")
     p.add_argument("--side", choices=["peer", "ours"], help=argparse.SUPPRESS)
     p.add_argument("--measure-memory", action="store_true", help=argparse.SUPPRESS)
+    if suite.seed is not None:
+        p.add_argument("--seed", type=int, default=0, help=f"seed of {suite.seed} (default 0)")
     if suite.add_args is not None:
         suite.add_args(p)
     return p
@@ -359,7 +381,7 @@ def _measure_in_process(case: Case, side: str, device: torch.device) -> dict:
 
 def _measure_in_fresh_process(suite: Suite, case: Case, side: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, "-m", suite.module, "--device", args.device, "--case", case.name,
-           "--side", side, "--measure-memory"] + (["--quick"] if args.quick else []) + suite.option_argv(args)
+           "--side", side, "--measure-memory"] + (["--quick"] if args.quick else []) + suite.argv_of(args)
     # Through a shell that forks the child rather than straight from here: on Linux a process's
     # ru_maxrss starts at the resident size of whatever it was forked from (and carries across
     # exec), so a child forked from this (large) process would report our peak, not its own.
@@ -382,7 +404,7 @@ def reproduce_command(suite: Suite, case: Case, args: argparse.Namespace) -> str
         cmd.append("--tf32")
     if args.tag:
         cmd += ["--tag", args.tag]
-    return shlex.join(cmd + suite.option_argv(args))
+    return shlex.join(cmd + suite.argv_of(args))
 
 
 def _fmt_s(t: Optional[float]) -> str:
@@ -414,11 +436,17 @@ def run_case(suite: Suite, case: Case, args: argparse.Namespace, device: torch.d
             synchronize(device)
 
     tp, to = time_pair(case.peer, case.ours, lambda st=state: case.prepare(st), device, args.runs)
-    del state
     peer_s, ours_s = median(tp), median(to)
     ratio = peer_s / ours_s if peer_s and ours_s else None
     print(f"    time: peer {_fmt_s(peer_s)}, ntkfast {_fmt_s(ours_s)}, ratio {ratio:.3g}" if ratio else
           f"    time: peer {_fmt_s(peer_s)}, ntkfast {_fmt_s(ours_s)}", flush=True)
+
+    floor = {}
+    if case.floor is not None:  # after the timings, alone: nothing else holds the machine then
+        floor = dict(case.floor(state))
+        print(f"    floor: {_fmt_s(floor['floor_s'])} ({floor['floor_what']}); "
+              f"ntkfast / floor {ours_s / floor['floor_s']:.2f}, peer / floor {peer_s / floor['floor_s']:.2f}", flush=True)
+    del state
 
     mem = {}
     if not args.no_memory:
@@ -445,6 +473,11 @@ def run_case(suite: Suite, case: Case, args: argparse.Namespace, device: torch.d
         "peer_s": peer_s,
         "ours_s": ours_s,
         "ratio": ratio,
+        "floor_s": floor.get("floor_s"),
+        "ours_over_floor": ours_s / floor["floor_s"] if floor and ours_s else None,
+        "peer_over_floor": peer_s / floor["floor_s"] if floor and peer_s else None,
+        "floor_what": floor.get("floor_what"),
+        "floor_parts": floor.get("floor_parts"),
         "peer_times_s": tp,
         "ours_times_s": to,
         "peer_peak_mb": mem.get("peer", {}).get("peak_mb"),
@@ -586,6 +619,10 @@ def regenerate_readme(out_dir: Path = RESULTS_DIR) -> Path:
         "- peak MB: in a fresh process per case and side; CPU: the process's peak resident set"
         " (ru_maxrss, Python and torch included), CUDA: torch.cuda.max_memory_allocated; in"
         " brackets, the growth during the call over the inputs already held.",
+        "- floor: the least work any exact method must do, timed alone on the same machine"
+        " (`benchmarks/floor.py`: the convolution and matrix calls as single library calls, memory"
+        " traffic at the measured copy bandwidth); ntkfast / floor = how far from it we are (1 is"
+        " the floor itself).",
         "- rel err: for masks, the fraction of entries where the two masks differ.",
         "- load: the 1-minute load average before the case; figures taken on a busy machine"
         " (load near or above the thread count) are not reliable.",
@@ -595,9 +632,9 @@ def regenerate_readme(out_dir: Path = RESULTS_DIR) -> Path:
         lines.append("No results yet: run `python -m benchmarks.run_all --device cpu` from the repository root.")
     for suite_name in sorted(rows):
         lines += [f"## {suite_name}", "", f"Peer: {peers[suite_name]}", ""]
-        lines.append("| case | machine | peer | ntkfast | ratio | peer peak MB | ntkfast peak MB"
-                     " | rel err | identical | runs | load | date | command |")
-        lines.append("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- | --- |")
+        lines.append("| case | machine | peer | ntkfast | ratio | floor | ntkfast / floor | peer peak MB"
+                     " | ntkfast peak MB | rel err | identical | runs | load | date | command |")
+        lines.append("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- | --- |")
         for r in sorted(rows[suite_name], key=lambda r: (r.get("device", ""), r.get("machine", ""), r.get("case", ""))):
             case = r.get("case", "?") + (" (quick)" if r.get("quick") else "")
             extra = r.get("score_rel_err")
@@ -610,6 +647,8 @@ def regenerate_readme(out_dir: Path = RESULTS_DIR) -> Path:
                 _fmt_s(r.get("peer_s")),
                 _fmt_s(r.get("ours_s")),
                 _num(r.get("ratio"), "{:.2f}x"),
+                _fmt_s(r.get("floor_s")),
+                _num(r.get("ours_over_floor"), "{:.2f}"),
                 _mb(r.get("peer_peak_mb"), r.get("peer_extra_mb")),
                 _mb(r.get("ours_peak_mb"), r.get("ours_extra_mb")),
                 rel,

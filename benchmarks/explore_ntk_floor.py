@@ -2,8 +2,9 @@
 
 Any exact method needs, per sample and output, the cotangent of every layer (one backward pass
 through the input gradients) and that layer's weight gradient (or Grams of the same cost). This
-script times exactly those convolution calls as single large oneDNN calls, batch N*K, with
-nothing else around them: a floor for the convolution work alone. It prints it beside
+script times exactly those calls as single large oneDNN calls, batch N*K, with nothing else
+around them (``benchmarks.floor.ntk_floor``, the floor the ntk suite records): a floor for the
+convolution work alone. It prints it beside
 torch.func's Jacobian contraction, ntkfast, and ntkfast's cotangent pass, so the attainable
 speed-up over torch.func (peer / floor) can be read off.
 
@@ -16,40 +17,7 @@ import argparse
 import torch
 
 from .common import median_time
-
-
-def _conv_calls(model, x):
-    """(input, module) of every Conv2d call in one forward pass."""
-    calls = []
-    hooks = [m.register_forward_hook(lambda m, a, o: calls.append((a[0].detach(), o.detach(), m)))
-             for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return calls
-
-
-def conv_floor(model, x, K: int, runs: int) -> dict:
-    """Seconds of the input-gradient and weight-gradient convolutions at batch N*K."""
-    out = {"input_grad_s": 0.0, "weight_grad_s": 0.0, "macs": 0}
-    for i, (a, y, m) in enumerate(_conv_calls(model, x)):
-        ar = a.repeat(K, *([1] * (a.dim() - 1)))
-        g = torch.randn(K * y.shape[0], *y.shape[1:])
-        w = m.weight.detach()
-
-        def call(mask, first=(i == 0)):
-            if mask[0] and first:
-                return None  # nobody needs the gradient of the network's input
-            return torch.ops.aten.convolution_backward(g, ar, w, None, m.stride, m.padding, m.dilation, False,
-                                                       [0, 0], m.groups, mask)
-
-        out["input_grad_s"] += median_time(lambda: call([True, False, False]), runs)
-        out["weight_grad_s"] += median_time(lambda: call([False, True, False]), runs)
-        out["macs"] += 2 * g[0].numel() * w[0].numel() * g.shape[0]
-    return out
+from .floor import network_s, ntk_floor
 
 
 def main(argv=None) -> int:
@@ -69,17 +37,18 @@ def main(argv=None) -> int:
     with torch.no_grad():
         K = model(x[:1]).shape[1]
     plan = build_plan(model, None, None)
-    floor = conv_floor(model, x, K, args.runs)
+    floor = ntk_floor(model, x, K, args.runs)["floor_parts"]
     peer = median_time(lambda: reference.jacobian_contraction(model, x, mode="trace"), args.runs)
     ours = median_time(lambda: empirical_ntk(model, x, mode="trace"), args.runs)
     cot = median_time(lambda: capture(model, plan, x, range(K), create_graph=False), args.runs)
-    total = floor["input_grad_s"] + floor["weight_grad_s"]
+    total = floor["backward_s"]
+    macs = network_s(model, x, forward=False, repeat=K, runs=1)["macs"]
     print(f"# {args.model}, trace NTK, N = {args.n}, K = {K}, float32, {torch.get_num_threads()} threads")
     print(f"torch.func Jacobian contraction : {peer:.3f} s")
     print(f"ntkfast empirical_ntk           : {ours:.3f} s  ({peer / ours:.2f}x)")
     print(f"  of which the cotangent pass   : {cot:.3f} s")
-    print(f"floor, convolutions only        : {total:.3f} s  (input grads {floor['input_grad_s']:.3f} s, "
-          f"weight grads {floor['weight_grad_s']:.3f} s, {floor['macs'] / total / 1e9:.1f} GFLOP/s)")
+    print(f"floor, convolutions only        : {total:.3f} s  (input and weight gradients, "
+          f"{macs / total / 1e9:.1f} GMAC/s)")
     print(f"best speed-up over torch.func   : {peer / total:.2f}x")
     return 0
 
