@@ -3,6 +3,7 @@ of every input-output path on tiny networks (float64)."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -217,3 +218,27 @@ def test_path_score_route_equals_the_autograd_route(name, density, monkeypatch):
         for n in slow:
             assert rel(fast[q][n], slow[n]) < 1e-12, (q, n)
     assert abs(pathkernel.trace(model, masks) - trace_fast) < 1e-12 * trace_fast
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_trace_of_a_float32_model_is_computed_in_float32_and_matches_float64(name):
+    model = _net(name).float()
+    masks = _masks(model, 0.6)
+    exact = pathkernel.trace(model, masks, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback: nothing overflows here
+        got = pathkernel.trace(model, masks)
+    assert abs(got - exact) < 1e-5 * exact
+
+
+def test_trace_falls_back_to_float64_when_float32_overflows():
+    net = nn.Sequential(*[nn.Linear(8, 8, bias=False) for _ in range(12)])
+    net.input_shape = (8,)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.fill_(1e4)  # squared path sums reach 64**11 * 1e96: past float32, within float64
+    before = copy.deepcopy(net.state_dict())
+    with pytest.warns(RuntimeWarning, match="float64"):
+        got = pathkernel.trace(net)
+    assert got == pathkernel.trace(net, dtype=torch.float64)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())

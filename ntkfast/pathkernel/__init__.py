@@ -21,6 +21,8 @@ diagonal entries are 0 and they are left out of G.
 """
 from __future__ import annotations
 
+import math
+import warnings
 from collections import OrderedDict
 from typing import Mapping, NamedTuple, Optional
 
@@ -84,11 +86,30 @@ def diagonal(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = Non
 @holds_model
 @finite_weights
 def trace(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = None, *, input_shape=None,
-          dtype=torch.float64) -> float:
+          dtype=None) -> float:
     """tr Π = Σ_p Σ_{e∈p} (π_p/θ_e)² = Σ_e m_e ∂R₂/∂(θ_e² m_e), in one forward and one backward pass
     of the squared path network through its activations only. A dense or convolution layer whose
     every weight is kept contributes Σ_{edges} b[j]·a[i] from channel sums of its path sums (no
-    per-weight gradient is formed); other layers sum their diagonal."""
+    per-weight gradient is formed); other layers sum their diagonal.
+
+    ``dtype``: by default the model's own (float32 for most, as the authors compute), and if a
+    path sum overflows there, float64 with a RuntimeWarning, as SynFlow does; every term is
+    positive, so float32 loses only rounding (about 1e-6 relative). A ``dtype`` given is used as
+    it is: an overflow then raises an OverflowError naming the first layer that overflowed."""
+    if dtype is not None:
+        return _trace(model, masks, input_shape, dtype)
+    try:
+        first = _trace(model, masks, input_shape, None)
+        if math.isfinite(first):
+            return first
+    except OverflowError:
+        pass
+    warnings.warn("trace: the path sums overflowed in the model's dtype; recomputing in float64", RuntimeWarning,
+                  stacklevel=4)
+    return _trace(model, masks, input_shape, torch.float64)
+
+
+def _trace(model, masks, input_shape, dtype) -> float:
     net = PathNetwork(model, masks, 2, dtype, input_shape=input_shape)
     if not net.op_route:
         return float(sum(d.sum() for d in net.gradient().values()))
