@@ -131,7 +131,7 @@ def study_one(model: torch.nn.Module, method: str, density: float, train_set, lo
                           progress=False, on_empty_layer="ignore")
     prune_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    tr = pathkernel.trace(model, masks)
+    tr = pathkernel.trace(model, masks, dtype=torch.float64)
     lam = float(pathkernel.spectrum(model, masks, k=1)[0]) if masks.kept > 0 else 0.0
     kernel_s = time.perf_counter() - t0
     student = copy.deepcopy(model)
