@@ -16,7 +16,7 @@ from ._version import __version__
 from .core.compiled import plain_name, unwrap
 from .core.exclude import ExcludeSpec, resolve_exclude
 from .core.options import KeepRule, NmLayout, OnEmptyLayer, OnIndivisible, Schedule, Scope, choices
-from .core.state import output_tensor
+from .core.state import RunCache, output_tensor
 from .core.targets import mask_buffer_name
 from .masks import (Masks, _nm_round, _nm_short_groups, nm_misfit, parse_structure, prunable_parameters,
                     round_density, threshold, unpruned_weights)
@@ -436,7 +436,7 @@ def prune(
     if "scope" in info.takes:
         run_options["scope"] = scope
     if "cache" in info.takes and "cache" not in run_options:
-        run_options["cache"] = {}
+        run_options["cache"] = RunCache()
     run_options["process_group"] = process_group
     if excluded:  # every method takes it (methods.register): scores only for the other weights
         run_options["exclude"] = list(excluded)
@@ -475,9 +475,14 @@ def prune(
                         new = _merge_qkv(threshold(_split_qkv(out, fused), d, keep=_split_qkv(alive, fused),
                                                    scope=scope, keep_rule=keep_rule), fused)
                 current = Masks({n: new.get(n, m) for n, m in current.items()})
-            bar.update(1, density=current.density)
-            _log.debug("prune %s: round %d of %d, density %.4g, %.2f s scoring", method, t, rounds,
-                       current.density, score_s)
+            # the density is a host sync per mask tensor: only worked out for a bar or log that shows it
+            if bar.silenced:
+                bar.update(1)
+            else:
+                bar.update(1, density=current.density)
+            if _log.isEnabledFor(logging.DEBUG):
+                _log.debug("prune %s: round %d of %d, density %.4g, %.2f s scoring", method, t, rounds,
+                           current.density, score_s)
     finally:
         bar.close()
 

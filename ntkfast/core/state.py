@@ -35,7 +35,7 @@ from torch import nn
 from .targets import Target
 
 __all__ = ["state_copy", "leaves", "masked", "substitute", "scoring_mode", "functional_forward", "copy_model",
-           "cast_copy", "private_copy", "finite_model", "finite_weights"]
+           "cast_copy", "private_copy", "finite_model", "finite_weights", "RunCache", "run_notes"]
 
 
 def state_copy(
@@ -262,10 +262,44 @@ def finite_weights(fn: Callable = None, *, weights_only: bool = False) -> Callab
         if args and isinstance(args[0], nn.Module):
             masks = args[at] if at is not None and len(args) > at else kwargs.get("masks")
             if masks is None or isinstance(masks, Mapping):  # anything else: fn's own check names it
-                args = (finite_model(args[0], masks, weights_only=weights_only),) + args[1:]
+                args = (_finite_once(args[0], masks, weights_only, kwargs.get("cache")),) + args[1:]
         return fn(*args, **kwargs)
 
     return run
+
+
+class RunCache(dict):
+    """The per-run cache the pruning loop hands a method that takes one (a dict kept across the
+    calls on the same, unchanged model), with ``notes``: what the method wrappers and scorers
+    remember between rounds about the model itself (its finiteness, its scored parameters) apart
+    from the dict's entries, which a method owns and its tests count. A plain dict as cache works
+    the same, with nothing remembered in notes."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.notes: dict = {}
+
+
+def run_notes(cache) -> Optional[dict]:
+    """``cache.notes`` of a :class:`RunCache`, else None."""
+    return cache.notes if isinstance(cache, RunCache) else None
+
+
+def _finite_once(model: nn.Module, masks, weights_only: bool, cache) -> nn.Module:
+    """:func:`finite_model`, skipped on the later calls of a pruning run (its :class:`RunCache`)
+    once the model was found finite throughout: that verdict does not depend on the masks, and the
+    check (an isfinite pass over every tensor, a host sync each) cost as much as a round's forward
+    pass."""
+    notes = run_notes(cache)
+    if notes is None:
+        return finite_model(model, masks, weights_only=weights_only)
+    key = ("finite model", weights_only)
+    if notes.get(key) is model:
+        return model
+    out = finite_model(model, masks, weights_only=weights_only)
+    if out is model:  # otherwise pruned NaN/inf entries were zeroed in a copy, which the masks decide
+        notes[key] = model
+    return out
 
 
 def _has_weights(model: nn.Module) -> bool:

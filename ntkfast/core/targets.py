@@ -212,6 +212,25 @@ def resolve_targets(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]
     return out
 
 
+def remask(model: nn.Module, targets: Mapping[str, Target], masks: Mapping[str, torch.Tensor]) -> "OrderedDict[str, Target]":
+    """What ``resolve_targets(model, masks)`` gives when ``targets`` came from it for the same,
+    unchanged model and ``masks`` names the same weights in the same order (each round of iterative
+    pruning): the parameters and mask buffers are not looked up again, only the new masks checked
+    and combined with the buffers. Anything else is handed to resolve_targets (its errors)."""
+    if not isinstance(masks, Mapping) or len(masks) != len(targets):
+        return resolve_targets(model, masks)
+    out: "OrderedDict[str, Target]" = OrderedDict()
+    for (given, m), t in zip(masks.items(), targets.values()):
+        if (given != t.name and plain_name(given) != t.name) or not isinstance(m, torch.Tensor) \
+                or m.shape != t.param.shape:
+            return resolve_targets(model, masks)
+        mask = check_mask(m, f"masks[{t.name!r}]").to(device=t.param.device)
+        if t.mask_buffer is not None:
+            mask = mask & check_mask(model.get_buffer(t.mask_buffer), f"model: buffer {t.mask_buffer}").to(t.param.device)
+        out[t.name] = t._replace(mask=mask)
+    return out
+
+
 def resolve_dtype(targets: Mapping[str, Target], dtype=None) -> torch.dtype:
     """The computation dtype: ``dtype`` (a floating torch.dtype or its name, e.g. "float64"), or
     None for the dtype of the first scored parameter."""

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..ops import path_score
 from ..core.batches import resolve_input_shape
-from ..core.state import functional_forward, state_copy, substitute
+from ..core.state import functional_forward, output_tensor, private_copy, state_copy, substitute
 from ..core.targets import model_device, resolve_dtype, resolve_targets
 
 POWERS = (1, 2)
@@ -27,10 +27,17 @@ def check_power(power) -> int:
 
 class PathNetwork:
     """The transformed state of ``model`` (built once; iterative pruning reuses it across rounds)
-    and the forward of the masked path network on a given input."""
+    and the forward of the masked path network on a given input.
+
+    ``reuse=True`` (iterative pruning, which scores the same network every round with new masks):
+    :meth:`scores` runs a private transformed copy of the model whose scored weights are written
+    in place each round (g(θ) ⊙ m into the copy's own tensors), instead of a functional call that
+    swaps every parameter and buffer in and out and rebuilds the transformed weights per round.
+    The arithmetic is the same; it costs a second copy of the model's state."""
 
     def __init__(self, model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]], power: int,
-                 dtype: torch.dtype, *, input_shape=None, inputs: Optional[torch.Tensor] = None, data=None):
+                 dtype: torch.dtype, *, input_shape=None, inputs: Optional[torch.Tensor] = None, data=None,
+                 reuse: bool = False):
         self.model = model
         self.power = check_power(power)
         self.g = torch.abs if self.power == 1 else torch.square
@@ -38,10 +45,57 @@ class PathNetwork:
         self.targets = resolve_targets(model, masks)  # through the setter: which layers keep every weight
         self.dtype = resolve_dtype(self.targets, dtype)
         self.device = model_device(model)
-        self.state = state_copy(model, self.dtype, transform=self.g,
-                                skip={t.param_name for t in self.targets.values()})
+        self._state = None if reuse else self._state_copy()
         self.x = self._input(input_shape, inputs, data)
         self.total: Optional[float] = None
+        self.reuse = reuse
+        self._copy = None  # reuse: (module, its named modules, slots, g(θ), θ in dtype), built on first use
+
+    def _state_copy(self):
+        return state_copy(self.model, self.dtype, transform=self.g, skip={t.param_name for t in self.targets.values()})
+
+    @property
+    def state(self):
+        if self._state is None:
+            self._state = self._state_copy()
+        return self._state
+
+    def _private(self):
+        """The reused copy (see the class), or None without ``reuse`` or when the model cannot be
+        deep-copied (then the functional route serves)."""
+        if not self.reuse:
+            return None
+        if self._copy is None:
+            made = private_copy(self.model, self.targets, self.dtype, transform=self.g)
+            if made is None:
+                self.reuse = False
+                return None
+            dup, slots = made
+            self._copy = (dup, dict(dup.named_modules()), slots,
+                          {n: p.detach().clone() for n, p in slots.items()},
+                          {n: t.param.detach().to(self.dtype) for n, t in self.targets.items()})
+        return self._copy
+
+    def _private_run(self, x: torch.Tensor, requires_grad: bool) -> torch.Tensor:
+        """The reused copy's output on ``x`` with this round's g(θ) ⊙ m in its scored slots (leaves
+        requiring grad with ``requires_grad``)."""
+        dup, _, slots, gw, _ = self._copy
+        with torch.no_grad():
+            for n, t in self.targets.items():
+                # the bool mask multiplied in, as weights() does: the same values, into the same buffer
+                torch.mul(gw[n], t.mask, out=slots[n].data)
+        for p in slots.values():
+            p.requires_grad_(requires_grad)
+        try:
+            out = output_tensor(dup(x))
+        except RuntimeError as exc:
+            raise ValueError(f"input_shape: the forward failed for an input of shape {tuple(x.shape[1:])}: {exc}") \
+                from exc
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"model: expected the forward to return a tensor, got {type(out).__name__}")
+        if not bool(torch.isfinite(out).all()):
+            raise OverflowError(self._overflow_message(self.state, x))
+        return out
 
     def _input(self, input_shape, inputs, data) -> torch.Tensor:
         if inputs is None:
@@ -106,17 +160,23 @@ class PathNetwork:
         if not geometry:  # dense: every leading dimension is a sample
             a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
         mask = None if self.dense[name] else t.mask_as(self.dtype)
-        return path_score(t.param.detach().to(self.dtype), a, b, mask=mask, weight_power=weight_power, **geometry)
+        weight = self._copy[4][name] if self._copy is not None else t.param.detach().to(self.dtype)
+        return path_score(weight, a, b, mask=mask, weight_power=weight_power, **geometry)
 
     def _autograd_scores(self, weight_power: int) -> "OrderedDict[str, torch.Tensor]":
-        w = self.weights()
+        private = self._private()
         with torch.enable_grad():
-            r = self.run(w).sum()
+            if private is not None:
+                w = private[2]
+                r = self._private_run(self.x, True).sum()
+            else:
+                w = self.weights()
+                r = self.run(w).sum()
             grads = torch.autograd.grad(r, list(w.values()), allow_unused=True)
         out = OrderedDict()
         for (n, t), g in zip(self.targets.items(), grads):
             if g is None:
-                out[n] = torch.zeros_like(w[n]).detach()
+                out[n] = torch.zeros_like(w[n].detach())
                 continue
             g = g * t.mask_as(g.dtype)
             if weight_power:
@@ -147,13 +207,14 @@ class PathNetwork:
             return hook
 
         handles = []
+        private = self._private()
+        modules = private[1] if private is not None else self.modules
         try:
             for mname, names in by_module.items():
-                handles.append(self.modules[mname].register_forward_hook(tap(names)))
-            weights = self.weights(requires_grad=False)
+                handles.append(modules[mname].register_forward_hook(tap(names)))
             with torch.enable_grad():
                 x = self.x.clone().requires_grad_(True)  # so that every layer's output is in the graph
-                out = self.run(weights, x)
+                out = self._private_run(x, False) if private is not None else self.run(self.weights(requires_grad=False), x)
                 outputs = [y for n in self.targets for _, y in taps[n]]
                 live = [y for y in outputs if y.requires_grad]  # all of them (see tap)
                 found = iter(torch.autograd.grad(out.sum(), live, allow_unused=True) if live else [])

@@ -27,8 +27,8 @@ from ..pathkernel import PathNetwork
 from ..core.batches import resolve_input_shape
 from ..core.checks import check_choice
 from ..core.numerics import grad_dict, remember_float64, with_float64_fallback
-from ..core.state import functional_forward, output_tensor, private_copy, state_copy, substitute
-from ..core.targets import finish, model_device, resolve_targets
+from ..core.state import functional_forward, output_tensor, private_copy, run_notes, state_copy, substitute
+from ..core.targets import finish, model_device, remask, resolve_targets
 
 
 _TOKEN_LAYERS = (nn.Embedding, nn.EmbeddingBag)
@@ -78,20 +78,33 @@ def synflow(
     (e.g. ``(sequence length,)``); position and token-type tables get the same treatment.
     "refuse" raises ValueError naming the layer instead."""
     check_choice(token_input, "token_input", _TOKEN_INPUTS)
-    kinds = {type(m) for m in model.modules() if isinstance(m, _TOKEN_LAYERS)}
-    tokens = token_input == "all" and kinds == {nn.Embedding}  # an EmbeddingBag is still refused
-    if not tokens:
-        _check_continuous_input(model, "synflow")
-    targets = resolve_targets(model, masks)
-    shape = resolve_input_shape(model, input_shape, data)
-    device = model_device(model)
+    # what does not change between the rounds of one pruning run is worked out in its first round:
+    # per round, walking the modules and looking the parameters up again cost as much as the forward
+    notes = run_notes(cache)
+    setup = notes.get(("synflow", token_input)) if notes is not None else None
+    if setup is None:
+        kinds = {type(m) for m in model.modules() if isinstance(m, _TOKEN_LAYERS)}
+        tokens = token_input == "all" and kinds == {nn.Embedding}  # an EmbeddingBag is still refused
+        if not tokens:
+            _check_continuous_input(model, "synflow")
+        setup = {"tokens": tokens, "device": model_device(model), "targets": None, "inputs": {}}
+        if notes is not None:
+            notes[("synflow", token_input)] = setup
+    tokens, device = setup["tokens"], setup["device"]
+    targets = remask(model, setup["targets"], masks) if setup["targets"] is not None and masks is not None \
+        else resolve_targets(model, masks)
+    setup["targets"] = targets
+    shape = tuple(resolve_input_shape(model, input_shape, data))
 
     def compute(dt):
         # The scored weights' effective value W = |theta| * m is the leaf itself. The authors
         # differentiate w.r.t. the raw weight, dR/dtheta = m * dR/dW, and |theta * m * dR/dW| =
         # |W * dR/dW| exactly (m is 0 or 1).
-        x = (torch.zeros((1,) + tuple(shape), dtype=torch.long, device=device) if tokens
-             else torch.ones((1,) + tuple(shape), dtype=dt, device=device))
+        x = setup["inputs"].get((shape, dt))
+        if x is None:  # never written to: the same input serves every round
+            x = setup["inputs"][(shape, dt)] = (
+                torch.zeros((1,) + shape, dtype=torch.long, device=device) if tokens
+                else torch.ones((1,) + shape, dtype=dt, device=device))
         prepared = _prepared(model, targets, dt, train_mode, cache)
         if prepared is not None:
             dup, slots, absw = prepared
@@ -188,9 +201,10 @@ def _network(model, masks, power, dtype, input_shape, data, cache, inputs=None, 
     key = ("path network", key, power, str(dt))
     net = cache.get(key)
     if net is None:
-        net = cache[key] = PathNetwork(model, masks, power, dt, input_shape=input_shape, inputs=inputs, data=data)
+        net = cache[key] = PathNetwork(model, masks, power, dt, input_shape=input_shape, inputs=inputs, data=data,
+                                       reuse=True)
     else:  # the state is unchanged; only the masks move between rounds
-        net.targets = resolve_targets(model, masks)
+        net.targets = remask(model, net.targets, masks) if masks is not None else resolve_targets(model, masks)
     return net
 
 
