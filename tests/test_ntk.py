@@ -515,3 +515,36 @@ def test_recurrent_models_match_the_brute_force_kernel(cell):
     J = torch.stack(rows)
     expected = (J @ J.T).reshape(3, 2, 3, 2).permute(0, 2, 1, 3)
     torch.testing.assert_close(K, expected, rtol=1e-10, atol=1e-12)
+
+
+class _LearnedQuery(nn.Module):
+    """A layer called on a batch-1 constant (a buffer query) broadcast over the samples, and a
+    dense layer applied to the samples' positions flattened into rows: neither call has the
+    samples as its rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc_q, self.fc_x, self.mix, self.out = nn.Linear(5, 6), nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(18, 3)
+        self.register_buffer("q", torch.randn(1, 5))
+        self.learned = nn.Parameter(torch.randn(1, 5))
+
+    def forward(self, x):  # x: [n, 3, 4]
+        n = x.shape[0]
+        h = torch.tanh(self.fc_x(x) * self.fc_q(self.q) + self.fc_q(self.learned))
+        return self.out(torch.tanh(self.mix(h.reshape(n * 3, 6))).reshape(n, 18))
+
+
+@pytest.mark.parametrize("n", [1, 5])
+def test_calls_whose_rows_are_not_the_samples_go_through_the_whole_model(n):
+    torch.manual_seed(0)
+    model = randomise(_LearnedQuery().double())
+    x1, x2 = torch.randn(n, 3, 4, dtype=torch.float64), torch.randn(3, 3, 4, dtype=torch.float64)
+    j1, j2 = R.jacobian(model, x1), R.jacobian(model, x2)
+    for mode in ("full", "trace"):
+        assert rel(empirical_ntk(model, x1, x2, mode=mode), contract(j1, j2, mode)) < 1e-10
+    for mode in ("diagonal", "diagonal_trace"):
+        assert rel(empirical_ntk(model, x1, mode=mode), contract(j1, j1, mode)) < 1e-10
+    _, report = empirical_ntk(model, x1, explain=True)
+    if n > 1:
+        assert "samples as rows" in report["fc_q.weight"] and "samples as rows" in report["mix.weight"]
+    assert "structure: dense layer" in report["fc_x.weight"]

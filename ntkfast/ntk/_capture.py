@@ -54,6 +54,13 @@ def capture(model, plan: Plan, x: torch.Tensor, ks: Sequence[int], *, create_gra
             if (not isinstance(output, torch.Tensor) or len(args) != 1 or kwargs
                     or not isinstance(args[0], torch.Tensor)):
                 raise _Untappable(name)
+            # The rules read dimension 0 of a call's input and output as the samples. A call with
+            # other rows (a learned query or buffer [1, d] broadcast over the samples later, a
+            # flattened [n * t, d]) gets cotangents that mix samples, and the per-sample kernel
+            # cannot be taken apart from them: such a module goes through the whole-model path.
+            if args[0].dim() == 0 or output.dim() == 0 or args[0].shape[0] != n_samples \
+                    or output.shape[0] != n_samples:
+                raise _Untappable(name)
             # A call on constants (a buffer, an RNN's zero initial state) gives an output outside the
             # graph; as a leaf of its own it still gets its d f / d output.
             if not output.requires_grad:
@@ -64,6 +71,7 @@ def capture(model, plan: Plan, x: torch.Tensor, ks: Sequence[int], *, create_gra
             return output.clone()
         return hook
 
+    n_samples = x.shape[0]
     modules = dict(model.named_modules(remove_duplicate=False))
     try:
         for name in names:

@@ -74,15 +74,16 @@ class Engine:
                 self._demote(exc.module_name)
 
     def _demote(self, name: str) -> None:
-        # A module whose call is not tensor -> tensor cannot be tapped: its parameters go through
-        # the whole-model torch.func path instead.
+        # A module whose call is not tensor -> tensor, or whose rows are not the samples, cannot be
+        # tapped: its parameters go through the whole-model torch.func path instead.
         for rule in list(self.plan.rules):
             if rule.module_name == name:
                 self.plan.rules.remove(rule)
                 for entry in rule.params.values():
                     self.plan.whole_model.append(entry)
                     self.plan.whole_model_reason[entry.name] = (
-                        f"torch.func through the whole model: module {name!r} is not called as tensor -> tensor")
+                        f"torch.func through the whole model: module {name!r} is not called as tensor -> tensor "
+                        "with the samples as rows")
                 return
         raise RuntimeError(f"internal: cannot demote module {name!r}")
 
