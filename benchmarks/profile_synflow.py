@@ -1,7 +1,7 @@
 """Profile one 100-round iterative SynFlow prune (keep_rule='authors', as bench_synflow runs it) of
 CIFAR ResNet-20: the floor (the conv/linear calls alone of one ones-input forward and backward,
 plus one top-k over all the scores, per round), wall time of a few prunes, cProfile grouped into
-the per-round costs, and the torch.profiler op table. Not a benchmark suite (no peer): it says
+the per-round costs, and the torch.profiler op table. The floor is benchmarks.floor.path_floor. Not a benchmark suite (no peer): it says
 where a round's time goes.
 
     python -m benchmarks.profile_synflow [method [threads]]     # method default synflow
@@ -15,12 +15,11 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 import ntkfast
 from ntkfast import models
-from ntkfast.ops import topk_mask
+
+from .floor import path_floor
 
 method = sys.argv[1] if len(sys.argv) > 1 else "synflow"
 if len(sys.argv) > 2:
@@ -34,50 +33,10 @@ def run():
                          on_empty_layer="ignore")
 
 
-def floor_round():
-    """Seconds of the conv/linear calls of one forward + backward of the |theta| network at a
-    1x3x32x32 ones input (weight and input gradients, as autograd asks for them), and of one
-    topk_mask over all the scores."""
-    calls = []
-    hooks = [m.register_forward_hook(lambda m, a, y: calls.append((m, a[0].detach().clone(), y.detach().clone())))
-             for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    with torch.no_grad():
-        copy.deepcopy(model).eval()(torch.ones(1, 3, 32, 32))
-    for h in hooks:
-        h.remove()
-    weights = [m.weight.detach().abs() for m, _, _ in calls]
-
-    def convs():
-        for i, ((m, x, y), w) in enumerate(zip(calls, weights)):
-            if isinstance(m, nn.Conv2d):
-                F.conv2d(x, w, None, m.stride, m.padding, m.dilation, m.groups)
-                torch.ops.aten.convolution_backward(y, x, w, None, m.stride, m.padding, m.dilation, False, [0, 0],
-                                                    m.groups, [i > 0, True, False])
-            else:
-                F.linear(x, w), y.t() @ x, y @ w
-
-    n = sum(w.numel() for w in weights)
-
-    def topk():
-        topk_mask(weights, n // 2, drop_ties=True, clamp=True)
-
-    out = {}
-    for f in (convs, topk):
-        f()
-        ts = []
-        for _ in range(7):
-            t = time.perf_counter()
-            for _ in range(10):
-                f()
-            ts.append((time.perf_counter() - t) / 10)
-        out[f.__name__] = statistics.median(ts)
-    return out
-
-
-fl = floor_round()
+fl = path_floor(model, rounds=100)
 print(f"# {method}, ResNet-20, 100 rounds, torch {torch.__version__}, {torch.get_num_threads()} threads")
-print(f"floor per round: conv/GEMM fwd+bwd {fl['convs'] * 1e3:.2f} ms + topk {fl['topk'] * 1e3:.2f} ms; "
-      f"x100 = {(fl['convs'] + fl['topk']) * 100:.3f} s")
+print(f"floor (benchmarks.floor.path_floor): {fl['floor_s']:.3f} s for 100 rounds "
+      f"(network {fl['floor_parts']['network_s']:.3f} s, selection {fl['floor_parts']['selection_s']:.3f} s)")
 run()
 walls = []
 for _ in range(5):
