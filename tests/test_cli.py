@@ -9,6 +9,7 @@ import pytest
 
 from ntkfast import Masks
 from ntkfast.cli import main
+from testing import internal
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -267,7 +268,9 @@ def test_model_names_are_taken_as_the_zoo_spells_them_and_others_refused(capsys)
 
 
 def test_the_cli_name_tables_match_the_registries():
-    from ntkfast import _catalog, data, methods, models
+    from ntkfast import data, methods, models
+
+    _catalog = internal("catalog")
 
     # the package's own methods: a test elsewhere may have registered one of its own meanwhile
     builtin = tuple(n for n in methods.available()

@@ -14,6 +14,7 @@ from ntkfast.data import tiny_imagenet as tiny_mod
 
 PIL = pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
+from testing import internal  # noqa: E402
 
 scipy_io = pytest.importorskip("scipy.io")
 
@@ -432,8 +433,7 @@ def test_imagefolder_batches_match_the_in_memory_order(tmp_path):
     assert sub.targets.tolist() == [2, 0] and len(sub) == 2 and len(d) == 7
     assert torch.allclose(data.mean_input(sub), (sub.raw[0][0].double() + sub.raw[1][0].double()).float() / 510)
     # SynFlow-Dist's mean input is the un-normalised mean image, as for an in-memory dataset
-    from ntkfast.scores._synflow import mean_input as synflow_mean_input
-    assert torch.allclose(synflow_mean_input(sub), data.mean_input(sub).double())
+    assert torch.allclose(internal("synflow").mean_input(sub), data.mean_input(sub).double())
 
 
 def test_imagefolder_eval_split_indexed_by_train_classes(tmp_path):

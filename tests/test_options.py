@@ -11,7 +11,7 @@ from torch.utils.data import TensorDataset
 from ntkfast import methods
 from ntkfast.core import options
 from ntkfast.core.options import choices
-from testing import mlp
+from testing import internal, mlp
 
 ALIASES = [getattr(options, n) for n in options.__all__ if n != "choices"]
 MODULES = ["ntkfast", "ntkfast.masks", "ntkfast.prune", "ntkfast.training", "ntkfast.training_grouped", "ntkfast.study", "ntkfast.ntt",
@@ -168,7 +168,6 @@ def test_choices_reads_a_literal_and_refuses_anything_else():
 def test_the_module_tuples_are_the_types_values():
     # the tuples other code reads are the Literal's own
     from ntkfast import masks, training
-    from ntkfast.ntk import _terms, _trace
 
     prune_mod = importlib.import_module("ntkfast.prune")
     tmod = importlib.import_module("ntkfast.ntt.transfer")
@@ -177,7 +176,8 @@ def test_the_module_tuples_are_the_types_values():
     assert prune_mod._NM_LAYOUTS == masks._NM_LAYOUTS == choices(options.NmLayout)
     assert prune_mod._ON_INDIVISIBLE == choices(options.OnIndivisible)
     assert training.OPTIMIZERS == choices(options.Optimizer)
-    assert _terms.MODES == choices(options.NTKMode) and _trace.METHODS == choices(options.TraceMethod)
+    assert internal("ntk_terms").MODES == choices(options.NTKMode)
+    assert internal("ntk_trace").METHODS == choices(options.TraceMethod)
     assert tmod.KERNELS == choices(options.TransferKernel) and tmod.INIT_MASKS == choices(options.InitMask)
 
 

@@ -13,6 +13,7 @@ from torch import nn
 from ntkfast import prune, transfer
 from ntkfast.core import progress
 from ntkfast.core.progress import check_progress, env_disabled, progress_bar
+from testing import internal
 
 
 class FakeTTY(io.StringIO):
@@ -204,8 +205,7 @@ def test_transfer_logs_its_validations_and_resume(caplog, tmp_path, capsys):
 
 
 def test_the_cli_prints_the_library_messages_unless_quiet(capsys):
-    from ntkfast.cli import _library_messages
-
+    _library_messages = internal("cli")._library_messages
     log = logging.getLogger("ntkfast.somewhere")
     with _library_messages(quiet=False):
         log.info("hello")

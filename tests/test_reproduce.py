@@ -11,6 +11,7 @@ from ntkfast import data as D
 from ntkfast import presets
 from ntkfast.cli import main
 from ntkfast.reproduce import compare, format_comparison, reproduce
+from testing import internal
 
 
 def _mnist_like(n, seed):
@@ -110,9 +111,8 @@ def test_cli_runs_a_reduced_preset_and_prints_the_comparison(tmp_path, capsys, m
 
 def test_densities_as_printed_find_their_grid_point(tmp_path):
     p = presets.get("ntksap-resnet20-cifar10")
-    from ntkfast.reproduce import _pick, _same_density
-
-    assert _pick("densities", [0.2621, 0.01801], p.densities, _same_density) == [0.8 ** 6, 0.8 ** 18]
+    rep = internal("reproduce")
+    assert rep._pick("densities", [0.2621, 0.01801], p.densities, rep._same_density) == [0.8 ** 6, 0.8 ** 18]
 
 
 def test_nesterov_needs_momentum(tmp_path):

@@ -79,6 +79,11 @@ INTERNALS = {
     "training": ("ntkfast.training", "the channels-last probe, and the shuffling seed of an epoch"),
     "transfer": ("ntkfast.ntt.transfer", "freeing memory between transfer steps"),
     "masked_gram": ("ntkfast.ops.masked_gram", "the reference's chunk size"),
+    "synflow": ("ntkfast.scores._synflow", "SynFlow-Dist's mean input of a dataset"),
+    "ntk_trace": ("ntkfast.ntk._trace", "the trace estimators' names, against their Literal type"),
+    "cli": ("ntkfast.cli", "the context that shows the library's messages on the terminal"),
+    "reproduce": ("ntkfast.reproduce", "how a density as printed finds its grid point"),
+    "catalog": ("ntkfast._catalog", "the name tables the CLI reads without importing torch"),
 }
 
 
