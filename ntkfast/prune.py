@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .core.checks import check_choice, check_density, check_int, check_mask, check_seed
-from . import methods as _methods
+from .methods import get as method_info
 from ._version import __version__
 from .core.compiled import plain_name, unwrap
 from .core.exclude import ExcludeSpec, resolve_exclude
@@ -303,7 +303,7 @@ def prune(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model = unwrap(model)  # a torch.compile'd model: its original module, whose names the masks take
-    info = _methods.get(method)
+    info = method_info(method)
     check_choice(nm_layout, "nm_layout", _NM_LAYOUTS)
     check_choice(on_indivisible, "on_indivisible", _ON_INDIVISIBLE)
     # "channel" is ntkfast.structured's; any other structure is read as N:M

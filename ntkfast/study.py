@@ -567,7 +567,7 @@ def _check_engine_options(engine) -> dict:
     unknown = sorted(set(engine) - set(ENGINE_OPTIONS))
     if unknown:
         raise ValueError(f"engine: {unknown[0]!r} is not one of {', '.join(ENGINE_OPTIONS)}")
-    from .core.train_engine import check_engine
+    from .train_engine import check_engine
 
     e = dict(engine)
     check_engine(e.get("amp"), e.get("tf32", False), e.get("compile", False), e.get("resident"))
@@ -699,13 +699,13 @@ def _dense_names(model_name: str, train_set, exclude, dense_classifier: bool) ->
 
 
 def _check_method_options(method: str, options: dict) -> None:
-    from . import methods as _methods
+    from .methods import get as method_info
 
     bad = sorted(set(options) & _RESERVED)
     if bad:
         raise ValueError(f"method_options: {method}:{bad[0]} is set by the study itself")
     try:
-        _methods.get(method).check_options(options)
+        method_info(method).check_options(options)
     except ValueError as exc:
         raise ValueError(f"method_options: {method}: {exc}") from None
 
@@ -759,7 +759,7 @@ def run_study(model: str, dataset: str, data_dir, methods: Sequence[str], densit
     cells' bar on a terminal at once, elsewhere once the study has run a couple of seconds; False
     shows none (each finished cell is then logged at INFO on ``logging.getLogger("ntkfast")``)."""
     from . import models
-    from . import methods as _methods
+    from .methods import get as method_info
     from .core.machine import machine_info
     from ._version import __version__
     from .training import DEFAULT_LR, OPTIMIZERS
@@ -769,7 +769,7 @@ def run_study(model: str, dataset: str, data_dir, methods: Sequence[str], densit
     methods = _check_list("methods", methods, str, lambda m: True)
     for m in methods:
         if m != "ntt":
-            _methods.get(m)  # an unknown method fails here, naming it, before any cell runs
+            method_info(m)  # an unknown method fails here, naming it, before any cell runs
     densities = [float(d) for d in _check_list("densities", densities, (int, float), lambda d: 0 < d <= 1)]
     seeds = _check_list("seeds", seeds, int, lambda s: True)
     rounds = dict(rounds or {})

@@ -36,7 +36,7 @@ from .core.checks import check_choice, check_device, check_int, check_mask, chec
 from .core.options import Amp, Optimizer, choices
 from .core.progress import check_progress, format_value, progress_bar
 from .core.sources import BatchSource, as_source
-from .core.train_engine import Engine, autocast, check_engine, compiled, device_flags, resident_source
+from .train_engine import Engine, autocast, check_engine, compiled, device_flags, resident_source
 from .core.targets import model_device
 from .masks import parameter_name
 from .core.concurrency import holds_model
@@ -63,7 +63,7 @@ class TrainResult:
     ``final_test_accuracy`` is None. ``test_top5_accuracy``: a label among the five highest
     outputs (NTK-SAP reports it for ImageNet; with fewer than five classes it is 1). ``engine``:
     how the steps ran where that is not plain full precision (``amp``, ``tf32``, ``compile``,
-    ``resident``, ``channels_last``; see :mod:`ntkfast.core.train_engine`), empty otherwise.
+    ``resident``, ``channels_last``; see :mod:`ntkfast.train_engine`), empty otherwise.
 
     ``to_dict()`` gives plain lists and numbers, ``to_json()`` the same as JSON text, and
     ``TrainResult.from_dict`` reads either back.
@@ -524,7 +524,7 @@ def train(
     Returns:
         a :class:`TrainResult`: the per-epoch history. Every engine setting that is on (``amp``,
         ``tf32``, ``compile``, ``resident``, ``channels_last``) is named in its ``engine`` (see
-        :mod:`ntkfast.core.train_engine`).
+        :mod:`ntkfast.train_engine`).
     """
     # Every check happens before the model is touched.
     _check_optimizer(optimizer, lr, momentum, weight_decay)

@@ -47,7 +47,7 @@ from .core.progress import check_progress, progress_bar
 from .core.sources import as_source
 from .core.state import finite_model
 from .core.targets import model_device
-from .core.train_engine import autocast, check_engine, device_flags, resident_source
+from .train_engine import autocast, check_engine, device_flags, resident_source
 from .training import (DEFAULT_LR, TrainResult, _check_augment, _check_fits, _check_masks, _check_optimizer,
                        _check_scheduler, _epoch_seed, _iterate, _make_scheduler, _step_per_epoch, train)
 

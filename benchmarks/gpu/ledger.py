@@ -55,7 +55,7 @@ STAGES = {
         "benchmarks/bench_train.py"]),
     5: ("trainer", _KERNELS + [
         "benchmarks/common.py", "benchmarks/bench_fast_train.py", "ntkfast/training.py",
-        "ntkfast/training_grouped.py", "ntkfast/core/grouped.py", "ntkfast/core/train_engine.py",
+        "ntkfast/training_grouped.py", "ntkfast/core/grouped.py", "ntkfast/train_engine.py",
         "ntkfast/augment.py", "ntkfast/data/datasets.py"]),
     6: ("semi-structured", _KERNELS + [
         "benchmarks/common.py", "benchmarks/bench_semi_structured.py", "tests/test_semi_structured.py",

@@ -24,8 +24,8 @@ from typing import Iterator, Optional, Union
 
 import torch
 
-from .checks import check_choice
-from .options import choices, Amp
+from .core.checks import check_choice
+from .core.options import choices, Amp
 
 __all__ = ["Engine", "check_engine", "device_flags", "autocast", "compiled", "resident_source"]
 
@@ -109,8 +109,8 @@ def resident_source(source, device: torch.device, engine: Engine):
     """(the source to read, whether it now lies on ``device``). An in-memory ntkfast image dataset
     moves there once where ``resident`` is True, or None on CUDA; anything else is read as it is
     (True with another kind of data is refused by name)."""
-    from ..data.datasets import ImageDataset
-    from .sources import BatchSource
+    from .data.datasets import ImageDataset
+    from .core.sources import BatchSource
 
     data = source.data
     if engine.resident is False or device.type == "cpu":
