@@ -77,6 +77,7 @@ INTERNALS = {
     "ntk_capture": ("ntkfast.ntk._capture", "the batched backward the transfer step uses"),
     "pathkernel_network": ("ntkfast.pathkernel._network", "how often the path network is built"),
     "training": ("ntkfast.training", "the channels-last probe, and the shuffling seed of an epoch"),
+    "kept_entries": ("ntkfast.core.kept_entries", "which weights the named optimisers compact"),
     "transfer": ("ntkfast.ntt.transfer", "freeing memory between transfer steps"),
     "masked_gram": ("ntkfast.ops.masked_gram", "the reference's chunk size"),
     "synflow": ("ntkfast.scores._synflow", "SynFlow-Dist's mean input of a dataset"),
