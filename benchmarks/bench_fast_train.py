@@ -152,7 +152,8 @@ def _compare_loss(st, peer_out, ours_out):
 
 def _floor(st):
     x = torch.randn(BATCH, 3, 32, 32, device=st["device"])
-    return training_floor(st["nets"][0], x, st["steps"], networks=len(st["nets"]), optimizer="sgd")
+    return training_floor(st["nets"][0], x, st["steps"], networks=len(st["nets"]), optimizer="sgd",
+                          masks=st["masks"][0])
 
 
 def make_cases(args) -> List[Case]:

@@ -94,7 +94,7 @@ def _make_case(model_name, shape, batch, quick, steps=None) -> Case:
     return Case(name=name, params=params,
                 setup=lambda d: _state(model_name, shape, batch, steps, d),
                 prepare=_prepare, peer=_peer, ours=_ours, compare=_compare,
-                floor=lambda st: training_floor(st["model"], st["batches"][0][0], steps))
+                floor=lambda st: training_floor(st["model"], st["batches"][0][0], steps, masks=st["masks"]))
 
 
 def make_cases(args) -> List[Case]:

@@ -220,14 +220,19 @@ def adam_traffic_bytes(params: Sequence[torch.Tensor]) -> int:
 
 
 def training_floor(model: nn.Module, x: torch.Tensor, steps: int, networks: int = 1, optimizer: str = "adam",
-                   runs: int = 5) -> dict:
+                   masks=None, runs: int = 5) -> dict:
     """``steps`` training steps of ``networks`` copies of ``model`` on batches shaped like ``x``:
-    per step the forward, input-gradient and weight-gradient calls, and the optimiser's memory
-    traffic (Adam: 7 passes over the parameters; SGD with momentum: 5)."""
+    per step the forward, input-gradient and weight-gradient calls (dense: what the layers
+    run), and the optimiser's memory traffic (Adam: 7 passes over the parameters; SGD with
+    momentum: 5) over the entries that can change: a pruned entry's weight, gradient and moments
+    stay zero, so with ``masks`` ({parameter name: bool mask}) only the kept ones count."""
     net = network_s(model, x, runs=runs)
-    params = [p for p in model.parameters() if p.requires_grad]
+    masks = masks or {}
+    entries = sum(int(masks[n].sum()) if n in masks else p.numel()
+                  for n, p in model.named_parameters() if p.requires_grad)
     passes = {"adam": 7, "sgd": 5}[optimizer]
-    update = traffic_s(passes * tensor_bytes(params), x.device)
+    elsize = next(model.parameters()).element_size()
+    update = traffic_s(passes * entries * elsize, x.device)
     n = steps * networks
     return record(n * (net["seconds"] + update), f"per step and network: the convolution and linear calls of "
                   f"forward and backward, and the {optimizer} update's memory traffic",

@@ -6,9 +6,8 @@ The phases are timed from outside, without copying either loop: global optimiser
 wrapped with timers, so both sides are measured by the same instruments. What is left of a run
 (batching, mask re-application, metrics, the progress bar, the checks train() makes before its
 first step) is the remainder. Then a torch.profiler table of each side's aten calls, a cProfile
-of train()'s setup functions, and the arithmetic floor of a step: the three layers' GEMMs alone
-(forward, input gradient, weight gradient) plus the time of a pass that reads and writes as many
-bytes as an Adam update does.
+of train()'s setup functions, and the floor of the steps (``benchmarks.floor.training_floor``: the
+layers' matrix calls alone and an Adam update's memory traffic over the kept entries).
 
     python -m benchmarks.profile_train [--model lenet300_100] [--threads 1] [--runs 5]
 """
@@ -26,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import bench_train as B
+from .floor import training_floor
 
 PHASES = ("forward", "loss", "zero_grad", "backward", "optimizer step")
 
@@ -114,50 +114,6 @@ def phases(fn, st, runs: int) -> dict:
     return {p: statistics.median(v) * 1e3 for p, v in rows.items()}
 
 
-def floor_ms(model_name, shape, batch, steps, threads_runs: int = 7) -> dict:
-    """The GEMMs of an MLP's forward and backward at this batch, and an Adam-sized memory pass."""
-    from ntkfast import models
-
-    model = models.get(model_name, input_shape=shape)
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    if len(linears) != sum(1 for p in model.parameters() if p.dim() > 1):
-        return {}
-    ins = [torch.randn(batch, m.in_features) for m in linears]
-    gouts = [torch.randn(batch, m.out_features) for m in linears]
-
-    def gemms():
-        for m, a, g in zip(linears, ins, gouts):
-            torch.addmm(m.bias, a, m.weight.t())  # forward
-            g.mm(m.weight)  # input gradient (the first layer's is not needed; counted anyway: an upper floor)
-            g.t().mm(a)  # weight gradient
-
-    params = [p.detach().clone() for p in model.parameters()]
-    n = sum(p.numel() for p in params)
-    # Adam reads param, grad, exp_avg, exp_avg_sq and writes param, exp_avg, exp_avg_sq: 7 float32
-    # accesses per element, once each in PyTorch's fused kernel, whose arithmetic is negligible beside
-    # them: its time is that traffic's
-    grads = [torch.randn_like(p) for p in params]
-    ps = [p.clone().requires_grad_() for p in params]
-    for p, g in zip(ps, grads):
-        p.grad = g
-    opt = torch.optim.Adam(ps, lr=1e-3, fused=True)
-
-    def best(f):
-        ts = []
-        for _ in range(threads_runs):
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                f()
-            ts.append(time.perf_counter() - t0)
-        return min(ts) * 1e3
-
-    with torch.no_grad():
-        gemm = best(gemms)
-    adam = best(opt.step)
-    return {"gemm_ms": gemm, "adam_ms": adam, "floor_ms": gemm + adam, "params": n,
-            "adam_bytes_per_step": 7 * 4 * n}
-
-
 def profiler_table(fn, st, rows: int = 18) -> str:
     from torch.profiler import ProfilerActivity, profile
 
@@ -209,13 +165,11 @@ def main(argv=None) -> int:
           "weight masking outside the backward, ntkfast's gather/scatter of kept entries, metrics, progress bar, "
           "per-call checks and setup)")
     print(f"ratio peer/ours (total): {peer['total'] / ours['total']:.3f}")
-    fl = floor_ms(model_name, shape, batch, B.STEPS)
-    if fl:
-        print(f"floor: GEMMs {fl['gemm_ms']:.2f} ms + fused Adam over all {fl['params']} parameters "
-              f"({fl['adam_bytes_per_step'] / 1e6:.1f} MB moved a step) {fl['adam_ms']:.2f} ms = "
-              f"{fl['floor_ms']:.2f} ms per {B.STEPS} steps; peer/floor {peer['total'] / fl['floor_ms']:.2f}, "
-              f"ours/floor {ours['total'] / fl['floor_ms']:.2f}; against the GEMMs alone: peer "
-              f"{peer['total'] / fl['gemm_ms']:.2f}, ours {ours['total'] / fl['gemm_ms']:.2f}")
+    fl = training_floor(st["model"], st["batches"][0][0], B.STEPS, masks=st["masks"])
+    print(f"floor (benchmarks.floor.training_floor): {fl['floor_s'] * 1e3:.2f} ms per {B.STEPS} steps "
+          f"(layers {fl['floor_parts']['network_s'] * 1e3:.2f} ms, Adam over the kept entries "
+          f"{fl['floor_parts']['update_s'] * 1e3:.2f} ms); peer/floor {peer['total'] / 1e3 / fl['floor_s']:.2f}, "
+          f"ours/floor {ours['total'] / 1e3 / fl['floor_s']:.2f}")
     if not args.no_tables:
         for name, fn in (("peer", B._peer), ("ours", B._ours)):
             print(f"\n== torch.profiler, {name}, one run of {B.STEPS} steps (self CPU time; profiler overhead "

@@ -89,6 +89,10 @@ def test_method_floors_count_their_passes():
     train = floor.training_floor(net, x, steps=3)
     assert train["floor_parts"]["update_s"] == pytest.approx(
         3 * floor.traffic_s(7 * sum(p.numel() * 4 for p in net.parameters())))
+    masks = {"fc1.weight": torch.rand(30, 256) < 0.1}
+    sparse = floor.training_floor(net, x, steps=3, masks=masks)
+    kept = sum(p.numel() for n, p in net.named_parameters() if n != "fc1.weight") + int(masks["fc1.weight"].sum())
+    assert sparse["floor_parts"]["update_s"] == pytest.approx(3 * floor.traffic_s(7 * 4 * kept))
     two = floor.ntksap_floor(net, 4, pieces=2, stats_pass=False)
     three = floor.ntksap_floor(net, 4, pieces=2, stats_pass=True)
     assert two["floor_s"] > 0 and "3 forward" in three["floor_what"] and "2 forward" in two["floor_what"]
