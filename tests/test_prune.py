@@ -319,3 +319,17 @@ def test_huge_and_numpy_numbers_are_named_not_overflowed():
     with pytest.raises(ValueError, match="lr: expected a finite number"):
         check_number(10**400, "lr")  # too large for a float: named, not an OverflowError
     assert check_number(np.float32(0.5), "lr") == 0.5
+
+
+def test_weights_whose_sum_overflows_are_finite_and_pruned():
+    # the finiteness check sums a tensor first: a sum past float32's range must only send it to
+    # the exact check, never refuse a finite model
+    net = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2))
+    with torch.no_grad():
+        net[0].weight.fill_(3e38)
+        net[0].weight[0, 0] = 1.0
+    masks = ntkfast.prune(net, "magnitude", 0.5, progress=False, on_empty_layer="ignore")
+    assert masks.kept == round(0.5 * (24 + 8)) and not bool(masks["0.weight"][0, 0])
+    net[0].weight.data[1, 1] = float("inf")
+    with pytest.raises(ValueError, match=r"0\.weight"):
+        ntkfast.prune(net, "synflow", 0.5, progress=False)
