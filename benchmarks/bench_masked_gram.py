@@ -71,11 +71,14 @@ def _make_case(c: int, o: int, dtype_name: str, mode: str, density: float, self_
 
     def floor(st):
         # pairs of samples that must be formed (the kernel halves a self Gram by symmetry), each
-        # needing the mask's nonzero entries once, then the product with b1 and b2 per output pair
+        # needing the mask's nonzero entries once (an all-ones mask factorises: a1[i] . a2[j], C
+        # per pair), then the product with b1 and b2 per output pair
         n1, n2 = st["a1"].shape[0], st["a2"].shape[0]
         pairs = n1 if mode.startswith("diagonal") else (n1 * (n1 + 1) // 2 if self_gram else n1 * n2)
         outer = K * K if mode in ("full", "diagonal") else K
-        macs = pairs * (int((st["mask"] != 0).sum()) + outer * st["mask"].shape[0])
+        nnz = int((st["mask"] != 0).sum())
+        per_pair = st["mask"].shape[1] if nnz == st["mask"].numel() else nnz
+        macs = pairs * (per_pair + outer * st["mask"].shape[0])
         return record(macs_s(macs, dtype, st["a1"].device), "the multiply-adds of the nonzero mask entries per pair "
                       "of samples and of the output contraction, at the best matrix-product rate", macs=macs)
 

@@ -21,6 +21,8 @@ from . import floor as F
 GROUPS = [
     ("convolution", "convolutions (forward and backward)"),
     ("mkldnn", "convolutions (forward and backward)"),
+    ("conv2d", "convolutions (forward and backward)"), ("im2col", "convolutions (forward and backward)"),
+    ("col2im", "convolutions (forward and backward)"),
     ("addmm", "matrix products"), ("mm", "matrix products"), ("bmm", "matrix products"),
     ("matmul", "matrix products"), ("einsum", "matrix products"),
     ("batch_norm", "BatchNorm"),
