@@ -9,16 +9,10 @@ from ntkfast import Masks, data, models, prunable_parameters
 from ntkfast.training import TrainResult, evaluate, train
 
 from testing import devices, internal
+from testing import one_thread  # noqa: F401  (the fixture, by name)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # These tests run tiny models, where a second intra-op thread buys nothing and, on a busy
-    # machine, OpenMP spin-waiting can make them many times slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

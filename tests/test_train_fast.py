@@ -13,14 +13,10 @@ from ntkfast import models
 from ntkfast.training import train
 
 from testing import internal
+from testing import one_thread  # noqa: F401  (the fixture, by name)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _masks(model, densities, seed):

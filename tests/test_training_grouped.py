@@ -14,14 +14,10 @@ from ntkfast.training import train
 from ntkfast.training_grouped import train_grouped
 
 from testing import devices
+from testing import one_thread  # noqa: F401  (the fixture, by name)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _nets(name, shape, k, dtype=torch.float64, device="cpu"):

@@ -64,6 +64,17 @@ class AuthorsLinear(nn.Linear):
         return nn.functional.linear(x, self.weight * self.weight_mask, self.bias)
 
 
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (a module does ``pytestmark = pytest.mark.usefixtures(
+    "one_thread")`` after importing it): tiny models gain nothing from a second thread and, on a
+    busy machine, OpenMP spin-waiting can make them many times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 # The internals a test may touch, and why: white-box tests of paths the public face cannot steer
 # (an engine's inner pass, a planner's chunking, a probe), reached through :func:`internal` so that
 # this table is the one place that names them.
