@@ -11,7 +11,9 @@ A method is a function ``fn(model, masks=None, *, data=None, seed=0, **options)`
   :mod:`ntkfast.core.exclude`; a method returning scores that does not take it is given it by
   :func:`register`, which drops those weights from its scores; a scorer that takes it returns
   no scores for them; one returning masks must take it to be run with ``exclude=``, and keep
-  those weights as its start masks have them).
+  those weights as its start masks have them) and ``"include"`` (the names of the weights that
+  ``include=`` made prunable; a scorer sees them among its start masks' names and needs nothing
+  more, a method returning masks must take it to be run with ``include=``).
 - ``returns``: ``"scores"`` (one score per prunable weight; the loop thresholds them at each
   round's density) or ``"masks"`` (a :class:`MethodResult`: the masks it chose and, for a method
   that also learns weights such as Neural Tangent Transfer, those weights).
@@ -39,7 +41,7 @@ from .core.state import finite_weights
 __all__ = ["MethodInfo", "MethodResult", "register", "get", "available", "LOOP_VALUES"]
 
 #: what the loop can hand a method, by keyword
-LOOP_VALUES = ("scope", "target_density", "cache", "process_group", "exclude")
+LOOP_VALUES = ("scope", "target_density", "cache", "process_group", "exclude", "include")
 _RETURNS = ("scores", "masks")
 
 

@@ -237,7 +237,8 @@ def prune(
     parameter of two or more dimensions; picked as ``exclude`` picks (names, patterns, module
     types, modules, a predicate). They are then scored and pruned like the rest
     (``masks.metadata["include"]`` names them). ``exclude`` acts after ``include``: a weight
-    picked by both stays dense. Methods that choose their own masks (NTT) refuse ``include``.
+    picked by both stays dense. A method that chooses its own masks gets the included names
+    where it takes them (NTT does) and otherwise refuses ``include``.
     ``split_qkv=True`` ranks the query, key and value rows of each included ``in_proj_weight`` as
     three layers (a layerwise scope prunes each to the density; emptied ones are named
     ``<name>[q]``, ``[k]``, ``[v]``); the default treats the fused tensor as one layer.
@@ -335,7 +336,7 @@ def prune(
     from .distributed import resolve as resolve_shard
 
     shard = resolve_shard(process_group)
-    if include is not None and info.returns == "masks":
+    if include is not None and info.returns == "masks" and "include" not in info.takes:
         raise ValueError(f"include: method {method!r} chooses its own masks over the Linear and Conv weights; it does "
                          "not take include")
     current = _existing_masks(model, Masks.ones(model, include_bias=include_bias, include_norm=include_norm,
@@ -440,6 +441,8 @@ def prune(
     run_options["process_group"] = process_group
     if excluded:  # every method takes it (methods.register): scores only for the other weights
         run_options["exclude"] = list(excluded)
+    if included and "include" in info.takes:
+        run_options["include"] = list(included)
 
     densities = (round_density(density, t, rounds, schedule) for t in range(1, rounds + 1))
     # a method that runs once gets the seed as given (prune(..., "ntt", seed=s) is transfer(..., seed=s));

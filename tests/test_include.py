@@ -97,10 +97,33 @@ def test_exclude_acts_after_include():
     assert not masks["enc.self_attn.in_proj_weight"].all()
 
 
-def test_ntt_refuses_include():
+@pytest.mark.parametrize("case", ["lstm", "tokens"])
+def test_ntt_masks_the_included_weights(case):
+    net, data, inc = _case(case)
+    net = net.float()
+    x = data[0].float() if data[0].is_floating_point() else data[0]
+    before = copy.deepcopy(net.state_dict())
+    masks = ntkfast.prune(net, "ntt", 0.5, data=x, include=inc, exclude="fc", steps=2, batch_size=3, validation=0,
+                          progress=False)
+    included = masks.metadata["include"]
+    assert included and all(n in masks for n in included)
+    assert masks.metadata["exclude"] == ["fc.weight"] and bool(masks["fc.weight"].all())
+    assert abs(masks.pruned_density - 0.5) < 0.02
+    assert all(not bool(masks[n].all()) for n in included)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+
+
+def test_a_mask_choosing_method_that_does_not_take_include_refuses_it():
+    from ntkfast import methods
+
+    @methods.register("_t_masks_no_include", "test-only: keeps everything", single_shot=True, returns="masks",
+                      takes=("process_group",))
+    def keep_all(model, masks=None, *, data=None, seed=0, process_group=None):
+        return methods.MethodResult(masks={n: torch.ones_like(m) for n, m in masks.items()})
+
     net, data, _ = _case("lstm")
-    with pytest.raises(ValueError, match=r"^include: method 'ntt' chooses its own masks"):
-        ntkfast.prune(net, "ntt", 0.5, data=data[0], include=nn.LSTM, progress=False)
+    with pytest.raises(ValueError, match=r"^include: method '_t_masks_no_include' chooses its own masks"):
+        ntkfast.prune(net, "_t_masks_no_include", 0.5, data=data[0], include=nn.LSTM, progress=False)
 
 
 @pytest.mark.parametrize("case", ["tokens", "lstm", "gru", "convT"])

@@ -16,7 +16,7 @@ def test_builtin_methods_declare_what_they_take_and_return():
     # every scorer is given exclude by register(); NTT, which chooses its masks, takes it itself
     expect = {"ntksap": {"cache", "process_group", "exclude"}, "synflow": {"cache", "process_group", "exclude"},
               "snip": {"process_group", "exclude"}, "random": {"process_group", "exclude"},
-              "ntt": {"target_density", "scope", "process_group", "exclude"}}
+              "ntt": {"target_density", "scope", "process_group", "exclude", "include"}}
     for name, takes in expect.items():
         assert methods.get(name).takes == takes, name
     assert methods.get("ntt").returns == "masks" and methods.get("ntt").single_shot

@@ -548,3 +548,63 @@ def test_calls_whose_rows_are_not_the_samples_go_through_the_whole_model(n):
     if n > 1:
         assert "samples as rows" in report["fc_q.weight"] and "samples as rows" in report["mix.weight"]
     assert "structure: dense layer" in report["fc_x.weight"]
+
+
+class _Attention(nn.Module):
+    """Weights read outside their module's calls: nn.MultiheadAttention reads out_proj.weight inside
+    F.multi_head_attention_forward without calling out_proj; ``side`` is never called, its weight
+    is used by the parent; ``out`` is called and its weight read by the parent as well."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(4, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.side = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):  # x: [n, 5, 4]
+        h = torch.tanh(self.inp(x))
+        h = h + self.attn(h, h, h, need_weights=False)[0]
+        h = torch.nn.functional.linear(h, self.side.weight)  # side's weight, not side's call
+        h = torch.tanh(self.out(h)) + h.mean(-1, keepdim=True) * self.out.weight.sum()
+        return self.head(torch.tanh(h).mean(1))
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["dense", "masked"])
+def test_weights_read_without_their_module_being_called(masked):
+    torch.manual_seed(0)
+    model = randomise(_Attention().double()).eval()
+    masks = None
+    if masked:
+        g = torch.Generator().manual_seed(2)
+        masks = {n: torch.rand(p.shape, generator=g) < 0.6 for n, p in model.named_parameters() if p.dim() == 2}
+    x1, x2 = torch.randn(3, 5, 4, dtype=torch.float64), torch.randn(2, 5, 4, dtype=torch.float64)
+    j1, j2 = R.jacobian(model, x1, masks=masks), R.jacobian(model, x2, masks=masks)
+    assert j1["attn.out_proj.weight"].abs().sum() > 0 and j1["side.weight"].abs().sum() > 0
+    for mode in ("full", "trace"):
+        assert rel(empirical_ntk(model, x1, x2, mode=mode, masks=masks), contract(j1, j2, mode)) < 1e-10
+    _, report = empirical_ntk(model, x1, explain=True)
+    for name in ("attn.out_proj.weight", "side.weight", "out.weight"):
+        assert "read outside its own calls" in report[name], name
+    assert "structure: dense layer" in report["head.weight"] and "structure: dense layer" in report["inp.weight"]
+
+
+class _Unused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.spare = nn.Linear(4, 3)  # never called, never read
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_a_module_never_called_contributes_nothing():
+    torch.manual_seed(0)
+    model = _Unused().double()
+    x = torch.randn(4, 4, dtype=torch.float64)
+    j = R.jacobian(model, x)
+    assert rel(empirical_ntk(model, x), contract(j, j, "full")) < 1e-12
+    _, report = empirical_ntk(model, x, explain=True)
+    assert "never called" in report["spare.weight"]

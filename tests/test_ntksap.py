@@ -1,6 +1,7 @@
 """NTK-SAP: the fast engine against a reference written the authors' way, the draws, the estimator,
 the options and the pruning loop."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -492,16 +493,20 @@ class _ReadsChildWeight(nn.Module):
         return self.out(torch.relu(x @ self.fc.weight.t()))
 
 
-def test_auto_falls_back_when_the_wrapped_copy_cannot_run():
+def test_a_wrapped_layer_read_from_outside_gives_its_own_value_or_fails_loudly():
+    """A parent reading a wrapped layer's weight gets that piece's value where one network is
+    evaluated (sequential), and a stacked [G, ...] value no single-network use accepts where G
+    are (grouped): an error, which the auto engine answers with the reference engine."""
     net = _ReadsChildWeight().double()
     init = lambda n: [nn.init.kaiming_normal_(m.weight) for m in (n.fc, n.out)]  # noqa: E731
     kw = dict(input_shape=(5,), init_fn=init, repeats=2, batch_size=4, seed=0)
-    with pytest.warns(RuntimeWarning, match="reference engine"):
-        a = ntksap(net, **kw)
     b = ntksap(net, engine="reference", **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback
+        a = ntksap(net, engine="sequential", **kw)
     assert _max_rel(a, b) < 1e-12
-    with pytest.raises(AttributeError):
-        ntksap(net, engine="sequential", **kw)
+    with pytest.raises(RuntimeError, match="t\\(\\) expects a tensor with <= 2 dimensions"):
+        ntksap(net, engine="grouped", **kw)
 
 
 @pytest.mark.parametrize("engine", ["auto", "sequential", "reference"])

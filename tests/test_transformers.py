@@ -50,12 +50,6 @@ def gpt2():
     return transformers.GPT2LMHeadModel(cfg), (ids[:, :-1], ids[:, 1:])  # next-token targets
 
 
-# what a method cannot do with token ids, by the reason it gives
-TOKEN_REFUSALS = {"synflow_l2": "takes token ids", "synflow_l2_squared": "takes token ids",
-                  "synflow_dist": "takes token ids", "synflow_l2_dist": "takes token ids",
-                  "ntt": "expected a floating-point input"}
-
-
 def _prune(net, method, data, **kw):
     opts = OPTIONS.get(method, {})
     arg = data[0] if method == "ntt" else data
@@ -76,20 +70,15 @@ def test_every_method_prunes_or_names_why(build, method):
     net, data = build()
     before, flags = copy.deepcopy(net.state_dict()), [m.training for m in net.modules()]
     kw = {"include": transformers.pytorch_utils.Conv1D} if build is gpt2 else {}
-    if method == "ntksap" and build is not vit:  # no Gaussian form of token ids: the batches to use
-        kw["inputs"] = [data[0][:4]]
-    if build is not vit and method in TOKEN_REFUSALS:
-        why = "it does not take include" if build is gpt2 and method == "ntt" else TOKEN_REFUSALS[method]
-        with pytest.raises(ValueError, match=why):
-            _prune(net, method, data, **kw)
-    else:
-        masks = _prune(net, method, data, **kw)
-        assert abs(masks.density - 0.3) < 0.02
-        if build is gpt2:  # the tied output layer is the embedding table, named once
-            assert "transformer.wte.weight" in masks and "lm_head.weight" not in masks
-            assert len(masks.metadata["include"]) == 8  # c_attn, c_proj, c_fc, c_proj in 2 blocks
-        if build is vit:
-            assert "vit.layers.0.attention.q_proj.weight" in masks or any("query" in n for n in masks)
+    # token ids: NTK-SAP draws them uniformly, SynFlow and its variants feed every token at once,
+    # the Dist variants the token frequencies of data
+    masks = _prune(net, method, data, **kw)
+    assert abs(masks.density - 0.3) < 0.02
+    if build is gpt2:  # the tied output layer is the embedding table, named once
+        assert "transformer.wte.weight" in masks and "lm_head.weight" not in masks
+        assert len(masks.metadata["include"]) == 8  # c_attn, c_proj, c_fc, c_proj in 2 blocks
+    if build is vit:
+        assert "vit.layers.0.attention.q_proj.weight" in masks or any("query" in n for n in masks)
     assert _unchanged(net, before, flags)
 
 

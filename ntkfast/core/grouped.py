@@ -82,11 +82,19 @@ class _Context:
         self.groups = 1
         self.bn = BatchNormPlan()
         self.grouped_conv = False
+        # inside a _Generic leaf's call for one group: that group's index (the leaves below it
+        # then compute one network, with that group's values)
+        self.group: Optional[int] = None
+        self.rows = 0  # rows of the stacked input: G x the samples of one group
 
 
 def _per_group(t: torch.Tensor, ctx: _Context) -> torch.Tensor:
     """``[G*B, ...] -> [G, B, ...]`` (a view when possible)."""
     return t.reshape(ctx.groups, t.shape[0] // ctx.groups, *t.shape[1:])
+
+
+def _no_fused_path(module, args):
+    return None
 
 
 class _Leaf(nn.Module):
@@ -99,13 +107,38 @@ class _Leaf(nn.Module):
         self.ctx = ctx
         self.keys: Dict[str, str] = {}  # attr -> key of its value (a tied parameter: its first name)
 
+        # a parent may read a layer's configuration (TransformerEncoderLayer reads norm1.eps and
+        # self_attn.in_proj_bias before choosing its fused path); a hook on every wrapper keeps that
+        # fused path, which would compute with the layers' own weights, from being chosen at all
+        self.register_forward_pre_hook(_no_fused_path)
+
     @property
     def module(self) -> nn.Module:
         return self.inner[0]
 
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            d = self.__dict__
+            if "inner" not in d or name.startswith("__"):
+                raise
+        # what the wrapped layer has: a parameter reads as this call's value (one group: the
+        # weight itself; several: stacked [G, ...], which no single-network use accepts silently)
+        key = d["keys"].get(name)
+        ctx = d["ctx"]
+        if key is not None and key in ctx.values:
+            v = self.v(name)
+            return v[0] if ctx.groups == 1 else v
+        return getattr(d["inner"][0], name)
+
     def v(self, attr: str) -> Optional[torch.Tensor]:
         key = self.keys.get(attr)
-        return None if key is None else self.ctx.values[key]
+        if key is None:
+            return None
+        v = self.ctx.values[key]
+        g = self.ctx.group
+        return v if g is None else v[g:g + 1]
 
 
 class _Linear(_Leaf):
@@ -339,13 +372,33 @@ class _Generic(_Leaf):
         self.params = params  # the module's own parameter names (``weight_orig`` under prune hooks)
 
     def forward(self, *args, **kwargs):
-        G = self.ctx.groups
+        G, rows = self.ctx.groups, self.ctx.rows
+        if G > 1 and (not isinstance(args[0], torch.Tensor) or args[0].dim() == 0 or args[0].shape[0] != rows):
+            # (a position embedding on arange(T), a sequence-first layer): its rows are not the
+            # groups' samples, so they cannot be split by group
+            got = tuple(args[0].shape) if isinstance(args[0], torch.Tensor) else type(args[0]).__name__
+            raise NotGroupable(f"layer {self.name!r} ({type(self.module).__name__}) is called on {got}, whose first "
+                               f"dimension is not the {rows} stacked samples")
+        B = rows // G
+        # every tensor argument with the samples as rows is split by group (attention's key, value)
+        split = [a.split(B) if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == rows and G > 1 else None
+                 for a in args]
         xs = args[0].split(args[0].shape[0] // G)
         # passed under the parameters' own names, so that a hook recomputing ``weight`` from
         # ``weight_orig`` (torch.nn.utils.prune) sees the group's value
         per = {n: self.v(attribute_name(n)).unbind(0) for n in self.params}
-        outs = [torch.func.functional_call(self.module, {n: v[g] for n, v in per.items()}, (xs[g],) + args[1:], kwargs)
-                for g in range(G)]
+        ctx, outer = self.ctx, self.ctx.group
+        outs = []
+        try:
+            # the wrapped layers below this one (called, or read as MultiheadAttention reads its
+            # out_proj) compute one network with this group's values
+            ctx.groups, ctx.rows = 1, B
+            for g in range(G):
+                ctx.group = g if outer is None else outer
+                call = (xs[g],) + tuple(a if p is None else p[g] for a, p in zip(args[1:], split[1:]))
+                outs.append(torch.func.functional_call(self.module, {n: v[g] for n, v in per.items()}, call, kwargs))
+        finally:
+            ctx.groups, ctx.group, ctx.rows = G, outer, rows
         return torch.cat(outs, 0) if G > 1 else outs[0]
 
 
@@ -462,6 +515,7 @@ class GroupedNetwork:
             raise ValueError(f"x: {x.shape[0]} rows is not a multiple of {groups} groups")
         ctx = self.ctx
         ctx.values, ctx.groups, ctx.bn = values, groups, bn if bn is not None else BatchNormPlan()
+        ctx.rows = x.shape[0]
         try:
             out = self.net(x)
         finally:

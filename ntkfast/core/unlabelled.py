@@ -4,7 +4,8 @@ shapes a user's data comes in, with a held-out validation slice and seeded epoch
 Accepted: an input tensor ``[N, ...]``; a pair ``(inputs, targets)`` (targets ignored); an
 ntkfast dataset (``ntkfast.data``; read through its fast ``batches``); a map-style torch Dataset
 (items ``x`` or ``(x, ...)``); or any other iterable of batches, a list or a DataLoader (tensors
-or tuples whose first element is the input), which is read once into memory.
+or tuples whose first element is the input), which is read once into memory. The inputs are
+real-valued, or token ids (an integer tensor) where the caller says the model embeds them.
 """
 from __future__ import annotations
 
@@ -24,6 +25,11 @@ def _first(item):
     return item
 
 
+def accepted_inputs(x: torch.Tensor, ids: bool) -> bool:
+    """Real-valued inputs, or (``ids``: for a model that embeds them) integer token ids."""
+    return x.is_floating_point() or (ids and x.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8))
+
+
 def _is_labelled_pair(data) -> bool:
     """(inputs [N, ...], labels [N] or one-hot [N, K]): the labels are integers, 1-d, or shaped
     unlike the inputs (two input batches of the same shape are not a pair)."""
@@ -38,7 +44,7 @@ def _is_labelled_pair(data) -> bool:
 class Unlabelled:
     """Indexable unlabelled inputs: ``take(idx)`` returns the inputs at those indices as one batch."""
 
-    def __init__(self, data, name: str = "data"):
+    def __init__(self, data, name: str = "data", *, ids: bool = False):
         self._tensor: Optional[torch.Tensor] = None
         self._dataset = None
         self._fast = False
@@ -63,10 +69,10 @@ class Unlabelled:
             if len(shapes) != 1:
                 raise ValueError(f"{name}: batches have different sample shapes {sorted(shapes)}")
             self._tensor = torch.cat(items)
-        if self._tensor is not None:
-            if self._tensor.dim() < 2 or not self._tensor.is_floating_point():
-                raise ValueError(f"{name}: expected a floating-point input tensor [N, ...], got "
-                                 f"{self._tensor.dtype} {tuple(self._tensor.shape)}")
+        if self._tensor is not None and (self._tensor.dim() < 2 or not accepted_inputs(self._tensor, ids)):
+            raise ValueError(f"{name}: expected a floating-point input tensor [N, ...]"
+                             f"{' or token ids (integers)' if ids else ''}, got "
+                             f"{self._tensor.dtype} {tuple(self._tensor.shape)}")
         if len(self) == 0:
             raise ValueError(f"{name}: no samples")
 
@@ -103,7 +109,7 @@ class Unlabelled:
         return batch_size
 
 
-def split_validation(source: Unlabelled, validation, name: str = "validation"):
+def split_validation(source: Unlabelled, validation, name: str = "validation", *, ids: bool = False):
     """(training indices, validation inputs). An int holds out that many samples from the end
     of the data; a tensor is used as it is and nothing is held out; 0 or None: no validation."""
     n = len(source)
@@ -111,8 +117,9 @@ def split_validation(source: Unlabelled, validation, name: str = "validation"):
     if validation is None or (isinstance(validation, int) and not isinstance(validation, bool) and validation == 0):
         return all_idx, None
     if isinstance(validation, torch.Tensor):
-        if validation.dim() < 2 or validation.shape[0] < 2 or not validation.is_floating_point():
-            raise ValueError(f"{name}: expected at least two floating-point validation inputs [N, ...], got "
+        if validation.dim() < 2 or validation.shape[0] < 2 or not accepted_inputs(validation, ids):
+            raise ValueError(f"{name}: expected at least two floating-point validation inputs [N, ...]"
+                             f"{' or token ids' if ids else ''}, got "
                              f"{validation.dtype} {tuple(validation.shape)}")
         return all_idx, validation
     if isinstance(validation, bool) or not isinstance(validation, int) or validation < 2:

@@ -9,6 +9,8 @@ from typing import Dict, List, Sequence
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 from ..core.state import output_tensor
 from ._plan import Plan
@@ -150,3 +152,67 @@ class _Untappable(ValueError):
     def __init__(self, name):
         super().__init__(name)
         self.module_name = name
+
+
+class _ReadWatch(TorchFunctionMode):
+    """Notes every torch function that reads a watched parameter while its module is not running."""
+
+    def __init__(self, watched: Dict[int, str], active: Dict[str, int], outside: set):
+        super().__init__()
+        self.watched, self.active, self.outside = watched, active, outside
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for t in tree_leaves((args, kwargs)):
+            owner = self.watched.get(id(t)) if isinstance(t, torch.Tensor) else None
+            if owner is not None and not self.active.get(owner):
+                self.outside.add(owner)
+        return func(*args, **kwargs)
+
+
+def read_outside_their_module(model, plan: Plan, x: torch.Tensor) -> List[str]:
+    """The planned modules whose parameters the forward on ``x`` reads while the module itself is
+    not running (``F.linear(h, self.lm_head.weight)`` in a parent's forward, an embedding table
+    reused as the output layer). A tap on the module sees only its own calls, so such a module's
+    per-call contraction would miss the other use: it goes through the whole-model path instead.
+    One extra forward without gradients, under a torch-function mode."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    rules = [r for r in plan.rules if r.module_name in modules]
+    active: Dict[str, int] = {}
+    outside: set = set()
+    watched: Dict[int, str] = {}
+
+    def collect(module, args):
+        # after functional_call has put the forward's values in place: these are the tensors read
+        watched.clear()
+        for r in rules:
+            own = modules[r.module_name]._parameters
+            for entry in r.params.values():
+                t = own.get(entry.attr)
+                if t is not None:
+                    watched[id(t)] = r.module_name
+
+    def enter(name):
+        def hook(module, args):
+            active[name] = active.get(name, 0) + 1
+        return hook
+
+    def leave(name):
+        def hook(module, args, output):
+            active[name] -= 1
+        return hook
+
+    handles = [model.register_forward_pre_hook(collect, prepend=True)]
+    try:
+        for r in rules:
+            m = modules[r.module_name]
+            # first in, last out: a prune hook's recomputation of the weight counts as the module's own
+            handles.append(m.register_forward_pre_hook(enter(r.module_name), prepend=True))
+            handles.append(m.register_forward_hook(leave(r.module_name), always_call=True))
+        with torch.no_grad(), _ReadWatch(watched, active, outside):
+            functional_call(model, plan.forward_values, (x,))
+    finally:
+        for h in handles:
+            h.remove()
+    return [r.module_name for r in rules if r.module_name in outside]
+

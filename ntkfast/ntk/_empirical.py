@@ -11,7 +11,7 @@ import torch
 
 from ..core.checks import check_bytes
 from ..core.progress import progress_bar
-from ._capture import Capture, _Untappable, capture
+from ._capture import Capture, _Untappable, capture, read_outside_their_module
 from ._layers import RULES, whole_model_terms
 from ._plan import Plan, build_plan
 from ._terms import MODES, DenseTerm, as_dense, pair
@@ -65,25 +65,37 @@ class Engine:
 
     def __init__(self, model, plan: Plan, create_graph: bool):
         self.model, self.plan, self.create_graph = model, plan, create_graph
+        self._reads_checked = False
 
     def capture(self, x: torch.Tensor, ks) -> Capture:
+        if not self._reads_checked:  # once per engine, on the first (probe) capture
+            self._reads_checked = True
+            for name in read_outside_their_module(self.model, self.plan, x[:1]):
+                self._demote(name, "has its weights read outside its own calls as well")
         while True:
             try:
-                return capture(self.model, self.plan, x, ks, create_graph=self.create_graph)
+                cap = capture(self.model, self.plan, x, ks, create_graph=self.create_graph)
             except _Untappable as exc:
-                self._demote(exc.module_name)
+                self._demote(exc.module_name, "is not called as tensor -> tensor with the samples as rows")
+                continue
+            # A module never called may still have its weights used: nn.MultiheadAttention reads
+            # out_proj.weight inside F.multi_head_attention_forward without calling out_proj. Taps
+            # see nothing of such a use, so these weights go through the whole-model path, which
+            # differentiates whatever the forward does with them (zero for weights it never reads).
+            silent = [r.module_name for r in self.plan.rules if not cap.calls.get(r.module_name)]
+            if not silent:
+                return cap
+            for name in silent:
+                self._demote(name, "is never called, so its weights are read some other way (or not at all)")
 
-    def _demote(self, name: str) -> None:
-        # A module whose call is not tensor -> tensor, or whose rows are not the samples, cannot be
-        # tapped: its parameters go through the whole-model torch.func path instead.
+    def _demote(self, name: str, why: str) -> None:
+        # A module that cannot be tapped: its parameters go through the whole-model torch.func path instead.
         for rule in list(self.plan.rules):
             if rule.module_name == name:
                 self.plan.rules.remove(rule)
                 for entry in rule.params.values():
                     self.plan.whole_model.append(entry)
-                    self.plan.whole_model_reason[entry.name] = (
-                        f"torch.func through the whole model: module {name!r} is not called as tensor -> tensor "
-                        "with the samples as rows")
+                    self.plan.whole_model_reason[entry.name] = f"torch.func through the whole model: module {name!r} {why}"
                 return
         raise RuntimeError(f"internal: cannot demote module {name!r}")
 

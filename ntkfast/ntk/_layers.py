@@ -199,10 +199,28 @@ def whole_model_terms(model, plan: Plan, cap: Capture) -> Dict[str, object]:
     except RuntimeError:
         # some modules have no batching rule over samples (nn.LSTM/GRU's fused kernels fail inside
         # vmap) though jacrev of one sample works: one sample at a time, the same numbers, slower
-        per = [jacrev(single)(values, x_i) for x_i in cap.x]
+        try:
+            per = [jacrev(single)(values, x_i) for x_i in cap.x]
+        except RuntimeError:
+            # and under create_graph (the NTT loss) even jacrev of one sample fails there: its vmap
+            # over the outputs meets the fused kernel's double backward. Plain autograd, row by row.
+            per = [_rows_by_autograd(single, values, x_i) for x_i in cap.x]
         jac = {n: torch.stack([j[n] for j in per]) for n in names}
     return OrderedDict((n, DenseTerm(jac[n].reshape(jac[n].shape[0], jac[n].shape[1], -1),
                                      plan.whole_model_reason[n])) for n in names)
+
+
+def _rows_by_autograd(single, values, x_i) -> Dict[str, torch.Tensor]:
+    """jacrev(single)(values, x_i) without torch.func: one backward pass per output, through the
+    graph of the values that require grad (so the result can be differentiated again)."""
+    graph = any(v.requires_grad for v in values.values())
+    leaves = {n: v if v.requires_grad else v.detach().requires_grad_(True) for n, v in values.items()}
+    with torch.enable_grad():
+        out = single(leaves, x_i)
+        rows = [torch.autograd.grad(out[k], list(leaves.values()), retain_graph=True, create_graph=graph,
+                                    allow_unused=True) for k in range(out.shape[0])]
+    return {n: torch.stack([r[i] if r[i] is not None else torch.zeros_like(leaves[n]) for r in rows])
+            for i, n in enumerate(leaves)}
 
 
 RULES = {"linear": linear_terms, "conv": conv_terms, "batchnorm": batchnorm_terms, "generic": generic_terms}

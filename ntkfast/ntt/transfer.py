@@ -31,6 +31,7 @@ from ..core.checks import check_choice, check_int, check_number, check_seed
 from ..core.compiled import unwrap, without_compiled_submodules
 from ..core.exclude import ExcludeSpec, resolve_exclude
 from ..core.options import InitMask, Scope, TransferKernel, choices
+from ..core.tokens import embeds_tokens
 from ..core.unlabelled import Unlabelled, split_validation, total_steps
 from ..distributed import Shard, resolve as resolve_shard
 from ..masks import Masks, prunable_parameters, threshold
@@ -135,6 +136,15 @@ def transfer_loss(student: nn.Module, masks: Mapping[str, torch.Tensor], x: torc
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel: expected one of {', '.join(map(repr, KERNELS))}, got {kernel!r}")
+    # the loss holds the student's NTK, so its gradient is a second derivative: attention is recorded
+    # on PyTorch's math kernel, as the fused kernels have none
+    with sdpa_kernel([SDPBackend.MATH]):
+        return _transfer_loss(student, masks, x, teacher_out, teacher_ntk, density, lambda_ker, lambda_l2, kernel,
+                              create_graph, part)
+
+
+def _transfer_loss(student, masks, x, teacher_out, teacher_ntk, density, lambda_ker, lambda_l2, kernel, create_graph,
+                   part):
     x1, x2 = _halves(x)
     r1, rx = _rows(x1.shape[0], part), _rows(x.shape[0], part)
     every = OrderedDict(student.named_parameters())
@@ -254,6 +264,7 @@ def transfer(
     process_group=None,
     exclude: Optional[ExcludeSpec] = None,
     bn: Optional[BNMode] = None,
+    include: Optional[ExcludeSpec] = None,
 ) -> TransferResult:
     """Neural Tangent Transfer: a sparse student of ``model`` whose outputs and empirical NTK
     mimic the dense ``model``'s, learned without labels.
@@ -319,6 +330,9 @@ def transfer(
             for :func:`ntkfast.prune`. They are trained like the others (and count in the L2 term)
             but never masked; ``density`` is the fraction kept of the other prunable weights, and
             the masks returned hold the excluded ones all kept (``masks.metadata["exclude"]``).
+        include: weights the student masks besides the Linear and Conv weights (an embedding
+            table, transformers' ``Conv1D``, recurrent weights), picked as for
+            :func:`ntkfast.prune`; ``exclude`` acts after it.
 
     Returns:
         a :class:`TransferResult`: ``(masks, state_dict)`` (the learned weights, zero where
@@ -368,9 +382,10 @@ def transfer(
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("model: no parameter requires grad, so the student has nothing to learn")
-    every_name = list(prunable_parameters(model))
+    every_name = list(prunable_parameters(model, include=include))
     if not every_name:
-        raise ValueError("model: no prunable weights (Linear or Conv modules) to mask")
+        raise ValueError("model: no prunable weights (Linear or Conv modules) to mask; include= adds others")
+    included = [n for n in every_name if n not in set(prunable_parameters(model))] if include is not None else []
     excluded = resolve_exclude(model, exclude, every_name)
     names = [n for n in every_name if n not in excluded]  # the masked ones
     if not names:
@@ -385,10 +400,12 @@ def transfer(
     part = (shard.rank, shard.size) if shard.split else None
     # what depends on each process's own data is agreed on (shard.run), so that no process goes on
     # into a collective that another has left
-    source = shard.run(lambda: Unlabelled(data))
+    # token ids are inputs like any other: the NTK is taken with respect to the weights only
+    ids = embeds_tokens(model)
+    source = shard.run(lambda: Unlabelled(data, ids=ids))
     if validation is None:  # the authors' validation batch, when the data can spare it
         validation = batch_size if len(source) >= 4 * batch_size else (len(source) // 4 if len(source) >= 8 else 0)
-    train_idx, val_x = shard.run(lambda: split_validation(source, validation))
+    train_idx, val_x = shard.run(lambda: split_validation(source, validation, ids=ids))
     n_train = len(train_idx)
     if Unlabelled.batches_per_epoch(n_train, batch_size) == 0:
         raise ValueError(f"data: {n_train} training inputs, too few for one batch of two")
@@ -474,6 +491,8 @@ def transfer(
                         init_mask=init_mask, scope=scope, seed=seed, log_every=log_every)
         if excluded:  # (only then: checkpoints made before exclude= existed still resume)
             settings["exclude"] = list(excluded)
+        if included:
+            settings["include"] = included
         if bn != "eval":
             settings["bn"] = bn
         expected = _ckpt.fingerprint(teacher, settings, source.take(train_idx[:batch_size]), n_train, val_x)
@@ -530,9 +549,7 @@ def transfer(
 
                 def local():
                     t_out, t_ntk = teacher_targets(teacher, xb, trainable, part=part)
-                    # the loss holds the student's NTK, so its gradient is a second derivative: attention
-                    # on PyTorch's math kernel, as the fused kernels have none
-                    with torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):
+                    with torch.enable_grad():
                         loss, parts = transfer_loss(student, masks, xb, t_out, t_ntk, part=part, **opts)
                         grads = (torch.autograd.grad(loss, learned, allow_unused=True) if loss.requires_grad
                                  else [None] * len(learned))
@@ -583,6 +600,7 @@ def transfer(
         "method": "ntt", "density": density, "scope": scope, "init_mask": init_mask, "steps": step,
         "batch_size": batch_size, "lambda_ker": lambda_ker, "lambda_l2": lambda_l2, "lr": lr,
         "mask_update_every": mask_update_every, "seed": seed, "kernel": kernel,
-        **({"exclude": list(excluded)} if excluded else {}), **({"bn": bn} if bn != "eval" else {}),
+        **({"exclude": list(excluded)} if excluded else {}), **({"include": included} if included else {}),
+        **({"bn": bn} if bn != "eval" else {}),
     })
     return TransferResult(out_masks, state, history)

@@ -6,7 +6,8 @@ path sum R_power = Σ_p |π_p|^power of a bias-free network."""
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Mapping, Optional
+from contextlib import contextmanager
+from typing import Callable, Mapping, Optional
 
 import torch
 from torch import nn
@@ -33,11 +34,16 @@ class PathNetwork:
     :meth:`scores` runs a private transformed copy of the model whose scored weights are written
     in place each round (g(θ) ⊙ m into the copy's own tensors), instead of a functional call that
     swaps every parameter and buffer in and out and rebuilds the transformed weights per round.
-    The arithmetic is the same; it costs a second copy of the model's state."""
+    The arithmetic is the same; it costs a second copy of the model's state.
+
+    ``feed`` (a model that embeds token ids): installs, on the network it is given, the forward
+    hooks that make its embeddings output what the path network feeds them (see
+    :mod:`ntkfast.core.tokens`), and returns their handles; the input is then token ids of
+    ``input_shape`` (all 0, which those hooks replace)."""
 
     def __init__(self, model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]], power: int,
                  dtype: torch.dtype, *, input_shape=None, inputs: Optional[torch.Tensor] = None, data=None,
-                 reuse: bool = False):
+                 reuse: bool = False, feed: Optional[Callable[[nn.Module], list]] = None):
         self.model = model
         self.power = check_power(power)
         self.g = torch.abs if self.power == 1 else torch.square
@@ -45,6 +51,7 @@ class PathNetwork:
         self.targets = resolve_targets(model, masks)  # through the setter: which layers keep every weight
         self.dtype = resolve_dtype(self.targets, dtype)
         self.device = model_device(model)
+        self.feed = feed
         self._state = None if reuse else self._state_copy()
         self.x = self._input(input_shape, inputs, data)
         self.total: Optional[float] = None
@@ -87,7 +94,8 @@ class PathNetwork:
         for p in slots.values():
             p.requires_grad_(requires_grad)
         try:
-            out = output_tensor(dup(x))
+            with self._fed(dup):
+                out = output_tensor(dup(x))
         except RuntimeError as exc:
             raise ValueError(f"input_shape: the forward failed for an input of shape {tuple(x.shape[1:])}: {exc}") \
                 from exc
@@ -97,7 +105,19 @@ class PathNetwork:
             raise OverflowError(self._overflow_message(self.state, x))
         return out
 
+    @contextmanager
+    def _fed(self, net: nn.Module):
+        handles = self.feed(net) if self.feed is not None else []
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
     def _input(self, input_shape, inputs, data) -> torch.Tensor:
+        if self.feed is not None:
+            shape = resolve_input_shape(self.model, input_shape, data) if inputs is None else inputs.shape
+            return torch.zeros((1,) + tuple(shape), dtype=torch.long, device=self.device)
         if inputs is None:
             shape = resolve_input_shape(self.model, input_shape, data)
             return torch.ones((1,) + tuple(shape), dtype=self.dtype, device=self.device)
@@ -213,7 +233,8 @@ class PathNetwork:
             for mname, names in by_module.items():
                 handles.append(modules[mname].register_forward_hook(tap(names)))
             with torch.enable_grad():
-                x = self.x.clone().requires_grad_(True)  # so that every layer's output is in the graph
+                # so that every layer's output is in the graph (token ids cannot be: see tap)
+                x = self.x.clone().requires_grad_(True) if self.x.is_floating_point() else self.x
                 out = self._private_run(x, False) if private is not None else self.run(self.weights(requires_grad=False), x)
                 outputs = [y for n in self.targets for _, y in taps[n]]
                 live = [y for y in outputs if y.requires_grad]  # all of them (see tap)
@@ -233,7 +254,8 @@ class PathNetwork:
         x = self.x if x is None else x
         state = substitute(self.state, self.targets, weights)
         try:
-            out = functional_forward(self.model, state, x)
+            with self._fed(self.model):
+                out = functional_forward(self.model, state, x)
         except RuntimeError as exc:
             raise ValueError(f"input_shape: the forward failed for an input of shape {tuple(x.shape[1:])}: {exc}") \
                 from exc
@@ -252,7 +274,7 @@ class PathNetwork:
 
         handles = [m.register_forward_hook(hook(n)) for n, m in self.model.named_modules() if n]
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self._fed(self.model):
                 functional_forward(self.model, state, x)
         finally:
             for h in handles:

@@ -29,21 +29,34 @@ from ..core.checks import check_choice
 from ..core.numerics import grad_dict, remember_float64, with_float64_fallback
 from ..core.state import functional_forward, output_tensor, private_copy, run_notes, state_copy, substitute
 from ..core.targets import finish, model_device, remask, resolve_targets
+from ..core.tokens import TOKEN_LAYERS, TokenFrequencies, every_token, input_embedding
 
 
-_TOKEN_LAYERS = (nn.Embedding, nn.EmbeddingBag)
 _TOKEN_INPUTS = ("all", "refuse")
 TokenInput = Literal["all", "refuse"]
 
 
-def _check_continuous_input(model: nn.Module, scorer: str) -> None:
+def _check_continuous_input(model: nn.Module, scorer: str, why: str = "") -> None:
     """SynFlow and its variants feed the network a made-up real input (ones, or the mean input); a
     layer taking token ids cannot be fed one, so the model is refused by name, not failed inside."""
     for name, m in model.named_modules():
-        if isinstance(m, _TOKEN_LAYERS):
+        if isinstance(m, TOKEN_LAYERS):
             raise ValueError(f"model: {scorer} feeds the network a real-valued input (ones or the mean input), but "
-                             f"{type(m).__name__} {name!r} takes token ids; use a data-based method (snip, grasp, "
-                             "ntksap with inputs=) or score the layers after the embedding")
+                             f"{type(m).__name__} {name!r} takes token ids{why}; use a data-based method (snip, "
+                             "grasp, ntksap) or score the layers after the embedding")
+
+
+def _token_feed(model: nn.Module, token_input: str, scorer: str):
+    """For a model that embeds token ids: the hooks feeding every nn.Embedding all its tokens at
+    once (token_input "all"); None for a model without embeddings; refused by name otherwise."""
+    check_choice(token_input, "token_input", _TOKEN_INPUTS)
+    kinds = {type(m) for m in model.modules() if isinstance(m, TOKEN_LAYERS)}
+    if not kinds:
+        return None
+    if token_input == "all" and kinds == {nn.Embedding}:  # an EmbeddingBag is still refused
+        return every_token
+    _check_continuous_input(model, scorer, " (token_input='refuse')" if token_input == "refuse" else
+                            " (an EmbeddingBag sums a bag of ids: no all-tokens input is defined for it)")
 
 
 @register("synflow", "SynFlow: |theta * dR/dtheta|, R = sum of the |state|-network's output on ones (data-free)", takes=("cache",))
@@ -77,16 +90,12 @@ def synflow(
     which is what SynFlow feeds every other layer. The input is then token ids of ``input_shape``
     (e.g. ``(sequence length,)``); position and token-type tables get the same treatment.
     "refuse" raises ValueError naming the layer instead."""
-    check_choice(token_input, "token_input", _TOKEN_INPUTS)
     # what does not change between the rounds of one pruning run is worked out in its first round:
     # per round, walking the modules and looking the parameters up again cost as much as the forward
     notes = run_notes(cache)
     setup = notes.get(("synflow", token_input)) if notes is not None else None
     if setup is None:
-        kinds = {type(m) for m in model.modules() if isinstance(m, _TOKEN_LAYERS)}
-        tokens = token_input == "all" and kinds == {nn.Embedding}  # an EmbeddingBag is still refused
-        if not tokens:
-            _check_continuous_input(model, "synflow")
+        tokens = _token_feed(model, token_input, "synflow") is not None
         setup = {"tokens": tokens, "device": model_device(model), "targets": None, "inputs": {}}
         if notes is not None:
             notes[("synflow", token_input)] = setup
@@ -118,7 +127,7 @@ def synflow(
             w = OrderedDict(
                 (n, t.param.detach().to(dt).abs().mul_(t.mask).requires_grad_(True)) for n, t in targets.items()
             )
-        hooks = _every_token(prepared[0] if prepared is not None else model) if tokens else []
+        hooks = every_token(prepared[0] if prepared is not None else model) if tokens else []
         try:
             if prepared is not None:
                 out = output_tensor(dup(x))
@@ -165,16 +174,6 @@ def synflow(
     return finish(result, targets)
 
 
-def _every_token(net: nn.Module) -> list:
-    """Forward hooks making every nn.Embedding of ``net`` output the sum of its rows (the weight
-    it computes with, so |theta| * m under SynFlow's substitution) at every position it is asked
-    for: all tokens present at once."""
-    def all_rows(module, args, out):
-        return module.weight.sum(0).to(out.dtype).expand_as(out)
-
-    return [m.register_forward_hook(all_rows) for m in net.modules() if type(m) is nn.Embedding]
-
-
 def _prepared(model, targets, dt, train_mode, cache):
     """The cached |state| copy of ``model`` in ``dt`` with the targets' |theta|, or None when there
     is no cache, in train mode (BatchNorm would carry statistics from one call to the next), or
@@ -193,16 +192,15 @@ def _prepared(model, targets, dt, train_mode, cache):
 
 
 # -- the Path Kernel variants ----------------------------------------------------------------------
-def _network(model, masks, power, dtype, input_shape, data, cache, inputs=None, key=None):
-    _check_continuous_input(model, "SynFlow-L2")
+def _network(model, masks, power, dtype, input_shape, data, cache, inputs=None, key=None, feed=None):
     dt = torch.float64 if dtype is None else dtype
     if cache is None:
-        return PathNetwork(model, masks, power, dt, input_shape=input_shape, inputs=inputs, data=data)
+        return PathNetwork(model, masks, power, dt, input_shape=input_shape, inputs=inputs, data=data, feed=feed)
     key = ("path network", key, power, str(dt))
     net = cache.get(key)
     if net is None:
         net = cache[key] = PathNetwork(model, masks, power, dt, input_shape=input_shape, inputs=inputs, data=data,
-                                       reuse=True)
+                                       reuse=True, feed=feed)
     else:  # the state is unchanged; only the masks move between rounds
         net.targets = remask(model, net.targets, masks) if masks is not None else resolve_targets(model, masks)
     return net
@@ -231,6 +229,42 @@ def mean_input(data) -> torch.Tensor:
     return total / n
 
 
+def _dist_feed(model, data, input_mean, cache, scorer):
+    """SynFlow-Dist's input for a model that embeds token ids: the mean one-hot input of the
+    embedding that looks the model's input up, i.e. each token's frequency at each position in
+    ``data``, fed as that embedding's frequency-weighted rows (the other embeddings, looking up
+    what the model makes itself, such as positions, look it up as usual). Returns (ids shape, the
+    hook installer), or None for a model without embeddings."""
+    if not any(isinstance(m, TOKEN_LAYERS) for m in model.modules()):
+        return None
+    if input_mean is not None:
+        raise ValueError(f"input_mean: {scorer} of a model that embeds token ids feeds each token's frequency in "
+                         "data=, not a mean input")
+    if data is None:
+        raise ValueError(f"data: {scorer} feeds the token frequencies of the training inputs; pass data=")
+    key = ("token frequencies", id(data))
+    freq = cache.get(key) if cache is not None else None
+    if freq is None:
+        from ..core.unlabelled import Unlabelled
+
+        source = Unlabelled(data, ids=True)
+        ids = source.take(torch.arange(len(source)))
+        if ids.is_floating_point():
+            _check_continuous_input(model, scorer, " and data holds real-valued inputs")
+        freq = TokenFrequencies(ids)
+        if cache is not None:
+            cache[key] = freq
+    found = input_embedding(model, freq.shape)
+    if found is None or type(found[1]) is not nn.Embedding:
+        _check_continuous_input(model, scorer, " but no nn.Embedding looks up the model's input itself")
+    name = found[0]
+
+    def feed(net):
+        return [freq.hook(net.get_submodule(name))]
+
+    return freq.shape, feed
+
+
 def _dist_input(data, input_mean, cache):
     if input_mean is not None:
         if not isinstance(input_mean, torch.Tensor):
@@ -254,21 +288,26 @@ def _dist_input(data, input_mean, cache):
 
 @register("synflow_l2", "SynFlow-L2 (Path Kernel authors' code): |theta| * SynFlow score (data-free)", takes=("cache",))
 def synflow_l2(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = None, *, data=None, seed: int = 0,
-               dtype=None, input_shape=None, cache: Optional[dict] = None) -> "OrderedDict[str, torch.Tensor]":
+               dtype=None, input_shape=None, cache: Optional[dict] = None,
+               token_input: TokenInput = "all") -> "OrderedDict[str, torch.Tensor]":
     """|θ| · |θ ⊙ ∂R₁/∂θ| with R₁ the |state| network's output on ones (float64 unless ``dtype``).
-    ``seed`` is ignored."""
-    net = _network(model, masks, 1, dtype, input_shape, data, cache)
+    ``token_input``: as for :func:`synflow` (an embedding fed every token at once). ``seed`` is
+    ignored."""
+    feed = _token_feed(model, token_input, "synflow_l2")
+    net = _network(model, masks, 1, dtype, input_shape, data, cache, feed=feed)
     return finish(_flow(net, 2), net.targets)
 
 
 @register("synflow_l2_squared", "SynFlow-L2, squared paths (PHEW-style code): |theta| * dR2/d(theta^2), "
                                 "the theta^2 network fed ones (data-free)", takes=("cache",))
 def synflow_l2_squared(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = None, *, data=None,
-                       seed: int = 0, dtype=None, input_shape=None,
-                       cache: Optional[dict] = None) -> "OrderedDict[str, torch.Tensor]":
+                       seed: int = 0, dtype=None, input_shape=None, cache: Optional[dict] = None,
+                       token_input: TokenInput = "all") -> "OrderedDict[str, torch.Tensor]":
     """|θ| ⊙ ∂R₂/∂(θ²), R₂ = Σ outputs of the squared network on ones = Σ_p π_p² (the path
-    kernel's diagonal times |θ|). ``seed`` is ignored."""
-    net = _network(model, masks, 2, dtype, input_shape, data, cache)
+    kernel's diagonal times |θ|). ``token_input``: as for :func:`synflow` (an embedding fed every
+    token at once: the sum of its squared rows). ``seed`` is ignored."""
+    feed = _token_feed(model, token_input, "synflow_l2_squared")
+    net = _network(model, masks, 2, dtype, input_shape, data, cache, feed=feed)
     return finish(net.scores(1), net.targets)
 
 
@@ -278,11 +317,20 @@ def synflow_dist(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] =
                  input_mean: Optional[torch.Tensor] = None, seed: int = 0, dtype=None,
                  cache: Optional[dict] = None) -> "OrderedDict[str, torch.Tensor]":
     """|θ ⊙ ∂R₁/∂θ| with the |state| network fed x̄, the mean training input of ``data`` (an ntkfast
-    image dataset gives its un-normalised mean image) or ``input_mean``. ``seed`` is ignored."""
-    _check_continuous_input(model, "synflow_dist")
-    x = _dist_input(data, input_mean, cache)
-    net = _network(model, masks, 1, dtype, None, None, cache, inputs=x, key="dist")
+    image dataset gives its un-normalised mean image) or ``input_mean``. A model that embeds token
+    ids is fed the mean of their one-hot vectors: each token's frequency at each position of
+    ``data``. ``seed`` is ignored."""
+    net = _dist_network(model, masks, data, input_mean, dtype, cache, "synflow_dist")
     return finish(_flow(net, 1), net.targets)
+
+
+def _dist_network(model, masks, data, input_mean, dtype, cache, scorer):
+    tokens = _dist_feed(model, data, input_mean, cache, scorer)
+    if tokens is not None:
+        shape, feed = tokens
+        return _network(model, masks, 1, dtype, shape, None, cache, key="dist", feed=feed)
+    x = _dist_input(data, input_mean, cache)
+    return _network(model, masks, 1, dtype, None, None, cache, inputs=x, key="dist")
 
 
 @register("synflow_l2_dist", "SynFlow-L2-Dist: |theta| * SynFlow-Dist score (the authors' L2 variant fed the mean "
@@ -291,7 +339,5 @@ def synflow_l2_dist(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]
                     input_mean: Optional[torch.Tensor] = None, seed: int = 0, dtype=None,
                     cache: Optional[dict] = None) -> "OrderedDict[str, torch.Tensor]":
     """|θ| · |θ ⊙ ∂R₁/∂θ| with the |state| network fed x̄ (see :func:`synflow_dist`)."""
-    _check_continuous_input(model, "synflow_l2_dist")
-    x = _dist_input(data, input_mean, cache)
-    net = _network(model, masks, 1, dtype, None, None, cache, inputs=x, key="dist")
+    net = _dist_network(model, masks, data, input_mean, dtype, cache, "synflow_l2_dist")
     return finish(_flow(net, 2), net.targets)

@@ -3,7 +3,8 @@
 A scoring call is a sum over *pieces* (R repeats x batches per repeat); piece i has
 - theta_i: a fresh draw of the model's initialisation (``model.reinitialize()`` or the user's
   ``init_fn``, run on a private copy), every parameter;
-- Z_i: standard normal inputs with the shape of a data batch;
+- Z_i: standard normal inputs with the shape of a data batch (token ids uniform over the table,
+  for a model that looks its input up in an embedding);
 - xi_i: one standard normal per prunable weight.
 Each depends on (seed, i) only, never on which pass or process computes piece i: theta_i and Z_i
 come from the torch generator seeded with mix(seed, i); xi_i of target t is the Philox stream
@@ -68,7 +69,8 @@ class Draws:
                  inputs: Optional[Sequence[torch.Tensor]] = None,
                  weight_samples: Optional[Sequence[Mapping[str, torch.Tensor]]] = None,
                  perturbations: Optional[Sequence[Mapping[str, torch.Tensor]]] = None,
-                 init_copy: Optional[nn.Module] = None, indices: Optional[range] = None):
+                 init_copy: Optional[nn.Module] = None, indices: Optional[range] = None,
+                 vocab: Optional[int] = None):
         self.model = model
         self.targets = targets
         self.seed = int(seed)
@@ -79,6 +81,7 @@ class Draws:
         self.dtype, self.device = dtype, torch.device(device)
         self.inputs, self.weight_samples, self.perturbations = inputs, weight_samples, perturbations
         self.init_fn = init_fn
+        self.vocab = vocab  # Z: token ids uniform over a table of this size instead of N(0, I)
         self._init_copy = init_copy
         self._index = {n: k for k, n in enumerate(targets)}
         self._own_cache: Optional[Dict[str, torch.Tensor]] = None
@@ -110,7 +113,8 @@ class Draws:
                         raise InitFailed(exc) from exc
                     theta = {n: p.detach().clone() for n, p in net.named_parameters()}
                 if need_z:
-                    z = torch.randn(self.batch_shape, dtype=self.dtype, device=self.device)
+                    z = (torch.randn(self.batch_shape, dtype=self.dtype, device=self.device) if self.vocab is None
+                         else torch.randint(0, self.vocab, self.batch_shape, device=self.device))
         self._cached = (i, theta, z)
         return theta, z
 

@@ -20,7 +20,8 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from ...core.checks import check_device, check_int, check_number
+from ...core.checks import check_choice, check_device, check_int, check_number
+from ...core.tokens import embeds_tokens, input_embedding, token_layers
 from ... import ops
 from ...distributed import resolve as resolve_shard
 from ...methods import register
@@ -33,6 +34,7 @@ from ._reference import reference_scores
 
 _ENGINES = ("auto", "grouped", "sequential", "reference")
 _BN_STATS = ("single_pass", "authors")
+_TOKEN_INPUTS = ("random", "refuse")
 # On CPU, larger passes run slower per sample once the activations leave the caches: a pass is
 # kept under this many bytes of saved activations unless memory_budget says otherwise.
 _CPU_PASS_BYTES = 192 << 20
@@ -64,6 +66,7 @@ def ntksap(
     data=None,
     cache: Optional[dict] = None,
     process_group=None,
+    token_input: str = "random",
 ) -> "OrderedDict[str, torch.Tensor]":
     """NTK-SAP saliency of every prunable weight under ``masks``.
 
@@ -103,6 +106,13 @@ def ntksap(
     ``process_group``: the pieces are split in contiguous blocks over its processes and the mask
     gradients all-reduced (see :mod:`ntkfast.distributed`; default: the world group when
     torch.distributed is initialised, False: no split).
+    ``token_input``: what a model that looks its input up in an ``nn.Embedding`` is fed instead of
+    Gaussian noise. "random" (default): token ids drawn uniformly from that embedding's table,
+    fresh for every piece like Z (seeded the same way). The paper's inputs are data-free noise of
+    the input's own kind, and for ids that is a uniform draw; the one-hot view's Gaussian (every
+    row of the table mixed with N(0, 1) weights) would cost a vocabulary-sized product per
+    position and feed the network sequences no tokenizer makes. "refuse": raise ValueError naming
+    the embedding. Explicit ``inputs`` are used as given either way.
     The model is never changed.
     """
     targets = resolve_targets(model, masks)
@@ -114,6 +124,7 @@ def ntksap(
         raise ValueError(f"engine: expected one of {', '.join(map(repr, _ENGINES))}, got {engine!r}")
     if bn_stats not in _BN_STATS:
         raise ValueError(f"bn_stats: expected one of {', '.join(map(repr, _BN_STATS))}, got {bn_stats!r}")
+    check_choice(token_input, "token_input", _TOKEN_INPUTS)
     if memory_budget is not None:
         memory_budget = check_int(memory_budget, "memory_budget", lo=1)
     if init_fn is not None and not callable(init_fn):
@@ -150,15 +161,14 @@ def ntksap(
             "initialisation for every batch: pass init_fn=<function re-initialising a model in place> "
             "(e.g. one calling torch.nn.init.kaiming_normal_ on each layer) or weight_samples=[...]")
 
-    if inputs is None:
-        _check_gaussian_input(model, batch_shape[1:], dt, dev)
+    vocab = _check_drawn_input(model, batch_shape[1:], dt, dev, token_input) if inputs is None else None
 
     shard = resolve_shard(process_group)
     key = ("ntksap", dt, str(dev))
     store = cache.setdefault(key, {}) if cache is not None else {}
     draws = Draws(model, targets, seed=seed, pieces=pieces, batch_shape=batch_shape, dtype=dt, device=dev,
                   init_fn=init_fn, inputs=inputs, weight_samples=weight_samples, perturbations=perturbations,
-                  init_copy=store.get("init_copy"), indices=shard.block(pieces))
+                  init_copy=store.get("init_copy"), indices=shard.block(pieces), vocab=vocab)
 
     def local():
         try:
@@ -206,14 +216,35 @@ def ntksap_trace_estimate(model: nn.Module, masks: Optional[Mapping[str, torch.T
     return total / (samples * eps * eps)
 
 
+def _check_drawn_input(model: nn.Module, shape, dt, dev, token_input: str) -> Optional[int]:
+    """What NTK-SAP draws for ``model``: None for Gaussian noise (checked to fit, see
+    :func:`_check_gaussian_input`), or the size of the table whose ids it draws, for a model that
+    looks its input up in an embedding."""
+    if not embeds_tokens(model):
+        _check_gaussian_input(model, shape, dt, dev)
+        return None
+    name, layer = token_layers(model)[0]
+    if token_input == "refuse":
+        raise ValueError(f"model: {type(layer).__name__} {name!r} takes token ids and token_input='refuse'; pass "
+                         "inputs=[...] (the batches to use), token_input='random', or score the layers after the "
+                         "embedding")
+    found = input_embedding(model, shape)
+    if found is not None:
+        return found[1].num_embeddings
+    try:  # an embedding used on something else (a class index, a buffer): the input may be real-valued
+        _check_gaussian_input(model, shape, dt, dev)
+    except ValueError:
+        raise ValueError(f"model: {type(layer).__name__} {name!r} takes token ids, but no embedding looks up the "
+                         f"model's input itself (ids of shape {tuple(shape)}), so ntksap cannot tell which ids "
+                         "to draw, and a Gaussian input does not fit either; pass inputs=[...] (the batches to "
+                         "use)") from None
+    return None
+
+
 def _check_gaussian_input(model: nn.Module, shape, dt, dev) -> None:
-    """NTK-SAP feeds Gaussian noise Z: a model that cannot take a real input of ``shape`` (an
-    Embedding's token ids, another width) or gives no tensor output is refused by name, on one
-    sample, before the passes; the model is evaluated on copies of its state and left as it was."""
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
-            raise ValueError(f"model: ntksap feeds Gaussian inputs, but {type(m).__name__} {name!r} takes token ids; "
-                             "pass inputs=[...] (the batches to use) or score the layers after the embedding")
+    """NTK-SAP feeds Gaussian noise Z: a model that cannot take a real input of ``shape`` (another
+    width) or gives no tensor output is refused by name, on one sample, before the passes; the
+    model is evaluated on copies of its state and left as it was."""
     z = torch.randn((1,) + tuple(shape), generator=torch.Generator().manual_seed(0), dtype=dt).to(dev)
     state = {n: t.detach().to(dt) if t.is_floating_point() else t.detach()
              for n, t in list(model.named_parameters()) + list(model.named_buffers())}
