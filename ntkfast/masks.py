@@ -214,11 +214,29 @@ class Masks(Mapping[str, torch.Tensor]):
 
         self._check_model(model)
         root = unwrap(model)
+        # a tied weight (GPT-2's output layer sharing the embedding table) is masked under its first
+        # name; every module holding it is re-parametrised, or the others would keep computing with
+        # the dense tensor
+        holders: dict = {}
+        for _, mod in root.named_modules(remove_duplicate=False):
+            for attr, q in list(mod._parameters.items()):
+                if q is not None:
+                    holders.setdefault(id(q), [])
+                    if attr.endswith("_orig") and attr[:-5] + "_mask" in mod._buffers:
+                        attr = attr[:-5]  # already re-parametrised: prune combines the masks
+                    if not any(h is mod and a == attr for h, a in holders[id(q)]):
+                        holders[id(q)].append((mod, attr))
+        plan = []
         for name, m in self._m.items():
             module_name, _, attr = name.rpartition(".")
             module = unwrap(root.get_submodule(module_name) if module_name else root)
             p = module_param(module, attr)
-            tprune.custom_from_mask(module, attr, m.to(device=p.device, dtype=p.dtype))
+            tied = holders.get(id(p), [])
+            plan.append((m.to(device=p.device, dtype=p.dtype),
+                         [(module, attr)] + [(h, a) for h, a in tied if not (h is module and a == attr)]))
+        for mask, places in plan:
+            for module, attr in places:
+                tprune.custom_from_mask(module, attr, mask)
         return model
 
     # -- persistence ------------------------------------------------------------------------------

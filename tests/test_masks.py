@@ -1,5 +1,6 @@
 """Prunable weights, the Masks object, torch.nn.utils.prune interop, save/load, schedules."""
 from testing import AuthorsLinear, mlp
+import copy
 import math
 
 import pytest
@@ -217,3 +218,36 @@ def test_masks_load_refuses_a_state_dict(tmp_path):
     torch.save(mlp().state_dict(), tmp_path / "sd.pt")
     with pytest.raises(ValueError, match="not masks"):
         Masks.load(tmp_path / "sd.pt")
+
+
+class _TiedHead(nn.Module):
+    """A language model's layout: the output layer shares the embedding table."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(9, 4)
+        self.mid = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 9, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.mid(self.emb(x))))
+
+
+@pytest.mark.parametrize("twice", [False, True], ids=["once", "on top of earlier hooks"])
+def test_prune_hooks_mask_every_holder_of_a_tied_weight(twice):
+    torch.manual_seed(0)
+    net = _TiedHead()
+    names = list(prunable_parameters(net, include=nn.Embedding))
+    assert names == ["emb.weight", "mid.weight"]  # the tied table once, under its first name
+    gen = torch.Generator().manual_seed(3)
+    masks = Masks({n: torch.rand(net.get_parameter(n).shape, generator=gen) < 0.5 for n in names})
+    x = torch.randint(0, 9, (5, 3))
+    expected = copy.deepcopy(net)
+    masks.apply(expected)  # in place: the one shared tensor, so both modules see it masked
+    if twice:
+        Masks({n: torch.ones_like(m) for n, m in masks.items()}).to_prune_hooks(net)
+    masks.to_prune_hooks(net)
+    assert hasattr(net.head, "weight_mask") and hasattr(net.emb, "weight_mask")
+    assert net.head.weight_orig is net.emb.weight_orig  # still one parameter to train
+    torch.testing.assert_close(net(x), expected(x), rtol=0, atol=0)
