@@ -121,3 +121,23 @@ def test_refusals_name_the_layer_and_the_reason():
 
     with pytest.raises(ValueError, match="EmbeddingBag 'bag' takes token ids .an EmbeddingBag sums a bag"):
         scores.synflow_l2(Bag(), input_shape=(T,))
+
+
+def test_the_path_kernel_of_a_token_model_is_that_of_its_one_hot_form():
+    from ntkfast import pathkernel
+
+    net, oracle = _pair(every_position=True)
+    masks = _masks(net, 4)
+    torch.testing.assert_close(pathkernel.trace(net, masks, input_shape=(T,), dtype=torch.float64),
+                               pathkernel.trace(oracle, masks, input_shape=(T, V), dtype=torch.float64), rtol=1e-12,
+                               atol=0)
+    got, want = pathkernel.diagonal(net, masks, input_shape=(T,)), pathkernel.diagonal(oracle, masks, input_shape=(T, V))
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-12, atol=0, msg=n)
+    torch.testing.assert_close(pathkernel.spectrum(net, masks, k=3, input_shape=(T,)),
+                               pathkernel.spectrum(oracle, masks, k=3, input_shape=(T, V)), rtol=1e-9, atol=0)
+    norms = pathkernel.path_norms(net, masks, input_shape=(T,))
+    torch.testing.assert_close(norms.forward["fc1.weight"],
+                               pathkernel.path_norms(oracle, masks, input_shape=(T, V)).forward["fc1.weight"])
+    with pytest.raises(ValueError, match="^inputs: the model embeds token ids"):
+        pathkernel.path_norms(net, masks, inputs=torch.ones(T))

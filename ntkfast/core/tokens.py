@@ -108,3 +108,16 @@ class TokenFrequencies:
             return mixed.to(out.dtype).reshape(out.shape)
 
         return embedding.register_forward_hook(mean_rows)
+
+
+def all_tokens_feed(model: nn.Module, caller: str):
+    """:func:`every_token` for a model that embeds token ids, None for one that does not; an
+    ``nn.EmbeddingBag`` is refused by name (it sums a bag of ids: no all-tokens input is defined)."""
+    layers = token_layers(model)
+    if not layers:
+        return None
+    for name, m in layers:
+        if type(m) is not nn.Embedding:
+            raise ValueError(f"model: {caller} feeds each embedding every token at once, but {type(m).__name__} "
+                             f"{name!r} sums a bag of ids, for which no such input is defined")
+    return every_token

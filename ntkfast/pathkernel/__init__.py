@@ -12,6 +12,10 @@ here comes from the *path network*: the model with its weights replaced by |θ| 
 - :func:`spectrum`: the top eigenvalues of Π, by Lanczos on products with G = J_θ^πᵀ J_θ^π,
   without enumerating paths.
 
+A model that embeds token ids feeds each ``nn.Embedding`` every token at once (its input is then
+token ids of ``input_shape``): an embedding is a Linear layer on one-hot vectors, and this is its
+all-ones input, as for SynFlow (see :mod:`ntkfast.core.tokens`).
+
 Pooling and residual sums are linear and carry through unchanged, so a path through an average
 pool carries the pool's coefficient c once (π_p = √c_p Π θ_e; R₂ = Σ_p c_p Π θ_e²). Biases and
 BatchNorm follow the authors' SynFlow code: every other parameter and buffer goes through the same
@@ -34,6 +38,7 @@ from ._network import PathNetwork, check_power, prunable_module_of
 from ._spectrum import spectrum
 from ..core.concurrency import holds_model
 from ..core.state import finite_weights
+from ..core.tokens import all_tokens_feed
 
 __all__ = ["PathNorms", "path_norms", "trace", "diagonal", "spectrum"]
 
@@ -59,7 +64,11 @@ def path_norms(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = N
     |W| (power 1) or W ⊙ W (power 2) weights, masked. float64 by default; sums that overflow raise
     an OverflowError naming the first layer that did. Works for any network the model's own
     forward describes (Linear, Conv, pooling, ReLU, residual sums, flatten, ...)."""
-    net = PathNetwork(model, masks, check_power(power), dtype, input_shape=input_shape, inputs=inputs)
+    feed = all_tokens_feed(model, "path_norms")
+    if feed is not None and inputs is not None:
+        raise ValueError("inputs: the model embeds token ids, and each embedding is fed every token at once; "
+                         "inputs= applies to real-valued inputs only")
+    net = PathNetwork(model, masks, check_power(power), dtype, input_shape=input_shape, inputs=inputs, feed=feed)
     calls = net.layer_sums()
     fwd, bwd = OrderedDict(), OrderedDict()
     for n, seen in calls.items():
@@ -80,7 +89,8 @@ def diagonal(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = Non
              dtype=torch.float64) -> "OrderedDict[str, torch.Tensor]":
     """The diagonal of G = J_θ^πᵀ J_θ^π per weight: Σ_{p∋e} (π_p/θ_e)² = ∂R₂/∂(θ_e²), in the
     weight's shape (0 where masked)."""
-    return PathNetwork(model, masks, 2, dtype, input_shape=input_shape).gradient()
+    return PathNetwork(model, masks, 2, dtype, input_shape=input_shape,
+                       feed=all_tokens_feed(model, "diagonal")).gradient()
 
 
 @holds_model
@@ -110,7 +120,7 @@ def trace(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = None, 
 
 
 def _trace(model, masks, input_shape, dtype) -> float:
-    net = PathNetwork(model, masks, 2, dtype, input_shape=input_shape)
+    net = PathNetwork(model, masks, 2, dtype, input_shape=input_shape, feed=all_tokens_feed(model, "trace"))
     if not net.op_route:
         return float(sum(d.sum() for d in net.gradient().values()))
     total = torch.zeros((), dtype=net.dtype, device=net.device)
