@@ -597,14 +597,36 @@ class _Unused(nn.Module):
         self.spare = nn.Linear(4, 3)  # never called, never read
 
     def forward(self, x):
+        x = x.to(self.fc.weight.dtype).reshape(-1, self.fc.weight.shape[1])  # metadata, not values
         return self.fc(x)
 
 
-def test_a_module_never_called_contributes_nothing():
+def test_a_module_never_called_nor_read_contributes_nothing_and_metadata_is_no_read():
     torch.manual_seed(0)
     model = _Unused().double()
     x = torch.randn(4, 4, dtype=torch.float64)
     j = R.jacobian(model, x)
     assert rel(empirical_ntk(model, x), contract(j, j, "full")) < 1e-12
     _, report = empirical_ntk(model, x, explain=True)
-    assert "never called" in report["spare.weight"]
+    assert "whole model" not in report["spare.weight"]  # not differentiated through the model for nothing
+    assert "structure: dense layer" in report["fc.weight"]  # its dtype and shape were read, not its values
+
+
+def test_prune_hooks_on_a_layer_read_by_its_parent():
+    """torch.nn.utils.prune recomputes weight from weight_orig in the layer's own pre-hook: read after
+    the call (the recomputed tensor) it is a read outside the layer; read by a parent that never
+    calls the layer (MultiheadAttention's out_proj) it is last forward's tensor, refused by name."""
+    import torch.nn.utils.prune as tprune
+
+    torch.manual_seed(0)
+    model = randomise(_Attention().double()).eval()
+    g = torch.Generator().manual_seed(5)
+    tprune.custom_from_mask(model.out, "weight", torch.rand(8, 8, generator=g) < 0.6)
+    x1 = torch.randn(3, 5, 4, dtype=torch.float64)
+    j1 = R.jacobian(model, x1)
+    assert rel(empirical_ntk(model, x1, mode="trace"), contract(j1, j1, "trace")) < 1e-10
+    _, report = empirical_ntk(model, x1, explain=True)
+    assert "read outside its own calls" in report["out.weight_orig"]
+    tprune.custom_from_mask(model.attn.out_proj, "weight", torch.rand(8, 8, generator=g) < 0.6)
+    with pytest.raises(ValueError, match=r"^model: module 'attn.out_proj' is re-parametrised by torch.nn.utils.prune"):
+        empirical_ntk(model, x1)

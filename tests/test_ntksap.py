@@ -495,8 +495,8 @@ class _ReadsChildWeight(nn.Module):
 
 def test_a_wrapped_layer_read_from_outside_gives_its_own_value_or_fails_loudly():
     """A parent reading a wrapped layer's weight gets that piece's value where one network is
-    evaluated (sequential), and a stacked [G, ...] value no single-network use accepts where G
-    are (grouped): an error, which the auto engine answers with the reference engine."""
+    evaluated (sequential); where G are (grouped) the copy is not groupable, which the auto engine
+    answers with the reference engine."""
     net = _ReadsChildWeight().double()
     init = lambda n: [nn.init.kaiming_normal_(m.weight) for m in (n.fc, n.out)]  # noqa: E731
     kw = dict(input_shape=(5,), init_fn=init, repeats=2, batch_size=4, seed=0)
@@ -505,8 +505,28 @@ def test_a_wrapped_layer_read_from_outside_gives_its_own_value_or_fails_loudly()
         warnings.simplefilter("error")  # no fallback
         a = ntksap(net, engine="sequential", **kw)
     assert _max_rel(a, b) < 1e-12
-    with pytest.raises(RuntimeError, match="t\\(\\) expects a tensor with <= 2 dimensions"):
+    with pytest.raises(ValueError, match=r"^engine='grouped': the forward reads fc.weight outside that layer's own"):
         ntksap(net, engine="grouped", **kw)
+
+
+class _NormsChildWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(5, 6)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):  # a reduction of the weight: a stacked [G, ...] value would pass silently
+        return self.fc(torch.tanh(self.fc1(x))) / self.fc.weight.norm()
+
+
+def test_a_reduction_of_a_wrapped_weight_is_never_taken_over_the_groups():
+    net = _NormsChildWeight().double()
+    init = lambda n: [m.reset_parameters() for m in (n.fc1, n.fc)]  # noqa: E731
+    kw = dict(input_shape=(5,), init_fn=init, repeats=3, batch_size=4, seed=1)
+    ref = ntksap(net, engine="reference", **kw)
+    with pytest.raises(ValueError, match="^engine='grouped': the forward reads fc.weight"):
+        ntksap(net, engine="grouped", **kw)
+    assert _max_rel(ntksap(net, engine="sequential", **kw), ref) < 1e-12
 
 
 @pytest.mark.parametrize("engine", ["auto", "sequential", "reference"])
@@ -552,7 +572,7 @@ def test_out_of_memory_in_the_first_replay_check_turns_graphs_off_instead_of_cra
 
     monkeypatch.setattr(S, "_one_pass", oom)
     model = torch.nn.Linear(3, 1)
-    draws = SimpleNamespace(batch_shape=(2, 3), dtype=torch.float32, device=torch.device("cpu"),
+    draws = SimpleNamespace(batch_shape=(2, 3), dtype=torch.float32, z_dtype=torch.float32, device=torch.device("cpu"),
                             philox=lambda n, i: (1, 0))
     masks = OrderedDict(w=torch.ones(3))
     total = OrderedDict(w=torch.zeros(3))

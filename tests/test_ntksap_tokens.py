@@ -145,3 +145,14 @@ def test_an_embedding_beside_a_real_input_keeps_the_gaussian_draw():
 
     s = scores.ntksap(Conditioned().double(), repeats=1, batch_size=4, input_shape=(5,))
     assert float(s["fc.weight"].sum()) > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_token_draws_through_the_grouped_engine_match_the_reference():
+    torch.manual_seed(0)
+    net = Bag().double().cuda()
+    kw = dict(repeats=3, batch_size=8, input_shape=(6,), seed=3)
+    ref = scores.ntksap(net, engine="reference", **kw)
+    got = scores.ntksap(net, **kw)  # auto: grouped (CUDA graph) on the GPU
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-9, atol=1e-14)

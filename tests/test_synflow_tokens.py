@@ -141,3 +141,38 @@ def test_the_path_kernel_of_a_token_model_is_that_of_its_one_hot_form():
                                pathkernel.path_norms(oracle, masks, input_shape=(T, V)).forward["fc1.weight"])
     with pytest.raises(ValueError, match="^inputs: the model embeds token ids"):
         pathkernel.path_norms(net, masks, inputs=torch.ones(T))
+
+
+class _Conditioned(nn.Module):
+    """A real-valued input and an embedding looking up a buffer (a class token): not a token model."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Embedding(3, 5)
+        self.fc1, self.fc = nn.Linear(5, 6), nn.Linear(6, 3)
+        self.register_buffer("which", torch.tensor([1]))
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.fc1(x.float() + self.table(self.which))))
+
+
+@pytest.mark.parametrize("method", ["synflow", "synflow_l2", "synflow_l2_squared"])
+def test_an_embedding_beside_a_real_input_leaves_the_all_ones_input(method):
+    """The ones reach fc1 as for any real-valued model; the table looks up its buffer as it is."""
+    torch.manual_seed(0)
+    net = _Conditioned()
+    got = getattr(scores, method)(net, input_shape=(5,), dtype=torch.float64)
+
+    class Plain(nn.Module):  # the same network with the looked-up row as a constant
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc = net.fc1, net.fc
+            self.row = nn.Parameter(net.table.weight[1:2].detach().clone(), requires_grad=False)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.fc1(x.float() + self.row)))
+
+    want = getattr(scores, method)(Plain(), input_shape=(5,), dtype=torch.float64)
+    assert float(got["fc1.weight"].sum()) > 0
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-12, atol=0, msg=n)

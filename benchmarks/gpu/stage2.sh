@@ -49,5 +49,5 @@ sanitize synccheck 50
 pytest_step slow-kernels 60 -m slow tests/test_topk_mask_cuda.py tests/test_path_ops.py
 pytest_step gpu-paths 120 -m "not slow" -k cuda \
   tests/test_ntksap.py tests/test_ntk.py tests/test_transfer.py tests/test_train.py tests/test_pathkernel.py \
-  tests/test_connectivity.py tests/test_devices.py tests/test_training_grouped.py
+  tests/test_connectivity.py tests/test_devices.py tests/test_training_grouped.py tests/test_ntksap_tokens.py
 stage_end; exit $?

@@ -123,13 +123,15 @@ class _Leaf(nn.Module):
             d = self.__dict__
             if "inner" not in d or name.startswith("__"):
                 raise
-        # what the wrapped layer has: a parameter reads as this call's value (one group: the
-        # weight itself; several: stacked [G, ...], which no single-network use accepts silently)
+        # what the wrapped layer has: a parameter reads as this call's value where one network is
+        # evaluated; where G are, the caller would compute one network with G weight sets
+        # (a norm or a sum of them passes silently), so the copy is refused as not groupable
         key = d["keys"].get(name)
         ctx = d["ctx"]
         if key is not None and key in ctx.values:
-            v = self.v(name)
-            return v[0] if ctx.groups == 1 else v
+            if ctx.groups > 1:
+                raise NotGroupable(f"the forward reads {d['name']}.{name} outside that layer's own call")
+            return self.v(name)[0]
         return getattr(d["inner"][0], name)
 
     def v(self, attr: str) -> Optional[torch.Tensor]:

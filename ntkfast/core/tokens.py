@@ -37,8 +37,11 @@ def input_embedding(model: nn.Module, shape, state=None) -> Optional[Tuple[str, 
 
     def seen(name):
         def hook(module, args):
-            if not found and args and isinstance(args[0], torch.Tensor) \
-                    and args[0].untyped_storage().data_ptr() == storage:
+            # the input itself, or a reshaped view of all of it in order (GPT-2 flattens its ids):
+            # not a slice or a transpose, whose positions would not be the input's
+            a = args[0] if args else None
+            if not found and isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() == storage \
+                    and a.numel() == x.numel() and a.is_contiguous() and a.storage_offset() == 0:
                 found.append(name)
         return hook
 
@@ -78,9 +81,9 @@ class TokenFrequencies:
     fraction of sequences holding each token, kept as (position, token, fraction) triples."""
 
     def __init__(self, ids: torch.Tensor):
-        if not isinstance(ids, torch.Tensor) or ids.dtype not in ID_DTYPES or ids.dim() < 2:
-            raise ValueError(f"data: expected token ids [N, ...] (int64 or int32), got "
-                             f"{ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__}")
+        if not isinstance(ids, torch.Tensor) or ids.dtype not in ID_DTYPES or ids.dim() < 2 or not ids.numel():
+            got = f"{ids.dtype} {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+            raise ValueError(f"data: expected token ids [N, ...] (int64 or int32, at least one), got {got}")
         n = ids.shape[0]
         self.shape = tuple(ids.shape[1:])
         flat = ids.reshape(n, -1).long()

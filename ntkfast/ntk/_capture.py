@@ -154,47 +154,86 @@ class _Untappable(ValueError):
         self.module_name = name
 
 
-class _ReadWatch(TorchFunctionMode):
-    """Notes every torch function that reads a watched parameter while its module is not running."""
+# what reads a tensor's description, not its values: a layer whose weight a parent only asks
+# for its dtype or shape (x.to(self.conv.weight.dtype)) keeps its per-call rule
+_METADATA = frozenset({"dtype", "device", "shape", "requires_grad", "is_leaf", "layout", "ndim", "is_cuda",
+                       "is_sparse", "is_quantized", "is_meta", "names", "grad_fn", "size", "dim", "numel",
+                       "nelement", "element_size", "stride", "is_floating_point", "is_complex", "is_contiguous",
+                       "data_ptr", "__len__", "get_device"})
 
-    def __init__(self, watched: Dict[int, str], active: Dict[str, int], outside: set):
+
+def _reads_values(func) -> bool:
+    name = getattr(func, "__name__", "")
+    if name == "__get__":  # a property: Tensor.dtype.__get__, Tensor.T.__get__
+        name = getattr(getattr(func, "__self__", None), "__name__", "")
+    return name not in _METADATA
+
+
+class _ReadWatch(TorchFunctionMode):
+    """Notes every torch function that reads a watched parameter while its module is not running:
+    ``outside`` the module names, ``stale`` those whose read tensor is a weight torch.nn.utils.prune
+    recomputes in the module's own pre-hook, read before any call recomputed it."""
+
+    def __init__(self, watched: Dict[int, tuple], active: Dict[str, int], outside: set, stale: set):
         super().__init__()
-        self.watched, self.active, self.outside = watched, active, outside
+        self.watched, self.active, self.outside, self.stale = watched, active, outside, stale
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        for t in tree_leaves((args, kwargs)):
-            owner = self.watched.get(id(t)) if isinstance(t, torch.Tensor) else None
-            if owner is not None and not self.active.get(owner):
-                self.outside.add(owner)
+        if _reads_values(func):
+            for t in tree_leaves((args, kwargs)):
+                seen = self.watched.get(id(t)) if isinstance(t, torch.Tensor) else None
+                if seen is not None and not self.active.get(seen[0]):
+                    (self.stale if seen[1] else self.outside).add(seen[0])
         return func(*args, **kwargs)
 
 
 def read_outside_their_module(model, plan: Plan, x: torch.Tensor) -> List[str]:
     """The planned modules whose parameters the forward on ``x`` reads while the module itself is
     not running (``F.linear(h, self.lm_head.weight)`` in a parent's forward, an embedding table
-    reused as the output layer). A tap on the module sees only its own calls, so such a module's
-    per-call contraction would miss the other use: it goes through the whole-model path instead.
-    One extra forward without gradients, under a torch-function mode."""
+    reused as the output layer, nn.MultiheadAttention reading ``out_proj.weight``). A tap on the
+    module sees only its own calls, so such a module's per-call contraction would miss the other
+    use: it goes through the whole-model path instead. One extra forward without gradients, under
+    a torch-function mode; reading a weight's dtype or shape is not a read.
+
+    A weight that torch.nn.utils.prune recomputes from ``weight_orig`` in the module's pre-hook,
+    read by a parent before the module has run, is last forward's tensor, not a function of the
+    values the NTK differentiates: that is refused (ValueError naming the module)."""
     modules = dict(model.named_modules(remove_duplicate=False))
     rules = [r for r in plan.rules if r.module_name in modules]
     active: Dict[str, int] = {}
     outside: set = set()
-    watched: Dict[int, str] = {}
+    stale: set = set()
+    watched: Dict[int, tuple] = {}
+
+    def hooked(module):  # the attributes torch.nn.utils.prune recomputes: weight from weight_orig
+        return [a[:-5] for a in module._parameters if a.endswith("_orig") and a[:-5] + "_mask" in module._buffers]
 
     def collect(module, args):
         # after functional_call has put the forward's values in place: these are the tensors read
         watched.clear()
         for r in rules:
-            own = modules[r.module_name]._parameters
+            m = modules[r.module_name]
             for entry in r.params.values():
-                t = own.get(entry.attr)
+                t = m._parameters.get(entry.attr)
                 if t is not None:
-                    watched[id(t)] = r.module_name
+                    watched[id(t)] = (r.module_name, False)
+            for a in hooked(m):
+                t = m.__dict__.get(a)
+                if isinstance(t, torch.Tensor):
+                    watched[id(t)] = (r.module_name, True)
 
     def enter(name):
         def hook(module, args):
             active[name] = active.get(name, 0) + 1
+        return hook
+
+    def recomputed(name):
+        def hook(module, args):  # after prune's own pre-hook: the weight this call computes with
+            for a in hooked(module):
+                t = module.__dict__.get(a)
+                if isinstance(t, torch.Tensor):
+                    watched[id(t)] = (name, False)
         return hook
 
     def leave(name):
@@ -208,11 +247,18 @@ def read_outside_their_module(model, plan: Plan, x: torch.Tensor) -> List[str]:
             m = modules[r.module_name]
             # first in, last out: a prune hook's recomputation of the weight counts as the module's own
             handles.append(m.register_forward_pre_hook(enter(r.module_name), prepend=True))
+            if hooked(m):
+                handles.append(m.register_forward_pre_hook(recomputed(r.module_name)))
             handles.append(m.register_forward_hook(leave(r.module_name), always_call=True))
-        with torch.no_grad(), _ReadWatch(watched, active, outside):
+        with torch.no_grad(), _ReadWatch(watched, active, outside, stale):
             functional_call(model, plan.forward_values, (x,))
     finally:
         for h in handles:
             h.remove()
+    if stale:
+        name = sorted(stale)[0]
+        raise ValueError(f"model: module {name!r} is re-parametrised by torch.nn.utils.prune, and the forward reads "
+                         "its weight without calling it (as nn.MultiheadAttention reads out_proj.weight), so that "
+                         "weight is not recomputed from weight_orig; pass the mask as masks= instead of the "
+                         "re-parametrisation (torch.nn.utils.prune.remove)")
     return [r.module_name for r in rules if r.module_name in outside]
-

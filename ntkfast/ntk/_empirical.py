@@ -74,19 +74,10 @@ class Engine:
                 self._demote(name, "has its weights read outside its own calls as well")
         while True:
             try:
-                cap = capture(self.model, self.plan, x, ks, create_graph=self.create_graph)
+                # (a module neither called nor read contributes nothing: it has no calls to contract)
+                return capture(self.model, self.plan, x, ks, create_graph=self.create_graph)
             except _Untappable as exc:
                 self._demote(exc.module_name, "is not called as tensor -> tensor with the samples as rows")
-                continue
-            # A module never called may still have its weights used: nn.MultiheadAttention reads
-            # out_proj.weight inside F.multi_head_attention_forward without calling out_proj. Taps
-            # see nothing of such a use, so these weights go through the whole-model path, which
-            # differentiates whatever the forward does with them (zero for weights it never reads).
-            silent = [r.module_name for r in self.plan.rules if not cap.calls.get(r.module_name)]
-            if not silent:
-                return cap
-            for name in silent:
-                self._demote(name, "is never called, so its weights are read some other way (or not at all)")
 
     def _demote(self, name: str, why: str) -> None:
         # A module that cannot be tapped: its parameters go through the whole-model torch.func path instead.

@@ -385,7 +385,8 @@ def transfer(
     every_name = list(prunable_parameters(model, include=include))
     if not every_name:
         raise ValueError("model: no prunable weights (Linear or Conv modules) to mask; include= adds others")
-    included = [n for n in every_name if n not in set(prunable_parameters(model))] if include is not None else []
+    default = set(prunable_parameters(model)) if include is not None else set(every_name)
+    included = [n for n in every_name if n not in default]
     excluded = resolve_exclude(model, exclude, every_name)
     names = [n for n in every_name if n not in excluded]  # the masked ones
     if not names:

@@ -46,17 +46,28 @@ def _check_continuous_input(model: nn.Module, scorer: str, why: str = "") -> Non
                              "grasp, ntksap) or score the layers after the embedding")
 
 
-def _token_feed(model: nn.Module, token_input: str, scorer: str):
-    """For a model that embeds token ids: the hooks feeding every nn.Embedding all its tokens at
-    once (token_input "all"); None for a model without embeddings; refused by name otherwise."""
+def _token_feed(model: nn.Module, token_input: str, scorer: str, shape, cache=None):
+    """For a model whose input is token ids (an embedding looks it up): the hooks feeding every
+    nn.Embedding all its tokens at once (token_input "all"), or a refusal by name. None for a model
+    whose input is real-valued, embeddings or not (one looking up a buffer computes as it is).
+    Worked out once per run (a probe forward) where a run cache is given."""
     check_choice(token_input, "token_input", _TOKEN_INPUTS)
-    kinds = {type(m) for m in model.modules() if isinstance(m, TOKEN_LAYERS)}
-    if not kinds:
+    if not any(isinstance(m, TOKEN_LAYERS) for m in model.modules()):
         return None
-    if token_input == "all" and kinds == {nn.Embedding}:  # an EmbeddingBag is still refused
-        return every_token
-    _check_continuous_input(model, scorer, " (token_input='refuse')" if token_input == "refuse" else
-                            " (an EmbeddingBag sums a bag of ids: no all-tokens input is defined for it)")
+    notes = run_notes(cache)
+    key = ("token feed", token_input, tuple(shape))
+    if notes is not None and key in notes:
+        return notes[key]
+    feed = None
+    if input_embedding(model, shape) is not None:
+        kinds = {type(m) for m in model.modules() if isinstance(m, TOKEN_LAYERS)}
+        if token_input == "refuse" or kinds != {nn.Embedding}:  # an EmbeddingBag is still refused
+            _check_continuous_input(model, scorer, " (token_input='refuse')" if token_input == "refuse" else
+                                    " (an EmbeddingBag sums a bag of ids: no all-tokens input is defined for it)")
+        feed = every_token
+    if notes is not None:
+        notes[key] = feed
+    return feed
 
 
 @register("synflow", "SynFlow: |theta * dR/dtheta|, R = sum of the |state|-network's output on ones (data-free)", takes=("cache",))
@@ -93,17 +104,17 @@ def synflow(
     # what does not change between the rounds of one pruning run is worked out in its first round:
     # per round, walking the modules and looking the parameters up again cost as much as the forward
     notes = run_notes(cache)
-    setup = notes.get(("synflow", token_input)) if notes is not None else None
+    shape = tuple(resolve_input_shape(model, input_shape, data))
+    setup = notes.get(("synflow", token_input, shape)) if notes is not None else None
     if setup is None:
-        tokens = _token_feed(model, token_input, "synflow") is not None
+        tokens = _token_feed(model, token_input, "synflow", shape) is not None
         setup = {"tokens": tokens, "device": model_device(model), "targets": None, "inputs": {}}
         if notes is not None:
-            notes[("synflow", token_input)] = setup
+            notes[("synflow", token_input, shape)] = setup
     tokens, device = setup["tokens"], setup["device"]
     targets = remask(model, setup["targets"], masks) if setup["targets"] is not None and masks is not None \
         else resolve_targets(model, masks)
     setup["targets"] = targets
-    shape = tuple(resolve_input_shape(model, input_shape, data))
 
     def compute(dt):
         # The scored weights' effective value W = |theta| * m is the leaf itself. The authors
@@ -243,8 +254,8 @@ def _dist_feed(model, data, input_mean, cache, scorer):
     if data is None:
         raise ValueError(f"data: {scorer} feeds the token frequencies of the training inputs; pass data=")
     key = ("token frequencies", id(data))
-    freq = cache.get(key) if cache is not None else None
-    if freq is None:
+    known = cache.get(key) if cache is not None else None
+    if known is None:
         from ..core.unlabelled import Unlabelled
 
         source = Unlabelled(data, ids=True)
@@ -252,12 +263,13 @@ def _dist_feed(model, data, input_mean, cache, scorer):
         if ids.is_floating_point():
             _check_continuous_input(model, scorer, " and data holds real-valued inputs")
         freq = TokenFrequencies(ids)
+        found = input_embedding(model, freq.shape)
+        if found is None or type(found[1]) is not nn.Embedding:
+            _check_continuous_input(model, scorer, " but no nn.Embedding looks up the model's input itself")
+        known = (freq, found[0])
         if cache is not None:
-            cache[key] = freq
-    found = input_embedding(model, freq.shape)
-    if found is None or type(found[1]) is not nn.Embedding:
-        _check_continuous_input(model, scorer, " but no nn.Embedding looks up the model's input itself")
-    name = found[0]
+            cache[key] = known
+    freq, name = known
 
     def feed(net):
         return [freq.hook(net.get_submodule(name))]
@@ -293,7 +305,7 @@ def synflow_l2(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = N
     """|θ| · |θ ⊙ ∂R₁/∂θ| with R₁ the |state| network's output on ones (float64 unless ``dtype``).
     ``token_input``: as for :func:`synflow` (an embedding fed every token at once). ``seed`` is
     ignored."""
-    feed = _token_feed(model, token_input, "synflow_l2")
+    feed = _token_feed(model, token_input, "synflow_l2", resolve_input_shape(model, input_shape, data), cache)
     net = _network(model, masks, 1, dtype, input_shape, data, cache, feed=feed)
     return finish(_flow(net, 2), net.targets)
 
@@ -306,7 +318,8 @@ def synflow_l2_squared(model: nn.Module, masks: Optional[Mapping[str, torch.Tens
     """|θ| ⊙ ∂R₂/∂(θ²), R₂ = Σ outputs of the squared network on ones = Σ_p π_p² (the path
     kernel's diagonal times |θ|). ``token_input``: as for :func:`synflow` (an embedding fed every
     token at once: the sum of its squared rows). ``seed`` is ignored."""
-    feed = _token_feed(model, token_input, "synflow_l2_squared")
+    feed = _token_feed(model, token_input, "synflow_l2_squared", resolve_input_shape(model, input_shape, data),
+                       cache)
     net = _network(model, masks, 2, dtype, input_shape, data, cache, feed=feed)
     return finish(net.scores(1), net.targets)
 

@@ -131,11 +131,20 @@ class Draws:
             return out
         return self._drawn(i)[0]
 
+    @property
+    def z_dtype(self) -> torch.dtype:
+        """What Z holds: token ids (int64), or real inputs in the scoring dtype."""
+        if self.vocab is not None:
+            return torch.long
+        if self.inputs is not None and not self.inputs[0].is_floating_point():
+            return torch.long
+        return self.dtype
+
     def z(self, i: int) -> torch.Tensor:
         if self.inputs is not None:
             z = self.inputs[i].detach()
             # token ids stay integers (an Embedding takes them); real inputs take the scoring dtype
-            return z.to(self.device, self.dtype) if z.is_floating_point() else z.to(self.device)
+            return z.to(self.device, self.dtype) if z.is_floating_point() else z.to(self.device, torch.long)
         return self._drawn(i)[1]
 
     # -- xi ---------------------------------------------------------------------------------------

@@ -351,7 +351,7 @@ def _graphed(model, net, targets, keys, draws, chunk, masks, total, eps, record,
     P = len(chunk)
     try:
         gp = G.graphed_pass(store, net, targets, keys, P, draws.batch_shape, draws.dtype, draws.device, eps, record,
-                            {n: p.shape for n, p in model.named_parameters()})
+                            {n: p.shape for n, p in model.named_parameters()}, z_dtype=draws.z_dtype)
         if gp is None:
             return False
         gp.load(*_piece_draws(draws, chunk),

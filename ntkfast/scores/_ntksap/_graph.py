@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -32,10 +32,11 @@ class GraphedPass:
     """A captured grouped pass for ``pieces`` pieces of input shape ``batch_shape``."""
 
     def __init__(self, net: GroupedNetwork, targets, keys, pieces: int, batch_shape, dtype, device, eps: float,
-                 record_stats: bool, param_shapes: Dict[str, torch.Size]):
+                 record_stats: bool, param_shapes: Dict[str, torch.Size], z_dtype: Optional[torch.dtype] = None):
         self.net, self.targets, self.keys = net, targets, keys
         self.P, self.eps, self.record = pieces, eps, record_stats
-        self.z = torch.zeros((pieces,) + tuple(batch_shape), dtype=dtype, device=device)
+        # (token ids stay integers: an embedding refuses float indices)
+        self.z = torch.zeros((pieces,) + tuple(batch_shape), dtype=z_dtype or dtype, device=device)
         self.theta: Dict[str, torch.Tensor] = {}
         for key, src in keys.items():
             shape = targets[src[1]].param.shape if src[0] == "target" else param_shapes[src[1]]
@@ -112,15 +113,16 @@ class GraphedPass:
 
 
 def graphed_pass(store: dict, net, targets, keys, pieces, batch_shape, dtype, device, eps, record_stats,
-                 param_shapes):
+                 param_shapes, z_dtype: Optional[torch.dtype] = None):
     """The cached GraphedPass for these shapes, or None when graphs are off or capture failed."""
     if store.get("graphs_off"):
         return None
-    key = ("graph", pieces, tuple(batch_shape), float(eps), bool(record_stats))
+    key = ("graph", pieces, tuple(batch_shape), float(eps), bool(record_stats), str(z_dtype))
     if key in store:
         return store[key]
     try:
-        gp = GraphedPass(net, targets, keys, pieces, batch_shape, dtype, device, eps, record_stats, param_shapes)
+        gp = GraphedPass(net, targets, keys, pieces, batch_shape, dtype, device, eps, record_stats, param_shapes,
+                         z_dtype)
         gp.capture()
         store[key] = gp
         return gp
