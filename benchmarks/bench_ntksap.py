@@ -10,7 +10,9 @@ depend on (seed, i) only), so the two sides' scores and masks can be compared en
 Cases (the authors' CIFAR settings: R = 5 repeats, one batch of 10 x classes Gaussian inputs):
 - resnet20-prune: 20 rounds, exponential schedule, global scope, density 0.1 (CIFAR-10);
 - resnet20-prune-single-pass: the same with bn_stats="single_pass" (statistics inside the pass);
-- vgg16-c100-round: one scoring round of VGG-16 with 100 classes (batch 1000).
+- vgg16-c100-round: one scoring round of VGG-16 with 100 classes (batch 1000);
+- bert-l4-tokens-round: one scoring round of a 4-layer BERT (hidden 256) on token ids drawn
+  uniformly from its 30,522-token vocabulary, batch 32 x 64 tokens (needs transformers).
 
     python -m benchmarks.bench_ntksap --device cpu
     python -m benchmarks.bench_ntksap --quick          # tiny sizes, smoke test
@@ -101,8 +103,55 @@ def _round_case(args) -> Case:
                 floor=lambda st: ntksap_floor(st["model"], batch, repeats, stats_pass=True))
 
 
+def _bert_case(args) -> Case:
+    """One scoring round of a small BERT on token ids drawn uniformly from its vocabulary (NTK-SAP's
+    data-free input for a token model), built from a config with random weights."""
+    layers, width, seq, batch, repeats = (1, 32, 8, 4, 2) if args.quick else (4, 256, 64, 32, 5)
+    params = {"model": "bert (transformers, BertForSequenceClassification)", "layers": layers, "hidden": width,
+              "heads": 4, "intermediate": 4 * width, "vocab": 30522, "classes": 2, "sequence": seq, "batch": batch,
+              "repeats": repeats, "rounds": 1, "token_input": "random", "seed": args.seed}
+
+    def setup(device):
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        torch.manual_seed(args.seed)
+        cfg = transformers.BertConfig(num_hidden_layers=layers, hidden_size=width, num_attention_heads=4,
+                                      intermediate_size=4 * width, num_labels=2)
+        return {"model": transformers.BertForSequenceClassification(cfg).to(device).eval()}
+
+    def prepare(st):
+        return (st["model"],)
+
+    def run(model, engine):
+        from ntkfast.scores import ntksap
+
+        return ntksap(model, repeats=repeats, batch_size=batch, input_shape=(seq,), seed=args.seed, engine=engine,
+                      init_fn=lambda m: m.init_weights())
+
+    def compare(st, peer_scores, ours_scores):
+        names = list(peer_scores)
+        return {"rel_err": rel_err_norm([peer_scores[n] for n in names], [ours_scores[n] for n in names]),
+                "score_check": "||ours - reference|| / ||reference|| over all scores, same draws"}
+
+    def floor(st):
+        m = st["model"]
+        ids = torch.randint(0, 30522, (batch, seq), device=next(m.parameters()).device)
+        return ntksap_floor(m, batch, repeats, stats_pass=False, x=ids)
+
+    return Case(name=f"bert-l{layers}-tokens-round", params=params, setup=setup, prepare=prepare,
+                peer=lambda m: run(m, "reference"), ours=lambda m: run(m, "auto"), compare=compare, floor=floor)
+
+
 def make_cases(args) -> List[Case]:
-    return [_prune_case(args, "authors"), _prune_case(args, "single_pass"), _round_case(args)]
+    cases = [_prune_case(args, "authors"), _prune_case(args, "single_pass"), _round_case(args)]
+    try:
+        import transformers  # noqa: F401  (an optional dependency: the token-model case needs it)
+    except ImportError:
+        print("# bench_ntksap: transformers is not installed; the BERT case is left out", file=sys.stderr)
+    else:
+        cases.append(_bert_case(args))
+    return cases
 
 
 def _add_args(p):

@@ -250,12 +250,14 @@ def training_floor(model: nn.Module, x: torch.Tensor, steps: int, networks: int 
                   network_s=n * net["seconds"], update_s=n * update)
 
 
-def ntksap_floor(model: nn.Module, batch: int, pieces: int, stats_pass: bool, runs: int = 5) -> dict:
+def ntksap_floor(model: nn.Module, batch: int, pieces: int, stats_pass: bool, runs: int = 5, x=None) -> dict:
     """NTK-SAP over ``pieces`` batches (rounds x repeats): per batch the unperturbed and the
     perturbed network forward and backward (input and weight gradients: the mask's gradient
-    needs both), and where ``stats_pass`` one more forward for the batch's BatchNorm statistics."""
+    needs both), and where ``stats_pass`` one more forward for the batch's BatchNorm statistics.
+    ``x``: one input batch (token ids for a token model); default Gaussian of the model's shape."""
     p = next(model.parameters())
-    x = torch.randn(batch, *model.input_shape, device=p.device, dtype=p.dtype)
+    if x is None:
+        x = torch.randn(batch, *model.input_shape, device=p.device, dtype=p.dtype)
     net = network_s(model, x, runs=runs)
     forwards = 3 if stats_pass else 2
     per = forwards * net["forward_s"] + 2 * net["backward_s"]
