@@ -119,7 +119,8 @@ def test_refusals_name_the_layer_and_the_reason():
         def forward(self, x):
             return self.fc(self.bag(x))
 
-    with pytest.raises(ValueError, match="EmbeddingBag 'bag' takes token ids .an EmbeddingBag sums a bag"):
+    with pytest.raises(ValueError, match="^model: synflow_l2 feeds each embedding every token at once, but "
+                                         "EmbeddingBag 'bag' sums a bag of ids"):
         scores.synflow_l2(Bag(), input_shape=(T,))
 
 
@@ -156,12 +157,15 @@ class _Conditioned(nn.Module):
         return self.fc(torch.relu(self.fc1(x.float() + self.table(self.which))))
 
 
-@pytest.mark.parametrize("method", ["synflow", "synflow_l2", "synflow_l2_squared"])
+@pytest.mark.parametrize("method", ["synflow", "synflow_l2", "synflow_l2_squared", "trace"])
 def test_an_embedding_beside_a_real_input_leaves_the_all_ones_input(method):
     """The ones reach fc1 as for any real-valued model; the table looks up its buffer as it is."""
     torch.manual_seed(0)
     net = _Conditioned()
-    got = getattr(scores, method)(net, input_shape=(5,), dtype=torch.float64)
+    from ntkfast import pathkernel
+
+    fn = pathkernel.trace if method == "trace" else getattr(scores, method)
+    got = fn(net, input_shape=(5,), dtype=torch.float64)
 
     class Plain(nn.Module):  # the same network with the looked-up row as a constant
         def __init__(self):
@@ -172,7 +176,10 @@ def test_an_embedding_beside_a_real_input_leaves_the_all_ones_input(method):
         def forward(self, x):
             return self.fc(torch.relu(self.fc1(x.float() + self.row)))
 
-    want = getattr(scores, method)(Plain(), input_shape=(5,), dtype=torch.float64)
+    want = fn(Plain(), input_shape=(5,), dtype=torch.float64)
+    if method == "trace":
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+        return
     assert float(got["fc1.weight"].sum()) > 0
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-12, atol=0, msg=n)

@@ -113,11 +113,13 @@ class TokenFrequencies:
         return embedding.register_forward_hook(mean_rows)
 
 
-def all_tokens_feed(model: nn.Module, caller: str):
-    """:func:`every_token` for a model that embeds token ids, None for one that does not; an
-    ``nn.EmbeddingBag`` is refused by name (it sums a bag of ids: no all-tokens input is defined)."""
+def all_tokens_feed(model: nn.Module, caller: str, shape):
+    """:func:`every_token` for a model whose input (of one-sample ``shape``) is token ids that an
+    embedding looks up; None for one whose input is real-valued, embeddings or not (a table
+    looking up a buffer computes as it is). An ``nn.EmbeddingBag`` is refused by name (it sums a
+    bag of ids: no all-tokens input is defined)."""
     layers = token_layers(model)
-    if not layers:
+    if not layers or input_embedding(model, shape) is None:
         return None
     for name, m in layers:
         if type(m) is not nn.Embedding:

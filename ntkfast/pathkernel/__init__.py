@@ -34,11 +34,10 @@ import torch
 from torch import nn
 
 from ..ops import path_score
-from ._network import PathNetwork, check_power, prunable_module_of
+from ._network import PathNetwork, check_power, prunable_module_of, token_feed as _token_feed
 from ._spectrum import spectrum
 from ..core.concurrency import holds_model
 from ..core.state import finite_weights
-from ..core.tokens import all_tokens_feed
 
 __all__ = ["PathNorms", "path_norms", "trace", "diagonal", "spectrum"]
 
@@ -64,8 +63,9 @@ def path_norms(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = N
     |W| (power 1) or W ⊙ W (power 2) weights, masked. float64 by default; sums that overflow raise
     an OverflowError naming the first layer that did. Works for any network the model's own
     forward describes (Linear, Conv, pooling, ReLU, residual sums, flatten, ...)."""
-    feed = all_tokens_feed(model, "path_norms")
-    if feed is not None and inputs is not None:
+    given = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) and input_shape is None else input_shape
+    feed = _token_feed(model, given, "path_norms")
+    if inputs is not None and feed is not None:
         raise ValueError("inputs: the model embeds token ids, and each embedding is fed every token at once; "
                          "inputs= applies to real-valued inputs only")
     net = PathNetwork(model, masks, check_power(power), dtype, input_shape=input_shape, inputs=inputs, feed=feed)
@@ -90,7 +90,7 @@ def diagonal(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = Non
     """The diagonal of G = J_θ^πᵀ J_θ^π per weight: Σ_{p∋e} (π_p/θ_e)² = ∂R₂/∂(θ_e²), in the
     weight's shape (0 where masked)."""
     return PathNetwork(model, masks, 2, dtype, input_shape=input_shape,
-                       feed=all_tokens_feed(model, "diagonal")).gradient()
+                       feed=_token_feed(model, input_shape, "diagonal")).gradient()
 
 
 @holds_model
@@ -120,7 +120,7 @@ def trace(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = None, 
 
 
 def _trace(model, masks, input_shape, dtype) -> float:
-    net = PathNetwork(model, masks, 2, dtype, input_shape=input_shape, feed=all_tokens_feed(model, "trace"))
+    net = PathNetwork(model, masks, 2, dtype, input_shape=input_shape, feed=_token_feed(model, input_shape, "trace"))
     if not net.op_route:
         return float(sum(d.sum() for d in net.gradient().values()))
     total = torch.zeros((), dtype=net.dtype, device=net.device)

@@ -16,6 +16,7 @@ from ..ops import path_score
 from ..core.batches import resolve_input_shape
 from ..core.state import functional_forward, output_tensor, private_copy, state_copy, substitute
 from ..core.targets import model_device, resolve_dtype, resolve_targets
+from ..core.tokens import all_tokens_feed, embeds_tokens
 
 POWERS = (1, 2)
 
@@ -282,6 +283,14 @@ class PathNetwork:
         where = f"layer {first[0]!r}" if first else "the output"
         return (f"path sums overflow {str(self.dtype).replace('torch.', '')} at {where} "
                 f"(power {self.power}); use dtype=torch.float64, or smaller weights")
+
+
+def token_feed(model: nn.Module, input_shape, caller: str):
+    """``feed`` for a model whose input is token ids: every embedding fed all its tokens at once
+    (see :mod:`ntkfast.core.tokens`); None for a real-valued input."""
+    if not embeds_tokens(model):
+        return None
+    return all_tokens_feed(model, caller, resolve_input_shape(model, input_shape, None))
 
 
 def prunable_module_of(name: str) -> str:

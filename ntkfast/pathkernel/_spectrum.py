@@ -16,8 +16,7 @@ from torch import nn
 
 from ..core.checks import check_int
 from ..core.numerics import lanczos
-from ..core.tokens import all_tokens_feed
-from ._network import PathNetwork
+from ._network import PathNetwork, token_feed
 from ..core.concurrency import holds_model
 from ..core.state import finite_weights
 
@@ -31,7 +30,7 @@ def spectrum(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = Non
     weights). ``seed`` draws the starting vector."""
     k = check_int(k, "k", lo=1)
     steps = check_int(steps, "steps", lo=1, allow_none=True)
-    net = PathNetwork(model, masks, 2, dtype, input_shape=input_shape, feed=all_tokens_feed(model, "spectrum"))
+    net = PathNetwork(model, masks, 2, dtype, input_shape=input_shape, feed=token_feed(model, input_shape, "spectrum"))
     keep = {n: t.mask.reshape(-1).nonzero().squeeze(1) for n, t in net.targets.items()}
     sizes = [int(i.numel()) for i in keep.values()]
     n = sum(sizes)

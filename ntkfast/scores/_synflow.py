@@ -29,7 +29,7 @@ from ..core.checks import check_choice
 from ..core.numerics import grad_dict, remember_float64, with_float64_fallback
 from ..core.state import functional_forward, output_tensor, private_copy, run_notes, state_copy, substitute
 from ..core.targets import finish, model_device, remask, resolve_targets
-from ..core.tokens import TOKEN_LAYERS, TokenFrequencies, every_token, input_embedding
+from ..core.tokens import TOKEN_LAYERS, TokenFrequencies, all_tokens_feed, every_token, input_embedding
 
 
 _TOKEN_INPUTS = ("all", "refuse")
@@ -58,13 +58,9 @@ def _token_feed(model: nn.Module, token_input: str, scorer: str, shape, cache=No
     key = ("token feed", token_input, tuple(shape))
     if notes is not None and key in notes:
         return notes[key]
-    feed = None
-    if input_embedding(model, shape) is not None:
-        kinds = {type(m) for m in model.modules() if isinstance(m, TOKEN_LAYERS)}
-        if token_input == "refuse" or kinds != {nn.Embedding}:  # an EmbeddingBag is still refused
-            _check_continuous_input(model, scorer, " (token_input='refuse')" if token_input == "refuse" else
-                                    " (an EmbeddingBag sums a bag of ids: no all-tokens input is defined for it)")
-        feed = every_token
+    feed = all_tokens_feed(model, scorer, shape)
+    if feed is not None and token_input == "refuse":
+        _check_continuous_input(model, scorer, " (token_input='refuse')")
     if notes is not None:
         notes[key] = feed
     return feed
