@@ -205,6 +205,13 @@ def read_outside_their_module(model, plan: Plan, x: torch.Tensor) -> List[str]:
     outside: set = set()
     stale: set = set()
     watched: Dict[int, tuple] = {}
+    # every watched tensor is held until the forward ends: an id is unique only among live
+    # objects, and a freed weight's id may come back as some other tensor's
+    held: List[torch.Tensor] = []
+
+    def watch(t: torch.Tensor, name: str, old: bool) -> None:
+        held.append(t)
+        watched[id(t)] = (name, old)
 
     def hooked(module):  # the attributes torch.nn.utils.prune recomputes: weight from weight_orig
         return [a[:-5] for a in module._parameters if a.endswith("_orig") and a[:-5] + "_mask" in module._buffers]
@@ -217,11 +224,11 @@ def read_outside_their_module(model, plan: Plan, x: torch.Tensor) -> List[str]:
             for entry in r.params.values():
                 t = m._parameters.get(entry.attr)
                 if t is not None:
-                    watched[id(t)] = (r.module_name, False)
+                    watch(t, r.module_name, False)
             for a in hooked(m):
                 t = m.__dict__.get(a)
                 if isinstance(t, torch.Tensor):
-                    watched[id(t)] = (r.module_name, True)
+                    watch(t, r.module_name, True)
 
     def enter(name):
         def hook(module, args):
@@ -233,7 +240,7 @@ def read_outside_their_module(model, plan: Plan, x: torch.Tensor) -> List[str]:
             for a in hooked(module):
                 t = module.__dict__.get(a)
                 if isinstance(t, torch.Tensor):
-                    watched[id(t)] = (name, False)
+                    watch(t, name, False)
         return hook
 
     def leave(name):
