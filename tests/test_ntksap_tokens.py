@@ -129,6 +129,13 @@ def test_refuse_and_models_whose_ids_it_cannot_tell_are_named():
     with pytest.raises(ValueError, match=r"no embedding looks up the model's input itself"):
         scores.ntksap(Shifted(), repeats=1, batch_size=4, input_shape=(6,))
 
+    class Broken(Tokens):  # fails on any input: the message carries the forward's own error
+        def forward(self, x):
+            raise RuntimeError("a bug of the model's own")
+
+    with pytest.raises(ValueError, match=r"the forward on ids failed with RuntimeError: a bug of the model's own"):
+        scores.ntksap(Broken(), repeats=1, batch_size=4, input_shape=(6,))
+
 
 def test_an_embedding_beside_a_real_input_keeps_the_gaussian_draw():
     class Conditioned(nn.Module):

@@ -24,11 +24,13 @@ def embeds_tokens(model: nn.Module) -> bool:
     return any(isinstance(m, TOKEN_LAYERS) for m in model.modules())
 
 
-def input_embedding(model: nn.Module, shape, state=None) -> Optional[Tuple[str, nn.Module]]:
+def input_embedding(model: nn.Module, shape, state=None,
+                    failed: Optional[list] = None) -> Optional[Tuple[str, nn.Module]]:
     """The embedding that looks up the model's own input: the one whose call receives the input
     tensor (or a view of it) in a forward on zeros of ``shape`` (one sample; token 0 is valid for
     every table). None when no embedding does (the model transforms its ids first, or its input
-    is real-valued) or the forward fails on ids."""
+    is real-valued) or the forward fails on ids; then ``failed`` (a list), where given, receives
+    the forward's error, for the caller's message."""
     from .state import functional_forward
 
     x = torch.zeros((1,) + tuple(shape), dtype=torch.long, device=_device(model))
@@ -52,7 +54,9 @@ def input_embedding(model: nn.Module, shape, state=None) -> Optional[Tuple[str, 
     try:
         with torch.no_grad():
             functional_forward(model, state, x)
-    except (RuntimeError, TypeError, ValueError, IndexError):
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+        if failed is not None:
+            failed.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
         return None
     finally:
         for h in handles:

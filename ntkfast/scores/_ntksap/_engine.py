@@ -228,7 +228,8 @@ def _check_drawn_input(model: nn.Module, shape, dt, dev, token_input: str) -> Op
         raise ValueError(f"model: {type(layer).__name__} {name!r} takes token ids and token_input='refuse'; pass "
                          "inputs=[...] (the batches to use), token_input='random', or score the layers after the "
                          "embedding")
-    found = input_embedding(model, shape)
+    failed: list = []
+    found = input_embedding(model, shape, failed=failed)
     if found is not None:
         return found[1].num_embeddings
     try:  # an embedding used on something else (a class index, a buffer): the input may be real-valued
@@ -237,7 +238,7 @@ def _check_drawn_input(model: nn.Module, shape, dt, dev, token_input: str) -> Op
         raise ValueError(f"model: {type(layer).__name__} {name!r} takes token ids, but no embedding looks up the "
                          f"model's input itself (ids of shape {tuple(shape)}), so ntksap cannot tell which ids "
                          "to draw, and a Gaussian input does not fit either; pass inputs=[...] (the batches to "
-                         "use)") from None
+                         "use)" + (f"; the forward on ids failed with {failed[0]}" if failed else "")) from None
     return None
 
 
