@@ -152,6 +152,9 @@ def test_an_embedding_beside_a_real_input_keeps_the_gaussian_draw():
 
     s = scores.ntksap(Conditioned().double(), repeats=1, batch_size=4, input_shape=(5,))
     assert float(s["fc.weight"].sum()) > 0
+    # its input is not token ids, so there is nothing for token_input='refuse' to refuse
+    again = scores.ntksap(Conditioned().double(), repeats=1, batch_size=4, input_shape=(5,), token_input="refuse")
+    assert set(again) == set(s)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -104,9 +104,9 @@ def test_refusals_name_the_layer_and_the_reason():
     net, _ = _pair(every_position=True)
     with pytest.raises(ValueError, match=r"Embedding 'emb' takes token ids \(token_input='refuse'\)"):
         scores.synflow_l2(net, input_shape=(T,), token_input="refuse")
-    with pytest.raises(ValueError, match="^data: synflow_dist feeds the token frequencies"):
+    with pytest.raises(ValueError, match="^data: synflow_dist feeds the mean training input .for token ids, their frequencies"):
         scores.synflow_dist(net)
-    with pytest.raises(ValueError, match="^input_mean: synflow_l2_dist of a model that embeds token ids"):
+    with pytest.raises(ValueError, match="^input_mean: synflow_l2_dist of a model whose input is token ids"):
         scores.synflow_l2_dist(net, data=torch.zeros(3, T, dtype=torch.long), input_mean=torch.ones(T))
     with pytest.raises(ValueError, match="^data: token id 11 is outside the embedding's 11 rows"):
         scores.synflow_dist(net, data=torch.full((3, T), V, dtype=torch.long))
@@ -157,15 +157,18 @@ class _Conditioned(nn.Module):
         return self.fc(torch.relu(self.fc1(x.float() + self.table(self.which))))
 
 
-@pytest.mark.parametrize("method", ["synflow", "synflow_l2", "synflow_l2_squared", "trace"])
+@pytest.mark.parametrize("method", ["synflow", "synflow_l2", "synflow_l2_squared", "trace", "synflow_dist"])
 def test_an_embedding_beside_a_real_input_leaves_the_all_ones_input(method):
-    """The ones reach fc1 as for any real-valued model; the table looks up its buffer as it is."""
+    """The ones (or the mean input) reach fc1 as for any real-valued model; the table looks up its
+    buffer as it is."""
     torch.manual_seed(0)
     net = _Conditioned()
     from ntkfast import pathkernel
 
     fn = pathkernel.trace if method == "trace" else getattr(scores, method)
-    got = fn(net, input_shape=(5,), dtype=torch.float64)
+    kw = {"data": torch.rand(8, 5, generator=torch.Generator().manual_seed(2)).double()} if method == "synflow_dist" \
+        else {"input_shape": (5,)}
+    got = fn(net, dtype=torch.float64, **kw)
 
     class Plain(nn.Module):  # the same network with the looked-up row as a constant
         def __init__(self):
@@ -176,7 +179,7 @@ def test_an_embedding_beside_a_real_input_leaves_the_all_ones_input(method):
         def forward(self, x):
             return self.fc(torch.relu(self.fc1(x.float() + self.row)))
 
-    want = fn(Plain(), input_shape=(5,), dtype=torch.float64)
+    want = fn(Plain(), dtype=torch.float64, **kw)
     if method == "trace":
         torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
         return

@@ -14,6 +14,8 @@ from typing import Iterator, Optional
 
 import torch
 
+from .tokens import ID_DTYPES
+
 
 def _first(item):
     if isinstance(item, (tuple, list)):
@@ -27,7 +29,7 @@ def _first(item):
 
 def accepted_inputs(x: torch.Tensor, ids: bool) -> bool:
     """Real-valued inputs, or (``ids``: for a model that embeds them) integer token ids."""
-    return x.is_floating_point() or (ids and x.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8))
+    return x.is_floating_point() or (ids and x.dtype in ID_DTYPES)
 
 
 def _is_labelled_pair(data) -> bool:

@@ -116,8 +116,8 @@ class PathNetwork:
                 h.remove()
 
     def _input(self, input_shape, inputs, data) -> torch.Tensor:
-        if self.feed is not None:
-            shape = resolve_input_shape(self.model, input_shape, data) if inputs is None else inputs.shape
+        if self.feed is not None:  # token ids; the feed's hooks replace what the embeddings look up
+            shape = resolve_input_shape(self.model, input_shape, data)
             return torch.zeros((1,) + tuple(shape), dtype=torch.long, device=self.device)
         if inputs is None:
             shape = resolve_input_shape(self.model, input_shape, data)

@@ -29,7 +29,7 @@ from ..core.checks import check_choice
 from ..core.numerics import grad_dict, remember_float64, with_float64_fallback
 from ..core.state import functional_forward, output_tensor, private_copy, run_notes, state_copy, substitute
 from ..core.targets import finish, model_device, remask, resolve_targets
-from ..core.tokens import TOKEN_LAYERS, TokenFrequencies, all_tokens_feed, every_token, input_embedding
+from ..core.tokens import TOKEN_LAYERS, TokenFrequencies, all_tokens_feed, embeds_tokens, every_token, input_embedding
 
 
 _TOKEN_INPUTS = ("all", "refuse")
@@ -52,7 +52,7 @@ def _token_feed(model: nn.Module, token_input: str, scorer: str, shape, cache=No
     whose input is real-valued, embeddings or not (one looking up a buffer computes as it is).
     Worked out once per run (a probe forward) where a run cache is given."""
     check_choice(token_input, "token_input", _TOKEN_INPUTS)
-    if not any(isinstance(m, TOKEN_LAYERS) for m in model.modules()):
+    if not embeds_tokens(model):
         return None
     notes = run_notes(cache)
     key = ("token feed", token_input, tuple(shape))
@@ -242,13 +242,16 @@ def _dist_feed(model, data, input_mean, cache, scorer):
     ``data``, fed as that embedding's frequency-weighted rows (the other embeddings, looking up
     what the model makes itself, such as positions, look it up as usual). Returns (ids shape, the
     hook installer), or None for a model without embeddings."""
-    if not any(isinstance(m, TOKEN_LAYERS) for m in model.modules()):
+    if not embeds_tokens(model):
         return None
     if input_mean is not None:
-        raise ValueError(f"input_mean: {scorer} of a model that embeds token ids feeds each token's frequency in "
-                         "data=, not a mean input")
+        if isinstance(input_mean, torch.Tensor) and input_embedding(model, tuple(input_mean.shape)) is not None:
+            raise ValueError(f"input_mean: {scorer} of a model whose input is token ids feeds each token's "
+                             "frequency in data=, not a mean input")
+        return None
     if data is None:
-        raise ValueError(f"data: {scorer} feeds the token frequencies of the training inputs; pass data=")
+        raise ValueError(f"data: {scorer} feeds the mean training input (for token ids, their frequencies); pass "
+                         "data= (or input_mean=)")
     key = ("token frequencies", id(data))
     known = cache.get(key) if cache is not None else None
     if known is None:
@@ -256,8 +259,8 @@ def _dist_feed(model, data, input_mean, cache, scorer):
 
         source = Unlabelled(data, ids=True)
         ids = source.take(torch.arange(len(source)))
-        if ids.is_floating_point():
-            _check_continuous_input(model, scorer, " and data holds real-valued inputs")
+        if ids.is_floating_point():  # a real-valued input (an embedding looks up something else): x̄
+            return None
         freq = TokenFrequencies(ids)
         found = input_embedding(model, freq.shape)
         if found is None or type(found[1]) is not nn.Embedding:

@@ -161,11 +161,15 @@ def ntksap(
             "initialisation for every batch: pass init_fn=<function re-initialising a model in place> "
             "(e.g. one calling torch.nn.init.kaiming_normal_ on each layer) or weight_samples=[...]")
 
-    vocab = _check_drawn_input(model, batch_shape[1:], dt, dev, token_input) if inputs is None else None
-
     shard = resolve_shard(process_group)
     key = ("ntksap", dt, str(dev))
     store = cache.setdefault(key, {}) if cache is not None else {}
+    vocab = None
+    if inputs is None:  # what to draw is worked out once per run: it costs a probe forward
+        drawn = ("drawn input", tuple(batch_shape[1:]), token_input)
+        if drawn not in store:
+            store[drawn] = _check_drawn_input(model, batch_shape[1:], dt, dev, token_input)
+        vocab = store[drawn]
     draws = Draws(model, targets, seed=seed, pieces=pieces, batch_shape=batch_shape, dtype=dt, device=dev,
                   init_fn=init_fn, inputs=inputs, weight_samples=weight_samples, perturbations=perturbations,
                   init_copy=store.get("init_copy"), indices=shard.block(pieces), vocab=vocab)
@@ -224,13 +228,13 @@ def _check_drawn_input(model: nn.Module, shape, dt, dev, token_input: str) -> Op
         _check_gaussian_input(model, shape, dt, dev)
         return None
     name, layer = token_layers(model)[0]
-    if token_input == "refuse":
-        raise ValueError(f"model: {type(layer).__name__} {name!r} takes token ids and token_input='refuse'; pass "
-                         "inputs=[...] (the batches to use), token_input='random', or score the layers after the "
-                         "embedding")
     failed: list = []
     found = input_embedding(model, shape, failed=failed)
     if found is not None:
+        if token_input == "refuse":
+            raise ValueError(f"model: {type(found[1]).__name__} {found[0]!r} takes token ids and token_input='refuse'; "
+                             "pass inputs=[...] (the batches to use), token_input='random', or score the layers "
+                             "after the embedding")
         return found[1].num_embeddings
     try:  # an embedding used on something else (a class index, a buffer): the input may be real-valued
         _check_gaussian_input(model, shape, dt, dev)
