@@ -60,6 +60,34 @@ def _ntksap_resnet20() -> Tuple[Callable[[], object], Callable[[], dict], str]:
         "ntkfast.prune(resnet20, 'ntksap', 0.1, rounds=2, repeats=5, batch_size=100), default engine"
 
 
+def _iterative_snip_resnet20() -> Tuple[Callable[[], object], Callable[[], dict], str]:
+    import ntkfast
+    from ntkfast import models
+
+    torch.manual_seed(0)
+    model = models.get("resnet20")
+    x = torch.randn(100, *model.input_shape)
+    y = torch.randint(0, 10, (100,))
+    rounds = 10
+
+    def run():
+        return ntkfast.prune(model, "iterative_snip", 0.1, rounds=rounds, data=[(x, y)], progress=False,
+                             on_empty_layer="ignore")
+
+    def floor():
+        # per round one forward and backward (input and weight gradients) on the batch in train
+        # mode, and one selection over the weights
+        net = F.network_s(model, x)
+        weights = [m.weight for m, *_ in F.layer_calls(model, x[:1])]
+        pick = F.traffic_s(F.tensor_bytes(weights) + sum(w.numel() for w in weights))
+        return F.record(rounds * (net["seconds"] + pick), "per round one forward and backward on the 100 "
+                        "samples (convolution and linear calls alone) and one selection over the weights",
+                        network_s=rounds * net["seconds"], selection_s=rounds * pick)
+
+    return run, floor, ("ntkfast.prune(resnet20, 'iterative_snip', 0.1, rounds=10, data=[(x, y)]), 100 samples, "
+                        "one batch, default bn (train)")
+
+
 def _trace_pi_vgg16() -> Tuple[Callable[[], object], Callable[[], dict], str]:
     from ntkfast import models, pathkernel
 
@@ -70,7 +98,7 @@ def _trace_pi_vgg16() -> Tuple[Callable[[], object], Callable[[], dict], str]:
 
 
 WORKS: Dict[str, Callable] = {"ntk-trace-resnet20": _ntk_trace_resnet20, "ntksap-resnet20": _ntksap_resnet20,
-                              "trace-pi-vgg16": _trace_pi_vgg16}
+                              "trace-pi-vgg16": _trace_pi_vgg16, "iterative-snip-resnet20": _iterative_snip_resnet20}
 
 
 def _group(key: str) -> str:
