@@ -630,3 +630,39 @@ def test_prune_hooks_on_a_layer_read_by_its_parent():
     tprune.custom_from_mask(model.attn.out_proj, "weight", torch.rand(8, 8, generator=g) < 0.6)
     with pytest.raises(ValueError, match=r"^model: module 'attn.out_proj' is re-parametrised by torch.nn.utils.prune"):
         empirical_ntk(model, x1)
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_diagonal_trace_pair_is_the_per_sample_dot_product(same):
+    # the contraction reads each gradient once (a norm when a term meets itself, a batched dot
+    # otherwise); checked against the elementwise product it replaced, in float64
+    from ntkfast.ntk._terms import _dense_pair
+
+    gen = torch.Generator().manual_seed(3)
+    for n, kk, P in ((1, 1, 5), (4, 3, 17), (7, 10, 96)):
+        g1 = torch.randn(n, kk, P, generator=gen, dtype=torch.float64)
+        g2 = g1 if same else torch.randn(n, kk, P, generator=gen, dtype=torch.float64)
+        torch.testing.assert_close(_dense_pair(g1, g2, "diagonal_trace"), (g1 * g2).sum((1, 2)), rtol=1e-12, atol=0)
+
+
+def test_batchnorm_terms_match_autograd_per_sample_gradients():
+    # eval-mode BatchNorm's scale and shift terms against torch.func per-sample gradients, float64
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 16, 4)).double()
+    with torch.no_grad():
+        model[1].running_mean.normal_()
+        model[1].running_var.uniform_(0.5, 2.0)
+        model[1].weight.normal_()
+        model[1].bias.normal_()
+    model.eval()
+    x = torch.randn(5, 2, 6, 6, dtype=torch.float64)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    bn = {k: v for k, v in params.items() if k.startswith("1.")}
+
+    def f(p, xi):
+        return functional_call(model, {**params, **p}, (xi.unsqueeze(0),)).squeeze(0)
+
+    jac = vmap(jacrev(f), in_dims=(None, 0))(bn, x)  # name -> [n, K, C]
+    expected = sum(torch.einsum("nkc,nkc->n", j, j) for j in jac.values())
+    got = empirical_ntk(model, x, mode="diagonal_trace", params=list(bn))
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)

@@ -136,7 +136,8 @@ def batchnorm_terms(rule: ModuleRule, calls: List[Call]) -> Dict[str, object]:
         if w is not None:
             shape = (1, C) + (1,) * (a.dim() - 2)
             xhat = (a - m.running_mean.view(shape)) * torch.rsqrt(m.running_var.view(shape) + m.eps)
-            s = (b3 * xhat.reshape(n, 1, C, -1)).sum(3)
+            # one batched product per (sample, channel), not an [n, kk, C, positions] temporary
+            s = torch.einsum("nkcp,ncp->nkc", b3, xhat.reshape(n, C, -1))
             gw = s if gw is None else gw + s
         if bias is not None:
             s = b3.sum(3)
