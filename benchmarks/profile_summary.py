@@ -97,8 +97,21 @@ def _trace_pi_vgg16() -> Tuple[Callable[[], object], Callable[[], dict], str]:
         "ntkfast.pathkernel.trace(vgg16), default dtype (float32)"
 
 
+def _ntt_step(model_name: str) -> Callable[[], Tuple[Callable[[], object], Callable[[], dict], str]]:
+    def make():
+        from .bench_ntt import OPTIONS, _ours, _state
+        from .floor import ntt_floor
+
+        st = _state(model_name, 64, torch.device("cpu"))
+        return (lambda: _ours(st), lambda: ntt_floor(st["teacher"], st["student"], st["x"], 10),
+                f"one NTT step as benchmarks.bench_ntt ({model_name}, B=64, density {OPTIONS['density']}: "
+                "teacher targets, the loss through the student's NTK, its gradient), float32")
+    return make
+
+
 WORKS: Dict[str, Callable] = {"ntk-trace-resnet20": _ntk_trace_resnet20, "ntksap-resnet20": _ntksap_resnet20,
-                              "trace-pi-vgg16": _trace_pi_vgg16, "iterative-snip-resnet20": _iterative_snip_resnet20}
+                              "trace-pi-vgg16": _trace_pi_vgg16, "iterative-snip-resnet20": _iterative_snip_resnet20,
+                              "ntt-step-resnet20": _ntt_step("resnet20"), "ntt-step-lenet5": _ntt_step("lenet5")}
 
 
 def _group(key: str) -> str:

@@ -123,6 +123,13 @@ def conv_terms(rule: ModuleRule, calls: List[Call]) -> Dict[str, object]:
     return out
 
 
+def _channel_dot(b: torch.Tensor, xhat: torch.Tensor) -> torch.Tensor:
+    """sum_p b[n, k, c, p] xhat[n, c, p]: one batched product per (sample, channel), not an
+    [n, kk, C, positions] temporary. Its gradient is a slow outer product, yet inside an NTT step
+    the elementwise form was no faster (benchmarks/explore_ntt_step_variants.py)."""
+    return torch.einsum("nkcp,ncp->nkc", b, xhat)
+
+
 def batchnorm_terms(rule: ModuleRule, calls: List[Call]) -> Dict[str, object]:
     m = rule.module
     out = OrderedDict()
@@ -136,8 +143,7 @@ def batchnorm_terms(rule: ModuleRule, calls: List[Call]) -> Dict[str, object]:
         if w is not None:
             shape = (1, C) + (1,) * (a.dim() - 2)
             xhat = (a - m.running_mean.view(shape)) * torch.rsqrt(m.running_var.view(shape) + m.eps)
-            # one batched product per (sample, channel), not an [n, kk, C, positions] temporary
-            s = torch.einsum("nkcp,ncp->nkc", b3, xhat.reshape(n, C, -1))
+            s = _channel_dot(b3, xhat.reshape(n, C, -1))
             gw = s if gw is None else gw + s
         if bias is not None:
             s = b3.sum(3)
