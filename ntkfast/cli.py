@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import time
 
@@ -419,8 +420,13 @@ def cmd_reproduce(args) -> int:
 
         if importlib.util.find_spec("matplotlib") is None:
             raise SystemExit("ntkfast reproduce: --plot needs matplotlib (pip install matplotlib)")
+        results = os.path.realpath(args.out)
         for path in figure_paths(args.plot, _PLOT_FORMATS):
             check_out_path(path, "--plot", missing_folders_ok=True)
+            real = os.path.realpath(path)
+            if real == results or real.startswith(results + ".claims" + os.sep):
+                raise ValueError(f"--plot: the figure {path!r} would overwrite the results file --out {args.out!r}; "
+                                 "give the figure another name")
     reduced = (args.epochs not in (None, get(args.preset).epochs)
                or any(v is not None for v in (args.train_subset, args.test_subset, args.max_batches)))
     try:

@@ -87,6 +87,12 @@ def _study_kwargs(p: "_presets.Preset", epochs: Optional[int], device, progress,
         progress=progress, datasets=datasets)
 
 
+def cells_of(methods, densities, seeds):
+    """The grid's cells (method, density, seed), seed-major: a stopped run leaves whole seeds of
+    the grid behind it."""
+    return [(m, d, seed) for seed in seeds for d in densities for m in methods]
+
+
 def reproduce(preset, data_dir, out, *, methods: Optional[Sequence[str]] = None,
               densities: Optional[Sequence[float]] = None, seeds: Optional[Sequence[int]] = None,
               epochs: Optional[int] = None, budget_s: Optional[float] = None, device=None,
@@ -99,46 +105,53 @@ def reproduce(preset, data_dir, out, *, methods: Optional[Sequence[str]] = None,
     ``methods``, ``densities``, ``seeds``: a part of the preset's grid (default: all of it; the
     seeds default to the preset's). ``epochs``, ``train_subset``, ``test_subset``,
     ``max_batches``: a reduced run, recorded in each cell's protocol. ``budget_s``: stop before a
-    cell the cells timed so far say would not end within that many seconds of the start (the
-    first cell always runs, unless ``out`` already holds a cell of this setting whose time says it
-    cannot fit: then nothing runs and ValueError names the budget). ``datasets``: an already
+    cell the cells timed so far say would not end within that many seconds of the call (the data
+    reading included; the first cell always runs, unless ``out`` already holds a cell of this
+    setting whose time says it cannot fit while cells asked for are still to run: then ValueError
+    names the budget before any data is read). ``datasets``: an already
     loaded ``(train, test)`` pair instead of reading ``data_dir``. ``engine``: how the training
     steps run (``amp``, ``tf32``, ``compile``, ``channels_last``, ``resident``; see
     :func:`ntkfast.study.run_study`), named in each record where on."""
-    from .study import read_results, run_study
+    from .core.checks import check_device
+    from .core.progress import check_progress
+    from .study import _check_engine_options, check_out, check_run_sizes, check_seeds, read_results, run_study
 
     p = _presets.get(preset) if isinstance(preset, str) else preset
     if not isinstance(p, _presets.Preset):
         raise TypeError(f"preset: expected a preset name or ntkfast.presets.Preset, got {type(preset).__name__}")
     methods = _pick("methods", methods, p.methods, lambda a, g: a == g)
     densities = _pick("densities", densities, p.densities, _same_density)
-    seeds = list(p.seeds) if seeds is None else list(seeds) if hasattr(seeds, "__iter__") else seeds
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise ValueError(f"seeds: expected ints, got {seeds!r}")
-    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
-        raise ValueError(f"epochs: expected a positive int, got {epochs!r}")
+    seeds = check_seeds(list(p.seeds) if seeds is None else list(seeds) if hasattr(seeds, "__iter__") else seeds)
+    check_run_sizes(epochs=epochs, train_subset=train_subset, test_subset=test_subset, max_batches=max_batches)
     if budget_s is not None and (isinstance(budget_s, bool) or not isinstance(budget_s, (int, float))
                                  or not budget_s > 0 or not math.isfinite(budget_s)):
         raise ValueError(f"budget_s: expected a positive number of seconds, got {budget_s!r}")
-    from .study import _check_engine_options
-
-    engine = _check_engine_options(engine) or None  # named now, before any data is read
+    if device is not None:
+        check_device(device)
+    check_progress(progress)
+    engine = _check_engine_options(engine) or None
+    # everything above and the output file are checked before any data is read (a Tiny-ImageNet
+    # decode takes minutes), and the budget against the cells already timed in it, so a refusal
+    # comes at once and the clock starts before the reading, which the budget has to cover too
+    start = time.perf_counter()
+    check_out(out)
+    if budget_s is not None and Path(out).exists():
+        same = dict(epochs=epochs or p.epochs, train_subset=train_subset, max_batches=max_batches)
+        mine = [r for r in read_results(out)
+                if r.get("model") == p.model and r.get("dataset") == p.dataset and r.get("method") in methods
+                and all(r["protocol"].get(k) == v for k, v in same.items())]
+        have = {(r["method"], r["seed"], round(float(r["density"]), 6)) for r in mine}
+        left = [c for c in cells_of(methods, densities, seeds) if (c[0], c[2], round(c[1], 6)) not in have]
+        past = [r.get("prune_seconds", 0) + r.get("train_seconds", 0) for r in mine]
+        if left and past and min(past) > budget_s:  # nothing left to run: nothing to refuse
+            raise ValueError(f"budget_s: {budget_s:g} s is less than one cell of this setting took before "
+                             f"({min(past):.0f} s); give more or reduce the run (epochs=, train_subset=)")
     if datasets is None:
-        # once for every cell (a Tiny-ImageNet decode takes minutes), after the output file is
-        # checked, so a wrong --out fails before any reading
         from . import data as D
-        from .study import check_out
 
-        check_out(out)
         datasets = (D.load_dataset(p.dataset, data_dir, train=True), D.load_dataset(p.dataset, data_dir, train=False))
     kwargs = _study_kwargs(p, epochs, device, progress, train_subset, test_subset, max_batches, datasets)
     kwargs["engine"] = engine
-
-    def cells():
-        for seed in seeds:  # seed-major: a stopped run leaves whole seeds of the grid behind it
-            for d in densities:
-                for m in methods:
-                    yield m, d, seed
 
     def run(m, d, seed):
         return run_study(p.model, p.dataset, data_dir, [m], [d], [seed], out,
@@ -146,19 +159,9 @@ def reproduce(preset, data_dir, out, *, methods: Optional[Sequence[str]] = None,
                          method_options={m: dict(p.method_options[m])} if m in p.method_options else None,
                          **kwargs)
 
-    start = time.perf_counter()
     longest = 0.0
-    if budget_s is not None and Path(out).exists():
-        # what an earlier cell of this preset took says whether even one fits
-        same = dict(epochs=epochs or p.epochs, train_subset=train_subset, max_batches=max_batches)
-        past = [r.get("prune_seconds", 0) + r.get("train_seconds", 0) for r in read_results(out)
-                if r.get("model") == p.model and r.get("dataset") == p.dataset and r.get("method") in methods
-                and all(r["protocol"].get(k) == v for k, v in same.items())]
-        if past and min(past) > budget_s:
-            raise ValueError(f"budget_s: {budget_s:g} s is less than one cell of this setting took before "
-                             f"({min(past):.0f} s); give more or reduce the run (epochs=, train_subset=)")
     records = []
-    for m, d, seed in cells():
+    for m, d, seed in cells_of(methods, densities, seeds):
         elapsed = time.perf_counter() - start
         if budget_s is not None and longest and elapsed + longest > budget_s:
             break

@@ -47,7 +47,7 @@ from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .core.checks import check_choice, check_number
+from .core.checks import check_choice, check_device, check_number
 from .core.options import Optimizer, Scope, choices
 from .core.files import check_out_path
 from .core.progress import check_progress, format_value, progress_bar
@@ -515,6 +515,21 @@ def _check_list(name: str, values, kind, check) -> list:
     return out
 
 
+_SEED_RANGE = (-(1 << 63), 1 << 63)  # what torch.Generator.manual_seed takes (an int64)
+
+
+def check_seeds(seeds) -> list:
+    """A non-empty list of distinct int seeds that torch's generators accept."""
+    return _check_list("seeds", seeds, int, lambda s: _SEED_RANGE[0] <= s < _SEED_RANGE[1])
+
+
+def check_run_sizes(**sizes) -> None:
+    """Each of ``sizes`` (epochs, train_subset, ...) None or a positive int; ValueError naming it."""
+    for name, v in sizes.items():
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"{name}: expected a positive int, got {v!r}")
+
+
 def _prune_data(train_set, n: int, seed: int):
     """``n`` training samples drawn at random (seeded, not stratified by class), as one labelled
     batch: the pruning data of the data-based scorers (the Synaptic-Flow / NTK-SAP scripts draw
@@ -771,7 +786,7 @@ def run_study(model: str, dataset: str, data_dir, methods: Sequence[str], densit
         if m != "ntt":
             method_info(m)  # an unknown method fails here, naming it, before any cell runs
     densities = [float(d) for d in _check_list("densities", densities, (int, float), lambda d: 0 < d <= 1)]
-    seeds = _check_list("seeds", seeds, int, lambda s: True)
+    seeds = check_seeds(seeds)
     rounds = dict(rounds or {})
     method_options = {k: dict(v) for k, v in (method_options or {}).items()}
     for name, where in (("rounds", rounds), ("method_options", method_options)):
@@ -788,10 +803,8 @@ def run_study(model: str, dataset: str, data_dir, methods: Sequence[str], densit
             _check_method_options(m, opts)
     check_choice(optimizer, "optimizer", OPTIMIZERS)
     check_choice(scope, "scope", choices(Scope))
-    for name, v in (("epochs", epochs), ("batch_size", batch_size), ("prune_samples", prune_samples),
-                    ("train_subset", train_subset), ("test_subset", test_subset), ("max_batches", max_batches)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise ValueError(f"{name}: expected a positive int, got {v!r}")
+    check_run_sizes(epochs=epochs, batch_size=batch_size, prune_samples=prune_samples, train_subset=train_subset,
+                    test_subset=test_subset, max_batches=max_batches)
     # the trainer's own checks, before any cell runs; numbers normalised so that lr=None and
     # lr=0.1, or 0 and 0.0, are the same protocol when a study resumes
     lr = DEFAULT_LR[optimizer] if lr is None else check_number(lr, "lr", lo=0.0, lo_open=True)
@@ -801,9 +814,7 @@ def run_study(model: str, dataset: str, data_dir, methods: Sequence[str], densit
         lr_milestones = sorted(int(m) for m in (lr_milestones or []))
     except (TypeError, ValueError):
         raise ValueError(f"lr_milestones must be a sequence of epoch numbers, got {lr_milestones!r}") from None
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {device} asked, but torch.cuda.is_available() is False")
+    device = check_device(device) if device is not None else torch.device("cpu")
 
     claim_timeout = check_number(claim_timeout, "claim_timeout", lo=0.0, lo_open=True)
     check_progress(progress)

@@ -163,6 +163,44 @@ def test_cifar10_corrupt_and_unsafe_pickles(tmp_path):
         assert d.classes == data.CIFAR10_CLASSES  # no batches.meta: default names
 
 
+def test_cifar10_damaged_pickles_are_named_whatever_they_raise(tmp_path):
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    good = pickle.dumps({b"data": np.zeros((2, 3072), dtype=np.uint8), b"labels": [4, 9]}, protocol=2)
+    frame = bytearray(pickle.dumps({b"data": np.zeros((2, 3072), dtype=np.uint8), b"labels": [4, 9]}, protocol=4))
+    frame[3:11] = struct.pack("<Q", 1 << 62)  # a frame length no machine can hold: MemoryError
+    damaged = [good.replace(b"latin1", b"lain1 ", 1),  # an unknown encoding: LookupError
+               bytes(frame)]
+    for blob in damaged:
+        (root / "test_batch").write_bytes(blob)
+        with pytest.raises(ValueError, match="test_batch: not a CIFAR-10 python batch"):
+            data.load_cifar10(tmp_path, train=False)
+
+
+def test_a_partial_folder_is_not_completed_from_another(tmp_path):
+    # cifar-10-batches-py/ lacks data_batch_3; a stray copy beside it must not fill the gap
+    batch = pickle.dumps({b"data": np.zeros((2, 3072), dtype=np.uint8), b"labels": [1, 2]}, protocol=2)
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    for i in (1, 2, 4, 5):
+        (tmp_path / "cifar-10-batches-py" / f"data_batch_{i}").write_bytes(batch)
+    (tmp_path / "data_batch_3").write_bytes(batch)
+    with pytest.raises(FileNotFoundError, match="cifar-10-batches-py' holds .* but not 'data_batch_3'"):
+        data.load_cifar10(tmp_path, train=True)
+    # MNIST's images in mnist/, its labels only at the root: refused the same way
+    images, labels = tiny_mnist(tmp_path / "m" / "mnist", n=3)
+    (tmp_path / "m" / "mnist" / "t10k-labels-idx1-ubyte").rename(tmp_path / "m" / "t10k-labels-idx1-ubyte")
+    with pytest.raises(FileNotFoundError, match="but not 't10k-labels-idx1-ubyte'"):
+        data.load_mnist(tmp_path / "m", train=False)
+
+
+def test_a_data_dir_that_is_a_file_is_called_one(tmp_path):
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    archive.write_bytes(b"\x1f\x8b")
+    for load in (data.load_cifar10, data.load_mnist):
+        with pytest.raises(FileNotFoundError, match="is a file, not a folder"):
+            load(archive, train=False)
+
+
 # -- layouts, raw files, errors ------------------------------------------------------------------
 
 def test_torchvision_layout_raw_idx(data_dir, mnist_test, tmp_path):

@@ -82,15 +82,59 @@ def test_the_budget_stops_between_cells_and_refuses_what_cannot_fit(tmp_path):
 @pytest.mark.parametrize("kwargs,match", [
     ({"methods": ["snip"]}, "^methods: 'snip' is not in the preset's grid"),
     ({"densities": [0.5]}, "^densities: 0.5 is not in the preset's grid"),
-    ({"seeds": ["a"]}, "^seeds: expected ints"),
+    ({"seeds": ["a"]}, "^seeds: invalid entry 'a'"),
+    ({"seeds": [2 ** 64 - 1]}, "^seeds: invalid entry"),  # beyond what torch's generators take
+    ({"train_subset": 0}, "^train_subset: expected a positive int"),
+    ({"test_subset": -3}, "^test_subset: expected a positive int"),
+    ({"max_batches": 0}, "^max_batches: expected a positive int"),
+    ({"device": "bogus"}, "^device: not a device"),
     ({"epochs": 0}, "^epochs: expected a positive int"),
     ({"budget_s": -1}, "^budget_s: expected a positive number"),
 ])
-def test_bad_choices_are_named_before_any_work(tmp_path, kwargs, match):
+def test_bad_choices_are_named_before_any_work(tmp_path, kwargs, match, monkeypatch):
+    def no_reading(*a, **k):
+        raise AssertionError("the data was read before the arguments were checked")
+
+    monkeypatch.setattr(D, "load_dataset", no_reading)
     out = tmp_path / "r.jsonl"
     with pytest.raises(ValueError, match=match):
-        reproduce("ntt-lenet300_100-mnist", None, out, datasets=SETS, progress=False, **kwargs)
-    assert not out.exists()
+        reproduce("ntt-lenet300_100-mnist", tmp_path / "data", out, **{"progress": False, **kwargs})
+    assert list(tmp_path.iterdir()) == []  # no results file, no claims folder
+
+
+def test_a_bad_progress_is_named_before_any_work(tmp_path):
+    with pytest.raises(TypeError, match="^progress: expected None"):
+        reproduce("ntt-lenet300_100-mnist", tmp_path / "data", tmp_path / "r.jsonl", progress="yes")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_budget_is_checked_before_the_data_is_read_and_only_when_cells_are_left(tmp_path, monkeypatch):
+    out = tmp_path / "r.jsonl"
+    p = presets.get("ntt-lenet300_100-mnist")
+    reproduce(p, None, out, methods=["random"], seeds=[0], epochs=1, max_batches=1, datasets=SETS, progress=False)
+    before = out.read_bytes()
+    reads = []
+    monkeypatch.setattr(D, "load_dataset", lambda name, root, train=True, **kw: reads.append(train) or SETS[not train])
+    # every cell asked for is there: nothing to run, nothing to refuse, and the records come back
+    recs = reproduce(p, tmp_path, out, methods=["random"], seeds=[0], epochs=1, max_batches=1, progress=False,
+                     budget_s=1e-9)
+    assert [r["seed"] for r in recs] == [0] and out.read_bytes() == before
+    reads.clear()
+    with pytest.raises(ValueError, match="^budget_s: .* less than one cell"):
+        reproduce(p, tmp_path, out, methods=["random"], seeds=[0, 1], epochs=1, max_batches=1, progress=False,
+                  budget_s=1e-9)
+    assert reads == [] and out.read_bytes() == before
+
+
+def test_the_cli_refuses_a_figure_that_would_overwrite_the_results(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "results.png"
+    out.write_text("")  # a study file (empty) the user named .png
+    for plot in (str(out), str(tmp_path / "results")):
+        rc = main(["reproduce", "ntt-lenet300_100-mnist", "--data-dir", str(tmp_path), "--out", str(out),
+                   "--plot", plot, "--methods", "random", "--seeds", "0", "--epochs", "1", "--quiet"])
+        assert rc == 2 and "--plot: the figure" in capsys.readouterr().err
+    assert out.read_text() == "" and sorted(p.name for p in tmp_path.iterdir()) == ["results.png"]
 
 
 def test_an_unknown_preset_is_named(tmp_path):

@@ -57,22 +57,50 @@ def mixup_hint(root: Path, dataset: str) -> str:
             f"is the dataset name right?")
 
 
+def _not_a_folder(root: Path, dataset: str, looking_for: str) -> FileNotFoundError:
+    if root.is_file():
+        return FileNotFoundError(f"root: {dataset}: {str(root)!r} is a file, not a folder (an archive? extract it "
+                                 f"and pass the folder it makes)")
+    return FileNotFoundError(f"root: {dataset}: the folder {str(root)!r} does not exist{looking_for}")
+
+
+def _candidates(base: Path, filename: str, compressed_ok: bool) -> List[Path]:
+    return [base / n for n in ((filename, filename + ".gz") if compressed_ok else (filename,))]
+
+
 def find_file(root: Path, subdirs: Sequence[str], filename: str, dataset: str, compressed_ok: bool = True) -> Path:
     """The first ``root/<subdir>/<filename>`` (or ``.gz`` when ``compressed_ok``) that is a file;
     FileNotFoundError naming the dataset, the file and every path tried otherwise."""
+    return find_files(root, subdirs, [filename], dataset, compressed_ok)[0]
+
+
+def find_files(root: Path, subdirs: Sequence[str], filenames: Sequence[str], dataset: str,
+               compressed_ok: bool = True) -> List[Path]:
+    """The files ``filenames`` (each also as ``.gz`` when ``compressed_ok``), all from one folder:
+    the first ``root/<subdir>`` that holds any of them. A folder holding only some is refused
+    naming the missing ones, rather than completed from another folder, which would mix two
+    copies of the dataset without a word."""
     tried = []
     for sub in subdirs:
         base = root / sub if sub else root
-        names = (filename, filename + ".gz") if compressed_ok else (filename,)
-        for name in names:
-            p = base / name
-            tried.append(str(p))
-            if p.is_file():
-                return p
+        found = {}
+        for filename in filenames:
+            cands = _candidates(base, filename, compressed_ok)
+            tried.extend(str(p) for p in cands)
+            hit = next((p for p in cands if p.is_file()), None)
+            if hit is not None:
+                found[filename] = hit
+        if len(found) == len(filenames):
+            return [found[f] for f in filenames]
+        if found:
+            missing = [f for f in filenames if f not in found]
+            raise FileNotFoundError(
+                f"root: {dataset}: the folder {str(base)!r} holds {', '.join(map(repr, found))} but not "
+                f"{', '.join(map(repr, missing))}{' (or .gz)' if compressed_ok else ''} (a partial copy of the dataset?)")
     if not root.is_dir():
-        raise FileNotFoundError(f"root: {dataset}: the folder {str(root)!r} does not exist (looking for {filename!r})")
+        raise _not_a_folder(root, dataset, f" (looking for {filenames[0]!r})")
     raise FileNotFoundError(
-        f"root: {dataset} file {filename!r}{' (or .gz)' if compressed_ok else ''} not found under {str(root)!r}; "
+        f"root: {dataset} file {filenames[0]!r}{' (or .gz)' if compressed_ok else ''} not found under {str(root)!r}; "
         f"tried: {', '.join(tried)}{mixup_hint(root, dataset)}")
 
 
@@ -80,7 +108,7 @@ def find_dir(root: Path, candidates: Sequence[str], marker: str, dataset: str) -
     """The first ``root/<candidate>`` holding ``marker`` (a file or folder); FileNotFoundError
     naming the dataset and the paths tried otherwise."""
     if not root.is_dir():
-        raise FileNotFoundError(f"root: {dataset}: the folder {str(root)!r} does not exist")
+        raise _not_a_folder(root, dataset, "")
     tried = []
     for sub in candidates:
         base = root / sub if sub else root

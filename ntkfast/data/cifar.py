@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..core.checks import check_choice
-from ._paths import PathLike, find_file, require_file, root_dir
+from ._paths import PathLike, find_file, find_files, require_file, root_dir
 from .datasets import ImageDataset
 from .stats import CIFAR10_CLASSES, STATS
 
@@ -58,7 +58,9 @@ def _unpickle(path: Path, what: str = "CIFAR-10 python batch") -> dict:
     try:
         with open(path, "rb") as f:
             obj = _ArrayUnpickler(f, encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
+    except OSError:
+        raise
+    except Exception as e:  # a damaged pickle can raise nearly anything (LookupError, MemoryError, SystemError)
         raise ValueError(f"{path}: not a {what} ({type(e).__name__}: {e})") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: not a {what} (a {type(obj).__name__}, not a dict)")
@@ -110,7 +112,7 @@ def load_cifar10(root: PathLike, train: bool = True, normalize: bool = True) -> 
     """CIFAR-10 from the python batches (50,000 train in data_batch_1..5 / 10,000 test, 3x32x32)."""
     root = root_dir(root)
     names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
-    paths = [find_file(root, _CIFAR_DIRS, n, "cifar10", compressed_ok=False) for n in names]
+    paths = find_files(root, _CIFAR_DIRS, names, "cifar10", compressed_ok=False)
     parts = [_cifar_batch(p) for p in paths]
     data = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
     if data.shape[0] == 0:

@@ -21,7 +21,7 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
-from ._paths import PathLike, find_file, root_dir
+from ._paths import PathLike, find_files, root_dir
 from .datasets import ImageDataset
 from .stats import FASHION_MNIST_CLASSES, MNIST_CLASSES, STATS
 
@@ -92,8 +92,8 @@ _FASHION_DIRS = ("fashion-mnist", "fashion_mnist", "FashionMNIST/raw", "FashionM
 
 def _load_idx_pair(root: Path, subdirs, train: bool, dataset: str) -> Tuple[torch.Tensor, torch.Tensor]:
     prefix = "train" if train else "t10k"
-    img_path = find_file(root, subdirs, f"{prefix}-images-idx3-ubyte", dataset)
-    lbl_path = find_file(root, subdirs, f"{prefix}-labels-idx1-ubyte", dataset)
+    img_path, lbl_path = find_files(root, subdirs, [f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"],
+                                    dataset)
     images = read_idx(img_path, IDX_IMAGES_MAGIC)
     labels = read_idx(lbl_path, IDX_LABELS_MAGIC)
     if images.shape[0] != labels.shape[0]:
