@@ -535,3 +535,32 @@ def test_load_dataset_names_and_options():
     with pytest.raises(ValueError, match="^dataset must be one of .*tiny-imagenet"):
         data.load_dataset("tiny", "/tmp")
     assert set(data.available()) <= set(data.STATS) | {"imagefolder"}
+
+
+def test_high_bit_depth_images_are_refused_not_clipped(tmp_path):
+    # Pillow's convert("RGB") clips a 16-bit 30000 to 255 (white): refused, naming the file
+    write_folder(tmp_path / "train", {"a": 1})
+    Image.fromarray(np.full((14, 20), 30000, dtype=np.uint16)).save(tmp_path / "train" / "a" / "deep.png")
+    d = data.ImageFolder(tmp_path / "train", size=6, num_workers=0)
+    i = [os.path.basename(p) for p, _ in d.samples].index("deep.png")
+    with pytest.raises(ValueError, match=r"deep\.png: not a readable image .*16-bit"):
+        d.read(i)
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="needs symbolic links")
+def test_a_link_loop_in_an_image_folder_lists_each_image_once(tmp_path):
+    write_folder(tmp_path / "train", {"a": 2, "b": 1})
+    os.symlink("..", tmp_path / "train" / "a" / "loop")  # train/a/loop -> train
+    d = data.ImageFolder(tmp_path / "train", size=6, num_workers=0)
+    assert len(d.samples) == 3
+
+
+def test_tiny_imagenet_wnids_with_a_byte_order_mark(tmp_path):
+    base = write_tiny(tmp_path)
+    (base / "wnids.txt").write_text("\ufeff" + "\n".join(WNIDS) + "\n", encoding="utf-8")
+    assert data.load_dataset("tiny-imagenet", tmp_path).classes == ["n0100", "n0200", "n0300"]
+
+
+def test_an_empty_data_dir_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="^root: empty"):
+        data.load_dataset("mnist", "")

@@ -22,6 +22,8 @@ def root_dir(root) -> Path:
         root = os.fsdecode(root)
     if not isinstance(root, (str, os.PathLike)):
         raise ValueError(f"root: expected the directory holding the dataset files, got {type(root).__name__}")
+    if not os.fspath(root):  # Path("") is the working directory: most likely an unset variable
+        raise ValueError("root: empty; give the directory holding the dataset files ('.' for this one)")
     return Path(os.path.expanduser(os.fspath(root)))
 
 

@@ -60,12 +60,27 @@ def _scan(folder: Path, classes: Sequence[str], dataset: str, strict: bool) -> L
             if strict:
                 raise FileNotFoundError(f"root: {dataset}: class folder {str(target)!r} not found")
             continue
-        found = [os.path.join(d, f) for d, _, files in sorted(os.walk(target, followlinks=True))
+        found = [os.path.join(d, f) for d, _, files in sorted(_walk_once(target))
                  for f in sorted(files) if is_image_file(f)]
         if not found:
             raise ValueError(f"root: {dataset}: class folder {str(target)!r} holds no images")
         samples.extend((p, label) for p in found)
     return samples
+
+
+def _walk_once(top):
+    """os.walk following links (as torchvision does), each real folder once, and never into a
+    folder that holds ``top`` itself: a link back up the tree (train/a/loop -> ..) would otherwise
+    list the same images again and again, and other classes' images as this one's."""
+    top_real = os.path.realpath(top)
+    seen = set()
+    for d, dirs, files in os.walk(top, followlinks=True):
+        real = os.path.realpath(d)
+        if real in seen or (real != top_real and (top_real + os.sep).startswith(real + os.sep)):
+            dirs[:] = []
+            continue
+        seen.add(real)
+        yield d, dirs, files
 
 
 class ImageFolder(Normalizing, Dataset):

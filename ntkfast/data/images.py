@@ -50,6 +50,10 @@ def decode_array(path, dataset: str, size: Optional[int] = None, crop: Optional[
     try:
         with Image.open(path) as im:
             im.load()  # reads the whole file: a truncated one fails here
+            if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+                # Pillow's convert("RGB") clips these to 0..255 (a 16-bit 30000 becomes white):
+                # silently wrong pixels, so they are refused rather than guessed at
+                raise ValueError(f"{im.mode!r} pixels (16-bit or 32-bit); ntkfast reads 8-bit images: convert it")
             if im.mode != "RGB":
                 im = im.convert("RGB")
             if size is not None:

@@ -47,7 +47,7 @@ Samples = List[Tuple[Path, int]]
 
 def _read_wnids(path: Path) -> List[str]:
     try:
-        lines = path.read_text(encoding="utf-8").split()
+        lines = path.read_text(encoding="utf-8-sig").split()  # a byte-order mark is not part of the first id
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"root: {NAME}: cannot read {str(path)!r} ({e})") from None
     if not lines:
