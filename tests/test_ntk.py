@@ -91,6 +91,19 @@ def test_zoo_float64_all_modes_against_torch_func(name, masked):
                                                                        "full")) < 1e-10
 
 
+@pytest.mark.parametrize("name", ["lenet5", "small_bn_conv"])
+def test_the_replicated_capture_against_torch_func(name, monkeypatch):
+    _capture_way(monkeypatch, "replicate")
+    torch.manual_seed(0)
+    model = _small_bn_conv() if name == "small_bn_conv" else randomise(models.get(name, num_classes=3).double())
+    masks = {n: m.double() for n, m in random_masks(model, density=0.5).items()}
+    x1 = torch.randn(3, *model.input_shape, dtype=torch.float64)
+    x2 = torch.randn(3, *model.input_shape, dtype=torch.float64)
+    j1, j2 = R.jacobian(model, x1, masks=masks), R.jacobian(model, x2, masks=masks)
+    for mode in MODES:
+        assert rel(empirical_ntk(model, x1, x2, masks=masks, mode=mode), contract(j1, j2, mode)) < 1e-10, mode
+
+
 @pytest.mark.parametrize("name", ["lenet5", "resnet20"])
 def test_float32_within_1e4(name):
     torch.manual_seed(0)
@@ -144,8 +157,21 @@ def _grad_reference(model, x, masks, loss_of_ntk):
     return torch.func.grad(loss)(values)
 
 
+def _capture_way(monkeypatch, way):
+    """Every way the capture can get the outputs' cotangents: its default, the batch repeated once
+    per output (off by default, kept to be measured on a GPU), and vmap's batched backward also
+    where the default loops (a recorded graph of a convolutional network)."""
+    cap = internal("ntk_capture")
+    if way == "replicate":
+        monkeypatch.setattr(cap, "replicates", lambda model: True)
+    elif way == "vmap":
+        monkeypatch.setattr(cap, "_has_convolution", lambda model: False)
+
+
+@pytest.mark.parametrize("way", ["default", "replicate", "vmap"])
 @pytest.mark.parametrize("name", ["lenet300_100", "lenet5", "small_bn_conv"])
-def test_double_backward_against_torch_func(name):
+def test_double_backward_against_torch_func(name, way, monkeypatch):
+    _capture_way(monkeypatch, way)
     torch.manual_seed(0)
     model = _small_bn_conv() if name == "small_bn_conv" else randomise(models.get(name).double())
     x = torch.randn(3, *model.input_shape, dtype=torch.float64)

@@ -85,7 +85,7 @@ INTERNALS = {
     "ntksap_draws": ("ntkfast.scores._ntksap._draws", "the draws a pass is fed"),
     "ntk_empirical": ("ntkfast.ntk._empirical", "the chunk planner under a small memory budget"),
     "ntk_terms": ("ntkfast.ntk._terms", "the gathered convolution path below its density threshold"),
-    "ntk_capture": ("ntkfast.ntk._capture", "the batched backward the transfer step uses"),
+    "ntk_capture": ("ntkfast.ntk._capture", "the batched backward the transfer step uses, and the ways to the cotangents"),
     "pathkernel_network": ("ntkfast.pathkernel._network", "how often the path network is built"),
     "training": ("ntkfast.training", "the channels-last probe, and the shuffling seed of an epoch"),
     "kept_entries": ("ntkfast.core.kept_entries", "which weights the named optimisers compact"),

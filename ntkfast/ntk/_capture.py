@@ -1,6 +1,14 @@
-"""One forward pass with taps on every planned module, then one backward pass per output: the
+"""One forward pass with taps on every planned module, then the cotangents of every output: the
 inputs ``a`` and output cotangents ``b`` (for each output k, d f_k / d output) of each call of
-each module, from which the per-layer NTK contractions are built."""
+each module, from which the per-layer NTK contractions are built.
+
+The cotangents of kk outputs come from vmap's batched backward over one-hot cotangents, or a
+loop over the outputs where an op has no batching rule, or where the graph is recorded for a
+second derivative of a convolutional network (see :func:`_has_convolution`). A third way, the
+batch repeated kk times in one forward and one backward in which copy i gets output ks[i]'s
+cotangent (:func:`replicates`), is exact but measured 2-3x slower on the CPU
+(``benchmarks/explore_ntk_cotangent_pass.py``); it is kept, off, to be measured on a GPU, where
+one convolution at batch kk * n may beat kk small ones."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -47,6 +55,9 @@ def model_outputs(model, plan: Plan, x: torch.Tensor) -> torch.Tensor:
 
 
 def capture(model, plan: Plan, x: torch.Tensor, ks: Sequence[int], *, create_graph: bool) -> Capture:
+    ks = list(ks)
+    kk = len(ks) if len(ks) > 1 and replicates(model) else 1
+    n_given = x.shape[0]
     names = [r.module_name for r in plan.rules]
     pending: Dict[str, list] = {name: [] for name in names}
     handles = []
@@ -73,7 +84,7 @@ def capture(model, plan: Plan, x: torch.Tensor, ks: Sequence[int], *, create_gra
             return output.clone()
         return hook
 
-    n_samples = x.shape[0]
+    n_samples = kk * n_given
     modules = dict(model.named_modules(remove_duplicate=False))
     try:
         for name in names:
@@ -81,6 +92,8 @@ def capture(model, plan: Plan, x: torch.Tensor, ks: Sequence[int], *, create_gra
         with torch.enable_grad():
             # token ids (an Embedding's input) cannot require grad, and need not: the NTK differentiates weights
             xg = x.detach().requires_grad_(True) if x.is_floating_point() else x
+            if kk > 1:
+                xg = xg.repeat(kk, *([1] * (x.dim() - 1)))
             f = model_outputs(model, plan, xg)
     finally:
         for h in handles:
@@ -92,8 +105,11 @@ def capture(model, plan: Plan, x: torch.Tensor, ks: Sequence[int], *, create_gra
     grads: List[List[torch.Tensor]] = [[] for _ in taps]
     batched = None
     with torch.enable_grad():
-        batched = (_batched_backward(f, tensors, list(ks), create_graph)
-                   if tensors and len(ks) > 1 and not (create_graph and _has_convolution(model)) else None)
+        if kk > 1:
+            batched = _replicated_backward(f, tensors, ks, n_given, create_graph) if tensors else None
+        else:
+            batched = (_batched_backward(f, tensors, ks, create_graph)
+                       if tensors and len(ks) > 1 and not (create_graph and _has_convolution(model)) else None)
         if batched is not None:
             # kept whole ([kk, *y.shape]): unbinding and re-stacking would copy every cotangent
             for i, gi in zip(live, batched):
@@ -107,7 +123,8 @@ def capture(model, plan: Plan, x: torch.Tensor, ks: Sequence[int], *, create_gra
     for i, (_, _, y) in enumerate(taps):
         if batched is not None:
             if not grads[i] or grads[i][0] is None:
-                grads[i] = [torch.zeros((len(ks),) + tuple(y.shape), dtype=y.dtype, device=y.device)]
+                shape = (len(ks), n_given) + tuple(y.shape[1:]) if kk > 1 else (len(ks),) + tuple(y.shape)
+                grads[i] = [torch.zeros(shape, dtype=y.dtype, device=y.device)]
         else:
             grads[i] = [torch.zeros_like(y) if gi is None else gi for gi in grads[i]] or \
                 [torch.zeros_like(y) for _ in ks]
@@ -120,20 +137,41 @@ def capture(model, plan: Plan, x: torch.Tensor, ks: Sequence[int], *, create_gra
                 "the NTK needs it unchanged (avoid in-place operations on that tensor)"
             )
         b = slot[0] if batched is not None else torch.stack(slot)
+        if kk > 1:  # the first copy of the batch is the batch
+            a = a[:n_given]
         if not create_graph:
             a, b = a.detach(), b.detach()
         calls[name].append(Call(a, b))
-    return Capture(x, list(ks), K, calls)
+    return Capture(x, ks, K, calls)
 
 
 def _has_convolution(model) -> bool:
     # vmap's rule for convolution_backward runs one convolution per output, selecting each from
     # the batched cotangent. Under create_graph every such select's backward writes a zero tensor
     # of the whole batched cotangent, so differentiating the captured cotangents again costs
-    # outputs^2 times their size: a plain loop over outputs is faster there (transfer step, 2-core
-    # CPU: ResNet-20 16.1 -> 9.5 s, LeNet-5 559 -> 442 ms). MLPs keep the batched pass: there it
-    # has no convolution loop, and a one-off timing found it slightly faster than the loop.
+    # outputs^2 times their size: a plain loop over outputs is faster there (NTT step, 2-core
+    # CPU: ResNet-20 4.3 s looped against 5.8 s batched, LeNet-5 229 against 237 ms;
+    # benchmarks/explore_ntk_cotangent_pass.py). MLPs keep the batched pass: there it has no
+    # convolution loop.
     return any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+
+
+def replicates(model) -> bool:
+    """Whether captures of several outputs repeat the batch once per output (see the module's
+    notes): off, as it measured slower on the CPU; a benchmark switches it on to measure it. The
+    chunk planner does not count its kk copies of the activations."""
+    return False
+
+
+def _replicated_backward(f, tensors, ks, n, create_graph):
+    """f [kk * n, K] from the batch repeated kk times: one backward pass, copy i of the batch with
+    output ks[i]'s one-hot cotangent; each tensor's gradient as [kk, n, ...]."""
+    kk = len(ks)
+    cot = torch.zeros(kk, n, f.shape[1], dtype=f.dtype, device=f.device)
+    cot[torch.arange(kk), :, torch.tensor(ks)] = 1
+    grads = torch.autograd.grad(f, tensors, grad_outputs=cot.reshape(kk * n, -1), retain_graph=create_graph,
+                                create_graph=create_graph, allow_unused=True)
+    return [None if g is None else g.reshape(kk, n, *g.shape[1:]) for g in grads]
 
 
 def _batched_backward(f, tensors, ks, create_graph):
