@@ -6,7 +6,7 @@ The cotangents of kk outputs come from vmap's batched backward over one-hot cota
 loop over the outputs where an op has no batching rule, or where the graph is recorded for a
 second derivative of a convolutional network (see :func:`_has_convolution`). A third way, the
 batch repeated kk times in one forward and one backward in which copy i gets output ks[i]'s
-cotangent (:func:`replicates`), is exact but measured 2-3x slower on the CPU
+cotangent (:func:`replicates`), is exact but measured 1.3-3.3x slower on the CPU
 (``benchmarks/explore_ntk_cotangent_pass.py``); it is kept, off, to be measured on a GPU, where
 one convolution at batch kk * n may beat kk small ones."""
 from __future__ import annotations
