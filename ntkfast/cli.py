@@ -411,7 +411,10 @@ def cmd_reproduce(args) -> int:
     from .presets import get
     from .reproduce import compare, format_comparison, reproduce
 
+    from .study import check_out
+
     _checked_device(args)
+    check_out(args.out, "--out")  # named as the user typed it, before the data loads
     if args.plot:  # before the work: a plot path that cannot be written fails now, not after hours
         import importlib.util
 

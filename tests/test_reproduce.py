@@ -194,3 +194,10 @@ def test_the_comparison_plot(tmp_path, capsys, monkeypatch):
     rc = main(["reproduce", "ntt-lenet300_100-mnist", "--data-dir", str(tmp_path), "--out", str(out),
                "--plot", str(tmp_path / "adir.png"), "--quiet"])
     assert rc == 2 and "--plot" in capsys.readouterr().err and not out.exists()
+
+
+def test_the_cli_names_its_out_flag(tmp_path, capsys):
+    rc = main(["reproduce", "ntt-lenet300_100-mnist", "--data-dir", str(tmp_path), "--out",
+               str(tmp_path / "missing" / "r.jsonl")])
+    assert rc == 2 and "--out: the folder" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
