@@ -20,7 +20,11 @@ def _result(key):
 
 
 def _close(a, b, scale):
-    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12 * max(scale, 1.0))
+    # Another CPU moves LeNet-5's statistics by up to 1e-8 of their value (an Intel Xeon against the
+    # machine that wrote the file, the masks bit for bit the same): its vectorised kernels round
+    # differently somewhere below the float64 scores. 1e-7 keeps a tenfold margin over that; a
+    # change of what a method computes moves the scores far more, and the masks are compared exactly.
+    return math.isclose(a, b, rel_tol=1e-7, abs_tol=1e-12 * max(scale, 1.0))
 
 
 @pytest.mark.parametrize("key", sorted(EXPECTED))
