@@ -868,10 +868,12 @@ def _library_messages(quiet: bool):
 
 
 def main(argv=None) -> int:
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, a bad flag: argparse has said what it had to
         return exc.code if isinstance(exc.code, int) else 2
+    args._flags = _flags_of(parser, args.command)
     with _library_messages(getattr(args, "quiet", False)):
         return _dispatch(args)
 
@@ -907,6 +909,26 @@ def _dispatch(args) -> int:
         dist.destroy_process_group()
 
 
+# commands that hand their flags to a library function whose errors name its parameters
+_NAMED_AS_FLAGS = {"study", "reproduce"}
+
+
+def _flags_of(parser, command) -> dict:
+    """The command's option flags by destination: {"budget_s": "--budget-s", ...}."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    return {a.dest: a.option_strings[-1] for a in sub._actions if a.option_strings}
+
+
+def _as_typed(message: str, args) -> str:
+    """A library error of study or reproduce that names a parameter ('budget_s: ...', a data
+    reader's 'root: ...') names the flag the user typed instead."""
+    if getattr(args, "command", None) not in _NAMED_AS_FLAGS:
+        return message
+    name, sep, rest = message.partition(": ")
+    flag = getattr(args, "_flags", {}).get("data_dir" if name == "root" else name) if sep else None
+    return f"{flag}: {rest}" if flag else message
+
+
 def _run(args) -> int:
     try:
         return args.func(args)
@@ -916,7 +938,7 @@ def _run(args) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush cannot fail again
         return 141
     except (ValueError, OSError) as exc:  # a bad argument or file, a full disk: one line, no traceback
-        print(f"ntkfast: error: {exc}", file=sys.stderr)
+        print(f"ntkfast: error: {_as_typed(str(exc), args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ntkfast: interrupted; nothing was written", file=sys.stderr)

@@ -201,3 +201,15 @@ def test_the_cli_names_its_out_flag(tmp_path, capsys):
                str(tmp_path / "missing" / "r.jsonl")])
     assert rc == 2 and "--out: the folder" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_cli_names_the_flags_the_library_refuses(tmp_path, capsys):
+    out = tmp_path / "r.jsonl"
+    for argv, flag in ((["--seeds", str(2 ** 63)], "--seeds: invalid entry"),
+                       (["--densities", "0.5"], "--densities: 0.5 is not in the preset's grid"),
+                       ([], "--data-dir: mnist")):  # the reader's 'root' is the --data-dir flag
+        rc = main(["reproduce", "ntt-lenet300_100-mnist", "--data-dir", str(tmp_path / "none"), "--out", str(out),
+                   "--methods", "random", *argv])
+        err = capsys.readouterr().err
+        assert rc == 2 and f"ntkfast: error: {flag}" in err, err
+    assert list(tmp_path.iterdir()) == []
