@@ -27,7 +27,9 @@ t_start=$SECONDS
 # ones such as an in-place _C*.so or build/), so that nothing is written into the checkout
 mkdir -p "$WORK/src" "$WORK/dist" "$WORK/elsewhere"
 git ls-files -z --cached --others --exclude-standard | tar --null -T - --ignore-failed-read -cf - | tar -xf - -C "$WORK/src"
-"$PY" -c "import build" 2>/dev/null || { echo "sdist_check: installing build" >&2; "$PY" -m pip install -q build >&2; }
+# looked for from $WORK, not the checkout: there the build/ folder `pip install -e .` leaves passes for
+# the package (a namespace package), the install is skipped, and `-m build` fails in the copy
+(cd "$WORK" && "$PY" -c "import build.__main__") 2>/dev/null || { echo "sdist_check: installing build" >&2; "$PY" -m pip install -q build >&2; }
 # --no-isolation: setup.py imports torch, and an isolated build would download one.
 # --skip-dependency-check: build-system.requires names the ninja *package*, while a ninja binary on
 # PATH serves as well (pip --no-build-isolation does not check them either)
