@@ -139,11 +139,12 @@ def run_beyond(args) -> None:
     st = {"model": model, "x": x, "mode": mode}
     _ours(st)
     times = [time_once(_ours, (st,), device) for _ in range(args.runs)]
+    floor = ntk_floor(model, x, 10)  # after the timings, alone, as for every other case
     if device.type == "cuda":
         mem = measure_peak(_ours, (st,), device)
         del model, x, st
         times.sort()
-        return _write_beyond(args, device, model_name, mode, n, attempts, times, mem)
+        return _write_beyond(args, device, model_name, mode, n, attempts, times, mem, floor)
     code = ("import resource, torch, json\n"
             "from benchmarks.bench_ntk import _inputs, _ours\n"
             f"model, x = _inputs({model_name!r}, {n}, torch.device({args.device!r}))\n"
@@ -155,10 +156,10 @@ def run_beyond(args) -> None:
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     mem = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {}
     times.sort()
-    _write_beyond(args, device, model_name, mode, n, attempts, times, mem)
+    _write_beyond(args, device, model_name, mode, n, attempts, times, mem, floor)
 
 
-def _write_beyond(args, device, model_name, mode, n, attempts, times, mem) -> None:
+def _write_beyond(args, device, model_name, mode, n, attempts, times, mem, floor) -> None:
     machine = machine_info(device)
     rec = {
         "suite": "ntk", "case": f"{model_name}-{mode}-N{n}-beyond-torch.func", "device": device.type,
@@ -168,6 +169,8 @@ def _write_beyond(args, device, model_name, mode, n, attempts, times, mem) -> No
         "ours": "ntkfast.ntk.empirical_ntk", "params": {"model": model_name, "mode": mode, "N": n, "dtype": "float32"},
         "peer_s": None, "ours_s": times[len(times) // 2], "ratio": None, "ours_times_s": times,
         "peer_peak_mb": None, "ours_peak_mb": mem.get("peak_mb"), "ours_extra_mb": mem.get("extra_mb"),
+        "floor_s": floor["floor_s"], "ours_over_floor": times[len(times) // 2] / floor["floor_s"],
+        "peer_over_floor": None, "floor_what": floor["floor_what"], "floor_parts": floor.get("floor_parts"),
         "rel_err": None, "peer_attempts": attempts, "n_runs": args.runs,
         "command": f"python -m benchmarks.bench_ntk --device {device.type} --beyond-only" + (" --quick" if args.quick else ""),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
