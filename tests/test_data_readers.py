@@ -118,6 +118,13 @@ def test_cifar100_missing_partial_and_mixed_up(tmp_path):
         data.load_cifar100(tmp_path / "c", train=False)
     with pytest.raises(FileNotFoundError, match="looks like the folder of cifar100, not cifar10"):
         data.load_cifar10(tmp_path / "a", train=False)
+    # the datasets' own folders given for the other name: their files, not a subfolder, tell them apart
+    whole, _ = write_cifar100(tmp_path / "e")
+    with pytest.raises(FileNotFoundError, match="looks like the folder of cifar100, not cifar10"):
+        data.load_cifar10(whole, train=False)
+    (c10 / "data_batch_1").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="looks like the folder of cifar10, not cifar100"):
+        data.load_cifar100(c10, train=False)
     # CIFAR-10 batches renamed into a CIFAR-100 folder
     folder, _ = write_cifar100(tmp_path / "d")
     (folder / "test").write_bytes((c10 / "test_batch").read_bytes())

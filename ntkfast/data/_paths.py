@@ -27,10 +27,12 @@ def root_dir(root) -> Path:
     return Path(os.path.expanduser(os.fspath(root)))
 
 
-# what each dataset's files look like, to tell a user who gave the wrong name which one they have
+# what each dataset's files look like, to tell a user who gave the wrong name which one they have:
+# a mark is a path under root, or a tuple of paths that must all be there. The folder itself of a
+# dataset counts too (root = .../cifar-100-python given for cifar10), by files only it holds.
 _SIGNATURES = (
-    ("cifar10", ("cifar-10-batches-py", "data_batch_1")),
-    ("cifar100", ("cifar-100-python",)),
+    ("cifar10", ("cifar-10-batches-py", "data_batch_1", "batches.meta")),
+    ("cifar100", ("cifar-100-python", ("meta", "train", "test"))),
     ("tiny-imagenet", ("tiny-imagenet-200", "wnids.txt")),
     ("svhn", ("train_32x32.mat", "test_32x32.mat", "svhn/train_32x32.mat", "svhn/test_32x32.mat")),
     ("mnist", ("mnist", "MNIST")),
@@ -38,12 +40,18 @@ _SIGNATURES = (
 )
 
 
+def _marked(root: Path, mark) -> bool:
+    if isinstance(mark, tuple):
+        return all((root / m).is_file() for m in mark)
+    return (root / mark).exists()
+
+
 def datasets_found(root: Path) -> List[str]:
     """The dataset names whose files or folders sit directly under ``root``."""
     found = []
     try:
         for name, marks in _SIGNATURES:
-            if any((root / m).exists() for m in marks):
+            if any(_marked(root, m) for m in marks):
                 found.append(name)
     except OSError:
         return []
