@@ -247,6 +247,16 @@ def test_missing_file_names_paths(tmp_path):
         data.load_cifar10(tmp_path / "nowhere")
 
 
+def test_idx_images_of_another_size_are_refused(tmp_path):
+    rng = np.random.default_rng(1)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", rng.integers(0, 256, size=(3, 32, 32), dtype=np.uint8))
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.array([1, 2, 3], np.uint8))
+    with pytest.raises(ValueError, match=r"t10k-images-idx3-ubyte: mnist images are 28x28, the IDX header says 32x32"):
+        data.load_mnist(tmp_path, train=False)
+    with pytest.raises(ValueError, match="fashion-mnist images are 28x28"):
+        data.load_dataset("fashion-mnist", tmp_path, train=False)
+
+
 def test_corrupt_idx(tmp_path):
     images, labels = tiny_mnist(tmp_path)
     bad = tmp_path / "t10k-images-idx3-ubyte"

@@ -100,6 +100,11 @@ def _load_idx_pair(root: Path, subdirs, train: bool, dataset: str) -> Tuple[torc
         raise ValueError(f"{img_path}: {images.shape[0]} images but {lbl_path} has {labels.shape[0]} labels")
     if images.shape[0] == 0 or images.ndim != 3:
         raise ValueError(f"{img_path}: expected [N > 0, H, W] images, the IDX header says {images.shape}")
+    if images.shape[1:] != (28, 28):
+        # another dataset in IDX files (a padded or resized copy) would be read with this one's
+        # normalisation and models built for 28 x 28 inputs
+        raise ValueError(f"{img_path}: {dataset} images are 28x28, the IDX header says "
+                         f"{images.shape[1]}x{images.shape[2]} (another dataset's files?)")
     if labels.size and int(labels.max()) > 9:
         raise ValueError(f"{lbl_path}: label {int(labels.max())} out of range 0..9")
     x = torch.from_numpy(images.copy()).unsqueeze(1)  # [N, 1, H, W]
