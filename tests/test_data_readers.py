@@ -291,6 +291,19 @@ def test_tiny_imagenet_val_split_both_layouts(tmp_path):
             assert_colour(d.images[j], rgb)
 
 
+def test_tiny_imagenet_sorted_val_missing_a_class_is_refused(tmp_path, monkeypatch):
+    base = write_tiny(tmp_path / "a", val=(("n0200", 0), ("n0100", 0)), sorted_val=True)  # n0300 never sorted
+    calls = _no_decoding(monkeypatch)
+    with pytest.raises(FileNotFoundError, match=r"1 of the 3 classes have no images there \(n0300\): a partial copy"):
+        data.load_tiny_imagenet(base, train=False)
+    base = write_tiny(tmp_path / "b", sorted_val=True)
+    for f in (base / "val" / "n0100").iterdir():  # a class folder left empty counts the same
+        f.unlink()
+    with pytest.raises(FileNotFoundError, match=r"1 of the 3 classes have no images there \(n0100\)"):
+        data.load_tiny_imagenet(base, train=False)
+    assert calls == []
+
+
 def test_tiny_imagenet_greyscale_and_rgba_become_rgb(tmp_path):
     base = write_tiny(tmp_path)
     grey = save_image(base / "train" / "n0100" / "images" / "n0100_0.JPEG", (90, 90, 90), mode="L")

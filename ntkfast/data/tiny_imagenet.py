@@ -126,12 +126,21 @@ def _sorted_val(val: Path, classes: Sequence[str]) -> Samples:
     if extra:
         raise ValueError(f"root: {NAME}: {str(val)!r} has class folders not in wnids.txt ({', '.join(extra[:3])}): "
                          "a mixed-up dataset folder?")
+    # Tiny-ImageNet's validation split has every class (50 images each): a class without images
+    # is a sorting cut short, whose accuracy would be over fewer classes without a word
     samples: Samples = []
+    empty = []
     for label, wnid in enumerate(classes):
-        if (val / wnid).is_dir():
-            samples.extend((val / wnid / f, label) for f in _images_in(val / wnid))
+        files = _images_in(val / wnid) if (val / wnid).is_dir() else []
+        if not files:
+            empty.append(wnid)
+        samples.extend((val / wnid / f, label) for f in files)
     if not samples:
         raise ValueError(f"root: {NAME}: the class folders of {str(val)!r} hold no images")
+    if empty:
+        raise FileNotFoundError(f"root: {NAME}: {str(val)!r} is sorted into class folders, but {len(empty)} of the "
+                                f"{len(classes)} classes have no images there ({', '.join(empty[:3])}"
+                                f"{', ...' if len(empty) > 3 else ''}): a partial copy, or a sorting cut short?")
     return samples
 
 
