@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -91,8 +90,11 @@ def main(argv=None) -> int:
                 if line.strip():
                     r = json.loads(line)
                     done[_key(r)] = r
-    machine = {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-               "threads": torch.get_num_threads()}
+    from .common import machine_info, machine_string
+
+    # the CPU's model name (platform.processor() gives only "x86_64" on Linux)
+    machine = {"cpu": machine_string(torch.device("cpu"), machine_info(torch.device("cpu"))),
+               "torch": torch.__version__, "threads": torch.get_num_threads()}
     cells = [("dense", None, s) for s in args.seeds] + [(m, st, s) for st in args.structures
                                                          for m in args.methods for s in args.seeds]
     for method, structure, seed in cells:
