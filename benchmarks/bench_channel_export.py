@@ -4,11 +4,11 @@ floor of each (its convolution and linear calls alone, ``benchmarks/floor.py``).
 
 Channel masks only pay off once the channels are gone: a masked network runs every zero, so it
 should cost what the dense one does, and the exported one (``export_torch_pruning``) should cost
-about what its kept multiply-adds say. This measures the three forwards in eval mode under
-``torch.no_grad()`` on random CIFAR-sized batches, alternating the three models within each
-repeat so that a change of machine load hits them alike, and keeps the median per model; once
-with the channels ranked globally and once layerwise (which cuts the multiply-adds more evenly,
-as it thins the early, wide-map layers too). The
+about what its kept multiply-adds say. This measures the forwards in eval mode under
+``torch.no_grad()`` on random CIFAR-sized batches, with the channels ranked globally and
+layerwise (which cuts the multiply-adds more evenly, as it thins the early, wide-map layers too):
+the dense network and each scope's masked and exported ones are run in turn within each repeat,
+so that a change of machine load hits all five alike, and the median per model is kept. The
 machine's load average is recorded before and after: on a shared machine the absolute times
 move; the ratios, taken within one repeat, move less.
 
@@ -43,7 +43,8 @@ def _macs(model, x) -> int:
                for m, _, y, _ in layer_calls(model, x))
 
 
-def run(density: float, scope: str, batches, repeats: int, inner: int, method: str, seed: int) -> dict:
+def prepare(density: float, scope: str, method: str, seed: int) -> dict:
+    """The dense ResNet-20 of ``seed``, pruned to channel masks under ``scope``, masked and exported."""
     from ntkfast import prune
     from ntkfast.models import resnet20
     from ntkfast.structured import export_torch_pruning
@@ -57,12 +58,35 @@ def run(density: float, scope: str, batches, repeats: int, inner: int, method: s
     t0 = time.perf_counter()
     small = export_torch_pruning(dense, masks, torch.randn(1, 3, 32, 32)).eval()
     export_s = time.perf_counter() - t0
-    models = {"dense": dense, "masked": masked, "exported": small}
-    g = torch.Generator().manual_seed(seed)
-    probe = torch.randn(8, 3, 32, 32, generator=g)
+    probe = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         max_diff = float((small(probe) - masked(probe)).abs().max())
-    cases = []
+    x1 = torch.randn(1, 3, 32, 32)
+    return {"dense": dense, "masked": masked, "exported": small, "record": {
+        "model": "resnet20",
+        "method": method,
+        "scope": scope,
+        "target_density": density,
+        "achieved_density": masks.metadata["achieved_density"],
+        "parameters": {"dense": _count(dense), "exported": _count(small)},
+        "macs_per_image": {"dense": _macs(dense, x1), "exported": _macs(small, x1)},
+        "prune_seconds": round(prune_s, 3),
+        "export_seconds": round(export_s, 3),
+        "max_abs_output_difference_exported_vs_masked": max_diff,
+    }}
+
+
+def run(density: float, scopes, batches, repeats: int, inner: int, method: str, seed: int) -> list:
+    """One record per scope. Every scope's masked and exported networks and the one dense network
+    (the same weights for every scope) are timed in turn within each repeat, so that a change of
+    machine load hits all of them alike and the scopes' times can be compared with each other."""
+    prepared = {scope: prepare(density, scope, method, seed) for scope in scopes}
+    dense = prepared[scopes[0]]["dense"]
+    models = {"dense": dense}
+    for scope, p in prepared.items():
+        models[f"{scope}/masked"], models[f"{scope}/exported"] = p["masked"], p["exported"]
+    g = torch.Generator().manual_seed(seed)
+    cases = {scope: [] for scope in scopes}
     for batch in batches:
         x = torch.randn(batch, 3, 32, 32, generator=g)
         times = {k: [] for k in models}
@@ -78,32 +102,23 @@ def run(density: float, scope: str, batches, repeats: int, inner: int, method: s
         med = {k: statistics.median(v) for k, v in times.items()}
         # the convolution and linear calls alone, timed one by one: the rest (BatchNorm, ReLU, the
         # residual sums, Python) is overhead that fusing could remove
-        floor = {k: network_s(models[k], x, input_grad=False, weight_grad=False)["seconds"] for k in ("dense", "exported")}
-        cases.append({
-            "floor_forward_ms": {k: round(v * 1e3, 3) for k, v in floor.items()},
-            "over_floor": {k: round(med[k] / floor[k], 3) for k in floor},
-            "batch": batch,
-            "median_forward_ms": {k: round(v * 1e3, 3) for k, v in med.items()},
-            "all_forward_ms": {k: [round(t * 1e3, 3) for t in v] for k, v in times.items()},
-            "exported_speedup_over_dense": round(med["dense"] / med["exported"], 3),
-            "masked_over_dense": round(med["masked"] / med["dense"], 3),
-        })
-    x1 = torch.randn(1, 3, 32, 32)
-    return {
-        "model": "resnet20",
-        "method": method,
-        "scope": scope,
-        "target_density": density,
-        "achieved_density": masks.metadata["achieved_density"],
-        "parameters": {"dense": _count(dense), "exported": _count(small)},
-        "macs_per_image": {"dense": _macs(dense, x1), "exported": _macs(small, x1)},
-        "prune_seconds": round(prune_s, 3),
-        "export_seconds": round(export_s, 3),
-        "max_abs_output_difference_exported_vs_masked": max_diff,
-        "repeats": repeats,
-        "forwards_per_repeat": inner,
-        "cases": cases,
-    }
+        floor_dense = network_s(dense, x, input_grad=False, weight_grad=False)["seconds"]
+        for scope in scopes:
+            mine = {"dense": "dense", "masked": f"{scope}/masked", "exported": f"{scope}/exported"}
+            floor = {"dense": floor_dense,
+                     "exported": network_s(models[mine["exported"]], x, input_grad=False, weight_grad=False)["seconds"]}
+            m = {k: med[v] for k, v in mine.items()}
+            cases[scope].append({
+                "floor_forward_ms": {k: round(v * 1e3, 3) for k, v in floor.items()},
+                "over_floor": {k: round(m[k] / floor[k], 3) for k in floor},
+                "batch": batch,
+                "median_forward_ms": {k: round(v * 1e3, 3) for k, v in m.items()},
+                "all_forward_ms": {k: [round(t * 1e3, 3) for t in times[v]] for k, v in mine.items()},
+                "exported_speedup_over_dense": round(m["dense"] / m["exported"], 3),
+                "masked_over_dense": round(m["masked"] / m["dense"], 3),
+            })
+    return [dict(prepared[scope]["record"], repeats=repeats, forwards_per_repeat=inner,
+                 timed_with=sorted(models), cases=cases[scope]) for scope in scopes]
 
 
 def main(argv=None) -> int:
@@ -124,7 +139,7 @@ def main(argv=None) -> int:
     if a.quick:
         a.batches, a.repeats, a.inner = [8], 2, 1
     load_before = os.getloadavg()
-    result = {"runs": [run(a.density, scope, a.batches, a.repeats, a.inner, a.method, a.seed) for scope in a.scopes]}
+    result = {"runs": run(a.density, a.scopes, a.batches, a.repeats, a.inner, a.method, a.seed)}
     result["machine"] = machine_info(torch.device("cpu"))
     result["load_average_1_5_15_min"] = {"before": [round(v, 2) for v in load_before],
                                          "after": [round(v, 2) for v in os.getloadavg()]}
