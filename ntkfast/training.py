@@ -441,7 +441,7 @@ def _make_scheduler(scheduler, opt: torch.optim.Optimizer, milestones, gamma: fl
 
 # -- training ------------------------------------------------------------------------------------
 
-@holds_model
+@holds_model(mutates=True)
 def train(
     model: nn.Module,
     masks: Optional[Mapping[str, torch.Tensor]],

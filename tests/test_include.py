@@ -305,3 +305,68 @@ def test_include_with_channel_structure_is_named_and_synflow_feeds_ones_beside_a
     # the input is real-valued (no embedding looks it up): fed ones, the table computing as it is
     got = scores.synflow(Conditioned(), input_shape=(4,))
     assert float(got["fc.weight"].sum()) > 0
+
+
+class RenormedTokens(nn.Module):
+    """An embedding with max_norm: its forward rewrites the rows it looks up, in place."""
+
+    def __init__(self, bag=False):
+        super().__init__()
+        self.emb = nn.EmbeddingBag(50, 16, max_norm=0.5, mode="mean") if bag else nn.Embedding(50, 16, max_norm=0.5)
+        self.fc = nn.Linear(16 if bag else 160, 3)
+        self.bag = bag
+
+    def forward(self, x):
+        return self.fc(self.emb(x) if self.bag else self.emb(x).flatten(1))
+
+    def reinitialize(self):
+        self.emb.reset_parameters()
+        self.fc.reset_parameters()
+        return self
+
+
+@pytest.mark.parametrize("method", ["snip", "iterative_snip", "grasp", "synflow", "synflow_l2", "ntksap"])
+@pytest.mark.parametrize("include", [None, nn.Embedding])
+def test_a_max_norm_embedding_is_left_as_it_was(method, include):
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    net = RenormedTokens()
+    with torch.no_grad():
+        net.emb.weight.mul_(3)  # rows well above max_norm, so any lookup would rewrite them
+    data = (torch.randint(0, 50, (8, 10), generator=g), torch.randint(0, 3, (8,), generator=g))
+    before = copy.deepcopy(net.state_dict())
+    kw = {"data": data} if method in ("snip", "iterative_snip", "grasp") else {"input_shape": (10,)}
+    if method == "ntksap":
+        kw.update(batch_size=4)
+    ntkfast.prune(net, method, 0.3, include=include, rounds=2 if method in ("iterative_snip", "synflow") else 1,
+                  progress=False, on_empty_layer="ignore", **kw)
+    changed = [k for k, v in net.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed == []
+    # ntkfast.train is meant to change the model, and PyTorch's renormalisation is part of that
+    samples = torch.utils.data.TensorDataset(*data)
+    ntkfast.train(net, None, samples, samples, epochs=1, batch_size=8, progress=False)
+    assert not torch.equal(net.emb.weight, before["emb.weight"])
+
+
+def test_ntt_refuses_a_max_norm_embedding_by_name():
+    g = torch.Generator().manual_seed(0)
+    net = RenormedTokens()
+    data = (torch.randint(0, 50, (8, 10), generator=g), torch.randint(0, 3, (8,), generator=g))
+    before = copy.deepcopy(net.state_dict())
+    with pytest.raises(ValueError, match="model: the embedding 'emb' has max_norm"):
+        ntkfast.prune(net, "ntt", 0.3, data=data, steps=2, batch_size=4, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+
+
+def test_a_max_norm_embedding_bag_is_left_as_it_was():
+    g = torch.Generator().manual_seed(0)
+    net = RenormedTokens(bag=True)
+    with torch.no_grad():
+        net.emb.weight.mul_(3)
+    data = (torch.randint(0, 50, (8, 10), generator=g), torch.randint(0, 3, (8,), generator=g))
+    before = net.emb.weight.detach().clone()
+    ntkfast.prune(net, "snip", 0.3, data=data, progress=False)
+    from ntkfast.training import evaluate
+
+    evaluate(net, torch.utils.data.TensorDataset(*data))
+    assert torch.equal(net.emb.weight, before)

@@ -22,13 +22,13 @@ import inspect
 import threading
 import weakref
 from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
 from .compiled import unwrap
 
-__all__ = ["model_lock", "holds_model", "GLOBAL_RNG_LOCK", "seeded_global_rng"]
+__all__ = ["model_lock", "holds_model", "keeps_renormed_tables", "GLOBAL_RNG_LOCK", "seeded_global_rng"]
 
 _LOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
@@ -47,10 +47,16 @@ def model_lock(model) -> threading.RLock:
         return lock
 
 
-def holds_model(fn: Callable) -> Callable:
+def holds_model(fn: Optional[Callable] = None, *, mutates: bool = False) -> Callable:
     """Decorator: ``fn(model, ...)`` runs holding ``model_lock(model)`` when ``model`` (the first
     positional argument, or the keyword ``model``) is a module; anything else passes through to
-    ``fn``'s own argument checks."""
+    ``fn``'s own argument checks.
+
+    Unless ``mutates`` (training, whose job is to change the model), the lookup tables that a
+    forward rewrites in place are restored afterwards (:func:`keeps_renormed_tables`), so that a
+    scorer's forward passes leave the user's model as they found it."""
+    if fn is None:
+        return functools.partial(holds_model, mutates=mutates)
     first = next(iter(inspect.signature(fn).parameters), None)
 
     @functools.wraps(fn)
@@ -60,10 +66,35 @@ def holds_model(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         # a torch.compile'd model shares its original module's tensors: one lock for both
         with model_lock(unwrap(model)):
-            return fn(*args, **kwargs)
+            if mutates:
+                return fn(*args, **kwargs)
+            with keeps_renormed_tables(unwrap(model)):
+                return fn(*args, **kwargs)
 
     locked.__ntkfast_holds_model__ = True
     return locked
+
+
+@contextmanager
+def keeps_renormed_tables(model: torch.nn.Module) -> Iterator[None]:
+    """``nn.Embedding`` / ``nn.EmbeddingBag`` with ``max_norm`` renormalise the rows they look up
+    in place, in every forward and whatever the grad mode (``embedding_renorm_``), and the scorers'
+    forward passes reach those tables through tensors sharing their storage. Inside: every such
+    table is copied; after: any that changed is written back."""
+    tables = [m.weight for m in model.modules()
+              if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and m.max_norm is not None
+              and isinstance(m.weight, torch.Tensor)]
+    if not tables:
+        yield
+        return
+    saved = [t.detach().clone() for t in tables]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for t, s in zip(tables, saved):
+                if not torch.equal(t, s):
+                    t.copy_(s)
 
 
 @contextmanager

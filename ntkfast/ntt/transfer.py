@@ -379,6 +379,12 @@ def transfer(
     if hooked:
         raise ValueError(f"model: has torch.nn.utils.prune re-parametrisations ({', '.join(hooked[:3])}); NTT "
                          "learns its own mask from a dense model: pass the model without them")
+    renormed = [n for n, m in model.named_modules()
+                if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None]
+    if renormed:
+        raise ValueError(f"model: the embedding {renormed[0]!r} has max_norm, which rewrites its rows in place on "
+                         "every lookup; the NTK's per-sample derivatives (torch.func) cannot pass through that. "
+                         "Build the embedding without max_norm for the transfer")
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("model: no parameter requires grad, so the student has nothing to learn")
