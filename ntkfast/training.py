@@ -40,6 +40,7 @@ from .core.options import Amp, Optimizer, choices
 from .core.progress import check_progress, format_value, progress_bar
 from .core.sources import BatchSource, as_source
 from .core.kept_entries import KeptEntries
+from .core.numerics import check_classes
 from .train_engine import Engine, autocast, check_engine, compiled, device_flags, resident_source
 from .core.targets import model_device
 from .masks import parameter_name
@@ -223,6 +224,7 @@ def _check_fits(model: nn.Module, source: BatchSource) -> None:
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise ValueError(f"model: expected class scores [N, classes] from the forward, got "
                          f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
+    check_classes(out.shape[1], "training would never move the weights")
     # the whole label set where the dataset keeps one, else the labels of the first batch read
     targets = source.targets if source.targets is not None else labels
     if isinstance(targets, torch.Tensor) and targets.numel():

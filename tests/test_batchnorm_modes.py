@@ -162,3 +162,63 @@ def test_without_batchnorm_the_default_is_eval_so_dropout_stays_off(method):
     fn = getattr(scores, method)
     a, b, ev = fn(net, data=data), fn(net, data=data), fn(net, data=data, bn="eval")
     assert all(torch.equal(a[n], b[n]) and torch.equal(a[n], ev[n]) for n in a)
+
+
+def _in_net(seed=0):
+    """InstanceNorm keeping running statistics: in eval mode it reads them as BatchNorm does."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.InstanceNorm2d(6, affine=True, track_running_stats=True),
+                        nn.ReLU(), nn.Conv2d(6, 8, 3, stride=2, padding=1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+    return net.double()
+
+
+@pytest.mark.parametrize("method", ["snip", "grasp"])
+def test_an_instancenorm_with_running_statistics_counts_as_batchnorm(method):
+    net, batches = _in_net(), _batches()
+    before, momenta = _state(net)
+    fn = getattr(scores, method)
+    default, train, ev = fn(net, data=batches), fn(net, data=batches, bn="train"), fn(net, data=batches, bn="eval")
+    assert all(torch.equal(default[n], train[n]) for n in default)  # the BatchNorm default, not eval
+    assert any(not torch.allclose(default[n], ev[n]) for n in default)
+    # calibrate: eval mode with the batches' mean statistics, PyTorch's own update as the oracle
+    # (InstanceNorm reads momentum None as 0, so the oracle steps the cumulative factor itself)
+    dup = copy.deepcopy(net)
+    dup[1].reset_running_stats()
+    dup.train()
+    with torch.no_grad():
+        for i, (x, _) in enumerate(batches):
+            dup[1].momentum = 1.0 / (i + 1)
+            dup(x)
+    got = fn(net, data=batches, bn="calibrate")
+    want = fn(dup.eval(), data=batches, bn="eval")
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-10, atol=1e-14)
+    assert any(not torch.allclose(got[n], ev[n]) for n in got)
+    after, momenta_after = _state(net)
+    assert all(torch.equal(after[k], before[k]) for k in before) and momenta_after == momenta
+
+
+def test_ntksap_runs_a_tracked_instancenorm_on_the_reference_engine():
+    net = _in_net()
+    kw = dict(input_shape=(3, 8, 8), batch_size=8, repeats=2, dtype=torch.float64, seed=3,
+              init_fn=lambda m: [l.reset_parameters() for l in m.modules() if hasattr(l, "reset_parameters")])
+    ref = scores.ntksap(net, engine="reference", **kw)
+    with pytest.warns(RuntimeWarning, match=r"InstanceNorm2d '1' keeps running statistics; using the reference"):
+        auto = scores.ntksap(net, engine="auto", **kw)
+    assert all(torch.equal(auto[n], ref[n]) for n in ref)
+    with pytest.raises(ValueError, match=r"^engine='sequential': the InstanceNorm2d '1' keeps running statistics"):
+        scores.ntksap(net, engine="sequential", **kw)
+
+
+def test_ntksap_runs_a_hooked_layer_on_the_reference_engine():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    net.input_shape = (6,)
+    net[0].register_forward_hook(lambda mod, args, out: out * 2)
+    kw = dict(batch_size=8, repeats=2, dtype=torch.float64, seed=3,
+              init_fn=lambda m: [l.reset_parameters() for l in m.modules() if hasattr(l, "reset_parameters")])
+    ref = scores.ntksap(net, engine="reference", **kw)
+    with pytest.warns(RuntimeWarning, match=r"the layer '0' has a forward hook, which the grouped copy would not run"):
+        auto = scores.ntksap(net, engine="auto", **kw)
+    assert all(torch.equal(auto[n], ref[n]) for n in ref)

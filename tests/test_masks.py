@@ -8,6 +8,7 @@ import torch
 import torch.nn.utils.prune as tprune
 from torch import nn
 
+import ntkfast
 from ntkfast import Masks, prunable_parameters
 from ntkfast.masks import density_schedule, n_keep, parameter_name, threshold
 
@@ -251,3 +252,12 @@ def test_prune_hooks_mask_every_holder_of_a_tied_weight(twice):
     assert hasattr(net.head, "weight_mask") and hasattr(net.emb, "weight_mask")
     assert net.head.weight_orig is net.emb.weight_orig  # still one parameter to train
     torch.testing.assert_close(net(x), expected(x), rtol=0, atol=0)
+
+
+def test_a_lazy_module_not_yet_run_is_named():
+    net = torch.nn.Sequential(torch.nn.LazyLinear(8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    with pytest.raises(ValueError, match=r"^model: '0.weight' is not initialised yet \(a lazy module\); run one forward"):
+        ntkfast.prune(net, "magnitude", 0.5, progress=False)
+    net(torch.randn(2, 5))  # once run, it is an ordinary Linear
+    masks = ntkfast.prune(net, "magnitude", 0.5, progress=False)
+    assert masks["0.weight"].shape == (8, 5)

@@ -253,6 +253,16 @@ def test_model_without_reinitialize_is_named():
         ntksap(net, init_fn=_kaiming)
 
 
+def test_a_batch_of_one_is_refused_by_name_on_a_batchnorm_network():
+    net = models.resnet20(input_shape=(3, 8, 8), width=4)
+    for engine in ("auto", "reference"):
+        with pytest.raises(ValueError, match=r"^batch_size: 1, but NTK-SAP sets every BatchNorm's statistics"):
+            ntksap(net, batch_size=1, engine=engine)
+    without_bn = nn.Sequential(nn.Flatten(), nn.Linear(12, 4), nn.ReLU(), nn.Linear(4, 2))
+    without_bn.input_shape = (12,)
+    assert ntksap(without_bn, batch_size=1, init_fn=_kaiming, repeats=1)["1.weight"].shape == (4, 12)
+
+
 class _Custom(nn.Module):
     """A leaf with a parameter and its own forward: evaluated group by group."""
 

@@ -668,3 +668,21 @@ def test_tied_weights_score_both_uses():
     (g,) = torch.autograd.grad(r, w)
     for cache in (None, {}):
         torch.testing.assert_close(scores.synflow(net, input_shape=(10,), cache=cache)["a.weight"], (w * g).abs())
+
+
+def test_a_single_logit_is_refused_by_name_not_scored_zero():
+    # cross-entropy over one class is 0 whatever the weights: every loss-based score would be 0
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    x, y = torch.randn(16, 6), torch.zeros(16, dtype=torch.long)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    for method in ("snip", "iterative_snip", "grasp"):
+        with pytest.raises(ValueError, match=r"^model: gives one logit per sample; cross-entropy over a single class"):
+            ntkfast.prune(net, method, 0.3, data=(x, y), progress=False)
+    for fn in (scores.snip, scores.grasp):
+        with pytest.raises(ValueError, match=r"^model: gives one logit per sample"):
+            fn(net, data=(x, y))
+    samples = torch.utils.data.TensorDataset(x, y)
+    with pytest.raises(ValueError, match=r"training would never move the weights"):
+        ntkfast.train(net, None, samples, samples, epochs=1, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())

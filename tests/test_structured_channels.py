@@ -476,3 +476,17 @@ def test_export_without_torch_pruning_says_how_to_install(monkeypatch, r20):
     masks = channel_masks(r20, random_scores(r20), 0.5)
     with pytest.raises(ImportError, match="pip install torch-pruning"):
         export_torch_pruning(r20, masks, torch.randn(1, 3, 32, 32))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nn.Sequential(nn.Linear(12, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 4)),
+    lambda: nn.Sequential(nn.Linear(12, 4)),
+])
+def test_a_model_without_a_removable_channel_is_named(make):
+    net = make()
+    before = copy.deepcopy(net.state_dict())
+    x, y = torch.randn(6, 12), torch.randint(0, 4, (6,))
+    with pytest.raises(ValueError, match=r"^structure: 'channel' finds no output channel of Sequential that can be "
+                                         r"removed: every prunable layer's outputs are pinned"):
+        ntkfast.prune(net, "magnitude", 0.5, structure="channel", data=(x, y), progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())

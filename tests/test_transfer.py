@@ -497,3 +497,23 @@ def test_cli_transfer_then_train_from_its_result(tmp_path, capsys):
     assert "lenet300_100, not a lenet5" in capsys.readouterr().err
     assert main(["train", "--init", str(out), "--masks", str(out), "--dataset", "mnist", "--data-dir", str(DATA)]) == 2
     assert "ntkfast: error:" in capsys.readouterr().err
+
+
+class _StandardisedConv(nn.Conv2d):
+    """Weight standardisation: a filter the mask empties has std 0, whose gradient is NaN."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / (w.std(dim=(1, 2, 3), keepdim=True) + 1e-5)
+        return nn.functional.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+def test_a_student_going_non_finite_is_named_at_its_step_not_blamed_on_the_model():
+    torch.manual_seed(0)
+    net = nn.Sequential(_StandardisedConv(3, 8, 3, padding=1), nn.ReLU(), _StandardisedConv(8, 8, 3, padding=1),
+                        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    before = copy.deepcopy(net.state_dict())
+    x = torch.rand(16, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"^transfer: the loss or its gradient is not finite at step 1 "):
+        transfer(net, 0.1, x, steps=2, batch_size=8, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())

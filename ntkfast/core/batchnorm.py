@@ -26,7 +26,7 @@ from typing import Iterable, Optional, Tuple
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 from .options import BNMode, choices
 from .state import functional_forward
@@ -58,21 +58,28 @@ def resolve_bn(bn: Optional[str], train_mode: Optional[bool], default: str = DEF
 
 
 def batchnorm_layers(model: nn.Module):
-    """(name, module) of every BatchNorm layer that keeps running statistics."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    """(name, module) of every normalisation layer that keeps running statistics: BatchNorm, and
+    InstanceNorm with ``track_running_stats``, whose eval-mode output reads them the same way
+    (at initialisation (0, 1): the identity)."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, _NormBase) and m.track_running_stats]
 
 
 class _CumulativeMomentum:
-    """BatchNorm's momentum set to None (the running statistics become the plain mean over the
-    batches seen) for the block, each layer's own restored afterwards."""
+    """For the block, the running statistics become the plain mean over the batches seen: before
+    batch i (from 0) :meth:`step` sets every layer's momentum to 1 / (i + 1), the factor BatchNorm
+    itself uses with momentum None (InstanceNorm reads None as 0 and would not update at all).
+    Each layer's own momentum is restored afterwards."""
 
     def __init__(self, layers):
         self.layers = layers
 
     def __enter__(self):
         self.saved = [m.momentum for _, m in self.layers]
+        return self
+
+    def step(self, seen: int) -> None:
         for _, m in self.layers:
-            m.momentum = None
+            m.momentum = 1.0 / (seen + 1)
 
     def __exit__(self, *exc):
         for (_, m), momentum in zip(self.layers, self.saved):
@@ -93,8 +100,9 @@ def calibrate_batchnorm(model: nn.Module, state: dict, inputs: Iterable[torch.Te
         state[f"{name}.running_var"].fill_(1)
         state[f"{name}.num_batches_tracked"].zero_()
     seen = 0
-    with _CumulativeMomentum(layers):
+    with _CumulativeMomentum(layers) as momentum:
         for x in inputs:
+            momentum.step(seen)
             functional_forward(model, state, x, train_mode=True)
             seen += 1
     if seen == 0:
@@ -114,9 +122,10 @@ def calibrate_module(module: nn.Module, inputs: Iterable[torch.Tensor]) -> int:
     was = [(m, m.training) for m in module.modules()]
     seen = 0
     try:
-        with _CumulativeMomentum(layers):
+        with _CumulativeMomentum(layers) as momentum:
             module.train()
             for x in inputs:
+                momentum.step(seen)
                 module(x)
                 seen += 1
     finally:

@@ -409,6 +409,24 @@ def _base_forward(module: nn.Module, base) -> bool:
     return type(module).forward is base.forward
 
 
+def _check_groupable(model: nn.Module) -> None:
+    """NotGroupable, naming the layer, for an InstanceNorm keeping running statistics: its
+    eval-mode output reads statistics the grouped copy neither sets nor shares between the two
+    branches."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.modules.instancenorm._InstanceNorm) and mod.track_running_stats:
+            raise NotGroupable(f"the {type(mod).__name__} {name!r} keeps running statistics")
+
+
+def _user_hooks(mod: nn.Module) -> bool:
+    """``mod`` has forward hooks of the user's (torch.nn.utils.prune's own, whose masks the caller
+    applies, are not)."""
+    from torch.nn.utils.prune import BasePruningMethod
+
+    return bool(mod._forward_hooks) or any(not isinstance(h, BasePruningMethod)
+                                           for h in mod._forward_pre_hooks.values())
+
+
 class GroupedNetwork:
     """A private copy of ``model`` (cast to ``dtype``, moved to ``device``, eval mode, parameters
     frozen) whose parameterised leaves evaluate G weight sets at once.
@@ -421,6 +439,7 @@ class GroupedNetwork:
     """
 
     def __init__(self, model: nn.Module, *, dtype: torch.dtype, device, ones_buffers=()):
+        _check_groupable(model)
         try:
             net = cast_copy(model, dtype, device=device, ones_buffers=ones_buffers)
         except Exception as exc:
@@ -470,6 +489,9 @@ class GroupedNetwork:
                 w = _GroupNorm(name, mod, ctx)
             else:
                 w = _Generic(name, mod, ctx, [n for n, _ in own])
+            if not isinstance(w, _Generic) and _user_hooks(mod):
+                # the wrapper computes the layer itself, so the hook would silently not run
+                raise NotGroupable(f"the layer {name!r} has a forward hook, which the grouped copy would not run")
             w.keys = {attribute_name(n): attribute_name(first[id(p)]) for n, p in own}
             wrappers[id(mod)] = w
             places.append((name, w))

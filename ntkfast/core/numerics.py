@@ -27,8 +27,19 @@ def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
                              "two ways (classes last, as Hugging Face gives them, or second, as PyTorch's "
                              "cross_entropy takes them); use a sequence length other than the number of classes")
         if last:
+            check_classes(logits.shape[-1])
             return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+    if logits.dim() >= 2:
+        check_classes(logits.shape[1])
     return F.cross_entropy(logits, y)
+
+
+def check_classes(classes: int, consequence: str = "every loss-based score would be 0") -> None:
+    """ValueError naming the model when it gives a single class score."""
+    if classes == 1:
+        # the softmax of one logit is 1 whatever it is: the loss and every gradient are 0
+        raise ValueError(f"model: gives one logit per sample; cross-entropy over a single class is 0 whatever the "
+                         f"weights, so {consequence}. Give a binary classifier two logits (targets 0 and 1)")
 
 
 # -- gradients, overflow, normalisation ----------------------------------------------------------

@@ -60,6 +60,11 @@ def prunable_parameters(
     """
     out: "OrderedDict[str, nn.Parameter]" = OrderedDict()
     seen = set()
+    lazy = [n for n, p in model.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]
+    if lazy:
+        # a lazy module (nn.LazyLinear, LazyConv2d...) has no shape until its first forward
+        raise ValueError(f"model: {lazy[0]!r} is not initialised yet (a lazy module); run one forward pass on an "
+                         "example input first, so that its weights take their shapes")
     # a tied weight (a language model's output layer sharing the embedding table) is keyed by its
     # first name in named_parameters(), the one masks and optimisers see
     canonical = {id(p): n for n, p in model.named_parameters()}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import time
 from collections import OrderedDict
@@ -565,6 +566,13 @@ def transfer(
 
                 optimizer.zero_grad(set_to_none=True)
                 grads, (loss, ker, target, l2) = shard.all_sum(local, like, flags=4)
+                if not math.isfinite(loss) or not all(bool(torch.isfinite(g).all()) for g in grads):
+                    # said here, before the step writes it into the student: later checks would
+                    # find NaN weights and could only blame the model the student was copied from
+                    raise ValueError(f"transfer: the loss or its gradient is not finite at step {step + 1} "
+                                     f"(loss {loss:.4g}, kernel term {ker:.4g}, output term {target:.4g}); the "
+                                     "student diverged or a layer's forward is not finite under the masks: try a "
+                                     "smaller lr, or float64")
                 for p, g in zip(learned, grads):
                     p.grad = g
                 optimizer.step()

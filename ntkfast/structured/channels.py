@@ -170,6 +170,11 @@ class ChannelPlan:
         keep = self._check_keep(keep, [plain_name(n) for n in scores])
         g = self.graph
         n_units = len(g.units)
+        if n_units == 0:
+            raise ValueError(f"structure: 'channel' finds no output channel of {self.model_name} that can be removed: "
+                             "every prunable layer's outputs are pinned (the logits, or a LayerNorm, GroupNorm or "
+                             "other operation over the channel dimension); use the unstructured default or an 'N:M' "
+                             "structure")
         layers = [self._layer(w, keep) for w in ranked]
         total = sum(int(np.prod(self.params[lay.name].shape)) for lay in layers)
 

@@ -155,6 +155,10 @@ def ntksap(
         batch_shape = tuple(inputs[0].shape)
     else:
         batch_shape = (_batch_size(model, batch_size, data),) + tuple(shape)
+    if batch_shape[0] == 1 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        # the statistics pass normalises each BatchNorm by the batch's own statistics
+        raise ValueError("batch_size: 1, but NTK-SAP sets every BatchNorm's statistics from a train-mode pass over "
+                         "the batch, and one sample has no variance; use batches of at least 2")
     if weight_samples is None and init_fn is None and not callable(getattr(model, "reinitialize", None)):
         raise ValueError(
             f"model: {type(model).__name__} has no reinitialize() method; NTK-SAP re-draws the "

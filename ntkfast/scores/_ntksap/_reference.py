@@ -15,7 +15,7 @@ from typing import Dict, Mapping
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.batchnorm import _NormBase
 
 from ...core.state import cast_copy, output_tensor
 from ...core.targets import Target
@@ -27,9 +27,15 @@ def _copy(model: nn.Module, dtype, device, targets: Mapping[str, Target]) -> nn.
     net = cast_copy(model, dtype, device=device,
                     ones_buffers=[t.mask_buffer for t in targets.values() if t.mask_buffer is not None])
     for m in net.modules():
-        if isinstance(m, _BatchNorm):
+        if _tracks(m):
             m.momentum = 1.0
     return net
+
+
+def _tracks(m: nn.Module) -> bool:
+    """A normalisation layer with running statistics: BatchNorm, and InstanceNorm with
+    track_running_stats, whose eval-mode output reads them the same way."""
+    return isinstance(m, _NormBase) and m.track_running_stats
 
 
 def _load(net: nn.Module, theta: Mapping[str, torch.Tensor]) -> None:
@@ -48,8 +54,8 @@ def reference_scores(model: nn.Module, targets: Mapping[str, Target], draws: Dra
     """Signed mask gradients summed over every piece of ``draws`` (the caller takes |.| and masks)."""
     a = _copy(model, dtype, device, targets)
     b = _copy(model, dtype, device, targets)
-    bn_a = [m for m in a.modules() if isinstance(m, _BatchNorm)]
-    bn_b = [m for m in b.modules() if isinstance(m, _BatchNorm)]
+    bn_a = [m for m in a.modules() if _tracks(m)]
+    bn_b = [m for m in b.modules() if _tracks(m)]
     masks = OrderedDict((n, t.mask.to(device=device, dtype=dtype).requires_grad_(True)) for n, t in targets.items())
     total = OrderedDict((n, torch.zeros_like(m)) for n, m in masks.items())
     for i in draws.indices:
