@@ -668,3 +668,36 @@ def test_grouped_convolution_without_an_engine_falls_back_per_group(monkeypatch)
     other.ctx.grouped_conv = True
     with pytest.raises(RuntimeError, match="some other failure"):  # only a missing engine falls back
         run(other)
+
+
+class _GRUNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(4, 6, batch_first=True)
+        self.fc = nn.Linear(6, 3)
+        self.input_shape = (5, 4)
+
+    def forward(self, x):
+        return self.fc(self.rnn(x)[0][:, -1])
+
+    def reinitialize(self):
+        self.rnn.reset_parameters()
+        self.fc.reset_parameters()
+
+
+def test_an_included_recurrent_layer_is_named_by_the_grouped_engine_and_scored_by_the_reference():
+    torch.manual_seed(0)
+    net = _GRUNet().double()
+    masks = ntkfast.Masks.ones(net, include=nn.GRU)
+    kw = dict(repeats=2, batch_size=4, seed=2, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"^engine='grouped': layer 'rnn' \(GRU\) returns a tuple, whose groups "
+                                         r"cannot be stacked"):
+        ntksap(net, masks, engine="grouped", **kw)
+    ref = ntksap(net, masks, engine="reference", **kw)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        auto = ntksap(net, masks, engine="auto", **kw)  # on the CPU the sequential engine, one group a call
+    for n in ref:
+        torch.testing.assert_close(auto[n], ref[n], rtol=1e-9, atol=1e-12)
+    assert any("rnn.weight_ih_l0" == n for n in ref) and float(ref["rnn.weight_ih_l0"].abs().sum()) > 0
+    assert all("reference" in str(w.message) for w in caught if issubclass(w.category, RuntimeWarning))

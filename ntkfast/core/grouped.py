@@ -401,6 +401,11 @@ class _Generic(_Leaf):
                 outs.append(torch.func.functional_call(self.module, {n: v[g] for n, v in per.items()}, call, kwargs))
         finally:
             ctx.groups, ctx.group, ctx.rows = G, outer, rows
+        if G > 1 and not isinstance(outs[0], torch.Tensor):
+            # a recurrent layer's (output, h_n): h_n holds the samples on its second dimension, so
+            # no one rule stacks the groups' results
+            raise NotGroupable(f"layer {self.name!r} ({type(self.module).__name__}) returns a "
+                               f"{type(outs[0]).__name__}, whose groups cannot be stacked")
         return torch.cat(outs, 0) if G > 1 else outs[0]
 
 
