@@ -370,3 +370,29 @@ def test_a_max_norm_embedding_bag_is_left_as_it_was():
 
     evaluate(net, torch.utils.data.TensorDataset(*data))
     assert torch.equal(net.emb.weight, before)
+
+
+class BagTokens(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.EmbeddingBag(30, 8, mode="mean")
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.emb(x)))
+
+
+def test_a_layer_without_second_derivatives_is_named_by_grasp_and_ntt():
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    net = BagTokens()
+    data = (torch.randint(0, 30, (8, 5), generator=g), torch.randint(0, 3, (8,), generator=g))
+    before = copy.deepcopy(net.state_dict())
+    with pytest.raises(ValueError, match=r"^model: grasp needs second derivatives, and PyTorch has none for an "
+                                         r"operation of this model \(.*embedding_bag"):
+        ntkfast.prune(net, "grasp", 0.3, data=data, include=nn.EmbeddingBag, progress=False)
+    with pytest.raises(ValueError, match=r"^model: transfer needs second derivatives"):
+        ntkfast.prune(net, "ntt", 0.3, data=data, steps=1, batch_size=4, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    # a first-order method scores it
+    assert ntkfast.prune(net, "snip", 0.3, data=data, include=nn.EmbeddingBag, progress=False)["emb.weight"].any()

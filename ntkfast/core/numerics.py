@@ -42,6 +42,15 @@ def check_classes(classes: int, consequence: str = "every loss-based score would
                          f"weights, so {consequence}. Give a binary classifier two logits (targets 0 and 1)")
 
 
+def second_order_refusal(method: str, exc: BaseException) -> str:
+    """The message for a second derivative PyTorch does not implement for one of the model's
+    operations (e.g. ``EmbeddingBag``'s backward): the operation, and the ways out."""
+    what = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return (f"model: {method} needs second derivatives, and PyTorch has none for an operation of this model "
+            f"({what}); exclude the layer that runs it (exclude=, or leave it out of include=), or use a "
+            "first-order method")
+
+
 # -- gradients, overflow, normalisation ----------------------------------------------------------
 def grad_dict(
     output: torch.Tensor, inputs: Mapping[str, torch.Tensor], *, create_graph: bool = False

@@ -39,6 +39,7 @@ from ..masks import Masks, prunable_parameters, threshold
 from ..ntk import empirical_ntk
 from . import _checkpoint as _ckpt
 from ..core.concurrency import holds_model
+from ..core.numerics import second_order_refusal
 from ..core.state import finite_model, output_tensor
 from ..core.progress import check_progress, progress_bar
 
@@ -191,7 +192,7 @@ def _check_fits(model: nn.Module, x: torch.Tensor, name: str) -> None:
     try:
         with torch.no_grad():
             out = model(x)
-    except (RuntimeError, ValueError, TypeError) as exc:
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
         raise ValueError(f"{name}: the model cannot take these inputs (sample shape {tuple(x.shape[1:])}, "
                          f"{x.dtype}): {exc}") from None
     _flat_outputs(out, x.shape[0])
@@ -565,7 +566,10 @@ def transfer(
                     return grads, [float(loss.detach())] + [float(v.detach()) for v in parts.values()]
 
                 optimizer.zero_grad(set_to_none=True)
-                grads, (loss, ker, target, l2) = shard.all_sum(local, like, flags=4)
+                try:
+                    grads, (loss, ker, target, l2) = shard.all_sum(local, like, flags=4)
+                except NotImplementedError as exc:  # the loss's gradient differentiates the NTK again
+                    raise ValueError(second_order_refusal("transfer", exc)) from None
                 if not math.isfinite(loss) or not all(bool(torch.isfinite(g).all()) for g in grads):
                     # said here, before the step writes it into the student: later checks would
                     # find NaN weights and could only blame the model the student was copied from

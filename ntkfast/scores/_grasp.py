@@ -12,7 +12,7 @@ from ..distributed import resolve as resolve_shard
 from ..methods import register
 from ..core.checks import check_number
 from ..core.batches import as_batches, cast_input, shard_batches
-from ..core.numerics import all_finite, cross_entropy, divide_by_total, grad_dict, with_float64_fallback
+from ..core.numerics import all_finite, cross_entropy, divide_by_total, grad_dict, second_order_refusal, with_float64_fallback
 from ..core.batchnorm import BNMode, bn_setting, calibrate_batchnorm, check_train_batches
 from ..core.state import functional_forward, leaves, masked, state_copy, substitute
 from ..core.targets import finish, model_device, resolve_targets
@@ -84,7 +84,11 @@ def grasp(
                 with sdpa_kernel([SDPBackend.MATH]):
                     gr = grad_dict(loss(x, y, w), theta, create_graph=True)
                 z = sum((g[n] * gr[n]).sum() for n in theta)
-                for n, h in grad_dict(z, theta).items():
+                try:
+                    second = grad_dict(z, theta)
+                except NotImplementedError as exc:
+                    raise ValueError(second_order_refusal("grasp", exc)) from None
+                for n, h in second.items():
                     hg[n] += h
             return list(hg.values()), [0.0 if finite else 1.0]
 
