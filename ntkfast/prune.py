@@ -16,6 +16,7 @@ from ._version import __version__
 from .core.compiled import plain_name, unwrap
 from .core.exclude import ExcludeSpec, resolve_exclude
 from .core.options import KeepRule, NmLayout, OnEmptyLayer, OnIndivisible, Schedule, Scope, choices
+from .core.batches import cast_input
 from .core.numerics import check_classes
 from .core.state import RunCache, output_tensor
 from .core.targets import mask_buffer_name
@@ -111,6 +112,9 @@ def _merge_qkv(tensors: Mapping[str, torch.Tensor], fused) -> dict:
 def _check_data_fits(model: nn.Module, batches) -> None:
     """One no-grad eval-mode forward of a single example, so a wrong input shape fails here, named."""
     x, y = batches[0]
+    # the scorers cast floating inputs to the dtype they compute in (the model's): so does the probe
+    p = next((t for t in model.parameters() if t.is_floating_point()), None)
+    x = cast_input(x, p.dtype) if p is not None else x
     flags = {m: m.training for m in model.modules()}
     try:
         model.eval()

@@ -686,3 +686,13 @@ def test_a_single_logit_is_refused_by_name_not_scored_zero():
     with pytest.raises(ValueError, match=r"training would never move the weights"):
         ntkfast.train(net, None, samples, samples, epochs=1, progress=False)
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+
+
+def test_prune_casts_the_data_to_the_model_dtype_as_the_scorers_do():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).double()
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))  # float32 data, a float64 model
+    for method in ("snip", "grasp", "iterative_snip"):
+        got = ntkfast.prune(net, method, 0.3, data=(x, y), progress=False)
+        want = ntkfast.prune(net, method, 0.3, data=(x.double(), y), progress=False)
+        assert got == want
