@@ -388,11 +388,33 @@ def test_a_layer_without_second_derivatives_is_named_by_grasp_and_ntt():
     net = BagTokens()
     data = (torch.randint(0, 30, (8, 5), generator=g), torch.randint(0, 3, (8,), generator=g))
     before = copy.deepcopy(net.state_dict())
-    with pytest.raises(ValueError, match=r"^model: grasp needs second derivatives, and PyTorch has none for an "
-                                         r"operation of this model \(.*embedding_bag"):
+    with pytest.raises(ValueError, match=r"^model: grasp differentiates the network twice, and PyTorch has no second "
+                                         r"derivative for an operation of this model \(.*embedding_bag.*\); leave "
+                                         r"that layer's weights out of include="):
         ntkfast.prune(net, "grasp", 0.3, data=data, include=nn.EmbeddingBag, progress=False)
-    with pytest.raises(ValueError, match=r"^model: transfer needs second derivatives"):
+    with pytest.raises(ValueError, match=r"^model: transfer differentiates the network twice.*; freeze that layer's "
+                                         r"weights \(requires_grad_\(False\)\)"):
         ntkfast.prune(net, "ntt", 0.3, data=data, steps=1, batch_size=4, progress=False)
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    # each way out works: GraSP without the layer in include=, NTT with its weights frozen
+    assert "emb.weight" not in ntkfast.prune(net, "grasp", 0.3, data=data, progress=False)
+    frozen = copy.deepcopy(net)
+    frozen.emb.weight.requires_grad_(False)
+    assert ntkfast.prune(frozen, "ntt", 0.3, data=data, steps=1, batch_size=4, progress=False)["fc.weight"].any()
     # a first-order method scores it
     assert ntkfast.prune(net, "snip", 0.3, data=data, include=nn.EmbeddingBag, progress=False)["emb.weight"].any()
+
+
+def test_the_table_restore_skips_meta_tensors_and_restores_a_row_written_during_the_call():
+    from ntkfast.core.concurrency import keeps_renormed_tables
+
+    with torch.device("meta"):
+        meta = RenormedTokens()
+    with keeps_renormed_tables(meta):  # nothing to compare on the meta device, nothing raised
+        pass
+    net = RenormedTokens()
+    before = net.emb.weight.detach().clone()
+    with keeps_renormed_tables(net):
+        with torch.no_grad():
+            net.emb.weight[3] += 1  # a row written during the call, by the call
+    assert torch.equal(net.emb.weight, before)

@@ -253,14 +253,19 @@ def test_model_without_reinitialize_is_named():
         ntksap(net, init_fn=_kaiming)
 
 
-def test_a_batch_of_one_is_refused_by_name_on_a_batchnorm_network():
-    net = models.resnet20(input_shape=(3, 8, 8), width=4)
+def test_a_batch_that_leaves_a_batchnorm_one_value_per_channel_is_named():
+    # BatchNorm1d on [1, C]: one value per channel in the statistics pass
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2))
+    net.input_shape = (12,)
     for engine in ("auto", "reference"):
-        with pytest.raises(ValueError, match=r"^batch_size: 1, but NTK-SAP sets every BatchNorm's statistics"):
-            ntksap(net, batch_size=1, engine=engine)
-    without_bn = nn.Sequential(nn.Flatten(), nn.Linear(12, 4), nn.ReLU(), nn.Linear(4, 2))
-    without_bn.input_shape = (12,)
-    assert ntksap(without_bn, batch_size=1, init_fn=_kaiming, repeats=1)["1.weight"].shape == (4, 12)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # auto: the sequential engine's failure, then the reference
+            with pytest.raises(ValueError, match=r"^batch_size: NTK-SAP's statistics pass normalises every BatchNorm "
+                                                 r"by the batch's own statistics, and with batches of 1"):
+                ntksap(net, batch_size=1, engine=engine, init_fn=_kaiming, repeats=1)
+    # a BatchNorm2d still has a map's worth of values per channel at batch 1
+    conv = models.resnet20(input_shape=(3, 8, 8), width=4)
+    assert all(bool(torch.isfinite(v).all()) for v in ntksap(conv, batch_size=1, repeats=1).values())
 
 
 class _Custom(nn.Module):

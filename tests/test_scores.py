@@ -682,6 +682,8 @@ def test_a_single_logit_is_refused_by_name_not_scored_zero():
     for fn in (scores.snip, scores.grasp):
         with pytest.raises(ValueError, match=r"^model: gives one logit per sample"):
             fn(net, data=(x, y))
+    for method in ("magnitude", "synflow"):  # no loss: a single output is theirs to score
+        assert ntkfast.prune(net, method, 0.3, data=(x, y), progress=False).density == pytest.approx(0.3, abs=0.01)
     samples = torch.utils.data.TensorDataset(x, y)
     with pytest.raises(ValueError, match=r"training would never move the weights"):
         ntkfast.train(net, None, samples, samples, epochs=1, progress=False)

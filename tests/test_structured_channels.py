@@ -486,7 +486,10 @@ def test_a_model_without_a_removable_channel_is_named(make):
     net = make()
     before = copy.deepcopy(net.state_dict())
     x, y = torch.randn(6, 12), torch.randint(0, 4, (6,))
+    calls = []
+    net.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[0]))
     with pytest.raises(ValueError, match=r"^structure: 'channel' finds no output channel of Sequential that can be "
                                          r"removed: every prunable layer's outputs are pinned"):
-        ntkfast.prune(net, "magnitude", 0.5, structure="channel", data=(x, y), progress=False)
+        ntkfast.prune(net, "snip", 0.5, structure="channel", data=(x, y), progress=False)
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    assert 6 not in calls  # refused before SNIP's forward over the batch (the trace's 2 rows are all it ran)

@@ -80,21 +80,27 @@ def keeps_renormed_tables(model: torch.nn.Module) -> Iterator[None]:
     """``nn.Embedding`` / ``nn.EmbeddingBag`` with ``max_norm`` renormalise the rows they look up
     in place, in every forward and whatever the grad mode (``embedding_renorm_``), and the scorers'
     forward passes reach those tables through tensors sharing their storage. Inside: every such
-    table is copied; after: any that changed is written back."""
+    table is copied; after: the rows of any table written to meanwhile (its version counter moved)
+    that differ are written back.
+
+    Only the model's lock is held, not one per table: a table shared with another model, or
+    trained by another thread of the user's during the call, would have that thread's rows
+    restored too."""
     tables = [m.weight for m in model.modules()
               if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and m.max_norm is not None
-              and isinstance(m.weight, torch.Tensor)]
+              and isinstance(m.weight, torch.Tensor) and m.weight.device.type != "meta"]
     if not tables:
         yield
         return
-    saved = [t.detach().clone() for t in tables]
+    saved = [(t.detach().clone(), t._version) for t in tables]
     try:
         yield
     finally:
         with torch.no_grad():
-            for t, s in zip(tables, saved):
-                if not torch.equal(t, s):
-                    t.copy_(s)
+            for t, (s, version) in zip(tables, saved):
+                if t._version != version and t.shape == s.shape:
+                    rows = (t != s).reshape(t.shape[0], -1).any(1)
+                    t[rows] = s[rows]
 
 
 @contextmanager

@@ -42,13 +42,18 @@ def check_classes(classes: int, consequence: str = "every loss-based score would
                          f"weights, so {consequence}. Give a binary classifier two logits (targets 0 and 1)")
 
 
-def second_order_refusal(method: str, exc: BaseException) -> str:
+def lacks_derivative(exc: BaseException) -> bool:
+    """``exc`` is PyTorch saying it has no derivative for an operation (not any other
+    NotImplementedError: an op missing for a dtype or device, or the user's own code)."""
+    return isinstance(exc, NotImplementedError) and "derivative for" in str(exc)
+
+
+def second_order_refusal(method: str, exc: BaseException, way_out: str) -> str:
     """The message for a second derivative PyTorch does not implement for one of the model's
-    operations (e.g. ``EmbeddingBag``'s backward): the operation, and the ways out."""
+    operations (e.g. ``EmbeddingBag``'s backward): the operation, and ``way_out``."""
     what = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return (f"model: {method} needs second derivatives, and PyTorch has none for an operation of this model "
-            f"({what}); exclude the layer that runs it (exclude=, or leave it out of include=), or use a "
-            "first-order method")
+    return (f"model: {method} differentiates the network twice, and PyTorch has no second derivative for an "
+            f"operation of this model ({what}); {way_out}")
 
 
 # -- gradients, overflow, normalisation ----------------------------------------------------------

@@ -39,7 +39,7 @@ from ..masks import Masks, prunable_parameters, threshold
 from ..ntk import empirical_ntk
 from . import _checkpoint as _ckpt
 from ..core.concurrency import holds_model
-from ..core.numerics import second_order_refusal
+from ..core.numerics import lacks_derivative, second_order_refusal
 from ..core.state import finite_model, output_tensor
 from ..core.progress import check_progress, progress_bar
 
@@ -569,7 +569,11 @@ def transfer(
                 try:
                     grads, (loss, ker, target, l2) = shard.all_sum(local, like, flags=4)
                 except NotImplementedError as exc:  # the loss's gradient differentiates the NTK again
-                    raise ValueError(second_order_refusal("transfer", exc)) from None
+                    if not lacks_derivative(exc):
+                        raise
+                    raise ValueError(second_order_refusal(
+                        "transfer", exc, "freeze that layer's weights (requires_grad_(False)) so that the "
+                        "student does not learn them")) from None
                 if not math.isfinite(loss) or not all(bool(torch.isfinite(g).all()) for g in grads):
                     # said here, before the step writes it into the student: later checks would
                     # find NaN weights and could only blame the model the student was copied from

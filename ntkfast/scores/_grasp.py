@@ -12,7 +12,8 @@ from ..distributed import resolve as resolve_shard
 from ..methods import register
 from ..core.checks import check_number
 from ..core.batches import as_batches, cast_input, shard_batches
-from ..core.numerics import all_finite, cross_entropy, divide_by_total, grad_dict, second_order_refusal, with_float64_fallback
+from ..core.numerics import (all_finite, cross_entropy, divide_by_total, grad_dict, lacks_derivative,
+                             second_order_refusal, with_float64_fallback)
 from ..core.batchnorm import BNMode, bn_setting, calibrate_batchnorm, check_train_batches
 from ..core.state import functional_forward, leaves, masked, state_copy, substitute
 from ..core.targets import finish, model_device, resolve_targets
@@ -87,7 +88,11 @@ def grasp(
                 try:
                     second = grad_dict(z, theta)
                 except NotImplementedError as exc:
-                    raise ValueError(second_order_refusal("grasp", exc)) from None
+                    if not lacks_derivative(exc):
+                        raise
+                    raise ValueError(second_order_refusal(
+                        "grasp", exc, "leave that layer's weights out of include= (they are then not "
+                        "differentiated), or use a first-order method such as SNIP")) from None
                 for n, h in second.items():
                     hg[n] += h
             return list(hg.values()), [0.0 if finite else 1.0]

@@ -97,6 +97,11 @@ class ChannelPlan:
         model = unwrap(model)
         self.model_name = type(model).__name__
         self.graph = trace_channels(model, example_inputs_for(model, example_inputs))
+        if not self.graph.units:  # said before any scoring, which can be the whole cost of a call
+            raise ValueError(f"structure: 'channel' finds no output channel of {self.model_name} that can be removed: "
+                             "every prunable layer's outputs are pinned (the logits, or a LayerNorm, GroupNorm or "
+                             "other operation over the channel dimension); use the unstructured default or an 'N:M' "
+                             "structure")
         self.params = prunable_parameters(model, include_bias=True, include_norm=True)
         self.layer_of_weight = OrderedDict((f"{n}.weight", n) for n in self.graph.layers)
         self.last_metadata: dict = {}
@@ -170,11 +175,6 @@ class ChannelPlan:
         keep = self._check_keep(keep, [plain_name(n) for n in scores])
         g = self.graph
         n_units = len(g.units)
-        if n_units == 0:
-            raise ValueError(f"structure: 'channel' finds no output channel of {self.model_name} that can be removed: "
-                             "every prunable layer's outputs are pinned (the logits, or a LayerNorm, GroupNorm or "
-                             "other operation over the channel dimension); use the unstructured default or an 'N:M' "
-                             "structure")
         layers = [self._layer(w, keep) for w in ranked]
         total = sum(int(np.prod(self.params[lay.name].shape)) for lay in layers)
 

@@ -155,10 +155,6 @@ def ntksap(
         batch_shape = tuple(inputs[0].shape)
     else:
         batch_shape = (_batch_size(model, batch_size, data),) + tuple(shape)
-    if batch_shape[0] == 1 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        # the statistics pass normalises each BatchNorm by the batch's own statistics
-        raise ValueError("batch_size: 1, but NTK-SAP sets every BatchNorm's statistics from a train-mode pass over "
-                         "the batch, and one sample has no variance; use batches of at least 2")
     if weight_samples is None and init_fn is None and not callable(getattr(model, "reinitialize", None)):
         raise ValueError(
             f"model: {type(model).__name__} has no reinitialize() method; NTK-SAP re-draws the "
@@ -184,6 +180,14 @@ def ntksap(
                                       cuda_graph).values()), ()
         except InitFailed as exc:
             raise exc.original  # the user's own error, with its traceback
+        except ValueError as exc:
+            if "Expected more than 1 value per channel" not in str(exc):
+                raise
+            # the statistics pass normalises each BatchNorm by its batch: a layer that sees one
+            # value per channel (BatchNorm1d on [1, C], a 1 x 1 map) has no variance
+            raise ValueError(f"batch_size: NTK-SAP's statistics pass normalises every BatchNorm by the batch's own "
+                             f"statistics, and with batches of {batch_shape[0]} a BatchNorm layer sees one value per "
+                             "channel; use larger batches (batch_size=, or more rows in inputs= / data=)") from None
 
     like = [torch.zeros(t.param.shape, dtype=dt, device=dev) for t in targets.values()]
     summed, _ = shard.all_sum(local, like)
