@@ -348,6 +348,14 @@ def test_a_max_norm_embedding_is_left_as_it_was(method, include):
     assert not torch.equal(net.emb.weight, before["emb.weight"])
 
 
+def test_ntksap_sends_a_max_norm_embedding_to_the_reference_engine_by_name():
+    torch.manual_seed(0)
+    net = RenormedTokens()
+    with pytest.warns(RuntimeWarning, match=r"the Embedding 'emb' has max_norm \(it rewrites its rows in place\); "
+                                            r"using the reference engine"):
+        ntkfast.prune(net, "ntksap", 0.3, input_shape=(10,), batch_size=4, progress=False)
+
+
 def test_ntt_refuses_a_max_norm_embedding_by_name():
     g = torch.Generator().manual_seed(0)
     net = RenormedTokens()

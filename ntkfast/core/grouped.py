@@ -415,12 +415,15 @@ def _base_forward(module: nn.Module, base) -> bool:
 
 
 def _check_groupable(model: nn.Module) -> None:
-    """NotGroupable, naming the layer, for an InstanceNorm keeping running statistics: its
+    """NotGroupable, naming the layer, for an InstanceNorm keeping running statistics (its
     eval-mode output reads statistics the grouped copy neither sets nor shares between the two
-    branches."""
+    branches) and for an embedding with max_norm."""
     for name, mod in model.named_modules():
         if isinstance(mod, nn.modules.instancenorm._InstanceNorm) and mod.track_running_stats:
             raise NotGroupable(f"the {type(mod).__name__} {name!r} keeps running statistics")
+        if isinstance(mod, (nn.Embedding, nn.EmbeddingBag)) and mod.max_norm is not None:
+            # renormalising rows in place, inside the groups' batched values, is what autograd refuses
+            raise NotGroupable(f"the {type(mod).__name__} {name!r} has max_norm (it rewrites its rows in place)")
 
 
 def _user_hooks(mod: nn.Module) -> bool:
