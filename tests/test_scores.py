@@ -698,3 +698,14 @@ def test_prune_casts_the_data_to_the_model_dtype_as_the_scorers_do():
         got = ntkfast.prune(net, method, 0.3, data=(x, y), progress=False)
         want = ntkfast.prune(net, method, 0.3, data=(x.double(), y), progress=False)
         assert got == want
+
+
+def test_a_tuple_of_inputs_is_named_not_read_as_two_batches():
+    net = torch.nn.Sequential(torch.nn.Linear(6, 3))
+    x1, x2, y = torch.randn(4, 6), torch.randn(4, 6), torch.randint(0, 3, (4,))
+    for method in ("snip", "grasp"):
+        with pytest.raises(ValueError, match=r"^data: the inputs are a tuple of 2 tensors \(a model taking several "
+                                             r"inputs\)"):
+            ntkfast.prune(net, method, 0.5, data=((x1, x2), y), progress=False)
+    # two labelled batches still read as two batches
+    assert ntkfast.prune(net, "snip", 0.5, data=[(x1, y), (x2, y)], progress=False).density == pytest.approx(0.5, abs=0.06)

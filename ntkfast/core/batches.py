@@ -31,6 +31,14 @@ def _describe(obj) -> str:
     return f"a {type(obj).__name__}"
 
 
+def _is_multi_input(data) -> bool:
+    """``((x1, x2, ...), targets)``: one batch of a model with several inputs (not two batches,
+    whose second item would be a pair too)."""
+    return (isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], torch.Tensor)
+            and isinstance(data[0], (tuple, list)) and len(data[0]) > 0
+            and all(isinstance(t, torch.Tensor) for t in data[0]))
+
+
 def as_batches(data, name: str = "data", *, device=None) -> List[Batch]:
     """Normalise ``data`` — a labelled batch ``(inputs, targets)`` of tensors, or an iterable of
     such batches (a DataLoader, a list, a generator) — into a list of ``(x, y)`` pairs, ``y`` as
@@ -41,6 +49,10 @@ def as_batches(data, name: str = "data", *, device=None) -> List[Batch]:
         raise ValueError(f"{name}: a labelled batch (inputs, targets) or an iterable of such batches is needed, got None")
     if _is_pair(data):
         items = [data]
+    elif _is_multi_input(data):
+        raise ValueError(f"{name}: the inputs are a {type(data[0]).__name__} of {len(data[0])} tensors (a model taking "
+                         "several inputs); ntkfast feeds a model one input tensor: wrap the model so that it takes "
+                         "one (e.g. the inputs concatenated, split again inside its forward)")
     elif isinstance(data, torch.Tensor):
         raise ValueError(
             f"{name}: got a single tensor of shape {tuple(data.shape)}; expected a labelled batch "
