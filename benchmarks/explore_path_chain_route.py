@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from .common import median_time
 from ntkfast import models, ops
 from ntkfast.pathkernel import PathNetwork
 
@@ -39,13 +40,7 @@ def chain_scores(layers, masks, dtype, power):
 
 
 def median_ms(fn, n=200):
-    fn()
-    ts = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1e3
+    return median_time(fn, n) * 1e3
 
 
 def main() -> None:
